@@ -1,0 +1,272 @@
+"""Typed parameters: the only reader of ``params.yaml``.
+
+Every value is cast to the type its dataclass field declares and checked; an unknown key or a
+wrong type is an error that names the key. Casting matters because ``dvc exp run -S lr=1e-5``
+writes ``lr: 1e-05``, which YAML 1.1 readers (PyYAML) return as the *string* ``'1e-05'``.
+Defaults are written once, here, as literals; ``params.yaml`` may omit any key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+NIH_FINDINGS: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+    "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+)
+NO_FINDING = "No Finding"
+NIH_LABELS: tuple[str, ...] = NIH_FINDINGS + (NO_FINDING,)
+BRANCHES: tuple[str, ...] = ("clip_text", "clip_vision", "elixr")
+
+
+class ParamsError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range (the message names it)."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ParamsError(f"params: '{key}' {message}")
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    n_images: int = 3000        # rows sampled from the real NIH metadata, whole patients at a time
+    image_size: int = 1024      # rendered PNG side; NIH ChestX-ray14 images are 1024x1024
+    rgba_fraction: float = 0.01  # share of PNGs stored as RGBA, as a few real NIH files are
+
+    def validate(self, key: str) -> None:
+        _require(self.n_images > 0, f"{key}.n_images", "must be > 0")
+        _require(16 <= self.image_size <= 4096, f"{key}.image_size", "must be in [16, 4096]")
+        _require(0.0 <= self.rgba_fraction <= 1.0, f"{key}.rgba_fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: Literal["phantom", "nih"] = "phantom"  # phantom: offline embedded default; nih: a real download
+    nih_root: str | None = None  # NIH ChestX-ray14 folder (Data_Entry_2017*.csv, images_001/images/...)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+    def validate(self, key: str) -> None:
+        if self.source == "nih":
+            _require(bool(self.nih_root), f"{key}.nih_root",
+                     "must point at your NIH ChestX-ray14 download when dataset.source is 'nih'")
+        self.phantom.validate(f"{key}.phantom")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    method: Literal["random", "official"] = "random"  # official: NIH train_val_list.txt / test_list.txt
+    val_fraction: float = 0.1   # share of patients (random) or of train_val patients (official)
+    test_fraction: float = 0.1  # share of patients; ignored by 'official'
+
+    def validate(self, key: str) -> None:
+        _require(0.0 <= self.val_fraction < 1.0, f"{key}.val_fraction", "must be in [0, 1)")
+        _require(0.0 <= self.test_fraction < 1.0, f"{key}.test_fraction", "must be in [0, 1)")
+        _require(self.val_fraction + self.test_fraction < 1.0, key,
+                 "val_fraction + test_fraction must be < 1 (train needs patients)")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    # Output classes; a name that is not an NIH label must be defined in `merges`.
+    classes: tuple[str, ...] = ("Infiltration", "No Finding", "Effusion", "Nodule/Mass", "Atelectasis")
+    merges: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"Nodule/Mass": ("Nodule", "Mass")})
+    allow_other_labels: bool = True  # keep images that also carry findings outside `classes`
+    max_per_class: int | None = None  # cap on images per class (seeded), None for no cap
+    views: tuple[str, ...] = ("PA", "AP")
+    age_min: int = 0
+    age_max: int = 100  # the 2017 CSV holds impossible ages (e.g. 414); they are rejected
+    follow_up: Literal["all", "first", "last"] = "all"  # which studies of each patient to keep
+    include_list: str | None = None  # CSV: `Image Index` + one 0/1 column per class (reference format)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def validate(self, key: str) -> None:
+        _require(len(self.classes) > 0, f"{key}.classes", "must name at least one class")
+        _require(len(set(self.classes)) == len(self.classes), f"{key}.classes", "has duplicates")
+        for name in self.classes:
+            _require(name in NIH_LABELS or name in self.merges, f"{key}.classes",
+                     f"names '{name}', which is neither an NIH label ({', '.join(NIH_LABELS)}) "
+                     f"nor defined in {key}.merges")
+        for target, sources in self.merges.items():
+            _require(target in self.classes, f"{key}.merges.{target}", "is not one of filter.classes")
+            for source in sources:
+                _require(source in NIH_LABELS, f"{key}.merges.{target}",
+                         f"names '{source}', which is not an NIH label ({', '.join(NIH_LABELS)})")
+        _require(self.max_per_class is None or self.max_per_class > 0, f"{key}.max_per_class", "must be > 0")
+        _require(0 <= self.age_min <= self.age_max, f"{key}.age_min", "must be in [0, age_max]")
+        _require(len(self.views) > 0, f"{key}.views", "must name at least one view (PA, AP)")
+        self.split.validate(f"{key}.split")
+
+    def class_members(self) -> dict[str, tuple[str, ...]]:
+        """Output class -> the NIH labels it stands for."""
+        return {name: tuple(self.merges.get(name, (name,))) for name in self.classes}
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    square: Literal["pad", "center_crop"] = "pad"  # non-square images: pad with black, or crop the centre
+    shard_size: int = 2000     # images per Parquet shard
+    row_group_size: int = 64   # rows per Parquet row group: the unit of random access in training
+    workers: int = 0           # decode processes; 0 = all cores
+
+    def validate(self, key: str) -> None:
+        _require(self.shard_size > 0, f"{key}.shard_size", "must be > 0")
+        _require(0 < self.row_group_size <= self.shard_size, f"{key}.row_group_size",
+                 "must be in [1, prepare.shard_size]")
+        _require(self.workers >= 0, f"{key}.workers", "must be >= 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0                 # one seed for sampling, splits, caps and training
+    image_size: int = 64          # side of the prepared (training) images
+    channels: Literal[1, 3] = 3   # 3 = grayscale replicated to RGB, as the reference work did
+    lr: float | None = None       # when set, overrides every branch's learning rate (dvc exp run -S lr=...)
+    branches: tuple[Literal["clip_text", "clip_vision", "elixr"], ...] = BRANCHES
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def validate(self) -> None:
+        _require(8 <= self.image_size <= 2048, "image_size", "must be in [8, 2048]")
+        _require(self.lr is None or self.lr > 0, "lr", "must be > 0 (or null to use per-branch rates)")
+        _require(len(set(self.branches)) == len(self.branches), "branches", "has duplicates")
+        self.dataset.validate("dataset")
+        self.filter.validate("filter")
+        self.prepare.validate("prepare")
+
+
+# ----------------------------------------------------------------------------- casting
+
+def _cast(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            _require(type(None) in args, key, "must not be null")
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _cast(value, option, key)
+            except ParamsError as error:
+                errors.append(str(error))
+        raise ParamsError(errors[0])
+    if value is None:
+        raise ParamsError(f"params: '{key}' must not be null (expected {_describe(annotation)})")
+    if origin is Literal:
+        for allowed in args:
+            if value == allowed or (isinstance(value, str) and str(allowed) == value):
+                return allowed
+        raise ParamsError(f"params: '{key}' is {value!r}; expected one of {list(args)}")
+    if dataclasses.is_dataclass(annotation):
+        _require(isinstance(value, dict), key, f"must be a mapping (got {type(value).__name__})")
+        return build_config(annotation, value, key)
+    if origin in (tuple, list):
+        _require(isinstance(value, (list, tuple)), key, f"must be a list (got {value!r})")
+        item_type = args[0]
+        return tuple(_cast(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"must be a mapping (got {value!r})")
+        return {str(k): _cast(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ParamsError(f"params: '{key}' is {value!r}; expected true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ParamsError(f"params: '{key}' is {value!r}; expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ParamsError(f"params: '{key}' is {value!r}; expected an integer")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ParamsError(f"params: '{key}' is {value!r}; expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-05 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ParamsError(f"params: '{key}' is {value!r}; expected a number")
+    if annotation is str:
+        _require(isinstance(value, str), key, f"is {value!r}; expected a string")
+        return value
+    raise TypeError(f"config field '{key}' has an unsupported annotation {annotation!r}")
+
+
+def _describe(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def build_config(cls: type, data: dict, key: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, casting each value; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in known:
+            where = f"{key}.{name}" if key else str(name)
+            raise ParamsError(
+                f"params: unknown key '{where}'. Known keys{' under ' + key if key else ''}: "
+                f"{', '.join(sorted(known))}. Check the spelling (dvc exp run -S uses the same names)."
+            )
+    values = {}
+    for name in known:
+        if name in data:
+            values[name] = _cast(data[name], hints[name], f"{key}.{name}" if key else name)
+    return cls(**values)
+
+
+def params_from_dict(data: dict) -> Params:
+    """Cast and validate a parsed params mapping."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError("params: the file must hold a mapping of keys to values")
+    params = build_config(Params, data)
+    params.validate()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, cast and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params: {path} does not exist; run from the repository root or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"params: {path} is not valid YAML: {error}") from error
+    try:
+        return params_from_dict(data)
+    except ParamsError as error:
+        raise ParamsError(f"{error} (in {path})") from None
+
+
+def to_dict(config: Any) -> Any:
+    """A plain, YAML/JSON-friendly copy of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config

@@ -1,0 +1,258 @@
+"""Stage `filter`: which images the study uses, their multi-hot labels, and patient-level splits.
+
+Every input row ends either in the table or in the rejects with exactly one reason (the first
+rule it fails, in the order of ``REJECT_REASONS``), so ``rows_in == kept + sum(rejected)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr_diffusion.config import FilterConfig
+from cxr_diffusion.data.nih import (
+    DataError, is_safe_image_index, read_image_list, read_metadata_csv, split_labels, unknown_labels,
+)
+from cxr_diffusion.io import write_csv, write_json
+
+REJECT_REASONS: tuple[str, ...] = (
+    "duplicate_image_index",   # a second row for the same image; the first is kept
+    "unsafe_image_index",      # not a bare file name (path parts, '..', absolute): never opened
+    "unknown_label",           # a Finding Label that is not one of NIH's 15
+    "image_missing",           # no image file for the row
+    "view",                    # View Position not in filter.views
+    "age_out_of_range",        # Patient Age outside [filter.age_min, filter.age_max]
+    "not_in_include_list",     # filter.include_list is set and does not name the image
+    "no_class_of_interest",    # none of the row's labels maps to filter.classes
+    "labels_outside_classes",  # carries other findings and filter.allow_other_labels is false
+    "follow_up_policy",        # not the first/last study of its patient (filter.follow_up)
+    "not_in_official_split",   # split.method 'official' and neither NIH list names the image
+    "class_cap",               # a class already holds filter.max_per_class images
+)
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+TABLE_COLUMNS: tuple[str, ...] = (
+    "Image Index", "Patient ID", "Follow-up #", "View Position", "Patient Age", "Patient Gender",
+    "Finding Labels", "split",
+)
+
+
+@dataclass
+class FilterResult:
+    table: pd.DataFrame                 # kept rows: TABLE_COLUMNS + one 0/1 column per class
+    rejects: pd.DataFrame               # Image Index, reason, detail
+    include_list_issues: pd.DataFrame   # Image Index, issue, detail
+    metrics: dict = field(default_factory=dict)
+
+
+def read_include_list(path: str | Path, classes: tuple[str, ...]) -> pd.DataFrame:
+    """An include list in the reference format: ``Image Index`` plus one 0/1 column per class."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"filter.include_list: {path} not found")
+    frame = pd.read_csv(path, dtype={"Image Index": str})
+    missing = [c for c in ("Image Index",) + tuple(classes) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; an include list needs 'Image Index' and one "
+                        f"0/1 column per class in filter.classes {list(classes)}")
+    extra = [c for c in frame.columns if c != "Image Index" and c not in classes]
+    if extra:
+        raise DataError(f"{path}: column(s) {extra} are not in filter.classes {list(classes)}; "
+                        f"rename them or add the classes")
+    for column in classes:
+        bad = ~frame[column].isin([0, 1])
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{path}: row {row + 2}: column '{column}' is {frame[column].iloc[row]!r}, expected 0 or 1")
+    duplicated = frame["Image Index"].duplicated()
+    if duplicated.any():
+        raise DataError(f"{path}: 'Image Index' {frame['Image Index'][duplicated].iloc[0]!r} appears more than once")
+    return frame
+
+
+def filter_metadata(
+    metadata: pd.DataFrame,
+    images_present: set[str],
+    config: FilterConfig,
+    seed: int,
+    include_list: pd.DataFrame | None = None,
+    official_lists: dict[str, set[str]] | None = None,
+) -> FilterResult:
+    """Apply the rules of ``config`` to NIH-format ``metadata``; return table, rejects and counts."""
+    members = config.class_members()
+    label_to_classes: dict[str, list[str]] = {}
+    for name, labels in members.items():
+        for label in labels:
+            label_to_classes.setdefault(label, []).append(name)
+
+    rows = metadata.reset_index(drop=True).copy()
+    rows["_labels"] = rows["Finding Labels"].map(split_labels)
+    rows["_classes"] = rows["_labels"].map(
+        lambda labels: tuple(sorted({c for label in labels for c in label_to_classes.get(label, ())}))
+    )
+    reason = pd.Series([None] * len(rows), dtype=object)
+    detail = pd.Series([""] * len(rows), dtype=object)
+
+    def reject(mask: pd.Series, name: str, why: pd.Series | str = "") -> None:
+        mask = mask & reason.isna()
+        reason[mask] = name
+        detail[mask] = why[mask] if isinstance(why, pd.Series) else why
+
+    reject(rows["Image Index"].duplicated(keep="first"), "duplicate_image_index", "earlier row kept")
+    reject(~rows["Image Index"].map(is_safe_image_index), "unsafe_image_index",
+           "Image Index must be a bare file name")
+    unknown = rows["_labels"].map(unknown_labels)
+    reject(unknown.map(bool), "unknown_label", unknown.map(lambda names: "|".join(names)))
+    reject(~rows["Image Index"].isin(images_present), "image_missing")
+    reject(~rows["View Position"].isin(config.views), "view", rows["View Position"].astype(str))
+    age = rows["Patient Age"]
+    reject((age < config.age_min) | (age > config.age_max), "age_out_of_range", age.astype(str))
+
+    include_issues = pd.DataFrame(columns=["Image Index", "issue", "detail"])
+    if include_list is not None:
+        include_issues = _check_include_list(include_list, rows, members)
+        reject(~rows["Image Index"].isin(set(include_list["Image Index"])), "not_in_include_list")
+    reject(rows["_classes"].map(len) == 0, "no_class_of_interest", rows["Finding Labels"])
+    if not config.allow_other_labels:
+        outside = rows["_labels"].map(lambda labels: "|".join(l for l in labels if l not in label_to_classes))
+        reject(outside != "", "labels_outside_classes", outside)
+    if config.follow_up != "all":
+        alive = rows[reason.isna()]
+        pick = alive.groupby("Patient ID")["Follow-up #"].transform("min" if config.follow_up == "first" else "max")
+        reject(rows.index.isin(alive.index[alive["Follow-up #"] != pick]), "follow_up_policy")
+
+    split = pd.Series([None] * len(rows), dtype=object)
+    if config.split.method == "official":
+        if not official_lists:
+            raise DataError("filter.split.method is 'official' but the dataset has no train_val_list.txt / "
+                            "test_list.txt; use method 'random' or add the lists to dataset.nih_root")
+        split = _official_split(rows, official_lists, config.split.val_fraction, seed)
+        reject(split.isna(), "not_in_official_split")
+    if config.max_per_class is not None:
+        reject(_over_cap(rows, reason, config.max_per_class, seed), "class_cap", f"cap {config.max_per_class}")
+    if config.split.method == "random":
+        split = _random_split(rows, reason.isna(), config.split.val_fraction, config.split.test_fraction, seed)
+
+    kept = rows[reason.isna()].copy()
+    kept["split"] = split[reason.isna()]
+    for name in config.classes:
+        kept[name] = kept["_classes"].map(lambda classes, n=name: int(n in classes))
+    table = kept[list(TABLE_COLUMNS) + list(config.classes)].sort_values("Image Index").reset_index(drop=True)
+    rejects = pd.DataFrame({"Image Index": rows["Image Index"], "reason": reason, "detail": detail})
+    rejects = rejects[reason.notna()].reset_index(drop=True)
+    _assert_patient_disjoint(table)
+    return FilterResult(table, rejects, include_issues, _metrics(len(rows), table, rejects, include_issues, config))
+
+
+def _check_include_list(include_list: pd.DataFrame, rows: pd.DataFrame,
+                        members: dict[str, tuple[str, ...]]) -> pd.DataFrame:
+    """Report include-list images not in the CSV, and flags that disagree with Finding Labels."""
+    issues = []
+    known = set(rows["Image Index"])
+    for name in include_list["Image Index"]:
+        if name not in known:
+            issues.append((name, "not_in_metadata", ""))
+    joined = include_list.merge(rows.drop_duplicates("Image Index")[["Image Index", "_labels"]], on="Image Index")
+    for name, labels in members.items():
+        derived = joined["_labels"].map(lambda found, ls=labels: int(any(l in found for l in ls)))
+        for image, flag, truth in zip(joined["Image Index"], joined[name], derived):
+            if int(flag) != truth:
+                issues.append((image, "flag_disagrees", f"{name}: include list {int(flag)}, Finding Labels {truth}"))
+    return pd.DataFrame(issues, columns=["Image Index", "issue", "detail"])
+
+
+def _over_cap(rows: pd.DataFrame, reason: pd.Series, cap: int, seed: int) -> pd.Series:
+    """Visit surviving rows in seeded order; a row that would push any class past ``cap`` is dropped."""
+    alive = np.flatnonzero(reason.isna().to_numpy())
+    order = alive[np.random.default_rng([seed, 2]).permutation(len(alive))]
+    counts: dict[str, int] = {}
+    over = np.zeros(len(rows), dtype=bool)
+    classes = rows["_classes"].to_numpy()
+    for i in order:
+        if any(counts.get(c, 0) >= cap for c in classes[i]):
+            over[i] = True
+            continue
+        for c in classes[i]:
+            counts[c] = counts.get(c, 0) + 1
+    return pd.Series(over, index=rows.index)
+
+
+def _random_split(rows: pd.DataFrame, alive: pd.Series, val_fraction: float, test_fraction: float,
+                  seed: int) -> pd.Series:
+    patients = np.sort(rows.loc[alive, "Patient ID"].unique())
+    patients = patients[np.random.default_rng([seed, 3]).permutation(len(patients))]
+    n_test = int(round(test_fraction * len(patients)))
+    n_val = int(round(val_fraction * len(patients)))
+    if len(patients) >= 3:  # a non-zero fraction always gets at least one patient
+        n_test = max(n_test, int(test_fraction > 0))
+        n_val = max(n_val, int(val_fraction > 0))
+    assignment = {p: "test" for p in patients[:n_test]}
+    assignment.update({p: "val" for p in patients[n_test:n_test + n_val]})
+    assignment.update({p: "train" for p in patients[n_test + n_val:]})
+    return rows["Patient ID"].map(assignment).where(alive, None)
+
+
+def _official_split(rows: pd.DataFrame, lists: dict[str, set[str]], val_fraction: float, seed: int) -> pd.Series:
+    test, train_val = lists.get("test", set()), lists.get("train_val", set())
+    split = rows["Image Index"].map(lambda n: "test" if n in test else ("train" if n in train_val else None))
+    both = set(rows.loc[split == "test", "Patient ID"]) & set(rows.loc[split == "train", "Patient ID"])
+    if both:
+        raise DataError(f"official split lists put patient(s) {sorted(both)[:5]} in both test_list.txt and "
+                        f"train_val_list.txt; fix the lists or use filter.split.method 'random'")
+    train_patients = np.sort(rows.loc[split == "train", "Patient ID"].unique())
+    train_patients = train_patients[np.random.default_rng([seed, 3]).permutation(len(train_patients))]
+    val_patients = set(train_patients[: int(round(val_fraction * len(train_patients)))])
+    return split.where(~((split == "train") & rows["Patient ID"].isin(val_patients)), "val")
+
+
+def _assert_patient_disjoint(table: pd.DataFrame) -> None:
+    per_patient = table.groupby("Patient ID")["split"].nunique()
+    leaking = per_patient[per_patient > 1]
+    assert leaking.empty, f"patients {list(leaking.index[:5])} are in more than one split"
+
+
+def _metrics(rows_in: int, table: pd.DataFrame, rejects: pd.DataFrame, include_issues: pd.DataFrame,
+             config: FilterConfig) -> dict:
+    rejected = {name: int((rejects["reason"] == name).sum()) for name in REJECT_REASONS}
+    splits = {}
+    for split in SPLITS:
+        part = table[table["split"] == split]
+        splits[split] = {
+            "images": len(part),
+            "patients": int(part["Patient ID"].nunique()),
+            "classes": {name: int(part[name].sum()) for name in config.classes},
+        }
+    metrics = {
+        "rows_in": rows_in,
+        "kept": len(table),
+        "rejected": rejected,
+        "classes": {name: int(table[name].sum()) for name in config.classes},
+        "splits": splits,
+    }
+    if config.include_list is not None:
+        metrics["include_list"] = {
+            "not_in_metadata": int((include_issues["issue"] == "not_in_metadata").sum()),
+            "flag_disagreements": int((include_issues["issue"] == "flag_disagrees").sum()),
+        }
+    assert rows_in == len(table) + sum(rejected.values()), "filter counts do not reconcile"
+    return metrics
+
+
+def run_filter(dataset_dir: str | Path, config: FilterConfig, seed: int, out_dir: str | Path,
+               metrics_path: str | Path) -> FilterResult:
+    """Stage entry: read the `dataset` stage's output, filter, write table, rejects and metrics."""
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    metadata = read_metadata_csv(dataset_dir / "metadata.csv")
+    images_present = set(pd.read_csv(dataset_dir / "image_paths.csv", dtype=str)["Image Index"])
+    include_list = read_include_list(config.include_list, config.classes) if config.include_list else None
+    official = {key: read_image_list(dataset_dir / "official" / name)
+                for key, name in (("train_val", "train_val_list.txt"), ("test", "test_list.txt"))
+                if (dataset_dir / "official" / name).is_file()}
+    result = filter_metadata(metadata, images_present, config, seed, include_list, official or None)
+    write_csv(out_dir / "filtered.csv", result.table)
+    write_csv(out_dir / "rejects.csv", result.rejects)
+    write_csv(out_dir / "include_list_issues.csv", result.include_list_issues)
+    write_json(metrics_path, result.metrics)
+    return result

@@ -1,0 +1,180 @@
+"""Parquet shards of prepared images: the format every later stage reads.
+
+One file per split and shard (``train-00000.parquet``, ...), zstd-compressed, small row groups
+for random access. The ``image`` column is a ``{bytes, path}`` struct with Hugging Face
+``datasets`` metadata, so ``load_dataset("parquet", data_dir=...)`` yields PIL images and the
+splits from the file names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset
+
+from cxr_diffusion.data.decode import decode_grayscale
+
+MANIFEST = "manifest.json"
+
+
+def shard_schema(classes: tuple[str, ...]) -> pa.Schema:
+    features = {
+        "image": {"_type": "Image"},
+        "image_index": {"dtype": "string", "_type": "Value"},
+        "patient_id": {"dtype": "int64", "_type": "Value"},
+        "view": {"dtype": "string", "_type": "Value"},
+        "finding_labels": {"dtype": "string", "_type": "Value"},
+        "split": {"dtype": "string", "_type": "Value"},
+        "labels": {"feature": {"dtype": "int8", "_type": "Value"}, "_type": "List"},
+    }
+    metadata = {
+        b"huggingface": json.dumps({"info": {"features": features}}).encode(),
+        b"cxr_diffusion.classes": json.dumps(list(classes)).encode(),
+    }
+    return pa.schema(
+        [
+            pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])),
+            pa.field("image_index", pa.string()),
+            pa.field("patient_id", pa.int64()),
+            pa.field("view", pa.string()),
+            pa.field("finding_labels", pa.string()),
+            pa.field("split", pa.string()),
+            pa.field("labels", pa.list_(pa.int8())),
+        ],
+        metadata=metadata,
+    )
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    image_png: bytes
+    image_index: str
+    patient_id: int
+    view: str
+    finding_labels: str
+    split: str
+    labels: tuple[int, ...]
+
+
+class SplitShardWriter:
+    """Streams records of one split into numbered shards; holds at most one row group in memory."""
+
+    def __init__(self, out_dir: Path, split: str, schema: pa.Schema, shard_size: int, row_group_size: int):
+        self.out_dir, self.split, self.schema = out_dir, split, schema
+        self.shard_size, self.row_group_size = shard_size, row_group_size
+        self.files: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_shard = 0
+        self._buffer: list[ShardRecord] = []
+
+    def write(self, record: ShardRecord) -> None:
+        if self._writer is None:
+            name = f"{self.split}-{len(self.files):05d}.parquet"
+            self._writer = pq.ParquetWriter(self.out_dir / name, self.schema, compression="zstd")
+            self.files.append({"file": name, "rows": 0})
+        self._buffer.append(record)
+        self._rows_in_shard += 1
+        if len(self._buffer) == self.row_group_size:
+            self._flush()
+        if self._rows_in_shard == self.shard_size:
+            self._close_shard()
+
+    def close(self) -> list[dict]:
+        self._close_shard()
+        return self.files
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        rows = self._buffer
+        batch = pa.record_batch(
+            [
+                pa.array([{"bytes": r.image_png, "path": r.image_index} for r in rows], self.schema.field("image").type),
+                pa.array([r.image_index for r in rows], pa.string()),
+                pa.array([r.patient_id for r in rows], pa.int64()),
+                pa.array([r.view for r in rows], pa.string()),
+                pa.array([r.finding_labels for r in rows], pa.string()),
+                pa.array([r.split for r in rows], pa.string()),
+                pa.array([list(r.labels) for r in rows], pa.list_(pa.int8())),
+            ],
+            schema=self.schema,
+        )
+        self._writer.write_batch(batch, row_group_size=self.row_group_size)
+        self.files[-1]["rows"] += len(rows)
+        self._buffer = []
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+            self._writer = None
+            self._rows_in_shard = 0
+
+
+def read_manifest(prepared_dir: str | Path) -> dict:
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `dvc repro prepare` first")
+    return json.loads(path.read_text())
+
+
+class PreparedImages(Dataset):
+    """Images of one split as tensors in [-1, 1], shape (channels, size, size), with multi-hot labels.
+
+    Reads lazily, one Parquet row group at a time (a small LRU per process), so memory does not
+    grow with the dataset. Safe with DataLoader workers: files are opened in the worker.
+    """
+
+    def __init__(self, prepared_dir: str | Path, split: str, channels: int = 3, cache_row_groups: int = 8):
+        self.prepared_dir = Path(prepared_dir)
+        manifest = read_manifest(self.prepared_dir)
+        self.classes: tuple[str, ...] = tuple(manifest["classes"])
+        self.image_size: int = manifest["image_size"]
+        self.channels = channels
+        self._locations: list[tuple[str, int, int]] = []  # (file, row group, row in group)
+        for shard in manifest["shards"]:
+            if shard["split"] != split:
+                continue
+            metadata = pq.ParquetFile(self.prepared_dir / shard["file"]).metadata
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                self._locations += [(shard["file"], group, row) for row in range(rows)]
+        self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+        self._cache_size = cache_row_groups
+        self._files: dict[str, pq.ParquetFile] = {}
+
+    def __len__(self) -> int:
+        return len(self._locations)
+
+    def _row_group(self, file: str, group: int) -> pa.Table:
+        key = (file, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        if file not in self._files:
+            self._files[file] = pq.ParquetFile(self.prepared_dir / file)
+        table = self._files[file].read_row_group(group)
+        self._cache[key] = table
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return table
+
+    def __getitem__(self, index: int) -> dict:
+        file, group, row = self._locations[index]
+        table = self._row_group(file, group)
+        pixels = decode_grayscale(table.column("image")[row]["bytes"].as_py())
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).mul_(2.0).sub_(1.0).unsqueeze(0)
+        if self.channels == 3:
+            tensor = tensor.expand(3, -1, -1).clone()  # grayscale replicated to RGB, as the reference did
+        return {
+            "pixel_values": tensor,
+            "labels": torch.tensor(table.column("labels")[row].as_py(), dtype=torch.float32),
+            "image_index": table.column("image_index")[row].as_py(),
+        }

@@ -1,0 +1,26 @@
+"""DVC stage `filter`: select images, make multi-hot labels and patient-level splits."""
+
+from pathlib import Path
+
+import typer
+
+from cxr_diffusion.data.filter import run_filter
+from cxr_diffusion.stage import run_stage
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    dataset: Path = typer.Option(Path("data/dataset"), help="Output of the dataset stage."),
+    out: Path = typer.Option(Path("data/filtered"), help="Output directory."),
+    metrics: Path = typer.Option(Path("metrics/filter.json"), help="Counts per rule, class and split."),
+) -> None:
+    def body(p):
+        result = run_filter(dataset, p.filter, p.seed, out, metrics)
+        print(f"filter: {result.metrics['rows_in']} rows in, {result.metrics['kept']} kept, "
+              f"{len(result.rejects)} rejected (see {out / 'rejects.csv'})")
+
+    run_stage("filter", params, body)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,87 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from cxr_diffusion.config import FilterConfig, Params, ParamsError, load_params, params_from_dict, to_dict
+
+
+def test_exp_run_style_float_string_is_read_as_float(tmp_path):
+    # `dvc exp run -S lr=1e-5` writes `lr: 1e-05`, which PyYAML (YAML 1.1) returns as a string.
+    path = tmp_path / "params.yaml"
+    path.write_text("lr: 1e-05\n")
+    assert yaml.safe_load(path.read_text())["lr"] == "1e-05"
+    params = load_params(path)
+    assert isinstance(params.lr, float) and params.lr == pytest.approx(1e-5)
+
+
+def test_unknown_top_level_key_is_named():
+    with pytest.raises(ParamsError, match="unknown key 'lrr'"):
+        params_from_dict({"lrr": 1e-5})
+
+
+def test_unknown_nested_key_is_named_with_its_section():
+    with pytest.raises(ParamsError, match="unknown key 'filter.split.val_fractio'"):
+        params_from_dict({"filter": {"split": {"val_fractio": 0.2}}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ParamsError, match="'prepare.shard_size' is 'many'"):
+        params_from_dict({"prepare": {"shard_size": "many"}})
+
+
+def test_bool_does_not_pass_as_int():
+    with pytest.raises(ParamsError, match="'seed'"):
+        params_from_dict({"seed": True})
+
+
+def test_literal_rejects_unknown_choice():
+    with pytest.raises(ParamsError, match="'dataset.source' is 'kaggle'"):
+        params_from_dict({"dataset": {"source": "kaggle"}})
+
+
+def test_class_that_is_not_an_nih_label_needs_a_merge():
+    with pytest.raises(ParamsError, match="names 'Lung Opacity'"):
+        params_from_dict({"filter": {"classes": ["Lung Opacity"], "merges": {}}})
+
+
+def test_out_of_range_value_is_named():
+    with pytest.raises(ParamsError, match="'filter.split'"):
+        params_from_dict({"filter": {"split": {"val_fraction": 0.5, "test_fraction": 0.5}}})
+
+
+def test_nih_source_requires_nih_root():
+    with pytest.raises(ParamsError, match="dataset.nih_root"):
+        params_from_dict({"dataset": {"source": "nih"}})
+
+
+def test_lists_become_tuples_and_merges_cast():
+    params = params_from_dict({"filter": {"classes": ["Effusion", "Nodule/Mass"], "merges": {"Nodule/Mass": ["Nodule", "Mass"]}}})
+    assert params.filter.class_members() == {"Effusion": ("Effusion",), "Nodule/Mass": ("Nodule", "Mass")}
+
+
+def _keys(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k for key, value in tree.items() for k in _keys(value, f"{prefix}{key}.") } | {prefix.rstrip(".")} - {""}
+    return {prefix.rstrip(".")}
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "profiles/default.yaml", "profiles/tiny.yaml"])
+def test_shipped_params_load_and_list_every_key(repo, name):
+    # DVC tracks only keys present in the file, so every default must be written out there.
+    raw = yaml.safe_load((repo / name).read_text())
+    load_params(repo / name)
+    expected = _keys({k: v for k, v in to_dict(Params()).items()})
+    assert _keys(raw) >= {k for k in expected if not k.startswith("filter.merges.")}
+
+
+def test_params_yaml_is_the_default_profile(repo):
+    assert load_params(repo / "params.yaml") == load_params(repo / "profiles" / "default.yaml")
+
+
+def test_nih_512_profile_is_the_reference_subset(repo):
+    raw = yaml.safe_load((repo / "profiles" / "nih-512.yaml").read_text())
+    params = params_from_dict(raw)
+    assert params.image_size == 512 and params.dataset.source == "nih"
+    assert params.filter.classes == ("Infiltration", "No Finding", "Effusion", "Nodule/Mass", "Atelectasis")
+    assert (repo / params.filter.include_list).is_file()
