@@ -124,6 +124,67 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class DemoClipConfig:
+    """The small CLIP that stage `train_clip` trains when no pretrained CLIP is available (offline)."""
+
+    image_size: int = 64        # vision tower input side (its image processor resizes to this)
+    patch_size: int = 8
+    width: int = 128            # hidden size of both towers
+    layers: int = 4
+    heads: int = 4
+    projection_dim: int = 128   # joint embedding size: the clip_vision condition is (1, projection_dim)
+    vocab_size: int = 600       # BPE vocabulary trained on the prompt corpus (256 bytes + specials + merges)
+    max_length: int = 32        # text positions: the clip_text condition is (max_length, width); CLIP-L has 77
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+
+    def validate(self, key: str) -> None:
+        _require(self.image_size % self.patch_size == 0, f"{key}.patch_size", "must divide clip.demo.image_size")
+        _require(self.width % self.heads == 0, f"{key}.heads", "must divide clip.demo.width")
+        for name in ("layers", "projection_dim", "vocab_size", "max_length", "epochs", "batch_size"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _require(self.lr > 0, f"{key}.lr", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    # "demo": the small CLIP trained in the pipeline (offline default). Otherwise a Hugging Face hub id
+    # (e.g. openai/clip-vit-large-patch14) or a local directory holding a saved CLIP.
+    model: str = "demo"
+    revision: str | None = None  # pin a hub revision (commit hash or tag)
+    prompt_template: str = "chest x-ray showing {findings}"  # {findings}: "effusion and infiltration"
+    normal_prompt: str = "chest x-ray with no findings"      # the prompt for "No Finding"
+    batch_size: int = 64        # images or prompts per encoder forward
+    dtype: Literal["float16", "float32"] = "float16"  # storage dtype of the condition stores
+    demo: DemoClipConfig = field(default_factory=DemoClipConfig)
+
+    def validate(self, key: str) -> None:
+        _require("{findings}" in self.prompt_template, f"{key}.prompt_template", "must contain {findings}")
+        _require(self.normal_prompt.strip() != "", f"{key}.normal_prompt", "must not be empty")
+        _require(self.model.strip() != "", f"{key}.model", "must be 'demo', a hub id or a local directory")
+        _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        self.demo.validate(f"{key}.demo")
+
+
+@dataclass(frozen=True)
+class ElixrConfig:
+    # Folder of pre-extracted ELIXR-B files (HDF5 shards with `embeddings` + `image_ids`, or Parquet
+    # with `Image Index` + embedding). null: the in-pipeline stand-in (stage `elixr_standin`).
+    path: str | None = None
+    shape: tuple[int, ...] | None = None  # expected (tokens, dim), e.g. [32, 768] for ELIXR-B; null: from the files
+    on_missing: Literal["drop", "error"] = "drop"  # filtered images without a usable embedding
+    standin_tokens: int = 32  # the stand-in pools the demo CLIP's vision tokens to this many, like ELIXR-B's 32
+    dtype: Literal["float16", "float32"] = "float16"  # storage dtype of the condition store
+
+    def validate(self, key: str) -> None:
+        if self.shape is not None:
+            _require(len(self.shape) == 2 and min(self.shape) > 0, f"{key}.shape", "must be [tokens, dim]")
+        _require(self.standin_tokens > 0, f"{key}.standin_tokens", "must be > 0")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0                 # one seed for sampling, splits, caps and training
     image_size: int = 64          # side of the prepared (training) images
@@ -133,6 +194,8 @@ class Params:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    elixr: ElixrConfig = field(default_factory=ElixrConfig)
 
     def validate(self) -> None:
         _require(8 <= self.image_size <= 2048, "image_size", "must be in [8, 2048]")
@@ -141,6 +204,8 @@ class Params:
         self.dataset.validate("dataset")
         self.filter.validate("filter")
         self.prepare.validate("prepare")
+        self.clip.validate("clip")
+        self.elixr.validate("elixr")
 
 
 # ----------------------------------------------------------------------------- casting

@@ -1,0 +1,28 @@
+# Set-up and the two everyday commands. `make run`: the embedded default end to end.
+# `make test`: the test suite. Both create .venv and install everything on first use.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install run test benchmarks
+install: $(VENV)/.installed
+
+# torch==2.13.0 is the CPU build (the plain name would pull a multi-GB CUDA build);
+# torchxrayvision is installed without deps: only its data files (real NIH metadata, lung masks) are read.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps torchxrayvision
+	touch $@
+
+run: install
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+
+test: install
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest
+
+benchmarks: install
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/prepare_benchmark.py
+	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/phantom_separability.py

@@ -1,0 +1,103 @@
+"""Loading a CLIP, hub or local, through exactly the calls the pretrained models use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.data.nih import DataError
+
+DEMO = "demo"
+
+
+def clip_source(config: ClipConfig, demo_dir: str | Path) -> str:
+    """Where the CLIP comes from: the in-pipeline demo directory, a local directory or a hub id."""
+    if config.model == DEMO:
+        return str(demo_dir)
+    return config.model
+
+
+def _not_available(source: str, error: Exception) -> DataError:
+    if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")):
+        return DataError(f"clip.model: {source} could not be loaded as a saved CLIP ({error}). Point clip.model at "
+                         f"a directory written by CLIPModel.save_pretrained (config.json, model.safetensors, "
+                         f"tokenizer and preprocessor files), or use 'demo'.")
+    return DataError(
+        f"clip.model: '{source}' is neither a local directory nor in the Hugging Face cache, and the hub is not "
+        f"reachable ({type(error).__name__}). Download it where you have network "
+        f"(`huggingface-cli download {source} --local-dir /path/to/clip`) and set clip.model to that directory, "
+        f"or use clip.model: demo for the in-pipeline CLIP."
+    )
+
+
+@dataclass
+class TextEncoder:
+    tokenizer: object
+    model: torch.nn.Module
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(tokens, dim) of the condition: the tokenizer's max length x the text hidden size."""
+        return int(self.tokenizer.model_max_length), int(self.model.config.hidden_size)
+
+
+@dataclass
+class VisionEncoder:
+    processor: object
+    model: torch.nn.Module
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(1, projection_dim): one projected image embedding, CLIP's `image_embeds`."""
+        return 1, int(self.model.config.projection_dim)
+
+
+def load_text_encoder(source: str, revision: str | None = None) -> TextEncoder:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, revision=revision)
+        model = CLIPTextModel.from_pretrained(source, revision=revision, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise _not_available(source, error) from error
+    if tokenizer.model_max_length > model.config.max_position_embeddings:  # hub files sometimes say 1e30
+        tokenizer.model_max_length = model.config.max_position_embeddings
+    return TextEncoder(tokenizer, model.eval())
+
+
+def load_vision_encoder(source: str, revision: str | None = None) -> VisionEncoder:
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    try:
+        processor = CLIPImageProcessor.from_pretrained(source, revision=revision)
+        model = CLIPVisionModelWithProjection.from_pretrained(source, revision=revision, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise _not_available(source, error) from error
+    return VisionEncoder(processor, model.eval())
+
+
+@torch.no_grad()
+def encode_prompts(encoder: TextEncoder, prompts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token embeddings (last hidden state) padded to max length, their attention masks, and how
+    many prompts were truncated."""
+    tokens, _ = encoder.shape
+    hidden, masks, truncated = [], [], 0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        full = encoder.tokenizer(batch, truncation=False)["input_ids"]
+        truncated += sum(len(ids) > tokens for ids in full)
+        inputs = encoder.tokenizer(batch, padding="max_length", max_length=tokens, truncation=True, return_tensors="pt")
+        output = encoder.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        hidden.append(output.last_hidden_state.float())
+        masks.append(inputs["attention_mask"].bool())
+    return torch.cat(hidden), torch.cat(masks), truncated
+
+
+@torch.no_grad()
+def encode_images(encoder: VisionEncoder, images: list, ) -> torch.Tensor:
+    """Projected image embeddings ``(n, 1, projection_dim)`` for PIL images (grayscale becomes RGB)."""
+    inputs = encoder.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+    return encoder.model(pixel_values=inputs["pixel_values"]).image_embeds.float().unsqueeze(1)

@@ -1,0 +1,172 @@
+"""One on-disk format for every branch's conditions, keyed by Image Index and read lazily.
+
+A store is a directory:
+``embeddings.npy``  (K, tokens, dim) float16 (default) or float32, read row by row
+``mask.npy``        (K, tokens) bool, True where a token is real (text padding is False)
+``index.csv``       Image Index -> row of ``embeddings.npy`` (several images may share a row,
+                    e.g. every image with the same prompt)
+``store.json``      branch, shape, dtype, encoder and anything the producer wants to record
+
+``.npy`` is read with ``allow_pickle=False``; nothing executable is ever loaded. Rows are
+written and read with positional file I/O rather than a memory map: pages of a long-lived mapping
+count toward the process's resident memory, so one pass over a 48k x 32 x 768 store would add
+2.3 GB of RSS; ``pread`` keeps it at one row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr_diffusion.io import atomic_directory, write_csv, write_json
+
+EMBEDDINGS, MASK, INDEX, META = "embeddings.npy", "mask.npy", "index.csv", "store.json"
+
+
+class StoreError(ValueError):
+    """A condition store is missing, malformed or does not match what its reader expects."""
+
+
+class ConditionStoreWriter:
+    """Fill a new store row by row (or block by block) without holding it in memory.
+
+    Use as a context manager; the store appears at ``path`` only when the block succeeds.
+    """
+
+    def __init__(self, path: str | Path, rows: int, tokens: int, dim: int, dtype: str = "float16"):
+        if dtype not in ("float16", "float32"):
+            raise StoreError(f"condition store dtype must be float16 or float32, not {dtype!r}")
+        self.path, self.shape, self.dtype = Path(path), (rows, tokens, dim), dtype
+        self._context = atomic_directory(self.path)
+        self.meta: dict = {}
+
+    def __enter__(self) -> "ConditionStoreWriter":
+        self._tmp = self._context.__enter__()
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)), "fortran_order": False,
+                  "shape": self.shape}
+        self._file = open(self._tmp / EMBEDDINGS, "wb+")
+        np.lib.format.write_array_header_1_0(self._file, header)
+        self._offset = self._file.tell()
+        self._row_bytes = int(np.prod(self.shape[1:])) * np.dtype(self.dtype).itemsize
+        self._file.truncate(self._offset + self.shape[0] * self._row_bytes)
+        self.mask = np.ones(self.shape[:2], dtype=bool)
+        return self
+
+    def write(self, start: int, embeddings: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None) -> None:
+        values = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+        if values.shape[1:] != self.shape[1:]:
+            raise StoreError(f"embedding block has shape {values.shape[1:]}, the store holds {self.shape[1:]}")
+        if not np.isfinite(values).all():
+            raise StoreError(f"non-finite values in rows {start}..{start + len(values) - 1}")
+        if start < 0 or start + len(values) > self.shape[0]:
+            raise StoreError(f"rows {start}..{start + len(values) - 1} are outside the store's {self.shape[0]} rows")
+        os.pwrite(self._file.fileno(), np.ascontiguousarray(values, dtype=self.dtype).tobytes(),
+                  self._offset + start * self._row_bytes)
+        if mask is not None:
+            self.mask[start:start + len(values)] = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=bool)
+
+    def sidecar(self, name: str) -> Path:
+        """Path for an extra file that should live in (and appear atomically with) the store."""
+        return self._tmp / name
+
+    def finish(self, image_index: list[str], rows: list[int] | np.ndarray, meta: dict) -> None:
+        """Record which row each image uses, and the metadata; call once, inside the block."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(image_index) != len(rows):
+            raise StoreError("image_index and rows differ in length")
+        if len(set(image_index)) != len(image_index):
+            raise StoreError("duplicate Image Index in a condition store")
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise StoreError("a row number points outside the embeddings")
+        self._file.flush()
+        np.save(self._tmp / MASK, self.mask, allow_pickle=False)
+        write_csv(self._tmp / INDEX, pd.DataFrame({"Image Index": image_index, "row": rows}))
+        write_json(self._tmp / META, {**meta, "shape": list(self.shape), "dtype": self.dtype,
+                                      "images": len(image_index)})
+        self._finished = True
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self._file.close()
+        if kind is None and not getattr(self, "_finished", False):
+            kind, error = StoreError, StoreError("ConditionStoreWriter closed without finish()")
+            self._context.__exit__(kind, error, None)
+            raise error
+        return bool(self._context.__exit__(kind, error, traceback))
+
+
+@dataclass(frozen=True)
+class Condition:
+    embeddings: torch.Tensor  # (tokens, dim) float32
+    mask: torch.Tensor        # (tokens,) bool
+
+
+class ConditionStore:
+    """Read-only access to a store, one row read at a time: ``store["00000001_000.png"]`` -> Condition.
+
+    Picklable (DataLoader workers reopen the file lazily)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        for name in (EMBEDDINGS, MASK, INDEX, META):
+            if not (self.path / name).is_file():
+                raise StoreError(f"{self.path}: not a condition store ({name} missing); rerun its embed stage")
+        self.meta = json.loads((self.path / META).read_text())
+        with open(self.path / EMBEDDINGS, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(handle)
+            self._offset = handle.tell()
+        if fortran_order or len(shape) != 3 or dtype not in (np.float16, np.float32):
+            raise StoreError(f"{self.path / EMBEDDINGS}: expected a C-order (rows, tokens, dim) float16/float32 array")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self._row_bytes = int(shape[1] * shape[2]) * self.dtype.itemsize
+        expected_size = self._offset + shape[0] * self._row_bytes
+        if (self.path / EMBEDDINGS).stat().st_size != expected_size:
+            raise StoreError(f"{self.path / EMBEDDINGS}: truncated or padded; rerun its embed stage")
+        self.mask = np.load(self.path / MASK, allow_pickle=False)
+        index = pd.read_csv(self.path / INDEX, dtype={"Image Index": str})
+        self.row_of: dict[str, int] = dict(zip(index["Image Index"], index["row"].astype(int)))
+        if self.mask.shape != self.shape[:2]:
+            raise StoreError(f"{self.path}: embeddings {self.shape} and mask {self.mask.shape} disagree")
+        self._fd: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.shape[2])
+
+    def row(self, row: int) -> np.ndarray:
+        """Row ``row`` of the embeddings as float32 (tokens, dim)."""
+        if self._fd is None:
+            self._fd = os.open(self.path / EMBEDDINGS, os.O_RDONLY)
+        data = os.pread(self._fd, self._row_bytes, self._offset + row * self._row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:]).astype(np.float32)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __contains__(self, image_index: str) -> bool:
+        return image_index in self.row_of
+
+    def __getitem__(self, image_index: str) -> Condition:
+        try:
+            row = self.row_of[image_index]
+        except KeyError:
+            raise KeyError(f"{self.path}: no condition for {image_index!r}") from None
+        return Condition(torch.from_numpy(self.row(row)), torch.from_numpy(self.mask[row].copy()))

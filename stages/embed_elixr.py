@@ -1,0 +1,29 @@
+"""DVC stage `embed_elixr`: read ELIXR-B files (published layout) and join them to the filtered images."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+from cxr_diffusion.conditioning.elixr import build_elixr_store
+from cxr_diffusion.stage import run_stage
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    filtered: Path = typer.Option(Path("data/filtered/filtered.csv"), help="Output of the filter stage."),
+    standin: Path = typer.Option(Path("data/elixr_standin"), help="Stand-in files, read when elixr.path is null."),
+    out: Path = typer.Option(Path("data/embeddings/elixr"), help="Condition store."),
+    rejects: Path = typer.Option(Path("data/embeddings/elixr_rejects.csv"), help="Images without a usable embedding."),
+    metrics: Path = typer.Option(Path("metrics/embed_elixr.json"), help="Counts."),
+) -> None:
+    def body(p):
+        # With no elixr.path, the stand-in's files go through the very same reader, labelled as a stand-in.
+        config, label = (p.elixr, "elixr") if p.elixr.path else (replace(p.elixr, path=str(standin)), "elixr_standin")
+        print(build_elixr_store(filtered, config, out, rejects, metrics, label))
+
+    run_stage("embed_elixr", params, body)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,25 @@
+"""DVC stage `train_clip`: train the in-pipeline CLIP (only when clip.model is 'demo')."""
+
+from pathlib import Path
+
+import typer
+
+from cxr_diffusion.conditioning.demo_clip import train_demo_clip
+from cxr_diffusion.stage import run_stage
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
+    out: Path = typer.Option(Path("models/clip"), help="Saved CLIP (save_pretrained)."),
+    metrics: Path = typer.Option(Path("metrics/clip.json"), help="Validation retrieval and zero-shot metrics."),
+) -> None:
+    def body(p):
+        result = train_demo_clip(prepared, p.clip, list(p.filter.classes), p.filter.class_members(), p.seed, out, metrics)
+        print({k: v for k, v in result.items() if k != "zero_shot_auroc"})
+
+    run_stage("train_clip", params, body)
+
+
+if __name__ == "__main__":
+    typer.run(main)
