@@ -1,0 +1,3 @@
+"""cxr-diffusion: synthetic chest X-ray generation research."""
+
+__version__ = "0.1.0"

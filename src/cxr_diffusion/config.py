@@ -185,6 +185,89 @@ class ElixrConfig:
 
 
 @dataclass(frozen=True)
+class UNetConfig:
+    """A diffusers UNet2DConditionModel. The nih-512 profile sets SD-1.5's shape (320/640/1280/1280)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    # Per resolution level (down blocks, mirrored on the way up): True = self- and cross-attention blocks.
+    # Keep it off large feature maps on CPU: full attention at 64x64 costs 10x that at 16x16.
+    cross_attention: tuple[bool, ...] = (False, False, True)
+    attention_head_dim: int = 8   # diffusers' (legacy) name: heads per attention layer; SD-1.5 uses 8
+    norm_num_groups: int = 8      # GroupNorm groups; must divide every block's channels (SD uses 32)
+    cross_attention_dim: int | None = None  # None: the branch's condition dim; else the condition is projected
+
+    def validate(self, key: str) -> None:
+        _require(len(self.block_out_channels) == len(self.cross_attention), f"{key}.cross_attention",
+                 "needs one entry per block_out_channels level")
+        _require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), f"{key}.norm_num_groups",
+                 "must divide every entry of block_out_channels")
+        _require(any(self.cross_attention), f"{key}.cross_attention",
+                 "must enable cross-attention on at least one level (the condition enters there)")
+        _require(self.layers_per_block > 0 and self.attention_head_dim > 0, key, "sizes must be > 0")
+
+
+@dataclass(frozen=True)
+class BranchRates:
+    # Per-branch learning rates; the top-level `lr`, when set, overrides all three.
+    clip_text: float = 1e-3
+    clip_vision: float = 1e-3
+    elixr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    space: Literal["pixel", "latent"] = "pixel"  # latent: on precomputed VAE latents (stage encode_latents)
+    vae: str = "stabilityai/sd-vae-ft-mse"      # AutoencoderKL hub id or local directory (latent space only)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    condition_tokens: int = 4     # a (1, dim) condition (clip_vision) is expanded to this many tokens
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    zero_terminal_snr: bool = True  # rescale betas so the last step is pure noise (needs v_prediction)
+    num_train_timesteps: int = 1000
+    min_snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting; null = plain MSE
+    offset_noise: float = 0.0     # per-channel constant added to the noise (brightness freedom)
+    cfg_dropout: float = 0.1      # probability of training on the learned null condition (classifier-free guidance)
+    lr: BranchRates = field(default_factory=BranchRates)
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "cosine"
+    warmup_steps: int = 50
+    plateau_patience: int = 2     # validations without improvement before the lr is cut (plateau)
+    plateau_factor: float = 0.5
+    early_stopping_patience: int | None = None  # validations without improvement before stopping
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_nonfinite: int = 10       # consecutive non-finite losses before the stage stops
+    batch_size: int = 32          # per process and micro-batch
+    gradient_accumulation: int = 1
+    epochs: int = 100
+    max_steps: int | None = 1500  # optimizer steps; the run ends at epochs or max_steps, whichever first
+    ema_half_life_images: float = 5000.0  # EMA half-life counted in images seen (EDM style)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs and AMX CPUs, else fp32
+    val_every_steps: int = 250
+    val_images: int = 256         # validation images (fixed noise and timesteps)
+    sample_every_steps: int = 500 # sample grid logged to DVCLive
+    checkpoint_every_steps: int = 250
+    checkpoints_total_limit: int = 2
+    num_workers: int = 0          # DataLoader workers
+
+    def validate(self, key: str) -> None:
+        self.unet.validate(f"{key}.unet")
+        _require(not self.zero_terminal_snr or self.prediction_type == "v_prediction", f"{key}.zero_terminal_snr",
+                 "needs prediction_type v_prediction (epsilon is undefined at the last, pure-noise step)")
+        _require(0.0 <= self.cfg_dropout < 1.0, f"{key}.cfg_dropout", "must be in [0, 1)")
+        _require(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"{key}.min_snr_gamma", "must be > 0 or null")
+        for name in ("clip_text", "clip_vision", "elixr"):
+            _require(getattr(self.lr, name) > 0, f"{key}.lr.{name}", "must be > 0")
+        for name in ("batch_size", "gradient_accumulation", "epochs", "val_every_steps", "sample_every_steps",
+                     "checkpoint_every_steps", "checkpoints_total_limit", "condition_tokens", "max_nonfinite",
+                     "num_train_timesteps"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _require(self.max_steps is None or self.max_steps > 0, f"{key}.max_steps", "must be > 0 or null")
+        _require(self.ema_half_life_images > 0, f"{key}.ema_half_life_images", "must be > 0")
+        _require(0 < self.plateau_factor < 1, f"{key}.plateau_factor", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0                 # one seed for sampling, splits, caps and training
     image_size: int = 64          # side of the prepared (training) images
@@ -196,6 +279,11 @@ class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     elixr: ElixrConfig = field(default_factory=ElixrConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def learning_rate(self, branch: str) -> float:
+        """The top-level `lr` when set (dvc exp run -S lr=...), else the branch's own rate."""
+        return self.lr if self.lr is not None else getattr(self.train.lr, branch)
 
     def validate(self) -> None:
         _require(8 <= self.image_size <= 2048, "image_size", "must be in [8, 2048]")
@@ -206,6 +294,7 @@ class Params:
         self.prepare.validate("prepare")
         self.clip.validate("clip")
         self.elixr.validate("elixr")
+        self.train.validate("train")
 
 
 # ----------------------------------------------------------------------------- casting

@@ -55,9 +55,18 @@ class VisionEncoder:
         return 1, int(self.model.config.projection_dim)
 
 
+def _quiet_transformers() -> None:
+    # Loading one tower from a full CLIPModel checkpoint makes transformers list every weight of the
+    # other tower as "unexpected"; that is by design here, and the list drowns the stage's own output.
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
 def load_text_encoder(source: str, revision: str | None = None) -> TextEncoder:
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    _quiet_transformers()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, revision=revision)
         model = CLIPTextModel.from_pretrained(source, revision=revision, use_safetensors=True)
@@ -71,6 +80,7 @@ def load_text_encoder(source: str, revision: str | None = None) -> TextEncoder:
 def load_vision_encoder(source: str, revision: str | None = None) -> VisionEncoder:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    _quiet_transformers()
     try:
         processor = CLIPImageProcessor.from_pretrained(source, revision=revision)
         model = CLIPVisionModelWithProjection.from_pretrained(source, revision=revision, use_safetensors=True)

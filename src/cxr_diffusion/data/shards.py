@@ -139,13 +139,15 @@ class PreparedImages(Dataset):
         self.image_size: int = manifest["image_size"]
         self.channels = channels
         self._locations: list[tuple[str, int, int]] = []  # (file, row group, row in group)
+        self.image_indices: list[str] = []
         for shard in manifest["shards"]:
             if shard["split"] != split:
                 continue
-            metadata = pq.ParquetFile(self.prepared_dir / shard["file"]).metadata
-            for group in range(metadata.num_row_groups):
-                rows = metadata.row_group(group).num_rows
+            parquet = pq.ParquetFile(self.prepared_dir / shard["file"])
+            for group in range(parquet.metadata.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
                 self._locations += [(shard["file"], group, row) for row in range(rows)]
+            self.image_indices += parquet.read(columns=["image_index"]).column("image_index").to_pylist()
         self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self._cache_size = cache_row_groups
         self._files: dict[str, pq.ParquetFile] = {}

@@ -1,0 +1,102 @@
+"""``CXRDiffusionPipeline``: a saved model that generates chest X-rays from its branch's condition.
+
+One class for the three branches; the components present say how a condition is made:
+``tokenizer`` + ``text_encoder`` (clip_text, from a prompt), ``image_processor`` + ``image_encoder``
+(clip_vision, from a reference image), or neither (elixr, from a (tokens, dim) embedding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from cxr_diffusion.conditioning.clip import TextEncoder, VisionEncoder, encode_images, encode_prompts
+# model_index.json names the adapter's module; diffusers loads components only from modules that are
+# already imported (it never imports what a repository names), so importing it here is what lets
+# `CXRDiffusionPipeline.from_pretrained` load it, with no remote code involved.
+from cxr_diffusion.diffusion.condition import ConditionAdapter  # noqa: F401
+
+
+class CXRDiffusionOutput(BaseOutput):
+    images: list[Image.Image] | np.ndarray
+
+
+class CXRDiffusionPipeline(DiffusionPipeline):
+    _optional_components = ["tokenizer", "text_encoder", "image_processor", "image_encoder", "vae"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+
+    def __init__(self, unet, scheduler, condition_adapter, tokenizer=None, text_encoder=None, image_processor=None,
+                 image_encoder=None, vae=None, branch: str = "elixr", channels: int = 3):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, condition_adapter=condition_adapter, tokenizer=tokenizer,
+                              text_encoder=text_encoder, image_processor=image_processor, image_encoder=image_encoder,
+                              vae=vae)
+        self.register_to_config(branch=branch, channels=channels)
+
+    # ------------------------------------------------------------------ conditions
+    def make_condition(self, prompt=None, image=None, embedding=None) -> torch.Tensor:
+        """The branch's raw condition, (batch, tokens, dim), from exactly one kind of input."""
+        given = [name for name, value in (("prompt", prompt), ("image", image), ("embedding", embedding))
+                 if value is not None]
+        expected = {"clip_text": "prompt", "clip_vision": "image", "elixr": "embedding"}[self.config.branch]
+        if given != [expected]:
+            raise ValueError(f"this is a {self.config.branch} model: pass `{expected}=` (got {given or 'nothing'})")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if any(not p.strip() for p in prompts):
+                raise ValueError("empty prompt")
+            hidden, _, _ = encode_prompts(TextEncoder(self.tokenizer, self.text_encoder), prompts)
+            return hidden
+        if image is not None:
+            images = [image] if isinstance(image, Image.Image) else list(image)
+            return encode_images(VisionEncoder(self.image_processor, self.image_encoder), images)
+        embedding = torch.as_tensor(embedding, dtype=torch.float32)
+        if embedding.ndim == 2:
+            embedding = embedding[None]
+        expected_shape = tuple(self.condition_adapter.null_condition.shape)
+        if embedding.ndim != 3 or tuple(embedding.shape[1:]) != expected_shape:
+            raise ValueError(f"embedding must be {expected_shape} (tokens, dim) or batched; got {tuple(embedding.shape)}")
+        if not torch.isfinite(embedding).all():
+            raise ValueError("embedding has NaN or infinite values")
+        return embedding
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, embedding=None, condition: torch.Tensor | None = None,
+                 num_images_per_condition: int = 1, guidance_scale: float = 3.0, num_inference_steps: int = 25,
+                 generator: torch.Generator | None = None, output_type: str = "pil",
+                 progress: bool = True) -> CXRDiffusionOutput:
+        """Generate. ``condition`` passes a precomputed raw condition (batch, tokens, dim), as the
+        sampling stage does with the condition stores; otherwise the branch's input is encoded."""
+        if condition is None:
+            condition = self.make_condition(prompt, image, embedding)
+        condition = condition.to(self.device, self.unet.dtype).repeat_interleave(num_images_per_condition, 0)
+        batch = condition.shape[0]
+        hidden = self.condition_adapter(condition)
+        if guidance_scale != 1.0:
+            hidden = torch.cat([self.condition_adapter.null(batch).to(hidden.dtype), hidden])
+        size = self.unet.config.sample_size
+        shape = (batch, self.unet.config.in_channels, size, size)
+        sample = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        sample = sample * self.scheduler.init_noise_sigma
+        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+            model_input = torch.cat([sample] * 2) if guidance_scale != 1.0 else sample
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            output = self.unet(model_input, t, encoder_hidden_states=hidden).sample
+            if guidance_scale != 1.0:
+                unconditional, conditional = output.chunk(2)
+                output = unconditional + guidance_scale * (conditional - unconditional)
+            sample = self.scheduler.step(output, t, sample, generator=generator).prev_sample
+        if self.vae is not None:
+            sample = self.vae.decode(sample / self.vae.config.scaling_factor).sample
+        images = ((sample.float().clamp(-1, 1) + 1) / 2).cpu()  # [0, 1], (batch, channels, H, W)
+        if output_type == "pt":
+            return CXRDiffusionOutput(images=images)
+        gray = images.mean(1).numpy()  # channels are replicated grayscale
+        if output_type == "np":
+            return CXRDiffusionOutput(images=gray)
+        return CXRDiffusionOutput(images=[Image.fromarray(np.rint(g * 255).astype(np.uint8)) for g in gray])

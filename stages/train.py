@@ -1,0 +1,30 @@
+"""DVC stage `train@<branch>`: train one conditional diffusion model (resumes from its checkpoints)."""
+
+from pathlib import Path
+
+import typer
+
+from cxr_diffusion.conditioning.clip import clip_source
+from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, train_branch
+from cxr_diffusion.stage import run_stage
+
+
+def main(
+    branch: str = typer.Option(..., help="clip_text, clip_vision or elixr."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
+    demo_clip: Path = typer.Option(Path("models/clip"), help="The in-pipeline CLIP (when clip.model is 'demo')."),
+) -> None:
+    def body(p):
+        if branch not in p.branches:
+            raise TrainingError(f"branch '{branch}' is not in params 'branches' {list(p.branches)}")
+        paths = TrainPaths(prepared=prepared, store=Path("data/embeddings") / branch,
+                           clip=clip_source(p.clip, demo_clip), model_out=Path("models") / branch,
+                           checkpoints=Path("checkpoints") / branch, live=Path("dvclive") / branch)
+        print(train_branch(p, branch, paths))
+
+    run_stage("train", params, body, extra_errors=(TrainingError,))
+
+
+if __name__ == "__main__":
+    typer.run(main)
