@@ -51,3 +51,36 @@ def make_nih_download(root: Path, rows: list[dict], images: dict[str, bytes] | N
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def make_training_data(root: Path, n_images: int = 48, image_size: int = 16, tokens: int = 4, dim: int = 8) -> dict:
+    """Prepared shards (real stages) plus an ELIXR-like condition store whose conditions encode the labels."""
+    from cxr_diffusion.conditioning.store import ConditionStoreWriter
+    from cxr_diffusion.config import params_from_dict
+    from cxr_diffusion.data.filter import run_filter
+    from cxr_diffusion.data.prepare import prepare_shards
+    from cxr_diffusion.data.sources import build_dataset
+
+    rows = [nih_row(f"{p:08d}_000.png", "Effusion" if p % 2 else "No Finding", patient=p) for p in range(1, n_images + 1)]
+    images = {}
+    for i, row in enumerate(rows):
+        pixels = gradient_image((32, 32), seed=i)
+        if row["Finding Labels"] == "Effusion":
+            pixels[20:, :] = 230  # a bright base: something the condition can explain
+        images[row["Image Index"]] = png_bytes(Image.fromarray(pixels))
+    download = make_nih_download(root / "nih", rows, images)
+    params = params_from_dict({
+        "image_size": image_size, "dataset": {"source": "nih", "nih_root": str(download)},
+        "filter": {"classes": ["Effusion", "No Finding"], "merges": {}, "split": {"val_fraction": 0.2, "test_fraction": 0.1}},
+        "prepare": {"shard_size": 64, "row_group_size": 16},
+    })
+    build_dataset(params, root / "dataset")
+    run_filter(root / "dataset", params.filter, params.seed, root / "filtered", root / "filter.json")
+    prepare_shards(params, root / "dataset", root / "filtered" / "filtered.csv", root / "prepared", workers=1)
+    rng = np.random.default_rng(0)
+    with ConditionStoreWriter(root / "store", len(rows), tokens, dim) as store:
+        base = rng.normal(size=(2, tokens, dim))
+        for i, row in enumerate(rows):
+            store.write(i, (base[i % 2] + 0.1 * rng.normal(size=(tokens, dim)))[None])
+        store.finish([r["Image Index"] for r in rows], np.arange(len(rows)), {"branch": "elixr", "encoder": "test"})
+    return {"prepared": root / "prepared", "store": root / "store"}

@@ -146,7 +146,8 @@ def _log_truncated_live(live_dir: Path, keep_until_step: int) -> None:
     """Drop DVCLive rows logged after the checkpoint we resume from (they will be logged again)."""
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
         lines = tsv.read_text().splitlines()
-        kept = lines[:1] + [line for line in lines[1:] if int(line.split("\t")[1]) <= keep_until_step]
+        step_column = lines[0].split("\t").index("step")
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split("\t")[step_column]) <= keep_until_step]
         tsv.write_text("\n".join(kept) + "\n")
 
 
@@ -271,7 +272,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = diffusion_loss(model, scheduler, pixels, condition, timesteps, noise,
-                                          train.min_snr_gamma, drop).mean()
+                                          train.min_snr_gamma, drop=drop).mean()
                 finite = bool(torch.isfinite(loss))
                 if finite:
                     accelerator.backward(loss)
@@ -337,7 +338,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         ema.copy_to(unwrapped.parameters())
         save_pipeline(params, branch, unwrapped, scheduler, paths)
         if live is not None:
-            live.summary.update({"final/" + k: v for k, v in result.items() if isinstance(v, (int, float))})
+            live.summary["final"] = {k: v for k, v in result.items() if isinstance(v, (int, float))}
             live.end()
     return result
 

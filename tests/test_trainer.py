@@ -1,0 +1,214 @@
+"""The shared trainer on a tiny dataset: resume, corrupt checkpoints, non-finite losses, lr override."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cxr_diffusion.config import params_from_dict
+from cxr_diffusion.diffusion import trainer as trainer_module
+from cxr_diffusion.diffusion.checkpoints import list_checkpoints
+from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, train_branch
+
+from conftest import make_training_data
+
+TINY_TRAIN = {
+    "unet": {"block_out_channels": [8, 16, 16], "cross_attention": [False, False, True], "norm_num_groups": 4,
+             "attention_head_dim": 2},
+    "batch_size": 4, "max_steps": 6, "warmup_steps": 1, "val_every_steps": 3, "val_images": 4,
+    "sample_every_steps": 6, "checkpoint_every_steps": 3, "checkpoints_total_limit": 2,
+    "ema_half_life_images": 20, "mixed_precision": "no",
+}
+
+
+def tiny_params(**overrides):
+    train = {**TINY_TRAIN, **overrides.pop("train", {})}
+    return params_from_dict({"image_size": 16, "filter": {"classes": ["Effusion", "No Finding"], "merges": {}},
+                             "train": train, **overrides})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_training_data(tmp_path_factory.mktemp("train-data"))
+
+
+def paths_in(root: Path, data: dict) -> TrainPaths:
+    return TrainPaths(prepared=data["prepared"], store=data["store"], clip=None, model_out=root / "model",
+                      checkpoints=root / "checkpoints", live=root / "live")
+
+
+def final_unet(root: Path) -> dict:
+    return load_file(root / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    result = train_branch(tiny_params(), "elixr", paths_in(root, data))
+    return root, result
+
+
+def test_training_saves_a_pipeline_and_logs(uninterrupted):
+    root, result = uninterrupted
+    assert result["steps"] == 6
+    assert (root / "model" / "model_index.json").is_file()
+    metrics = json.loads((root / "live" / "metrics.json").read_text())
+    assert {"loss", "conditioning_gap", "loss_shuffled_condition"} <= set(metrics["val"])
+    assert metrics["final"]["steps"] == 6 and "loss" in metrics["train"]
+    assert (root / "live" / "plots" / "images" / "samples.png").is_file()
+
+
+def test_saved_pipeline_loads_in_a_new_process_and_generates(uninterrupted):
+    root, _ = uninterrupted
+    code = (
+        "import sys, torch; from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline;"
+        "p = CXRDiffusionPipeline.from_pretrained(sys.argv[1]);"
+        "out = p(embedding=torch.randn(4, 8), num_inference_steps=4, generator=torch.Generator().manual_seed(0), progress=False);"
+        "print(out.images[0].size)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(root / "model")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("(16, 16)")
+
+
+def test_pipeline_rejects_the_wrong_kind_of_condition(uninterrupted):
+    from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
+
+    pipeline = CXRDiffusionPipeline.from_pretrained(uninterrupted[0] / "model")
+    with pytest.raises(ValueError, match="elixr model: pass `embedding="):
+        pipeline(prompt="chest x-ray showing effusion")
+    with pytest.raises(ValueError, match=r"embedding must be \(4, 8\)"):
+        pipeline(embedding=torch.randn(32, 768))
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, data, uninterrupted):
+    # Run in a child process, SIGKILL it right after its first checkpoint, rerun: same final weights.
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps({"image_size": 16, "filter": {"classes": ["Effusion", "No Finding"], "merges": {}},
+                                       "train": TINY_TRAIN}))
+    code = (
+        "import json, sys; from pathlib import Path; from cxr_diffusion.config import params_from_dict;"
+        "from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch;"
+        "root, prepared, store = map(Path, sys.argv[1:4]);"
+        "p = params_from_dict(json.loads((root / 'params.json').read_text()));"
+        "train_branch(p, 'elixr', TrainPaths(prepared, store, None, root / 'model', root / 'checkpoints', root / 'live'))"
+    )
+    args = [sys.executable, "-c", code, str(tmp_path), str(data["prepared"]), str(data["store"])]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if list_checkpoints(tmp_path / "checkpoints"):
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "model").exists()
+    resumed = subprocess.run(args, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert_same_weights(final_unet(tmp_path), final_unet(uninterrupted[0]))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, data, uninterrupted, capsys):
+    paths = paths_in(tmp_path, data)
+    train_branch(tiny_params(), "elixr", paths)
+    newest = list_checkpoints(paths.checkpoints)[-1]
+    target = newest / "denoiser.safetensors"
+    target.write_bytes(target.read_bytes()[:100])  # truncated
+    result = train_branch(tiny_params(), "elixr", paths)
+    out = capsys.readouterr().out
+    assert newest.name in out and "resuming from" in out and "step-00000003" in out
+    assert result["steps"] == 6
+    assert_same_weights(final_unet(tmp_path), final_unet(uninterrupted[0]))
+
+
+def test_checkpoint_from_another_config_is_not_resumed(tmp_path, data, capsys):
+    paths = paths_in(tmp_path, data)
+    train_branch(tiny_params(train={"max_steps": 3}), "elixr", paths)
+    capsys.readouterr()
+    train_branch(tiny_params(train={"max_steps": 3, "offset_noise": 0.1}), "elixr", paths)
+    out = capsys.readouterr().out
+    assert "starting from scratch" in out and "resuming from" not in out
+
+
+def test_non_finite_losses_stop_with_a_clear_error_and_keep_the_last_checkpoint(tmp_path, data, monkeypatch):
+    real_loss = trainer_module.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 3 and kwargs.get("drop") is not None else loss
+
+    monkeypatch.setattr(trainer_module, "diffusion_loss", poisoned)
+    paths = paths_in(tmp_path, data)
+    with pytest.raises(TrainingError, match="consecutive non-finite losses.*last good checkpoint"):
+        train_branch(tiny_params(train={"max_steps": 20, "max_nonfinite": 3}), "elixr", paths)
+    checkpoints = list_checkpoints(paths.checkpoints)
+    assert [c.name for c in checkpoints] == ["step-00000003"]
+
+
+def test_top_level_lr_overrides_every_branch(tmp_path, data):
+    result = train_branch(tiny_params(lr="1e-05", train={"max_steps": 2, "lr_schedule": "constant"}), "elixr",
+                          paths_in(tmp_path, data))
+    assert result["lr"] == pytest.approx(1e-5)
+    logged = (tmp_path / "live" / "plots" / "metrics" / "train" / "lr.tsv").read_text().splitlines()[1:]
+    assert [float(line.split("\t")[-1]) for line in logged] == pytest.approx([1e-5, 1e-5])
+
+
+def test_branch_rate_is_used_without_override():
+    params = tiny_params(train={"lr": {"clip_text": 1e-4, "clip_vision": 2e-4, "elixr": 1e-5}})
+    assert [params.learning_rate(b) for b in ("clip_text", "clip_vision", "elixr")] == [1e-4, 2e-4, 1e-5]
+
+
+DRIVER = """
+import json, sys
+from pathlib import Path
+from cxr_diffusion.config import params_from_dict
+from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
+root, prepared, store = map(Path, sys.argv[1:4])
+params = params_from_dict(json.loads((root / "params.json").read_text()))
+result = train_branch(params, "elixr", TrainPaths(prepared, store, None, root / "model", root / "checkpoints", root / "live"))
+print("RESULT " + json.dumps(result))
+"""
+
+
+def run_driver(root: Path, data: dict, train: dict, processes: int) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.json").write_text(json.dumps({"image_size": 16, "filter": {"classes": ["Effusion", "No Finding"],
+                                                  "merges": {}}, "train": {**TINY_TRAIN, **train}}))
+    (root / "driver.py").write_text(DRIVER)
+    # torchrun sets up the same torch.distributed environment that `accelerate launch --multi_gpu` does;
+    # accelerate's Accelerator picks it up and uses gloo on CPUs.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(29500 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
+    completed = subprocess.run(launcher + [str(root / "driver.py"), str(root), str(data["prepared"]), str(data["store"])],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = [json.loads(line[7:]) for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == processes
+    return results[0]
+
+
+def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path, data):
+    single = run_driver(tmp_path / "one", data, {"batch_size": 8}, processes=1)
+    double = run_driver(tmp_path / "two", data, {"batch_size": 4}, processes=2)
+    assert double["images_seen"] == single["images_seen"] == 6 * 8
+    assert double["best_val_loss"] == pytest.approx(single["best_val_loss"], rel=0.1)
+    assert (tmp_path / "two" / "model" / "model_index.json").is_file()
