@@ -5,7 +5,7 @@ the phantom renderer, splits by patient, trains a small multi-label CNN on CPU a
 per-finding test AUROC as a markdown table. The five default classes must reach AUROC >= 0.9 for
 the phantom to be a useful stand-in dataset.
 
-    python benchmarks/phantom_separability.py --n-images 3000 --size 64 --epochs 20
+    python benchmarks/phantom_separability.py --n-images 3000 --size 64 --epochs 12
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class BenchmarkConfig:
     n_images: int = 3000
     size: int = 64  # what the CNN sees
     render_size: int = 256  # rendered at this size, then downsampled with antialiasing
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 2e-3
     test_fraction: float = 0.2
@@ -167,7 +167,7 @@ def train_and_score(images: np.ndarray, labels: np.ndarray, test: np.ndarray,
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         print(f"epoch {epoch + 1}/{config.epochs}: train loss {total / len(order):.4f}", flush=True)
     model.eval()
     with torch.no_grad():

@@ -18,9 +18,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-# Canonical lung box of a PA film at full inspiration, in patient coordinates.
-LUNG_X0, LUNG_X1 = 0.16, 0.84
-LUNG_APEX, LUNG_BASE = 0.13, 0.75
 MIDLINE = 0.5
 
 # Density constants. The soft tissue core/rim split makes the chest a rounded cylinder rather
@@ -31,6 +28,7 @@ LUNG_AIR = 0.45
 HEART_EXTRA = 0.10
 SPINE_HALF_WIDTH = 0.034
 MAX_HEART_RATIO = 0.66
+HEART_TILT = 0.55  # radians from horizontal, apex pointing down to the image right
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class PatientAnatomy:
     lung_base: float
     chest_wall: float  # soft tissue + rib thickness lateral to the lungs
     heart_ratio: float  # cardiothoracic ratio of the normal heart on a PA film
-    heart_height: float
+    heart_aspect: float  # short over long axis of the cardiac ellipse
     rib_spacing: float
     rib_tilt: float
     bone_density: float
@@ -87,6 +85,7 @@ class AnatomyChanges:
     """How findings deform the normal anatomy (defaults: no change)."""
 
     heart_scale: float = 1.0
+    heart_ratio_floor: float = 0.0  # smallest cardiothoracic ratio on a PA film (cardiomegaly)
     # Fraction of lung height by which each hemidiaphragm rises: (image-left, image-right).
     diaphragm_raise: tuple[float, float] = (0.0, 0.0)
     inflation: float = 1.0
@@ -96,18 +95,18 @@ class AnatomyChanges:
 
 
 def sample_patient_anatomy(rng: np.random.Generator, n_masks: int, gender: str) -> PatientAnatomy:
-    width = rng.uniform(0.66, 0.75)
-    centre = MIDLINE + rng.normal(0.0, 0.008)
-    apex = rng.uniform(0.08, 0.12)
+    width = rng.uniform(0.62, 0.77)
+    centre = MIDLINE + rng.normal(0.0, 0.012)
+    apex = rng.uniform(0.07, 0.13)
     return PatientAnatomy(
         mask_index=int(rng.integers(n_masks)),
         lung_x0=centre - width / 2,
         lung_x1=centre + width / 2,
         lung_apex=apex,
-        lung_base=apex + rng.uniform(0.62, 0.70),
+        lung_base=apex + rng.uniform(0.58, 0.72),
         chest_wall=rng.uniform(0.045, 0.085),
         heart_ratio=rng.uniform(0.40, 0.47),
-        heart_height=rng.uniform(0.13, 0.155),
+        heart_aspect=rng.uniform(0.6, 0.7),
         rib_spacing=rng.uniform(0.060, 0.068),
         rib_tilt=rng.uniform(0.8, 1.2),
         bone_density=rng.uniform(0.8, 1.15),
@@ -174,7 +173,13 @@ class ChestGeometry:
     hilum_left: tuple[float, float]
     hilum_right: tuple[float, float]
     heart_box: tuple[float, float, float, float]  # x0, x1, top, bottom
+    thorax: tuple[float, float]  # inner margins of the ribs at the widest point (x)
     midline: float
+
+    @property
+    def cardiothoracic_ratio(self) -> float:
+        """Widest heart diameter over widest inner thoracic diameter (normal PA < 0.5)."""
+        return (self.heart_box[1] - self.heart_box[0]) / (self.thorax[1] - self.thorax[0])
 
 
 @dataclass
@@ -191,6 +196,27 @@ class ChestLayers:
 
 # ---------------------------------------------------------------------------------------------
 # Lung field from the real mask
+
+
+def blur(image: np.ndarray, sigma: float, pixel: float) -> np.ndarray:
+    """Gaussian blur with ``sigma`` in patient units. Wide blurs run on a reduced copy: the
+    result is smooth anyway, and it is ten times cheaper."""
+    sigma_px = sigma / pixel
+    if sigma_px < 3:
+        return ndimage.gaussian_filter(image.astype(np.float32, copy=False), sigma_px)
+    factor = 4 if sigma_px >= 8 else 2
+    small = Image.fromarray(image.astype(np.float32, copy=False), "F").reduce(factor)
+    small = ndimage.gaussian_filter(np.asarray(small), sigma_px / factor)
+    return np.asarray(Image.fromarray(small, "F").resize(image.shape[::-1], Image.Resampling.BILINEAR))
+
+
+def _fill_polygons(grid: Grid, polygons: list[np.ndarray]) -> np.ndarray:
+    """The soft-edged union of filled polygons given in patient coordinates."""
+    canvas = Image.new("F", (grid.resolution, grid.resolution), 0.0)
+    draw = ImageDraw.Draw(canvas)
+    for points in polygons:
+        draw.polygon([tuple(p) for p in grid.to_pixels(points)], fill=1.0)
+    return ndimage.gaussian_filter(np.asarray(canvas, dtype=np.float32), 0.003 / grid.pixel_size)
 
 
 def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -248,8 +274,8 @@ def _medial_borders(mask: np.ndarray, box: tuple[int, int, int, int], top: float
                     bottom: float) -> tuple[float, float]:
     """Medial borders of both lungs between two heights, as fractions of the mask box width.
 
-    The real mask already outlines the mediastinum; reading its borders lets the normal heart
-    and aortic knob follow the mask, so only an enlarged heart overlaps the lung.
+    The real mask already outlines the upper mediastinum; reading its borders puts the aortic
+    knob and the SVC line where this mask's lungs end.
     """
     mx0, mx1, my0, my1 = box
     rows = mask[my0 + int(top * (my1 - my0)): my0 + int(bottom * (my1 - my0)), mx0:mx1]
@@ -435,7 +461,7 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
         # Hyperinflation pushes the domes flat: clip them with an almost horizontal line.
         flat = np.where(left_side, bases[0], bases[1]) - 0.06 * height + 0.01 * d_abs
         lung = lung * _step(flat - Y, 3 * pixel)
-    lung = ndimage.gaussian_filter(np.clip(lung, 0, 1), 0.0028 / pixel)
+    lung = ndimage.gaussian_filter(np.clip(lung, 0, 1), 0.0035 / pixel)
 
     half_width = (anatomy.lung_x1 - anatomy.lung_x0) / 2
     wall_half = half_width + 0.015  # inner rib margin
@@ -444,8 +470,8 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     lung_right_box = (MIDLINE, anatomy.lung_x1, anatomy.lung_apex, bases[1])
 
     # Lungs hold most air centrally; little at the apex, the angles and along the mediastinum.
-    depth = ndimage.gaussian_filter(lung, 0.05 / pixel, truncate=2.5)
-    air = lung * (0.45 + 0.75 * depth) * LUNG_AIR * (1.0 + changes.lucency)
+    depth = blur(lung, 0.05, pixel)
+    air = lung * (0.3 + 0.95 * depth) * LUNG_AIR * (1.0 + changes.lucency)
 
     # Body: a rounded torso under sloping shoulders, the neck above, the arms at the sides.
     shoulder_top = anatomy.lung_apex - 0.12 + 0.13 * np.clip((d_abs - 0.09) / 0.38, 0, 1) ** 1.4
@@ -453,7 +479,7 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     flank = body_half + 0.06 * np.clip((anatomy.lung_apex + 0.1 - Y) / 0.25, 0, 1) \
         - 0.025 * np.clip((anatomy.lung_base - Y) / 0.4, 0, 1) - 0.03 * np.clip((Y - anatomy.lung_base - 0.05) / 0.3, 0, 1)
     torso = _step(flank - d_abs, 3 * edge) * _step(Y - shoulder_top, 3 * edge)
-    torso = ndimage.gaussian_filter(torso, 0.012 / pixel)  # rounds the shoulders, softens the skin line
+    torso = blur(torso, 0.012, pixel)  # rounds the shoulders, softens the skin line
     neck = _step(0.085 - d_abs, 3 * edge)
     body = np.maximum(torso, neck)
     thickness = np.sqrt(np.clip(1.0 - (d_abs / (body_half + 0.05)) ** 2, 0.0, 1.0))
@@ -468,35 +494,46 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     below = np.clip((Y - base_here + 0.03) / 0.06, 0, 1)
     tissue = tissue + 0.06 * torso * below
 
-    # Heart: sized by its cardiothoracic ratio, a third right of the midline and two thirds
-    # left; it hides the lung behind it. AP magnification and findings enlarge it.
+    # Heart: an ellipse whose long axis runs from the right atrium (upper image-left) down to the
+    # apex (lower image-right), sized by its cardiothoracic ratio with about a third of it right
+    # of the midline. It hides the lung behind it. AP magnification and findings enlarge it.
     span = anatomy.lung_x1 - anatomy.lung_x0
-    widen = view.heart_magnification * changes.heart_scale
+    pa_ratio = max(anatomy.heart_ratio * changes.heart_scale, changes.heart_ratio_floor)
     # Even a huge heart leaves the costophrenic angles clear on these films.
-    heart_width = min(anatomy.heart_ratio * widen, MAX_HEART_RATIO) * 2 * wall_half
-    heart_x = MIDLINE + 0.02
-    ext_left = heart_width * 0.36 - 0.02
-    ext_right = heart_width * 0.64 + 0.02
+    heart_width = min(pa_ratio * view.heart_magnification, MAX_HEART_RATIO) * 2 * wall_half
+    heart_x = MIDLINE + 0.02 + 0.14 * heart_width
+    cos, sin = np.cos(HEART_TILT), np.sin(HEART_TILT)
+    aspect = anatomy.heart_aspect
+    long_axis = heart_width / 2 / np.sqrt(cos**2 + aspect**2 * sin**2)
+    short_axis = aspect * long_axis
+    half_height = np.sqrt(long_axis**2 * sin**2 + short_axis**2 * cos**2)
     # The heart rests on the medial part of the left dome, well above the lateral angle.
     heart_bottom = anatomy.lung_apex + _medial_dome(lung_right) * (bases[1] - anatomy.lung_apex)
-    heart_half_h = anatomy.heart_height * widen**0.3
-    heart_y = heart_bottom - 0.45 * heart_half_h
-    hx = np.where(X < heart_x, (X - heart_x) / ext_left, (X - heart_x) / ext_right)
-    hy = (Y - heart_y) / heart_half_h
-    heart_r = np.sqrt(hx**2 + np.where(hy < 0, 1.1 * hy**2, 0.4 * hy**2))
-    heart = _step((1.0 - heart_r) * min(ext_left, ext_right), 1.5 * edge)
-    # Thickest in the middle, so the silhouette is rounded rather than a flat plate.
-    heart_depth = np.sqrt(np.clip(1.0 - heart_r**2, 0.0, 1.0))
-    # Upper mediastinum: aortic knob bulging to the patient's left, the SVC border to the right.
+    heart_y = heart_bottom - 0.6 * half_height
+    along = ((X - heart_x) * cos + (Y - heart_y) * sin) / long_axis
+    across = (-(X - heart_x) * sin + (Y - heart_y) * cos) / short_axis
+    # Thickest in the middle, so the heart reads as a rounded organ rather than a flat plate.
+    heart_depth = np.sqrt(np.clip(1.0 - (along**2 + across**2), 0.0, 1.0))
+
+    # Upper mediastinum: the aortic knob bulges to the patient's left, the SVC border to the right.
     upper_left, upper_right = _medial_borders(lung_mask, box, 0.2, 0.35)
     knob_x = anatomy.lung_x0 + np.clip(upper_right, 0.5, 0.65) * span - 0.5 * anatomy.aortic_knob
     knob_y = anatomy.lung_apex + 0.17 * height / 0.62
-    knob = _step(anatomy.aortic_knob - np.hypot(X - knob_x, (Y - knob_y) * 0.9), 1.5 * edge)
     svc_x = anatomy.lung_x0 + np.clip(upper_left, 0.35, 0.5) * span + 0.01
-    mediastinum = knob + _step(X - svc_x, 2 * edge) * _step(knob_x - X, 2 * edge) * (Y > knob_y - 0.05)
+    knob = _step(anatomy.aortic_knob - np.hypot(X - knob_x, (Y - knob_y) * 0.9), 1.5 * edge)
+
+    # Cardiomediastinal silhouette: the heart above the dome joined to the vascular pedicle, so
+    # the heart borders run up into the mediastinum with a waist, instead of ending in a ball.
+    t = np.linspace(0.0, 2 * np.pi, 72, endpoint=False)
+    ellipse_x = heart_x + long_axis * np.cos(t) * cos - short_axis * np.sin(t) * sin
+    ellipse_y = heart_y + long_axis * np.cos(t) * sin + short_axis * np.sin(t) * cos
+    outline = np.c_[ellipse_x, np.minimum(ellipse_y, heart_bottom + 0.03)]
+    pedicle = np.array([[svc_x, knob_y - 0.06], [knob_x, knob_y - 0.06], [knob_x + 0.01, heart_y],
+                        [svc_x - 0.01, heart_y]])
+    silhouette = _fill_polygons(grid, [outline, pedicle])
+    heart = np.maximum(silhouette, knob)
     # Below the dome the heart merges with the equally dense abdomen.
-    tissue = tissue + HEART_EXTRA * heart_depth * _step(heart_bottom + 0.01 - Y, 0.03)
-    heart = np.maximum(heart, np.clip(mediastinum, 0, 1) * _step(heart_y - Y, 4 * edge))
+    tissue = tissue + HEART_EXTRA * np.maximum(heart_depth, 0.4 * silhouette) * _step(heart_bottom + 0.01 - Y, 0.03)
 
     # Trachea and main bronchi: an air column down the midline to the carina.
     carina_y = anatomy.lung_apex + 0.19 * height / 0.62
@@ -512,7 +549,7 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     tissue = tissue - 0.12 * bubble * _step(bubble_y + 0.008 - Y, edge)
 
     # Ribs read faintly outside the lungs: against soft tissue they have little contrast.
-    near_lung = np.clip(ndimage.gaussian_filter(lung * (1 - heart), 0.02 / pixel) * 1.5, 0, 1)
+    near_lung = np.clip(blur(lung * (1 - heart), 0.02, pixel) * 1.5, 0, 1)
     rib_stretch = view.inspiration * changes.inflation
     bones = anatomy.bone_density * (
         _ribs(X, Y, anatomy, wall_half, anatomy.lung_apex, rib_stretch, edge) * torso * (0.3 + 0.7 * near_lung)
@@ -535,7 +572,9 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
         grid=grid, lung=lung.astype(np.float32), heart=heart.astype(np.float32), left_side=left_side,
         lung_box_left=lung_left_box, lung_box_right=lung_right_box,
         hilum_left=hila[0], hilum_right=hila[1],
-        heart_box=(heart_x - ext_left, heart_x + ext_right, heart_y - heart_half_h, heart_bottom),
+        heart_box=(float(ellipse_x[ellipse_y <= heart_bottom].min()), float(ellipse_x[ellipse_y <= heart_bottom].max()),
+                   heart_y - half_height, heart_bottom),
+        thorax=(MIDLINE - wall_half, MIDLINE + wall_half),
         midline=MIDLINE,
     )
     return ChestLayers(tissue=tissue.astype(np.float32), bone=bones.astype(np.float32),

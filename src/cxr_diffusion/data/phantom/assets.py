@@ -105,12 +105,14 @@ def _is_two_lungs(mask: np.ndarray) -> bool:
     return int((areas >= MIN_COMPONENT_FRACTION).sum()) >= 2
 
 
-def _keep_two_largest(mask: np.ndarray) -> np.ndarray:
+def _clean_lungs(mask: np.ndarray) -> np.ndarray:
+    """The two largest regions with their holes filled: annotation specks and gaps are not anatomy."""
     labels, _ = ndimage.label(mask)
     areas = np.bincount(labels.ravel())
     areas[0] = 0
-    largest = np.argsort(areas)[-2:]
-    return np.isin(labels, largest)
+    # Fill each lung on its own, so the mediastinum between two touching lungs stays open.
+    first, second = np.argsort(areas)[-2:]
+    return ndimage.binary_fill_holes(labels == first) | ndimage.binary_fill_holes(labels == second)
 
 
 @lru_cache(maxsize=4)
@@ -132,7 +134,7 @@ def load_lung_mask_set(size: int) -> LungMaskLoad:
             if not _is_two_lungs(mask):
                 degenerate += 1
                 continue
-            masks.append(_keep_two_largest(mask))
+            masks.append(_clean_lungs(mask))
             names.append(name)
     if not masks:
         raise RuntimeError(f"{LUNG_MASKS_FILE}: no usable lung mask ({unreadable} unreadable, "

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from cxr_diffusion.data.phantom.anatomy import AnatomyChanges, ChestGeometry, Trunk, draw_branches
+from cxr_diffusion.data.phantom.anatomy import AnatomyChanges, ChestGeometry, Trunk, blur, draw_branches
 from cxr_diffusion.data.phantom.assets import FindingBoxStats
 
 NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
@@ -80,13 +80,14 @@ def plan_finding(name: str, study_seed: int, box_stats: dict[str, FindingBoxStat
 
 
 def anatomy_changes(plans: list[FindingPlan]) -> AnatomyChanges:
-    heart, inflation, lucency, vessels = 1.0, 1.0, 0.0, 1.0
+    heart, heart_floor, inflation, lucency, vessels = 1.0, 0.0, 1.0, 0.0, 1.0
     raise_ = [0.0, 0.0]
     flat = False
     for plan in plans:
         s = plan.severity
         if plan.name == "Cardiomegaly":
-            heart *= 1.24 + 0.2 * s  # cardiothoracic ratio well past 0.5
+            heart *= 1.24 + 0.2 * s
+            heart_floor = 0.53 + 0.1 * s  # cardiothoracic ratio past 0.5 whatever the patient's baseline
         elif plan.name == "Edema":
             heart *= 1.08  # most oedema on these films is cardiogenic
         elif plan.name == "Atelectasis":
@@ -99,7 +100,7 @@ def anatomy_changes(plans: list[FindingPlan]) -> AnatomyChanges:
             heart *= 0.9  # long narrow "tear-drop" heart
         elif plan.name == "Fibrosis":
             inflation *= 0.94
-    return AnatomyChanges(heart_scale=heart, diaphragm_raise=(raise_[0], raise_[1]), inflation=inflation,
+    return AnatomyChanges(heart_scale=heart, heart_ratio_floor=heart_floor, diaphragm_raise=(raise_[0], raise_[1]), inflation=inflation,
                           flat_diaphragm=flat, lucency=lucency, vessel_scale=vessels)
 
 
@@ -195,11 +196,9 @@ class _Canvas:
         # Drawn at a fixed 128 grid so a study looks the same at every render resolution.
         coarse = ndimage.gaussian_filter(rng.standard_normal((128, 128)).astype(np.float32), scale * 128 / 2.5)
         coarse /= coarse.std() + 1e-6
-        size = self.X.shape[0]
         # Sample in patient coordinates so the texture moves with the patient.
         cols = np.clip(self.X * 127.0, 0, 127)
         rows = np.clip(self.Y * 127.0, 0, 127)
-        del size
         return ndimage.map_coordinates(coarse, [rows, cols], order=1, mode="nearest").astype(np.float32)
 
 
@@ -244,7 +243,7 @@ def _draw_effusion(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> N
     for side in sides:
         x0, x1, apex, base = c.lung_box(side)
         height = base - apex
-        fraction = float(np.clip(0.16 + 0.5 * plan.box_size[1], 0.2, 0.45)) * (0.7 + 0.3 * plan.severity)
+        fraction = float(np.clip(0.18 + 0.5 * plan.box_size[1], 0.24, 0.45)) * (0.8 + 0.2 * plan.severity)
         if side != plan.side:
             fraction *= rng.uniform(0.55, 0.85)
         lateral = np.clip((np.abs(c.X - 0.5) - 0.05) / (x1 - x0 - 0.05), 0, 1)
@@ -253,7 +252,7 @@ def _draw_effusion(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> N
         fluid = np.clip((c.Y - surface) / (0.07 * height), 0, 1) ** 0.7 * c.side_mask(side)
         c.layers.fill += fluid
         # Fluid in the posterior recess also whitens the dome and the angle below the lung edge.
-        near_lung = np.clip(ndimage.gaussian_filter(c.geometry.lung, 0.012 / c.pixel) * 2, 0, 1)
+        near_lung = np.clip(blur(c.geometry.lung, 0.012, c.pixel) * 2, 0, 1)
         c.layers.density += 0.06 * fluid * near_lung
 
 
@@ -261,7 +260,7 @@ def _draw_pneumothorax(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) 
     # The lung falls away from the chest wall towards the hilum/base: beyond its edge a thin
     # white visceral pleural line, then black air with no vessels.
     side = plan.side
-    x0, x1, apex, base = c.lung_box(side)
+    base = c.lung_box(side)[3]
     keep = 0.84 - 0.16 * plan.severity
     anchor = np.array([0.5 + (-0.08 if side == 0 else 0.08), base - 0.05])
     lung_side = c.geometry.lung * c.side_mask(side)
@@ -287,9 +286,8 @@ def _draw_nodule(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> Non
     centre, size = c.box_to_patient(plan)
     diameter = float(np.clip(np.mean(size), 0.058, 0.085)) * (0.9 + 0.15 * plan.severity)
     centre = c.inside_lung(centre, plan.side, diameter * 0.7)
-    disk = _soft_disk(c, centre, diameter / 2, c.edge)
-    c.layers.fill += disk
-    c.layers.density += 0.04 * disk
+    disk = _soft_disk(c, centre, diameter / 2, 2 * c.edge)
+    c.layers.fill += 0.9 * disk
 
 
 def _draw_mass(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> None:
@@ -298,7 +296,7 @@ def _draw_mass(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> None:
     centre = c.inside_lung(centre, plan.side, diameter * 0.45)
     radius = _lobulated_radius(c, centre, diameter / 2, rng)
     disk = _soft_disk(c, centre, radius, 2 * c.edge)
-    c.layers.fill += 0.95 * disk
+    c.layers.fill += 0.9 * disk
 
 
 def _patchy(c: _Canvas, centre: np.ndarray, size: np.ndarray, rng: np.random.Generator, blob: float,
@@ -362,7 +360,7 @@ def _draw_edema(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> None
         wing = np.exp(-(((c.X - hx) / 0.15) ** 2 + ((c.Y - hy) / 0.19) ** 2))
         c.layers.fill += amount * wing * texture
     for side in (0, 1):
-        x0, x1, apex, base = c.lung_box(side)
+        x0, x1, _, base = c.lung_box(side)
         wall = x0 if side == 0 else x1
         for _ in range(5):
             y = base - rng.uniform(0.03, 0.15)
@@ -376,13 +374,13 @@ def _draw_edema(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> None
 def _draw_emphysema(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> None:
     # Hyperinflation, flat domes, lucency and pruning are anatomy changes; add apical bullae.
     for side in (0, 1):
-        x0, x1, apex, base = c.lung_box(side)
+        x0, x1, apex, _ = c.lung_box(side)
         centre = np.array([(x0 + x1) / 2 + rng.uniform(-0.05, 0.05), apex + rng.uniform(0.06, 0.14)])
         centre = c.inside_lung(centre, side, 0.05)
         radius = rng.uniform(0.035, 0.06)
-        bulla = _soft_disk(c, centre, radius, c.edge)
+        bulla = _soft_disk(c, centre, radius, 3 * c.edge)
         wall = np.clip(1 - np.abs(np.hypot(c.X - centre[0], c.Y - centre[1]) - radius) / (1.2 * c.edge), 0, 1)
-        c.layers.air += 0.08 * bulla
+        c.layers.air += 0.05 * bulla
         c.layers.suppress += bulla
         c.layers.density += 0.05 * wall
 
@@ -404,14 +402,14 @@ def _draw_fibrosis(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> N
 def _draw_hernia(c: _Canvas, plan: FindingPlan, rng: np.random.Generator) -> None:
     # Hiatus hernia: a round retrocardiac mass just above the diaphragm holding a gas bubble,
     # often with an air-fluid level.
-    hx0, hx1, top, bottom = c.geometry.heart_box
+    bottom = c.geometry.heart_box[3]
     centre = np.array([0.5 + rng.uniform(0.0, 0.03), bottom - rng.uniform(0.05, 0.08)])
     radius = 0.06 + 0.025 * plan.severity
     sac = _soft_disk(c, centre, radius, c.edge)
     gas_level = centre[1] + rng.uniform(-0.1, 0.35) * radius
     gas = _soft_disk(c, centre, radius * 0.8, c.edge) * np.clip((gas_level - c.Y) / c.edge + 0.5, 0, 1)
     rim = np.clip(1 - np.abs(np.hypot(c.X - centre[0], c.Y - centre[1]) - radius) / (1.5 * c.edge), 0, 1)
-    c.layers.density += 0.05 * sac + 0.04 * rim
+    c.layers.density += 0.05 * sac + 0.02 * rim
     c.layers.air += 0.3 * gas
 
 
