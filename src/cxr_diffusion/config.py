@@ -268,6 +268,54 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SampleConfig:
+    count: int = 200              # test images whose conditions are sampled (the first N of the test split)
+    sampler: Literal["dpm++", "ddim", "ddpm"] = "dpm++"
+    steps: int = 20               # DPM-Solver++ needs ~20-25; DDPM was trained with 1000
+    guidance_scale: float = 3.0   # classifier-free guidance; 1.0 = off
+    batch_size: int = 50
+    per_finding: int = 6          # clip_text: images per finding in the one-row-per-finding grid
+
+    def validate(self, key: str) -> None:
+        for name in ("count", "steps", "batch_size", "per_finding"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _require(self.guidance_scale >= 1.0, f"{key}.guidance_scale", "must be >= 1 (1 = no guidance)")
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """The CXR classifier trained on real images: its features give the domain Frechet distance and
+    the PCA space, its outputs measure conditioning faithfulness."""
+
+    width: int = 32      # channels of the first conv block (doubles per block)
+    feature_dim: int = 128
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 2e-3
+
+    def validate(self, key: str) -> None:
+        for name in ("width", "feature_dim", "epochs", "batch_size"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _require(self.lr > 0, f"{key}.lr", "must be > 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    bootstrap: int = 200          # resamples for the 95% intervals
+    kid_subset: int = 100
+    prdc_k: int = 5
+    memorization_percentile: float = 1.0  # threshold: this percentile of real-test-to-train distances
+    train_reference: int = 2000   # train images compared against for memorization
+    diversity_pairs: int = 200
+    untrained_baseline: bool = True  # also sample an untrained model of the same architecture (FD ratio)
+
+    def validate(self, key: str) -> None:
+        _require(self.bootstrap >= 10, f"{key}.bootstrap", "must be >= 10")
+        _require(self.kid_subset > 1 and self.prdc_k > 0, key, "kid_subset and prdc_k must be positive")
+        _require(0 < self.memorization_percentile < 100, f"{key}.memorization_percentile", "must be in (0, 100)")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0                 # one seed for sampling, splits, caps and training
     image_size: int = 64          # side of the prepared (training) images
@@ -280,6 +328,9 @@ class Params:
     clip: ClipConfig = field(default_factory=ClipConfig)
     elixr: ElixrConfig = field(default_factory=ElixrConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def learning_rate(self, branch: str) -> float:
         """The top-level `lr` when set (dvc exp run -S lr=...), else the branch's own rate."""
@@ -295,6 +346,9 @@ class Params:
         self.clip.validate("clip")
         self.elixr.validate("elixr")
         self.train.validate("train")
+        self.sample.validate("sample")
+        self.evaluator.validate("evaluator")
+        self.evaluate.validate("evaluate")
 
 
 # ----------------------------------------------------------------------------- casting

@@ -19,9 +19,9 @@ from cxr_diffusion.config import Params, to_dict
 from cxr_diffusion.data.decode import DecodeError, encode_png, preprocess
 from cxr_diffusion.data.filter import SPLITS
 from cxr_diffusion.data.nih import DataError, is_safe_image_index
-from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, shard_schema
+from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, close_writers, shard_schema
 from cxr_diffusion.data.sources import default_workers
-from cxr_diffusion.io import atomic_directory, sha256_file, write_csv, write_json
+from cxr_diffusion.io import atomic_directory, write_csv, write_json
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,7 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
                     view=row["View Position"], finding_labels=row["Finding Labels"], split=row["split"],
                     labels=tuple(int(row[c]) for c in classes),
                 ))
-        shards = [dict(entry, split=split, sha256=sha256_file(tmp / entry["file"]))
-                  for split, writer in writers.items() for entry in writer.close()]
+        shards = close_writers(tmp, writers)
         rejects_frame = pd.DataFrame(rejects, columns=["Image Index", "reason"])
         write_csv(tmp / "rejects.csv", rejects_frame)
         written = sum(s["rows"] for s in shards)

@@ -118,6 +118,14 @@ class SplitShardWriter:
             self._rows_in_shard = 0
 
 
+def close_writers(directory: Path, writers: dict[str, "SplitShardWriter"]) -> list[dict]:
+    """Close every split's writer; return the shard list (file, rows, split, sha256) for a manifest."""
+    from cxr_diffusion.io import sha256_file
+
+    return [dict(entry, split=split, sha256=sha256_file(directory / entry["file"]))
+            for split, writer in writers.items() for entry in writer.close()]
+
+
 def read_manifest(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
@@ -179,4 +187,7 @@ class PreparedImages(Dataset):
             "pixel_values": tensor,
             "labels": torch.tensor(table.column("labels")[row].as_py(), dtype=torch.float32),
             "image_index": table.column("image_index")[row].as_py(),
+            "patient_id": table.column("patient_id")[row].as_py(),
+            "view": table.column("view")[row].as_py(),
+            "finding_labels": table.column("finding_labels")[row].as_py(),
         }

@@ -1,0 +1,148 @@
+"""Stage `evaluator`: a CXR classifier trained once on the real train split, shared by every branch.
+
+Its penultimate features are the space for the domain Frechet distance, KID, PRDC, memorization
+and PCA; its outputs measure conditioning faithfulness. Saved as safetensors + JSON config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cxr_diffusion.config import EvaluatorConfig
+from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
+from cxr_diffusion.io import atomic_directory, write_json
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    classes: tuple[str, ...]
+    width: int
+    feature_dim: int
+    image_size: int
+
+
+def _block(inputs: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU(inplace=True),
+                         nn.Conv2d(outputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
+
+
+class CXRClassifier(nn.Module):
+    """Grayscale in [-1, 1] -> multi-label logits; ``features`` is the penultimate layer."""
+
+    def __init__(self, spec: ClassifierSpec):
+        super().__init__()
+        self.spec = spec
+        w = spec.width
+        self.body = nn.Sequential(_block(1, w), _block(w, 2 * w), _block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(4 * w, spec.feature_dim), nn.ReLU(inplace=True))
+        self.head = nn.Linear(spec.feature_dim, len(spec.classes))
+
+    @staticmethod
+    def gray(pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values.mean(1, keepdim=True)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.body(self.gray(pixel_values))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixel_values))
+
+
+def save_classifier(model: CXRClassifier, out_dir: Path, metrics: dict) -> None:
+    with atomic_directory(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps({**asdict(model.spec), "metrics": metrics}, indent=2) + "\n")
+
+
+def load_classifier(directory: str | Path) -> CXRClassifier:
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    spec = ClassifierSpec(tuple(config["classes"]), config["width"], config["feature_dim"], config["image_size"])
+    model = CXRClassifier(spec)
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    return model.eval()
+
+
+@torch.no_grad()
+def embed_and_predict(model: CXRClassifier, images: PreparedImages, batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Features, probabilities, labels and pixels ([0, 1], grayscale) of every image of a split."""
+    features, probabilities, labels, pixels, names = [], [], [], [], []
+    for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
+        x = batch["pixel_values"]
+        f = model.features(x)
+        features.append(f.numpy())
+        probabilities.append(torch.sigmoid(model.head(f)).numpy())
+        labels.append(batch["labels"].numpy())
+        pixels.append(((x.mean(1) + 1) / 2).numpy())
+        names += list(batch["image_index"])
+    stack = lambda parts: np.concatenate(parts) if parts else np.zeros((0,))  # noqa: E731
+    return {"features": stack(features), "probabilities": stack(probabilities), "labels": stack(labels),
+            "pixels": stack(pixels), "image_index": np.array(names)}
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Small random shifts (positioning varies in radiographs) and exposure changes."""
+    shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
+    x = torch.roll(x, shifts=shift, dims=(2, 3))
+    scale = 1 + 0.1 * (torch.rand(len(x), 1, 1, 1, generator=generator) - 0.5)
+    return (x * scale).clamp(-1, 1)
+
+
+def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int, out_dir: str | Path,
+                    metrics_path: str | Path | None = None) -> dict:
+    torch.manual_seed(seed)
+    train = PreparedImages(prepared_dir, "train", channels=1)
+    test = PreparedImages(prepared_dir, "test", channels=1)
+    spec = ClassifierSpec(train.classes, config.width, config.feature_dim, train.image_size)
+    model = CXRClassifier(spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    steps = config.epochs * max(1, len(train) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    # Decoded once: the evaluator trains several epochs on a demo-sized split.
+    everything = next(iter(DataLoader(train, batch_size=len(train))))
+    x_all, y_all = everything["pixel_values"], everything["labels"]
+    positives = y_all.mean(0).clamp(0.02, 0.98)
+    pos_weight = ((1 - positives) / positives).sqrt()  # soften class imbalance without overshooting
+    started = time.perf_counter()
+    model.train()
+    progress = tqdm(total=steps, desc="evaluator", unit="step")
+    step = 0
+    while step < steps:
+        for batch in torch.randperm(len(x_all), generator=generator).split(config.batch_size):
+            if len(batch) < 2 or step >= steps:
+                continue
+            logits = model(_augment(x_all[batch], generator))
+            loss = F.binary_cross_entropy_with_logits(logits, y_all[batch], pos_weight=pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            progress.update()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    progress.close()
+    model.eval()
+    predicted = embed_and_predict(model, test)
+    aurocs = per_label_auroc(predicted["labels"], predicted["probabilities"], list(spec.classes)) \
+        if len(test) else {name: None for name in spec.classes}
+    metrics = {"test_auroc": aurocs, "test_macro_auroc": macro_auroc(aurocs), "train_images": len(train),
+               "test_images": len(test), "seconds": round(time.perf_counter() - started, 1),
+               "backbone": "cxr_diffusion CXRClassifier (trained in-pipeline on the real train split)"}
+    save_classifier(model, Path(out_dir), metrics)
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    return metrics

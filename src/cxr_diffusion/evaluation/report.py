@@ -1,0 +1,109 @@
+"""Stage `compare`: one table of branches x metrics, the figures, and the settings that produced them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cxr_diffusion.config import Params
+from cxr_diffusion.io import atomic_path, write_json
+
+REFERENCE_FID = {"clip_text": 26.183, "clip_vision": 21.831, "elixr": 24.070}
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summarize(params: Params, root: Path = Path(".")) -> dict:
+    """Every branch's metrics, flattened to the numbers `dvc metrics diff` compares."""
+    summary = {}
+    for branch in params.branches:
+        evaluation = _read(root / "metrics" / "evaluate" / f"{branch}.json")
+        training = _read(root / "dvclive" / branch / "metrics.json")
+        sampling = _read(root / "metrics" / "sample" / f"{branch}.json")
+        closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
+        summary[branch] = {
+            "condition_source": "elixr_standin" if branch == "elixr" and params.elixr.path is None else branch,
+            "domain_fd": closeness.get("domain_fd"),
+            "domain_fd_ci_low": (closeness.get("domain_fd_95ci") or [None, None])[0],
+            "domain_fd_ci_high": (closeness.get("domain_fd_95ci") or [None, None])[1],
+            "domain_fd_ratio_to_floor": closeness.get("domain_fd_ratio_to_floor"),
+            "untrained_fd_matched": closeness.get("untrained_fd_matched"),
+            "trained_fd_same_size": closeness.get("trained_fd_same_size"),
+            "kid": closeness.get("kid"),
+            "inception_fid": closeness.get("inception_fid"),
+            **{k: v for k, v in evaluation.get("prdc", {}).items() if k != "k"},
+            "macro_auroc_vs_requested": faith.get("macro_auroc_vs_requested_labels"),
+            "label_exact_match": (faith.get("label_agreement") or {}).get("exact_match"),
+            "feature_cosine_to_reference": faith.get("feature_cosine_to_reference"),
+            "ms_ssim_generated": evaluation.get("diversity", {}).get("ms_ssim_same_labels_generated"),
+            "ms_ssim_real": evaluation.get("diversity", {}).get("ms_ssim_same_labels_real"),
+            "memorized_fraction_pixels": evaluation.get("memorization", {}).get("pixels", {}).get("fraction_at_or_below_threshold"),
+            "memorized_fraction_features": evaluation.get("memorization", {}).get("features", {}).get("fraction_at_or_below_threshold"),
+            "val_loss": (training.get("val") or {}).get("loss"),
+            "conditioning_gap": (training.get("val") or {}).get("conditioning_gap"),
+            "train_steps": (training.get("final") or {}).get("steps"),
+            "sampling_img_per_s": sampling.get("images_per_second"),
+        }
+    return summary
+
+
+def write_report(params: Params, summary: dict, out: Path, root: Path = Path(".")) -> Path:
+    evaluator = _read(root / "metrics" / "evaluator.json")
+    rows = [
+        ("Domain FD (evaluator features) [95% CI]", lambda s: f"{_fmt(s['domain_fd'], 2)} [{_fmt(s['domain_fd_ci_low'], 2)}, {_fmt(s['domain_fd_ci_high'], 2)}]"),
+        ("FD / real-vs-real floor (same n)", lambda s: _fmt(s["domain_fd_ratio_to_floor"], 2)),
+        ("FD trained vs untrained (same n)", lambda s: f"{_fmt(s['trained_fd_same_size'], 2)} vs {_fmt(s['untrained_fd_matched'], 2)}"),
+        ("KID", lambda s: _fmt(s["kid"], 4)),
+        ("Inception FID", lambda s: _fmt(s["inception_fid"])),
+        ("Precision / recall", lambda s: f"{_fmt(s.get('precision'), 2)} / {_fmt(s.get('recall'), 2)}"),
+        ("Density / coverage", lambda s: f"{_fmt(s.get('density'), 2)} / {_fmt(s.get('coverage'), 2)}"),
+        ("Macro AUROC vs requested labels", lambda s: _fmt(s["macro_auroc_vs_requested"])),
+        ("Label exact match", lambda s: _fmt(s["label_exact_match"])),
+        ("Feature cosine to reference", lambda s: _fmt(s["feature_cosine_to_reference"])),
+        ("MS-SSIM same labels, generated (real)", lambda s: f"{_fmt(s['ms_ssim_generated'])} ({_fmt(s['ms_ssim_real'])})"),
+        ("Memorized fraction, pixels / features", lambda s: f"{_fmt(s['memorized_fraction_pixels'])} / {_fmt(s['memorized_fraction_features'])}"),
+        ("Val loss / conditioning gap", lambda s: f"{_fmt(s['val_loss'], 4)} / {_fmt(s['conditioning_gap'], 4)}"),
+    ]
+    branches = list(summary)
+    names = [f"{b} (stand-in)" if summary[b]["condition_source"] == "elixr_standin" else b for b in branches]
+    lines = [
+        "# cxr-diffusion comparison report", "",
+        f"Dataset: {params.dataset.source}{' (phantom, not patient data)' if params.dataset.source == 'phantom' else ''}; "
+        f"image size {params.image_size}; classes {', '.join(params.filter.classes)}.",
+        f"Sampler: {params.sample.sampler}, {params.sample.steps} steps, guidance {params.sample.guidance_scale}, "
+        f"{params.sample.count} test conditions per branch, seed {params.seed}.",
+        f"Evaluator (CXR classifier trained on the real train split): test macro AUROC "
+        f"{_fmt(evaluator.get('test_macro_auroc'))}. All distances are in its feature space.", "",
+        "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(branches),
+    ]
+    lines += ["| " + label + " | " + " | ".join(render(summary[b]) for b in branches) + " |" for label, render in rows]
+    lines += ["", "The reference work reports FID 26.183 (text), 21.831 (vision), 24.070 (ELIXR) on 1000-class "
+              "Inception logits against its own training images; those numbers are not comparable to the domain FD "
+              "above (different features, different reference set).", ""]
+    for branch in branches:
+        lines += [f"## {branch}", ""]
+        for figure in ("original_vs_generated_6.png", "one_row_per_finding.png"):
+            if (root / "reports" / "samples" / branch / figure).is_file():
+                lines.append(f"![{branch} {figure}](samples/{branch}/{figure})")
+        lines += [f"![{branch} PCA](evaluate/{branch}/pca.png)",
+                  f"![{branch} closest to train](evaluate/{branch}/closest_to_train.png)", ""]
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def compare(params: Params, summary_path: Path, report_path: Path) -> dict:
+    summary = summarize(params)
+    write_json(summary_path, summary)
+    write_report(params, summary, report_path)
+    return summary

@@ -1,0 +1,130 @@
+"""Stage `sample` (per branch): generate one image per test condition, plus the figures people look at.
+
+Conditions come from the test images themselves (their prompt, the image as reference, their
+ELIXR embedding), read from the branch's condition store. Generated images are written as
+Parquet shards in exactly the `prepare` format (split "test", the source image's id and labels),
+so every reader of real images reads them too.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from cxr_diffusion.config import NO_FINDING, Params
+from cxr_diffusion.conditioning.prompts import prompt_for
+from cxr_diffusion.conditioning.store import ConditionStore
+from cxr_diffusion.data.decode import encode_png
+from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, close_writers, shard_schema
+from cxr_diffusion.diffusion.data import ConditionedImages
+from cxr_diffusion.diffusion.grid import image_grid
+from cxr_diffusion.diffusion.noise import sampling_scheduler
+from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
+from cxr_diffusion.io import atomic_directory, write_json
+
+
+class SamplingError(ValueError):
+    """The model or the data cannot be sampled as asked; the message says why."""
+
+
+def load_pipeline(model_dir: str | Path, sampler: str) -> CXRDiffusionPipeline:
+    pipeline = CXRDiffusionPipeline.from_pretrained(str(model_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = sampling_scheduler(pipeline.scheduler, sampler)
+    return pipeline
+
+
+def generate(pipeline: CXRDiffusionPipeline, conditions: torch.Tensor, params: Params, seed: int,
+             batch_size: int | None = None) -> list[Image.Image]:
+    """One image per condition row, batch by batch; batch ``i`` uses generator seed ``seed + i``."""
+    batch_size = batch_size or params.sample.batch_size
+    images = []
+    for i, start in enumerate(range(0, len(conditions), batch_size)):
+        out = pipeline(condition=conditions[start:start + batch_size], guidance_scale=params.sample.guidance_scale,
+                       num_inference_steps=params.sample.steps, generator=torch.Generator().manual_seed(seed + i),
+                       progress=False)
+        images += out.images
+    return images
+
+
+def _to_pil(pixel_values: torch.Tensor) -> Image.Image:
+    return Image.fromarray(((pixel_values.mean(0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+
+
+def original_vs_generated(originals: list[Image.Image], generated: list[Image.Image], per_row: int = 6) -> Image.Image:
+    """Rows of ``per_row`` originals, each followed by the row of their generations."""
+    tiles = []
+    for start in range(0, len(originals), per_row):
+        tiles += originals[start:start + per_row] + generated[start:start + per_row]
+    return image_grid(tiles, rows=2 * ((len(originals) + per_row - 1) // per_row))
+
+
+def findings_grid(pipeline: CXRDiffusionPipeline, params: Params, seed: int) -> tuple[Image.Image, list[str]]:
+    """clip_text only: one row per class, ``per_finding`` images of its prompt."""
+    prompts = []
+    for name, members in params.filter.class_members().items():
+        label = NO_FINDING if name == NO_FINDING else members[0]
+        prompts.append(prompt_for(label, params.clip))
+    condition = pipeline.make_condition(prompt=prompts).repeat_interleave(params.sample.per_finding, 0)
+    images = generate(pipeline, condition, params, seed + 10_000)
+    return image_grid(images, rows=len(prompts)), prompts
+
+
+def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Path, store_dir: Path,
+                  out_dir: Path, figures_dir: Path, metrics_path: Path | None = None) -> dict:
+    torch.manual_seed(params.seed)
+    pipeline = load_pipeline(model_dir, params.sample.sampler)
+    if pipeline.config.branch != branch:
+        raise SamplingError(f"{model_dir} holds a {pipeline.config.branch} model, not {branch}")
+    test = ConditionedImages(prepared_dir, "test", ConditionStore(store_dir), params.channels, limit=params.sample.count)
+    if len(test) == 0:
+        raise SamplingError(f"no test images with a {branch} condition in {prepared_dir}; check the filter split")
+    items = [test[i] for i in range(len(test))]
+    conditions = torch.stack([item["condition"] for item in items])
+    started = time.perf_counter()
+    generated = []
+    with tqdm(total=len(items), desc=f"sample {branch}", unit="img") as progress:
+        for i, start in enumerate(range(0, len(items), params.sample.batch_size)):
+            batch = generate(pipeline, conditions[start:start + params.sample.batch_size], params, params.seed + i,
+                             batch_size=params.sample.batch_size)
+            generated += batch
+            progress.update(len(batch))
+    seconds = time.perf_counter() - started
+
+    classes = tuple(params.filter.classes)
+    with atomic_directory(out_dir) as tmp:
+        writer = SplitShardWriter(tmp, "test", shard_schema(classes), shard_size=10_000, row_group_size=64)
+        for item, image in zip(items, generated):  # each generation carries its source image's id and labels
+            writer.write(ShardRecord(image_png=encode_png(np.asarray(image)), image_index=item["image_index"],
+                                     patient_id=item["patient_id"], view=item["view"],
+                                     finding_labels=item["finding_labels"], split="test",
+                                     labels=tuple(int(v) for v in item["labels"].tolist())))
+        shards = close_writers(tmp, {"test": writer})
+        write_json(tmp / MANIFEST, {
+            "images_in": len(items), "written": len(items), "rejected": 0, "rejected_by_reason": {},
+            "per_split": {"train": 0, "val": 0, "test": len(items)}, "classes": list(classes),
+            "image_size": params.image_size, "square": "generated", "shards": shards,
+            "generated": {"branch": branch, "model": str(model_dir), "sampler": params.sample.sampler,
+                          "steps": params.sample.steps, "guidance_scale": params.sample.guidance_scale,
+                          "seed": params.seed},
+        })
+
+    originals = [_to_pil(item["pixel_values"]) for item in items]
+    with atomic_directory(figures_dir) as tmp:
+        original_vs_generated(originals[:6], generated[:6]).save(tmp / "original_vs_generated_6.png")
+        original_vs_generated(originals[:24], generated[:24]).save(tmp / "original_vs_generated_24.png")
+        if branch == "clip_text":
+            grid, prompts = findings_grid(pipeline, params, params.seed)
+            grid.save(tmp / "one_row_per_finding.png")
+            (tmp / "one_row_per_finding.txt").write_text("\n".join(prompts) + "\n")
+    metrics = {"branch": branch, "images": len(items), "sampler": params.sample.sampler, "steps": params.sample.steps,
+               "guidance_scale": params.sample.guidance_scale, "seconds": round(seconds, 1),
+               "images_per_second": round(len(items) / max(seconds, 1e-9), 2)}
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    return metrics

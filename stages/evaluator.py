@@ -1,0 +1,21 @@
+"""DVC stage `evaluator`: train the shared CXR classifier on the real train split."""
+
+from pathlib import Path
+
+import typer
+
+from cxr_diffusion.evaluation.evaluator import train_evaluator
+from cxr_diffusion.stage import run_stage
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
+    out: Path = typer.Option(Path("models/evaluator"), help="Classifier (safetensors + config.json)."),
+    metrics: Path = typer.Option(Path("metrics/evaluator.json"), help="Its own test AUROC per class."),
+) -> None:
+    run_stage("evaluator", params, lambda p: print(train_evaluator(prepared, p.evaluator, p.seed, out, metrics)))
+
+
+if __name__ == "__main__":
+    typer.run(main)
