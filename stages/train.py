@@ -20,7 +20,8 @@ def main(
             raise TrainingError(f"branch '{branch}' is not in params 'branches' {list(p.branches)}")
         paths = TrainPaths(prepared=prepared, store=Path("data/embeddings") / branch,
                            clip=clip_source(p.clip, demo_clip), model_out=Path("models") / branch,
-                           checkpoints=Path("checkpoints") / branch, live=Path("dvclive") / branch)
+                           checkpoints=Path("checkpoints") / branch, live=Path("dvclive") / branch,
+                           latents=Path("data/latents") if p.train.space == "latent" else None)
         print(train_branch(p, branch, paths))
 
     run_stage("train", params, body, extra_errors=(TrainingError,))

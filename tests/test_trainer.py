@@ -212,3 +212,34 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path, d
     assert double["images_seen"] == single["images_seen"] == 6 * 8
     assert double["best_val_loss"] == pytest.approx(single["best_val_loss"], rel=0.1)
     assert (tmp_path / "two" / "model" / "model_index.json").is_file()
+
+
+def test_latent_space_trains_on_precomputed_vae_latents_and_decodes(tmp_path, data):
+    from diffusers import AutoencoderKL
+
+    from cxr_diffusion.conditioning.store import ConditionStore
+    from cxr_diffusion.diffusion.latents import encode_latents
+    from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
+
+    vae_dir = tmp_path / "vae"
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(vae_dir)
+    params = tiny_params(train={"space": "latent", "vae": str(vae_dir), "max_steps": 2})
+    encoded = encode_latents(params, data["prepared"], tmp_path / "latents")
+    assert encoded["latent_shape"] == [4, 8, 8]
+    assert ConditionStore(tmp_path / "latents").shape[1:] == (4, 64)
+    paths = TrainPaths(data["prepared"], data["store"], None, tmp_path / "model", tmp_path / "checkpoints",
+                       tmp_path / "live", latents=tmp_path / "latents")
+    train_branch(params, "elixr", paths)
+    pipeline = CXRDiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert pipeline.unet.config.sample_size == 8 and pipeline.unet.config.in_channels == 4
+    image = pipeline(embedding=torch.randn(4, 8), num_inference_steps=2, progress=False).images[0]
+    assert image.size == (16, 16)
+
+
+def test_pixel_space_needs_no_latents(tmp_path, data):
+    from cxr_diffusion.diffusion.latents import encode_latents
+
+    assert encode_latents(tiny_params(), data["prepared"], tmp_path / "latents") == {"latents": False}
+    assert (tmp_path / "latents" / "not_used.json").is_file()

@@ -346,6 +346,8 @@ class Params:
         self.clip.validate("clip")
         self.elixr.validate("elixr")
         self.train.validate("train")
+        _require(self.train.space == "pixel" or self.channels == 3, "channels",
+                 "must be 3 in latent space (the VAE encodes RGB)")
         self.sample.validate("sample")
         self.evaluator.validate("evaluator")
         self.evaluate.validate("evaluate")

@@ -51,6 +51,7 @@ class TrainPaths:
     model_out: Path       # models/<branch>: the final pipeline
     checkpoints: Path     # checkpoints/<branch> (DVC persist)
     live: Path            # dvclive/<branch> (DVC persist)
+    latents: Path | None = None  # data/latents (latent space only)
 
 
 class Denoiser(nn.Module):
@@ -65,12 +66,17 @@ class Denoiser(nn.Module):
         return self.unet(noisy, timesteps, encoder_hidden_states=self.adapter(condition, drop)).sample
 
 
-def build_denoiser(params: Params, store: ConditionStore) -> Denoiser:
+def build_denoiser(params: Params, store: ConditionStore, latents: ConditionStore | None = None) -> Denoiser:
+    """In pixel space the UNet sees images (channels x image_size^2); in latent space, VAE latents."""
     train = params.train
     dim = train.unet.cross_attention_dim or store.dim
     out_tokens = train.condition_tokens if store.tokens == 1 else store.tokens
     adapter = ConditionAdapter(tokens=store.tokens, dim=store.dim, out_tokens=out_tokens, out_dim=dim)
-    unet = build_unet(train.unet, params.image_size, params.channels, dim)
+    if latents is not None:
+        channels, size, _ = latents.meta["latent_shape"]
+        unet = build_unet(train.unet, size, channels, dim)
+    else:
+        unet = build_unet(train.unet, params.image_size, params.channels, dim)
     return Denoiser(unet, adapter)
 
 
@@ -162,13 +168,20 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
                               cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     store = ConditionStore(paths.store)
-    train_set = ConditionedImages(paths.prepared, "train", store, params.channels)
-    val_set = ConditionedImages(paths.prepared, "val", store, params.channels, limit=train.val_images)
+    latents, vae = None, None
+    if train.space == "latent":
+        from cxr_diffusion.diffusion.latents import load_vae
+
+        if paths.latents is None:
+            raise TrainingError("train.space is 'latent' but no latent store was given (stage encode_latents)")
+        latents, vae = ConditionStore(paths.latents), load_vae(train.vae)
+    train_set = ConditionedImages(paths.prepared, "train", store, params.channels, latents=latents)
+    val_set = ConditionedImages(paths.prepared, "val", store, params.channels, limit=train.val_images, latents=latents)
     if len(train_set) < train.batch_size * world:
         raise TrainingError(f"{branch}: {len(train_set)} training images with a condition, fewer than one global batch "
                             f"({train.batch_size} x {world}); lower train.batch_size or add data")
 
-    model = build_denoiser(params, store)
+    model = build_denoiser(params, store, latents)
     scheduler = training_scheduler(train)
     base_lr = params.learning_rate(branch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=train.weight_decay)
@@ -180,7 +193,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         total_steps = min(total_steps, train.max_steps)
     ema = EMAModel(model.parameters(), decay=ema_decay(train.ema_half_life_images, images_per_step))
 
-    run_config = {"params": to_dict(train), "lr": base_lr, "branch": branch, "image_size": params.image_size,
+    run_config = {"params": to_dict(train), "lr": base_lr, "latents": latents.meta if latents else None, "branch": branch, "image_size": params.image_size,
                   "channels": params.channels, "seed": params.seed, "world": world,
                   "store": store.meta.get("encoder"), "condition_shape": [store.tokens, store.dim]}
     run_hash = config_hash(run_config)
@@ -232,7 +245,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         unwrapped.eval()
         metrics = validator(unwrapped)
         if live is not None and (state.step % train.sample_every_steps == 0 or state.step >= total_steps):
-            live.log_image("samples.png", sample_grid(unwrapped, scheduler, val_set, params.seed))
+            live.log_image("samples.png", sample_grid(unwrapped, scheduler, val_set, params.seed, vae=vae))
         unwrapped.train()
         ema.restore(unwrapped.parameters())
         if live is not None:
@@ -336,7 +349,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
               "missing_condition": train_set.missing_condition, "best_val_loss": state.extra["best_val"]}
     if accelerator.is_main_process:
         ema.copy_to(unwrapped.parameters())
-        save_pipeline(params, branch, unwrapped, scheduler, paths)
+        save_pipeline(params, branch, unwrapped, scheduler, paths, vae=vae)
         if live is not None:
             live.summary["final"] = {k: v for k, v in result.items() if isinstance(v, (int, float))}
             live.end()
@@ -344,7 +357,8 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
 
 
 @torch.no_grad()
-def sample_grid(model: Denoiser, scheduler, dataset: ConditionedImages, seed: int, count: int = 8, steps: int = 20):
+def sample_grid(model: Denoiser, scheduler, dataset: ConditionedImages, seed: int, count: int = 8, steps: int = 20,
+                vae=None):
     """Generations for the first ``count`` validation conditions (DPM-Solver++, guidance 3) above their
     real images: a quick look during training."""
     from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
@@ -353,16 +367,17 @@ def sample_grid(model: Denoiser, scheduler, dataset: ConditionedImages, seed: in
     if count == 0:
         return image_grid([], 1)
     items = [dataset[i] for i in range(count)]
-    pipeline = CXRDiffusionPipeline(unet=model.unet, scheduler=sampling_scheduler(scheduler), condition_adapter=model.adapter)
+    pipeline = CXRDiffusionPipeline(unet=model.unet, scheduler=sampling_scheduler(scheduler), condition_adapter=model.adapter,
+                                    vae=vae)
     generated = pipeline(condition=torch.stack([i["condition"] for i in items]), guidance_scale=3.0,
                          num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), progress=False).images
-    real = [((i["pixel_values"].mean(0) + 1) * 127.5).clamp(0, 255).byte().numpy() for i in items]
+    real = [((i.get("image", i["pixel_values"]).mean(0) + 1) * 127.5).clamp(0, 255).byte().numpy() for i in items]
     from PIL import Image
 
     return image_grid([Image.fromarray(r) for r in real] + list(generated), rows=2)
 
 
-def save_pipeline(params: Params, branch: str, model: Denoiser, scheduler, paths: TrainPaths) -> Path:
+def save_pipeline(params: Params, branch: str, model: Denoiser, scheduler, paths: TrainPaths, vae=None) -> Path:
     """The final model as a diffusers pipeline directory (safetensors), with the encoders its branch needs."""
     from cxr_diffusion.conditioning.clip import load_text_encoder, load_vision_encoder
     from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
@@ -376,7 +391,7 @@ def save_pipeline(params: Params, branch: str, model: Denoiser, scheduler, paths
         components = {"image_processor": vision.processor, "image_encoder": vision.model}
     pipeline = CXRDiffusionPipeline(unet=model.unet, scheduler=sampling_scheduler(scheduler),
                                     condition_adapter=model.adapter, branch=branch, channels=params.channels,
-                                    **components)
+                                    vae=vae, **components)
     with atomic_directory(paths.model_out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return paths.model_out

@@ -1,0 +1,72 @@
+"""Stage `encode_latents`: VAE latents of every prepared image, computed once (latent space only).
+
+As the reference work did with Stable Diffusion's VAE: each image is encoded once (the posterior
+mean, times the VAE's scaling factor) and the UNet trains on those latents. Stored in the
+condition-store format (rows x channels x height*width), keyed by Image Index, read row by row.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cxr_diffusion.config import Params
+from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter
+from cxr_diffusion.data.filter import SPLITS
+from cxr_diffusion.data.nih import DataError
+from cxr_diffusion.data.shards import PreparedImages, read_manifest
+from cxr_diffusion.io import atomic_directory, write_json
+
+
+def load_vae(source: str):
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(source).eval()
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"train.vae: '{source}' could not be loaded ({type(error).__name__}). Point train.vae at a local "
+            f"AutoencoderKL directory (e.g. a download of stabilityai/sd-vae-ft-mse) or use train.space: pixel."
+        ) from error
+
+
+def latent_shape(store: ConditionStore) -> tuple[int, int, int]:
+    channels, height, width = store.meta["latent_shape"]
+    return int(channels), int(height), int(width)
+
+
+@torch.no_grad()
+def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path | None = None,
+                   batch_size: int = 16) -> dict:
+    if params.train.space != "latent":
+        with atomic_directory(out_dir) as tmp:
+            write_json(tmp / "not_used.json", {"reason": "train.space is 'pixel': no latents needed"})
+        return {"latents": False}
+    vae = load_vae(params.train.vae)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    channels, side = vae.config.latent_channels, params.image_size // factor
+    total = read_manifest(prepared_dir)["written"]
+    names: list[str] = []
+    started = time.perf_counter()
+    with ConditionStoreWriter(out_dir, total, channels, side * side, dtype="float32") as store:
+        with tqdm(total=total, desc="encode_latents", unit="img") as progress:
+            for split in SPLITS:
+                images = PreparedImages(prepared_dir, split, channels=3)
+                for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
+                    latents = vae.encode(batch["pixel_values"]).latent_dist.mean * vae.config.scaling_factor
+                    store.write(len(names), latents.reshape(len(latents), channels, side * side))
+                    names += list(batch["image_index"])
+                    progress.update(len(latents))
+        store.finish(names, np.arange(len(names)), {"what": "vae latents", "vae": params.train.vae,
+                                                    "latent_shape": [channels, side, side],
+                                                    "scaling_factor": vae.config.scaling_factor})
+    metrics = {"latents": True, "images": len(names), "latent_shape": [channels, side, side],
+               "seconds": round(time.perf_counter() - started, 1)}
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    return metrics

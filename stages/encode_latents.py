@@ -1,0 +1,20 @@
+"""DVC stage `encode_latents`: VAE latents of every prepared image (a note only in pixel space)."""
+
+from pathlib import Path
+
+import typer
+
+from cxr_diffusion.diffusion.latents import encode_latents
+from cxr_diffusion.stage import run_stage
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
+    out: Path = typer.Option(Path("data/latents"), help="Latent store."),
+) -> None:
+    run_stage("encode_latents", params, lambda p: print(encode_latents(p, prepared, out)))
+
+
+if __name__ == "__main__":
+    typer.run(main)
