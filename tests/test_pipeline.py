@@ -70,6 +70,50 @@ def test_repro_builds_dataset_filter_prepare_on_the_tiny_profile(tiny_repo):
     assert "rows_in" in shown
 
 
+def test_repro_ends_with_a_summary_for_every_branch_and_a_report(tiny_repo):
+    summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
+    assert set(summary) == {"clip_text", "clip_vision", "elixr"}
+    assert summary["elixr"]["condition_source"] == "elixr_standin"
+    for branch in summary:
+        assert summary[branch]["domain_fd"] is not None and summary[branch]["train_steps"] == 12
+        assert (tiny_repo / "reports" / "evaluate" / branch / "pca.png").is_file()
+        assert (tiny_repo / "models" / branch / "model_index.json").is_file()
+    assert (tiny_repo / "reports" / "samples" / "clip_text" / "one_row_per_finding.png").is_file()
+    report = (tiny_repo / "reports" / "report.md").read_text()
+    assert "elixr (stand-in)" in report and "Domain FD" in report
+
+
+def stale_stages(repo: Path) -> set[str]:
+    """Stages whose own deps or params changed (`dvc repro --dry`). DVC then reruns every stage
+    downstream of them as their inputs change; the exp-run test below shows that on a real run."""
+    output = sh("dvc", "repro", "--dry", cwd=repo).stdout
+    return {line.split("'")[1].split("@")[0] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def edited_params(repo: Path, old: str, new: str):
+    params = repo / "params.yaml"
+    original = params.read_text()
+    assert old in original
+    params.write_text(original.replace(old, new, 1))
+    return original
+
+
+def test_training_param_change_makes_only_training_stale(tiny_repo):
+    original = edited_params(tiny_repo, "cfg_dropout: 0.1", "cfg_dropout: 0.2")
+    try:
+        assert stale_stages(tiny_repo) == {"train"}
+    finally:
+        (tiny_repo / "params.yaml").write_text(original)
+
+
+def test_filter_param_change_makes_the_filter_stale_not_the_dataset(tiny_repo):
+    original = edited_params(tiny_repo, "age_max: 100", "age_max: 90")
+    try:
+        assert stale_stages(tiny_repo) == {"filter"}
+    finally:
+        (tiny_repo / "params.yaml").write_text(original)
+
+
 def test_second_repro_does_nothing(tiny_repo):
     result = sh("dvc", "status", cwd=tiny_repo)
     assert "Data and pipelines are up to date" in result.stdout
@@ -91,3 +135,24 @@ def test_kill_9_during_prepare_then_repro_gives_identical_outputs(tiny_repo):
     sh("dvc", "repro", cwd=tiny_repo)
     assert lock_outs(tiny_repo, "prepare") == expected
     assert not list((tiny_repo / "data").glob(".prepared.*.tmp"))
+
+
+def test_mistyped_param_in_an_experiment_fails_naming_it(tiny_repo):
+    result = sh("dvc", "exp", "run", "-S", "lrr=1e-5", cwd=tiny_repo, check=False)
+    assert result.returncode != 0
+    assert "lrr" in result.stdout + result.stderr
+    sh("git", "checkout", "--", "params.yaml", cwd=tiny_repo)
+
+
+def test_exp_run_lr_override_retrains_every_branch_at_that_rate_only(tiny_repo):
+    result = sh("dvc", "exp", "run", "-S", "lr=1e-5", cwd=tiny_repo)
+    output = result.stdout + result.stderr
+    for stage in ("dataset", "filter", "prepare", "train_clip", "embed_clip_text"):
+        assert f"'{stage}' didn't change" in output or f"Stage '{stage}' is cached" in output, stage
+    for branch in ("clip_text", "clip_vision", "elixr"):
+        assert f"train@{branch}" in output
+        logged = (tiny_repo / "dvclive" / branch / "plots" / "metrics" / "train" / "lr.tsv").read_text().splitlines()
+        rates = [float(line.split("\t")[-1]) for line in logged[1:]]
+        assert max(rates) == pytest.approx(1e-5)  # warm-up and cosine scale it, never above 1e-5
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=tiny_repo).stdout)
+    assert "1e-05" in json.dumps(shown) or "1e-5" in json.dumps(shown)

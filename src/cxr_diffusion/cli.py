@@ -37,13 +37,111 @@ def profile(
     typer.echo(f"params.yaml is now profile '{name}'. Run `dvc repro` to rebuild what it changes.")
 
 
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _read_embedding(path: Path):
+    """A (tokens, dim) or (n, tokens, dim) array from .npy (no pickles) or .safetensors (one tensor)."""
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        _fail(f"--embedding {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+        except ValueError as error:
+            _fail(f"--embedding {path}: not a plain numeric .npy array ({error})")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if len(tensors) != 1:
+            _fail(f"--embedding {path}: holds {len(tensors)} tensors ({', '.join(tensors)}); expected exactly one")
+        return next(iter(tensors.values())).float()
+    _fail(f"--embedding {path}: use a .npy or .safetensors file")
+
+
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="A prepared-data directory (data/prepared).")) -> None:
-    """Summarise a prepared dataset: counts per split, rejects, shards."""
+def generate(
+    model: Path = typer.Argument(..., help="A saved model directory (models/<branch>)."),
+    prompt: str = typer.Option(None, help="clip_text models: the prompt, e.g. 'chest x-ray showing effusion'."),
+    reference: Path = typer.Option(None, help="clip_vision models: a reference chest X-ray image."),
+    embedding: Path = typer.Option(None, help="elixr models: a (tokens, dim) embedding, .npy or .safetensors."),
+    num_images: int = typer.Option(4, min=1, max=256, help="Images to generate."),
+    guidance_scale: float = typer.Option(3.0, min=1.0, help="Classifier-free guidance scale (1 = off)."),
+    steps: int = typer.Option(25, min=1, max=1000, help="Sampler steps."),
+    sampler: str = typer.Option("dpm++", help="dpm++, ddim or ddpm."),
+    seed: int = typer.Option(0, help="Random seed."),
+    out: Path = typer.Option(Path("generated"), help="Output directory for PNGs and settings.json."),
+) -> None:
+    """Generate chest X-rays from a saved model; writes PNGs and a JSON sidecar of the settings."""
+    import json
+
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    if not (model / "model_index.json").is_file():
+        _fail(f"{model} is not a saved model (no model_index.json); train one with `dvc repro` (models/<branch>)")
+    from cxr_diffusion.diffusion.noise import SAMPLERS
+    from cxr_diffusion.sampling.sample import load_pipeline
+
+    if sampler not in SAMPLERS:
+        _fail(f"--sampler {sampler!r} is not one of {sorted(SAMPLERS)}")
+    pipeline = load_pipeline(model, sampler)
+    branch = pipeline.config.branch
+    given = [name for name, value in (("--prompt", prompt), ("--reference", reference), ("--embedding", embedding))
+             if value is not None]
+    needed = {"clip_text": "--prompt", "clip_vision": "--reference", "elixr": "--embedding"}[branch]
+    if given != [needed]:
+        _fail(f"{model} is a {branch} model: give {needed} (got {', '.join(given) or 'nothing'})")
+    kwargs = {}
+    if branch == "clip_text":
+        if not prompt.strip():
+            _fail("--prompt is empty")
+        kwargs["prompt"] = prompt
+    elif branch == "clip_vision":
+        try:
+            kwargs["image"] = Image.open(reference).convert("L")
+        except (FileNotFoundError, UnidentifiedImageError) as error:
+            _fail(f"--reference {reference}: {error}")
+    else:
+        kwargs["embedding"] = _read_embedding(embedding)
+    try:
+        result = pipeline(**kwargs, num_images_per_condition=num_images, guidance_scale=guidance_scale,
+                          num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
+    except ValueError as error:
+        _fail(str(error))
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, image in enumerate(result.images):
+        path = out / f"{branch}_{seed}_{i:03d}.png"
+        image.save(path)
+        files.append(path.name)
+    settings = {"model": str(model), "branch": branch, "prompt": prompt, "reference": str(reference) if reference else None,
+                "embedding": str(embedding) if embedding else None, "num_images": num_images,
+                "guidance_scale": guidance_scale, "steps": steps, "sampler": sampler, "seed": seed, "files": files}
+    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    typer.echo(f"wrote {len(files)} images and settings.json to {out}")
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A prepared-data or samples directory, or a saved model.")) -> None:
+    """Summarise a prepared dataset (counts per split, rejects, shards) or a saved model."""
+    if (path / "model_index.json").is_file():
+        index = json.loads((path / "model_index.json").read_text())
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        adapter = json.loads((path / "condition_adapter" / "config.json").read_text())
+        components = [name for name, value in index.items() if isinstance(value, list) and value[0]]
+        typer.echo(f"{path}: {index.get('branch')} model, UNet {unet['sample_size']}px x {unet['in_channels']} ch, "
+                   f"blocks {unet['block_out_channels']}; condition ({adapter['tokens']}, {adapter['dim']}); "
+                   f"components: {', '.join(components)}")
+        return
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        typer.echo(f"error: {path} has no manifest.json; is it the output of the prepare stage?", err=True)
-        raise typer.Exit(2)
+        _fail(f"{path} has no manifest.json or model_index.json; give data/prepared, data/samples/<branch> or models/<branch>")
     manifest = json.loads(manifest_path.read_text())
     typer.echo(f"{path}: {manifest['written']} images ({manifest['image_size']}px, classes {manifest['classes']})")
     for split, count in manifest["per_split"].items():
