@@ -135,7 +135,7 @@ class DemoClipConfig:
     projection_dim: int = 128   # joint embedding size: the clip_vision condition is (1, projection_dim)
     vocab_size: int = 600       # BPE vocabulary trained on the prompt corpus (256 bytes + specials + merges)
     max_length: int = 32        # text positions: the clip_text condition is (max_length, width); CLIP-L has 77
-    epochs: int = 30
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.1
