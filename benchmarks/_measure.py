@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -24,26 +25,42 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
-class PeakTreeRss:
-    """Samples the RSS of this process tree every ``interval`` seconds; ``peak`` holds the maximum."""
+def anon_rss_bytes() -> int:
+    """This process's anonymous resident memory (heap, stacks; file-backed mapped pages excluded)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
-    def __init__(self, pid: int | None = None, interval: float = 0.05):
-        self.pid, self.interval, self.peak = pid or os.getpid(), interval, 0
+
+class PeakSampler:
+    """Samples ``measure()`` every ``interval`` seconds in a thread; ``peak`` holds the maximum."""
+
+    def __init__(self, measure: Callable[[], int], interval: float = 0.05):
+        self.measure, self.interval, self.peak = measure, interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss_bytes(self.pid))
+            self.peak = max(self.peak, self.measure())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakTreeRss":
+    def __enter__(self) -> "PeakSampler":
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class PeakTreeRss(PeakSampler):
+    """Peak RSS of a process and all its descendants (default: this process)."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.05):
+        pid = pid or os.getpid()
+        super().__init__(lambda: _tree_rss_bytes(pid), interval)
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

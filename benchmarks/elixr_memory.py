@@ -17,7 +17,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import PeakTreeRss, markdown_table  # noqa: E402
+from _measure import PeakSampler, PeakTreeRss, anon_rss_bytes, markdown_table  # noqa: E402
 
 from cxr_diffusion.conditioning.elixr import build_elixr_store, write_elixr_hdf5_shard  # noqa: E402
 from cxr_diffusion.conditioning.store import ConditionStore  # noqa: E402
@@ -39,35 +38,6 @@ TARGET_MIB = 2048           # peak RSS each stage must stay under
 MIN_FREE_BYTES = 15 << 30   # below this, the full set (~4.7 GB HDF5 + ~2.4 GB store) is not attempted
 BATCH = 64                  # training batch size
 MIB = 1 << 20
-
-
-class PeakAnonRss:
-    """Peak RssAnon of this process (heap and stacks; file-backed mapped pages excluded)."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, anon_rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "PeakAnonRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def anon_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def rows_that_fit(workdir: Path, wanted: int) -> int:
@@ -117,7 +87,7 @@ def training_pass(store_dir: Path, names: list[str], seed: int = 0) -> int:
 
 def measure(stage: str, rows: int, work) -> list[object]:
     start = time.perf_counter()
-    with PeakTreeRss() as rss, PeakAnonRss() as anon:
+    with PeakTreeRss() as rss, PeakSampler(anon_rss_bytes) as anon:
         done = work()
     seconds = time.perf_counter() - start
     peak = rss.peak / MIB
