@@ -5,6 +5,8 @@ Every function takes (n, d) feature matrices from one extractor; which extractor
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable
 
 import numpy as np
@@ -48,7 +50,11 @@ def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
             scale = ridge * max(np.trace(cov_a), np.trace(cov_b), 1.0) / cov_a.shape[0]
             eye = np.eye(cov_a.shape[0])
             cov_a, cov_b = cov_a + scale * eye, cov_b + scale * eye
-        root = np.asarray(scipy.linalg.sqrtm(cov_a @ cov_b))
+        with warnings.catch_warnings():
+            # Singular products are expected (fewer samples than dimensions, dead ReLU features); the checks
+            # below decide whether the root is usable, so scipy's warning would only be noise in stage logs.
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            root = np.asarray(scipy.linalg.sqrtm(cov_a @ cov_b))
         if not np.isfinite(root).all():
             continue
         trace = np.trace(root)
