@@ -151,3 +151,21 @@ def test_prepare_never_opens_a_path_outside_the_dataset(tmp_path):
     assert resolve_image_path(dataset, "a.png", "../outside/a.png") == (None, "path_outside_dataset")
     assert resolve_image_path(dataset, "../a.png", "images/../a.png")[1] == "unsafe_image_index"
     assert resolve_image_path(dataset, "a.png", "/etc/b.png")[1] == "path_does_not_match_image_index"
+
+
+def test_row_group_order_visits_every_image_once_group_by_group(prepared):
+    tmp, _, _, _ = prepared
+    dataset = PreparedImages(tmp / "prepared", "train")
+    first = dataset.row_group_order(torch.Generator().manual_seed(0), window=1)
+    assert sorted(first) == list(range(len(dataset)))
+    assert first == dataset.row_group_order(torch.Generator().manual_seed(0), window=1)
+    groups = [dataset._locations[i][:2] for i in first]
+    changes = sum(a != b for a, b in zip(groups, groups[1:]))
+    assert changes == len(set(groups)) - 1  # with window 1, each row group is read in one run
+
+
+def test_labels_are_available_without_decoding_images(prepared):
+    tmp, _, _, _ = prepared
+    dataset = PreparedImages(tmp / "prepared", "train")
+    assert dataset.labels.shape == (len(dataset), 2)
+    assert np.array_equal(dataset.labels[0], dataset[0]["labels"].numpy())

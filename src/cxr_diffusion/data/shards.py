@@ -148,6 +148,7 @@ class PreparedImages(Dataset):
         self.channels = channels
         self._locations: list[tuple[str, int, int]] = []  # (file, row group, row in group)
         self.image_indices: list[str] = []
+        label_rows: list[list[int]] = []
         for shard in manifest["shards"]:
             if shard["split"] != split:
                 continue
@@ -155,13 +156,31 @@ class PreparedImages(Dataset):
             for group in range(parquet.metadata.num_row_groups):
                 rows = parquet.metadata.row_group(group).num_rows
                 self._locations += [(shard["file"], group, row) for row in range(rows)]
-            self.image_indices += parquet.read(columns=["image_index"]).column("image_index").to_pylist()
+            small_columns = parquet.read(columns=["image_index", "labels"])
+            self.image_indices += small_columns.column("image_index").to_pylist()
+            label_rows += small_columns.column("labels").to_pylist()
+        self.labels = np.array(label_rows, dtype=np.float32).reshape(len(label_rows), len(self.classes))
         self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self._cache_size = cache_row_groups
         self._files: dict[str, pq.ParquetFile] = {}
 
     def __len__(self) -> int:
         return len(self._locations)
+
+    def row_group_order(self, generator: torch.Generator, window: int = 4) -> list[int]:
+        """A shuffled order that reads the data one row group at a time: row groups in random order,
+        rows shuffled within windows of ``window`` consecutive groups (as a shuffle buffer). Random
+        enough for SGD, and each row group is decoded once per pass instead of once per image."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for index, (file, group, _) in enumerate(self._locations):
+            groups.setdefault((file, group), []).append(index)
+        blocks = list(groups.values())
+        order = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
+        result: list[int] = []
+        for start in range(0, len(order), window):
+            buffer = [index for block in order[start:start + window] for index in block]
+            result += [buffer[i] for i in torch.randperm(len(buffer), generator=generator).tolist()]
+        return result
 
     def _row_group(self, file: str, group: int) -> pa.Table:
         key = (file, group)

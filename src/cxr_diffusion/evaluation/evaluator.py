@@ -76,9 +76,13 @@ def load_classifier(directory: str | Path) -> CXRClassifier:
     return model.eval()
 
 
+PIXELS_KEPT = 64  # side of the grayscale copies kept for pixel-space memorization and MS-SSIM
+
+
 @torch.no_grad()
 def embed_and_predict(model: CXRClassifier, images: PreparedImages, batch_size: int = 128) -> dict[str, np.ndarray]:
-    """Features, probabilities, labels and pixels ([0, 1], grayscale) of every image of a split."""
+    """Features, probabilities, labels and pixels ([0, 1], grayscale, at most PIXELS_KEPT wide) of every
+    image of a split; only these small arrays are kept, never the full-resolution images."""
     features, probabilities, labels, pixels, names = [], [], [], [], []
     for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
         x = batch["pixel_values"]
@@ -86,7 +90,10 @@ def embed_and_predict(model: CXRClassifier, images: PreparedImages, batch_size: 
         features.append(f.numpy())
         probabilities.append(torch.sigmoid(model.head(f)).numpy())
         labels.append(batch["labels"].numpy())
-        pixels.append(((x.mean(1) + 1) / 2).numpy())
+        gray = (x.mean(1, keepdim=True) + 1) / 2
+        if gray.shape[-1] > PIXELS_KEPT:
+            gray = F.interpolate(gray, size=(PIXELS_KEPT, PIXELS_KEPT), mode="area")
+        pixels.append(gray[:, 0].numpy())
         names += list(batch["image_index"])
     stack = lambda parts: np.concatenate(parts) if parts else np.zeros((0,))  # noqa: E731
     return {"features": stack(features), "probabilities": stack(probabilities), "labels": stack(labels),
@@ -112,21 +119,20 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
     steps = config.epochs * max(1, len(train) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
-    # Decoded once: the evaluator trains several epochs on a demo-sized split.
-    everything = next(iter(DataLoader(train, batch_size=len(train))))
-    x_all, y_all = everything["pixel_values"], everything["labels"]
-    positives = y_all.mean(0).clamp(0.02, 0.98)
+    positives = torch.from_numpy(train.labels).mean(0).clamp(0.02, 0.98)
     pos_weight = ((1 - positives) / positives).sqrt()  # soften class imbalance without overshooting
     started = time.perf_counter()
     model.train()
     progress = tqdm(total=steps, desc="evaluator", unit="step")
     step = 0
     while step < steps:
-        for batch in torch.randperm(len(x_all), generator=generator).split(config.batch_size):
-            if len(batch) < 2 or step >= steps:
-                continue
-            logits = model(_augment(x_all[batch], generator))
-            loss = F.binary_cross_entropy_with_logits(logits, y_all[batch], pos_weight=pos_weight)
+        # Streamed one row group at a time, so memory does not grow with the split (nih-512: 38k x 512px).
+        order = train.row_group_order(generator)
+        for batch in DataLoader(train, batch_size=config.batch_size, sampler=order, drop_last=True):
+            if step >= steps:
+                break
+            logits = model(_augment(batch["pixel_values"], generator))
+            loss = F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
