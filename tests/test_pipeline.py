@@ -83,6 +83,16 @@ def test_repro_ends_with_a_summary_for_every_branch_and_a_report(tiny_repo):
     assert "elixr (stand-in)" in report and "Domain FD" in report
 
 
+def test_plots_render_loss_curves_grids_and_pca(tiny_repo, tmp_path):
+    result = sh("dvc", "plots", "show", "--json", cwd=tiny_repo)
+    rendered = json.loads(result.stdout)["data"]
+    names = " ".join(rendered)
+    assert "Training loss" in names and "Conditioning gap" in names
+    assert "pca.png" in names and "one_row_per_finding.png" in names and "samples.png" in names
+    assert "failed" not in result.stderr.lower()
+    assert all(rendered[name] for name in rendered), "a declared plot has no data"
+
+
 def stale_stages(repo: Path) -> set[str]:
     """Stages whose own deps or params changed (`dvc repro --dry`). DVC then reruns every stage
     downstream of them as their inputs change; the exp-run test below shows that on a real run."""
