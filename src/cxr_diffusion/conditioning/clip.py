@@ -63,30 +63,30 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def _load_tower(source: str, revision: str | None, preprocessor_class, model_class):
+    """A preprocessor (tokenizer or image processor) and a CLIP tower, through the hub's own calls."""
+    _quiet_transformers()
+    try:
+        preprocessor = preprocessor_class.from_pretrained(source, revision=revision)
+        model = model_class.from_pretrained(source, revision=revision, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise _not_available(source, error) from error
+    return preprocessor, model.eval()
+
+
 def load_text_encoder(source: str, revision: str | None = None) -> TextEncoder:
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _quiet_transformers()
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, revision=revision)
-        model = CLIPTextModel.from_pretrained(source, revision=revision, use_safetensors=True)
-    except (OSError, ValueError) as error:
-        raise _not_available(source, error) from error
+    tokenizer, model = _load_tower(source, revision, CLIPTokenizer, CLIPTextModel)
     if tokenizer.model_max_length > model.config.max_position_embeddings:  # hub files sometimes say 1e30
         tokenizer.model_max_length = model.config.max_position_embeddings
-    return TextEncoder(tokenizer, model.eval())
+    return TextEncoder(tokenizer, model)
 
 
 def load_vision_encoder(source: str, revision: str | None = None) -> VisionEncoder:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    _quiet_transformers()
-    try:
-        processor = CLIPImageProcessor.from_pretrained(source, revision=revision)
-        model = CLIPVisionModelWithProjection.from_pretrained(source, revision=revision, use_safetensors=True)
-    except (OSError, ValueError) as error:
-        raise _not_available(source, error) from error
-    return VisionEncoder(processor, model.eval())
+    return VisionEncoder(*_load_tower(source, revision, CLIPImageProcessor, CLIPVisionModelWithProjection))
 
 
 @torch.no_grad()
