@@ -191,24 +191,19 @@ def _write_tensors(path: Path, entries: Mapping[str, torch.Tensor], where: str) 
 def _split_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors (for safetensors) and everything else (for JSON) of ``optimizer.state_dict()``."""
     tensors: dict[str, torch.Tensor] = {}
-    groups = []
-    for group_index, group in enumerate(state_dict["param_groups"]):
-        plain = {}
-        for key, value in group.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"param_groups.{group_index}.{key}"] = value
-            else:
-                plain[key] = value
-        groups.append(plain)
-    state = {}
-    for param_index, entries in state_dict["state"].items():
+
+    def plain_part(entries: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """Move the tensors of ``entries`` into ``tensors`` under ``prefix.key``; return the rest."""
         plain = {}
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{param_index}.{key}"] = value
+                tensors[f"{prefix}.{key}"] = value
             else:
                 plain[key] = value
-        state[str(param_index)] = plain
+        return plain
+
+    groups = [plain_part(group, f"param_groups.{i}") for i, group in enumerate(state_dict["param_groups"])]
+    state = {str(i): plain_part(entries, f"state.{i}") for i, entries in state_dict["state"].items()}
     return tensors, {"param_groups": groups, "state": state}
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 from PIL import Image
+
+
+def tensor_to_pil(pixel_values: torch.Tensor) -> Image.Image:
+    """A (channels, H, W) image in [-1, 1] (replicated grayscale) as an 8-bit grayscale PIL image."""
+    return Image.fromarray(((pixel_values.mean(0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
 
 
 def image_grid(images: list[Image.Image], rows: int | None = None, pad: int = 2) -> Image.Image:

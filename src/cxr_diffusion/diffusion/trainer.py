@@ -30,7 +30,7 @@ from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.diffusion.checkpoints import TrainingState, config_hash, load_latest_checkpoint, save_checkpoint
 from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.data import ConditionedImages, collate
-from cxr_diffusion.diffusion.grid import image_grid
+from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import (
     loss_weights, sample_noise, sampling_scheduler, training_scheduler, training_target,
 )
@@ -371,10 +371,8 @@ def sample_grid(model: Denoiser, scheduler, dataset: ConditionedImages, seed: in
                                     vae=vae)
     generated = pipeline(condition=torch.stack([i["condition"] for i in items]), guidance_scale=3.0,
                          num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), progress=False).images
-    real = [((i.get("image", i["pixel_values"]).mean(0) + 1) * 127.5).clamp(0, 255).byte().numpy() for i in items]
-    from PIL import Image
-
-    return image_grid([Image.fromarray(r) for r in real] + list(generated), rows=2)
+    real = [tensor_to_pil(i.get("image", i["pixel_values"])) for i in items]  # latent space keeps the image too
+    return image_grid(real + list(generated), rows=2)
 
 
 def save_pipeline(params: Params, branch: str, model: Denoiser, scheduler, paths: TrainPaths, vae=None) -> Path:

@@ -22,7 +22,7 @@ from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.decode import encode_png
 from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, close_writers, shard_schema
 from cxr_diffusion.diffusion.data import ConditionedImages
-from cxr_diffusion.diffusion.grid import image_grid
+from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import sampling_scheduler
 from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
 from cxr_diffusion.io import atomic_directory, write_json
@@ -50,10 +50,6 @@ def generate(pipeline: CXRDiffusionPipeline, conditions: torch.Tensor, params: P
                        progress=False)
         images += out.images
     return images
-
-
-def _to_pil(pixel_values: torch.Tensor) -> Image.Image:
-    return Image.fromarray(((pixel_values.mean(0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
 
 
 def original_vs_generated(originals: list[Image.Image], generated: list[Image.Image], per_row: int = 6) -> Image.Image:
@@ -114,7 +110,7 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
                           "seed": params.seed},
         })
 
-    originals = [_to_pil(item["pixel_values"]) for item in items]
+    originals = [tensor_to_pil(item["pixel_values"]) for item in items]
     with atomic_directory(figures_dir) as tmp:
         original_vs_generated(originals[:6], generated[:6]).save(tmp / "original_vs_generated_6.png")
         original_vs_generated(originals[:24], generated[:24]).save(tmp / "original_vs_generated_24.png")
