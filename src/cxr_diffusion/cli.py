@@ -1,4 +1,4 @@
-"""The user's commands: `cxr-diffusion profile`, `cxr-diffusion inspect`."""
+"""The user's commands: `cxr-diffusion profile | generate | inspect | convert-weights`."""
 
 from __future__ import annotations
 
@@ -148,6 +148,27 @@ def inspect(path: Path = typer.Argument(..., help="A prepared-data or samples di
         typer.echo(f"  {split:5s} {count}")
     typer.echo(f"  rejected {manifest['rejected']}: {manifest['rejected_by_reason']}")
     typer.echo(f"  {len(manifest['shards'])} shards")
+
+
+@app.command("convert-weights")
+def convert_weights(
+    source: Path = typer.Argument(..., help="Published Inception-v3 weights: .pth/.pt or .safetensors."),
+    target: Path = typer.Argument(..., help="Where to write the checked safetensors file."),
+    flavour: str = typer.Option(..., help="fid (pt_inception-2015-12-05, 1008 classes: standard FID) or "
+                                          "torchvision (inception_v3 ImageNet, 1000 classes: reference-compatible FID)."),
+) -> None:
+    """Convert Inception-v3 weights once to safetensors for evaluate.inception_weights / reference_inception_weights."""
+    from cxr_diffusion.evaluation.inception import convert_inception_weights
+
+    if flavour not in ("fid", "torchvision"):
+        _fail(f"--flavour {flavour!r}: use 'fid' or 'torchvision'")
+    try:
+        result = convert_inception_weights(source, target, flavour)  # type: ignore[arg-type]
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    param = "inception_weights" if flavour == "fid" else "reference_inception_weights"
+    typer.echo(f"wrote {target} ({result['tensors']} tensors, sha256 {result['target_sha256'][:12]}; "
+               f"source sha256 {result['source_sha256'][:12]}). Set evaluate.{param}: {target}")
 
 
 if __name__ == "__main__":

@@ -308,11 +308,20 @@ class EvaluateConfig:
     train_reference: int = 2000   # train images compared against for memorization
     diversity_pairs: int = 200
     untrained_baseline: bool = True  # also sample an untrained model of the same architecture (FD ratio)
+    # Inception FID, only where weights are present (safetensors; see `cxr-diffusion convert-weights`):
+    inception_weights: str | None = None            # FID-Inception (pt_inception-2015-12-05) -> standard FID
+    reference_inception_weights: str | None = None  # torchvision inception_v3 ImageNet -> reference-compatible FID
+    reference_transform_input: bool = True          # torchvision's default for its pretrained Inception
+    reference_fid_train_images: int | None = None   # training images the reference-compatible FID uses (None: all)
+    inception_batch_size: int = 50
 
     def validate(self, key: str) -> None:
         _require(self.bootstrap >= 10, f"{key}.bootstrap", "must be >= 10")
         _require(self.kid_subset > 1 and self.prdc_k > 0, key, "kid_subset and prdc_k must be positive")
         _require(0 < self.memorization_percentile < 100, f"{key}.memorization_percentile", "must be in (0, 100)")
+        _require(self.inception_batch_size > 0, f"{key}.inception_batch_size", "must be > 0")
+        _require(self.reference_fid_train_images is None or self.reference_fid_train_images >= 2,
+                 f"{key}.reference_fid_train_images", "must be >= 2 or null (all training images)")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Every distance is computed in the shared evaluator's feature space (a CXR classifier trained on the
 real train split) and reported beside its real-vs-real floor at the same sample size; intervals are
-percentile bootstraps. Standard Inception FID needs Inception weights that are not available
-offline: it is recorded as null with the reason, never as a made-up number.
+percentile bootstraps. Standard and reference-compatible Inception FID run when their weights are
+configured (evaluation/inception_fid.py); otherwise they are recorded as null with the reason.
 """
 
 from __future__ import annotations
@@ -26,15 +26,11 @@ from cxr_diffusion.evaluation.distances import (
 )
 from cxr_diffusion.evaluation.diversity import pairwise_ms_ssim, same_condition_pairs
 from cxr_diffusion.evaluation.evaluator import CXRClassifier, embed_and_predict, load_classifier
+from cxr_diffusion.evaluation.inception_fid import reference_compatible_fid, standard_fid
 from cxr_diffusion.evaluation.faithfulness import label_agreement, macro_auroc, per_label_auroc
 from cxr_diffusion.evaluation.memorization import memorization_report
 from cxr_diffusion.evaluation.pca_plot import pca_scatter
 from cxr_diffusion.io import atomic_directory, write_json
-
-INCEPTION_UNAVAILABLE = ("Inception-v3 weights are not available offline; standard FID (2048-d pool features vs "
-                         "real test images) and the reference-compatible FID (1000-class logits vs training images) "
-                         "need them. Not computed.")
-
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
@@ -99,8 +95,16 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
         "kid": kid_mean, "kid_std": kid_std,
         "real_vs_real_kid_floor": kernel_inception_distance(real_a, real_b, subset_size=min(subset, matched),
                                                             seed=params.seed)[0],
-        "inception_fid": None, "reference_compatible_fid": None, "inception_fid_reason": INCEPTION_UNAVAILABLE,
     }
+    generated_images = PreparedImages(samples_dir, "test")
+    for name, result in (
+        ("inception_fid", standard_fid(config, generated_images, PreparedImages(prepared_dir, "test"),
+                                       train_images.image_size)),
+        ("reference_compatible_fid", reference_compatible_fid(config, generated_images, train_images,
+                                                              train_images.image_size)),
+    ):
+        closeness[name] = result.pop("value")
+        closeness[f"{name}_details"] = result
     if config.untrained_baseline:
         store = ConditionStore(store_dir)
         count = min(matched, 64)

@@ -41,6 +41,7 @@ def summarize(params: Params, root: Path = Path(".")) -> dict:
             "trained_fd_same_size": closeness.get("trained_fd_same_size"),
             "kid": closeness.get("kid"),
             "inception_fid": closeness.get("inception_fid"),
+            "reference_compatible_fid": closeness.get("reference_compatible_fid"),
             **{k: v for k, v in evaluation.get("prdc", {}).items() if k != "k"},
             "macro_auroc_vs_requested": faith.get("macro_auroc_vs_requested_labels"),
             "label_exact_match": (faith.get("label_agreement") or {}).get("exact_match"),
@@ -57,6 +58,24 @@ def summarize(params: Params, root: Path = Path(".")) -> dict:
     return summary
 
 
+def _inception_notes(branches: list[str], root: Path) -> list[str]:
+    """Why an Inception FID is missing, or the settings it was computed with (one line per metric)."""
+    notes = []
+    for name, label in (("inception_fid", "Standard FID"), ("reference_compatible_fid", "Reference-compatible FID")):
+        details = [_read(root / "metrics" / "evaluate" / f"{b}.json").get("closeness", {}).get(f"{name}_details")
+                   for b in branches]
+        first = next((d for d in details if d), None)
+        if first is None:
+            continue
+        if "reason" in first:
+            notes.append(f"- {label}: not computed: {first['reason']}")
+        else:
+            notes.append(f"- {label}: {first['features']}; real = {first['real']} (n = {first['n_real']}), "
+                         f"generated n = {first['n_generated']}; {first['resolution']}; weights sha256 "
+                         f"{first['weights_sha256'][:12]}")
+    return notes + ([""] if notes else [])
+
+
 def write_report(params: Params, summary: dict, out: Path, root: Path = Path(".")) -> Path:
     evaluator = _read(root / "metrics" / "evaluator.json")
     rows = [
@@ -64,7 +83,8 @@ def write_report(params: Params, summary: dict, out: Path, root: Path = Path("."
         ("FD / real-vs-real floor (same n)", lambda s: _fmt(s["domain_fd_ratio_to_floor"], 2)),
         ("FD trained vs untrained (same n)", lambda s: f"{_fmt(s['trained_fd_same_size'], 2)} vs {_fmt(s['untrained_fd_matched'], 2)}"),
         ("KID", lambda s: _fmt(s["kid"], 4)),
-        ("Inception FID", lambda s: _fmt(s["inception_fid"])),
+        ("Inception FID (standard: pool3 vs real test)", lambda s: _fmt(s["inception_fid"], 2)),
+        ("Reference-compatible FID (logits vs train)", lambda s: _fmt(s["reference_compatible_fid"], 2)),
         ("Precision / recall", lambda s: f"{_fmt(s.get('precision'), 2)} / {_fmt(s.get('recall'), 2)}"),
         ("Density / coverage", lambda s: f"{_fmt(s.get('density'), 2)} / {_fmt(s.get('coverage'), 2)}"),
         ("Macro AUROC vs requested labels", lambda s: _fmt(s["macro_auroc_vs_requested"])),
@@ -88,8 +108,10 @@ def write_report(params: Params, summary: dict, out: Path, root: Path = Path("."
     ]
     lines += ["| " + label + " | " + " | ".join(render(summary[b]) for b in branches) + " |" for label, render in rows]
     lines += ["", "The reference work reports FID 26.183 (text), 21.831 (vision), 24.070 (ELIXR) on 1000-class "
-              "Inception logits against its own training images; those numbers are not comparable to the domain FD "
-              "above (different features, different reference set).", ""]
+              "Inception logits against its own training images: compare those with the reference-compatible FID "
+              "row only; they are not comparable to the standard FID or the domain FD (different features, "
+              "different reference set).", ""]
+    lines += _inception_notes(branches, root)
     for branch in branches:
         lines += [f"## {branch}", ""]
         for figure in ("original_vs_generated_6.png", "one_row_per_finding.png"):
