@@ -1,8 +1,8 @@
 """Inception-v3 for FID: parity with torch-fidelity and torchvision, loading rules, and FID on known cases.
 
-The parity fixture (tests/fixtures/inception_oracle.safetensors) holds what torch-fidelity 0.4.0 and
+The parity fixture (tests/fixtures/pretrained_oracle.safetensors) holds what torch-fidelity 0.4.0 and
 torchvision 0.29.1 computed for fixed images with the deterministic weights of
-tests/inception_oracle_weights.py; tests/fixtures/make_inception_oracle.py rebuilds it.
+tests/oracle_weights.py; tests/fixtures/make_pretrained_oracle.py rebuilds it.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from cxr_diffusion.evaluation.inception import (
     InceptionSpec, InceptionV3, convert_inception_weights, load_inception, resize_like_tensorflow1,
 )
 from cxr_diffusion.evaluation.inception_fid import frechet_inception_distance, reference_compatible_fid, standard_fid
-from inception_oracle_weights import seeded_inception_state
+from oracle_weights import seeded_state
 
-ORACLE = Path(__file__).parent / "fixtures" / "inception_oracle.safetensors"
+ORACLE = Path(__file__).parent / "fixtures" / "pretrained_oracle.safetensors"
 
 
 def _seeded(spec: InceptionSpec) -> InceptionV3:
     model = InceptionV3(spec)
-    model.load_state_dict(seeded_inception_state(model), strict=False)
+    model.load_state_dict(seeded_state(model), strict=False)
     return model.double().eval()
 
 
@@ -92,7 +92,7 @@ def weight_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inception")
     files = {}
     for flavour in ("fid", "torchvision"):
-        state = {k: v.float() for k, v in seeded_inception_state(InceptionV3(InceptionSpec(flavour, "pool"))).items()}
+        state = {k: v.float() for k, v in seeded_state(InceptionV3(InceptionSpec(flavour, "pool"))).items()}
         save_file(state, str(root / f"{flavour}.safetensors"))
         files[flavour] = root / f"{flavour}.safetensors"
         if flavour == "fid":

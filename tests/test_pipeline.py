@@ -166,3 +166,36 @@ def test_exp_run_lr_override_retrains_every_branch_at_that_rate_only(tiny_repo):
         assert max(rates) == pytest.approx(1e-5)  # warm-up and cosine scale it, never above 1e-5
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=tiny_repo).stdout)
     assert "1e-05" in json.dumps(shown) or "1e-5" in json.dumps(shown)
+
+
+def test_exp_with_pretrained_weights_reruns_only_evaluation_and_reports_every_fid(tiny_repo):
+    """With (seeded stand-in) weights configured, evaluate computes standard FID, reference-compatible FID and
+    the DenseNet metrics for every branch, and nothing upstream of evaluation reruns."""
+    from safetensors.torch import save_file
+
+    from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3
+    from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121
+    from oracle_weights import seeded_state
+
+    weights = tiny_repo / "external" / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    for name, model in (("fid", InceptionV3(InceptionSpec("fid", "pool"))),
+                        ("torchvision", InceptionV3(InceptionSpec("torchvision", "pool"))), ("xrv", XRVDenseNet121())):
+        save_file({k: v.float() for k, v in seeded_state(model).items()}, str(weights / f"{name}.safetensors"))
+    result = sh("dvc", "exp", "run", "-S", "evaluate.inception_weights=external/weights/fid.safetensors",
+                "-S", "evaluate.reference_inception_weights=external/weights/torchvision.safetensors",
+                "-S", "evaluate.xrv_weights=external/weights/xrv.safetensors",
+                "-S", "evaluate.reference_fid_train_images=64", cwd=tiny_repo)
+    output = result.stdout + result.stderr
+    for branch in ("clip_text", "clip_vision", "elixr"):
+        for stage in (f"train@{branch}", f"sample@{branch}"):
+            assert f"'{stage}' didn't change" in output or f"Stage '{stage}' is cached" in output, stage
+        assert f"evaluate@{branch}" in output
+    summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
+    for branch, row in summary.items():
+        assert row["inception_fid"] > 0 and row["reference_compatible_fid"] > 0 and row["xrv_fd"] > 0, branch
+        details = json.loads((tiny_repo / "metrics" / "evaluate" / f"{branch}.json").read_text())["closeness"]
+        assert details["reference_compatible_fid_details"]["n_real"] == 64
+        assert details["inception_fid_details"]["real"] == "test split"
+    report = (tiny_repo / "reports" / "report.md").read_text()
+    assert "Reference-compatible FID: torchvision Inception-v3" in report and "not computed" not in report

@@ -313,7 +313,8 @@ class EvaluateConfig:
     reference_inception_weights: str | None = None  # torchvision inception_v3 ImageNet -> reference-compatible FID
     reference_transform_input: bool = True          # torchvision's default for its pretrained Inception
     reference_fid_train_images: int | None = None   # training images the reference-compatible FID uses (None: all)
-    inception_batch_size: int = 50
+    inception_batch_size: int = 50                  # batch size of the pretrained evaluators (Inception, DenseNet)
+    xrv_weights: str | None = None                  # torchxrayvision DenseNet-121 state dict as safetensors
 
     def validate(self, key: str) -> None:
         _require(self.bootstrap >= 10, f"{key}.bootstrap", "must be >= 10")

@@ -30,6 +30,7 @@ from cxr_diffusion.evaluation.inception_fid import reference_compatible_fid, sta
 from cxr_diffusion.evaluation.faithfulness import label_agreement, macro_auroc, per_label_auroc
 from cxr_diffusion.evaluation.memorization import memorization_report
 from cxr_diffusion.evaluation.pca_plot import pca_scatter
+from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
 from cxr_diffusion.io import atomic_directory, write_json
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -114,6 +115,9 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
         closeness["trained_fd_same_size"] = frechet_distance(g[:count], real_a[:count])
         closeness["untrained_size"] = count
     prdc = precision_recall_density_coverage_safe(r, g, config.prdc_k)
+    pretrained_judge = xrv_metrics(config, params.filter.class_members(), generated_images, generated["labels"],
+                                   PreparedImages(prepared_dir, "test"), test["labels"],
+                                   PreparedImages(prepared_dir, "val"), params.seed)
 
     # Faithfulness: does the generation show what its condition asked for?
     requested = generated["labels"].astype(int)
@@ -163,6 +167,7 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
     metrics = {
         "branch": branch, "generated": n, "real_test": len(r),
         "closeness": closeness, "prdc": prdc, "faithfulness": faithfulness, "diversity": diversity,
+        "xrv_densenet": pretrained_judge,
         "memorization": {
             "features": {k: v for k, v in memorization_features.items() if k != "closest_pairs"},
             "pixels": {k: v for k, v in memorization_pixels.items() if k != "closest_pairs"},

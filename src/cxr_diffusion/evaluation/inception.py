@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxr_diffusion.evaluation.weights import checked_state, load_safetensors_into
+
 Flavour = Literal["fid", "torchvision"]
 Output = Literal["pool", "logits"]
 
@@ -267,41 +269,31 @@ class InceptionV3(nn.Module):
         return features if self.spec.output == "pool" else self.fc(features)
 
 
+def _check_classes(rows: int | None, spec: InceptionSpec, source: Path) -> None:
+    """A clearer error than a shape mismatch for the common mistake: the other flavour's weights."""
+    if rows is not None and rows != spec.num_classes:
+        raise ValueError(f"{source}: classifier has {rows} classes but flavour '{spec.flavour}' needs "
+                         f"{spec.num_classes}; FID-Inception weights (pt_inception-2015-12-05) have 1008, "
+                         "torchvision's inception_v3 has 1000")
+
+
 def load_inception(weights: str | Path, spec: InceptionSpec, device: str | torch.device = "cpu") -> InceptionV3:
     """Build the network for ``spec`` and load a safetensors state dict with torchvision layer names.
 
-    Keys of torchvision's auxiliary classifier (``AuxLogits.*``) and batch-norm counters are ignored;
-    any other missing or unexpected key is an error naming the file, so a wrong checkpoint cannot load silently.
+    torchvision's auxiliary classifier (``AuxLogits.*``) is ignored; any other missing or unexpected key is
+    an error naming the file, so a wrong checkpoint cannot load silently.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"Inception weights not found: {path}; see README 'Standard FID' for how to get "
-                                "and convert them, or set the param to null to skip this metric")
-    model = InceptionV3(spec)
-    model.load_state_dict(_checked_state(load_file(str(path)), model, path), strict=False)
-    return model.eval().requires_grad_(False).to(device)
-
-
-def _checked_state(state: dict[str, torch.Tensor], model: InceptionV3, source: Path) -> dict[str, torch.Tensor]:
-    """``state`` without auxiliary-classifier keys, after checking it fits ``model`` (error names ``source``)."""
-    state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.") and not k.endswith("num_batches_tracked")}
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source}: not an Inception-v3 state dict for flavour '{model.spec.flavour}' "
-                         f"({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
-                         f"e.g. {unexpected[:3]})")
-    fc_rows = state["fc.weight"].shape[0]
-    if fc_rows != model.spec.num_classes:
-        raise ValueError(f"{source}: classifier has {fc_rows} classes but flavour '{model.spec.flavour}' needs "
-                         f"{model.spec.num_classes}; FID-Inception weights (pt_inception-2015-12-05) have 1008, "
-                         "torchvision's inception_v3 has 1000")
-    wrong = [k for k, shape in expected.items() if state[k].shape != shape]
-    if wrong:
-        raise ValueError(f"{source}: {len(wrong)} tensors have the wrong shape for Inception-v3, e.g. {wrong[:3]}")
-    return state
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            if "fc.weight" in handle.keys():
+                _check_classes(handle.get_slice("fc.weight").get_shape()[0], spec, path)
+    model = load_safetensors_into(InceptionV3(spec), path, f"Inception-v3 ({spec.flavour} flavour)",
+                                  "see README 'Standard and reference-compatible FID' for how to get and convert them",
+                                  ignored_prefixes=("AuxLogits.",))
+    return model.to(device)  # type: ignore[return-value]
 
 
 def _read_checkpoint(source: Path) -> dict[str, torch.Tensor]:
@@ -341,7 +333,11 @@ def convert_inception_weights(source: str | Path, target: str | Path, flavour: F
     source, target = Path(source), Path(target)
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist")
-    state = _checked_state(_read_checkpoint(source), InceptionV3(InceptionSpec(flavour, "pool")), source)
+    spec = InceptionSpec(flavour, "pool")
+    state = _read_checkpoint(source)
+    _check_classes(state["fc.weight"].shape[0] if "fc.weight" in state else None, spec, source)
+    state = checked_state(state, InceptionV3(spec), source, f"Inception-v3 ({flavour} flavour)",
+                          ignored_prefixes=("AuxLogits.",))
     state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
     source_sha256 = sha256_file(source)
     with atomic_path(target) as tmp:

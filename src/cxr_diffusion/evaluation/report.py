@@ -42,6 +42,9 @@ def summarize(params: Params, root: Path = Path(".")) -> dict:
             "kid": closeness.get("kid"),
             "inception_fid": closeness.get("inception_fid"),
             "reference_compatible_fid": closeness.get("reference_compatible_fid"),
+            "xrv_fd": evaluation.get("xrv_densenet", {}).get("fd"),
+            "xrv_fd_ratio_to_floor": evaluation.get("xrv_densenet", {}).get("fd_ratio_to_floor"),
+            "xrv_macro_auroc_vs_requested": evaluation.get("xrv_densenet", {}).get("macro_auroc_vs_requested_labels"),
             **{k: v for k, v in evaluation.get("prdc", {}).items() if k != "k"},
             "macro_auroc_vs_requested": faith.get("macro_auroc_vs_requested_labels"),
             "label_exact_match": (faith.get("label_agreement") or {}).get("exact_match"),
@@ -58,8 +61,8 @@ def summarize(params: Params, root: Path = Path(".")) -> dict:
     return summary
 
 
-def _inception_notes(branches: list[str], root: Path) -> list[str]:
-    """Why an Inception FID is missing, or the settings it was computed with (one line per metric)."""
+def _pretrained_notes(branches: list[str], root: Path) -> list[str]:
+    """Why a pretrained-network metric is missing, or the settings it was computed with (one line each)."""
     notes = []
     for name, label in (("inception_fid", "Standard FID"), ("reference_compatible_fid", "Reference-compatible FID")):
         details = [_read(root / "metrics" / "evaluate" / f"{b}.json").get("closeness", {}).get(f"{name}_details")
@@ -73,6 +76,13 @@ def _inception_notes(branches: list[str], root: Path) -> list[str]:
             notes.append(f"- {label}: {first['features']}; real = {first['real']} (n = {first['n_real']}), "
                          f"generated n = {first['n_generated']}; {first['resolution']}; weights sha256 "
                          f"{first['weights_sha256'][:12]}")
+    judges = [_read(root / "metrics" / "evaluate" / f"{b}.json").get("xrv_densenet") for b in branches]
+    judge = next((j for j in judges if j), None)
+    if judge and judge.get("fd") is None:
+        notes.append(f"- DenseNet (torchxrayvision): not computed: {judge['reason']}")
+    elif judge:
+        notes.append(f"- DenseNet (torchxrayvision): 1024-d features, 224x224 inputs; classes it does not cover: "
+                     f"{', '.join(judge['classes_not_covered']) or 'none'}; weights sha256 {judge['weights_sha256'][:12]}")
     return notes + ([""] if notes else [])
 
 
@@ -85,6 +95,8 @@ def write_report(params: Params, summary: dict, out: Path, root: Path = Path("."
         ("KID", lambda s: _fmt(s["kid"], 4)),
         ("Inception FID (standard: pool3 vs real test)", lambda s: _fmt(s["inception_fid"], 2)),
         ("Reference-compatible FID (logits vs train)", lambda s: _fmt(s["reference_compatible_fid"], 2)),
+        ("DenseNet (torchxrayvision) FD / floor ratio", lambda s: f"{_fmt(s['xrv_fd'], 2)} / {_fmt(s['xrv_fd_ratio_to_floor'], 2)}"),
+        ("DenseNet (torchxrayvision) macro AUROC vs requested", lambda s: _fmt(s["xrv_macro_auroc_vs_requested"])),
         ("Precision / recall", lambda s: f"{_fmt(s.get('precision'), 2)} / {_fmt(s.get('recall'), 2)}"),
         ("Density / coverage", lambda s: f"{_fmt(s.get('density'), 2)} / {_fmt(s.get('coverage'), 2)}"),
         ("Macro AUROC vs requested labels", lambda s: _fmt(s["macro_auroc_vs_requested"])),
@@ -111,7 +123,7 @@ def write_report(params: Params, summary: dict, out: Path, root: Path = Path("."
               "Inception logits against its own training images: compare those with the reference-compatible FID "
               "row only; they are not comparable to the standard FID or the domain FD (different features, "
               "different reference set).", ""]
-    lines += _inception_notes(branches, root)
+    lines += _pretrained_notes(branches, root)
     for branch in branches:
         lines += [f"## {branch}", ""]
         for figure in ("original_vs_generated_6.png", "one_row_per_finding.png"):

@@ -1,7 +1,7 @@
-"""Deterministic, well-scaled random Inception-v3 weights, identical on every platform (numpy PCG64).
+"""Deterministic, well-scaled random weights (Inception-v3, DenseNet-121), identical on every platform (numpy PCG64).
 
-Shared by ``tests/test_inception.py`` and ``benchmarks/inception_oracle.py``, which records what torchvision
-and torch-fidelity compute with these same weights; real weights cannot be shipped or downloaded here.
+Shared by ``tests/test_inception.py``, ``tests/test_xrv_densenet.py`` and ``tests/fixtures/make_pretrained_oracle.py``, which records what torchvision,
+torch-fidelity and torchxrayvision compute with these same weights; real weights cannot be shipped or downloaded here.
 """
 
 from __future__ import annotations
@@ -10,24 +10,24 @@ import numpy as np
 import torch
 
 
-def seeded_inception_state(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One float64 tensor per state-dict entry of ``model`` (He-scaled convs, BN statistics near identity)."""
+def seeded_state(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One float64 tensor per state-dict entry of ``model`` (He-scaled convs, BN statistics near identity),
+    drawn in sorted key order."""
     rng = np.random.default_rng(seed)
     state: dict[str, torch.Tensor] = {}
     for key, tensor in sorted(model.state_dict().items()):
         shape = tuple(tensor.shape)
         if key.endswith("num_batches_tracked"):
             continue
-        if key.endswith("conv.weight"):
-            fan_in = int(np.prod(shape[1:]))
-            values = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-        elif key.endswith("bn.running_var"):
+        if len(shape) == 4:  # convolutions: He-scaled
+            values = rng.standard_normal(shape) * np.sqrt(2.0 / int(np.prod(shape[1:])))
+        elif key.endswith("running_var"):
             values = rng.uniform(0.5, 1.5, shape)
-        elif key.endswith("bn.weight"):
+        elif key.endswith("weight") and len(shape) == 1:  # batch-norm scale
             values = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif key == "fc.weight":
+        elif key.endswith("weight"):  # linear head
             values = rng.standard_normal(shape) * 0.02
-        else:  # bn.bias, bn.running_mean, fc.bias
+        else:  # biases, running means
             values = 0.1 * rng.standard_normal(shape)
         state[key] = torch.from_numpy(np.asarray(values, dtype=np.float64))
     return state

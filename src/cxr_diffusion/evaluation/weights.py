@@ -1,0 +1,43 @@
+"""Load third-party evaluation weights from safetensors into our own module definitions, strictly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def checked_state(state: dict[str, torch.Tensor], model: nn.Module, source: Path, what: str,
+                  ignored_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """``state`` minus ignored keys, after checking it has exactly ``model``'s keys and shapes.
+
+    Batch-norm counters and keys starting with ``ignored_prefixes`` (heads we never use) are dropped; any
+    other difference is an error naming ``source``, so a wrong checkpoint never loads silently.
+    """
+    prefixes = tuple(ignored_prefixes)
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") and not k.startswith(prefixes)}
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source}: not a {what} state dict ({len(missing)} missing keys, e.g. {missing[:3]}; "
+                         f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(shape)}" for k, shape in expected.items()
+             if state[k].shape != shape]
+    if wrong:
+        raise ValueError(f"{source}: {len(wrong)} tensors have the wrong shape for {what}, e.g. {wrong[:2]}")
+    return state
+
+
+def load_safetensors_into(model: nn.Module, path: str | Path, what: str, how_to_get: str,
+                          ignored_prefixes: Iterable[str] = ()) -> nn.Module:
+    """Load ``path`` (safetensors) into ``model`` after ``checked_state``; eval mode, no gradients."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights not found: {path}; {how_to_get}, or set the param to null to "
+                                "skip this metric")
+    model.load_state_dict(checked_state(load_file(str(path)), model, path, what, ignored_prefixes), strict=False)
+    return model.eval().requires_grad_(False)
