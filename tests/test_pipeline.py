@@ -199,3 +199,12 @@ def test_exp_with_pretrained_weights_reruns_only_evaluation_and_reports_every_fi
         assert details["inception_fid_details"]["real"] == "test split"
     report = (tiny_repo / "reports" / "report.md").read_text()
     assert "Reference-compatible FID: torchvision Inception-v3" in report and "not computed" not in report
+
+
+def test_training_stage_runs_as_two_processes_through_the_accelerate_config(tiny_repo):
+    """`train.launch_config` switches the train stage to `accelerate launch` with two processes (gloo on CPUs)."""
+    result = sh("dvc", "exp", "run", "train@elixr", "-S", "train.launch_config=accelerate/two-processes.yaml",
+                cwd=tiny_repo)
+    assert "accelerate launch --config_file accelerate/two-processes.yaml" in result.stdout + result.stderr
+    final = json.loads((tiny_repo / "dvclive" / "elixr" / "metrics.json").read_text())["final"]
+    assert final["processes"] == 2

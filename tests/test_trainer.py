@@ -19,7 +19,7 @@ from cxr_diffusion.diffusion import trainer as trainer_module
 from cxr_diffusion.diffusion.checkpoints import list_checkpoints
 from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, train_branch
 
-from conftest import make_training_data
+from conftest import REPO, make_training_data
 
 TINY_TRAIN = {
     "unet": {"block_out_channels": [8, 16, 16], "cross_attention": [False, False, True], "norm_num_groups": 4,
@@ -194,10 +194,10 @@ def run_driver(root: Path, data: dict, train: dict, processes: int) -> dict:
     (root / "params.json").write_text(json.dumps({"image_size": 16, "filter": {"classes": ["Effusion", "No Finding"],
                                                   "merges": {}}, "train": {**TINY_TRAIN, **train}}))
     (root / "driver.py").write_text(DRIVER)
-    # torchrun sets up the same torch.distributed environment that `accelerate launch --multi_gpu` does;
-    # accelerate's Accelerator picks it up and uses gloo on CPUs.
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(29500 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
+    # The project's own accelerate config, as the train stage uses it: two processes, gloo on a CPU machine.
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                str(REPO / "accelerate" / "two-processes.yaml"), "--main_process_port", str(29500 + os.getpid() % 1000),
+                ] if processes == 2 else [sys.executable]
     completed = subprocess.run(launcher + [str(root / "driver.py"), str(root), str(data["prepared"]), str(data["store"])],
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]

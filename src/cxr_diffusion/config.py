@@ -249,9 +249,13 @@ class TrainConfig:
     checkpoint_every_steps: int = 250
     checkpoints_total_limit: int = 2
     num_workers: int = 0          # DataLoader workers
+    # `accelerate launch --config_file` of the train stage: processes, GPUs, machines (see accelerate/).
+    launch_config: str = "accelerate/one-process.yaml"
 
     def validate(self, key: str) -> None:
         self.unet.validate(f"{key}.unet")
+        _require(self.launch_config.endswith((".yaml", ".yml", ".json")), f"{key}.launch_config",
+                 "must be an accelerate config file (.yaml/.json), e.g. accelerate/one-process.yaml")
         _require(not self.zero_terminal_snr or self.prediction_type == "v_prediction", f"{key}.zero_terminal_snr",
                  "needs prediction_type v_prediction (epsilon is undefined at the last, pure-noise step)")
         _require(0.0 <= self.cfg_dropout < 1.0, f"{key}.cfg_dropout", "must be in [0, 1)")

@@ -345,7 +345,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
 
     accelerator.wait_for_everyone()
     result = {"branch": branch, "steps": state.step, "images_seen": state.images_seen, "lr": base_lr,
-              "precision": precision, "seconds_this_run": round(seconds, 1), "train_images": len(train_set),
+              "processes": world, "precision": precision, "seconds_this_run": round(seconds, 1), "train_images": len(train_set),
               "missing_condition": train_set.missing_condition, "best_val_loss": state.extra["best_val"]}
     if accelerator.is_main_process:
         ema.copy_to(unwrapped.parameters())
