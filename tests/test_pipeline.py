@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -208,3 +209,37 @@ def test_training_stage_runs_as_two_processes_through_the_accelerate_config(tiny
     assert "accelerate launch --config_file accelerate/two-processes.yaml" in result.stdout + result.stderr
     final = json.loads((tiny_repo / "dvclive" / "elixr" / "metrics.json").read_text())["final"]
     assert final["processes"] == 2
+
+
+def _experiment_metrics(repo: Path) -> dict[str, dict]:
+    """Experiment name -> its metrics files, from `dvc exp show --json`."""
+    found = {}
+    for commit in json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout):
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                found[rev["name"]] = rev["data"]["metrics"]
+    return found
+
+
+def test_queued_per_branch_sweep_runs_every_experiment_and_plots_diff_compares_them(tiny_repo):
+    """The README's sweep: queue experiments with per-branch rates, run the queue, compare with plots diff."""
+    names = []
+    for rate in ("3e-4", "1e-4"):
+        # lr=null: an earlier experiment left the top-level override (which beats per-branch rates) in params.
+        queued = sh("dvc", "exp", "run", "--queue", "train@elixr", "-S", "lr=null", "-S", f"train.lr.elixr={rate}",
+                    cwd=tiny_repo)
+        names.append(re.search(r"Queued experiment '([\w-]+)'", queued.stdout + queued.stderr).group(1))
+    sh("dvc", "queue", "start", "-j", "1", cwd=tiny_repo)
+    deadline = time.monotonic() + 600
+    while re.search(r"Queued|Running", status := sh("dvc", "queue", "status", cwd=tiny_repo).stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    for name in names:
+        assert re.search(rf"{name}\s.*Success", status), status
+    metrics = _experiment_metrics(tiny_repo)
+    rates = {name: metrics[name]["dvclive/elixr/metrics.json"]["data"]["final"]["lr"] for name in names}
+    assert rates == {names[0]: pytest.approx(3e-4), names[1]: pytest.approx(1e-4)}
+
+    plots = json.loads(sh("dvc", "plots", "diff", *names, "--json", cwd=tiny_repo).stdout)["data"]
+    assert set(plots["Training loss"][0]["revisions"]) == set(names)
+    assert {entry["revisions"][0] for entry in plots["dvclive/elixr/plots/images/samples.png"]} == set(names)

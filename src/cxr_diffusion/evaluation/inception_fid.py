@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3, load_inception
+from cxr_diffusion.evaluation.weights import full_fp32
 from cxr_diffusion.io import sha256_file
 
 HOW_TO_ENABLE = ("get the weights once on a machine with internet and convert them to safetensors with "
@@ -37,11 +38,11 @@ def _uint8_batches(images: Dataset, batch_size: int, device: torch.device) -> It
 
 def frechet_inception_distance(model: InceptionV3, generated: Dataset, real: Dataset, batch_size: int,
                                device: torch.device, description: str) -> float:
-    """torchmetrics FID with ``model`` as the feature extractor (statistics accumulated in float64)."""
+    """torchmetrics FID with ``model`` as the feature extractor (fp32 features, no TF32; statistics in float64)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=model, normalize=False).to(device)
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32():
         for images, is_real in ((real, True), (generated, False)):
             total = -(-len(images) // batch_size)  # type: ignore[arg-type]
             for batch in tqdm(_uint8_batches(images, batch_size, device), total=total,
@@ -69,7 +70,7 @@ def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset,
     return {
         "value": value, "features": "FID-Inception (TF 2015-12-05) pool3, 2048-d, torchmetrics",
         "real": "test split", "n_real": len(real_test), "n_generated": len(generated),  # type: ignore[arg-type]
-        "resolution": f"{image_size}x{image_size}, resized to 299x299 (TF1 bilinear)",
+        "resolution": f"{image_size}x{image_size}, resized to 299x299 (TF1 bilinear)", "precision": "fp32, no TF32",
         "weights": str(path), "weights_sha256": sha256_file(path),
     }
 
@@ -95,6 +96,6 @@ def reference_compatible_fid(config: EvaluateConfig, generated: Dataset, real_tr
                     + (", torchvision transform_input" if config.reference_transform_input else ""),
         "real": "train split (as the reference did; not comparable with standard FID)",
         "n_real": count, "n_generated": len(generated),  # type: ignore[arg-type]
-        "resolution": f"{image_size}x{image_size}, resized to 299x299 (bilinear, antialiased)",
+        "resolution": f"{image_size}x{image_size}, resized to 299x299 (bilinear, antialiased)", "precision": "fp32, no TF32",
         "weights": str(path), "weights_sha256": sha256_file(path),
     }

@@ -1,8 +1,9 @@
-"""Load third-party evaluation weights from safetensors into our own module definitions, strictly."""
+"""Third-party evaluation networks: load their weights strictly from safetensors, run them in full fp32."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,3 +42,16 @@ def load_safetensors_into(model: nn.Module, path: str | Path, what: str, how_to_
                                 "skip this metric")
     model.load_state_dict(checked_state(load_file(str(path)), model, path, what, ignored_prefixes), strict=False)
     return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """Disallow TF32 in cuDNN convolutions and CUDA matmuls for the block (PyTorch allows it for convolutions
+    by default). Pretrained-feature metrics then do not depend on the GPU generation: on an H200, TF32 moved a
+    standard FID by 4.5e-4 relative (benchmarks/results/pretrained_evaluator_h200.txt). No effect on CPUs."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.evaluation.distances import bootstrap_interval, frechet_distance, real_vs_real_floor
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
+from cxr_diffusion.evaluation.weights import full_fp32
 from cxr_diffusion.evaluation.xrv_densenet import HOW_TO_GET, XRVDenseNet121, class_scores, load_xrv_densenet
 from cxr_diffusion.io import sha256_file
 
@@ -22,7 +23,8 @@ from cxr_diffusion.io import sha256_file
 def _embed(model: XRVDenseNet121, images: Dataset, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     features, logits = [], []
     for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
-        f, z = model(batch["pixel_values"].to(device))
+        with full_fp32():
+            f, z = model(batch["pixel_values"].to(device))
         features.append(f.cpu().double().numpy())
         logits.append(z.cpu().double().numpy())
     return np.concatenate(features), np.concatenate(logits)
