@@ -114,6 +114,9 @@ def main() -> None:
         variants.append(("bf16 autocast + channels_last", "bf16", True))
     rows, baseline = [], None
     for name, autocast, channels_last in variants:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         model = fresh_unet()
         inputs = batch
         if channels_last:
@@ -122,16 +125,20 @@ def main() -> None:
         images_per_second = time_steps(model, inputs, args.steps, 2, autocast, device)
         baseline = baseline or images_per_second
         utilisation = images_per_second * flops_per_image / (peak * 1e12)
-        rows.append([name, f"{images_per_second:.1f}", f"{images_per_second / baseline:.2f}", f"{utilisation:.1%}"])
+        memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
+        rows.append([name, f"{images_per_second:.1f}", f"{images_per_second / baseline:.2f}", f"{utilisation:.1%}",
+                     memory])
+        del model
     if args.compile:
         model = torch.compile(fresh_unet())
         images_per_second = time_steps(model, batch, args.steps, 3, None if precision == "no" else precision, device)
         rows.append(["torch.compile", f"{images_per_second:.1f}", f"{images_per_second / baseline:.2f}",
-                     f"{images_per_second * flops_per_image / (peak * 1e12):.1%}"])
+                     f"{images_per_second * flops_per_image / (peak * 1e12):.1%}", "-"])
     print(f"\nUNet of profile '{args.profile}': {parameters / 1e6:.1f}M parameters, input {channels}x{size}x{size}, "
           f"condition {tokens}x{dim}, batch {batch_size}; {flops_per_image / 1e9:.2f} GFLOP per image (fwd+bwd); "
           f"bf16 matmul peak measured {peak:.1f} TFLOP/s\n")
-    print(markdown_table(["variant", "img/s", "ratio to plain fp32", "model FLOP utilisation"], rows))
+    print(markdown_table(["variant", "img/s", "ratio to plain fp32", "model FLOP utilisation",
+                          "peak GPU memory (GiB, model + AdamW + activations)"], rows))
     if args.profile == "nih-512":
         best = max(float(r[1]) for r in rows)
         print(f"\nnih-512 epoch (48,311 images) at the best rate: {48311 / best / 60:.1f} min per epoch on this device")

@@ -48,7 +48,7 @@ def load_safetensors_into(model: nn.Module, path: str | Path, what: str, how_to_
 def full_fp32() -> Iterator[None]:
     """Disallow TF32 in cuDNN convolutions and CUDA matmuls for the block (PyTorch allows it for convolutions
     by default). Pretrained-feature metrics then do not depend on the GPU generation: on an H200, TF32 moved a
-    standard FID by 4.5e-4 relative (benchmarks/results/pretrained_evaluator_h200.txt). No effect on CPUs."""
+    standard FID by 4.5e-4 relative (benchmarks/results/pretrained_evaluator_h200_tf32_allowed.txt). No effect on CPUs."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
