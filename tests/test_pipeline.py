@@ -71,6 +71,15 @@ def test_repro_builds_dataset_filter_prepare_on_the_tiny_profile(tiny_repo):
     assert "rows_in" in shown
 
 
+def test_one_process_training_uses_every_available_core(tiny_repo):
+    """`accelerate launch` exports OMP_NUM_THREADS=1; the trainer takes the cores back (one process here)."""
+    from cxr_diffusion.diffusion.cpu_threads import available_cores
+
+    for branch in ("clip_text", "clip_vision", "elixr"):
+        final = json.loads((tiny_repo / "dvclive" / branch / "metrics.json").read_text())["final"]
+        assert final["processes"] == 1 and final["cpu_threads"] == available_cores(), (branch, final)
+
+
 def test_repro_ends_with_a_summary_for_every_branch_and_a_report(tiny_repo):
     summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
     assert set(summary) == {"clip_text", "clip_vision", "elixr"}
@@ -204,11 +213,14 @@ def test_exp_with_pretrained_weights_reruns_only_evaluation_and_reports_every_fi
 
 def test_training_stage_runs_as_two_processes_through_the_accelerate_config(tiny_repo):
     """`train.launch_config` switches the train stage to `accelerate launch` with two processes (gloo on CPUs)."""
+    from cxr_diffusion.diffusion.cpu_threads import available_cores
+
     result = sh("dvc", "exp", "run", "train@elixr", "-S", "train.launch_config=accelerate/two-processes.yaml",
                 cwd=tiny_repo)
     assert "accelerate launch --config_file accelerate/two-processes.yaml" in result.stdout + result.stderr
     final = json.loads((tiny_repo / "dvclive" / "elixr" / "metrics.json").read_text())["final"]
     assert final["processes"] == 2
+    assert final["cpu_threads"] == max(1, available_cores() // 2)
 
 
 def _experiment_metrics(repo: Path) -> dict[str, dict]:

@@ -206,6 +206,13 @@ def run_driver(root: Path, data: dict, train: dict, processes: int) -> dict:
     return results[0]
 
 
+def test_cpu_threads_are_an_equal_share_of_the_available_cores(monkeypatch):
+    from cxr_diffusion.diffusion import cpu_threads
+
+    monkeypatch.setattr(cpu_threads, "available_cores", lambda: 8)
+    assert [cpu_threads.cpu_threads_per_process(n) for n in (1, 2, 3, 16, 0)] == [8, 4, 2, 1, 8]
+
+
 def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path, data):
     single = run_driver(tmp_path / "one", data, {"batch_size": 8}, processes=1)
     double = run_driver(tmp_path / "two", data, {"batch_size": 4}, processes=2)

@@ -11,6 +11,7 @@ every checkpoint with the weights, EMA, optimizer, learning-rate state and data 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from cxr_diffusion.config import Params, to_dict
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.diffusion.checkpoints import TrainingState, config_hash, load_latest_checkpoint, save_checkpoint
 from cxr_diffusion.diffusion.condition import ConditionAdapter
+from cxr_diffusion.diffusion.cpu_threads import cpu_threads_per_process
 from cxr_diffusion.diffusion.data import ConditionedImages, collate
 from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import (
@@ -167,6 +169,8 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=train.gradient_accumulation, mixed_precision=precision,
                               cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.device.type == "cpu":  # undo accelerate's OMP_NUM_THREADS=1 for the processes it launches
+        torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     store = ConditionStore(paths.store)
     latents, vae = None, None
     if train.space == "latent":
@@ -345,7 +349,8 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
 
     accelerator.wait_for_everyone()
     result = {"branch": branch, "steps": state.step, "images_seen": state.images_seen, "lr": base_lr,
-              "processes": world, "precision": precision, "seconds_this_run": round(seconds, 1), "train_images": len(train_set),
+              "processes": world, "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
+              "precision": precision, "seconds_this_run": round(seconds, 1), "train_images": len(train_set),
               "missing_condition": train_set.missing_condition, "best_val_loss": state.extra["best_val"]}
     if accelerator.is_main_process:
         ema.copy_to(unwrapped.parameters())
