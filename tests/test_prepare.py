@@ -169,3 +169,15 @@ def test_labels_are_available_without_decoding_images(prepared):
     dataset = PreparedImages(tmp / "prepared", "train")
     assert dataset.labels.shape == (len(dataset), 2)
     assert np.array_equal(dataset.labels[0], dataset[0]["labels"].numpy())
+
+
+def test_row_group_cache_stays_within_its_byte_budget(prepared):
+    tmp, _, _, _ = prepared
+    roomy = PreparedImages(tmp / "prepared", "train")
+    tight = PreparedImages(tmp / "prepared", "train", cache_bytes=1)  # keeps only the latest row group
+    backwards = list(reversed(range(len(roomy))))
+    for i in backwards:
+        assert torch.equal(tight[i]["pixel_values"], roomy[i]["pixel_values"])
+        assert len(tight._cache) == 1 and tight._cached_bytes == next(iter(tight._cache.values())).nbytes
+    groups = {roomy._locations[i][:2] for i in backwards}
+    assert len(groups) >= 2 and len(roomy._cache) == len(groups)  # a small split stays cached whole

@@ -70,10 +70,11 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
     config = params.evaluate
     classifier = load_classifier(evaluator_dir)
     classes = list(classifier.spec.classes)
-    test = embed_and_predict(classifier, PreparedImages(prepared_dir, "test"))
-    val = embed_and_predict(classifier, PreparedImages(prepared_dir, "val"))
-    generated = embed_and_predict(classifier, PreparedImages(samples_dir, "test"))
-    train_images = PreparedImages(prepared_dir, "train")
+    test_images, val_images = PreparedImages(prepared_dir, "test"), PreparedImages(prepared_dir, "val")
+    generated_images, train_images = PreparedImages(samples_dir, "test"), PreparedImages(prepared_dir, "train")
+    test = embed_and_predict(classifier, test_images)
+    val = embed_and_predict(classifier, val_images)
+    generated = embed_and_predict(classifier, generated_images)
     reference = Subset(train_images, range(min(config.train_reference, len(train_images))))
     train = embed_and_predict(classifier, reference)  # type: ignore[arg-type]
     n = len(generated["features"])
@@ -97,9 +98,8 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
         "real_vs_real_kid_floor": kernel_inception_distance(real_a, real_b, subset_size=min(subset, matched),
                                                             seed=params.seed)[0],
     }
-    generated_images = PreparedImages(samples_dir, "test")
     for name, result in (
-        ("inception_fid", standard_fid(config, generated_images, PreparedImages(prepared_dir, "test"),
+        ("inception_fid", standard_fid(config, generated_images, test_images,
                                        train_images.image_size)),
         ("reference_compatible_fid", reference_compatible_fid(config, generated_images, train_images,
                                                               train_images.image_size)),
@@ -116,8 +116,7 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
         closeness["untrained_size"] = count
     prdc = precision_recall_density_coverage_safe(r, g, config.prdc_k)
     pretrained_judge = xrv_metrics(config, params.filter.class_members(), generated_images, generated["labels"],
-                                   PreparedImages(prepared_dir, "test"), test["labels"],
-                                   PreparedImages(prepared_dir, "val"), params.seed)
+                                   test_images, test["labels"], val_images, params.seed)
 
     # Faithfulness: does the generation show what its condition asked for?
     requested = generated["labels"].astype(int)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3, load_inception
-from cxr_diffusion.evaluation.weights import full_fp32
+from cxr_diffusion.evaluation.weights import evaluation_device, full_fp32
 from cxr_diffusion.io import sha256_file
 
 HOW_TO_ENABLE = ("get the weights once on a machine with internet and convert them to safetensors with "
@@ -51,10 +51,6 @@ def frechet_inception_distance(model: InceptionV3, generated: Dataset, real: Dat
     return float(metric.compute())
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _unavailable(param: str, why: str) -> dict:
     return {"value": None, "reason": f"{why}; to enable it, {HOW_TO_ENABLE.format(param=param)}"}
 
@@ -64,8 +60,8 @@ def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset,
     if config.inception_weights is None:
         return _unavailable("inception_weights", "no FID-Inception weights configured (offline default)")
     path = Path(config.inception_weights)
-    model = load_inception(path, InceptionSpec("fid", "pool"), _device())
-    value = frechet_inception_distance(model, generated, real_test, config.inception_batch_size, _device(),
+    model = load_inception(path, InceptionSpec("fid", "pool"), evaluation_device())
+    value = frechet_inception_distance(model, generated, real_test, config.inception_batch_size, evaluation_device(),
                                        "standard FID")
     return {
         "value": value, "features": "FID-Inception (TF 2015-12-05) pool3, 2048-d, torchmetrics",
@@ -83,12 +79,12 @@ def reference_compatible_fid(config: EvaluateConfig, generated: Dataset, real_tr
                             "no torchvision Inception-v3 weights configured (offline default)")
     path = Path(config.reference_inception_weights)
     spec = InceptionSpec("torchvision", "logits", transform_input=config.reference_transform_input)
-    model = load_inception(path, spec, _device())
+    model = load_inception(path, spec, evaluation_device())
     count = len(real_train)  # type: ignore[arg-type]
     if config.reference_fid_train_images is not None:
         count = min(count, config.reference_fid_train_images)
     train = Subset(real_train, range(count))
-    value = frechet_inception_distance(model, generated, train, config.inception_batch_size, _device(),
+    value = frechet_inception_distance(model, generated, train, config.inception_batch_size, evaluation_device(),
                                        "reference-compatible FID")
     return {
         "value": value,

@@ -23,11 +23,16 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def summarize(params: Params, root: Path = Path(".")) -> dict:
+def read_evaluations(branches: list[str], root: Path = Path(".")) -> dict[str, dict]:
+    """Each branch's evaluate-stage metrics ({} for a branch not evaluated yet)."""
+    return {branch: _read(root / "metrics" / "evaluate" / f"{branch}.json") for branch in branches}
+
+
+def summarize(params: Params, evaluations: dict[str, dict], root: Path = Path(".")) -> dict:
     """Every branch's metrics, flattened to the numbers `dvc metrics diff` compares."""
     summary = {}
     for branch in params.branches:
-        evaluation = _read(root / "metrics" / "evaluate" / f"{branch}.json")
+        evaluation = evaluations[branch]
         training = _read(root / "dvclive" / branch / "metrics.json")
         sampling = _read(root / "metrics" / "sample" / f"{branch}.json")
         closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
@@ -61,12 +66,11 @@ def summarize(params: Params, root: Path = Path(".")) -> dict:
     return summary
 
 
-def _pretrained_notes(branches: list[str], root: Path) -> list[str]:
+def _pretrained_notes(evaluations: dict[str, dict]) -> list[str]:
     """Why a pretrained-network metric is missing, or the settings it was computed with (one line each)."""
     notes = []
     for name, label in (("inception_fid", "Standard FID"), ("reference_compatible_fid", "Reference-compatible FID")):
-        details = [_read(root / "metrics" / "evaluate" / f"{b}.json").get("closeness", {}).get(f"{name}_details")
-                   for b in branches]
+        details = [e.get("closeness", {}).get(f"{name}_details") for e in evaluations.values()]
         first = next((d for d in details if d), None)
         if first is None:
             continue
@@ -76,7 +80,7 @@ def _pretrained_notes(branches: list[str], root: Path) -> list[str]:
             notes.append(f"- {label}: {first['features']}; real = {first['real']} (n = {first['n_real']}), "
                          f"generated n = {first['n_generated']}; {first['resolution']}; weights sha256 "
                          f"{first['weights_sha256'][:12]}")
-    judges = [_read(root / "metrics" / "evaluate" / f"{b}.json").get("xrv_densenet") for b in branches]
+    judges = [e.get("xrv_densenet") for e in evaluations.values()]
     judge = next((j for j in judges if j), None)
     if judge and judge.get("fd") is None:
         notes.append(f"- DenseNet (torchxrayvision): not computed: {judge['reason']}")
@@ -86,7 +90,8 @@ def _pretrained_notes(branches: list[str], root: Path) -> list[str]:
     return notes + ([""] if notes else [])
 
 
-def write_report(params: Params, summary: dict, out: Path, root: Path = Path(".")) -> Path:
+def write_report(params: Params, summary: dict, evaluations: dict[str, dict], out: Path,
+                 root: Path = Path(".")) -> Path:
     evaluator = _read(root / "metrics" / "evaluator.json")
     rows = [
         ("Domain FD (evaluator features) [95% CI]", lambda s: f"{_fmt(s['domain_fd'], 2)} [{_fmt(s['domain_fd_ci_low'], 2)}, {_fmt(s['domain_fd_ci_high'], 2)}]"),
@@ -123,7 +128,7 @@ def write_report(params: Params, summary: dict, out: Path, root: Path = Path("."
               "Inception logits against its own training images: compare those with the reference-compatible FID "
               "row only; they are not comparable to the standard FID or the domain FD (different features, "
               "different reference set).", ""]
-    lines += _pretrained_notes(branches, root)
+    lines += _pretrained_notes(evaluations)
     for branch in branches:
         lines += [f"## {branch}", ""]
         for figure in ("original_vs_generated_6.png", "one_row_per_finding.png"):
@@ -137,7 +142,8 @@ def write_report(params: Params, summary: dict, out: Path, root: Path = Path("."
 
 
 def compare(params: Params, summary_path: Path, report_path: Path) -> dict:
-    summary = summarize(params)
+    evaluations = read_evaluations(params.branches)
+    summary = summarize(params, evaluations)
     write_json(summary_path, summary)
-    write_report(params, summary, report_path)
+    write_report(params, summary, evaluations, report_path)
     return summary

@@ -44,6 +44,11 @@ def load_safetensors_into(model: nn.Module, path: str | Path, what: str, how_to_
     return model.eval().requires_grad_(False)
 
 
+def evaluation_device() -> torch.device:
+    """Where the pretrained feature networks run: the GPU when there is one (values are fp32 either way)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @contextlib.contextmanager
 def full_fp32() -> Iterator[None]:
     """Disallow TF32 in cuDNN convolutions and CUDA matmuls for the block (PyTorch allows it for convolutions

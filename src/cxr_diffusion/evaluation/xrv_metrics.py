@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.evaluation.distances import bootstrap_interval, frechet_distance, real_vs_real_floor
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
-from cxr_diffusion.evaluation.weights import full_fp32
+from cxr_diffusion.evaluation.weights import evaluation_device, full_fp32
 from cxr_diffusion.evaluation.xrv_densenet import HOW_TO_GET, XRVDenseNet121, class_scores, load_xrv_densenet
 from cxr_diffusion.io import sha256_file
 
@@ -47,7 +47,7 @@ def xrv_metrics(config: EvaluateConfig, class_members: dict[str, tuple[str, ...]
     if config.xrv_weights is None:
         return {"fd": None, "reason": "no torchxrayvision DenseNet weights configured (offline default); to enable "
                                       f"it, {HOW_TO_GET}, then set params evaluate.xrv_weights"}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = evaluation_device()
     model = load_xrv_densenet(config.xrv_weights, device)
     size = config.inception_batch_size
     g, g_logits = _embed(model, generated, size, device)

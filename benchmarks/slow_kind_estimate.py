@@ -1,0 +1,116 @@
+"""How long would the default run take on the slower CPU kind (2-core AMD, AVX2 only)? An estimate.
+
+That machine kind was never lent to us, so its time cannot be measured. What is known of it: on it a
+batch-32 fp32 training step of a 32x32 4M-parameter UNet runs at 18 img/s and of a 64x64 6.5M-parameter
+UNet at 6.5 img/s (the project brief's figures). This script trains UNets of those sizes here (two shapes
+each from our UNet family, since the brief does not give the shapes), turns each into a speed ratio
+slow-kind / this machine, and scales a timed run of this machine by the least favourable ratio.
+
+    python benchmarks/slow_kind_estimate.py                       # ratios only
+    python benchmarks/slow_kind_estimate.py --log run.log         # and the per-stage projection
+
+``run.log`` is the output of ``make run`` with each line prefixed by its Unix time, e.g.
+``make run 2>&1 | python3 -u -c "import sys, time; [print(f'{time.time():.1f} {l}', end='') for l in sys.stdin]"``.
+Everything before the first stage (venv, pip) is installation and is not scaled; every stage is scaled,
+which overstates the stages that mostly wait on imports or disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import markdown_table  # noqa: E402
+
+from cxr_diffusion.config import UNetConfig, load_params  # noqa: E402
+from cxr_diffusion.diffusion.precision import describe_machine  # noqa: E402
+from cxr_diffusion.diffusion.unet import build_unet  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW_KIND = {32: 18.0, 64: 6.5}  # img/s, fp32, batch 32: the brief's figures for the AVX2-only kind
+REFERENCE_SHAPES = {  # (size, UNet) of about the brief's parameter counts; attention only at <= 16x16
+    "32x32, 4.2M, attention at 16 and 8": (32, UNetConfig(block_out_channels=(32, 64, 128),
+                                                          cross_attention=(False, True, True))),
+    "32x32, 3.9M, attention at 8": (32, UNetConfig(block_out_channels=(48, 96, 112),
+                                                   cross_attention=(False, False, True))),
+    "64x64, 6.6M, attention at 16 and 8": (64, UNetConfig(block_out_channels=(32, 64, 128, 128),
+                                                          cross_attention=(False, False, True, True))),
+    "64x64, 6.3M, attention at 8": (64, UNetConfig(block_out_channels=(48, 96, 128, 128),
+                                                   cross_attention=(False, False, False, True))),
+}
+STAGE_LINE = re.compile(r"^(\d+(?:\.\d+)?) .*Running stage '([^']+)'")
+
+
+def train_images_per_second(config: UNetConfig, size: int, steps: int, batch: int = 32, tokens: int = 32,
+                            dim: int = 128) -> tuple[float, int]:
+    torch.manual_seed(0)
+    unet = build_unet(config, size, 3, dim)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    inputs = (torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,)), torch.randn(batch, tokens, dim))
+    for i in range(steps + 2):
+        if i == 2:
+            started = time.perf_counter()
+        unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return batch * steps / (time.perf_counter() - started), sum(p.numel() for p in unet.parameters())
+
+
+def stage_seconds(log: Path) -> tuple[float, list[tuple[str, float]], float]:
+    """(seconds before the first stage, [(stage, seconds)], total) from a timestamped `make run` log."""
+    stamps, starts = [], []
+    for line in log.read_text(errors="replace").splitlines():
+        stamp = line.split(" ", 1)[0]
+        if not re.fullmatch(r"\d+(?:\.\d+)?", stamp):
+            continue
+        stamps.append(float(stamp))
+        match = STAGE_LINE.match(line)
+        if match:
+            starts.append((match.group(2), float(match.group(1))))
+    if not starts:
+        raise SystemExit(f"{log}: no timestamped \"Running stage '...'\" lines; see this script's docstring")
+    ends = [t for _, t in starts[1:]] + [stamps[-1]]
+    return starts[0][1] - stamps[0], [(name, end - t) for (name, t), end in zip(starts, ends)], stamps[-1] - stamps[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--log", type=Path, help="timestamped output of `make run` on this machine")
+    args = parser.parse_args()
+    print(f"$ python {' '.join(sys.argv)}")
+    machine = describe_machine()
+    print(f"this machine: {machine['device']}; cpu capability {machine['cpu_capability']}, threads {machine['threads']}\n")
+    rows, ratios = [], []
+    for name, (size, config) in REFERENCE_SHAPES.items():
+        here, parameters = train_images_per_second(config, size, args.steps)
+        ratio = SLOW_KIND[size] / here
+        ratios.append(ratio)
+        rows.append([name, f"{parameters / 1e6:.2f}M", f"{here:.1f}", f"{SLOW_KIND[size]:.1f}", f"{ratio:.2f}"])
+    params = load_params(REPO / "params.yaml")
+    default, _ = train_images_per_second(params.train.unet, params.image_size, args.steps)
+    print(markdown_table(["reference UNet (fp32, batch 32)", "parameters", "img/s here", "img/s slow kind (brief)",
+                          "speed ratio slow / here"], rows))
+    worst, best = min(ratios), max(ratios)
+    print(f"\ndefault profile UNet here: {default:.1f} img/s; on the slow kind, estimated "
+          f"{default * worst:.1f}-{default * best:.1f} img/s")
+    if args.log is None:
+        return
+    setup, stages, total = stage_seconds(args.log)
+    table = [["(install: venv, pip; not scaled)", f"{setup:.0f}", f"{setup:.0f}", f"{setup:.0f}"]]
+    table += [[name, f"{seconds:.0f}", f"{seconds / best:.0f}", f"{seconds / worst:.0f}"] for name, seconds in stages]
+    compute = sum(seconds for _, seconds in stages)
+    table.append(["total", f"{total:.0f} ({total / 60:.1f} min)", f"{(setup + compute / best) / 60:.1f} min",
+                  f"{(setup + compute / worst) / 60:.1f} min"])
+    print(f"\nper stage, from {args.log} (every stage scaled by 1/ratio):\n")
+    print(markdown_table(["stage", "seconds here", "slow kind, best ratio", "slow kind, worst ratio"], table))
+
+
+if __name__ == "__main__":
+    main()
