@@ -7,7 +7,8 @@ import torch
 
 from cxr_diffusion.config import ClipConfig, DemoClipConfig
 from cxr_diffusion.conditioning.clip import TextEncoder, encode_prompts, load_text_encoder, load_vision_encoder
-from cxr_diffusion.conditioning.demo_clip import build_demo_clip, build_image_processor, train_prompt_tokenizer
+from cxr_diffusion.conditioning.demo_clip import build_demo_clip, build_image_processor
+from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError
 from cxr_diffusion.data.nih import DataError

@@ -133,7 +133,7 @@ class DemoClipConfig:
     layers: int = 4
     heads: int = 4
     projection_dim: int = 128   # joint embedding size: the clip_vision condition is (1, projection_dim)
-    vocab_size: int = 600       # BPE vocabulary trained on the prompt corpus (256 bytes + specials + merges)
+    vocab_size: int = 1000      # BPE vocabulary learned from the prompts: 2 specials + 512 byte symbols + merges
     max_length: int = 32        # text positions: the clip_text condition is (max_length, width); CLIP-L has 77
     epochs: int = 15
     batch_size: int = 64

@@ -10,9 +10,7 @@ whose prompt matches counts as a positive, not only the diagonal.
 from __future__ import annotations
 
 import io
-import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,39 +24,10 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from cxr_diffusion.config import NO_FINDING, ClipConfig, DemoClipConfig
+from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.data.shards import read_manifest
 from cxr_diffusion.io import atomic_directory, write_json
-
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# CLIP's own pre-tokenization: words, digits and punctuation runs, then byte-level symbols.
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-VOCAB_FLOOR = 256 + 2  # the byte alphabet and the two special tokens
-
-
-def train_prompt_tokenizer(prompts: list[str], vocab_size: int, max_length: int):
-    """A ``CLIPTokenizer`` whose BPE vocabulary and merges are learned from ``prompts``."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    bpe = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size, VOCAB_FLOOR), special_tokens=[BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
-                                  show_progress=False)
-    bpe.train_from_iterator(prompts, trainer)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = bpe.model.save(tmp)
-        vocab = json.loads(Path(vocab_file).read_text())
-        merges = [tuple(line.split()) for line in Path(merges_file).read_text().splitlines()
-                  if line and not line.startswith("#version")]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-
 
 def build_demo_clip(config: DemoClipConfig, tokenizer):
     from transformers import CLIPConfig, CLIPModel
