@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table  # noqa: E402
+from train_throughput import time_steps  # noqa: E402
 
 from cxr_diffusion.config import UNetConfig, load_params  # noqa: E402
 from cxr_diffusion.diffusion.precision import describe_machine  # noqa: E402
@@ -52,17 +52,11 @@ STAGE_LINE = re.compile(r"^(\d+(?:\.\d+)?) .*Running stage '([^']+)'")
 
 def train_images_per_second(config: UNetConfig, size: int, steps: int, batch: int = 32, tokens: int = 32,
                             dim: int = 128) -> tuple[float, int]:
+    """fp32 training img/s on the CPU (train_throughput's plain loop) and the parameter count."""
     torch.manual_seed(0)
     unet = build_unet(config, size, 3, dim)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     inputs = (torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,)), torch.randn(batch, tokens, dim))
-    for i in range(steps + 2):
-        if i == 2:
-            started = time.perf_counter()
-        unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample.pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return batch * steps / (time.perf_counter() - started), sum(p.numel() for p in unet.parameters())
+    return time_steps(unet, inputs, steps, 2, None, torch.device("cpu")), sum(p.numel() for p in unet.parameters())
 
 
 def stage_seconds(log: Path) -> tuple[float, list[tuple[str, float]], float]:

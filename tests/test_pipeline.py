@@ -142,6 +142,7 @@ def test_second_repro_does_nothing(tiny_repo):
 def test_rerunning_the_demo_clip_and_its_embeddings_gives_identical_outputs(tiny_repo):
     # The demo CLIP's tokenizer was once learned by a trainer whose vocabulary changed from run to run.
     stages = ("train_clip", "embed_clip_text", "embed_clip_vision")
+
     def artifacts() -> dict:  # models and embeddings; the metrics files also hold timings
         return {path: md5 for stage in stages for path, md5 in lock_outs(tiny_repo, stage).items()
                 if not path.startswith("metrics/")}
