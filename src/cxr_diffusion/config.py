@@ -311,7 +311,7 @@ class EvaluateConfig:
     memorization_percentile: float = 1.0  # threshold: this percentile of real-test-to-train distances
     train_reference: int = 2000   # train images compared against for memorization
     diversity_pairs: int = 200
-    untrained_baseline: bool = True  # also sample an untrained model of the same architecture (FD ratio)
+    untrained_images: int = 32    # samples of an untrained model of the same architecture (FD baseline); 0 = skip
     # Inception FID, only where weights are present (safetensors; see `cxr-diffusion convert-weights`):
     inception_weights: str | None = None            # FID-Inception (pt_inception-2015-12-05) -> standard FID
     reference_inception_weights: str | None = None  # torchvision inception_v3 ImageNet -> reference-compatible FID
@@ -323,6 +323,7 @@ class EvaluateConfig:
     def validate(self, key: str) -> None:
         _require(self.bootstrap >= 10, f"{key}.bootstrap", "must be >= 10")
         _require(self.kid_subset > 1 and self.prdc_k > 0, key, "kid_subset and prdc_k must be positive")
+        _require(self.untrained_images >= 0, f"{key}.untrained_images", "must be >= 0 (0 skips the untrained baseline)")
         _require(0 < self.memorization_percentile < 100, f"{key}.memorization_percentile", "must be in (0, 100)")
         _require(self.inception_batch_size > 0, f"{key}.inception_batch_size", "must be > 0")
         _require(self.reference_fid_train_images is None or self.reference_fid_train_images >= 2,

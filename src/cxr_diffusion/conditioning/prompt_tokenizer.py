@@ -14,6 +14,7 @@ and a ranked merge list.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections import Counter
 
@@ -28,7 +29,8 @@ VOCAB_FLOOR = 2 + 256 + 256  # the special tokens, the byte symbols and their wo
 Word = tuple[str, ...]
 
 
-def byte_symbols() -> list[str]:
+@functools.cache
+def byte_symbols() -> tuple[str, ...]:
     """GPT-2/CLIP's printable stand-in for each byte value: printable Latin-1 bytes stand for
     themselves, the other 68 bytes take the code points from 256 upwards, in byte order."""
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
@@ -40,7 +42,7 @@ def byte_symbols() -> list[str]:
         else:
             symbols.append(chr(shifted))
             shifted += 1
-    return symbols
+    return tuple(symbols)
 
 
 def split_words(text: str) -> list[Word]:

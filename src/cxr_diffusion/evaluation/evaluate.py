@@ -106,9 +106,9 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
     ):
         closeness[name] = result.pop("value")
         closeness[f"{name}_details"] = result
-    if config.untrained_baseline:
+    if config.untrained_images > 0:
         store = ConditionStore(store_dir)
-        count = min(matched, 64)
+        count = min(matched, config.untrained_images)
         conditions = torch.stack([store[name].embeddings for name in generated["image_index"][:count]])
         baseline = _features_of_images(classifier, untrained_samples(params, model_dir, conditions))
         closeness["untrained_fd_matched"] = frechet_distance(baseline, real_a[:count])

@@ -60,9 +60,9 @@ def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset,
     if config.inception_weights is None:
         return _unavailable("inception_weights", "no FID-Inception weights configured (offline default)")
     path = Path(config.inception_weights)
-    model = load_inception(path, InceptionSpec("fid", "pool"), evaluation_device())
-    value = frechet_inception_distance(model, generated, real_test, config.inception_batch_size, evaluation_device(),
-                                       "standard FID")
+    device = evaluation_device()
+    model = load_inception(path, InceptionSpec("fid", "pool"), device)
+    value = frechet_inception_distance(model, generated, real_test, config.inception_batch_size, device, "standard FID")
     return {
         "value": value, "features": "FID-Inception (TF 2015-12-05) pool3, 2048-d, torchmetrics",
         "real": "test split", "n_real": len(real_test), "n_generated": len(generated),  # type: ignore[arg-type]
@@ -79,12 +79,13 @@ def reference_compatible_fid(config: EvaluateConfig, generated: Dataset, real_tr
                             "no torchvision Inception-v3 weights configured (offline default)")
     path = Path(config.reference_inception_weights)
     spec = InceptionSpec("torchvision", "logits", transform_input=config.reference_transform_input)
-    model = load_inception(path, spec, evaluation_device())
+    device = evaluation_device()
+    model = load_inception(path, spec, device)
     count = len(real_train)  # type: ignore[arg-type]
     if config.reference_fid_train_images is not None:
         count = min(count, config.reference_fid_train_images)
     train = Subset(real_train, range(count))
-    value = frechet_inception_distance(model, generated, train, config.inception_batch_size, evaluation_device(),
+    value = frechet_inception_distance(model, generated, train, config.inception_batch_size, device,
                                        "reference-compatible FID")
     return {
         "value": value,
