@@ -50,6 +50,14 @@ def test_out_of_range_value_is_named():
         params_from_dict({"filter": {"split": {"val_fraction": 0.5, "test_fraction": 0.5}}})
 
 
+def test_untrained_baseline_size_is_checked_and_the_old_switch_is_named():
+    with pytest.raises(ParamsError, match="evaluate.untrained_images"):
+        params_from_dict({"evaluate": {"untrained_images": -1}})
+    with pytest.raises(ParamsError, match="unknown key 'evaluate.untrained_baseline'"):
+        params_from_dict({"evaluate": {"untrained_baseline": True}})
+    assert params_from_dict({"evaluate": {"untrained_images": 0}}).evaluate.untrained_images == 0
+
+
 def test_nih_source_requires_nih_root():
     with pytest.raises(ParamsError, match="dataset.nih_root"):
         params_from_dict({"dataset": {"source": "nih"}})
