@@ -37,7 +37,7 @@ def test_generate_writes_pngs_and_a_settings_sidecar(model_dir, tmp_path):
 def test_generate_with_the_wrong_kind_of_input_names_the_right_one(model_dir):
     result = runner.invoke(app, ["generate", str(model_dir), "--prompt", "chest x-ray showing effusion"])
     assert result.exit_code == 2
-    assert "is a elixr model: give --embedding" in result.output
+    assert "holds a model of branch 'elixr': give --embedding" in result.output
 
 
 def test_generate_with_a_wrong_embedding_shape_is_a_clear_error(model_dir, tmp_path):

@@ -96,7 +96,7 @@ def generate(
              if value is not None]
     needed = {"clip_text": "--prompt", "clip_vision": "--reference", "elixr": "--embedding"}[branch]
     if given != [needed]:
-        _fail(f"{model} is a {branch} model: give {needed} (got {', '.join(given) or 'nothing'})")
+        _fail(f"{model} holds a model of branch '{branch}': give {needed} (got {', '.join(given) or 'nothing'})")
     kwargs = {}
     if branch == "clip_text":
         if not prompt.strip():
