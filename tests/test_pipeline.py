@@ -193,6 +193,19 @@ def test_exp_run_lr_override_retrains_every_branch_at_that_rate_only(tiny_repo):
     assert "1e-05" in json.dumps(shown) or "1e-5" in json.dumps(shown)
 
 
+def test_back_at_the_commit_after_an_experiment_nothing_is_stale(tiny_repo):
+    """Restoring the commit after an experiment (git, then DVC's cache) leaves no stage to rerun: the
+    experiment's training checkpoints stay behind, but they are a scratch folder, not a stage output."""
+    sh("git", "add", "-A", cwd=tiny_repo)
+    sh("git", "commit", "-qm", "baseline for the experiment", cwd=tiny_repo)
+    before = sorted(p.name for p in (tiny_repo / "checkpoints" / "elixr").iterdir())
+    sh("dvc", "exp", "run", "train@elixr", "-S", "lr=3e-5", cwd=tiny_repo)
+    assert sorted(p.name for p in (tiny_repo / "checkpoints" / "elixr").iterdir()) == before  # rewritten in place
+    sh("git", "checkout", "--", ".", cwd=tiny_repo)
+    sh("dvc", "checkout", cwd=tiny_repo)
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=tiny_repo).stdout
+
+
 def test_exp_with_pretrained_weights_reruns_only_evaluation_and_reports_every_fid(tiny_repo):
     """With (seeded stand-in) weights configured, evaluate computes standard FID, reference-compatible FID and
     the DenseNet metrics for every branch, and nothing upstream of evaluation reruns."""
