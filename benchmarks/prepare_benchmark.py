@@ -12,8 +12,6 @@ Target ratio (large/small) <= 1.3.
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import subprocess
 import sys
 import tempfile

@@ -1,4 +1,4 @@
-"""DVC stage `elixr_standin`: ELIXR-format HDF5 shards from the in-pipeline CLIP (a stand-in, not ELIXR).
+"""DVC stage `elixr_standin`: a stand-in ELIXR snapshot (datasets.json + shards) from the in-pipeline CLIP, not ELIXR.
 
 Writes only a note when elixr.path names real ELIXR-B files."""
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from cxr_diffusion.conditioning.embed import write_elixr_standin
+from cxr_diffusion.conditioning.elixr_standin import write_elixr_standin
+from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
 
 
@@ -14,10 +15,11 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
     demo_clip: Path = typer.Option(Path("models/clip"), help="The in-pipeline CLIP."),
-    out: Path = typer.Option(Path("data/elixr_standin"), help="Stand-in HDF5 shards."),
+    out: Path = typer.Option(Path("data/elixr_standin"), help="Stand-in ELIXR snapshot."),
 ) -> None:
     run_stage("elixr_standin", params,
-              lambda p: print(write_elixr_standin(prepared, p.elixr, p.clip, demo_clip, out)))
+              lambda p: print(write_elixr_standin(prepared, p.elixr, p.clip, demo_clip, out,
+                                                   device=resolve_device(p.device))))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from cxr_diffusion.conditioning.embed import embed_clip_vision
+from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
 
 
@@ -15,7 +16,8 @@ def main(
     out: Path = typer.Option(Path("data/embeddings/clip_vision"), help="Condition store."),
     metrics: Path = typer.Option(Path("metrics/embed_clip_vision.json"), help="Counts and speed."),
 ) -> None:
-    run_stage("embed_clip_vision", params, lambda p: print(embed_clip_vision(prepared, p.clip, demo_clip, out, metrics)))
+    run_stage("embed_clip_vision", params, lambda p: print(embed_clip_vision(prepared, p.clip, demo_clip, out, metrics,
+                                                                            device=resolve_device(p.device))))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DVC stage `embed_elixr`: read ELIXR-B files (published layout) and join them to the filtered images."""
+"""DVC stage `embed_elixr`: read ELIXR files (published snapshot, older shards), join them to the filtered images."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +12,7 @@ from cxr_diffusion.stage import run_stage
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
     filtered: Path = typer.Option(Path("data/filtered/filtered.csv"), help="Output of the filter stage."),
-    standin: Path = typer.Option(Path("data/elixr_standin"), help="Stand-in files, read when elixr.path is null."),
+    standin: Path = typer.Option(Path("data/elixr_standin"), help="Stand-in snapshot, read when elixr.path is null."),
     out: Path = typer.Option(Path("data/embeddings/elixr"), help="Condition store."),
     rejects: Path = typer.Option(Path("data/embeddings/elixr_rejects.csv"), help="Images without a usable embedding."),
     metrics: Path = typer.Option(Path("metrics/embed_elixr.json"), help="Counts."),

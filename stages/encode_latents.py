@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from cxr_diffusion.diffusion.latents import encode_latents
+from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
 
 
@@ -12,8 +13,10 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
     out: Path = typer.Option(Path("data/latents"), help="Latent store."),
+    metrics: Path = typer.Option(Path("metrics/encode_latents.json"), help="Count, shape, device and time."),
 ) -> None:
-    run_stage("encode_latents", params, lambda p: print(encode_latents(p, prepared, out)))
+    run_stage("encode_latents", params,
+              lambda p: print(encode_latents(p, prepared, out, metrics, device=resolve_device(p.device))))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from cxr_diffusion.evaluation.evaluator import train_evaluator
+from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
 
 
@@ -14,7 +15,8 @@ def main(
     out: Path = typer.Option(Path("models/evaluator"), help="Classifier (safetensors + config.json)."),
     metrics: Path = typer.Option(Path("metrics/evaluator.json"), help="Its own test AUROC per class."),
 ) -> None:
-    run_stage("evaluator", params, lambda p: print(train_evaluator(prepared, p.evaluator, p.seed, out, metrics)))
+    run_stage("evaluator", params, lambda p: print(train_evaluator(prepared, p.evaluator, p.seed, out, metrics,
+                                                                         device=resolve_device(p.device))))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from cxr_diffusion.conditioning.demo_clip import train_demo_clip
+from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
 
 
@@ -15,7 +16,8 @@ def main(
     metrics: Path = typer.Option(Path("metrics/clip.json"), help="Validation retrieval and zero-shot metrics."),
 ) -> None:
     def body(p):
-        result = train_demo_clip(prepared, p.clip, list(p.filter.classes), p.filter.class_members(), p.seed, out, metrics)
+        result = train_demo_clip(prepared, p.clip, list(p.filter.classes), p.filter.class_members(), p.seed, out, metrics,
+                                 device=resolve_device(p.device))
         print({k: v for k, v in result.items() if k != "zero_shot_auroc"})
 
     run_stage("train_clip", params, body)

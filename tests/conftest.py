@@ -84,3 +84,21 @@ def make_training_data(root: Path, n_images: int = 48, image_size: int = 16, tok
             store.write(i, (base[i % 2] + 0.1 * rng.normal(size=(tokens, dim)))[None])
         store.finish([r["Image Index"] for r in rows], np.arange(len(rows)), {"branch": "elixr", "encoder": "test"})
     return {"prepared": root / "prepared", "store": root / "store"}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A demo CLIP saved exactly as stage train_clip saves it."""
+    from cxr_diffusion.conditioning.demo_clip import build_demo_clip, build_image_processor
+    from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
+    from cxr_diffusion.conditioning.prompts import prompt_for
+    from cxr_diffusion.config import ClipConfig, DemoClipConfig
+
+    directory = tmp_path_factory.mktemp("clip")
+    prompts = [prompt_for(x, ClipConfig()) for x in ("No Finding", "Effusion", "Effusion|Infiltration", "Mass")]
+    config = DemoClipConfig(image_size=16, patch_size=4, width=16, layers=1, heads=2, projection_dim=8, max_length=16)
+    tokenizer = train_prompt_tokenizer(prompts, config.vocab_size, config.max_length)
+    build_demo_clip(config, tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    build_image_processor(config.image_size).save_pretrained(directory)
+    return directory

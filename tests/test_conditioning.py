@@ -5,10 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_diffusion.config import ClipConfig, DemoClipConfig
-from cxr_diffusion.conditioning.clip import TextEncoder, encode_prompts, load_text_encoder, load_vision_encoder
-from cxr_diffusion.conditioning.demo_clip import build_demo_clip, build_image_processor
-from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
+from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.conditioning.clip import encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError
 from cxr_diffusion.data.nih import DataError
@@ -26,19 +24,6 @@ def test_no_finding_uses_the_normal_prompt():
 def test_empty_finding_labels_is_an_error():
     with pytest.raises(DataError, match="empty Finding Labels"):
         prompt_for("", ClipConfig())
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    """A demo CLIP saved exactly as stage train_clip saves it."""
-    directory = tmp_path_factory.mktemp("clip")
-    prompts = [prompt_for(x, ClipConfig()) for x in ("No Finding", "Effusion", "Effusion|Infiltration", "Mass")]
-    config = DemoClipConfig(image_size=16, patch_size=4, width=16, layers=1, heads=2, projection_dim=8, max_length=16)
-    tokenizer = train_prompt_tokenizer(prompts, config.vocab_size, config.max_length)
-    build_demo_clip(config, tokenizer).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    build_image_processor(config.image_size).save_pretrained(directory)
-    return directory
 
 
 def test_saved_demo_clip_loads_through_the_hub_calls_with_shapes_from_its_config(tiny_clip_dir):

@@ -1,4 +1,4 @@
-"""Reading published ELIXR-B files (HDF5 shards, Parquet) into the condition store."""
+"""Reading the older ELIXR-B files (HDF5 `embeddings` + `image_ids`, Parquet) into the condition store."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_normalize_image_id_decodes_strips_and_adds_png_once():
     assert normalize_image_id("00000001_000.PNG") == "00000001_000.PNG"
 
 
-def test_shard_is_written_in_the_published_layout(folder):
+def test_shard_is_written_in_the_older_layout(folder):
     write_elixr_hdf5_shard(folder / "a.h5", ids(1, 2), values(2))
     with h5py.File(folder / "a.h5", "r") as handle:
         assert handle["embeddings"].dtype == np.float32 and handle["embeddings"].shape == (2, *SHAPE)

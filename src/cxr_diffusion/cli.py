@@ -1,4 +1,4 @@
-"""The user's commands: `cxr-diffusion profile | generate | inspect | convert-weights`."""
+"""The user's commands: `cxr-diffusion profile | generate | inspect | convert-weights | fetch | doctor`."""
 
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ def generate(
     sampler: str = typer.Option("dpm++", help="dpm++, ddim or ddpm."),
     seed: int = typer.Option(0, help="Random seed."),
     out: Path = typer.Option(Path("generated"), help="Output directory for PNGs and settings.json."),
+    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
 ) -> None:
     """Generate chest X-rays from a saved model; writes PNGs and a JSON sidecar of the settings."""
     import json
@@ -88,9 +89,15 @@ def generate(
     from cxr_diffusion.diffusion.noise import SAMPLERS
     from cxr_diffusion.sampling.sample import load_pipeline
 
+    from cxr_diffusion.device import DeviceError, describe_device, resolve_device
+
     if sampler not in SAMPLERS:
         _fail(f"--sampler {sampler!r} is not one of {sorted(SAMPLERS)}")
-    pipeline = load_pipeline(model, sampler)
+    try:
+        target = resolve_device(device)
+    except (DeviceError, RuntimeError) as error:  # RuntimeError: torch cannot parse the device string
+        _fail(f"--device {device!r}: {error}")
+    pipeline = load_pipeline(model, sampler, target)
     branch = pipeline.config.branch
     given = [name for name, value in (("--prompt", prompt), ("--reference", reference), ("--embedding", embedding))
              if value is not None]
@@ -122,7 +129,8 @@ def generate(
         files.append(path.name)
     settings = {"model": str(model), "branch": branch, "prompt": prompt, "reference": str(reference) if reference else None,
                 "embedding": str(embedding) if embedding else None, "num_images": num_images,
-                "guidance_scale": guidance_scale, "steps": steps, "sampler": sampler, "seed": seed, "files": files}
+                "guidance_scale": guidance_scale, "steps": steps, "sampler": sampler, "seed": seed,
+                "device": describe_device(target), "files": files}
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     typer.echo(f"wrote {len(files)} images and settings.json to {out}")
 
@@ -169,6 +177,52 @@ def convert_weights(
     param = "inception_weights" if flavour == "fid" else "reference_inception_weights"
     typer.echo(f"wrote {target} ({result['tensors']} tensors, sha256 {result['target_sha256'][:12]}; "
                f"source sha256 {result['source_sha256'][:12]}). Set evaluate.{param}: {target}")
+
+
+def _active_params(params_file: Path | None, root: Path):
+    try:
+        return load_params(params_file or root / "params.yaml")
+    except ParamsError as error:
+        _fail(str(error))
+
+
+@app.command()
+def fetch(
+    params_file: Path = typer.Option(None, "--params", help="Params file (default: ROOT/params.yaml, the active profile)."),
+    root: Path = typer.Option(Path("."), help="Repository root: relative paths in the params resolve here."),
+    record_present: bool = typer.Option(False, "--record-present", help="Download nothing: record the assets in "
+                                        "place as they are (copies placed by hand, changes you keep)."),
+) -> None:
+    """Download every external asset the params need to the paths they name, and record their hashes (exit 2
+    if any could not be placed; each is listed with how to place it by hand)."""
+    from cxr_diffusion.assets.download import AssetError
+    from cxr_diffusion.assets.fetch import fetch_assets
+
+    params = _active_params(params_file, root)
+    try:
+        report = fetch_assets(params, root, record_present=record_present, echo=typer.echo)
+    except AssetError as error:
+        _fail(str(error))
+    if report.missing:
+        raise typer.Exit(2)
+
+
+@app.command()
+def doctor(
+    params_file: Path = typer.Option(None, "--params", help="Params file (default: ROOT/params.yaml, the active profile)."),
+    root: Path = typer.Option(Path("."), help="Repository root: relative paths in the params resolve here."),
+) -> None:
+    """List every external asset the params need as present, missing or changed since fetch, with the fix
+    (exit 0 when all are present and verified, else 2)."""
+    from cxr_diffusion.assets.doctor import run_doctor
+    from cxr_diffusion.assets.download import AssetError
+
+    params = _active_params(params_file, root)
+    try:
+        code = run_doctor(params, root, echo=typer.echo)
+    except AssetError as error:
+        _fail(str(error))
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

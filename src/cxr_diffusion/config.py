@@ -102,6 +102,10 @@ class FilterConfig:
         _require(self.max_per_class is None or self.max_per_class > 0, f"{key}.max_per_class", "must be > 0")
         _require(0 <= self.age_min <= self.age_max, f"{key}.age_min", "must be in [0, age_max]")
         _require(len(self.views) > 0, f"{key}.views", "must name at least one view (PA, AP)")
+        _require(self.include_list is None or (Path(self.include_list).parts[:1] == ("reference",)
+                                               and ".." not in Path(self.include_list).parts), f"{key}.include_list",
+                 f"is {self.include_list!r}; put the list under reference/ and name it relative to the repository "
+                 "(reference/ is the filter stage's dep in dvc.yaml, so editing the list reruns the stage)")
         self.split.validate(f"{key}.split")
 
     def class_members(self) -> dict[str, tuple[str, ...]]:
@@ -170,9 +174,11 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class ElixrConfig:
-    # Folder of pre-extracted ELIXR-B files (HDF5 shards with `embeddings` + `image_ids`, or Parquet
-    # with `Image Index` + embedding). null: the in-pipeline stand-in (stage `elixr_standin`).
+    # The published snapshot's root (Yasintuncer/nih-cxr14-elixr: datasets.json + HDF5 shards), or a folder
+    # of older files (HDF5 `embeddings` + `image_ids`, Parquet `Image Index` + embedding). null: the stand-in.
     path: str | None = None
+    dataset: str = "elixrb/img_emb"  # snapshot dataset (datasets.json name = folder): elixrb/img_emb, elixrc, ...
+    feature: str = "img_emb"  # image feature of that dataset: img_emb (32 x 768), Embedding (elixrc: 64 x 1376), ...
     shape: tuple[int, ...] | None = None  # expected (tokens, dim), e.g. [32, 768] for ELIXR-B; null: from the files
     on_missing: Literal["drop", "error"] = "drop"  # filtered images without a usable embedding
     standin_tokens: int = 32  # the stand-in pools the demo CLIP's vision tokens to this many, like ELIXR-B's 32
@@ -182,6 +188,11 @@ class ElixrConfig:
         if self.shape is not None:
             _require(len(self.shape) == 2 and min(self.shape) > 0, f"{key}.shape", "must be [tokens, dim]")
         _require(self.standin_tokens > 0, f"{key}.standin_tokens", "must be > 0")
+        parts = self.dataset.split("/")
+        _require(all(p.strip() == p and p not in ("", ".", "..") for p in parts), f"{key}.dataset",
+                 f"is {self.dataset!r}; expected a dataset of the snapshot's datasets.json, e.g. elixrb/img_emb or elixrc")
+        _require(bool(self.feature.strip()) and self.feature != "Image Index", f"{key}.feature",
+                 f"is {self.feature!r}; expected an embedding feature of elixr.dataset, e.g. img_emb or Embedding")
 
 
 @dataclass(frozen=True)
@@ -246,6 +257,8 @@ class TrainConfig:
     val_every_steps: int = 250
     val_images: int = 256         # validation images (fixed noise and timesteps)
     sample_every_steps: int = 500 # sample grid logged to DVCLive
+    sample_grid_images: int = 8   # validation conditions in that grid (0 = no grid)
+    sample_grid_steps: int = 20   # DPM-Solver++ steps of the grid (8 x 20 at 512 px costs minutes on a CPU)
     checkpoint_every_steps: int = 250
     checkpoints_total_limit: int = 2
     num_workers: int = 0          # DataLoader workers
@@ -267,6 +280,8 @@ class TrainConfig:
                      "num_train_timesteps"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         _require(self.max_steps is None or self.max_steps > 0, f"{key}.max_steps", "must be > 0 or null")
+        _require(self.sample_grid_images >= 0, f"{key}.sample_grid_images", "must be >= 0 (0 = no sample grid)")
+        _require(self.sample_grid_steps > 0, f"{key}.sample_grid_steps", "must be > 0")
         _require(self.ema_half_life_images > 0, f"{key}.ema_half_life_images", "must be > 0")
         _require(0 < self.plateau_factor < 1, f"{key}.plateau_factor", "must be in (0, 1)")
 
@@ -331,11 +346,36 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class FetchConfig:
+    """Where `cxr-diffusion fetch` gets the assets that clip.model, train.vae and elixr.path name (when they
+    are local folders it fills; a param equal to the hub id itself means the Hugging Face cache)."""
+
+    manifest: str = "external/assets.json"  # hashes recorded at fetch time; `cxr-diffusion doctor` checks against them
+    clip_repo: str = "openai/clip-vit-large-patch14"  # hub model fetched into clip.model
+    clip_revision: str | None = None   # commit hash or tag to pin; null = the latest
+    vae_repo: str = "stabilityai/sd-vae-ft-mse"  # hub model fetched into train.vae (latent space only)
+    vae_revision: str | None = None    # commit hash or tag to pin; null = the latest
+    elixr_repo: str = "Yasintuncer/nih-cxr14-elixr"  # hub dataset fetched into elixr.path (elixr.dataset's files only)
+    elixr_revision: str | None = None  # commit hash or tag to pin; null = the latest
+
+    def validate(self, key: str) -> None:
+        _require(self.manifest.endswith(".json"), f"{key}.manifest", "must be a .json file, e.g. external/assets.json")
+        for name in ("clip", "vae", "elixr"):
+            parts = getattr(self, f"{name}_repo").split("/")
+            _require(len(parts) == 2 and all(p.strip() == p and p not in ("", ".", "..") for p in parts),
+                     f"{key}.{name}_repo", "must be a hub id owner/name, e.g. openai/clip-vit-large-patch14")
+            revision = getattr(self, f"{name}_revision")
+            _require(revision is None or revision.strip() != "", f"{key}.{name}_revision",
+                     "must be a commit hash or tag, or null for the latest")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0                 # one seed for sampling, splits, caps and training
     image_size: int = 64          # side of the prepared (training) images
     channels: Literal[1, 3] = 3   # 3 = grayscale replicated to RGB, as the reference work did
     lr: float | None = None       # when set, overrides every branch's learning rate (dvc exp run -S lr=...)
+    device: str = "auto"          # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; every stage and command
     branches: tuple[Literal["clip_text", "clip_vision", "elixr"], ...] = BRANCHES
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -346,6 +386,7 @@ class Params:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
 
     def learning_rate(self, branch: str) -> float:
         """The top-level `lr` when set (dvc exp run -S lr=...), else the branch's own rate."""
@@ -355,6 +396,9 @@ class Params:
         _require(8 <= self.image_size <= 2048, "image_size", "must be in [8, 2048]")
         _require(self.lr is None or self.lr > 0, "lr", "must be > 0 (or null to use per-branch rates)")
         _require(len(set(self.branches)) == len(self.branches), "branches", "has duplicates")
+        _require(self.device == "auto" or self.device == "cpu" or self.device == "cuda"
+                 or (self.device.startswith("cuda:") and self.device[5:].isdigit()), "device",
+                 f"is {self.device!r}; expected auto, cpu, cuda or cuda:N")
         self.dataset.validate("dataset")
         self.filter.validate("filter")
         self.prepare.validate("prepare")
@@ -366,6 +410,7 @@ class Params:
         self.sample.validate("sample")
         self.evaluator.validate("evaluator")
         self.evaluate.validate("evaluate")
+        self.fetch.validate("fetch")
 
 
 # ----------------------------------------------------------------------------- casting

@@ -38,6 +38,10 @@ class TextEncoder:
     tokenizer: object
     model: torch.nn.Module
 
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "TextEncoder":
+        self.model.to(device, dtype)
+        return self
+
     @property
     def shape(self) -> tuple[int, int]:
         """(tokens, dim) of the condition: the tokenizer's max length x the text hidden size."""
@@ -48,6 +52,10 @@ class TextEncoder:
 class VisionEncoder:
     processor: object
     model: torch.nn.Module
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "VisionEncoder":
+        self.model.to(device, dtype)
+        return self
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,23 +99,26 @@ def load_vision_encoder(source: str, revision: str | None = None) -> VisionEncod
 
 @torch.no_grad()
 def encode_prompts(encoder: TextEncoder, prompts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Token embeddings (last hidden state) padded to max length, their attention masks, and how
-    many prompts were truncated."""
+    """Token embeddings (last hidden state, float32 on the encoder's device) padded to max length,
+    their attention masks, and how many prompts were truncated."""
     tokens, _ = encoder.shape
+    device = encoder.model.device
     hidden, masks, truncated = [], [], 0
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         full = encoder.tokenizer(batch, truncation=False)["input_ids"]
         truncated += sum(len(ids) > tokens for ids in full)
         inputs = encoder.tokenizer(batch, padding="max_length", max_length=tokens, truncation=True, return_tensors="pt")
-        output = encoder.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        output = encoder.model(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
         hidden.append(output.last_hidden_state.float())
         masks.append(inputs["attention_mask"].bool())
     return torch.cat(hidden), torch.cat(masks), truncated
 
 
 @torch.no_grad()
-def encode_images(encoder: VisionEncoder, images: list, ) -> torch.Tensor:
-    """Projected image embeddings ``(n, 1, projection_dim)`` for PIL images (grayscale becomes RGB)."""
+def encode_images(encoder: VisionEncoder, images: list) -> torch.Tensor:
+    """Projected image embeddings ``(n, 1, projection_dim)``, float32 on the encoder's device, for PIL
+    images (grayscale becomes RGB)."""
     inputs = encoder.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-    return encoder.model(pixel_values=inputs["pixel_values"]).image_embeds.float().unsqueeze(1)
+    pixels = inputs["pixel_values"].to(encoder.model.device, encoder.model.dtype)
+    return encoder.model(pixel_values=pixels).image_embeds.float().unsqueeze(1)

@@ -27,6 +27,7 @@ from cxr_diffusion.config import NO_FINDING, ClipConfig, DemoClipConfig
 from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.data.shards import read_manifest
+from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
 
 def build_demo_clip(config: DemoClipConfig, tokenizer):
@@ -119,8 +120,19 @@ def evaluate_demo_clip(model, tokenizer, pixel_values, prompts: list[str], label
     return metrics
 
 
+def demo_clip_loss(model, pixels: torch.Tensor, tokens, batch_prompts: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The contrastive loss of one batch on ``device``: its images against the distinct prompts they carry."""
+    in_batch = batch_prompts.unique()
+    text = projected(model.get_text_features(input_ids=tokens["input_ids"][in_batch].to(device),
+                                             attention_mask=tokens["attention_mask"][in_batch].to(device)))
+    image = projected(model.get_image_features(pixel_values=pixels.to(device)))
+    target = torch.searchsorted(in_batch, batch_prompts).to(device)  # index of each image's prompt in `in_batch`
+    return prompt_contrastive_loss(image, text, target, model.logit_scale)
+
+
 def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[str], members: dict[str, tuple[str, ...]],
-                    seed: int, out_dir: str | Path, metrics_path: str | Path | None = None) -> dict:
+                    seed: int, out_dir: str | Path, metrics_path: str | Path | None = None,
+                    device: torch.device = torch.device("cpu")) -> dict:
     """Train and save the demo CLIP; return its validation metrics. Writes a note instead when
     ``clip.model`` names a pretrained CLIP (nothing to train)."""
     out_dir = Path(out_dir)
@@ -143,7 +155,7 @@ def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[
     corpus = sorted(set(train_prompts) | set(val_prompts))
     tokenizer = train_prompt_tokenizer(corpus + class_prompts + [config.normal_prompt], demo.vocab_size, demo.max_length)
     processor = build_image_processor(demo.image_size)
-    model = build_demo_clip(demo, tokenizer)
+    model = build_demo_clip(demo, tokenizer).to(device)  # initialised on the CPU: the same weights on every device
 
     pixels = processor(images=train_images, return_tensors="pt")["pixel_values"]
     unique = sorted(set(train_prompts))
@@ -159,13 +171,7 @@ def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[
     model.train()
     for _ in range(demo.epochs):
         for batch in torch.randperm(len(pixels), generator=generator).split(demo.batch_size):
-            batch_prompts = prompt_ids[batch]
-            in_batch = batch_prompts.unique()
-            text = projected(model.get_text_features(input_ids=tokens["input_ids"][in_batch],
-                                                     attention_mask=tokens["attention_mask"][in_batch]))
-            image = projected(model.get_image_features(pixel_values=pixels[batch]))
-            target = torch.searchsorted(in_batch, batch_prompts)  # index of each image's prompt in `in_batch`
-            loss = prompt_contrastive_loss(image, text, target, model.logit_scale)
+            loss = demo_clip_loss(model, pixels[batch], tokens, prompt_ids[batch], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,10 +184,11 @@ def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[
 
     val_pixels = processor(images=val_images, return_tensors="pt")["pixel_values"]
     labels = np.array(val_rows["labels"].tolist()) if len(val_rows) else np.zeros((0, len(classes)))
+    model.cpu()  # the held-out evaluation is a few hundred images: cheap on the CPU, where it was measured
     metrics = evaluate_demo_clip(model, tokenizer, val_pixels, val_prompts, labels, classes, members, config, corpus)
     metrics.update({"trained": True, "train_images": len(pixels), "epochs": demo.epochs,
                     "train_seconds": round(train_seconds, 1), "final_loss": float(loss.item()),
-                    "parameters": sum(p.numel() for p in model.parameters())})
+                    "parameters": sum(p.numel() for p in model.parameters()), "device": describe_device(device)})
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

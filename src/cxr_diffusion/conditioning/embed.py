@@ -18,23 +18,26 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cxr_diffusion.config import ClipConfig, ElixrConfig
+from cxr_diffusion.config import ClipConfig
 from cxr_diffusion.conditioning.clip import clip_source, encode_images, encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
 from cxr_diffusion.data.shards import read_manifest
-from cxr_diffusion.io import atomic_directory, write_csv, write_json
+from cxr_diffusion.device import describe_device, half_dtype
+
+CPU = torch.device("cpu")
+from cxr_diffusion.io import write_csv, write_json
 
 
 def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str | Path, out_dir: str | Path,
-                    metrics_path: str | Path | None = None) -> dict:
+                    metrics_path: str | Path | None = None, device: torch.device = CPU) -> dict:
     """Encode each distinct prompt once; every image points at its prompt's row."""
     table = pd.read_csv(filtered_csv, dtype={"Image Index": str, "Finding Labels": str})
     prompts = [prompt_for(labels, config) for labels in table["Finding Labels"]]
     unique = sorted(set(prompts))
     row_of = {prompt: i for i, prompt in enumerate(unique)}
     source = clip_source(config, demo_dir)
-    encoder = load_text_encoder(source, config.revision)
+    encoder = load_text_encoder(source, config.revision).to(device, half_dtype(device))
     tokens, dim = encoder.shape
     started = time.perf_counter()
     hidden, mask, truncated = encode_prompts(encoder, unique, config.batch_size)
@@ -48,7 +51,7 @@ def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str 
             "tokens": [len(encoder.tokenizer(p)["input_ids"]) for p in unique],
         }))
     metrics = {"images": len(table), "unique_prompts": len(unique), "truncated_prompts": truncated,
-               "tokens": tokens, "dim": dim, "encoder": source, "seconds": round(time.perf_counter() - started, 2)}
+               "tokens": tokens, "dim": dim, "encoder": source, "device": describe_device(device), "seconds": round(time.perf_counter() - started, 2)}
     if metrics_path:
         write_json(metrics_path, metrics)
     return metrics
@@ -73,11 +76,11 @@ def iter_prepared_images(prepared_dir: str | Path, batch_size: int) -> Iterator[
 
 
 def embed_clip_vision(prepared_dir: str | Path, config: ClipConfig, demo_dir: str | Path, out_dir: str | Path,
-                      metrics_path: str | Path | None = None) -> dict:
+                      metrics_path: str | Path | None = None, device: torch.device = CPU) -> dict:
     """One projected CLIP image embedding (1, projection_dim) per prepared image."""
     total = read_manifest(prepared_dir)["written"]
     source = clip_source(config, demo_dir)
-    encoder = load_vision_encoder(source, config.revision)
+    encoder = load_vision_encoder(source, config.revision).to(device, half_dtype(device))
     tokens, dim = encoder.shape
     names: list[str] = []
     started = time.perf_counter()
@@ -91,7 +94,7 @@ def embed_clip_vision(prepared_dir: str | Path, config: ClipConfig, demo_dir: st
                                                     "revision": config.revision, "what": "image_embeds"})
     seconds = time.perf_counter() - started
     metrics = {"images": len(names), "tokens": tokens, "dim": dim, "encoder": source,
-               "images_per_second": round(len(names) / max(seconds, 1e-9), 1)}
+               "device": describe_device(device), "images_per_second": round(len(names) / max(seconds, 1e-9), 1)}
     if metrics_path:
         write_json(metrics_path, metrics)
     return metrics
@@ -101,44 +104,6 @@ def embed_clip_vision(prepared_dir: str | Path, config: ClipConfig, demo_dir: st
 def standin_tokens(encoder, images: list[Image.Image], tokens: int) -> torch.Tensor:
     """ELIXR-B-shaped (n, tokens, width) stand-in: the vision tower's patch tokens, average-pooled."""
     inputs = encoder.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-    hidden = encoder.model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 1:]
+    pixels = inputs["pixel_values"].to(encoder.model.device, encoder.model.dtype)
+    hidden = encoder.model.vision_model(pixel_values=pixels).last_hidden_state[:, 1:].float()
     return F.adaptive_avg_pool1d(hidden.transpose(1, 2), tokens).transpose(1, 2)
-
-
-def write_elixr_standin(prepared_dir: str | Path, elixr: ElixrConfig, clip: ClipConfig, demo_dir: str | Path,
-                        out_dir: str | Path, shard_size: int = 2000) -> dict:
-    """HDF5 shards in the published ELIXR layout, made from the in-pipeline CLIP's vision tokens, so
-    the real ELIXR reader is what the pipeline runs. Labelled a stand-in everywhere; when
-    ``elixr.path`` names real files, only a note is written."""
-    from cxr_diffusion.conditioning.elixr import write_elixr_hdf5_shard
-
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        if elixr.path is not None:
-            write_json(tmp / "not_used.json", {"reason": f"elixr.path is '{elixr.path}': the real ELIXR-B files are used"})
-            return {"standin": False}
-        encoder = load_vision_encoder(clip_source(clip, demo_dir), clip.revision)
-        names, blocks, shards = [], [], 0
-        total = read_manifest(prepared_dir)["written"]
-
-        def flush():
-            nonlocal names, blocks, shards
-            if names:
-                write_elixr_hdf5_shard(tmp / f"elixr_standin-{shards:05d}.h5", names, np.concatenate(blocks))
-                shards += 1
-                names, blocks = [], []
-
-        with tqdm(total=total, desc="elixr_standin", unit="img") as progress:
-            for batch_names, images in iter_prepared_images(prepared_dir, clip.batch_size):
-                blocks.append(standin_tokens(encoder, images, elixr.standin_tokens).float().numpy())
-                names += batch_names
-                progress.update(len(batch_names))
-                if len(names) >= shard_size:
-                    flush()
-        flush()
-        write_json(tmp / "STANDIN.json", {
-            "what": "ELIXR-B stand-in: NOT ELIXR. Patch tokens of the in-pipeline CLIP vision tower, average-pooled "
-                    f"to {elixr.standin_tokens} tokens, stored in the published ELIXR HDF5 layout.",
-            "encoder": clip_source(clip, demo_dir), "images": total, "shards": shards,
-        })
-    return {"standin": True, "images": total}

@@ -20,6 +20,7 @@ from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWrite
 from cxr_diffusion.data.filter import SPLITS
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import PreparedImages, read_manifest
+from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
 
 
@@ -41,13 +42,24 @@ def latent_shape(store: ConditionStore) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
+def encode_batch(vae, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Scaled posterior means of a batch of [-1, 1] images, on the VAE's device."""
+    pixels = pixel_values.to(vae.device, vae.dtype)
+    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
 def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path | None = None,
-                   batch_size: int = 16) -> dict:
+                   batch_size: int = 16, device: torch.device = torch.device("cpu")) -> dict:
+    """Posterior means x scaling factor of every prepared image, in fp32 on ``device`` (SD VAEs can
+    overflow in fp16, and the latents are computed once, so full precision costs little)."""
     if params.train.space != "latent":
         with atomic_directory(out_dir) as tmp:
             write_json(tmp / "not_used.json", {"reason": "train.space is 'pixel': no latents needed"})
+        if metrics_path is not None:
+            write_json(metrics_path, {"latents": False})
         return {"latents": False}
-    vae = load_vae(params.train.vae)
+    vae = load_vae(params.train.vae).to(device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     channels, side = vae.config.latent_channels, params.image_size // factor
     total = read_manifest(prepared_dir)["written"]
@@ -58,7 +70,7 @@ def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_pa
             for split in SPLITS:
                 images = PreparedImages(prepared_dir, split, channels=3)
                 for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
-                    latents = vae.encode(batch["pixel_values"]).latent_dist.mean * vae.config.scaling_factor
+                    latents = encode_batch(vae, batch["pixel_values"])
                     store.write(len(names), latents.reshape(len(latents), channels, side * side))
                     names += list(batch["image_index"])
                     progress.update(len(latents))
@@ -66,6 +78,7 @@ def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_pa
                                                     "latent_shape": [channels, side, side],
                                                     "scaling_factor": vae.config.scaling_factor})
     metrics = {"latents": True, "images": len(names), "latent_shape": [channels, side, side],
+               "device": describe_device(device),
                "seconds": round(time.perf_counter() - started, 1)}
     if metrics_path is not None:
         write_json(metrics_path, metrics)

@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
+from cxr_diffusion.device import timestep_device
 from cxr_diffusion.conditioning.clip import TextEncoder, VisionEncoder, encode_images, encode_prompts
 # model_index.json names the adapter's module; diffusers loads components only from modules that are
 # already imported (it never imports what a repository names), so importing it here is what lets
@@ -73,15 +74,35 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         sampling stage does with the condition stores; otherwise the branch's input is encoded."""
         if condition is None:
             condition = self.make_condition(prompt, image, embedding)
-        condition = condition.to(self.device, self.unet.dtype).repeat_interleave(num_images_per_condition, 0)
+        condition = condition.repeat_interleave(num_images_per_condition, 0)
+        sample = self.denoise(condition, guidance_scale, num_inference_steps, generator, progress)
+        images = ((sample.float().clamp(-1, 1) + 1) / 2).cpu()  # [0, 1], (batch, channels, H, W)
+        if output_type == "pt":
+            return CXRDiffusionOutput(images=images)
+        gray = images.mean(1).numpy()  # channels are replicated grayscale
+        if output_type == "np":
+            return CXRDiffusionOutput(images=gray)
+        return CXRDiffusionOutput(images=[Image.fromarray(np.rint(g * 255).astype(np.uint8)) for g in gray])
+
+    @torch.no_grad()
+    def denoise(self, condition: torch.Tensor, guidance_scale: float, num_inference_steps: int,
+                generator: torch.Generator | None, progress: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] (decoded by the VAE in latent space), on the UNet's device.
+
+        Every input is moved to the UNet's device here. The initial noise is drawn on the CPU from
+        ``generator`` and then moved, so a seed gives the same noise on every device. The VAE runs
+        in its own dtype: it is kept in fp32, since SD VAEs can overflow in fp16.
+        """
+        device, dtype = self.unet.device, self.unet.dtype
+        condition = condition.to(device, dtype)
         batch = condition.shape[0]
         hidden = self.condition_adapter(condition)
         if guidance_scale != 1.0:
             hidden = torch.cat([self.condition_adapter.null(batch).to(hidden.dtype), hidden])
         size = self.unet.config.sample_size
         shape = (batch, self.unet.config.in_channels, size, size)
-        sample = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        sample = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=timestep_device(device))
         sample = sample * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             model_input = torch.cat([sample] * 2) if guidance_scale != 1.0 else sample
@@ -92,11 +113,6 @@ class CXRDiffusionPipeline(DiffusionPipeline):
                 output = unconditional + guidance_scale * (conditional - unconditional)
             sample = self.scheduler.step(output, t, sample, generator=generator).prev_sample
         if self.vae is not None:
-            sample = self.vae.decode(sample / self.vae.config.scaling_factor).sample
-        images = ((sample.float().clamp(-1, 1) + 1) / 2).cpu()  # [0, 1], (batch, channels, H, W)
-        if output_type == "pt":
-            return CXRDiffusionOutput(images=images)
-        gray = images.mean(1).numpy()  # channels are replicated grayscale
-        if output_type == "np":
-            return CXRDiffusionOutput(images=gray)
-        return CXRDiffusionOutput(images=[Image.fromarray(np.rint(g * 255).astype(np.uint8)) for g in gray])
+            latents = (sample / self.vae.config.scaling_factor).to(self.vae.device, self.vae.dtype)
+            sample = self.vae.decode(latents).sample
+        return sample

@@ -22,11 +22,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def choose_mixed_precision(requested: str) -> str:
-    """'no', 'bf16' or 'fp16' for accelerate; ``requested`` 'auto' picks per machine."""
+def choose_mixed_precision(requested: str, device: torch.device | None = None) -> str:
+    """'no', 'bf16' or 'fp16' for accelerate; ``requested`` 'auto' picks per machine and device."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if "amx_bf16" in cpu_flags() else "no"
 

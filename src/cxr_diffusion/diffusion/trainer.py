@@ -14,10 +14,9 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -38,7 +37,8 @@ from cxr_diffusion.diffusion.noise import (
 )
 from cxr_diffusion.diffusion.precision import choose_mixed_precision, describe_machine
 from cxr_diffusion.diffusion.unet import build_unet
-from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.device import describe_device, resolve_device
+from cxr_diffusion.io import atomic_directory
 
 
 class TrainingError(RuntimeError):
@@ -98,6 +98,11 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup: int, plateau_s
     return warm
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's weights live: every input it is given must be moved there."""
+    return next(module.parameters()).device
+
+
 def diffusion_loss(model: nn.Module, scheduler, batch_pixels: torch.Tensor, condition: torch.Tensor,
                    timesteps: torch.Tensor, noise: torch.Tensor, gamma: float | None,
                    drop: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,6 +112,22 @@ def diffusion_loss(model: nn.Module, scheduler, batch_pixels: torch.Tensor, cond
     prediction = model(noisy, timesteps, condition, drop)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return per_image * loss_weights(scheduler, timesteps, gamma)
+
+
+def training_loss(model: nn.Module, scheduler, batch: dict, train, generator: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    """The mean loss of one micro-batch on ``device``.
+
+    Timesteps, noise and condition dropout are drawn from ``generator`` on the CPU, in this order,
+    and only then moved: the draws are the same on every device, which is what exact resume and
+    CPU/GPU comparisons rely on (a CUDA generator would give other numbers).
+    """
+    pixels = batch["pixel_values"]
+    timesteps = torch.randint(0, train.num_train_timesteps, (len(pixels),), generator=generator)
+    noise = sample_noise(pixels.shape, train.offset_noise, generator)
+    drop = torch.rand(len(pixels), generator=generator) < train.cfg_dropout
+    return diffusion_loss(model, scheduler, pixels.to(device), batch["condition"].to(device), timesteps.to(device),
+                          noise.to(device), train.min_snr_gamma, drop=drop.to(device)).mean()
 
 
 class Validator:
@@ -128,20 +149,25 @@ class Validator:
         self.shuffled[order] = order.roll(1)  # a derangement: no image keeps its own condition
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        if self.batch is None:
-            return {}
+    def losses(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image losses with the true and with the shuffled conditions, on the model's device."""
+        device = module_device(model)
         true_losses, shuffled_losses = [], []
         pixels, condition = self.batch["pixel_values"], self.batch["condition"]
         for start in range(0, len(pixels), self.batch_size):
             part = slice(start, start + self.batch_size)
-            args = (self.scheduler, pixels[part])
-            true_losses.append(diffusion_loss(model, *args, condition[part], self.timesteps[part],
-                                              self.noise[part], self.gamma))
-            shuffled_losses.append(diffusion_loss(model, *args, condition[self.shuffled[part]],
-                                                  self.timesteps[part], self.noise[part], self.gamma))
-        true_loss = torch.cat(true_losses).mean().item()
-        shuffled_loss = torch.cat(shuffled_losses).mean().item()
+            args = (self.scheduler, pixels[part].to(device))
+            timesteps, noise = self.timesteps[part].to(device), self.noise[part].to(device)
+            true_losses.append(diffusion_loss(model, *args, condition[part].to(device), timesteps, noise, self.gamma))
+            shuffled_losses.append(diffusion_loss(model, *args, condition[self.shuffled[part]].to(device),
+                                                  timesteps, noise, self.gamma))
+        return torch.cat(true_losses), torch.cat(shuffled_losses)
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        if self.batch is None:
+            return {}
+        true_losses, shuffled_losses = self.losses(model)
+        true_loss, shuffled_loss = true_losses.mean().item(), shuffled_losses.mean().item()
         return {"val/loss": true_loss, "val/loss_shuffled_condition": shuffled_loss,
                 "val/conditioning_gap": shuffled_loss - true_loss}
 
@@ -165,9 +191,10 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
 
     train = params.train
     torch.manual_seed(params.seed)
-    precision = choose_mixed_precision(train.mixed_precision)
+    device = resolve_device(params.device)  # accelerate places each process on its GPU; `cpu` forces the CPU
+    precision = choose_mixed_precision(train.mixed_precision, device)
     accelerator = Accelerator(gradient_accumulation_steps=train.gradient_accumulation, mixed_precision=precision,
-                              cpu=not torch.cuda.is_available())
+                              cpu=device.type == "cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.device.type == "cpu":  # undo accelerate's OMP_NUM_THREADS=1 for the processes it launches
         torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
@@ -178,7 +205,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
 
         if paths.latents is None:
             raise TrainingError("train.space is 'latent' but no latent store was given (stage encode_latents)")
-        latents, vae = ConditionStore(paths.latents), load_vae(train.vae)
+        latents, vae = ConditionStore(paths.latents), load_vae(train.vae).to(accelerator.device)
     train_set = ConditionedImages(paths.prepared, "train", store, params.channels, latents=latents)
     val_set = ConditionedImages(paths.prepared, "val", store, params.channels, limit=train.val_images, latents=latents)
     if len(train_set) < train.batch_size * world:
@@ -216,6 +243,8 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         accelerator.print(f"{branch}: resuming from {loaded.path} (step {state.step})")
     elif accelerator.is_main_process:
         shutil.rmtree(paths.live, ignore_errors=True)
+    ema.to(accelerator.device)  # the shadow weights follow the model; `to` makes new tensors, so re-point the saver
+    ema_tensors = {"ema": {str(i): p for i, p in enumerate(ema.shadow_params)}}
 
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -226,6 +255,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         _log_truncated_live(paths.live, state.step)
     if live is not None:
         live.log_params({"branch": branch, "lr": base_lr, "precision": precision, "images_per_step": images_per_step,
+                         "device": describe_device(accelerator.device),
                          **{f"machine/{k}": v for k, v in describe_machine().items()}})
 
     def set_lr() -> float:
@@ -248,8 +278,10 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         ema.copy_to(unwrapped.parameters())
         unwrapped.eval()
         metrics = validator(unwrapped)
-        if live is not None and (state.step % train.sample_every_steps == 0 or state.step >= total_steps):
-            live.log_image("samples.png", sample_grid(unwrapped, scheduler, val_set, params.seed, vae=vae))
+        if live is not None and train.sample_grid_images > 0 and (
+                state.step % train.sample_every_steps == 0 or state.step >= total_steps):
+            live.log_image("samples.png", sample_grid(unwrapped, scheduler, val_set, params.seed, vae=vae,
+                                                      count=train.sample_grid_images, steps=train.sample_grid_steps))
         unwrapped.train()
         ema.restore(unwrapped.parameters())
         if live is not None:
@@ -282,14 +314,9 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         fetch_started = time.perf_counter()
         for batch in loader:
             waited += time.perf_counter() - fetch_started
-            pixels, condition = batch["pixel_values"], batch["condition"]
-            timesteps = torch.randint(0, train.num_train_timesteps, (len(pixels),), generator=generator)
-            noise = sample_noise(pixels.shape, train.offset_noise, generator)
-            drop = torch.rand(len(pixels), generator=generator) < train.cfg_dropout
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = diffusion_loss(model, scheduler, pixels, condition, timesteps, noise,
-                                          train.min_snr_gamma, drop=drop).mean()
+                    loss = training_loss(model, scheduler, batch, train, generator, accelerator.device)
                 finite = bool(torch.isfinite(loss))
                 if finite:
                     accelerator.backward(loss)
@@ -302,7 +329,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch += 1
-            step_images += len(pixels) * world
+            step_images += len(batch["pixel_values"]) * world
             if not finite:
                 state.extra["nonfinite"] += 1
                 if state.extra["nonfinite"] >= train.max_nonfinite:
@@ -349,7 +376,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
 
     accelerator.wait_for_everyone()
     result = {"branch": branch, "steps": state.step, "images_seen": state.images_seen, "lr": base_lr,
-              "processes": world, "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
+              "processes": world, "device": describe_device(accelerator.device), "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
               "precision": precision, "seconds_this_run": round(seconds, 1), "train_images": len(train_set),
               "missing_condition": train_set.missing_condition, "best_val_loss": state.extra["best_val"]}
     if accelerator.is_main_process:

@@ -19,7 +19,6 @@ from torch.utils.data import Subset
 from cxr_diffusion.config import Params
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.shards import PreparedImages
-from cxr_diffusion.diffusion.data import ConditionedImages
 from cxr_diffusion.diffusion.grid import image_grid
 from cxr_diffusion.evaluation.distances import (
     bootstrap_interval, frechet_distance, kernel_inception_distance, real_vs_real_floor,
@@ -31,6 +30,7 @@ from cxr_diffusion.evaluation.faithfulness import label_agreement, macro_auroc, 
 from cxr_diffusion.evaluation.memorization import memorization_report
 from cxr_diffusion.evaluation.pca_plot import pca_scatter
 from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
+from cxr_diffusion.device import describe_device, resolve_device
 from cxr_diffusion.io import atomic_directory, write_json
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -44,31 +44,34 @@ def _interval(values: tuple[float, float]) -> list[float]:
 
 
 @torch.no_grad()
-def untrained_samples(params: Params, model_dir: Path, conditions: torch.Tensor) -> list[Image.Image]:
+def untrained_samples(params: Params, model_dir: Path, conditions: torch.Tensor,
+                      device: torch.device = torch.device("cpu")) -> list[Image.Image]:
     """Generations of the same architecture with freshly initialised weights: the 'no training' baseline."""
     from diffusers import UNet2DConditionModel
 
     from cxr_diffusion.diffusion.condition import ConditionAdapter
     from cxr_diffusion.sampling.sample import generate, load_pipeline
 
-    pipeline = load_pipeline(model_dir, params.sample.sampler)
+    pipeline = load_pipeline(model_dir, params.sample.sampler, device)
     torch.manual_seed(params.seed)
-    pipeline.unet = UNet2DConditionModel.from_config(pipeline.unet.config)
-    pipeline.condition_adapter = ConditionAdapter.from_config(pipeline.condition_adapter.config)
+    dtype = pipeline.unet.dtype  # fresh weights are initialised on the CPU (same draws everywhere), then moved
+    pipeline.unet = UNet2DConditionModel.from_config(pipeline.unet.config).to(device, dtype)
+    pipeline.condition_adapter = ConditionAdapter.from_config(pipeline.condition_adapter.config).to(device, dtype)
     return generate(pipeline, conditions, params, params.seed)
 
 
 def _features_of_images(classifier: CXRClassifier, images: list[Image.Image]) -> np.ndarray:
     x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0) for im in images])[:, None]
     with torch.no_grad():
-        return classifier.features(x).numpy()
+        return classifier.features(x.to(next(classifier.parameters()).device)).cpu().numpy()
 
 
 def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_dir: Path, samples_dir: Path,
                     model_dir: Path, store_dir: Path, figures_dir: Path, metrics_path: Path | None = None) -> dict:
     started = time.perf_counter()
     config = params.evaluate
-    classifier = load_classifier(evaluator_dir)
+    device = resolve_device(params.device)
+    classifier = load_classifier(evaluator_dir).to(device)
     classes = list(classifier.spec.classes)
     test_images, val_images = PreparedImages(prepared_dir, "test"), PreparedImages(prepared_dir, "val")
     generated_images, train_images = PreparedImages(samples_dir, "test"), PreparedImages(prepared_dir, "train")
@@ -100,9 +103,9 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
     }
     for name, result in (
         ("inception_fid", standard_fid(config, generated_images, test_images,
-                                       train_images.image_size)),
+                                       train_images.image_size, params.device)),
         ("reference_compatible_fid", reference_compatible_fid(config, generated_images, train_images,
-                                                              train_images.image_size)),
+                                                              train_images.image_size, params.device)),
     ):
         closeness[name] = result.pop("value")
         closeness[f"{name}_details"] = result
@@ -110,13 +113,13 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
         store = ConditionStore(store_dir)
         count = min(matched, config.untrained_images)
         conditions = torch.stack([store[name].embeddings for name in generated["image_index"][:count]])
-        baseline = _features_of_images(classifier, untrained_samples(params, model_dir, conditions))
+        baseline = _features_of_images(classifier, untrained_samples(params, model_dir, conditions, device))
         closeness["untrained_fd_matched"] = frechet_distance(baseline, real_a[:count])
         closeness["trained_fd_same_size"] = frechet_distance(g[:count], real_a[:count])
         closeness["untrained_size"] = count
     prdc = precision_recall_density_coverage_safe(r, g, config.prdc_k)
     pretrained_judge = xrv_metrics(config, params.filter.class_members(), generated_images, generated["labels"],
-                                   test_images, test["labels"], val_images, params.seed)
+                                   test_images, test["labels"], val_images, params.seed, params.device)
 
     # Faithfulness: does the generation show what its condition asked for?
     requested = generated["labels"].astype(int)
@@ -171,7 +174,7 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
             "features": {k: v for k, v in memorization_features.items() if k != "closest_pairs"},
             "pixels": {k: v for k, v in memorization_pixels.items() if k != "closest_pairs"},
         },
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - started, 1), "device": describe_device(device),
     }
     if metrics_path is not None:
         write_json(metrics_path, metrics)

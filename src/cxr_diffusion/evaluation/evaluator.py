@@ -22,6 +22,7 @@ from tqdm import tqdm
 from cxr_diffusion.config import EvaluatorConfig
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
+from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
 
 
@@ -80,15 +81,23 @@ PIXELS_KEPT = 64  # side of the grayscale copies kept for pixel-space memorizati
 
 
 @torch.no_grad()
+def predict_batch(model: CXRClassifier, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and per-class probabilities of a batch already on the model's device."""
+    features = model.features(pixel_values)
+    return features, torch.sigmoid(model.head(features))
+
+
+@torch.no_grad()
 def embed_and_predict(model: CXRClassifier, images: PreparedImages, batch_size: int = 128) -> dict[str, np.ndarray]:
     """Features, probabilities, labels and pixels ([0, 1], grayscale, at most PIXELS_KEPT wide) of every
     image of a split; only these small arrays are kept, never the full-resolution images."""
     features, probabilities, labels, pixels, names = [], [], [], [], []
+    device = next(model.parameters()).device
     for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
         x = batch["pixel_values"]
-        f = model.features(x)
-        features.append(f.numpy())
-        probabilities.append(torch.sigmoid(model.head(f)).numpy())
+        f, p = predict_batch(model, x.to(device))
+        features.append(f.cpu().numpy())
+        probabilities.append(p.cpu().numpy())
         labels.append(batch["labels"].numpy())
         gray = (x.mean(1, keepdim=True) + 1) / 2
         if gray.shape[-1] > PIXELS_KEPT:
@@ -105,16 +114,23 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
     x = torch.roll(x, shifts=shift, dims=(2, 3))
     scale = 1 + 0.1 * (torch.rand(len(x), 1, 1, 1, generator=generator) - 0.5)
-    return (x * scale).clamp(-1, 1)
+    return (x * scale.to(x.device)).clamp(-1, 1)
+
+
+def evaluator_loss(model: CXRClassifier, batch: dict, generator: torch.Generator, pos_weight: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """Weighted multi-label BCE of one augmented batch on ``device`` (augmentation draws stay on the CPU)."""
+    logits = model(_augment(batch["pixel_values"].to(device), generator))
+    return F.binary_cross_entropy_with_logits(logits, batch["labels"].to(device), pos_weight=pos_weight.to(device))
 
 
 def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int, out_dir: str | Path,
-                    metrics_path: str | Path | None = None) -> dict:
+                    metrics_path: str | Path | None = None, device: torch.device = torch.device("cpu")) -> dict:
     torch.manual_seed(seed)
     train = PreparedImages(prepared_dir, "train", channels=1)
     test = PreparedImages(prepared_dir, "test", channels=1)
     spec = ClassifierSpec(train.classes, config.width, config.feature_dim, train.image_size)
-    model = CXRClassifier(spec)
+    model = CXRClassifier(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps = config.epochs * max(1, len(train) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
@@ -131,8 +147,7 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
         for batch in DataLoader(train, batch_size=config.batch_size, sampler=order, drop_last=True):
             if step >= steps:
                 break
-            logits = model(_augment(batch["pixel_values"], generator))
-            loss = F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=pos_weight)
+            loss = evaluator_loss(model, batch, generator, pos_weight, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -148,7 +163,7 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
     metrics = {"test_auroc": aurocs, "test_macro_auroc": macro_auroc(aurocs), "train_images": len(train),
                "test_images": len(test), "seconds": round(time.perf_counter() - started, 1),
                "backbone": "cxr_diffusion CXRClassifier (trained in-pipeline on the real train split)"}
-    save_classifier(model, Path(out_dir), metrics)
+    save_classifier(model.cpu(), Path(out_dir), metrics)
     if metrics_path is not None:
-        write_json(metrics_path, metrics)
+        write_json(metrics_path, {**metrics, "device": describe_device(device)})
     return metrics

@@ -55,12 +55,13 @@ def _unavailable(param: str, why: str) -> dict:
     return {"value": None, "reason": f"{why}; to enable it, {HOW_TO_ENABLE.format(param=param)}"}
 
 
-def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset, image_size: int) -> dict:
+def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset, image_size: int,
+                 device: str = "auto") -> dict:
     """Standard FID (FID-Inception pool3, 2048-d) of generated vs real test images, with its settings."""
     if config.inception_weights is None:
         return _unavailable("inception_weights", "no FID-Inception weights configured (offline default)")
     path = Path(config.inception_weights)
-    device = evaluation_device()
+    device = evaluation_device(device)
     model = load_inception(path, InceptionSpec("fid", "pool"), device)
     value = frechet_inception_distance(model, generated, real_test, config.inception_batch_size, device, "standard FID")
     return {
@@ -72,14 +73,14 @@ def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset,
 
 
 def reference_compatible_fid(config: EvaluateConfig, generated: Dataset, real_train: Dataset,
-                             image_size: int) -> dict:
+                             image_size: int, device: str = "auto") -> dict:
     """FID on torchvision Inception-v3 1000-class logits vs the real training images (the reference's recipe)."""
     if config.reference_inception_weights is None:
         return _unavailable("reference_inception_weights",
                             "no torchvision Inception-v3 weights configured (offline default)")
     path = Path(config.reference_inception_weights)
     spec = InceptionSpec("torchvision", "logits", transform_input=config.reference_transform_input)
-    device = evaluation_device()
+    device = evaluation_device(device)
     model = load_inception(path, spec, device)
     count = len(real_train)  # type: ignore[arg-type]
     if config.reference_fid_train_images is not None:

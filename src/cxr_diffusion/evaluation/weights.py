@@ -44,9 +44,12 @@ def load_safetensors_into(model: nn.Module, path: str | Path, what: str, how_to_
     return model.eval().requires_grad_(False)
 
 
-def evaluation_device() -> torch.device:
-    """Where the pretrained feature networks run: the GPU when there is one (values are fp32 either way)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def evaluation_device(requested: str = "auto") -> torch.device:
+    """Where the pretrained feature networks run: params' ``device`` (auto: the GPU when there is one);
+    values are fp32 either way."""
+    from cxr_diffusion.device import resolve_device
+
+    return resolve_device(requested)
 
 
 @contextlib.contextmanager

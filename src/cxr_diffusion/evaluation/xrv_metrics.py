@@ -41,13 +41,13 @@ def _auroc(labels: np.ndarray, logits: np.ndarray, class_members: dict[str, tupl
 
 def xrv_metrics(config: EvaluateConfig, class_members: dict[str, tuple[str, ...]], generated: Dataset,
                 generated_labels: np.ndarray, real_test: Dataset, real_test_labels: np.ndarray,
-                real_val: Dataset, seed: int) -> dict:
+                real_val: Dataset, seed: int, device: str = "auto") -> dict:
     """FD (with bootstrap CI and the real-vs-real floor at matched n) in DenseNet features, and per-class
     AUROC of its pathology logits against the requested labels (next to the same AUROC on real test images)."""
     if config.xrv_weights is None:
         return {"fd": None, "reason": "no torchxrayvision DenseNet weights configured (offline default); to enable "
                                       f"it, {HOW_TO_GET}, then set params evaluate.xrv_weights"}
-    device = evaluation_device()
+    device = evaluation_device(device)
     model = load_xrv_densenet(config.xrv_weights, device)
     size = config.inception_batch_size
     g, g_logits = _embed(model, generated, size, device)

@@ -25,6 +25,7 @@ from cxr_diffusion.diffusion.data import ConditionedImages
 from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import sampling_scheduler
 from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
+from cxr_diffusion.device import describe_device, half_dtype, resolve_device
 from cxr_diffusion.io import atomic_directory, write_json
 
 
@@ -32,10 +33,25 @@ class SamplingError(ValueError):
     """The model or the data cannot be sampled as asked; the message says why."""
 
 
-def load_pipeline(model_dir: str | Path, sampler: str) -> CXRDiffusionPipeline:
+def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device = torch.device("cpu")) -> CXRDiffusionPipeline:
+    """A saved model on ``device``: UNet, adapter and CLIP towers in bf16/fp16 on a GPU (fp32 on the CPU);
+    the VAE in fp32 (SD VAEs can overflow in fp16), decoding one image at a time so that memory does
+    not grow with ``sample.batch_size`` (50 decoded 512px images take ~36 GB on a CPU otherwise)."""
     pipeline = CXRDiffusionPipeline.from_pretrained(str(model_dir))
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = sampling_scheduler(pipeline.scheduler, sampler)
+    return place_pipeline(pipeline, device)
+
+
+def place_pipeline(pipeline: CXRDiffusionPipeline, device: torch.device) -> CXRDiffusionPipeline:
+    dtype = half_dtype(device)
+    for name in ("unet", "condition_adapter", "text_encoder", "image_encoder"):
+        module = getattr(pipeline, name, None)
+        if module is not None:  # diffusers warns on any dtype cast, so cast only when it changes something
+            module.to(device) if module.dtype == dtype else module.to(device, dtype)
+    if pipeline.vae is not None:
+        pipeline.vae.to(device, torch.float32)
+        pipeline.vae.enable_slicing()
     return pipeline
 
 
@@ -74,7 +90,8 @@ def findings_grid(pipeline: CXRDiffusionPipeline, params: Params, seed: int) -> 
 def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Path, store_dir: Path,
                   out_dir: Path, figures_dir: Path, metrics_path: Path | None = None) -> dict:
     torch.manual_seed(params.seed)
-    pipeline = load_pipeline(model_dir, params.sample.sampler)
+    device = resolve_device(params.device)
+    pipeline = load_pipeline(model_dir, params.sample.sampler, device)
     if pipeline.config.branch != branch:
         raise SamplingError(f"{model_dir} holds a {pipeline.config.branch} model, not {branch}")
     test = ConditionedImages(prepared_dir, "test", ConditionStore(store_dir), params.channels, limit=params.sample.count)
@@ -119,7 +136,8 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
             grid.save(tmp / "one_row_per_finding.png")
             (tmp / "one_row_per_finding.txt").write_text("\n".join(prompts) + "\n")
     metrics = {"branch": branch, "images": len(items), "sampler": params.sample.sampler, "steps": params.sample.steps,
-               "guidance_scale": params.sample.guidance_scale, "seconds": round(seconds, 1),
+               "guidance_scale": params.sample.guidance_scale, "device": describe_device(device),
+               "seconds": round(seconds, 1),
                "images_per_second": round(len(items) / max(seconds, 1e-9), 2)}
     if metrics_path is not None:
         write_json(metrics_path, metrics)

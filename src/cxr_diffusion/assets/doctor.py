@@ -1,0 +1,58 @@
+"""`cxr-diffusion doctor`: is every asset the params need in place and unchanged since fetch? And the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from cxr_diffusion.assets.catalog import NOTHING_NEEDED, Asset, HandSource, how_to_place, needed_assets, rerun_command
+from cxr_diffusion.assets.manifest import read_manifest
+from cxr_diffusion.assets.status import Check, check_asset
+from cxr_diffusion.config import Params
+
+
+def diagnose(params: Params, root: str | Path = ".") -> list[tuple[Asset, Check]]:
+    """Each needed asset with its state (reads files and the fetch record; downloads nothing)."""
+    root = Path(root)
+    manifest = read_manifest(root / params.fetch.manifest)
+    return [(asset, check_asset(asset, manifest, root)) for asset in needed_assets(params, root)]
+
+
+def fix(asset: Asset, check: Check) -> str:
+    """What to do about an asset that is not present and verified."""
+    if check.state in ("missing", "partial"):
+        if isinstance(asset.source, HandSource):
+            return "place it by hand (fetch cannot: see `from`):\n" + how_to_place(asset)
+        return ("run `cxr-diffusion fetch` (it resumes interrupted downloads), or place it by hand:\n"
+                + how_to_place(asset))
+    if check.state == "unrecorded":
+        return ("run `cxr-diffusion fetch`: it checks what is there and records its hashes (a hub folder is completed "
+                "against the hub; a complete copy placed by hand is recorded offline with `cxr-diffusion fetch "
+                "--record-present`)")
+    rerun = rerun_command(asset)
+    if check.state == "stale":
+        return f"run `cxr-diffusion fetch` to fetch what the params name now, then rerun what reads it: {rerun}"
+    return (f"the stages that read it may have run on either version. Restore the fetched copy with `cxr-diffusion "
+            f"fetch`, or keep the change with `cxr-diffusion fetch --record-present`; then rerun them: {rerun}")
+
+
+def run_doctor(params: Params, root: str | Path = ".", echo: Callable[[str], None] = print) -> int:
+    """Print every needed asset's state and fix; 0 when all are present and verified, else 2."""
+    results = diagnose(params, root)
+    if not results:
+        echo(NOTHING_NEEDED)
+        return 0
+    for asset, check in results:
+        echo(f"{asset.name} ({asset.param}): {check.state}: {check.detail}")
+        echo(f"    read by: {', '.join(asset.stages)}")
+        if check.state != "present":
+            first, *rest = fix(asset, check).splitlines()
+            echo(f"    fix: {first}")
+            for line in rest:
+                echo(f"         {line}")
+    bad = [asset.name for asset, check in results if check.state != "present"]
+    if bad:
+        echo(f"\n{len(bad)} of {len(results)} assets need attention: {', '.join(bad)}.")
+        return 2
+    echo(f"\nAll {len(results)} assets are present and match the fetch record.")
+    return 0

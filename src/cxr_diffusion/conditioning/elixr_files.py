@@ -1,0 +1,513 @@
+"""The published ELIXR file formats: find, scan and read them (and write them, for stand-ins and tests).
+
+Three layouts are read:
+- The published snapshot (Hugging Face ``Yasintuncer/nih-cxr14-elixr``), read from its root: a
+  ``datasets.json`` whose ``datasets`` mapping nests one entry per dataset (a node with
+  ``"type": "dataset"``; its nested name, e.g. ``elixrb/img_emb``, is its folder) listing its
+  ``features`` with dtype and shape. Each dataset folder holds HDF5 shards ``<name>_1.h5`` ...
+  ``<name>_12.h5`` (numeric order) with an ``Image Index`` dataset (``b"00000001_000.png"``) and the
+  feature arrays. ``elixr.dataset`` and ``elixr.feature`` pick one image feature.
+- The older HDF5 shards: an ``embeddings`` dataset, (N, tokens, dim) or flattened (N, tokens * dim),
+  and an ``image_ids`` dataset of byte strings without ``.png`` (a folder, searched recursively, may
+  also hold snapshot-style shards with ``Image Index`` and ``elixr.feature`` but no ``datasets.json``).
+- Parquet files: an ``Image Index`` column (with or without ``.png``) and one embedding column,
+  ``embedding`` or ``img_emb``, holding a flat list of floats or a list of per-token lists.
+
+A feature's row becomes (tokens, dim): the last axis is dim and every leading axis is flattened into
+tokens, so ELIXR-B ``img_emb`` [32, 768] is used as is, ``contrastive_img_emb`` [128] is one token
+and ELIXR-C ``Embedding`` [1, 8, 8, 1376] is 64 tokens of 1376. Only ids and shapes are read here at
+scan time; embeddings are read block by block (``iter_embedding_blocks``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cxr_diffusion.config import ElixrConfig
+from cxr_diffusion.data.nih import DataError
+from cxr_diffusion.io import atomic_path, write_json
+
+HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
+PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
+HDF5_EMBEDDINGS, HDF5_IDS = "embeddings", "image_ids"
+ID_COLUMN = "Image Index"  # the id in the filtered table, in Parquet files and in snapshot shards
+PARQUET_EMBEDDING_COLUMNS: tuple[str, ...] = ("embedding", "img_emb")
+SNAPSHOT_INDEX = "datasets.json"
+# A dataset or feature name with one of these words (split on '/' and '_') is a text-tower output.
+TEXT_WORDS: frozenset[str] = frozenset({"txt", "text"})
+
+
+def normalize_image_id(value: str | bytes) -> str:
+    """The NIH Image Index for an id as the files spell it: ``b"00000001_000"`` -> ``"00000001_000.png"``."""
+    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    text = text.strip()
+    if not text:
+        raise DataError("empty image id; every embedding row needs its NIH Image Index (e.g. 00000001_000)")
+    # Older shards drop the extension; the filtered table keeps it. An existing one (any case) is kept.
+    return text if text.lower().endswith(".png") else f"{text}.png"
+
+
+def shard_sort_key(path: Path) -> tuple:
+    """Order shards by the integer after the last ``_`` of the name (``_10`` after ``_9``), then by name."""
+    match = re.fullmatch(r"(.*)_(\d+)", path.stem)
+    return (match.group(1), int(match.group(2)), path.name) if match else (path.stem, -1, path.name)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature of a snapshot dataset as ``datasets.json`` declares it (per row, no batch axis)."""
+    name: str
+    dtype: str | None
+    shape: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class ElixrFile:
+    """One scanned file: its image ids in row order and where its embeddings live."""
+    path: Path
+    image_ids: tuple[str, ...]     # normalized (``.png`` added), in row order
+    shape: tuple[int, int] | None  # (tokens, dim); None only for an empty Parquet file of nested lists
+    column: str                    # the HDF5 dataset or Parquet column holding the embeddings
+
+    @property
+    def is_hdf5(self) -> bool:
+        return self.path.suffix.lower() in HDF5_SUFFIXES
+
+
+@dataclass(frozen=True)
+class ElixrSource:
+    """The scanned files behind ``elixr.path`` and which layout, dataset and feature they came from."""
+    files: list[ElixrFile]
+    layout: str            # "snapshot" (datasets.json) or "files" (older shards, Parquet)
+    dataset: str | None    # snapshot dataset read; None for "files"
+    feature: str | None    # snapshot feature read; None for "files"
+    info: dict             # datasets.json's "info" (e.g. the stand-in's label); {} for "files"
+
+
+def scan_elixr_source(config: ElixrConfig) -> ElixrSource:
+    """Find and scan the files at ``config.path``: the snapshot via ``datasets.json`` when present."""
+    root = Path(config.path)
+    expected = tuple(config.shape) if config.shape is not None else None
+    if root.is_dir() and (root / SNAPSHOT_INDEX).is_file():
+        offered, info = read_snapshot_index(root)
+        spec = select_feature(root, offered, info, config.dataset, config.feature)
+        files = [_scan_hdf5(p, expected, config.feature, declared=spec.shape, dataset=config.dataset)
+                 for p in find_snapshot_shards(root, config.dataset)]
+        return ElixrSource(files, "snapshot", config.dataset, config.feature, info)
+    if root.is_dir() and (root / config.dataset).is_dir():
+        # A snapshot without its datasets.json (e.g. a partial download): the dataset folder is still known.
+        files = [_scan_hdf5(p, expected, config.feature, declared=None, dataset=config.dataset)
+                 for p in find_snapshot_shards(root, config.dataset)]
+        return ElixrSource(files, "snapshot", config.dataset, config.feature, {})
+    files = [scan_elixr_file(p, expected, config.feature) for p in find_elixr_files(root)]
+    return ElixrSource(files, "files", None, None, {})
+
+
+def find_elixr_files(path: str | Path) -> list[Path]:
+    """The HDF5 and Parquet files at ``path`` (one file, or a folder searched recursively), in shard order."""
+    path = Path(path)
+    suffixes = HDF5_SUFFIXES + PARQUET_SUFFIXES
+    if path.is_file():
+        if path.suffix.lower() not in suffixes:
+            raise DataError(f"{path}: not an ELIXR file; expected one of {list(suffixes)}")
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: does not exist; set elixr.path to the ELIXR snapshot root (or a folder or file "
+                        f"of ELIXR-B embeddings)")
+    # Hidden folders are skipped: a Hugging Face download keeps lock and metadata files in `.cache/`.
+    files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                   key=lambda p: (p.parent.parts, shard_sort_key(p)))
+    if not files:
+        raise DataError(f"{path}: no ELIXR files found; expected HDF5 shards ({', '.join(HDF5_SUFFIXES)}) with "
+                        f"'{HDF5_EMBEDDINGS}' and '{HDF5_IDS}', Parquet files with '{ID_COLUMN}' and one of "
+                        f"{list(PARQUET_EMBEDDING_COLUMNS)}, or the published snapshot ({SNAPSHOT_INDEX} at its root)")
+    return files
+
+
+def find_snapshot_shards(root: Path, dataset: str) -> list[Path]:
+    """The HDF5 shards of one snapshot dataset, ``<name>_1.h5`` ... in numeric order."""
+    folder = root / dataset
+    if not folder.is_dir():
+        raise DataError(f"{folder}: the folder of dataset '{dataset}' is missing from the snapshot at {root}; "
+                        f"is the download complete?")
+    shards = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in HDF5_SUFFIXES
+                     and not p.name.startswith(".")), key=shard_sort_key)
+    if not shards:
+        raise DataError(f"{folder}: no HDF5 shards ({', '.join(HDF5_SUFFIXES)}) for dataset '{dataset}'; "
+                        f"is the download complete?")
+    return shards
+
+
+# ----------------------------------------------------------------------------- datasets.json
+
+def read_snapshot_index(root: Path) -> tuple[dict[str, dict[str, FeatureSpec]], dict]:
+    """``({dataset name: {feature name: spec}}, info)`` from ``root/datasets.json``, at any nesting depth."""
+    path = root / SNAPSHOT_INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not a readable JSON file ({error})") from error
+    if not isinstance(index, dict) or not isinstance(index.get("datasets"), dict):
+        raise DataError(f"{path}: expected an object with a 'datasets' mapping (found "
+                        f"{sorted(index) if isinstance(index, dict) else type(index).__name__})")
+    offered: dict[str, dict[str, FeatureSpec]] = {}
+
+    def visit(node: dict, name: str) -> None:
+        if node.get("type") == "dataset":
+            offered[name] = _parse_features(path, name, node.get("features"))
+            return
+        for key, child in node.items():
+            if isinstance(child, dict):
+                visit(child, f"{name}/{key}" if name else str(key))
+
+    visit(index["datasets"], "")
+    if not offered:
+        raise DataError(f"{path}: no entry with \"type\": \"dataset\" under 'datasets'; is this the ELIXR snapshot?")
+    info = index.get("info")
+    return offered, info if isinstance(info, dict) else {}
+
+
+def select_feature(root: Path, offered: dict[str, dict[str, FeatureSpec]], info: dict, dataset: str,
+                   feature: str) -> FeatureSpec:
+    """The spec of ``dataset``/``feature``; a missing one or a text embedding is an error listing the offer."""
+    where = root / SNAPSHOT_INDEX
+    standin = " (the in-pipeline stand-in; set elixr.path to the published snapshot for the others)" \
+        if info.get("standin") else ""
+    if dataset not in offered:
+        raise DataError(f"{where}: no dataset '{dataset}' (elixr.dataset){standin}; it offers "
+                        f"{describe_offer(offered)}")
+    if feature not in offered[dataset] or feature == ID_COLUMN:
+        raise DataError(f"{where}: dataset '{dataset}' has no embedding feature '{feature}' (elixr.feature)"
+                        f"{standin}; the snapshot offers {describe_offer(offered)}")
+    _refuse_text(f"{where}: elixr.dataset '{dataset}', elixr.feature '{feature}'", dataset, feature,
+                 describe_offer(offered, images_only=True))
+    return offered[dataset][feature]
+
+
+def describe_offer(offered: dict[str, dict[str, FeatureSpec]], images_only: bool = False) -> str:
+    """One line: ``elixrc: Embedding [1, 8, 8, 1376]; elixrb/img_emb: img_emb [32, 768]; ...``."""
+    parts = []
+    for dataset, features in offered.items():
+        listed = [f"{name} {list(spec.shape) if spec.shape is not None else '[?]'}" for name, spec in features.items()
+                  if name != ID_COLUMN and not (images_only and is_text_embedding(dataset, name))]
+        if listed:
+            parts.append(f"{dataset}: {', '.join(listed)}")
+    return "; ".join(parts) or "no embedding features"
+
+
+def is_text_embedding(dataset: str, feature: str) -> bool:
+    """True for ELIXR-B text-tower outputs (``elixrb/txt_emb``, ``contrastive_txt_emb``): not image embeddings."""
+    words = {word.lower() for part in f"{dataset}/{feature}".split("/") for word in part.split("_")}
+    return bool(words & TEXT_WORDS)
+
+
+def _refuse_text(what: str, dataset: str, feature: str, images: str) -> None:
+    if is_text_embedding(dataset, feature):
+        raise DataError(f"{what} is a text embedding (ELIXR-B's text tower, stored per image), not an embedding of "
+                        f"the image, so it cannot condition the elixr branch; choose an image feature: {images}")
+
+
+def _parse_features(path: Path, dataset: str, features: object) -> dict[str, FeatureSpec]:
+    """Accept ``{name: {dtype, shape}}`` (or ``{name: dtype}``) and ``[{name, dtype, shape}, ...]``."""
+    if isinstance(features, dict):
+        items = [(name, value) for name, value in features.items()]
+    elif isinstance(features, list):
+        if not all(isinstance(value, dict) and isinstance(value.get("name"), str) for value in features):
+            raise DataError(f"{path}: dataset '{dataset}' lists 'features' without a 'name' in every entry")
+        items = [(value["name"], value) for value in features]
+    else:
+        raise DataError(f"{path}: dataset '{dataset}' has no 'features' mapping or list (found {features!r})")
+    specs = {}
+    for name, value in items:
+        value = {"dtype": value} if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise DataError(f"{path}: feature '{name}' of dataset '{dataset}' is {value!r}; expected {{dtype, shape}}")
+        shape = value.get("shape")
+        if shape is not None and not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
+            raise DataError(f"{path}: feature '{name}' of dataset '{dataset}' has shape {shape!r}; expected a list "
+                            f"of positive integers")
+        dtype = value.get("dtype")
+        specs[str(name)] = FeatureSpec(str(name), str(dtype) if dtype is not None else None,
+                                       tuple(shape) if shape is not None else None)
+    return specs
+
+
+def write_snapshot_index(root: str | Path, datasets: dict[str, list[FeatureSpec]], info: dict) -> Path:
+    """Write ``root/datasets.json`` in the published layout (nested names; ``Image Index`` listed per dataset)."""
+    nested: dict = {}
+    for name, features in datasets.items():
+        node = nested
+        for part in name.split("/"):
+            node = node.setdefault(part, {})
+        listed = {f.name: {"dtype": f.dtype, "shape": list(f.shape) if f.shape is not None else None} for f in features}
+        node.update({"type": "dataset", "features": {**listed, ID_COLUMN: {"dtype": "bytes", "shape": []}}})
+    return write_json(Path(root) / SNAPSHOT_INDEX, {"info": info, "datasets": nested})
+
+
+def write_snapshot_shard(path: str | Path, image_ids: list[str], feature: str, embeddings: np.ndarray,
+                         attrs: dict | None = None) -> Path:
+    """Write one snapshot shard, atomically: ``Image Index`` (``b"....png"``) and float32 ``feature``."""
+    path = Path(path)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if len(image_ids) != len(embeddings):
+        raise DataError(f"{path}: {len(image_ids)} image ids for {len(embeddings)} embeddings")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as handle:
+            handle.create_dataset(ID_COLUMN, data=_bytes_array([normalize_image_id(i) for i in image_ids]))
+            handle.create_dataset(feature, data=embeddings)
+            handle.attrs.update(attrs or {})
+    return path
+
+
+# ----------------------------------------------------------------------------- scanning and reading
+
+def scan_elixr_file(path: Path, expected: tuple[int, int] | None, feature: str | None = None) -> ElixrFile:
+    """Read a file's ids and embedding shape (not its embeddings); the shape must match ``expected`` if set.
+
+    An HDF5 file in the older layout uses ``embeddings``; otherwise ``Image Index`` and ``feature``.
+    """
+    if path.suffix.lower() in HDF5_SUFFIXES:
+        return _scan_hdf5(path, expected, feature, declared=None, dataset=None)
+    return _scan_parquet(path, expected)
+
+
+def iter_embedding_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
+                          chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first_row, block)`` float32 blocks of at most ``chunk_rows`` rows covering ``rows``.
+
+    Blocks that contain none of ``rows`` are never read.
+    """
+    reader = _hdf5_blocks if file.is_hdf5 else _parquet_blocks
+    yield from reader(file, shape, np.asarray(rows, dtype=np.int64), chunk_rows)
+
+
+def write_elixr_hdf5_shard(path: str | Path, image_ids: list[str], embeddings: np.ndarray) -> Path:
+    """Write a shard in the older layout, atomically: float32 (N, tokens, dim) and ids without ``.png``."""
+    path = Path(path)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 3:
+        raise DataError(f"{path}: embeddings must be (N, tokens, dim), got shape {embeddings.shape}")
+    if len(image_ids) != len(embeddings):
+        raise DataError(f"{path}: {len(image_ids)} image ids for {len(embeddings)} embeddings")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as handle:
+            handle.create_dataset(HDF5_EMBEDDINGS, data=embeddings)
+            handle.create_dataset(HDF5_IDS, data=_bytes_array([_strip_png(normalize_image_id(i)) for i in image_ids]))
+    return path
+
+
+def _bytes_array(texts: list[str]) -> np.ndarray:
+    width = max((len(t.encode("utf-8")) for t in texts), default=1)
+    return np.array([t.encode("utf-8") for t in texts], dtype=f"S{width}")
+
+
+def _strip_png(image_id: str) -> str:
+    return image_id[:-4] if image_id.lower().endswith(".png") else image_id
+
+
+# ----------------------------------------------------------------------------- HDF5
+
+def _open_hdf5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise DataError(f"{path}: not a readable HDF5 file ({error})") from error
+
+
+def _hdf5_datasets(handle: h5py.File) -> list[str]:
+    found: list[str] = []
+    handle.visititems(lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def _scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None,
+               declared: tuple[int, ...] | None, dataset: str | None) -> ElixrFile:
+    """Ids and (tokens, dim) of one shard; a shard of snapshot ``dataset`` must hold ``Image Index`` + ``feature``."""
+    snapshot = dataset is not None
+    with _open_hdf5(path) as handle:
+        def has(name: str | None) -> bool:
+            return name is not None and isinstance(handle.get(name), h5py.Dataset)
+
+        if not snapshot and has(HDF5_EMBEDDINGS) and has(HDF5_IDS):
+            column, id_column = HDF5_EMBEDDINGS, HDF5_IDS
+        elif has(ID_COLUMN) and has(feature) and feature != ID_COLUMN:
+            _refuse_text(f"{path}: elixr.feature '{feature}'", dataset or "", feature,
+                         "an image feature of the same files (e.g. img_emb)")
+            column, id_column = feature, ID_COLUMN
+        elif snapshot:
+            raise DataError(f"{path}: expected datasets '{ID_COLUMN}' and '{feature}' (elixr.feature), found "
+                            f"{_hdf5_datasets(handle)}; is this shard from the same snapshot?")
+        else:
+            raise DataError(f"{path}: expected datasets '{HDF5_EMBEDDINGS}' and '{HDF5_IDS}' (older layout), or "
+                            f"'{ID_COLUMN}' and '{feature}' (elixr.feature), found {_hdf5_datasets(handle)}; "
+                            f"is this an ELIXR embedding shard?")
+        values, raw_ids = handle[column], handle[id_column][()]
+        if raw_ids.ndim == 2 and raw_ids.shape[1] == 1:
+            raw_ids = raw_ids[:, 0]
+        if raw_ids.ndim != 1 or not values.shape or len(raw_ids) != values.shape[0]:
+            raise DataError(f"{path}: '{id_column}' has shape {raw_ids.shape} but '{column}' has shape "
+                            f"{values.shape}; each embedding row needs one id")
+        row = _declared_row(path, column, tuple(values.shape[1:]), declared)
+        shape = _checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
+        image_ids = tuple(_normalized(path, number, value) for number, value in enumerate(raw_ids))
+    return ElixrFile(path, image_ids, shape, column)
+
+
+def _declared_row(path: Path, column: str, row: tuple[int, ...], declared: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The row shape to use: the file's, checked against datasets.json's (which also unflattens a flat row)."""
+    if declared is None or row == declared:
+        return row
+    if _without_leading_ones(row) == _without_leading_ones(declared) or (len(row) == 1 and row[0] == math.prod(declared)):
+        return declared
+    raise DataError(f"{path}: '{column}' holds rows of shape {list(row)} but {SNAPSHOT_INDEX} declares "
+                    f"{list(declared)}; is this shard from the same snapshot?")
+
+
+def _without_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``(1, 8, 8, 1376)`` -> ``(8, 8, 1376)``: a leading batch-of-one axis is not part of the layout."""
+    first = next((i for i, size in enumerate(shape) if size != 1), len(shape))
+    return tuple(shape[first:])
+
+
+def _hdf5_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
+                 chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    with _open_hdf5(file.path) as handle:
+        dataset = handle[file.column]
+        for first in np.unique(rows // chunk_rows) * chunk_rows:
+            block = dataset[int(first):int(first) + chunk_rows]
+            yield int(first), np.asarray(block, dtype=np.float32).reshape(len(block), *shape)
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+
+
+def _scan_parquet(path: Path, expected: tuple[int, int] | None) -> ElixrFile:
+    parquet = _open_parquet(path)
+    columns = parquet.schema_arrow.names
+    found = [c for c in PARQUET_EMBEDDING_COLUMNS if c in columns]
+    if ID_COLUMN not in columns or len(found) != 1:
+        raise DataError(f"{path}: expected columns '{ID_COLUMN}' and exactly one of "
+                        f"{list(PARQUET_EMBEDDING_COLUMNS)}, found {columns}")
+    column = found[0]
+    raw_ids = parquet.read(columns=[ID_COLUMN]).column(0).to_pylist()
+    image_ids = tuple(_normalized(path, row, value) for row, value in enumerate(raw_ids))
+    shape = None
+    if raw_ids:
+        first = next(parquet.iter_batches(batch_size=1, columns=[column])).column(0)
+        shape = _checked_shape(path, f"column '{column}'", _list_shape(path, column, first), expected)
+    elif expected is not None:
+        shape = expected
+    return ElixrFile(path, image_ids, shape, column)
+
+
+def _list_shape(path: Path, column: str, values: pa.Array) -> tuple[int, ...]:
+    """The nesting of the first row: (tokens * dim,) for a flat list, (tokens, dim) for a list of lists."""
+    if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type) \
+            and not pa.types.is_fixed_size_list(values.type):
+        raise DataError(f"{path}: column '{column}' is {values.type}, expected a list of floats (or of lists)")
+    row = values[0].as_py()
+    if row is None:
+        raise DataError(f"{path}: row 0 of column '{column}' is empty (null); every row needs an embedding")
+    if row and isinstance(row[0], list):
+        return (len(row), len(row[0]))
+    return (len(row),)
+
+
+def _parquet_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
+                    chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    parquet = _open_parquet(file.path)
+    starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+    for group in range(parquet.num_row_groups):
+        if not ((rows >= starts[group]) & (rows < starts[group + 1])).any():
+            continue
+        first = int(starts[group])
+        for batch in parquet.iter_batches(batch_size=chunk_rows, row_groups=[group], columns=[file.column]):
+            yield first, _parquet_batch_array(file, shape, batch.column(0), first)
+            first += batch.num_rows
+
+
+def _parquet_batch_array(file: ElixrFile, shape: tuple[int, int], values: pa.Array, first: int) -> np.ndarray:
+    """(n, tokens, dim) float32 from a list column, after checking every row has the right length."""
+    tokens, dim = shape
+    if values.null_count:
+        row = first + int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{file.path}: row {row} of column '{file.column}' is null; every row needs an embedding")
+    # A flat row holds tokens * dim floats; a nested one holds `tokens` lists of `dim`.
+    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+    flat = values.type.value_type
+    nested = pa.types.is_list(flat) or pa.types.is_large_list(flat) or pa.types.is_fixed_size_list(flat)
+    want = tokens if nested else tokens * dim
+    inner = pc.list_flatten(values)
+    if nested:
+        inner_lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
+        bad_inner = np.flatnonzero(inner_lengths != dim)
+        if len(bad_inner):
+            bad_row = int(np.searchsorted(np.cumsum(lengths), bad_inner[0], side="right"))
+            raise DataError(f"{file.path}: row {first + bad_row} of column '{file.column}' has a token of length "
+                            f"{inner_lengths[bad_inner[0]]}, expected {dim} (shape {shape})")
+        inner = pc.list_flatten(inner)
+    bad = np.flatnonzero(lengths != want)
+    if len(bad):
+        raise DataError(f"{file.path}: row {first + int(bad[0])} of column '{file.column}' has "
+                        f"{lengths[bad[0]]} {'tokens' if nested else 'values'}, expected {want} (shape {shape})")
+    array = inner.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return array.reshape(len(values), tokens, dim)
+
+
+# ----------------------------------------------------------------------------- shared checks
+
+def _checked_shape(path: Path, what: str, found: tuple[int, ...], expected: tuple[int, int] | None,
+                   flat_is_one_token: bool = False) -> tuple[int, int]:
+    """(tokens, dim) of one file's rows: the last axis is dim, leading axes are flattened into tokens.
+
+    A flat row is reshaped to ``expected`` (elixr.shape) when set; otherwise it is one token of a
+    snapshot feature (``flat_is_one_token``) or, in the older layout, an error asking for elixr.shape.
+    """
+    if not found or min(found) <= 0:
+        raise DataError(f"{path}: {what} holds rows of shape {tuple(found)}; expected (tokens, dim), flat, "
+                        f"or (..., dim)")
+    if len(found) >= 2:
+        shape = (math.prod(found[:-1]), int(found[-1]))
+        if expected is not None and shape != expected:
+            as_tokens = f" = {shape} (tokens, dim)" if len(found) > 2 else ""
+            raise DataError(f"{path}: {what} holds rows of shape {tuple(found)}{as_tokens}, but elixr.shape is "
+                            f"{expected}; fix elixr.shape (null: from the files) or use the matching files")
+        return shape
+    if expected is None:
+        if flat_is_one_token:
+            return (1, int(found[0]))
+        raise DataError(f"{path}: {what} is flat ({found[0]} values per row); set elixr.shape to "
+                        f"[tokens, dim] (ELIXR-B: [32, 768]) so it can be reshaped")
+    if found[0] != expected[0] * expected[1]:
+        raise DataError(f"{path}: {what} has {found[0]} values per row, which is not elixr.shape {expected} "
+                        f"({expected[0] * expected[1]} values); fix elixr.shape or use the matching files")
+    return expected
+
+
+def _normalized(path: Path, row: int, value: object) -> str:
+    if not isinstance(value, (str, bytes)):
+        raise DataError(f"{path}: row {row} has image id {value!r}; expected a string such as 00000001_000")
+    try:
+        return normalize_image_id(value)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: row {row}: image id is not UTF-8 ({error})") from error
+    except DataError as error:
+        raise DataError(f"{path}: row {row}: {error}") from error

@@ -1,0 +1,55 @@
+"""One device choice for every stage and command: ``device: auto`` (CUDA when present, else CPU).
+
+Kept in a tiny module of its own so that stages which only need the device do not depend on
+(and go stale with) a large one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cxr_diffusion.config import ParamsError
+
+
+class DeviceError(ParamsError):
+    """The requested device does not exist on this machine (the message says what to set)."""
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``/``cuda``/``cuda:N`` as asked.
+
+    A CUDA device that is not there is an error rather than a silent fall-back to the CPU: a run
+    the user meant for the GPU should not quietly take a hundred times longer.
+    """
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"params: 'device' is {requested!r} but no CUDA GPU is visible; set device: auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"params: 'device' is {requested!r} but only {torch.cuda.device_count()} GPU(s) are "
+                              f"visible; set device: auto or cuda:0")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """What metrics files record: ``cpu`` or ``cuda:0 (NVIDIA H200)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return device.type
+
+
+def half_dtype(device: torch.device) -> torch.dtype:
+    """The reduced precision for inference where it is safe: bf16 (or fp16 on GPUs without bf16) on
+    CUDA, fp32 on the CPU, where bf16 is emulated on most machines (~20x slower without AMX)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def timestep_device(device: torch.device) -> torch.device | None:
+    """Where a scheduler keeps its timesteps: on the model's device, except on ``meta`` (the tests'
+    device-placement check), whose tensors hold no values for the schedulers' index look-ups."""
+    return None if device.type == "meta" else device

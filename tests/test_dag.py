@@ -1,0 +1,339 @@
+"""The DAG cannot go stale silently: every stage's deps are exactly the project modules it runs.
+
+A stage's import closure is read from the code with `ast` (no module is imported): start at the
+entry file its `cmd` runs, follow every `cxr_diffusion` import (also those inside functions, and the
+package `__init__.py` files an import executes), and compare with its `deps` in dvc.yaml.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import shutil
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from test_pipeline import sh
+
+PACKAGE = "cxr_diffusion"
+SOURCE_ROOT = Path("src")  # the package lives at src/cxr_diffusion
+PLACEHOLDER = "placeholder"
+
+
+# --- reading the code -------------------------------------------------------------------------
+
+def module_file(repo: Path, name: str) -> Path | None:
+    """`cxr_diffusion.a.b` -> src/cxr_diffusion/a/b.py or .../a/b/__init__.py (relative to repo), if it exists."""
+    base = SOURCE_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if (repo / candidate).is_file():
+            return candidate
+    return None
+
+
+def _executed_modules(name: str) -> list[str]:
+    """Importing `a.b.c` executes `a`, `a.b` and `a.b.c`."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _package_of(path: Path) -> str:
+    return ".".join(path.relative_to(SOURCE_ROOT).parts[:-1])  # a/b.py and a/__init__.py: package a
+
+
+def imported_modules(repo: Path, path: Path) -> set[str]:
+    """Project modules one file imports: anywhere in it (lazy imports inside functions included)."""
+    tree = ast.parse((repo / path).read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's own package
+                if not path.is_relative_to(SOURCE_ROOT):
+                    continue
+                package = _package_of(path).split(".")
+                module = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from a.b import y`: y is an attribute of a.b or its submodule a.b.y
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names if alias.name != "*"]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            names = [node.args[0].value]  # importlib.import_module("cxr_diffusion.x")
+        else:
+            continue
+        for name in names:
+            if name == PACKAGE or name.startswith(PACKAGE + "."):
+                found.update(m for m in _executed_modules(name) if module_file(repo, m) is not None)
+    return found
+
+
+def import_closure(repo: Path, entry: Path) -> set[Path]:
+    """The entry file and every project module it imports, directly or not (paths relative to repo)."""
+    seen: set[Path] = set()
+    pending = [entry]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        pending.extend(module_file(repo, name) for name in imported_modules(repo, path))
+    return seen
+
+
+def project_modules(repo: Path) -> set[Path]:
+    return {path.relative_to(repo) for path in (repo / SOURCE_ROOT / PACKAGE).rglob("*.py")}
+
+
+# --- reading dvc.yaml ---------------------------------------------------------------------------
+
+_INTERPOLATION = re.compile(r"\$\{\s*([\w.@-]+)\s*\}")
+
+
+def _lookup(context: dict, dotted: str):
+    for key in dotted.split("."):
+        context = context[key]
+    return context
+
+
+def _interpolate(value, context: dict):
+    if isinstance(value, str):
+        return _INTERPOLATION.sub(lambda match: str(_lookup(context, match.group(1))), value)
+    if isinstance(value, list):
+        return [_interpolate(v, context) for v in value]
+    if isinstance(value, dict):
+        return {_interpolate(k, context): _interpolate(v, context) for k, v in value.items()}
+    return value
+
+
+def _listed(entries) -> list[str]:
+    """deps/outs entries: `path` or `{path: options}`."""
+    return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries or []]
+
+
+def expanded_stages(repo: Path, params_file: str = "params.yaml") -> dict[str, dict]:
+    """dvc.yaml's stages with `foreach`/`do` expanded (`name@item`) and `${...}` filled from the params file."""
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    params = yaml.safe_load((repo / params_file).read_text())
+    stages = {}
+    for name, stage in pipeline["stages"].items():
+        if "foreach" in stage:
+            items = stage["foreach"]
+            if isinstance(items, str):  # `${branches}`
+                items = _lookup(params, _INTERPOLATION.fullmatch(items).group(1))
+            for item in items:
+                stages[f"{name}@{item}"] = _interpolate(stage["do"], {**params, "item": item})
+        else:
+            stages[name] = _interpolate(stage, params)
+    return stages
+
+
+def entry_file(stage: dict) -> Path:
+    scripts = [Path(word) for word in shlex.split(stage["cmd"]) if word.startswith("stages/") and word.endswith(".py")]
+    assert len(scripts) == 1, f"cmd {stage['cmd']!r} should run exactly one stages/*.py"
+    return scripts[0]
+
+
+def module_deps(repo: Path, stage: dict) -> set[Path]:
+    """The project modules a stage's deps cover (a directory dep covers every module under it)."""
+    covered = set()
+    for dep in _listed(stage.get("deps")):
+        path = Path(dep.rstrip("/"))
+        if (repo / path).is_dir():
+            covered |= {m.relative_to(repo) for m in (repo / path).rglob("*.py")}
+        elif path.suffix == ".py":
+            covered.add(path)
+    return covered
+
+
+@cache
+def _stages() -> dict[str, dict]:
+    return expanded_stages(REPO)
+
+
+@cache
+def _closure(name: str) -> frozenset[Path]:
+    return frozenset(import_closure(REPO, entry_file(_stages()[name])))
+
+
+STAGES = sorted(_stages())
+
+
+# --- the checker, on code made in the test ------------------------------------------------------
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_closure_follows_lazy_imports_submodules_and_package_inits(tmp_path):
+    repo = _write(tmp_path, {
+        "stages/s.py": "from cxr_diffusion.a import b\n\ndef main():\n    import cxr_diffusion.c.d\n",
+        "src/cxr_diffusion/__init__.py": "", "src/cxr_diffusion/a/__init__.py": "",
+        "src/cxr_diffusion/a/b.py": "from cxr_diffusion.e import thing\n", "src/cxr_diffusion/e.py": "thing = 1\n",
+        "src/cxr_diffusion/c/__init__.py": "from . import f\n", "src/cxr_diffusion/c/d.py": "from ..g import h\n",
+        "src/cxr_diffusion/c/f.py": "", "src/cxr_diffusion/g.py": "h = 1\n", "src/cxr_diffusion/unused.py": "",
+    })
+    assert import_closure(repo, Path("stages/s.py")) == {Path(p) for p in (
+        "stages/s.py", "src/cxr_diffusion/__init__.py", "src/cxr_diffusion/a/__init__.py", "src/cxr_diffusion/a/b.py",
+        "src/cxr_diffusion/e.py", "src/cxr_diffusion/c/__init__.py", "src/cxr_diffusion/c/d.py",
+        "src/cxr_diffusion/c/f.py", "src/cxr_diffusion/g.py")}
+
+
+def test_foreach_stages_expand_per_branch_with_params_filled_in(tmp_path):
+    repo = _write(tmp_path, {
+        "params.yaml": "branches: [x, y]\ntrain:\n  launch_config: acc/one.yaml\n",
+        "dvc.yaml": "stages:\n  t:\n    foreach: ${branches}\n    do:\n"
+                    "      cmd: run --config ${train.launch_config} stages/t.py --branch ${item}\n"
+                    "      deps:\n        - stages/t.py\n        - ${train.launch_config}\n        - data/${item}\n",
+    })
+    stages = expanded_stages(repo)
+    assert set(stages) == {"t@x", "t@y"}
+    assert stages["t@y"]["deps"] == ["stages/t.py", "acc/one.yaml", "data/y"]
+    assert entry_file(stages["t@y"]) == Path("stages/t.py")
+
+
+# --- the real pipeline -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", STAGES)
+def test_stage_deps_cover_every_project_module_it_imports(name):
+    missing = _closure(name) - module_deps(REPO, _stages()[name])
+    assert not missing, f"stage {name}: dvc.yaml deps miss {', '.join(sorted(map(str, missing)))}"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_stage_deps_name_no_project_module_it_does_not_import(name):
+    extra = module_deps(REPO, _stages()[name]) - _closure(name)
+    assert not extra, (f"stage {name}: dvc.yaml deps cover {', '.join(sorted(map(str, extra)))}, which it never "
+                       f"imports (list the modules it uses, not their folder)")
+
+
+def test_module_deps_are_files_not_source_folders():
+    """A folder dep also hashes the `__pycache__` bytecode Python writes next to the modules, so the stage
+    would go stale after a fresh clone or a first import, with no code changed."""
+    for name, stage in _stages().items():
+        folders = [dep for dep in _listed(stage.get("deps")) if dep.startswith(f"{SOURCE_ROOT}/") and (REPO / dep).is_dir()]
+        assert not folders, f"stage {name}: list the modules of {', '.join(folders)} as files"
+
+
+# Params that name a file inside the repository, and the stage that reads it.
+PARAM_FILES = {("filter", "include_list"): "filter", ("train", "launch_config"): "train"}
+PARAMS_FILES = ["params.yaml"] + sorted(str(p.relative_to(REPO)) for p in (REPO / "profiles").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("params_file", PARAMS_FILES)
+def test_files_named_by_params_are_deps_of_the_stage_that_reads_them(params_file):
+    params = yaml.safe_load((REPO / params_file).read_text())
+    stages = expanded_stages(REPO, params_file)
+    for (section, key), stage_name in PARAM_FILES.items():
+        named = (params.get(section) or {}).get(key)
+        if named is None:
+            continue
+        assert (REPO / named).is_file(), f"{params_file}: {section}.{key} names {named}, which does not exist"
+        for name, stage in stages.items():
+            if name.split("@")[0] == stage_name:
+                deps = [Path(dep) for dep in _listed(stage.get("deps"))]
+                assert any(dep == Path(named) or dep in Path(named).parents for dep in deps), (
+                    f"{params_file}: stage {name} reads {section}.{key} = {named}, which none of its deps covers")
+
+
+# --- behaviour: what `dvc status` reports after an edit -------------------------------------------
+
+@pytest.fixture(scope="module")
+def locked_copy(tmp_path_factory) -> Path:
+    """The pipeline's definition and code in a DVC repository, locked with placeholder data (no cmd is run)."""
+    work = tmp_path_factory.mktemp("dag")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, work / name)
+    for folder in ("stages", "src", "accelerate", "reference"):
+        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    sh("dvc", "init", "--no-scm", "-q", cwd=work)
+    paths = {Path(p) for stage in _stages().values() for p in _listed(stage.get("deps")) + _listed(stage.get("outs"))}
+    parents = {parent for path in paths for parent in path.parents}
+    for path in sorted(paths - parents):  # leaves: files when they look like one, else a folder with one file
+        target = work / path
+        if not target.exists():
+            target = target if path.suffix else target / PLACEHOLDER
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(f"{path}\n")
+    sh("dvc", "commit", "-f", "-q", cwd=work)
+    return work
+
+
+def changed_deps(repo: Path) -> dict[str, set[str]]:
+    """Stage -> the deps `dvc status` reports as changed (only stages whose own deps changed)."""
+    report = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout or "{}")
+    changed = {}
+    for stage, entries in report.items():
+        for entry in entries:
+            if isinstance(entry, dict) and "changed deps" in entry:
+                changed.setdefault(stage, set()).update(entry["changed deps"])
+    return changed
+
+
+def appended(repo: Path, paths, text: str = "\n# edited\n") -> dict[Path, str]:
+    originals = {path: (repo / path).read_text() for path in paths}
+    for path, original in originals.items():
+        (repo / path).write_text(original + text)
+    return originals
+
+
+def restore(repo: Path, originals: dict[Path, str]) -> None:
+    for path, original in originals.items():
+        (repo / path).write_text(original)
+
+
+def importers(module: Path) -> set[str]:
+    return {name for name in STAGES if module in _closure(name)}
+
+
+def test_stages_expand_as_dvc_expands_them(locked_copy):
+    assert sh("dvc", "stage", "list", "--name-only", cwd=locked_copy).stdout.split() == list(_stages())
+
+
+def test_locked_copy_starts_up_to_date(locked_copy):
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=locked_copy).stdout
+
+
+def test_editing_the_prompt_tokenizer_makes_only_the_stages_that_import_it_stale(locked_copy):
+    module = Path("src/cxr_diffusion/conditioning/prompt_tokenizer.py")
+    assert importers(module), "no stage imports the prompt tokenizer: pick another module"
+    originals = appended(locked_copy, [module])
+    try:
+        assert set(changed_deps(locked_copy)) == importers(module)
+    finally:
+        restore(locked_copy, originals)
+    assert changed_deps(locked_copy) == {}
+
+
+def test_editing_any_module_makes_exactly_the_stages_that_import_it_stale(locked_copy):
+    """Every module and entry point edited at once: DVC names each changed dep per stage."""
+    modules = sorted(project_modules(locked_copy) | {p.relative_to(locked_copy) for p in (locked_copy / "stages").glob("*.py")})
+    originals = appended(locked_copy, modules)
+    try:
+        changed = changed_deps(locked_copy)
+    finally:
+        restore(locked_copy, originals)
+    reported = {module: {stage for stage, deps in changed.items() if str(module) in deps} for module in modules}
+    expected = {module: importers(module) for module in modules}
+    wrong = {str(m): {"stale": sorted(reported[m]), "import it": sorted(expected[m])} for m in modules if reported[m] != expected[m]}
+    assert not wrong, f"dvc status disagrees with the import closures: {wrong}"
+    assert any(expected.values())
+
+
+def test_editing_an_include_list_under_reference_makes_only_the_filter_stale(locked_copy):
+    include_list = Path(yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())["filter"]["include_list"])
+    originals = appended(locked_copy, [include_list], "00000000_000.png" + ",0" * 5 + "\n")
+    try:
+        assert set(changed_deps(locked_copy)) == {"filter"}
+    finally:
+        restore(locked_copy, originals)
