@@ -15,7 +15,7 @@ class DeviceError(ParamsError):
     """The requested device does not exist on this machine (the message says what to set)."""
 
 
-def resolve_device(requested: str = "auto") -> torch.device:
+def resolve_device(requested: str | torch.device = "auto") -> torch.device:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``/``cuda``/``cuda:N`` as asked.
 
     A CUDA device that is not there is an error rather than a silent fall-back to the CPU: a run
@@ -39,6 +39,11 @@ def describe_device(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return device.type
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights live: every input it is given must be moved there."""
+    return next(module.parameters()).device
 
 
 def half_dtype(device: torch.device) -> torch.dtype:

@@ -37,7 +37,7 @@ from cxr_diffusion.diffusion.noise import (
 )
 from cxr_diffusion.diffusion.precision import choose_mixed_precision, describe_machine
 from cxr_diffusion.diffusion.unet import build_unet
-from cxr_diffusion.device import describe_device, resolve_device
+from cxr_diffusion.device import describe_device, module_device, resolve_device
 from cxr_diffusion.io import atomic_directory
 
 
@@ -96,11 +96,6 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup: int, plateau_s
     if schedule == "plateau":
         return warm * plateau_scale
     return warm
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """Where a module's weights live: every input it is given must be moved there."""
-    return next(module.parameters()).device
 
 
 def diffusion_loss(model: nn.Module, scheduler, batch_pixels: torch.Tensor, condition: torch.Tensor,

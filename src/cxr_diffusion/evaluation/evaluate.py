@@ -30,7 +30,7 @@ from cxr_diffusion.evaluation.faithfulness import label_agreement, macro_auroc, 
 from cxr_diffusion.evaluation.memorization import memorization_report
 from cxr_diffusion.evaluation.pca_plot import pca_scatter
 from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
-from cxr_diffusion.device import describe_device, resolve_device
+from cxr_diffusion.device import describe_device, module_device, resolve_device
 from cxr_diffusion.io import atomic_directory, write_json
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -63,7 +63,7 @@ def untrained_samples(params: Params, model_dir: Path, conditions: torch.Tensor,
 def _features_of_images(classifier: CXRClassifier, images: list[Image.Image]) -> np.ndarray:
     x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0) for im in images])[:, None]
     with torch.no_grad():
-        return classifier.features(x.to(next(classifier.parameters()).device)).cpu().numpy()
+        return classifier.features(x.to(module_device(classifier))).cpu().numpy()
 
 
 def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_dir: Path, samples_dir: Path,
@@ -103,9 +103,9 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
     }
     for name, result in (
         ("inception_fid", standard_fid(config, generated_images, test_images,
-                                       train_images.image_size, params.device)),
+                                       train_images.image_size, device)),
         ("reference_compatible_fid", reference_compatible_fid(config, generated_images, train_images,
-                                                              train_images.image_size, params.device)),
+                                                              train_images.image_size, device)),
     ):
         closeness[name] = result.pop("value")
         closeness[f"{name}_details"] = result
@@ -119,7 +119,7 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
         closeness["untrained_size"] = count
     prdc = precision_recall_density_coverage_safe(r, g, config.prdc_k)
     pretrained_judge = xrv_metrics(config, params.filter.class_members(), generated_images, generated["labels"],
-                                   test_images, test["labels"], val_images, params.seed, params.device)
+                                   test_images, test["labels"], val_images, params.seed, device)
 
     # Faithfulness: does the generation show what its condition asked for?
     requested = generated["labels"].astype(int)

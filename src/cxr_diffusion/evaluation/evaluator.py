@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cxr_diffusion.config import EvaluatorConfig
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
-from cxr_diffusion.device import describe_device
+from cxr_diffusion.device import describe_device, module_device
 from cxr_diffusion.io import atomic_directory, write_json
 
 
@@ -92,7 +92,7 @@ def embed_and_predict(model: CXRClassifier, images: PreparedImages, batch_size: 
     """Features, probabilities, labels and pixels ([0, 1], grayscale, at most PIXELS_KEPT wide) of every
     image of a split; only these small arrays are kept, never the full-resolution images."""
     features, probabilities, labels, pixels, names = [], [], [], [], []
-    device = next(model.parameters()).device
+    device = module_device(model)
     for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
         x = batch["pixel_values"]
         f, p = predict_batch(model, x.to(device))

@@ -56,7 +56,7 @@ def _unavailable(param: str, why: str) -> dict:
 
 
 def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset, image_size: int,
-                 device: str = "auto") -> dict:
+                 device: str | torch.device = "auto") -> dict:
     """Standard FID (FID-Inception pool3, 2048-d) of generated vs real test images, with its settings."""
     if config.inception_weights is None:
         return _unavailable("inception_weights", "no FID-Inception weights configured (offline default)")
@@ -73,7 +73,7 @@ def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset,
 
 
 def reference_compatible_fid(config: EvaluateConfig, generated: Dataset, real_train: Dataset,
-                             image_size: int, device: str = "auto") -> dict:
+                             image_size: int, device: str | torch.device = "auto") -> dict:
     """FID on torchvision Inception-v3 1000-class logits vs the real training images (the reference's recipe)."""
     if config.reference_inception_weights is None:
         return _unavailable("reference_inception_weights",

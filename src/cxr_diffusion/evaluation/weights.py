@@ -44,9 +44,9 @@ def load_safetensors_into(model: nn.Module, path: str | Path, what: str, how_to_
     return model.eval().requires_grad_(False)
 
 
-def evaluation_device(requested: str = "auto") -> torch.device:
-    """Where the pretrained feature networks run: params' ``device`` (auto: the GPU when there is one);
-    values are fp32 either way."""
+def evaluation_device(requested: str | torch.device = "auto") -> torch.device:
+    """Where the pretrained feature networks run: params' ``device`` or one already resolved (auto: the
+    GPU when there is one); values are fp32 either way."""
     from cxr_diffusion.device import resolve_device
 
     return resolve_device(requested)

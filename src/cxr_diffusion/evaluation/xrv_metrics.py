@@ -41,7 +41,7 @@ def _auroc(labels: np.ndarray, logits: np.ndarray, class_members: dict[str, tupl
 
 def xrv_metrics(config: EvaluateConfig, class_members: dict[str, tuple[str, ...]], generated: Dataset,
                 generated_labels: np.ndarray, real_test: Dataset, real_test_labels: np.ndarray,
-                real_val: Dataset, seed: int, device: str = "auto") -> dict:
+                real_val: Dataset, seed: int, device: str | torch.device = "auto") -> dict:
     """FD (with bootstrap CI and the real-vs-real floor at matched n) in DenseNet features, and per-class
     AUROC of its pathology logits against the requested labels (next to the same AUROC on real test images)."""
     if config.xrv_weights is None:
