@@ -286,3 +286,22 @@ def test_config_hash_differs_for_different_configs():
 def test_config_hash_treats_tuples_as_lists_and_dataclasses_as_dicts():
     as_read_from_json = json.loads(json.dumps({"seed": 0, "data": "data/shards", "optim": {"lr": 1e-4, "betas": [0.9, 0.999]}}))
     assert config_hash(Config()) == config_hash(as_read_from_json)
+
+
+def test_writer_copies_only_tensors_that_do_not_own_their_storage(monkeypatch, tmp_path):
+    """A CPU training state is written from its own memory (no second 6.9 GB of optimizer state at SD
+    size); views and tied weights are still copied, because safetensors refuses them."""
+    from cxr_diffusion.diffusion import checkpoints
+
+    written = {}
+    monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path: written.update(tensors))
+    monkeypatch.setattr(checkpoints, "sha256_file", lambda path: "")
+    own, base = torch.randn(4, 3), torch.randn(6, 3)
+    checkpoints._write_tensors(tmp_path / "x.safetensors", {"own": own, "tied": own, "view": base[2:], "t": base.T},
+                               where="test")
+
+    assert written["own"].data_ptr() == own.data_ptr()
+    for key in ("tied", "view", "t"):
+        assert written[key].untyped_storage().data_ptr() not in {own.data_ptr(), base.data_ptr()}, key
+        assert written[key].is_contiguous()
+    assert torch.equal(written["tied"], own) and torch.equal(written["view"], base[2:]) and torch.equal(written["t"], base.T)

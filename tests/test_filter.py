@@ -128,11 +128,13 @@ def test_include_list_selects_and_reports_unknown_images_and_disagreements(tmp_p
     include = read_include_list(path, classes)
     frame = metadata([nih_row("a.png", "Effusion"), nih_row("b.png", "No Finding", patient=2), nih_row("c.png", "Effusion", patient=3)])
     config = FilterConfig(classes=classes, merges={}, include_list=str(path))
-    result = filter_metadata(frame, set(frame["Image Index"]), config, 0, include)
-    assert set(result.table["Image Index"]) == {"a.png", "b.png"}
-    assert result.metrics["include_list"] == {"not_in_metadata": 1, "flag_disagreements": 2}
+    result = filter_metadata(frame, set(frame["Image Index"]) - {"b.png"}, config, 0, include)
+    assert set(result.table["Image Index"]) == {"a.png"}
+    assert result.metrics["include_list"] == {"listed": 3, "not_in_metadata": 1, "image_missing": 1,
+                                              "flag_disagreements": 2}
     issues = set(zip(result.include_list_issues["Image Index"], result.include_list_issues["issue"]))
-    assert ("ghost.png", "not_in_metadata") in issues and ("b.png", "flag_disagrees") in issues
+    assert {("ghost.png", "not_in_metadata"), ("b.png", "image_missing"), ("b.png", "flag_disagrees")} <= issues
+    assert ("b.png", "image_missing") in set(zip(result.rejects["Image Index"], result.rejects["reason"]))
 
 
 def test_include_list_missing_class_column_is_an_error_naming_it(tmp_path):
@@ -159,4 +161,5 @@ def test_reference_subset_reproduces_48311_images(repo):
     assert result.metrics["kept"] == 48311
     assert result.metrics["classes"] == {"Infiltration": 13000, "No Finding": 13000, "Effusion": 9651,
                                          "Nodule/Mass": 8947, "Atelectasis": 8591}
-    assert result.metrics["include_list"] == {"not_in_metadata": 0, "flag_disagreements": 0}
+    assert result.metrics["include_list"] == {"listed": 48311, "not_in_metadata": 0, "image_missing": 0,
+                                              "flag_disagreements": 0}

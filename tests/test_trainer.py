@@ -250,3 +250,36 @@ def test_pixel_space_needs_no_latents(tmp_path, data):
 
     assert encode_latents(tiny_params(), data["prepared"], tmp_path / "latents") == {"latents": False}
     assert (tmp_path / "latents" / "not_used.json").is_file()
+
+
+def test_gradient_checkpointing_recomputes_in_backward_and_trains_the_same_weights(tmp_path, data, uninterrupted,
+                                                                                 monkeypatch):
+    import torch.utils.checkpoint
+
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *args, **kwargs: calls.append(1) or real_checkpoint(*args, **kwargs))
+    train_branch(tiny_params(train={"gradient_checkpointing": True}), "elixr", paths_in(tmp_path, data))
+
+    assert calls, "gradient_checkpointing: true never recomputed a block"
+    assert_same_weights(final_unet(tmp_path), final_unet(uninterrupted[0]))
+
+
+def test_no_checkpoints_when_checkpoint_every_steps_is_null(tmp_path, data, uninterrupted):
+    train_branch(tiny_params(train={"checkpoint_every_steps": None}), "elixr", paths_in(tmp_path, data))
+
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+    assert_same_weights(final_unet(tmp_path), final_unet(uninterrupted[0]))
+
+
+def test_swap_weights_exchanges_values_without_copying():
+    parameters, others = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))], \
+        [torch.ones(3), torch.full((2, 2), 2.0)]
+    pointers = [p.data_ptr() for p in parameters], [o.data_ptr() for o in others]
+
+    trainer_module.swap_weights(parameters, others)
+    assert [p.data_ptr() for p in parameters] == pointers[1] and [o.data_ptr() for o in others] == pointers[0]
+    assert torch.equal(parameters[0].data, torch.ones(3)) and torch.equal(others[1], torch.zeros(2, 2))
+    trainer_module.swap_weights(parameters, others)
+    assert [p.data_ptr() for p in parameters] == pointers[0] and torch.equal(parameters[1].data, torch.zeros(2, 2))

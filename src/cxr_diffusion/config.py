@@ -259,8 +259,9 @@ class TrainConfig:
     sample_every_steps: int = 500 # sample grid logged to DVCLive
     sample_grid_images: int = 8   # validation conditions in that grid (0 = no grid)
     sample_grid_steps: int = 20   # DPM-Solver++ steps of the grid (8 x 20 at 512 px costs minutes on a CPU)
-    checkpoint_every_steps: int = 250
+    checkpoint_every_steps: int | None = 250  # training-state checkpoints (resume); null = none, a killed run restarts
     checkpoints_total_limit: int = 2
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~1.3x the step time
     num_workers: int = 0          # DataLoader workers
     # `accelerate launch --config_file` of the train stage: processes, GPUs, machines (see accelerate/).
     launch_config: str = "accelerate/one-process.yaml"
@@ -276,10 +277,12 @@ class TrainConfig:
         for name in ("clip_text", "clip_vision", "elixr"):
             _require(getattr(self.lr, name) > 0, f"{key}.lr.{name}", "must be > 0")
         for name in ("batch_size", "gradient_accumulation", "epochs", "val_every_steps", "sample_every_steps",
-                     "checkpoint_every_steps", "checkpoints_total_limit", "condition_tokens", "max_nonfinite",
+                     "checkpoints_total_limit", "condition_tokens", "max_nonfinite",
                      "num_train_timesteps"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         _require(self.max_steps is None or self.max_steps > 0, f"{key}.max_steps", "must be > 0 or null")
+        _require(self.checkpoint_every_steps is None or self.checkpoint_every_steps > 0,
+                 f"{key}.checkpoint_every_steps", "must be > 0 or null (null = no checkpoints)")
         _require(self.sample_grid_images >= 0, f"{key}.sample_grid_images", "must be >= 0 (0 = no sample grid)")
         _require(self.sample_grid_steps > 0, f"{key}.sample_grid_steps", "must be > 0")
         _require(self.ema_half_life_images > 0, f"{key}.ema_half_life_images", "must be > 0")

@@ -112,7 +112,7 @@ def filter_metadata(
 
     include_issues = pd.DataFrame(columns=["Image Index", "issue", "detail"])
     if include_list is not None:
-        include_issues = _check_include_list(include_list, rows, members)
+        include_issues = _check_include_list(include_list, rows, members, images_present)
         reject(~rows["Image Index"].isin(set(include_list["Image Index"])), "not_in_include_list")
     reject(rows["_classes"].map(len) == 0, "no_class_of_interest", rows["Finding Labels"])
     if not config.allow_other_labels:
@@ -143,17 +143,21 @@ def filter_metadata(
     rejects = pd.DataFrame({"Image Index": rows["Image Index"], "reason": reason, "detail": detail})
     rejects = rejects[reason.notna()].reset_index(drop=True)
     _assert_patient_disjoint(table)
-    return FilterResult(table, rejects, include_issues, _metrics(len(rows), table, rejects, include_issues, config))
+    return FilterResult(table, rejects, include_issues, _metrics(len(rows), table, rejects, include_issues, config,
+                                                                 0 if include_list is None else len(include_list)))
 
 
 def _check_include_list(include_list: pd.DataFrame, rows: pd.DataFrame,
-                        members: dict[str, tuple[str, ...]]) -> pd.DataFrame:
-    """Report include-list images not in the CSV, and flags that disagree with Finding Labels."""
+                        members: dict[str, tuple[str, ...]], images_present: set[str]) -> pd.DataFrame:
+    """Report include-list images not in the CSV, those with no image file (a partial download: counted,
+    not fatal), and flags that disagree with Finding Labels."""
     issues = []
     known = set(rows["Image Index"])
     for name in include_list["Image Index"]:
         if name not in known:
             issues.append((name, "not_in_metadata", ""))
+        elif name not in images_present:
+            issues.append((name, "image_missing", "no image file under dataset.nih_root"))
     joined = include_list.merge(rows.drop_duplicates("Image Index")[["Image Index", "_labels"]], on="Image Index")
     for name, labels in members.items():
         derived = joined["_labels"].map(lambda found, ls=labels: int(any(l in found for l in ls)))
@@ -214,7 +218,7 @@ def _assert_patient_disjoint(table: pd.DataFrame) -> None:
 
 
 def _metrics(rows_in: int, table: pd.DataFrame, rejects: pd.DataFrame, include_issues: pd.DataFrame,
-             config: FilterConfig) -> dict:
+             config: FilterConfig, include_listed: int) -> dict:
     rejected = {name: int((rejects["reason"] == name).sum()) for name in REJECT_REASONS}
     splits = {}
     for split in SPLITS:
@@ -233,7 +237,9 @@ def _metrics(rows_in: int, table: pd.DataFrame, rejects: pd.DataFrame, include_i
     }
     if config.include_list is not None:
         metrics["include_list"] = {
+            "listed": include_listed,
             "not_in_metadata": int((include_issues["issue"] == "not_in_metadata").sum()),
+            "image_missing": int((include_issues["issue"] == "image_missing").sum()),
             "flag_disagreements": int((include_issues["issue"] == "flag_disagrees").sum()),
         }
     assert rows_in == len(table) + sum(rejected.values()), "filter counts do not reconcile"

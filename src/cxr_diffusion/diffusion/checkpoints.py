@@ -180,12 +180,29 @@ def _check_all_tensors(entries: Mapping[str, object], where: str) -> None:
 def _write_tensors(path: Path, entries: Mapping[str, torch.Tensor], where: str) -> str:
     """Save to safetensors and return the file's sha256."""
     _check_all_tensors(entries, where=f"{where}[{{key!r}}]")
-    # Independent contiguous CPU copies: safetensors refuses views and tensors sharing storage
-    # (tied weights), and copying one file's worth at a time keeps accelerator memory flat.
-    copies = {key: value.detach().to(device="cpu", memory_format=torch.contiguous_format, copy=True)
-              for key, value in entries.items()}
-    save_file(copies, str(path))
+    save_file(_writable(entries), str(path))
     return sha256_file(path)
+
+
+def _writable(entries: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What safetensors accepts: dense CPU tensors that each own their whole storage.
+
+    Only the tensors that are not already so are copied (accelerator tensors, views, tied weights).
+    safetensors writes from the tensors' own memory, so a CPU state is written with no second copy:
+    at SD-1.5 size the optimizer state alone is 6.9 GB.
+    """
+    writable, storages = {}, set()
+    for key, value in entries.items():
+        value = value.detach()
+        storage = value.untyped_storage()
+        owns_storage = (value.device.type == "cpu" and value.is_contiguous() and value.storage_offset() == 0
+                        and storage.nbytes() == value.nbytes and storage.data_ptr() not in storages)
+        if not owns_storage:
+            value = value.to(device="cpu", memory_format=torch.contiguous_format, copy=True)
+            storage = value.untyped_storage()
+        storages.add(storage.data_ptr())
+        writable[key] = value
+    return writable
 
 
 def _split_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -131,7 +131,8 @@ class Validator:
 
     def __init__(self, dataset: ConditionedImages, scheduler, gamma: float | None, seed: int, batch_size: int):
         self.scheduler, self.gamma, self.batch_size = scheduler, gamma, batch_size
-        items = [dataset[i] for i in range(len(dataset))]
+        # collate keeps no full-size image, so drop each one as it is read (latent space keeps it in the item)
+        items = [{k: v for k, v in dataset[i].items() if k != "image"} for i in range(len(dataset))]
         self.batch = collate(items) if items else None
         if self.batch is None:
             return
@@ -165,6 +166,14 @@ class Validator:
         true_loss, shuffled_loss = true_losses.mean().item(), shuffled_losses.mean().item()
         return {"val/loss": true_loss, "val/loss_shuffled_condition": shuffled_loss,
                 "val/conditioning_gap": shuffled_loss - true_loss}
+
+
+@torch.no_grad()
+def swap_weights(parameters, others) -> None:
+    """Exchange the values of two same-shaped tensor lists in place (storage pointers, no copy):
+    EMA's store/copy_to/restore would hold a third copy of the weights."""
+    for parameter, other in zip(parameters, others, strict=True):
+        parameter.data, other.data = other.data, parameter.data
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -208,9 +217,12 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
                             f"({train.batch_size} x {world}); lower train.batch_size or add data")
 
     model = build_denoiser(params, store, latents)
+    if train.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
     scheduler = training_scheduler(train)
     base_lr = params.learning_rate(branch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=train.weight_decay)
+    # fused: one kernel per step, and none of the per-parameter temporaries of the plain loop
+    optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=train.weight_decay, fused=True)
     images_per_step = train.batch_size * train.gradient_accumulation * world
     micro_per_epoch = len(train_set) // (train.batch_size * world)
     steps_per_epoch = max(1, micro_per_epoch // train.gradient_accumulation)
@@ -269,8 +281,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
 
     def validate_and_log() -> bool:
         """Validate the EMA weights; returns True when early stopping says stop."""
-        ema.store(unwrapped.parameters())
-        ema.copy_to(unwrapped.parameters())
+        swap_weights(unwrapped.parameters(), ema.shadow_params)  # no copy: a third set of weights is 3.4 GB at SD size
         unwrapped.eval()
         metrics = validator(unwrapped)
         if live is not None and train.sample_grid_images > 0 and (
@@ -278,7 +289,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
             live.log_image("samples.png", sample_grid(unwrapped, scheduler, val_set, params.seed, vae=vae,
                                                       count=train.sample_grid_images, steps=train.sample_grid_steps))
         unwrapped.train()
-        ema.restore(unwrapped.parameters())
+        swap_weights(unwrapped.parameters(), ema.shadow_params)
         if live is not None:
             for name, value in metrics.items():
                 live.log_metric(name, value)
@@ -356,7 +367,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
             if state.step % train.val_every_steps == 0 or stop:
                 stop = validate_and_log() or stop
                 last_log = time.perf_counter()
-            if state.step % train.checkpoint_every_steps == 0 or stop:
+            if train.checkpoint_every_steps is not None and (state.step % train.checkpoint_every_steps == 0 or stop):
                 checkpoint()
             if live is not None:
                 live.make_summary()
@@ -376,6 +387,8 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
               "missing_condition": train_set.missing_condition, "best_val_loss": state.extra["best_val"]}
     if accelerator.is_main_process:
         ema.copy_to(unwrapped.parameters())
+        optimizer.state.clear()  # saved with the last checkpoint; the pipeline needs only the EMA weights
+        ema.shadow_params = []
         save_pipeline(params, branch, unwrapped, scheduler, paths, vae=vae)
         if live is not None:
             live.summary["final"] = {k: v for k, v in result.items() if isinstance(v, (int, float))}
