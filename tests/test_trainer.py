@@ -283,3 +283,9 @@ def test_swap_weights_exchanges_values_without_copying():
     assert torch.equal(parameters[0].data, torch.ones(3)) and torch.equal(others[1], torch.zeros(2, 2))
     trainer_module.swap_weights(parameters, others)
     assert [p.data_ptr() for p in parameters] == pointers[0] and torch.equal(parameters[1].data, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    ("auto", "cuda", True), ("auto", "cpu", False), ("always", "cpu", True), ("never", "cuda", False)])
+def test_unet_is_compiled_on_cuda_by_default_and_never_on_a_cpu_unless_asked(setting, device, expected):
+    assert trainer_module.compiles(setting, torch.device(device)) is expected

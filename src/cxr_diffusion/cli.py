@@ -1,4 +1,4 @@
-"""The user's commands: `cxr-diffusion profile | generate | inspect | convert-weights | fetch | doctor`."""
+"""The user's commands: `cxr-diffusion profile | generate | inspect | convert-weights | fetch | doctor | standins`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="cxr-diffusio
 
 @app.command()
 def profile(
-    name: str = typer.Argument(..., help="Profile in profiles/: default, tiny or nih-512."),
+    name: str = typer.Argument(..., help="Profile in profiles/: default, tiny, nih-512 or rehearsal."),
     root: Path = typer.Option(Path("."), help="Repository root."),
 ) -> None:
     """Make profiles/<name>.yaml the active params.yaml (checked before it replaces anything)."""
@@ -223,6 +223,32 @@ def doctor(
     except AssetError as error:
         _fail(str(error))
     raise typer.Exit(code)
+
+
+@app.command()
+def standins(
+    params_file: Path = typer.Option(None, "--params", help="Params file (default: ROOT/params.yaml, the active profile)."),
+    root: Path = typer.Option(Path("."), help="Repository root: relative paths in the params resolve here."),
+    images: int = typer.Option(32, min=3, help="Images in the stand-in NIH folder (dataset.source: nih)."),
+    seed: int = typer.Option(0, help="Seed of every stand-in's random weights and of the NIH folder's images."),
+) -> None:
+    """Make random-weight stand-ins of every external asset the params name (same architectures and formats,
+    labelled STANDIN.json, replaced by `fetch`), and the stand-in NIH folder, offline; for rehearsals only.
+    Keeps complete stand-ins with the same settings; never overwrites a real asset (exit 2)."""
+    from cxr_diffusion.rehearsal.standins import StandinError, format_table, make_standins
+
+    params = _active_params(params_file, root)
+    command = (f"cxr-diffusion standins{f' --params {params_file}' if params_file else ''} --images {images} "
+               f"--seed {seed}")
+    try:
+        results = make_standins(params, root, images=images, seed=seed, command=command, echo=typer.echo)
+    except StandinError as error:
+        _fail(str(error))
+    if not results:
+        typer.echo("Nothing to make: the active params name no external asset and dataset.source is not nih.")
+        return
+    typer.echo("")
+    typer.echo(format_table(results))
 
 
 if __name__ == "__main__":

@@ -262,6 +262,7 @@ class TrainConfig:
     checkpoint_every_steps: int | None = 250  # training-state checkpoints (resume); null = none, a killed run restarts
     checkpoints_total_limit: int = 2
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~1.3x the step time
+    compile: Literal["auto", "always", "never"] = "auto"  # torch.compile the UNet; auto: on CUDA (1.35x on an H200), not on CPUs
     num_workers: int = 0          # DataLoader workers
     # `accelerate launch --config_file` of the train stage: processes, GPUs, machines (see accelerate/).
     launch_config: str = "accelerate/one-process.yaml"
@@ -290,17 +291,28 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EncodeLatentsConfig:
+    # Images per VAE encoder forward. Memory grows with it: SD-VAE at 512 px holds ~0.7 GB of fp32
+    # activations per image of the batch on a CPU; a larger batch is no faster there.
+    batch_size: int = 16
+
+    def validate(self, key: str) -> None:
+        _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     count: int = 200              # test images whose conditions are sampled (the first N of the test split)
     sampler: Literal["dpm++", "ddim", "ddpm"] = "dpm++"
     steps: int = 20               # DPM-Solver++ needs ~20-25; DDPM was trained with 1000
     guidance_scale: float = 3.0   # classifier-free guidance; 1.0 = off
     batch_size: int = 50
-    per_finding: int = 6          # clip_text: images per finding in the one-row-per-finding grid
+    per_finding: int = 6          # clip_text: images per finding in the one-row-per-finding grid (0 = no grid)
 
     def validate(self, key: str) -> None:
-        for name in ("count", "steps", "batch_size", "per_finding"):
+        for name in ("count", "steps", "batch_size"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _require(self.per_finding >= 0, f"{key}.per_finding", "must be >= 0 (0 = no one-row-per-finding grid)")
         _require(self.guidance_scale >= 1.0, f"{key}.guidance_scale", "must be >= 1 (1 = no guidance)")
 
 
@@ -314,8 +326,12 @@ class EvaluatorConfig:
     epochs: int = 15
     batch_size: int = 64
     lr: float = 2e-3
+    # Side the classifier sees: larger images are area-averaged down to it, never up. Bounds its memory
+    # and compute (at 512 px, training holds ~0.27 GB of activations per image of the batch; at 256, a quarter).
+    max_image_size: int = 256
 
     def validate(self, key: str) -> None:
+        _require(self.max_image_size >= 8, f"{key}.max_image_size", "must be >= 8 (three 2x poolings)")
         for name in ("width", "feature_dim", "epochs", "batch_size"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         _require(self.lr > 0, f"{key}.lr", "must be > 0")
@@ -330,6 +346,9 @@ class EvaluateConfig:
     train_reference: int = 2000   # train images compared against for memorization
     diversity_pairs: int = 200
     untrained_images: int = 32    # samples of an untrained model of the same architecture (FD baseline); 0 = skip
+    # Images held at once by the stage's own batched work: the in-pipeline evaluator's features of every split
+    # and of the untrained baseline, MS-SSIM pairs (two images each). The pretrained models use inception_batch_size.
+    batch_size: int = 128
     # Inception FID, only where weights are present (safetensors; see `cxr-diffusion convert-weights`):
     inception_weights: str | None = None            # FID-Inception (pt_inception-2015-12-05) -> standard FID
     reference_inception_weights: str | None = None  # torchvision inception_v3 ImageNet -> reference-compatible FID
@@ -344,6 +363,7 @@ class EvaluateConfig:
         _require(self.untrained_images >= 0, f"{key}.untrained_images", "must be >= 0 (0 skips the untrained baseline)")
         _require(0 < self.memorization_percentile < 100, f"{key}.memorization_percentile", "must be in (0, 100)")
         _require(self.inception_batch_size > 0, f"{key}.inception_batch_size", "must be > 0")
+        _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
         _require(self.reference_fid_train_images is None or self.reference_fid_train_images >= 2,
                  f"{key}.reference_fid_train_images", "must be >= 2 or null (all training images)")
 
@@ -385,6 +405,7 @@ class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     elixr: ElixrConfig = field(default_factory=ElixrConfig)
+    encode_latents: EncodeLatentsConfig = field(default_factory=EncodeLatentsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
@@ -407,6 +428,7 @@ class Params:
         self.prepare.validate("prepare")
         self.clip.validate("clip")
         self.elixr.validate("elixr")
+        self.encode_latents.validate("encode_latents")
         self.train.validate("train")
         _require(self.train.space == "pixel" or self.channels == 3, "channels",
                  "must be 3 in latent space (the VAE encodes RGB)")

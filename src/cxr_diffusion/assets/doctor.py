@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from cxr_diffusion.assets.catalog import NOTHING_NEEDED, Asset, HandSource, how_to_place, needed_assets, rerun_command
+from cxr_diffusion.assets.catalog import (
+    NOTHING_NEEDED, Asset, HandSource, HubSource, how_to_place, needed_assets, rerun_command,
+)
 from cxr_diffusion.assets.manifest import read_manifest
 from cxr_diffusion.assets.status import Check, check_asset
 from cxr_diffusion.config import Params
+from cxr_diffusion.rehearsal.standin_marker import MARKER_NAME, REPLACE_HINT
+
+LABELS = {"stand-in": "stand-in (random weights)"}  # how a state is printed, where its name alone says too little
 
 
 def diagnose(params: Params, root: str | Path = ".") -> list[tuple[Asset, Check]]:
@@ -20,6 +25,14 @@ def diagnose(params: Params, root: str | Path = ".") -> list[tuple[Asset, Check]
 
 def fix(asset: Asset, check: Check) -> str:
     """What to do about an asset that is not present and verified."""
+    if check.state == "stand-in":
+        if isinstance(asset.source, HandSource):
+            return ("place the real one by hand over it (fetch cannot download it), then run `cxr-diffusion fetch` "
+                    "to check and record it; stages that read the stand-in must then rerun:\n" + how_to_place(asset))
+        by_hand = (f"a copy placed by hand must replace the whole folder, whose {MARKER_NAME} marks it a stand-in"
+                   if isinstance(asset.source, HubSource) else "a real file placed by hand over it is recognised")
+        return (f"{REPLACE_HINT}: it replaces the stand-in ({by_hand}); then rerun what read the stand-in: "
+                f"{rerun_command(asset)}")
     if check.state in ("missing", "partial"):
         if isinstance(asset.source, HandSource):
             return "place it by hand (fetch cannot: see `from`):\n" + how_to_place(asset)
@@ -43,7 +56,7 @@ def run_doctor(params: Params, root: str | Path = ".", echo: Callable[[str], Non
         echo(NOTHING_NEEDED)
         return 0
     for asset, check in results:
-        echo(f"{asset.name} ({asset.param}): {check.state}: {check.detail}")
+        echo(f"{asset.name} ({asset.param}): {LABELS.get(check.state, check.state)}: {check.detail}")
         echo(f"    read by: {', '.join(asset.stages)}")
         if check.state != "present":
             first, *rest = fix(asset, check).splitlines()
@@ -51,8 +64,12 @@ def run_doctor(params: Params, root: str | Path = ".", echo: Callable[[str], Non
             for line in rest:
                 echo(f"         {line}")
     bad = [asset.name for asset, check in results if check.state != "present"]
+    standins = [asset.name for asset, check in results if check.state == "stand-in"]
     if bad:
         echo(f"\n{len(bad)} of {len(results)} assets need attention: {', '.join(bad)}.")
+        if standins:
+            echo(f"{len(standins)} of them are stand-ins with random weights ({', '.join(standins)}): fine for a "
+                 "rehearsal, meaningless for results.")
         return 2
     echo(f"\nAll {len(results)} assets are present and match the fetch record.")
     return 0

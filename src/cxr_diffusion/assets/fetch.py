@@ -1,11 +1,14 @@
 """`cxr-diffusion fetch`: bring every asset the params need to the path they name, and record its hashes.
 
 Each asset is independent: one that cannot be fetched (offline, gated, wrong hash) is listed at the end with
-how to place it by hand, and the others go on. What is in place and matches the record is not touched.
+how to place it by hand, and the others go on. What is in place and matches the record is not touched. A
+stand-in (`cxr-diffusion standins`) is not in place: it is replaced by the real asset, and stays where it is
+until the real one is complete (a hub folder is downloaded beside it and swapped in).
 """
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from cxr_diffusion.assets.download import AssetError
 from cxr_diffusion.assets.manifest import read_manifest, record, snapshot
 from cxr_diffusion.assets.status import Check, check_asset, source_record
 from cxr_diffusion.config import Params
+from cxr_diffusion.rehearsal.standin_marker import stale_sidecar
 
 # What a failed download or check raises: huggingface_hub's and urllib's errors are OSErrors, the weight
 # checks raise ValueError (wrong keys or shapes), ours raise AssetError.
@@ -33,6 +37,9 @@ class FetchReport:
 
 def _record(asset: Asset, manifest_path: Path, root: Path, what: str) -> str:
     path = asset.path(root)
+    stale = stale_sidecar(path)  # the label of a stand-in that a real file has replaced
+    if stale is not None:
+        stale.unlink()
     contents = snapshot(path)
     if not contents["files"]:
         raise AssetError(f"{asset.target} holds no files after the download (does {asset.param} name what the "
@@ -92,16 +99,23 @@ def _place(asset: Asset, check: Check, manifest_path: Path, root: Path, echo: Ca
     if isinstance(source, HubSource):
         echo(f"{asset.name}: fetching {source.describe()} into "
              f"{'the Hugging Face cache' if source.in_cache else asset.target}")
-        local_dir = None if source.in_cache else asset.path(root)
+        target = None if source.in_cache else asset.path(root)
+        # A stand-in stays usable until the real files are complete: they go to a folder beside it (resumable).
+        local_dir = target.with_name(f".{target.name}.fetching") if check.state == "stand-in" else target
         path = download.hub_snapshot(source.repo_id, repo_type=source.repo_type, revision=source.revision,
                                      local_dir=local_dir, allow_patterns=source.allow_patterns)
         if source.in_cache:
             return f"in the Hugging Face cache ({path})"
+        if local_dir != target:
+            _swap_in(local_dir, target)
+            return _record(asset, manifest_path, root, f"fetched into {asset.target}, replacing the stand-in")
         return _record(asset, manifest_path, root, f"fetched into {asset.target}")
     if isinstance(source, UrlSource):
         return _place_weights(asset, source, check, manifest_path, root)
     if check.state == "missing":
         raise AssetError(f"{asset.target} is not there; it can only be placed by hand")
+    if check.state == "stand-in":
+        raise AssetError(f"{asset.target} is a stand-in (random weights); the real one can only be placed by hand")
     if check.state == "mismatch":
         raise AssetError(f"{check.detail}; place it again by hand, or keep it with "
                          "`cxr-diffusion fetch --record-present`")
@@ -109,7 +123,19 @@ def _place(asset: Asset, check: Check, manifest_path: Path, root: Path, echo: Ca
     return _record(asset, manifest_path, root, f"checked the tensors of {asset.target} and recorded it")
 
 
+def _swap_in(folder: Path, target: Path) -> None:
+    """Replace the stand-in folder ``target`` by the completed download ``folder``."""
+    old = target.with_name(f".{target.name}.standin-old")
+    shutil.rmtree(old, ignore_errors=True)
+    target.replace(old)
+    folder.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _record_present(asset: Asset, check: Check, manifest_path: Path, root: Path) -> str:
+    if check.state == "stand-in":
+        raise AssetError(f"{check.detail}; --record-present records only real assets (run `cxr-diffusion fetch` "
+                         "for the real one)")
     if check.state in ("missing", "partial") or asset.target is None:
         raise AssetError(f"{check.detail}; --record-present records only what is in place")
     _check_loads(asset, asset.path(root))
@@ -144,9 +170,10 @@ def fetch_assets(params: Params, root: str | Path = ".", *, record_present: bool
             echo(f"{asset.name}: could not place it: {reason}")
             continue
         manifest = read_manifest(manifest_path)
-        if check.state in ("mismatch", "stale"):
-            why = "changed in place" if check.state == "mismatch" else "another source"
-            what += f"; it had {why}, so rerun what read it: {rerun_command(asset)}"
+        if check.state in ("mismatch", "stale", "stand-in"):
+            why = {"mismatch": "it had changed in place", "stale": "it had another source",
+                   "stand-in": "it was a stand-in (random weights)"}[check.state]
+            what += f"; {why}, so rerun what read it: {rerun_command(asset)}"
         report.placed.append((asset, what))
         echo(f"{asset.name}: {what}")
     if report.missing:

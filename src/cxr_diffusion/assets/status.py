@@ -9,8 +9,9 @@ from typing import Literal
 from cxr_diffusion.assets import download
 from cxr_diffusion.assets.catalog import Asset, HandSource, HubSource
 from cxr_diffusion.assets.manifest import differences
+from cxr_diffusion.rehearsal.standin_marker import describe, read_standin
 
-State = Literal["present", "missing", "partial", "unrecorded", "stale", "mismatch"]
+State = Literal["present", "missing", "stand-in", "partial", "unrecorded", "stale", "mismatch"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ def _interrupted_hub_files(folder: Path) -> list[Path]:
 
 
 def check_asset(asset: Asset, manifest: dict[str, dict], root: Path) -> Check:
-    """Whether ``asset`` is in place and, when fetch recorded it, unchanged since (every file's sha256)."""
+    """Whether ``asset`` is in place and, when fetch recorded it, unchanged since (every file's sha256).
+
+    A stand-in (`cxr-diffusion standins`: random weights) is never "present", whatever the record says.
+    """
     source = asset.source
     if isinstance(source, HubSource) and source.in_cache:
         try:
@@ -49,6 +53,9 @@ def check_asset(asset: Asset, manifest: dict[str, dict], root: Path) -> Check:
     path = asset.path(root)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return Check("missing", f"{asset.target} does not exist" if not path.exists() else f"{asset.target} is empty")
+    label = read_standin(path)
+    if label is not None:
+        return Check("stand-in", f"{asset.target} was {describe(label)}")
     if isinstance(source, HubSource) and _interrupted_hub_files(path):
         return Check("partial", f"{asset.target} holds an interrupted download")
     entry = manifest.get(asset.name)

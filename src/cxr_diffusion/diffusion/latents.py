@@ -50,9 +50,11 @@ def encode_batch(vae, pixel_values: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path | None = None,
-                   batch_size: int = 16, device: torch.device = torch.device("cpu")) -> dict:
+                   device: torch.device = torch.device("cpu")) -> dict:
     """Posterior means x scaling factor of every prepared image, in fp32 on ``device`` (SD VAEs can
-    overflow in fp16, and the latents are computed once, so full precision costs little)."""
+    overflow in fp16, and the latents are computed once, so full precision costs little). Images are
+    read, encoded and written ``encode_latents.batch_size`` at a time: memory grows with that, not
+    with the dataset."""
     if params.train.space != "latent":
         with atomic_directory(out_dir) as tmp:
             write_json(tmp / "not_used.json", {"reason": "train.space is 'pixel': no latents needed"})
@@ -62,7 +64,7 @@ def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_pa
     vae = load_vae(params.train.vae).to(device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     channels, side = vae.config.latent_channels, params.image_size // factor
-    total = read_manifest(prepared_dir)["written"]
+    total, batch_size = read_manifest(prepared_dir)["written"], params.encode_latents.batch_size
     names: list[str] = []
     started = time.perf_counter()
     with ConditionStoreWriter(out_dir, total, channels, side * side, dtype="float32") as store:
@@ -78,7 +80,7 @@ def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_pa
                                                     "latent_shape": [channels, side, side],
                                                     "scaling_factor": vae.config.scaling_factor})
     metrics = {"latents": True, "images": len(names), "latent_shape": [channels, side, side],
-               "device": describe_device(device),
+               "device": describe_device(device), "batch_size": batch_size,
                "seconds": round(time.perf_counter() - started, 1)}
     if metrics_path is not None:
         write_json(metrics_path, metrics)

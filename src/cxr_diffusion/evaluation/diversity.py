@@ -18,8 +18,6 @@ STANDARD_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 STANDARD_KERNEL = 11
 # Smallest SSIM window we accept: below 7 px the local statistics come from too few pixels to mean much.
 MIN_KERNEL = 7
-# Pairs scored per call to torchmetrics, to bound memory at large image sizes.
-PAIRS_PER_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,14 @@ def ms_ssim_settings(height: int, width: int) -> MsSsimSettings:
                      "score larger images")
 
 
-def pairwise_ms_ssim(images: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> float:
-    """Mean MS-SSIM over ``pairs`` of rows of ``images`` ((n, 1 or 3, H, W), values in [0, 1])."""
+def pairwise_ms_ssim(images: torch.Tensor, pairs: Sequence[tuple[int, int]], *, pairs_per_batch: int) -> float:
+    """Mean MS-SSIM over ``pairs`` of rows of ``images`` ((n, 1 or 3, H, W), values in [0, 1]).
+
+    Scored ``pairs_per_batch`` pairs per call to torchmetrics: its float64 convolutions hold ~20 MB per
+    pair of 64x64 images (im2col buffers), so this bounds the memory; the mean does not depend on it.
+    """
+    if pairs_per_batch < 1:
+        raise ValueError(f"pairwise_ms_ssim: pairs_per_batch must be >= 1, got {pairs_per_batch}")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"pairwise_ms_ssim: expected images of shape (n, 1 or 3, H, W), got {tuple(images.shape)}")
     if not pairs:
@@ -70,8 +74,8 @@ def pairwise_ms_ssim(images: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> 
                          f"got [{int(index.min())}, {int(index.max())}]")
     settings = ms_ssim_settings(images.shape[2], images.shape[3])
     scores = []
-    for start in range(0, len(index), PAIRS_PER_BATCH):
-        batch = index[start:start + PAIRS_PER_BATCH]
+    for start in range(0, len(index), pairs_per_batch):
+        batch = index[start:start + pairs_per_batch]
         scores.append(multiscale_structural_similarity_index_measure(
             images[batch[:, 0]], images[batch[:, 1]], data_range=1.0, reduction="none",
             betas=settings.betas, kernel_size=settings.kernel_size))

@@ -60,10 +60,15 @@ def untrained_samples(params: Params, model_dir: Path, conditions: torch.Tensor,
     return generate(pipeline, conditions, params, params.seed)
 
 
-def _features_of_images(classifier: CXRClassifier, images: list[Image.Image]) -> np.ndarray:
-    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0) for im in images])[:, None]
-    with torch.no_grad():
-        return classifier.features(x.to(module_device(classifier))).cpu().numpy()
+@torch.no_grad()
+def _features_of_images(classifier: CXRClassifier, images: list[Image.Image], batch_size: int) -> np.ndarray:
+    """Evaluator features of PIL images, ``batch_size`` at a time (float32 copies of one batch only)."""
+    device, parts = module_device(classifier), []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+                         for im in images[start:start + batch_size]])[:, None]
+        parts.append(classifier.features(x.to(device)).cpu().numpy())
+    return np.concatenate(parts)
 
 
 def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_dir: Path, samples_dir: Path,
@@ -75,11 +80,12 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
     classes = list(classifier.spec.classes)
     test_images, val_images = PreparedImages(prepared_dir, "test"), PreparedImages(prepared_dir, "val")
     generated_images, train_images = PreparedImages(samples_dir, "test"), PreparedImages(prepared_dir, "train")
-    test = embed_and_predict(classifier, test_images)
-    val = embed_and_predict(classifier, val_images)
-    generated = embed_and_predict(classifier, generated_images)
+    batch = config.batch_size  # images held at once (read and embedded, or scored): memory does not grow with a split
+    test = embed_and_predict(classifier, test_images, batch)
+    val = embed_and_predict(classifier, val_images, batch)
+    generated = embed_and_predict(classifier, generated_images, batch)
     reference = Subset(train_images, range(min(config.train_reference, len(train_images))))
-    train = embed_and_predict(classifier, reference)  # type: ignore[arg-type]
+    train = embed_and_predict(classifier, reference, batch)  # type: ignore[arg-type]
     n = len(generated["features"])
     g, r = generated["features"], test["features"]
 
@@ -113,7 +119,7 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
         store = ConditionStore(store_dir)
         count = min(matched, config.untrained_images)
         conditions = torch.stack([store[name].embeddings for name in generated["image_index"][:count]])
-        baseline = _features_of_images(classifier, untrained_samples(params, model_dir, conditions, device))
+        baseline = _features_of_images(classifier, untrained_samples(params, model_dir, conditions, device), batch)
         closeness["untrained_fd_matched"] = frechet_distance(baseline, real_a[:count])
         closeness["trained_fd_same_size"] = frechet_distance(g[:count], real_a[:count])
         closeness["untrained_size"] = count
@@ -143,10 +149,12 @@ def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_d
     real_sets = ["|".join(map(str, row)) for row in test["labels"].astype(int)]
     real_pairs = same_condition_pairs(real_sets, config.diversity_pairs, seed=params.seed)
     to_tensor = lambda pixels: torch.from_numpy(pixels[:, None].astype(np.float32))  # noqa: E731
+    per_batch = max(1, batch // 2)  # two images per pair
     diversity = {
-        "ms_ssim_same_labels_generated": pairwise_ms_ssim(to_tensor(generated["pixels"]), generated_pairs)
-        if generated_pairs else None,
-        "ms_ssim_same_labels_real": pairwise_ms_ssim(to_tensor(test["pixels"]), real_pairs) if real_pairs else None,
+        "ms_ssim_same_labels_generated": pairwise_ms_ssim(to_tensor(generated["pixels"]), generated_pairs,
+                                                          pairs_per_batch=per_batch) if generated_pairs else None,
+        "ms_ssim_same_labels_real": pairwise_ms_ssim(to_tensor(test["pixels"]), real_pairs, pairs_per_batch=per_batch)
+        if real_pairs else None,
         "pairs": len(generated_pairs),
     }
 

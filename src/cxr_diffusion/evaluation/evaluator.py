@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxr_diffusion.config import EvaluatorConfig
+from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
 from cxr_diffusion.device import describe_device, module_device
@@ -31,7 +32,12 @@ class ClassifierSpec:
     classes: tuple[str, ...]
     width: int
     feature_dim: int
-    image_size: int
+    image_size: int                # side of the prepared images it was trained on
+    input_size: int | None = None  # side the network sees (larger inputs are area-averaged down); None: image_size
+
+    @property
+    def network_size(self) -> int:
+        return self.image_size if self.input_size is None else min(self.image_size, self.input_size)
 
 
 def _block(inputs: int, outputs: int) -> nn.Sequential:
@@ -41,7 +47,8 @@ def _block(inputs: int, outputs: int) -> nn.Sequential:
 
 
 class CXRClassifier(nn.Module):
-    """Grayscale in [-1, 1] -> multi-label logits; ``features`` is the penultimate layer."""
+    """Grayscale in [-1, 1] -> multi-label logits; ``features`` is the penultimate layer. Images wider than
+    ``spec.network_size`` are area-averaged down to it first (``inputs``), so at 512 px the network runs at that side."""
 
     def __init__(self, spec: ClassifierSpec):
         super().__init__()
@@ -55,8 +62,16 @@ class CXRClassifier(nn.Module):
     def gray(pixel_values: torch.Tensor) -> torch.Tensor:
         return pixel_values.mean(1, keepdim=True)
 
+    def inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the network sees: grayscale, at most ``spec.network_size`` wide."""
+        gray = self.gray(pixel_values)
+        side = self.spec.network_size
+        if gray.shape[-1] > side or gray.shape[-2] > side:
+            gray = F.interpolate(gray, size=(side, side), mode="area")
+        return gray
+
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.body(self.gray(pixel_values))
+        return self.body(self.inputs(pixel_values))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixel_values))
@@ -71,7 +86,8 @@ def save_classifier(model: CXRClassifier, out_dir: Path, metrics: dict) -> None:
 def load_classifier(directory: str | Path) -> CXRClassifier:
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
-    spec = ClassifierSpec(tuple(config["classes"]), config["width"], config["feature_dim"], config["image_size"])
+    spec = ClassifierSpec(tuple(config["classes"]), config["width"], config["feature_dim"], config["image_size"],
+                          config.get("input_size"))  # saved before input_size existed: the network saw image_size
     model = CXRClassifier(spec)
     model.load_state_dict(load_file(directory / "model.safetensors"))
     return model.eval()
@@ -88,9 +104,10 @@ def predict_batch(model: CXRClassifier, pixel_values: torch.Tensor) -> tuple[tor
 
 
 @torch.no_grad()
-def embed_and_predict(model: CXRClassifier, images: PreparedImages, batch_size: int = 128) -> dict[str, np.ndarray]:
+def embed_and_predict(model: CXRClassifier, images: PreparedImages, batch_size: int) -> dict[str, np.ndarray]:
     """Features, probabilities, labels and pixels ([0, 1], grayscale, at most PIXELS_KEPT wide) of every
-    image of a split; only these small arrays are kept, never the full-resolution images."""
+    image of a split, read ``batch_size`` images at a time; only these small arrays are kept, never the
+    full-resolution images, so memory grows with ``batch_size``, not with the split."""
     features, probabilities, labels, pixels, names = [], [], [], [], []
     device = module_device(model)
     for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
@@ -119,8 +136,9 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def evaluator_loss(model: CXRClassifier, batch: dict, generator: torch.Generator, pos_weight: torch.Tensor,
                    device: torch.device) -> torch.Tensor:
-    """Weighted multi-label BCE of one augmented batch on ``device`` (augmentation draws stay on the CPU)."""
-    logits = model(_augment(batch["pixel_values"].to(device), generator))
+    """Weighted multi-label BCE of one augmented batch on ``device`` (augmentation draws stay on the CPU),
+    augmented at the side the network sees."""
+    logits = model.head(model.body(_augment(model.inputs(batch["pixel_values"].to(device)), generator)))
     return F.binary_cross_entropy_with_logits(logits, batch["labels"].to(device), pos_weight=pos_weight.to(device))
 
 
@@ -129,10 +147,14 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
     torch.manual_seed(seed)
     train = PreparedImages(prepared_dir, "train", channels=1)
     test = PreparedImages(prepared_dir, "test", channels=1)
-    spec = ClassifierSpec(train.classes, config.width, config.feature_dim, train.image_size)
+    if len(train) == 0:
+        raise DataError(f"{prepared_dir}: no train images to train the evaluator on; check the filter split")
+    # A split smaller than one batch trains on batches of the whole split (drop_last would yield none).
+    batch_size = min(config.batch_size, len(train))
+    spec = ClassifierSpec(train.classes, config.width, config.feature_dim, train.image_size, config.max_image_size)
     model = CXRClassifier(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    steps = config.epochs * max(1, len(train) // config.batch_size)
+    steps = config.epochs * (len(train) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     positives = torch.from_numpy(train.labels).mean(0).clamp(0.02, 0.98)
@@ -144,7 +166,7 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
     while step < steps:
         # Streamed one row group at a time, so memory does not grow with the split (nih-512: 38k x 512px).
         order = train.row_group_order(generator)
-        for batch in DataLoader(train, batch_size=config.batch_size, sampler=order, drop_last=True):
+        for batch in DataLoader(train, batch_size=batch_size, sampler=order, drop_last=True):
             if step >= steps:
                 break
             loss = evaluator_loss(model, batch, generator, pos_weight, device)
@@ -157,7 +179,7 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
             progress.set_postfix(loss=f"{loss.item():.3f}")
     progress.close()
     model.eval()
-    predicted = embed_and_predict(model, test)
+    predicted = embed_and_predict(model, test, config.batch_size)  # no gradients: less memory than a training batch
     aurocs = per_label_auroc(predicted["labels"], predicted["probabilities"], list(spec.classes)) \
         if len(test) else {name: None for name in spec.classes}
     metrics = {"test_auroc": aurocs, "test_macro_auroc": macro_auroc(aurocs), "train_images": len(train),

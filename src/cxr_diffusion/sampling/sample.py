@@ -29,6 +29,10 @@ from cxr_diffusion.device import describe_device, half_dtype, resolve_device
 from cxr_diffusion.io import atomic_directory, write_json
 
 
+# Originals and generations kept for the figures: original_vs_generated_24.png shows this many pairs.
+FIGURE_PAIRS = 24
+
+
 class SamplingError(ValueError):
     """The model or the data cannot be sampled as asked; the message says why."""
 
@@ -97,48 +101,51 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
     test = ConditionedImages(prepared_dir, "test", ConditionStore(store_dir), params.channels, limit=params.sample.count)
     if len(test) == 0:
         raise SamplingError(f"no test images with a {branch} condition in {prepared_dir}; check the filter split")
-    items = [test[i] for i in range(len(test))]
-    conditions = torch.stack([item["condition"] for item in items])
-    started = time.perf_counter()
-    generated = []
-    with tqdm(total=len(items), desc=f"sample {branch}", unit="img") as progress:
-        for i, start in enumerate(range(0, len(items), params.sample.batch_size)):
-            batch = generate(pipeline, conditions[start:start + params.sample.batch_size], params, params.seed + i,
-                             batch_size=params.sample.batch_size)
-            generated += batch
-            progress.update(len(batch))
-    seconds = time.perf_counter() - started
-
-    classes = tuple(params.filter.classes)
+    # Streamed batch by batch: each batch of generations is written as it comes, and only the first
+    # FIGURE_PAIRS originals and generations are kept (for the figures), so memory does not grow with sample.count.
+    classes, size = tuple(params.filter.classes), params.sample.batch_size
+    originals: list[Image.Image] = []
+    generated: list[Image.Image] = []
+    seconds = 0.0
     with atomic_directory(out_dir) as tmp:
         writer = SplitShardWriter(tmp, "test", shard_schema(classes), shard_size=10_000, row_group_size=64)
-        for item, image in zip(items, generated):  # each generation carries its source image's id and labels
-            writer.write(ShardRecord(image_png=encode_png(np.asarray(image)), image_index=item["image_index"],
-                                     patient_id=item["patient_id"], view=item["view"],
-                                     finding_labels=item["finding_labels"], split="test",
-                                     labels=tuple(int(v) for v in item["labels"].tolist())))
+        with tqdm(total=len(test), desc=f"sample {branch}", unit="img") as progress:
+            for i, start in enumerate(range(0, len(test), size)):
+                items = [test[j] for j in range(start, min(start + size, len(test)))]
+                started = time.perf_counter()
+                batch = generate(pipeline, torch.stack([item["condition"] for item in items]), params,
+                                 params.seed + i, batch_size=size)
+                seconds += time.perf_counter() - started
+                for item, image in zip(items, batch):  # each generation carries its source image's id and labels
+                    writer.write(ShardRecord(image_png=encode_png(np.asarray(image)), image_index=item["image_index"],
+                                             patient_id=item["patient_id"], view=item["view"],
+                                             finding_labels=item["finding_labels"], split="test",
+                                             labels=tuple(int(v) for v in item["labels"].tolist())))
+                    if len(generated) < FIGURE_PAIRS:
+                        originals.append(tensor_to_pil(item["pixel_values"]))
+                        generated.append(image)
+                progress.update(len(batch))
         shards = close_writers(tmp, {"test": writer})
         write_json(tmp / MANIFEST, {
-            "images_in": len(items), "written": len(items), "rejected": 0, "rejected_by_reason": {},
-            "per_split": {"train": 0, "val": 0, "test": len(items)}, "classes": list(classes),
+            "images_in": len(test), "written": len(test), "rejected": 0, "rejected_by_reason": {},
+            "per_split": {"train": 0, "val": 0, "test": len(test)}, "classes": list(classes),
             "image_size": params.image_size, "square": "generated", "shards": shards,
             "generated": {"branch": branch, "model": str(model_dir), "sampler": params.sample.sampler,
                           "steps": params.sample.steps, "guidance_scale": params.sample.guidance_scale,
                           "seed": params.seed},
         })
 
-    originals = [tensor_to_pil(item["pixel_values"]) for item in items]
     with atomic_directory(figures_dir) as tmp:
         original_vs_generated(originals[:6], generated[:6]).save(tmp / "original_vs_generated_6.png")
         original_vs_generated(originals[:24], generated[:24]).save(tmp / "original_vs_generated_24.png")
-        if branch == "clip_text":
+        if branch == "clip_text" and params.sample.per_finding > 0:
             grid, prompts = findings_grid(pipeline, params, params.seed)
             grid.save(tmp / "one_row_per_finding.png")
             (tmp / "one_row_per_finding.txt").write_text("\n".join(prompts) + "\n")
-    metrics = {"branch": branch, "images": len(items), "sampler": params.sample.sampler, "steps": params.sample.steps,
+    metrics = {"branch": branch, "images": len(test), "sampler": params.sample.sampler, "steps": params.sample.steps,
                "guidance_scale": params.sample.guidance_scale, "device": describe_device(device),
                "seconds": round(seconds, 1),
-               "images_per_second": round(len(items) / max(seconds, 1e-9), 2)}
+               "images_per_second": round(len(test) / max(seconds, 1e-9), 2)}
     if metrics_path is not None:
         write_json(metrics_path, metrics)
     return metrics

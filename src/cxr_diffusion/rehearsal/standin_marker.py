@@ -1,0 +1,97 @@
+"""How a stand-in asset is labelled on disk and recognised: `standins` writes the label, `fetch` and `doctor` read it.
+
+A folder stand-in holds ``STANDIN.json``, written last inside a folder that is swapped in whole, so a folder
+with the label is a complete stand-in. A single-file stand-in (the evaluation weights) carries the label twice:
+in its own safetensors metadata (key ``standin``: it travels with the file) and in a sidecar
+``<file>.standin.json`` written after the file is in place, as the completion mark (both name the same
+``build``). A real file copied over a stand-in has no such metadata and not the sidecar's sha256, so it is
+never mistaken for one; the sidecar left next to it is stale and ignored.
+
+This module is imported by `cxr_diffusion.assets.status`: keep it free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cxr_diffusion.io import sha256_file
+
+MARKER_NAME = "STANDIN.json"
+SIDECAR_SUFFIX = ".standin.json"
+METADATA_KEY = "standin"  # safetensors metadata key of a single-file stand-in
+WARNING = "random weights, NOT the real model"
+REPLACE_HINT = "run `cxr-diffusion fetch` for the real one"
+
+
+def sidecar_path(target: Path) -> Path:
+    """``external/weights/x.safetensors`` -> ``external/weights/x.safetensors.standin.json``."""
+    return target.with_name(target.name + SIDECAR_SUFFIX)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _metadata_label(path: Path) -> dict | None:
+    """The label in a safetensors file's header metadata, or None (also for files that are not safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            text = (handle.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if text is None:
+        return None
+    try:
+        label = json.loads(text)
+    except ValueError:
+        label = None
+    return label if isinstance(label, dict) else {"standin": True, "unreadable": True}
+
+
+def read_standin(target: Path) -> dict | None:
+    """The stand-in label of the asset at ``target`` (with ``complete``: whether its completion mark is
+    there), or None when ``target`` is not a stand-in (a real asset, or nothing).
+
+    An unreadable ``STANDIN.json`` still marks a stand-in: taking a stand-in for the real asset is the one
+    mistake this must never make.
+    """
+    target = Path(target)
+    if target.is_dir():
+        marker = target / MARKER_NAME
+        if not marker.is_file():
+            return None
+        label = _read_json(marker) or {"standin": True, "unreadable": True}
+        return {**label, "complete": True}
+    if not target.is_file():
+        return None
+    sidecar = _read_json(sidecar_path(target)) if sidecar_path(target).is_file() else None
+    embedded = _metadata_label(target)
+    if embedded is not None:
+        # The sidecar completes this file only if it was written for this very build (not an older one).
+        complete = sidecar is not None and sidecar.get("build") == embedded.get("build")
+        return {**(sidecar if complete else embedded), "complete": complete}
+    if sidecar is not None and sidecar.get("sha256") == sha256_file(target):
+        return {**sidecar, "complete": True}
+    return None
+
+
+def stale_sidecar(target: Path) -> Path | None:
+    """A sidecar left next to a file that is no longer the stand-in it labelled (a real file placed over it)."""
+    sidecar = sidecar_path(Path(target))
+    if sidecar.is_file() and Path(target).is_file() and read_standin(target) is None:
+        return sidecar
+    return None
+
+
+def describe(label: dict) -> str:
+    """One line for people: what made it and that it is not the real asset."""
+    made_by = label.get("made_by") or "cxr-diffusion standins"
+    unfinished = "" if label.get("complete", True) else " (interrupted before its label was complete)"
+    return f"made by `{made_by}`{unfinished}: {label.get('warning', WARNING)}"

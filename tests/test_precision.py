@@ -1,0 +1,52 @@
+"""Mixed precision per machine and per model: a timing probe of the model's own layers decides on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cxr_diffusion.diffusion.precision import BF16_MIN_SPEEDUP, choose_mixed_precision, unet_block_speedup
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def never_called() -> float:
+    raise AssertionError("the probe ran where nothing needed it")
+
+
+@pytest.mark.parametrize("requested", ["no", "bf16", "fp16"])
+def test_an_explicit_choice_is_kept_and_nothing_is_probed(requested):
+    assert choose_mixed_precision(requested, CPU, cpu_speedup=never_called) == requested
+
+
+@pytest.mark.parametrize(("speedup", "expected"), [(BF16_MIN_SPEEDUP + 0.5, "bf16"), (BF16_MIN_SPEEDUP - 0.01, "no"),
+                                                   (0.05, "no")])
+def test_auto_on_a_cpu_takes_bf16_only_when_the_probe_measured_it_faster(speedup, expected):
+    assert choose_mixed_precision("auto", CPU, cpu_speedup=lambda: speedup) == expected
+
+
+def test_auto_on_a_cpu_without_a_probe_is_fp32():
+    assert choose_mixed_precision("auto", CPU) == "no"
+
+
+def test_auto_on_a_gpu_is_half_precision_without_probing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert choose_mixed_precision("auto", CUDA, cpu_speedup=never_called) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert choose_mixed_precision("auto", CUDA, cpu_speedup=never_called) == "fp16"
+
+
+def test_block_probe_times_a_real_block_in_both_precisions(monkeypatch):
+    autocast_states = []
+    real_forward = torch.nn.Conv2d.forward
+
+    def spy(self, x):
+        autocast_states.append(torch.is_autocast_cpu_enabled() if hasattr(torch, "is_autocast_cpu_enabled")
+                               else torch.is_autocast_enabled("cpu"))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    speedup = unet_block_speedup(channels=8, norm_groups=4, size=8, batch=2, repeats=1)
+
+    assert speedup > 0
+    assert True in autocast_states and False in autocast_states
