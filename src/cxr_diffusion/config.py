@@ -360,7 +360,8 @@ class EvaluateConfig:
     def validate(self, key: str) -> None:
         _require(self.bootstrap >= 10, f"{key}.bootstrap", "must be >= 10")
         _require(self.kid_subset > 1 and self.prdc_k > 0, key, "kid_subset and prdc_k must be positive")
-        _require(self.untrained_images >= 0, f"{key}.untrained_images", "must be >= 0 (0 skips the untrained baseline)")
+        _require(self.untrained_images == 0 or self.untrained_images >= 2, f"{key}.untrained_images",
+                 "must be 0 (skips the untrained baseline) or >= 2 (a Frechet distance needs two images)")
         _require(0 < self.memorization_percentile < 100, f"{key}.memorization_percentile", "must be in (0, 100)")
         _require(self.inception_batch_size > 0, f"{key}.inception_batch_size", "must be > 0")
         _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
