@@ -74,7 +74,8 @@ def _keys(tree, prefix=""):
     return {prefix.rstrip(".")}
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "profiles/default.yaml", "profiles/tiny.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "profiles/default.yaml", "profiles/tiny.yaml", "profiles/nih-512.yaml",
+                                  "profiles/rehearsal.yaml"])
 def test_shipped_params_load_and_list_every_key(repo, name):
     # DVC tracks only keys present in the file, so every default must be written out there.
     raw = yaml.safe_load((repo / name).read_text())
@@ -93,3 +94,22 @@ def test_nih_512_profile_is_the_reference_subset(repo):
     assert params.image_size == 512 and params.dataset.source == "nih"
     assert params.filter.classes == ("Infiltration", "No Finding", "Effusion", "Nodule/Mass", "Atelectasis")
     assert (repo / params.filter.include_list).is_file()
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ({"train": {"grad_clip": -1}}, "train.grad_clip"),         # flipped the gradient's sign (issue 13)
+    ({"train": {"weight_decay": -10}}, "train.weight_decay"),
+    ({"train": {"num_workers": -3}}, "train.num_workers"),     # crashed after wiping dvclive/<branch>
+    ({"train": {"warmup_steps": -1}}, "train.warmup_steps"),
+    ({"train": {"early_stopping_patience": 0}}, "train.early_stopping_patience"),
+    ({"clip": {"demo": {"weight_decay": -1}}}, "clip.demo.weight_decay"),
+    ({"seed": -1}, "seed"),
+    ({"lr": ".inf"}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"train": {"lr": {"elixr": float("inf")}}}, "train.lr.elixr"),
+    ({"branches": []}, "branches"),
+    ({"sample": {"steps": 100_000_000}}, "sample.steps"),     # grew to 20 GB before the kernel killed it
+])
+def test_values_that_used_to_pass_and_then_do_damage_are_refused_naming_the_key(override, key):
+    with pytest.raises(ParamsError, match=f"'{key}'"):
+        params_from_dict(override)

@@ -109,6 +109,15 @@ def test_a_saved_evaluator_keeps_its_input_size(tmp_path, data):
     assert model.spec.network_size == 8 and model.inputs(torch.zeros(1, 1, 16, 16)).shape[-1] == 8
 
 
+def test_a_retrained_evaluator_is_byte_identical(tmp_path, data):
+    """No wall-clock time in the saved model (issue 13: models/evaluator changed md5 on every rerun)."""
+    config = EvaluatorConfig(width=4, feature_dim=8, epochs=1, batch_size=8, max_image_size=8)
+    for name in ("a", "b"):
+        train_evaluator(data["prepared"], config, 0, tmp_path / name)
+    for file in ("config.json", "model.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
 def test_evaluator_trains_on_a_train_split_smaller_than_its_batch(tmp_path, data, monkeypatch):
     """drop_last with a batch larger than the split yields no batch at all: training never advanced."""
     calls = []

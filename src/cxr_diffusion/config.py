@@ -9,6 +9,7 @@ Defaults are written once, here, as literals; ``params.yaml`` may omit any key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class DemoClipConfig:
         for name in ("layers", "projection_dim", "vocab_size", "max_length", "epochs", "batch_size"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         _require(self.lr > 0, f"{key}.lr", "must be > 0")
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,15 @@ class TrainConfig:
         _require(self.checkpoint_every_steps is None or self.checkpoint_every_steps > 0,
                  f"{key}.checkpoint_every_steps", "must be > 0 or null (null = no checkpoints)")
         _require(self.sample_grid_images >= 0, f"{key}.sample_grid_images", "must be >= 0 (0 = no sample grid)")
-        _require(self.sample_grid_steps > 0, f"{key}.sample_grid_steps", "must be > 0")
+        _require(0 < self.sample_grid_steps <= self.num_train_timesteps, f"{key}.sample_grid_steps",
+                 "must be in [1, train.num_train_timesteps]")
+        _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 (the largest gradient norm kept)")
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _require(self.offset_noise >= 0, f"{key}.offset_noise", "must be >= 0 (0 = none)")
+        _require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0 (0 = no warm-up)")
+        _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0 (0 = load in the main process)")
+        _require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
+                 f"{key}.early_stopping_patience", "must be > 0 or null (null = never stop early)")
         _require(self.ema_half_life_images > 0, f"{key}.ema_half_life_images", "must be > 0")
         _require(0 < self.plateau_factor < 1, f"{key}.plateau_factor", "must be in (0, 1)")
 
@@ -421,6 +431,11 @@ class Params:
         _require(8 <= self.image_size <= 2048, "image_size", "must be in [8, 2048]")
         _require(self.lr is None or self.lr > 0, "lr", "must be > 0 (or null to use per-branch rates)")
         _require(len(set(self.branches)) == len(self.branches), "branches", "has duplicates")
+        _require(len(self.branches) > 0, "branches", "is empty; list at least one of clip_text, clip_vision, elixr")
+        _require(self.seed >= 0, "seed", "must be >= 0")
+        _require(self.sample.steps <= self.train.num_train_timesteps, "sample.steps",
+                 f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps}): the sampler "
+                 "cannot take more steps than the model was trained with")
         _require(self.device == "auto" or self.device == "cpu" or self.device == "cuda"
                  or (self.device.startswith("cuda:") and self.device[5:].isdigit()), "device",
                  f"is {self.device!r}; expected auto, cpu, cuda or cuda:N")
@@ -495,14 +510,18 @@ def _cast(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool):
             raise ParamsError(f"params: '{key}' is {value!r}; expected a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-05 as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-05 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ParamsError(f"params: '{key}' is {value!r}; expected a number")
+        if number is None:
+            raise ParamsError(f"params: '{key}' is {value!r}; expected a number")
+        _require(math.isfinite(number), key, f"is {value!r}; expected a finite number (no param takes inf or nan)")
+        return number
     if annotation is str:
         _require(isinstance(value, str), key, f"is {value!r}; expected a string")
         return value

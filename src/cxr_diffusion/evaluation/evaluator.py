@@ -80,7 +80,8 @@ class CXRClassifier(nn.Module):
 def save_classifier(model: CXRClassifier, out_dir: Path, metrics: dict) -> None:
     with atomic_directory(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps({**asdict(model.spec), "metrics": metrics}, indent=2) + "\n")
+        kept = {k: v for k, v in metrics.items() if k != "seconds"}  # wall-clock time would change the model's bytes
+        (tmp / "config.json").write_text(json.dumps({**asdict(model.spec), "metrics": kept}, indent=2) + "\n")
 
 
 def load_classifier(directory: str | Path) -> CXRClassifier:
