@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from cxr_diffusion.sampling.sample import SamplingError, sample_branch
+from cxr_diffusion.sampling.sample import sample_branch
 from cxr_diffusion.stage import run_stage
 
 
@@ -14,8 +14,7 @@ def main(
 ) -> None:
     run_stage("sample", params, lambda p: print(sample_branch(
         p, branch, Path("models") / branch, Path("data/prepared"), Path("data/embeddings") / branch,
-        Path("data/samples") / branch, Path("reports/samples") / branch, Path("metrics/sample") / f"{branch}.json")),
-        extra_errors=(SamplingError,))
+        Path("data/samples") / branch, Path("reports/samples") / branch, Path("metrics/sample") / f"{branch}.json")))
 
 
 if __name__ == "__main__":

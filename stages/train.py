@@ -24,7 +24,7 @@ def main(
                            latents=Path("data/latents") if p.train.space == "latent" else None)
         print(train_branch(p, branch, paths))
 
-    run_stage("train", params, body, extra_errors=(TrainingError,))
+    run_stage("train", params, body)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 Every value is cast to the type its dataclass field declares and checked; an unknown key or a
 wrong type is an error that names the key. Casting matters because ``dvc exp run -S lr=1e-5``
 writes ``lr: 1e-05``, which YAML 1.1 readers (PyYAML) return as the *string* ``'1e-05'``.
+The file is read as YAML 1.2, exactly as DVC reads it for ``dvc.lock`` and ``dvc params diff``:
+``seed: 010`` is 10 for both (a YAML 1.1 reader would see octal 8 while DVC records 10).
 Defaults are written once, here, as literals; ``params.yaml`` may omit any key.
 """
 
@@ -16,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
+
+from cxr_diffusion.errors import UserError
 
 NIH_FINDINGS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
@@ -27,7 +31,7 @@ NIH_LABELS: tuple[str, ...] = NIH_FINDINGS + (NO_FINDING,)
 BRANCHES: tuple[str, ...] = ("clip_text", "clip_vision", "elixr")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range (the message names it)."""
 
 
@@ -567,9 +571,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ParamsError(f"params: {path} does not exist; run from the repository root or pass --params")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ParamsError(f"params: {path} is not valid YAML: {error}") from error
+        data = YAML(typ="safe", pure=True).load(path.read_text())  # YAML 1.2, as DVC reads it
+    except (YAMLError, UnicodeDecodeError) as error:
+        raise ParamsError(f"params: {path} is not valid YAML: {' '.join(str(error).split())}") from error
     try:
         return params_from_dict(data)
     except ParamsError as error:

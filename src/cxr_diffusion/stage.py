@@ -1,4 +1,4 @@
-"""What every DVC stage entry point shares: load params, run, turn known errors into a clean exit."""
+"""What every DVC stage entry point shares: load params, run, turn user errors into a clean exit."""
 
 from __future__ import annotations
 
@@ -6,19 +6,30 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cxr_diffusion.config import Params, ParamsError, load_params
-from cxr_diffusion.conditioning.store import StoreError
-from cxr_diffusion.data.nih import DataError
-
-USER_ERRORS = (ParamsError, DataError, StoreError, FileNotFoundError)
+from cxr_diffusion.config import Params, load_params
+from cxr_diffusion.errors import UserError, describe_os_error
 
 
-def run_stage(name: str, params_path: Path, body: Callable[[Params], object],
-              extra_errors: tuple[type[Exception], ...] = ()) -> None:
-    """Load and validate params, run ``body``; a user error prints one clear line and exits 2."""
+def run_stage(name: str, params_path: Path, body: Callable[[Params], object]) -> None:
+    """Load and validate params, run ``body``; a user error prints one clear line and exits 2.
+
+    User errors are every ``UserError``, a missing input file, and the OS errors a user fixes outside
+    the program (full disk, permissions). Anything else is a bug and keeps its traceback.
+    """
     try:
         params = load_params(params_path)
         body(params)
-    except USER_ERRORS + extra_errors as error:
-        print(f"stage {name} failed: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except UserError as error:
+        _fail(name, str(error))
+    except FileNotFoundError as error:
+        _fail(name, f"{error.filename or error}: no such file; run the stages before this one (dvc repro)")
+    except OSError as error:
+        message = describe_os_error(error)
+        if message is None:
+            raise
+        _fail(name, message)
+
+
+def _fail(name: str, message: str) -> None:
+    print(f"stage {name} failed: {message}", file=sys.stderr)
+    raise SystemExit(2) from None

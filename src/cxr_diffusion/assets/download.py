@@ -13,10 +13,11 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import sha256_file
 
 
-class AssetError(Exception):
+class AssetError(UserError):
     """An asset could not be fetched, checked or placed (the message says which and what to do)."""
 
 

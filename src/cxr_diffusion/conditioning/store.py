@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import atomic_directory, write_csv, write_json
 
 EMBEDDINGS, MASK, INDEX, META = "embeddings.npy", "mask.npy", "index.csv", "store.json"
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A condition store is missing, malformed or does not match what its reader expects."""
 
 

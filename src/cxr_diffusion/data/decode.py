@@ -15,12 +15,14 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cxr_diffusion.errors import UserError
+
 Image.MAX_IMAGE_PIXELS = 64_000_000  # 8k x 8k; larger files are rejected, not decompressed
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, what PIL's convert('L') uses
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError, ValueError):
     """The bytes are not a usable image; the message says why (it becomes the reject reason)."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.config import NIH_LABELS, NO_FINDING
 
 # Columns the pipeline needs, as spelled in Data_Entry_2017.csv and Data_Entry_2017_v2020.csv.
@@ -26,7 +27,7 @@ OFFICIAL_SPLIT_FILES: dict[str, str] = {"train_val": "train_val_list.txt", "test
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\.(png|jpg|jpeg)$", re.IGNORECASE)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data is unusable as given; the message names the file (and row or column) and the fix."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import atomic_directory, sha256_file
 
 FORMAT_VERSION = 1
@@ -46,7 +47,7 @@ _CHECKPOINT_DIR = re.compile(r"step-(\d{8,})")
 _LEFTOVER_PATTERNS = (".step-*.tmp", ".step-*.old")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """What the trainer asked to save cannot be saved as it is (bad name, non-JSON value...)."""
 
 

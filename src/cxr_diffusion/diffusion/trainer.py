@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.config import Params, to_dict
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.diffusion.checkpoints import TrainingState, config_hash, load_latest_checkpoint, save_checkpoint
@@ -41,7 +42,7 @@ from cxr_diffusion.device import describe_device, module_device, resolve_device
 from cxr_diffusion.io import atomic_directory
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); the message says what to do."""
 
 

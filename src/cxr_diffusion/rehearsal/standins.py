@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.assets.catalog import Asset, HandSource, HubSource, UrlSource, how_to_place, needed_assets
 from cxr_diffusion.config import Params
 from cxr_diffusion.io import sha256_file, write_json
@@ -54,7 +55,7 @@ WHAT = {
 }
 
 
-class StandinError(Exception):
+class StandinError(UserError):
     """A stand-in could not be made (the message says which, why and what to do)."""
 
 

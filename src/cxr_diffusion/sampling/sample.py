@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.config import NO_FINDING, Params
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore
@@ -33,7 +34,7 @@ from cxr_diffusion.io import atomic_directory, write_json
 FIGURE_PAIRS = 24
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
     """The model or the data cannot be sampled as asked; the message says why."""
 
 
