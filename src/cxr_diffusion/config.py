@@ -124,9 +124,15 @@ class PrepareConfig:
     shard_size: int = 2000     # images per Parquet shard
     row_group_size: int = 64   # rows per Parquet row group: the unit of random access in training
     workers: int = 0           # decode processes; 0 = all cores
+    max_pixels: int = 50_000_000     # decode budget, read from the header before decoding: larger is a listed reject
+    max_aspect_ratio: float = 2.0    # long side / short side; chest X-rays are near 1, farther is a listed reject
 
     def validate(self, key: str) -> None:
         _require(self.shard_size > 0, f"{key}.shard_size", "must be > 0")
+        _require(1 <= self.max_pixels <= 500_000_000, f"{key}.max_pixels",
+                 f"is {self.max_pixels}; must be in [1, 500000000] (an image that size is 2 GB as float32)")
+        _require(1.0 <= self.max_aspect_ratio <= 100.0, f"{key}.max_aspect_ratio",
+                 f"is {self.max_aspect_ratio}; must be in [1, 100] (long side / short side)")
         _require(0 < self.row_group_size <= self.shard_size, f"{key}.row_group_size",
                  "must be in [1, prepare.shard_size]")
         _require(self.workers >= 0, f"{key}.workers", "must be >= 0 (0 = all cores)")
