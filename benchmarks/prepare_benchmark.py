@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import PeakTreeRss, markdown_table  # noqa: E402
 
 from cxr_diffusion.config import params_from_dict  # noqa: E402
-from cxr_diffusion.data.decode import encode_png, preprocess  # noqa: E402
+from cxr_diffusion.data.decode import DecodeBudget, encode_png, preprocess  # noqa: E402
 from cxr_diffusion.data.filter import run_filter  # noqa: E402
 from cxr_diffusion.data.nih import NIH_HEADER  # noqa: E402
 from cxr_diffusion.data.prepare import prepare_shards  # noqa: E402
@@ -76,7 +76,7 @@ def throughput(n_images: int, source_size: int, image_size: int) -> list[object]
         files = sorted((work / "nih" / "images_001" / "images").glob("*.png"))
         started = time.perf_counter()
         for path in files:
-            encode_png(preprocess(path.read_bytes(), image_size, "pad"))
+            encode_png(preprocess(path.read_bytes(), image_size, "pad", DecodeBudget.from_config(params.prepare)))
         bound = len(files) / (time.perf_counter() - started) * workers
         started = time.perf_counter()
         prepare_shards(params, work / "dataset", work / "filtered" / "filtered.csv", work / "prepared", workers=workers)

@@ -72,7 +72,7 @@ def make_training_data(root: Path, n_images: int = 48, image_size: int = 16, tok
     params = params_from_dict({
         "image_size": image_size, "dataset": {"source": "nih", "nih_root": str(download)},
         "filter": {"classes": ["Effusion", "No Finding"], "merges": {}, "split": {"val_fraction": 0.2, "test_fraction": 0.1}},
-        "prepare": {"shard_size": 64, "row_group_size": 16},
+        "prepare": {"shard_size": 64, "row_group_size": 16, "min_side": 16},  # tiny images on purpose
     })
     build_dataset(params, root / "dataset")
     run_filter(root / "dataset", params.filter, params.seed, root / "filtered", root / "filter.json")

@@ -46,7 +46,7 @@ def tiny_params(root, **prepare):
         "dataset": {"source": "nih", "nih_root": str(root)},
         "filter": {"classes": ["Effusion", "No Finding"], "merges": {},
                    "split": {"val_fraction": 0.2, "test_fraction": 0.2}},
-        "prepare": {"shard_size": 8, "row_group_size": 4, **prepare},
+        "prepare": {"shard_size": 8, "row_group_size": 4, "min_side": 16, **prepare},  # the test images are small
     })
 
 
@@ -148,9 +148,10 @@ def test_prepare_never_opens_a_path_outside_the_dataset(tmp_path):
     from cxr_diffusion.data.prepare import resolve_image_path
     dataset = tmp_path / "dataset"
     dataset.mkdir()
-    assert resolve_image_path(dataset, "a.png", "../outside/a.png") == (None, "path_outside_dataset")
-    assert resolve_image_path(dataset, "../a.png", "images/../a.png")[1] == "unsafe_image_index"
-    assert resolve_image_path(dataset, "a.png", "/etc/b.png")[1] == "path_does_not_match_image_index"
+    roots = (dataset.resolve(),)
+    assert resolve_image_path(dataset, "a.png", "../outside/a.png", roots) == (None, "path_outside_dataset")
+    assert resolve_image_path(dataset, "../a.png", "images/../a.png", roots)[1] == "unsafe_image_index"
+    assert resolve_image_path(dataset, "a.png", "/etc/b.png", roots)[1] == "path_does_not_match_image_index"
 
 
 def test_row_group_order_visits_every_image_once_group_by_group(prepared):

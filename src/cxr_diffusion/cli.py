@@ -37,6 +37,11 @@ def profile(
     typer.echo(f"params.yaml is now profile '{name}'. Run `dvc repro` to rebuild what it changes.")
 
 
+# Classifier-free guidance is used at 1-10 (3-7 usually); far beyond, it extrapolates past anything the
+# model learned and samples wash out to black and white (a scale of 1e30 gives NaN).
+MAX_GUIDANCE_SCALE = 30.0
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -50,14 +55,23 @@ def _read_embedding(path: Path):
     if not path.is_file():
         _fail(f"--embedding {path} does not exist")
     if path.suffix == ".npy":
-        try:
-            return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
-        except ValueError as error:
-            _fail(f"--embedding {path}: not a plain numeric .npy array ({error})")
+        try:  # a truncated or foreign file raises ValueError, EOFError (empty) or OSError, by where it breaks
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as error:
+            _fail(f"--embedding {path}: not a plain numeric .npy array ({error or type(error).__name__}); "
+                  f"save it with numpy.save")
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+            what = f"dtype {array.dtype}" if isinstance(array, np.ndarray) else "an .npz archive"
+            _fail(f"--embedding {path}: not a plain numeric .npy array ({what}); save a float array with numpy.save")
+        return torch.from_numpy(array.astype(np.float32))
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as error:
+            _fail(f"--embedding {path}: not a readable safetensors file ({error}); is it truncated?")
         if len(tensors) != 1:
             _fail(f"--embedding {path}: holds {len(tensors)} tensors ({', '.join(tensors)}); expected exactly one")
         return next(iter(tensors.values())).float()
@@ -71,7 +85,8 @@ def generate(
     reference: Path = typer.Option(None, help="clip_vision models: a reference chest X-ray image."),
     embedding: Path = typer.Option(None, help="elixr models: a (tokens, dim) embedding, .npy or .safetensors."),
     num_images: int = typer.Option(4, min=1, max=256, help="Images to generate."),
-    guidance_scale: float = typer.Option(3.0, min=1.0, help="Classifier-free guidance scale (1 = off)."),
+    guidance_scale: float = typer.Option(3.0, min=1.0, max=MAX_GUIDANCE_SCALE,
+                                         help="Classifier-free guidance scale (1 = off; 3-7 is usual)."),
     steps: int = typer.Option(25, min=1, max=1000, help="Sampler steps."),
     sampler: str = typer.Option("dpm++", help="dpm++, ddim or ddpm."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -79,15 +94,16 @@ def generate(
     device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N."),
 ) -> None:
     """Generate chest X-rays from a saved model; writes PNGs and a JSON sidecar of the settings."""
-    import json
-
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not (model / "model_index.json").is_file():
         _fail(f"{model} is not a saved model (no model_index.json); train one with `dvc repro` (models/<branch>)")
     from cxr_diffusion.diffusion.noise import SAMPLERS
-    from cxr_diffusion.sampling.sample import load_pipeline
+    from cxr_diffusion.diffusion.pipeline import to_pil
+    from cxr_diffusion.errors import UserError
+    from cxr_diffusion.io import atomic_path, write_json
+    from cxr_diffusion.sampling.sample import check_generated, load_pipeline
 
     from cxr_diffusion.device import DeviceError, describe_device, resolve_device
 
@@ -97,10 +113,13 @@ def generate(
         target = resolve_device(device)
     except (DeviceError, RuntimeError) as error:  # RuntimeError: torch cannot parse the device string
         _fail(f"--device {device!r}: {error}")
-    pipeline = load_pipeline(model, sampler, target)
+    try:
+        pipeline = load_pipeline(model, sampler, target)
+    except UserError as error:
+        _fail(str(error))
     branch = pipeline.config.branch
-    given = [name for name, value in (("--prompt", prompt), ("--reference", reference), ("--embedding", embedding))
-             if value is not None]
+    inputs = {"--prompt": prompt, "--reference": reference, "--embedding": embedding}
+    given = [name for name, value in inputs.items() if value is not None]
     needed = {"clip_text": "--prompt", "clip_vision": "--reference", "elixr": "--embedding"}[branch]
     if given != [needed]:
         _fail(f"{model} holds a model of branch '{branch}': give {needed} (got {', '.join(given) or 'nothing'})")
@@ -110,28 +129,44 @@ def generate(
             _fail("--prompt is empty")
         kwargs["prompt"] = prompt
     elif branch == "clip_vision":
+        from cxr_diffusion.config import PrepareConfig
+        from cxr_diffusion.data.decode import DecodeBudget, DecodeError, preprocess, read_image_file
+
+        # The decoder prepare ran on the training images (16-bit kept, the same budget), at the size the
+        # model was trained on: the UNet's, times the VAE's downsampling in latent space.
+        prepare = PrepareConfig()
+        budget = DecodeBudget.from_config(prepare)
+        vae = getattr(pipeline, "vae", None)
+        size = pipeline.unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae else 1)
         try:
-            kwargs["image"] = Image.open(reference).convert("L")
-        except (FileNotFoundError, UnidentifiedImageError) as error:
+            pixels = preprocess(read_image_file(reference, budget), size, prepare.square, budget)
+        except DecodeError as error:
             _fail(f"--reference {reference}: {error}")
+        kwargs["image"] = Image.fromarray(pixels)  # uint8 (size, size): mode "L"
     else:
         kwargs["embedding"] = _read_embedding(embedding)
     try:
-        result = pipeline(**kwargs, num_images_per_condition=num_images, guidance_scale=guidance_scale,
-                          num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
+        condition = pipeline.make_condition(**kwargs)
     except ValueError as error:
+        _fail(f"{needed} {inputs[needed]}: {error}")
+    result = pipeline(condition=condition, num_images_per_condition=num_images, guidance_scale=guidance_scale,
+                      num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    try:
+        check_generated(result.images, str(model), f"--guidance-scale {guidance_scale:g}")
+    except UserError as error:
         _fail(str(error))
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for i, image in enumerate(result.images):
+    for i, image in enumerate(to_pil(result.images)):
         path = out / f"{branch}_{seed}_{i:03d}.png"
-        image.save(path)
+        with atomic_path(path) as tmp:  # a killed run leaves no half-written PNG
+            image.save(tmp, format="PNG")
         files.append(path.name)
     settings = {"model": str(model), "branch": branch, "prompt": prompt, "reference": str(reference) if reference else None,
                 "embedding": str(embedding) if embedding else None, "num_images": num_images,
                 "guidance_scale": guidance_scale, "steps": steps, "sampler": sampler, "seed": seed,
                 "device": describe_device(target), "files": files}
-    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(out / "settings.json", settings)
     typer.echo(f"wrote {len(files)} images and settings.json to {out}")
 
 
@@ -139,10 +174,12 @@ def generate(
 def inspect(path: Path = typer.Argument(..., help="A prepared-data or samples directory, or a saved model.")) -> None:
     """Summarise a prepared dataset (counts per split, rejects, shards) or a saved model."""
     if (path / "model_index.json").is_file():
-        index = json.loads((path / "model_index.json").read_text())
-        unet = json.loads((path / "unet" / "config.json").read_text())
-        adapter = json.loads((path / "condition_adapter" / "config.json").read_text())
-        components = [name for name, value in index.items() if isinstance(value, list) and value[0]]
+        fix = "retrain it (`dvc repro`, stage train@<branch>) or re-fetch the folder"
+        index = _json_fields(path / "model_index.json", {}, fix)
+        unet = _json_fields(path / "unet" / "config.json",
+                            {"sample_size": int, "in_channels": int, "block_out_channels": list}, fix)
+        adapter = _json_fields(path / "condition_adapter" / "config.json", {"tokens": int, "dim": int}, fix)
+        components = [name for name, value in index.items() if isinstance(value, list) and value and value[0]]
         typer.echo(f"{path}: {index.get('branch')} model, UNet {unet['sample_size']}px x {unet['in_channels']} ch, "
                    f"blocks {unet['block_out_channels']}; condition ({adapter['tokens']}, {adapter['dim']}); "
                    f"components: {', '.join(components)}")
@@ -150,12 +187,36 @@ def inspect(path: Path = typer.Argument(..., help="A prepared-data or samples di
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         _fail(f"{path} has no manifest.json or model_index.json; give data/prepared, data/samples/<branch> or models/<branch>")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _json_fields(manifest_path, {"written": int, "image_size": int, "classes": list, "per_split": dict,
+                                            "rejected": int, "rejected_by_reason": dict, "shards": list},
+                            "rerun the stage that wrote it (`dvc repro`)")
     typer.echo(f"{path}: {manifest['written']} images ({manifest['image_size']}px, classes {manifest['classes']})")
     for split, count in manifest["per_split"].items():
         typer.echo(f"  {split:5s} {count}")
     typer.echo(f"  rejected {manifest['rejected']}: {manifest['rejected_by_reason']}")
     typer.echo(f"  {len(manifest['shards'])} shards")
+
+
+_JSON_KINDS = {int: "integer", list: "array", dict: "object"}
+
+
+def _json_fields(path: Path, kinds: dict[str, type], fix: str) -> dict:
+    """The JSON object in ``path``, each key of ``kinds`` present with a value of its type (a bool is no
+    integer); else one line naming the file and the key."""
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        _fail(f"{path}: missing; {fix}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        _fail(f"{path}: not valid JSON ({error}); {fix}")
+    if not isinstance(payload, dict):
+        _fail(f"{path}: expected a JSON object, got {type(payload).__name__}; {fix}")
+    for key, kind in kinds.items():
+        value = payload.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            got = json.dumps(value)[:40] if key in payload else "nothing"
+            _fail(f"{path}: '{key}' should be a JSON {_JSON_KINDS[kind]}, got {got}; {fix}")
+    return payload
 
 
 @app.command("convert-weights")
@@ -251,5 +312,25 @@ def standins(
     typer.echo(format_table(results))
 
 
+def main() -> None:
+    """The console entry point: a user error anywhere below is one line and exit 2, never a traceback."""
+    from cxr_diffusion.errors import UserError, describe_os_error
+
+    try:
+        app(standalone_mode=True)
+    except UserError as error:
+        _print_error(" ".join(str(error).split()))
+    except OSError as error:
+        message = describe_os_error(error)
+        if message is None:
+            raise
+        _print_error(message)
+
+
+def _print_error(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ BRANCHES: tuple[str, ...] = ("clip_text", "clip_vision", "elixr")
 
 class ParamsError(UserError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range (the message names it)."""
+
+
+_LAUNCH_CONFIG = re.compile(r"accelerate/[A-Za-z0-9][A-Za-z0-9_.-]*\.(yaml|yml|json)")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -126,6 +130,7 @@ class PrepareConfig:
     workers: int = 0           # decode processes; 0 = all cores
     max_pixels: int = 50_000_000     # decode budget, read from the header before decoding: larger is a listed reject
     max_aspect_ratio: float = 2.0    # long side / short side; chest X-rays are near 1, farther is a listed reject
+    min_side: int = 64               # short side in pixels; smaller (a 1x1 or 5000x1 file) is a listed reject
 
     def validate(self, key: str) -> None:
         _require(self.shard_size > 0, f"{key}.shard_size", "must be > 0")
@@ -133,6 +138,8 @@ class PrepareConfig:
                  f"is {self.max_pixels}; must be in [1, 500000000] (an image that size is 2 GB as float32)")
         _require(1.0 <= self.max_aspect_ratio <= 100.0, f"{key}.max_aspect_ratio",
                  f"is {self.max_aspect_ratio}; must be in [1, 100] (long side / short side)")
+        _require(1 <= self.min_side and self.min_side**2 <= self.max_pixels, f"{key}.min_side",
+                 f"is {self.min_side}; must be >= 1 and its square <= prepare.max_pixels (else every image is a reject)")
         _require(0 < self.row_group_size <= self.shard_size, f"{key}.row_group_size",
                  "must be in [1, prepare.shard_size]")
         _require(self.workers >= 0, f"{key}.workers", "must be >= 0 (0 = all cores)")
@@ -156,6 +163,7 @@ class DemoClipConfig:
     weight_decay: float = 0.1
 
     def validate(self, key: str) -> None:
+        _require(self.image_size > 0 and self.width > 0, key, "image_size and width must be > 0")
         _require(self.image_size % self.patch_size == 0, f"{key}.patch_size", "must divide clip.demo.image_size")
         _require(self.width % self.heads == 0, f"{key}.heads", "must divide clip.demo.width")
         for name in ("layers", "projection_dim", "vocab_size", "max_length", "epochs", "batch_size"):
@@ -227,7 +235,10 @@ class UNetConfig:
                  "must divide every entry of block_out_channels")
         _require(any(self.cross_attention), f"{key}.cross_attention",
                  "must enable cross-attention on at least one level (the condition enters there)")
-        _require(self.layers_per_block > 0 and self.attention_head_dim > 0, key, "sizes must be > 0")
+        _require(self.layers_per_block > 0, f"{key}.layers_per_block", "must be > 0")
+        _require(self.attention_head_dim > 0, f"{key}.attention_head_dim", "must be > 0")
+        _require(self.cross_attention_dim is None or self.cross_attention_dim > 0, f"{key}.cross_attention_dim",
+                 "must be > 0 or null (the branch's condition dim)")
 
 
 @dataclass(frozen=True)
@@ -281,14 +292,19 @@ class TrainConfig:
 
     def validate(self, key: str) -> None:
         self.unet.validate(f"{key}.unet")
-        _require(self.launch_config.endswith((".yaml", ".yml", ".json")), f"{key}.launch_config",
-                 "must be an accelerate config file (.yaml/.json), e.g. accelerate/one-process.yaml")
+        # dvc.yaml puts this value into the train stage's shell command, so only a plain file name under
+        # accelerate/ passes: no spaces, quotes, `;`, `$` or `..` can reach the shell.
+        _require(bool(_LAUNCH_CONFIG.fullmatch(self.launch_config)), f"{key}.launch_config",
+                 f"is {self.launch_config!r}; must name an accelerate config file in accelerate/ "
+                 f"(letters, digits, '_', '-', '.'; .yaml/.yml/.json), e.g. accelerate/one-process.yaml")
         _require(not self.zero_terminal_snr or self.prediction_type == "v_prediction", f"{key}.zero_terminal_snr",
                  "needs prediction_type v_prediction (epsilon is undefined at the last, pure-noise step)")
         _require(0.0 <= self.cfg_dropout < 1.0, f"{key}.cfg_dropout", "must be in [0, 1)")
         _require(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"{key}.min_snr_gamma", "must be > 0 or null")
         for name in ("clip_text", "clip_vision", "elixr"):
-            _require(getattr(self.lr, name) > 0, f"{key}.lr.{name}", "must be > 0")
+            _require(0 < getattr(self.lr, name) <= 1.0, f"{key}.lr.{name}", "must be in (0, 1]")
+        _require(self.plateau_patience >= 1, f"{key}.plateau_patience", "must be >= 1")
+        _require(self.val_images >= 1, f"{key}.val_images", "must be >= 1")
         for name in ("batch_size", "gradient_accumulation", "epochs", "val_every_steps", "sample_every_steps",
                      "checkpoints_total_limit", "condition_tokens", "max_nonfinite",
                      "num_train_timesteps"):
@@ -333,7 +349,8 @@ class SampleConfig:
         for name in ("count", "steps", "batch_size"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         _require(self.per_finding >= 0, f"{key}.per_finding", "must be >= 0 (0 = no one-row-per-finding grid)")
-        _require(self.guidance_scale >= 1.0, f"{key}.guidance_scale", "must be >= 1 (1 = no guidance)")
+        _require(1.0 <= self.guidance_scale <= 30.0, f"{key}.guidance_scale",
+                 "must be in [1, 30] (1 = no guidance; far above that the images saturate)")
 
 
 @dataclass(frozen=True)
@@ -379,6 +396,8 @@ class EvaluateConfig:
 
     def validate(self, key: str) -> None:
         _require(self.bootstrap >= 10, f"{key}.bootstrap", "must be >= 10")
+        _require(self.train_reference >= 1, f"{key}.train_reference", "must be >= 1")
+        _require(self.diversity_pairs >= 1, f"{key}.diversity_pairs", "must be >= 1")
         _require(self.kid_subset > 1 and self.prdc_k > 0, key, "kid_subset and prdc_k must be positive")
         _require(self.untrained_images == 0 or self.untrained_images >= 2, f"{key}.untrained_images",
                  "must be 0 (skips the untrained baseline) or >= 2 (a Frechet distance needs two images)")
@@ -442,7 +461,8 @@ class Params:
         _require(self.lr is None or self.lr > 0, "lr", "must be > 0 (or null to use per-branch rates)")
         _require(len(set(self.branches)) == len(self.branches), "branches", "has duplicates")
         _require(len(self.branches) > 0, "branches", "is empty; list at least one of clip_text, clip_vision, elixr")
-        _require(self.seed >= 0, "seed", "must be >= 0")
+        _require(0 <= self.seed < 2**32, "seed", f"is {self.seed}; must be in [0, 2**32 - 1] (numpy's seed range)")
+        _require(self.lr is None or self.lr <= 1.0, "lr", f"is {self.lr}; must be <= 1 (AdamW diverges far below that)")
         _require(self.sample.steps <= self.train.num_train_timesteps, "sample.steps",
                  f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps}): the sampler "
                  "cannot take more steps than the model was trained with")

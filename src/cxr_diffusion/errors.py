@@ -22,6 +22,7 @@ def describe_os_error(error: OSError) -> str | None:
                 f"(the partial output was discarded, nothing half-written is kept)")
     if error.errno == errno.EDQUOT:
         return f"disk quota exceeded{where}; free some space and rerun (the partial output was discarded)"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"permission denied{where or ''}: {error.strerror}; check the folder's permissions and rerun"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # raised by reads too: say "on", not "writing"
+        on = f" on {error.filename}" if error.filename else ""
+        return f"permission denied{on}: {error.strerror}; check the permissions of that file or folder and rerun"
     return None

@@ -22,7 +22,9 @@ def run_stage(name: str, params_path: Path, body: Callable[[Params], object]) ->
     except UserError as error:
         _fail(name, str(error))
     except FileNotFoundError as error:
-        _fail(name, f"{error.filename or error}: no such file; run the stages before this one (dvc repro)")
+        # Raised by the OS it names the file; raised by our code it already says what to do.
+        _fail(name, f"{error.filename}: no such file; run the stages before this one (dvc repro)" if error.filename
+              else str(error) or "an input file is missing; run the stages before this one (dvc repro)")
     except OSError as error:
         message = describe_os_error(error)
         if message is None:
@@ -31,5 +33,6 @@ def run_stage(name: str, params_path: Path, body: Callable[[Params], object]) ->
 
 
 def _fail(name: str, message: str) -> None:
-    print(f"stage {name} failed: {message}", file=sys.stderr)
+    # One line even when the message quotes a library's multi-line error (h5py, pyarrow, transformers).
+    print(f"stage {name} failed: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(2) from None

@@ -24,7 +24,8 @@ def _not_available(source: str, error: Exception) -> DataError:
     if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")):
         return DataError(f"clip.model: {source} could not be loaded as a saved CLIP ({error}). Point clip.model at "
                          f"a directory written by CLIPModel.save_pretrained (config.json, model.safetensors, "
-                         f"tokenizer and preprocessor files), or use 'demo'.")
+                         f"tokenizer and preprocessor files), or use 'demo'; with 'demo', a damaged in-pipeline "
+                         f"CLIP is rebuilt by `dvc repro -f train_clip`.")
     return DataError(
         f"clip.model: '{source}' is neither a local directory nor in the Hugging Face cache, and the hub is not "
         f"reachable ({type(error).__name__}). Download it where you have network "
@@ -73,11 +74,13 @@ def _quiet_transformers() -> None:
 
 def _load_tower(source: str, revision: str | None, preprocessor_class, model_class):
     """A preprocessor (tokenizer or image processor) and a CLIP tower, through the hub's own calls."""
+    from safetensors import SafetensorError  # a truncated or damaged model.safetensors
+
     _quiet_transformers()
     try:
         preprocessor = preprocessor_class.from_pretrained(source, revision=revision)
         model = model_class.from_pretrained(source, revision=revision, use_safetensors=True)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise _not_available(source, error) from error
     return preprocessor, model.eval()
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from cxr_diffusion.config import NO_FINDING, ClipConfig, DemoClipConfig
 from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
 from cxr_diffusion.conditioning.prompts import prompt_for
-from cxr_diffusion.data.shards import read_manifest
+from cxr_diffusion.data.nih import DataError
+from cxr_diffusion.data.shards import MANIFEST, read_manifest
 from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
 
@@ -63,7 +64,7 @@ def read_split(prepared_dir: Path, split: str) -> tuple[list[Image.Image], pd.Da
             images.append(Image.open(io.BytesIO(record["image"]["bytes"])).convert("RGB"))
             rows.append({"Image Index": record["image_index"], "Finding Labels": record["finding_labels"],
                          "labels": record["labels"]})
-    return images, pd.DataFrame(rows)
+    return images, pd.DataFrame(rows, columns=["Image Index", "Finding Labels", "labels"])
 
 
 def projected(output) -> torch.Tensor:
@@ -87,8 +88,15 @@ def prompt_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tenso
 @torch.no_grad()
 def evaluate_demo_clip(model, tokenizer, pixel_values, prompts: list[str], labels: np.ndarray, classes: list[str],
                        members: dict[str, tuple[str, ...]], config: ClipConfig, corpus: list[str]) -> dict:
-    """Prompt retrieval recall@k (with chance) and zero-shot per-class AUROC on held-out images."""
+    """Prompt retrieval recall@k (with chance) and zero-shot per-class AUROC on held-out images.
+
+    With no held-out images (``filter.split.val_fraction: 0``) the scores are null: there is nothing to score."""
     model.eval()
+    if not prompts:
+        metrics = {"val_images": 0, "prompts_in_corpus": len(corpus)}
+        for k in (1, 5):
+            metrics[f"recall@{k}"], metrics[f"chance_recall@{k}"] = None, min(1.0, k / len(corpus))
+        return {**metrics, "zero_shot_auroc": {}, "zero_shot_macro_auroc": None}
     image = F.normalize(projected(model.get_image_features(pixel_values=pixel_values)), dim=-1)
 
     def embed(texts):
@@ -148,6 +156,10 @@ def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[
     torch.manual_seed(seed)
     prepared_dir = Path(prepared_dir)
     train_images, train_rows = read_split(prepared_dir, "train")
+    if not train_images:
+        raise DataError(f"{prepared_dir / MANIFEST}: the train split has no images; nothing to train the in-pipeline "
+                        f"CLIP on. Check that the filter stage keeps images (filter.* params) and rerun "
+                        f"`dvc repro prepare`")
     val_images, val_rows = read_split(prepared_dir, "val")
     train_prompts = [prompt_for(labels, config) for labels in train_rows["Finding Labels"]]
     val_prompts = [prompt_for(labels, config) for labels in val_rows["Finding Labels"]]
@@ -182,7 +194,7 @@ def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[
     progress.close()
     train_seconds = time.perf_counter() - started
 
-    val_pixels = processor(images=val_images, return_tensors="pt")["pixel_values"]
+    val_pixels = processor(images=val_images, return_tensors="pt")["pixel_values"] if val_images else None
     labels = np.array(val_rows["labels"].tolist()) if len(val_rows) else np.zeros((0, len(classes)))
     model.cpu()  # the held-out evaluation is a few hundred images: cheap on the CPU, where it was measured
     metrics = evaluate_demo_clip(model, tokenizer, val_pixels, val_prompts, labels, classes, members, config, corpus)

@@ -86,10 +86,17 @@ def build_elixr_store(filtered_csv: Path, config: ElixrConfig, out_dir: Path, re
 def _read_filtered_names(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: filtered table not found; run the filter stage first")
-    columns = list(pd.read_csv(path, nrows=0).columns)
-    if ID_COLUMN not in columns:
-        raise DataError(f"{path}: no '{ID_COLUMN}' column (found {columns}); pass the filter stage's output")
-    names = pd.read_csv(path, usecols=[ID_COLUMN], dtype=str, keep_default_na=False)[ID_COLUMN]
+    try:
+        columns = list(pd.read_csv(path, nrows=0).columns)
+        if ID_COLUMN not in columns:
+            raise DataError(f"{path}: no '{ID_COLUMN}' column (found {columns}); pass the filter stage's output")
+        names = pd.read_csv(path, usecols=[ID_COLUMN], dtype=str, keep_default_na=False)[ID_COLUMN]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a readable CSV file ({' '.join(str(error).split())}); rerun the filter "
+                        f"stage") from None
+    if names.empty:
+        raise DataError(f"{path}: no images (0 rows); nothing to embed. Check that the filter stage keeps images "
+                        f"(filter.* params) and rerun it")
     seen: dict[str, int] = {}
     for row, name in enumerate(names):
         if not name.strip():

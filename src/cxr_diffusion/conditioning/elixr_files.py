@@ -21,6 +21,7 @@ scan time; embeddings are read block by block (``iter_embedding_blocks``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -280,7 +281,8 @@ def scan_elixr_file(path: Path, expected: tuple[int, int] | None, feature: str |
     """
     if path.suffix.lower() in HDF5_SUFFIXES:
         return _scan_hdf5(path, expected, feature, declared=None, dataset=None)
-    return _scan_parquet(path, expected)
+    with _damaged_file_errors(path, "Parquet"):
+        return _scan_parquet(path, expected)
 
 
 def iter_embedding_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
@@ -290,7 +292,8 @@ def iter_embedding_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndar
     Blocks that contain none of ``rows`` are never read.
     """
     reader = _hdf5_blocks if file.is_hdf5 else _parquet_blocks
-    yield from reader(file, shape, np.asarray(rows, dtype=np.int64), chunk_rows)
+    with _damaged_file_errors(file.path, "HDF5" if file.is_hdf5 else "Parquet"):
+        yield from reader(file, shape, np.asarray(rows, dtype=np.int64), chunk_rows)
 
 
 def write_elixr_hdf5_shard(path: str | Path, image_ids: list[str], embeddings: np.ndarray) -> Path:
@@ -317,6 +320,26 @@ def _strip_png(image_id: str) -> str:
     return image_id[:-4] if image_id.lower().endswith(".png") else image_id
 
 
+@contextlib.contextmanager
+def _damaged_file_errors(path: Path, kind: str) -> Iterator[None]:
+    """One DataError naming ``path`` for what h5py and pyarrow raise on a damaged (bit-flipped, cut) file.
+
+    h5py raises RuntimeError or KeyError on a broken object header and OSError on a failed read;
+    pyarrow raises OSError or ArrowInvalid on a broken page. An OSError with an errno (permissions,
+    a full disk) is the machine's, not the file's, and passes through.
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, RuntimeError, KeyError, pa.ArrowException) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"{path}: damaged {kind} file ({reason}); download it again (or rerun the stage that "
+                        f"wrote it)") from None
+
+
 # ----------------------------------------------------------------------------- HDF5
 
 def _open_hdf5(path: Path) -> h5py.File:
@@ -336,7 +359,7 @@ def _scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None
                declared: tuple[int, ...] | None, dataset: str | None) -> ElixrFile:
     """Ids and (tokens, dim) of one shard; a shard of snapshot ``dataset`` must hold ``Image Index`` + ``feature``."""
     snapshot = dataset is not None
-    with _open_hdf5(path) as handle:
+    with _damaged_file_errors(path, "HDF5"), _open_hdf5(path) as handle:
         def has(name: str | None) -> bool:
             return name is not None and isinstance(handle.get(name), h5py.Dataset)
 

@@ -22,7 +22,8 @@ from cxr_diffusion.config import ClipConfig
 from cxr_diffusion.conditioning.clip import clip_source, encode_images, encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
-from cxr_diffusion.data.shards import read_manifest
+from cxr_diffusion.data.nih import DataError
+from cxr_diffusion.data.shards import MANIFEST, read_manifest
 from cxr_diffusion.device import describe_device, half_dtype
 
 CPU = torch.device("cpu")
@@ -32,8 +33,13 @@ from cxr_diffusion.io import write_csv, write_json
 def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str | Path, out_dir: str | Path,
                     metrics_path: str | Path | None = None, device: torch.device = CPU) -> dict:
     """Encode each distinct prompt once; every image points at its prompt's row."""
-    table = pd.read_csv(filtered_csv, dtype={"Image Index": str, "Finding Labels": str})
-    prompts = [prompt_for(labels, config) for labels in table["Finding Labels"]]
+    table = read_filtered_table(Path(filtered_csv))
+    prompts = []
+    for line, labels in enumerate(table["Finding Labels"], start=2):
+        try:
+            prompts.append(prompt_for(labels, config))
+        except DataError as error:
+            raise DataError(f"{filtered_csv}: line {line}: {error}; rerun the filter stage") from None
     unique = sorted(set(prompts))
     row_of = {prompt: i for i, prompt in enumerate(unique)}
     source = clip_source(config, demo_dir)
@@ -57,6 +63,18 @@ def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str 
     return metrics
 
 
+def read_filtered_table(path: Path) -> pd.DataFrame:
+    """The filter stage's table (``Image Index``, ``Finding Labels``, as text), refused when it lists no image."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in ("Image Index", "Finding Labels"):
+        if column not in table.columns:
+            raise DataError(f"{path}: no '{column}' column (found {list(table.columns)}); pass the filter stage's output")
+    if table.empty:
+        raise DataError(f"{path}: no images (0 rows); nothing to embed. Check that the filter stage keeps images "
+                        f"(filter.* params) and rerun it")
+    return table
+
+
 def iter_prepared_images(prepared_dir: str | Path, batch_size: int) -> Iterator[tuple[list[str], list[Image.Image]]]:
     """(Image Index list, PIL list) batches over every prepared image, all splits, one row group at a time."""
     prepared_dir = Path(prepared_dir)
@@ -75,10 +93,19 @@ def iter_prepared_images(prepared_dir: str | Path, batch_size: int) -> Iterator[
         yield names, images
 
 
+def count_prepared_images(prepared_dir: Path) -> int:
+    """How many images the prepare stage wrote, refused when none: there is nothing to embed."""
+    total = read_manifest(prepared_dir).get("written")
+    if not isinstance(total, int) or total <= 0:
+        raise DataError(f"{prepared_dir / MANIFEST}: no prepared images (written: {total!r}); nothing to embed. "
+                        f"Check that the filter stage keeps images (filter.* params) and rerun `dvc repro prepare`")
+    return total
+
+
 def embed_clip_vision(prepared_dir: str | Path, config: ClipConfig, demo_dir: str | Path, out_dir: str | Path,
                       metrics_path: str | Path | None = None, device: torch.device = CPU) -> dict:
     """One projected CLIP image embedding (1, projection_dim) per prepared image."""
-    total = read_manifest(prepared_dir)["written"]
+    total = count_prepared_images(Path(prepared_dir))
     source = clip_source(config, demo_dir)
     encoder = load_vision_encoder(source, config.revision).to(device, half_dtype(device))
     tokens, dim = encoder.shape

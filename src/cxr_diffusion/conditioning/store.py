@@ -93,12 +93,21 @@ class ConditionStoreWriter:
         self._finished = True
 
     def __exit__(self, kind, error, traceback) -> bool:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as close_error:  # e.g. the disk filled while flushing: discard the store, keep the error
+            if kind is None:
+                self._context.__exit__(type(close_error), close_error, close_error.__traceback__)
+                raise
         if kind is None and not getattr(self, "_finished", False):
             kind, error = StoreError, StoreError("ConditionStoreWriter closed without finish()")
             self._context.__exit__(kind, error, None)
             raise error
         return bool(self._context.__exit__(kind, error, traceback))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 @dataclass(frozen=True)
@@ -110,32 +119,107 @@ class Condition:
 class ConditionStore:
     """Read-only access to a store, one row read at a time: ``store["00000001_000.png"]`` -> Condition.
 
-    Picklable (DataLoader workers reopen the file lazily)."""
+    Picklable (DataLoader workers reopen the file lazily). Opening checks the four files against each
+    other (header, size, dtype, every index row) so a damaged store fails here, naming the file and
+    line, instead of reading the wrong bytes later."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         for name in (EMBEDDINGS, MASK, INDEX, META):
             if not (self.path / name).is_file():
                 raise StoreError(f"{self.path}: not a condition store ({name} missing); rerun its embed stage")
-        self.meta = json.loads((self.path / META).read_text())
-        with open(self.path / EMBEDDINGS, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(handle)
-            self._offset = handle.tell()
-        if fortran_order or len(shape) != 3 or dtype not in (np.float16, np.float32):
-            raise StoreError(f"{self.path / EMBEDDINGS}: expected a C-order (rows, tokens, dim) float16/float32 array")
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self._row_bytes = int(shape[1] * shape[2]) * self.dtype.itemsize
-        expected_size = self._offset + shape[0] * self._row_bytes
+        self.shape, self.dtype, self._offset = self._read_embeddings_header()
+        self._row_bytes = int(self.shape[1] * self.shape[2]) * self.dtype.itemsize
+        expected_size = self._offset + self.shape[0] * self._row_bytes
         if (self.path / EMBEDDINGS).stat().st_size != expected_size:
             raise StoreError(f"{self.path / EMBEDDINGS}: truncated or padded; rerun its embed stage")
-        self.mask = np.load(self.path / MASK, allow_pickle=False)
-        index = pd.read_csv(self.path / INDEX, dtype={"Image Index": str})
-        self.row_of: dict[str, int] = dict(zip(index["Image Index"], index["row"].astype(int)))
-        if self.mask.shape != self.shape[:2]:
-            raise StoreError(f"{self.path}: embeddings {self.shape} and mask {self.mask.shape} disagree")
+        self.meta = self._read_meta()
+        self.mask = self._read_mask()
+        self.row_of: dict[str, int] = self._read_index()
+        if self.meta["images"] != len(self.row_of):
+            raise StoreError(f"{self.path / INDEX} lists {len(self.row_of)} images but {META} records "
+                             f"{self.meta['images']}; rerun its embed stage")
+        if not self.row_of:
+            raise StoreError(f"{self.path}: the condition store holds no images; check that the filter and prepare "
+                             f"stages kept some, then rerun its embed stage")
         self._fd: int | None = None
+
+    def _read_embeddings_header(self) -> tuple[tuple[int, int, int], np.dtype, int]:
+        path = self.path / EMBEDDINGS
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = read_header(handle)
+                offset = handle.tell()
+        except (ValueError, EOFError, SyntaxError) as error:  # numpy's messages for a bad magic or header
+            raise StoreError(f"{path}: not a readable .npy file ({_one_line(error)}); rerun its embed stage") from None
+        if fortran_order or len(shape) != 3 or dtype not in (np.float16, np.float32):
+            raise StoreError(f"{path}: expected a C-order (rows, tokens, dim) float16/float32 array")
+        return tuple(int(s) for s in shape), np.dtype(dtype), offset
+
+    def _read_meta(self) -> dict:
+        path = self.path / META
+        try:
+            meta = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            meta, reason = None, _one_line(error)
+        else:
+            reason = f"found {type(meta).__name__}"
+        if not isinstance(meta, dict):
+            raise StoreError(f"{path}: not a readable JSON object ({reason}); rerun its embed stage")
+        missing = [key for key in ("shape", "dtype", "images") if key not in meta]
+        if missing:
+            raise StoreError(f"{path}: missing key(s) {missing}; rerun its embed stage")
+        if meta["shape"] != list(self.shape) or meta["dtype"] != self.dtype.name:
+            raise StoreError(f"{path} records shape {meta['shape']} and dtype {meta['dtype']} but {EMBEDDINGS} "
+                             f"holds {list(self.shape)} {self.dtype.name}; rerun its embed stage")
+        if not isinstance(meta["images"], int) or isinstance(meta["images"], bool) or meta["images"] < 0:
+            raise StoreError(f"{path}: 'images' is {meta['images']!r}, expected a count; rerun its embed stage")
+        return meta
+
+    def _read_mask(self) -> np.ndarray:
+        path = self.path / MASK
+        try:
+            mask = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as error:  # truncated, not .npy, or an object array (pickle)
+            raise StoreError(f"{path}: not a readable .npy file ({_one_line(error)}); rerun its embed stage") from None
+        if mask.dtype != bool:
+            raise StoreError(f"{path}: holds {mask.dtype}, expected bool; rerun its embed stage")
+        if mask.shape != self.shape[:2]:
+            raise StoreError(f"{self.path}: embeddings {self.shape} and mask {mask.shape} disagree; rerun its embed stage")
+        return mask
+
+    def _read_index(self) -> dict[str, int]:
+        """Image Index -> row, every row checked: a row outside the embeddings would read header bytes."""
+        path = self.path / INDEX
+        try:
+            index = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (ValueError, pd.errors.ParserError) as error:  # EmptyDataError and UnicodeDecodeError are ValueErrors
+            raise StoreError(f"{path}: not a readable CSV file ({_one_line(error)}); rerun its embed stage") from None
+        if list(index.columns) != ["Image Index", "row"]:
+            raise StoreError(f"{path}: expected columns ['Image Index', 'row'], found {list(index.columns)}; "
+                             f"rerun its embed stage")
+        rows = self.shape[0]
+        row_of: dict[str, int] = {}
+        line_of: dict[str, int] = {}
+        for line, (name, value) in enumerate(zip(index["Image Index"], index["row"]), start=2):
+            where = f"{path}: line {line} ({name})"
+            if not name.strip():
+                raise StoreError(f"{path}: line {line} has an empty Image Index; rerun its embed stage")
+            if name in line_of:
+                raise StoreError(f"{path}: {name!r} is on lines {line_of[name]} and {line}; each image has one "
+                                 f"row; rerun its embed stage")
+            try:
+                row = int(value)
+            except ValueError:
+                raise StoreError(f"{where}: row {value!r} is not a whole number; rerun its embed stage") from None
+            if not 0 <= row < rows:
+                raise StoreError(f"{where}: row {row} is outside the {rows} rows of {EMBEDDINGS}; "
+                                 f"rerun its embed stage")
+            row_of[name], line_of[name] = row, line
+        return row_of
 
     @property
     def tokens(self) -> int:

@@ -12,16 +12,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_diffusion.config import FilterConfig
+from cxr_diffusion.config import NO_FINDING, FilterConfig
 from cxr_diffusion.data.nih import (
-    DataError, is_safe_image_index, read_image_list, read_metadata_csv, split_labels, unknown_labels,
+    DataError, canonical_patient_ids, is_safe_image_index, patient_id_problem, patient_sort_key, read_csv_text,
+    read_image_list, read_metadata_csv, split_labels, unknown_labels, whole_numbers,
 )
 from cxr_diffusion.io import write_csv, write_json
 
 REJECT_REASONS: tuple[str, ...] = (
     "duplicate_image_index",   # a second row for the same image; the first is kept
     "unsafe_image_index",      # not a bare file name (path parts, '..', absolute): never opened
+    "invalid_patient_id",      # empty, or not letters/digits/'_.-' from a letter or digit (so never a formula)
+    # A bad Follow-up # or Patient Age is one bad row, not a bad file: listed, as NIH's own impossible ages
+    # (414) are, rather than failing the stage for every other row.
+    "invalid_follow_up",       # Follow-up # is not a whole number >= 0 ('-3', '7.9', '1e400', 'abc', '')
+    "invalid_age",             # Patient Age is not a whole number ('7.9', '1e400', 'abc', '')
     "unknown_label",           # a Finding Label that is not one of NIH's 15
+    "contradictory_labels",    # 'No Finding' together with a finding ('No Finding|Effusion')
     "image_missing",           # no image file for the row
     "view",                    # View Position not in filter.views
     "age_out_of_range",        # Patient Age outside [filter.age_min, filter.age_max]
@@ -29,10 +36,20 @@ REJECT_REASONS: tuple[str, ...] = (
     "no_class_of_interest",    # none of the row's labels maps to filter.classes
     "labels_outside_classes",  # carries other findings and filter.allow_other_labels is false
     "follow_up_policy",        # not the first/last study of its patient (filter.follow_up)
+    "in_both_official_splits",  # split.method 'official' and both NIH lists name the image: no safe split
     "not_in_official_split",   # split.method 'official' and neither NIH list names the image
     "class_cap",               # a class already holds filter.max_per_class images
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# The param that lets more images through, for the reasons a param decides (the others are fixed in the data).
+LOOSENED_BY: dict[str, str] = {
+    "image_missing": "dataset.nih_root", "view": "filter.views", "age_out_of_range": "filter.age_min/filter.age_max",
+    "not_in_include_list": "filter.include_list", "no_class_of_interest": "filter.classes/filter.merges",
+    "labels_outside_classes": "filter.allow_other_labels", "follow_up_policy": "filter.follow_up",
+    "in_both_official_splits": "filter.split.method", "not_in_official_split": "filter.split.method",
+    "class_cap": "filter.max_per_class",
+}
+INCLUDE_LIST_FORMAT = "an include list: 'Image Index' and one 0/1 column per class in filter.classes"
 TABLE_COLUMNS: tuple[str, ...] = (
     "Image Index", "Patient ID", "Follow-up #", "View Position", "Patient Age", "Patient Gender",
     "Finding Labels", "split",
@@ -48,11 +65,11 @@ class FilterResult:
 
 
 def read_include_list(path: str | Path, classes: tuple[str, ...]) -> pd.DataFrame:
-    """An include list in the reference format: ``Image Index`` plus one 0/1 column per class."""
+    """An include list in the reference format: ``Image Index`` plus one 0/1 column per class (ints)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"filter.include_list: {path} not found")
-    frame = pd.read_csv(path, dtype={"Image Index": str})
+    frame = read_csv_text(path, INCLUDE_LIST_FORMAT)
     missing = [c for c in ("Image Index",) + tuple(classes) if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; an include list needs 'Image Index' and one "
@@ -62,10 +79,12 @@ def read_include_list(path: str | Path, classes: tuple[str, ...]) -> pd.DataFram
         raise DataError(f"{path}: column(s) {extra} are not in filter.classes {list(classes)}; "
                         f"rename them or add the classes")
     for column in classes:
-        bad = ~frame[column].isin([0, 1])
+        flags = frame[column].str.strip()
+        bad = ~flags.isin(["0", "1"])
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(f"{path}: row {row + 2}: column '{column}' is {frame[column].iloc[row]!r}, expected 0 or 1")
+        frame[column] = flags.astype("int64")
     duplicated = frame["Image Index"].duplicated()
     if duplicated.any():
         raise DataError(f"{path}: 'Image Index' {frame['Image Index'][duplicated].iloc[0]!r} appears more than once")
@@ -88,6 +107,9 @@ def filter_metadata(
             label_to_classes.setdefault(label, []).append(name)
 
     rows = metadata.reset_index(drop=True).copy()
+    rows["Patient ID"] = canonical_patient_ids(rows["Patient ID"])
+    rows["_follow_up"] = whole_numbers(rows["Follow-up #"])
+    rows["_age"] = whole_numbers(rows["Patient Age"])
     rows["_labels"] = rows["Finding Labels"].map(split_labels)
     rows["_classes"] = rows["_labels"].map(
         lambda labels: tuple(sorted({c for label in labels for c in label_to_classes.get(label, ())}))
@@ -103,12 +125,21 @@ def filter_metadata(
     reject(rows["Image Index"].duplicated(keep="first"), "duplicate_image_index", "earlier row kept")
     reject(~rows["Image Index"].map(is_safe_image_index), "unsafe_image_index",
            "Image Index must be a bare file name")
+    id_problem = rows["Patient ID"].map(patient_id_problem)
+    reject(id_problem.notna(), "invalid_patient_id", id_problem)
+    follow_up, age = rows["_follow_up"], rows["_age"]
+    reject((follow_up.isna() | (follow_up < 0)).astype(bool), "invalid_follow_up",
+           rows["Follow-up #"].map(lambda value: f"Follow-up # is {str(value)!r}, expected a whole number >= 0"))
+    reject(age.isna(), "invalid_age",
+           rows["Patient Age"].map(lambda value: f"Patient Age is {str(value)!r}, expected a whole number"))
     unknown = rows["_labels"].map(unknown_labels)
     reject(unknown.map(bool), "unknown_label", unknown.map(lambda names: "|".join(names)))
+    reject(rows["_labels"].map(lambda labels: NO_FINDING in labels and len(set(labels)) > 1),
+           "contradictory_labels", rows["Finding Labels"])
     reject(~rows["Image Index"].isin(images_present), "image_missing")
     reject(~rows["View Position"].isin(config.views), "view", rows["View Position"].astype(str))
-    age = rows["Patient Age"]
-    reject((age < config.age_min) | (age > config.age_max), "age_out_of_range", age.astype(str))
+    reject(((age < config.age_min) | (age > config.age_max)).fillna(False).astype(bool), "age_out_of_range",
+           age.astype(str))
 
     include_issues = pd.DataFrame(columns=["Image Index", "issue", "detail"])
     if include_list is not None:
@@ -120,15 +151,16 @@ def filter_metadata(
         reject(outside != "", "labels_outside_classes", outside)
     if config.follow_up != "all":
         alive = rows[reason.isna()]
-        pick = alive.groupby("Patient ID")["Follow-up #"].transform("min" if config.follow_up == "first" else "max")
-        reject(rows.index.isin(alive.index[alive["Follow-up #"] != pick]), "follow_up_policy")
+        pick = alive.groupby("Patient ID")["_follow_up"].transform("min" if config.follow_up == "first" else "max")
+        reject(rows.index.isin(alive.index[alive["_follow_up"] != pick]), "follow_up_policy")
 
     split = pd.Series([None] * len(rows), dtype=object)
     if config.split.method == "official":
         if not official_lists:
             raise DataError("filter.split.method is 'official' but the dataset has no train_val_list.txt / "
                             "test_list.txt; use method 'random' or add the lists to dataset.nih_root")
-        split = _official_split(rows, official_lists, config.split.val_fraction, seed)
+        split, in_both = _official_split(rows, official_lists, config.split.val_fraction, seed)
+        reject(in_both, "in_both_official_splits", "named by test_list.txt and train_val_list.txt")
         reject(split.isna(), "not_in_official_split")
     if config.max_per_class is not None:
         reject(_over_cap(rows, reason, config.max_per_class, seed), "class_cap", f"cap {config.max_per_class}")
@@ -137,6 +169,8 @@ def filter_metadata(
 
     kept = rows[reason.isna()].copy()
     kept["split"] = split[reason.isna()]
+    kept["Follow-up #"] = kept["_follow_up"].astype("int64")
+    kept["Patient Age"] = kept["_age"].astype("int64")
     for name in config.classes:
         kept[name] = kept["_classes"].map(lambda classes, n=name: int(n in classes))
     table = kept[list(TABLE_COLUMNS) + list(config.classes)].sort_values("Image Index").reset_index(drop=True)
@@ -185,7 +219,7 @@ def _over_cap(rows: pd.DataFrame, reason: pd.Series, cap: int, seed: int) -> pd.
 
 def _random_split(rows: pd.DataFrame, alive: pd.Series, val_fraction: float, test_fraction: float,
                   seed: int) -> pd.Series:
-    patients = np.sort(rows.loc[alive, "Patient ID"].unique())
+    patients = np.array(sorted(rows.loc[alive, "Patient ID"].unique(), key=patient_sort_key), dtype=object)
     patients = patients[np.random.default_rng([seed, 3]).permutation(len(patients))]
     n_test = int(round(test_fraction * len(patients)))
     n_val = int(round(val_fraction * len(patients)))
@@ -198,17 +232,30 @@ def _random_split(rows: pd.DataFrame, alive: pd.Series, val_fraction: float, tes
     return rows["Patient ID"].map(assignment).where(alive, None)
 
 
-def _official_split(rows: pd.DataFrame, lists: dict[str, set[str]], val_fraction: float, seed: int) -> pd.Series:
+def _official_split(rows: pd.DataFrame, lists: dict[str, set[str]], val_fraction: float,
+                    seed: int) -> tuple[pd.Series, pd.Series]:
+    """(split per row, None off both lists or on both; rows on both lists). A few images on both lists are
+    listed rejects; a list that lies wholly inside the other is a corrupt download, since one split would
+    then be empty: an error."""
     test, train_val = lists.get("test", set()), lists.get("train_val", set())
+    for inner, outer, inner_name, outer_name in ((test, train_val, "test_list.txt", "train_val_list.txt"),
+                                                 (train_val, test, "train_val_list.txt", "test_list.txt")):
+        if inner and inner <= outer:
+            raise DataError(f"the official split lists are corrupt: every image of {inner_name} is also in "
+                            f"{outer_name} ({len(inner)} images); restore NIH's lists or use "
+                            f"filter.split.method 'random'")
+    in_both = rows["Image Index"].map(lambda n: n in test and n in train_val).astype(bool)
     split = rows["Image Index"].map(lambda n: "test" if n in test else ("train" if n in train_val else None))
+    split = split.where(~in_both, None)
     both = set(rows.loc[split == "test", "Patient ID"]) & set(rows.loc[split == "train", "Patient ID"])
     if both:
         raise DataError(f"official split lists put patient(s) {sorted(both)[:5]} in both test_list.txt and "
                         f"train_val_list.txt; fix the lists or use filter.split.method 'random'")
-    train_patients = np.sort(rows.loc[split == "train", "Patient ID"].unique())
+    train_patients = np.array(sorted(rows.loc[split == "train", "Patient ID"].unique(), key=patient_sort_key),
+                              dtype=object)
     train_patients = train_patients[np.random.default_rng([seed, 3]).permutation(len(train_patients))]
     val_patients = set(train_patients[: int(round(val_fraction * len(train_patients)))])
-    return split.where(~((split == "train") & rows["Patient ID"].isin(val_patients)), "val")
+    return split.where(~((split == "train") & rows["Patient ID"].isin(val_patients)), "val"), in_both
 
 
 def _assert_patient_disjoint(table: pd.DataFrame) -> None:
@@ -251,14 +298,26 @@ def run_filter(dataset_dir: str | Path, config: FilterConfig, seed: int, out_dir
     """Stage entry: read the `dataset` stage's output, filter, write table, rejects and metrics."""
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     metadata = read_metadata_csv(dataset_dir / "metadata.csv")
-    images_present = set(pd.read_csv(dataset_dir / "image_paths.csv", dtype=str)["Image Index"])
+    images_present = set(pd.read_csv(dataset_dir / "image_paths.csv", dtype=str, keep_default_na=False)["Image Index"])
     include_list = read_include_list(config.include_list, config.classes) if config.include_list else None
     official = {key: read_image_list(dataset_dir / "official" / name)
                 for key, name in (("train_val", "train_val_list.txt"), ("test", "test_list.txt"))
                 if (dataset_dir / "official" / name).is_file()}
     result = filter_metadata(metadata, images_present, config, seed, include_list, official or None)
-    write_csv(out_dir / "filtered.csv", result.table)
     write_csv(out_dir / "rejects.csv", result.rejects)
     write_csv(out_dir / "include_list_issues.csv", result.include_list_issues)
+    if result.table.empty:  # every later stage needs images; say which rules took them all, here
+        (out_dir / "filtered.csv").unlink(missing_ok=True)  # no stale table beside these rejects
+        raise DataError(_nothing_kept(dataset_dir / "metadata.csv", out_dir / "rejects.csv", result.metrics))
+    write_csv(out_dir / "filtered.csv", result.table)
     write_json(metrics_path, result.metrics)
     return result
+
+
+def _nothing_kept(metadata_csv: Path, rejects_csv: Path, metrics: dict) -> str:
+    counts = sorted(((n, name) for name, n in metrics["rejected"].items() if n),
+                    key=lambda item: (-item[0], REJECT_REASONS.index(item[1])))
+    params = list(dict.fromkeys(LOOSENED_BY[name] for _, name in counts if name in LOOSENED_BY))
+    fix = f"loosen {', '.join(params)}" if params else "fix those rows of the metadata CSV"
+    return (f"{metadata_csv}: the filter kept no image of {metrics['rows_in']} rows (rejected: "
+            f"{', '.join(f'{name} {n}' for n, name in counts)}); {fix} (every reject is listed in {rejects_csv})")

@@ -3,12 +3,22 @@
 Workers decode in parallel; results come back in table order and stream into the shard writers,
 so memory stays flat as the dataset grows and the output is identical however many workers ran.
 Everything is written into a temporary directory that replaces ``out_dir`` only when complete.
+
+Every image problem is a listed reject in ``rejects.csv`` with a stable reason (the same file gives
+the same text on every run). A file is opened only if its real path (symlinks followed) lies inside
+an allowed root (``image_roots``); a worker that dies (the OOM killer) fails the stage with one line.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +26,15 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxr_diffusion.config import Params, to_dict
-from cxr_diffusion.data.decode import DecodeError, encode_png, preprocess
+from cxr_diffusion.data.decode import DecodeBudget, DecodeError, encode_png, preprocess, read_image_file
 from cxr_diffusion.data.filter import SPLITS
 from cxr_diffusion.data.nih import DataError, is_safe_image_index
 from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, close_writers, shard_schema
 from cxr_diffusion.data.sources import default_workers
 from cxr_diffusion.io import atomic_directory, write_csv, write_json
+
+_CHUNK = 16               # images per worker task: amortises the round trip between processes
+_CHUNKS_PER_WORKER = 4    # tasks queued per worker: keeps workers busy, bounds what is held in memory
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,7 @@ class _Job:
     problem: str | None
     size: int
     square: str
+    budget: DecodeBudget
 
 
 @dataclass(frozen=True)
@@ -45,38 +59,71 @@ def _process(job: _Job) -> _Outcome:
     if job.problem is not None:
         return _Outcome(job.position, None, job.problem)
     try:
-        data = Path(job.path).read_bytes()
-    except FileNotFoundError:
-        return _Outcome(job.position, None, "missing_file")
-    except OSError as error:
-        return _Outcome(job.position, None, f"unreadable_file: {error.strerror}")
-    try:
-        return _Outcome(job.position, encode_png(preprocess(data, job.size, job.square)), None)
+        data = read_image_file(job.path, job.budget)
+        return _Outcome(job.position, encode_png(preprocess(data, job.size, job.square, job.budget)), None)
     except DecodeError as error:
-        reason = "empty_file" if not data else f"decode_error: {error}"
-        return _Outcome(job.position, None, reason)
+        return _Outcome(job.position, None, str(error))
 
 
-def resolve_image_path(dataset_dir: Path, image_index: str, path: str) -> tuple[str | None, str | None]:
-    """(path to open, None) or (None, reason). A path is opened only if it names this very image
-    and, when relative, stays inside the dataset directory."""
+def _process_chunk(jobs: Sequence[_Job]) -> list[_Outcome]:
+    return [_process(job) for job in jobs]
+
+
+def _decode_in_workers(jobs: Sequence[_Job], workers: int) -> Iterator[_Outcome]:
+    """Outcomes in job order, streamed: at most ``workers * _CHUNKS_PER_WORKER`` tasks in flight.
+
+    A process pool that loses a worker (killed by the OOM killer or a signal) raises
+    ``BrokenProcessPool`` for every task in flight, where ``multiprocessing.Pool`` would wait forever."""
+    pending: deque[Future] = deque()
+    processes = max(1, min(workers, -(-len(jobs) // _CHUNK)))  # no more processes than tasks
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as executor:
+        try:
+            for start in range(0, len(jobs), _CHUNK):
+                pending.append(executor.submit(_process_chunk, jobs[start:start + _CHUNK]))
+                if len(pending) >= workers * _CHUNKS_PER_WORKER:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        except BrokenProcessPool:
+            raise DataError(f"prepare: a decode worker died (killed by the system, most likely out of memory); "
+                            f"lower prepare.workers (was {workers}) or prepare.max_pixels and rerun") from None
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def image_roots(params: Params, dataset_dir: Path) -> tuple[Path, ...]:
+    """The folders whose files prepare may open (real paths): the dataset stage's output, where the
+    phantom's images and every relative path lie, and for ``dataset.source: nih`` the download at
+    ``dataset.nih_root`` that image_paths.csv names by absolute path. Nothing else, via symlink or not."""
+    roots = [dataset_dir.resolve()]
+    if params.dataset.source == "nih":
+        roots.append(Path(params.dataset.nih_root).expanduser().resolve())
+    return tuple(roots)
+
+
+def resolve_image_path(dataset_dir: Path, image_index: str, path: str,
+                       roots: Sequence[Path]) -> tuple[str | None, str | None]:
+    """(real path to open, None) or (None, reason). A path is opened only if it names this very image
+    and its real path (relative to ``dataset_dir`` when relative, every symlink followed) lies inside
+    one of ``roots``."""
     if not is_safe_image_index(image_index):
         return None, "unsafe_image_index"
     candidate = Path(path)
     if candidate.name != image_index:
         return None, "path_does_not_match_image_index"
-    if not candidate.is_absolute():
-        candidate = (dataset_dir / candidate).resolve()
-        if not candidate.is_relative_to(dataset_dir.resolve()):
-            return None, "path_outside_dataset"
-    return str(candidate), None
+    real = Path(os.path.realpath(dataset_dir / candidate))  # an absolute `candidate` replaces dataset_dir
+    if not any(real.is_relative_to(root) for root in roots):
+        return None, "path_outside_dataset"
+    return str(real), None
 
 
 def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | Path, out_dir: str | Path,
                    metrics_path: str | Path | None = None, workers: int | None = None) -> dict:
     """Write the prepared shards, ``manifest.json`` and ``rejects.csv``; return the manifest."""
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    table = pd.read_csv(filtered_csv, dtype={"Image Index": str, "Finding Labels": str, "split": str})
+    table = pd.read_csv(filtered_csv, dtype={"Image Index": str, "Patient ID": str, "View Position": str,
+                                            "Finding Labels": str, "split": str}, keep_default_na=False)
     classes = tuple(params.filter.classes)
     missing_columns = [c for c in ("Image Index", "Patient ID", "View Position", "Finding Labels", "split") + classes
                        if c not in table.columns]
@@ -85,10 +132,12 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
                         f"(the filter params and this table disagree)")
     paths = pd.read_csv(dataset_dir / "image_paths.csv", dtype=str)
     path_of = dict(zip(paths["Image Index"], paths["path"]))
+    roots, budget = image_roots(params, dataset_dir), DecodeBudget.from_config(params.prepare)
     jobs = []
     for position, name in enumerate(table["Image Index"]):
-        path, problem = (None, "missing_file") if name not in path_of else resolve_image_path(dataset_dir, name, path_of[name])
-        jobs.append(_Job(position, name, path, problem, params.image_size, params.prepare.square))
+        path, problem = ((None, "missing_file") if name not in path_of
+                         else resolve_image_path(dataset_dir, name, path_of[name], roots))
+        jobs.append(_Job(position, name, path, problem, params.image_size, params.prepare.square, budget))
 
     workers = workers or params.prepare.workers or default_workers()
     schema = shard_schema(classes)
@@ -97,15 +146,14 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
     with atomic_directory(out_dir) as tmp:
         writers = {split: SplitShardWriter(tmp, split, schema, params.prepare.shard_size,
                                            params.prepare.row_group_size) for split in SPLITS}
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            outcomes = pool.imap(_process, jobs, chunksize=16)
+        with closing(_decode_in_workers(jobs, workers)) as outcomes:  # an error below stops the workers at once
             for outcome in tqdm(outcomes, total=len(jobs), desc="prepare", unit="img"):
                 row = table.iloc[outcome.position]
                 if outcome.png is None:
                     rejects.append((row["Image Index"], outcome.reject_reason))
                     continue
                 writers[row["split"]].write(ShardRecord(
-                    image_png=outcome.png, image_index=row["Image Index"], patient_id=int(row["Patient ID"]),
+                    image_png=outcome.png, image_index=row["Image Index"], patient_id=row["Patient ID"],
                     view=row["View Position"], finding_labels=row["Finding Labels"], split=row["split"],
                     labels=tuple(int(row[c]) for c in classes),
                 ))

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from cxr_diffusion.data.decode import decode_grayscale
+from cxr_diffusion.data.decode import DecodeBudget, decode_grayscale
 
 MANIFEST = "manifest.json"
 
@@ -28,7 +28,7 @@ def shard_schema(classes: tuple[str, ...]) -> pa.Schema:
     features = {
         "image": {"_type": "Image"},
         "image_index": {"dtype": "string", "_type": "Value"},
-        "patient_id": {"dtype": "int64", "_type": "Value"},
+        "patient_id": {"dtype": "string", "_type": "Value"},
         "view": {"dtype": "string", "_type": "Value"},
         "finding_labels": {"dtype": "string", "_type": "Value"},
         "split": {"dtype": "string", "_type": "Value"},
@@ -42,7 +42,7 @@ def shard_schema(classes: tuple[str, ...]) -> pa.Schema:
         [
             pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])),
             pa.field("image_index", pa.string()),
-            pa.field("patient_id", pa.int64()),
+            pa.field("patient_id", pa.string()),  # an identifier (NIH: "1"; yours: "P00123")
             pa.field("view", pa.string()),
             pa.field("finding_labels", pa.string()),
             pa.field("split", pa.string()),
@@ -56,7 +56,7 @@ def shard_schema(classes: tuple[str, ...]) -> pa.Schema:
 class ShardRecord:
     image_png: bytes
     image_index: str
-    patient_id: int
+    patient_id: str  # canonical text, see nih.canonical_patient_ids; never a number
     view: str
     finding_labels: str
     split: str
@@ -98,7 +98,7 @@ class SplitShardWriter:
             [
                 pa.array([{"bytes": r.image_png, "path": r.image_index} for r in rows], self.schema.field("image").type),
                 pa.array([r.image_index for r in rows], pa.string()),
-                pa.array([r.patient_id for r in rows], pa.int64()),
+                pa.array([r.patient_id for r in rows], pa.string()),
                 pa.array([r.view for r in rows], pa.string()),
                 pa.array([r.finding_labels for r in rows], pa.string()),
                 pa.array([r.split for r in rows], pa.string()),
@@ -147,6 +147,7 @@ class PreparedImages(Dataset):
         manifest = read_manifest(self.prepared_dir)
         self.classes: tuple[str, ...] = tuple(manifest["classes"])
         self.image_size: int = manifest["image_size"]
+        self._budget = DecodeBudget.for_prepared(self.image_size)  # our own PNGs: exactly image_size square
         self.channels = channels
         self._locations: list[tuple[str, int, int]] = []  # (file, row group, row in group)
         self.image_indices: list[str] = []
@@ -201,7 +202,7 @@ class PreparedImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         file, group, row = self._locations[index]
         table = self._row_group(file, group)
-        pixels = decode_grayscale(table.column("image")[row]["bytes"].as_py())
+        pixels = decode_grayscale(table.column("image")[row]["bytes"].as_py(), self._budget)
         tensor = torch.from_numpy(np.ascontiguousarray(pixels)).mul_(2.0).sub_(1.0).unsqueeze(0)
         if self.channels == 3:
             tensor = tensor.expand(3, -1, -1).clone()  # grayscale replicated to RGB, as the reference did

@@ -19,6 +19,17 @@ from cxr_diffusion.conditioning.clip import TextEncoder, VisionEncoder, encode_i
 # already imported (it never imports what a repository names), so importing it here is what lets
 # `CXRDiffusionPipeline.from_pretrained` load it, with no remote code involved.
 from cxr_diffusion.diffusion.condition import ConditionAdapter  # noqa: F401
+from cxr_diffusion.diffusion.model_files import write_model_files
+
+# Condition embeddings (ELIXR, CLIP) are O(1); beyond the float16 range a condition overflows the
+# half-precision model on a GPU (and squared in the adapter's LayerNorm it overflows float32 from ~1e19).
+MAX_CONDITION_MAGNITUDE = float(torch.finfo(torch.float16).max)
+
+# A generated image is unusable when this share of its pixels sits at 0 or 255 (either end, after
+# rounding to 8 bits). A chest X-ray has tissue between its black borders and white markers: the
+# phantom's reach 18%, a 2-step toy model's noisy samples 40-60%. A collapsed sampler (guidance or
+# condition blown up, corrupted weights) clamps nearly every pixel to an end, or gives NaN.
+SATURATED_FRACTION = 0.95
 
 
 class CXRDiffusionOutput(BaseOutput):
@@ -62,6 +73,11 @@ class CXRDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"embedding must be {expected_shape} (tokens, dim) or batched; got {tuple(embedding.shape)}")
         if not torch.isfinite(embedding).all():
             raise ValueError("embedding has NaN or infinite values")
+        largest = float(embedding.abs().max()) if embedding.numel() else 0.0
+        if largest > MAX_CONDITION_MAGNITUDE:
+            raise ValueError(f"embedding has values up to {largest:.3g}; condition embeddings are O(1) and values "
+                             f"beyond {MAX_CONDITION_MAGNITUDE:.0f} overflow the model's half precision: is it the "
+                             f"right file, scaled like the training embeddings?")
         return embedding
 
     # ------------------------------------------------------------------ sampling
@@ -79,10 +95,16 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         images = ((sample.float().clamp(-1, 1) + 1) / 2).cpu()  # [0, 1], (batch, channels, H, W)
         if output_type == "pt":
             return CXRDiffusionOutput(images=images)
-        gray = images.mean(1).numpy()  # channels are replicated grayscale
         if output_type == "np":
-            return CXRDiffusionOutput(images=gray)
-        return CXRDiffusionOutput(images=[Image.fromarray(np.rint(g * 255).astype(np.uint8)) for g in gray])
+            return CXRDiffusionOutput(images=images.mean(1).numpy())  # channels are replicated grayscale
+        return CXRDiffusionOutput(images=to_pil(images))
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
+        """diffusers' save (safetensors only: the loader reads nothing else), then the sha256 of every file."""
+        if not safe_serialization:
+            raise ValueError("a CXRDiffusionPipeline is saved as safetensors only (the loader refuses pickles)")
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        write_model_files(save_directory)
 
     @torch.no_grad()
     def denoise(self, condition: torch.Tensor, guidance_scale: float, num_inference_steps: int,
@@ -116,3 +138,18 @@ class CXRDiffusionPipeline(DiffusionPipeline):
             latents = (sample / self.vae.config.scaling_factor).to(self.vae.device, self.vae.dtype)
             sample = self.vae.decode(latents).sample
         return sample
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """8-bit grayscale images from a (batch, channels, H, W) tensor in [0, 1] (channels are replicated)."""
+    gray = images.float().mean(1).cpu().numpy()
+    return [Image.fromarray(np.rint(g * 255).astype(np.uint8)) for g in gray]
+
+
+def unusable_images(images: torch.Tensor) -> dict[str, int]:
+    """How many images of a (batch, channels, H, W) tensor in [0, 1] are ``non-finite`` (any NaN or
+    infinity) and how many ``saturated`` (at least SATURATED_FRACTION of the pixels at 0 or 255)."""
+    flat = images.detach().float().flatten(1).cpu()
+    non_finite = ~torch.isfinite(flat).all(1)
+    at_an_end = ((flat <= 0.5 / 255) | (flat >= 254.5 / 255)).float().mean(1) >= SATURATED_FRACTION
+    return {"non-finite": int(non_finite.sum()), "saturated": int((at_an_end & ~non_finite).sum())}

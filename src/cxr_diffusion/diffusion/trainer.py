@@ -268,14 +268,14 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         torch.set_rng_state(loaded.rng["torch"])
         ema.optimization_step = int(state.extra.get("ema_step", state.step))
         accelerator.print(f"{branch}: resuming from {loaded.path} (step {state.step})")
-    elif accelerator.is_main_process:
-        shutil.rmtree(paths.live, ignore_errors=True)
     ema.to(accelerator.device)  # the shadow weights follow the model; `to` makes new tensors, so re-point the saver
     ema_tensors = {"ema": {str(i): p for i, p in enumerate(ema.shadow_params)}}
 
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     validator = Validator(val_set, scheduler, train.min_snr_gamma, params.seed, max(train.batch_size, 32))
+    if accelerator.is_main_process and loaded is None:  # a fresh run: the old log goes only once all else is set up
+        shutil.rmtree(paths.live, ignore_errors=True)
     live = Live(dir=str(paths.live), resume=loaded is not None, save_dvc_exp=False, dvcyaml=False) \
         if accelerator.is_main_process else None
     if live is not None and loaded is not None:

@@ -326,6 +326,7 @@ def convert_inception_weights(source: str | Path, target: str | Path, flavour: F
     Returns the source and target sha256 and the tensor count. The target is written atomically and only
     after the weights loaded into the network, so a wrong file never leaves a usable-looking output.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from cxr_diffusion.io import atomic_path, sha256_file
@@ -334,7 +335,10 @@ def convert_inception_weights(source: str | Path, target: str | Path, flavour: F
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist")
     spec = InceptionSpec(flavour, "pool")
-    state = _read_checkpoint(source)
+    try:
+        state = _read_checkpoint(source)
+    except SafetensorError as error:  # a truncated or foreign .safetensors file
+        raise ValueError(f"{source}: not a readable safetensors file ({error}); download it again") from None
     _check_classes(state["fc.weight"].shape[0] if "fc.weight" in state else None, spec, source)
     state = checked_state(state, InceptionV3(spec), source, f"Inception-v3 ({flavour} flavour)",
                           ignored_prefixes=("AuxLogits.",))

@@ -8,6 +8,8 @@ so every reader of real images reads them too.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.config import NO_FINDING, Params
+from cxr_diffusion.config import BRANCHES, NO_FINDING, Params
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.decode import encode_png
@@ -25,7 +27,8 @@ from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, c
 from cxr_diffusion.diffusion.data import ConditionedImages
 from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import sampling_scheduler
-from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
+from cxr_diffusion.diffusion.model_files import verify_model_files
+from cxr_diffusion.diffusion.pipeline import SATURATED_FRACTION, CXRDiffusionPipeline, to_pil, unusable_images
 from cxr_diffusion.device import describe_device, half_dtype, resolve_device
 from cxr_diffusion.io import atomic_directory, write_json
 
@@ -41,11 +44,94 @@ class SamplingError(UserError, ValueError):
 def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device = torch.device("cpu")) -> CXRDiffusionPipeline:
     """A saved model on ``device``: UNet, adapter and CLIP towers in bf16/fp16 on a GPU (fp32 on the CPU);
     the VAE in fp32 (SD VAEs can overflow in fp16), decoding one image at a time so that memory does
-    not grow with ``sample.batch_size`` (50 decoded 512px images take ~36 GB on a CPU otherwise)."""
-    pipeline = CXRDiffusionPipeline.from_pretrained(str(model_dir))
+    not grow with ``sample.batch_size`` (50 decoded 512px images take ~36 GB on a CPU otherwise).
+
+    The folder's files are checked against the hashes written when it was saved, and its
+    ``model_index.json`` against what our pipeline is made of, before diffusers reads anything; only
+    safetensors weights are read, from this folder only."""
+    model_dir = Path(model_dir)
+    verify_model_files(model_dir)
+    _check_model_index(model_dir)
+    try:
+        pipeline = CXRDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError) as error:  # diffusers' errors for unreadable configs, weights and components
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SamplingError(f"{model_dir}: not a loadable saved model ({detail}); retrain it (`dvc repro`, "
+                            f"stage train@<branch>) or re-fetch the folder") from None
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = sampling_scheduler(pipeline.scheduler, sampler)
     return place_pipeline(pipeline, device)
+
+
+# What model_index.json may name for each component: [library, class], the class as a pattern.
+_COMPONENTS: dict[str, tuple[str, str]] = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "condition_adapter": ("cxr_diffusion.diffusion.condition", "ConditionAdapter"),
+    "scheduler": ("diffusers", r"\w+Scheduler"),  # the saved one; sampling_scheduler picks the sampler
+    "tokenizer": ("transformers", r"CLIPTokenizer(Fast)?"),
+    "text_encoder": ("transformers", r"CLIP\w+"),
+    "image_processor": ("transformers", r"CLIP\w+"),
+    "image_encoder": ("transformers", r"CLIP\w+"),
+    "vae": ("diffusers", "AutoencoderKL"),
+}
+_REQUIRED = {"unet", "condition_adapter", "scheduler"}
+_BRANCH_NEEDS = {"clip_text": ("tokenizer", "text_encoder"), "clip_vision": ("image_processor", "image_encoder"),
+                 "elixr": ()}
+_WEIGHTED = {"unet", "condition_adapter", "vae", "text_encoder", "image_encoder"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_model_index(model_dir: Path) -> None:
+    """Refuse a model_index.json that is not one of ours (class, branch, components, their folders), with
+    one line naming the file and the entry, before diffusers turns it into a traceback."""
+    path = model_dir / "model_index.json"
+    fix = "retrain it (`dvc repro`, stage train@<branch>) or re-fetch the folder"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SamplingError(f"{model_dir}: not a saved model (no model_index.json); train one with `dvc repro`") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SamplingError(f"{path}: not valid JSON ({error}); {fix}") from None
+    if not isinstance(index, dict):
+        raise SamplingError(f"{path}: expected a JSON object, got {type(index).__name__}; {fix}")
+    if index.get("_class_name") != CXRDiffusionPipeline.__name__:
+        raise SamplingError(f"{path}: a {index.get('_class_name')!r} pipeline, not a {CXRDiffusionPipeline.__name__} "
+                            f"saved by this project; {fix}")
+    branch = index.get("branch")
+    if branch not in BRANCHES:
+        raise SamplingError(f"{path}: branch {branch!r} is not one of {', '.join(BRANCHES)}; {fix}")
+    needed = _REQUIRED | set(_BRANCH_NEEDS[branch])
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        if name not in _COMPONENTS:
+            raise SamplingError(f"{path}: names a component {name!r} that a {branch} model does not have; {fix}")
+    for name, (library, pattern) in _COMPONENTS.items():
+        entry = index.get(name, [None, None])
+        if entry in ([None, None], None) and name not in needed:
+            continue
+        if entry in ([None, None], None):
+            raise SamplingError(f"{path}: a {branch} model needs the component {name!r}, which it does not name; {fix}")
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and isinstance(entry[1], str)
+                and re.fullmatch(pattern, entry[1])):
+            raise SamplingError(f"{path}: component {name!r} is {entry!r}; expected [{library!r}, {pattern!r}]; {fix}")
+        folder = model_dir / name
+        if not folder.is_dir():
+            raise SamplingError(f"{folder}: missing (model_index.json names the component {name!r}); {fix}")
+        if name in _WEIGHTED:
+            _check_safetensors(folder, fix)
+
+
+def _check_safetensors(folder: Path, fix: str) -> None:
+    """A component with weights must hold them as .safetensors; pickle files are never read."""
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise SamplingError(f"{folder}: weights only as pickle ({', '.join(sorted(pickles))}); this loader reads "
+                            f"safetensors only (pickles can run code); re-save with safe_serialization=True or {fix}")
+    raise SamplingError(f"{folder}: no .safetensors weights; {fix}")
 
 
 def place_pipeline(pipeline: CXRDiffusionPipeline, device: torch.device) -> CXRDiffusionPipeline:
@@ -62,15 +148,31 @@ def place_pipeline(pipeline: CXRDiffusionPipeline, device: torch.device) -> CXRD
 
 def generate(pipeline: CXRDiffusionPipeline, conditions: torch.Tensor, params: Params, seed: int,
              batch_size: int | None = None) -> list[Image.Image]:
-    """One image per condition row, batch by batch; batch ``i`` uses generator seed ``seed + i``."""
+    """One image per condition row, batch by batch; batch ``i`` uses generator seed ``seed + i``. A batch
+    with a non-finite or saturated image is refused (SamplingError, see ``check_generated``)."""
     batch_size = batch_size or params.sample.batch_size
     images = []
     for i, start in enumerate(range(0, len(conditions), batch_size)):
         out = pipeline(condition=conditions[start:start + batch_size], guidance_scale=params.sample.guidance_scale,
                        num_inference_steps=params.sample.steps, generator=torch.Generator().manual_seed(seed + i),
-                       progress=False)
-        images += out.images
+                       output_type="pt", progress=False)
+        check_generated(out.images, pipeline.name_or_path or "the model",
+                        f"guidance scale {params.sample.guidance_scale} (sample.guidance_scale)")
+        images += to_pil(out.images)
     return images
+
+
+def check_generated(images: torch.Tensor, model: str, settings: str) -> None:
+    """Refuse generations (batch, channels, H, W) in [0, 1] of which any is non-finite or saturated (at least
+    SATURATED_FRACTION of its pixels black or white): a collapsed sampler, never a chest X-ray."""
+    counts = unusable_images(images)
+    failed = sum(counts.values())
+    if failed:
+        raise SamplingError(
+            f"{model}: {failed} of {len(images)} generated images are unusable ({counts['non-finite']} with NaN/infinite "
+            f"values, {counts['saturated']} saturated: >= {SATURATED_FRACTION:.0%} of pixels black or white), with "
+            f"{settings}; likely causes: a guidance scale too high (3-7 is usual), a condition far from the "
+            f"training ones (scale or file), or corrupted model weights (retrain or re-fetch the model)")
 
 
 def original_vs_generated(originals: list[Image.Image], generated: list[Image.Image], per_row: int = 6) -> Image.Image:

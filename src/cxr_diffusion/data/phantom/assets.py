@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import io
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
+
+from cxr_diffusion.errors import UserError
 
 NIH_METADATA_FILE = "Data_Entry_2017_v2020.csv.gz"
 NIH_BOXES_FILE = "BBox_List_2017.csv.gz"
@@ -39,17 +42,21 @@ MIN_COMPONENT_FRACTION = 0.01
 _INSTALL_HINT = "pip install --no-deps torchxrayvision"
 
 
+class PhantomAssetError(UserError, RuntimeError):
+    """A data file of the torchxrayvision package is missing or damaged; reinstalling it fixes that."""
+
+
 def torchxrayvision_data_dir() -> Path:
     """The `data/` folder inside the installed torchxrayvision package (never imported)."""
     spec = importlib.util.find_spec("torchxrayvision")
     if spec is None or spec.origin is None:
-        raise RuntimeError(
+        raise PhantomAssetError(
             "The phantom dataset reads data files shipped in the torchxrayvision package, which is not "
             f"installed. Install it without its dependencies: `{_INSTALL_HINT}`."
         )
     data_dir = Path(spec.origin).parent / "data"
     if not data_dir.is_dir():
-        raise RuntimeError(f"{data_dir}: torchxrayvision is installed but has no data folder; "
+        raise PhantomAssetError(f"{data_dir}: torchxrayvision is installed but has no data folder; "
                            f"reinstall it with `{_INSTALL_HINT}`.")
     return data_dir
 
@@ -57,7 +64,7 @@ def torchxrayvision_data_dir() -> Path:
 def _data_file(name: str) -> Path:
     path = torchxrayvision_data_dir() / name
     if not path.is_file():
-        raise RuntimeError(f"{path}: missing from the torchxrayvision package; reinstall it with "
+        raise PhantomAssetError(f"{path}: missing from the torchxrayvision package; reinstall it with "
                            f"`{_INSTALL_HINT}`.")
     return path
 
@@ -122,13 +129,19 @@ def load_lung_mask_set(size: int) -> LungMaskLoad:
         raise ValueError(f"lung mask size must be at least 16 pixels, got {size}")
     masks, names = [], []
     unreadable = degenerate = 0
-    with zipfile.ZipFile(_data_file(LUNG_MASKS_FILE)) as archive:
+    path = _data_file(LUNG_MASKS_FILE)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as error:  # a truncated download or a damaged install
+        raise PhantomAssetError(f"{path}: not a readable zip file ({error}); reinstall it with "
+                                f"`{_INSTALL_HINT}`.") from None
+    with archive:
         for name in sorted(archive.namelist()):
             if name.endswith("/"):
                 continue
             try:
                 mask = _decode_mask(archive.read(name), size)
-            except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile):
+            except (UnidentifiedImageError, OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
                 unreadable += 1
                 continue
             if not _is_two_lungs(mask):
@@ -137,7 +150,7 @@ def load_lung_mask_set(size: int) -> LungMaskLoad:
             masks.append(_clean_lungs(mask))
             names.append(name)
     if not masks:
-        raise RuntimeError(f"{LUNG_MASKS_FILE}: no usable lung mask ({unreadable} unreadable, "
+        raise PhantomAssetError(f"{path}: no usable lung mask ({unreadable} unreadable, "
                            f"{degenerate} degenerate); reinstall torchxrayvision with `{_INSTALL_HINT}`.")
     stacked = np.stack(masks)
     stacked.setflags(write=False)  # shared through the cache: nobody may edit it in place
@@ -175,18 +188,25 @@ def finding_box_stats() -> dict[str, FindingBoxStats]:
     """The NIH expert boxes (8 findings), grouped by finding name as the metadata spells it."""
     path = _data_file(NIH_BOXES_FILE)
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
-    with gzip.open(path, "rt", newline="") as handle:
-        reader = csv.reader(handle)
-        next(reader)  # header: Image Index,Finding Label,Bbox [x,y,w,h],,,
-        for row_number, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                x, y, w, h = (float(value) for value in row[2:6])
-            except ValueError as error:
-                raise RuntimeError(f"{path}: row {row_number}: box {row[2:6]} is not four numbers") from error
-            label = _BOX_LABEL_ALIASES.get(row[1].strip(), row[1].strip())
-            boxes.setdefault(label, []).append((x, y, w, h))
+    try:
+        with gzip.open(path, "rt", newline="") as handle:
+            reader = csv.reader(handle)
+            next(reader)  # header: Image Index,Finding Label,Bbox [x,y,w,h],,,
+            for row_number, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                try:
+                    x, y, w, h = (float(value) for value in row[2:6])
+                except ValueError:
+                    raise PhantomAssetError(f"{path}: row {row_number}: box {row[2:6]} is not four numbers; "
+                                            f"reinstall it with `{_INSTALL_HINT}`.") from None
+                label = _BOX_LABEL_ALIASES.get(row[1].strip(), row[1].strip())
+                boxes.setdefault(label, []).append((x, y, w, h))
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error, StopIteration) as error:
+        # gzip.BadGzipFile is an OSError; a truncated file ends in EOFError; an empty one has no header
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise PhantomAssetError(f"{path}: not a readable gzip CSV ({reason}); reinstall it with "
+                                f"`{_INSTALL_HINT}`.") from None
     stats = {}
     for label, rows in sorted(boxes.items()):
         array = np.clip(np.asarray(rows, dtype=np.float64) / NIH_BOX_IMAGE_SIZE, 0.0, 1.0)

@@ -1,0 +1,81 @@
+"""The sha256 of every file of a saved model, written when it is saved and checked before it is loaded.
+
+A flipped block inside a safetensors file still loads (the header is intact) and quietly generates
+garbage; a hash is the only check that sees it. ``CXRDiffusionPipeline.save_pretrained`` writes
+``model_files.sha256.json`` into the model folder; ``load_pipeline`` refuses a folder whose files
+differ from it, or that has none (saved before models were hashed, or copied without it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import sha256_file, write_json
+
+MODEL_FILES = "model_files.sha256.json"
+
+_FIX = "re-fetch the whole folder (`dvc checkout` / `dvc pull`) or retrain it (`dvc repro`, stage train@<branch>)"
+
+
+class ModelFilesError(UserError, ValueError):
+    """A saved model's files are not the ones written when it was saved; the message names the file."""
+
+
+def write_model_files(folder: str | Path) -> Path:
+    """Record the size and sha256 of every file under ``folder`` (relative POSIX paths) in MODEL_FILES."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MODEL_FILES):
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return write_json(folder / MODEL_FILES, {"algorithm": "sha256", "files": files})
+
+
+def verify_model_files(folder: str | Path) -> None:
+    """Raise ModelFilesError unless every file recorded in MODEL_FILES is present with its recorded hash.
+
+    Files added later are not checked; the loader reads only the files that ``model_index.json`` and
+    the component configs name, and those are all recorded.
+    """
+    folder = Path(folder)
+    manifest = folder / MODEL_FILES
+    if not manifest.is_file():
+        raise ModelFilesError(
+            f"{folder}: no {MODEL_FILES} (the hashes of its files, written when a model is saved), so its "
+            f"weights cannot be checked; it was saved by an older version or copied without it: {_FIX}")
+    files = _recorded_files(manifest)
+    for name, record in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelFilesError(f"{path}: missing from the saved model ({MODEL_FILES} lists it): {_FIX}")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise ModelFilesError(f"{path}: {size} bytes, but {record['bytes']} were saved (truncated or "
+                                  f"replaced): {_FIX}")
+        digest = sha256_file(path)
+        if digest != record["sha256"]:
+            raise ModelFilesError(f"{path}: changed since the model was saved (sha256 {digest[:12]}, saved "
+                                  f"{record['sha256'][:12]}); the weights are corrupted or were edited: {_FIX}")
+
+
+def _recorded_files(manifest: Path) -> dict[str, dict]:
+    """The ``files`` table of MODEL_FILES, checked: plain relative paths inside the folder, sizes, hex digests."""
+    try:
+        payload = json.loads(manifest.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFilesError(f"{manifest}: not valid JSON ({error}): {_FIX}") from None
+    valid = isinstance(payload, dict) and payload.get("algorithm") == "sha256"
+    files = payload.get("files") if valid else None
+    if not isinstance(files, dict) or not files:
+        raise ModelFilesError(f"{manifest}: expected {{\"algorithm\": \"sha256\", \"files\": {{path: "
+                              f"{{\"bytes\", \"sha256\"}}}}}} listing the model's files: {_FIX}")
+    for name, record in files.items():
+        parts = PurePosixPath(name).parts
+        if PurePosixPath(name).is_absolute() or not parts or ".." in parts or "\\" in name:
+            raise ModelFilesError(f"{manifest}: lists {name!r}, which is not a path inside the model folder: {_FIX}")
+        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+                and isinstance(record.get("sha256"), str) and len(record["sha256"]) == 64):
+            raise ModelFilesError(f"{manifest}: the entry for {name!r} needs an integer 'bytes' and a 64-digit "
+                                  f"'sha256': {_FIX}")
+    return files

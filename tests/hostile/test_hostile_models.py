@@ -1,0 +1,318 @@
+"""Hostile models, weights and embeddings: each ends as one `error: <where>: <what>` line, exit code 2.
+
+A tiny elixr model is saved once per module by the train stage's own saver; each test corrupts a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cxr_diffusion.cli import app
+from cxr_diffusion.diffusion.condition import ConditionAdapter
+from cxr_diffusion.diffusion.model_files import MODEL_FILES, write_model_files
+from cxr_diffusion.diffusion.noise import training_scheduler
+from cxr_diffusion.diffusion.trainer import Denoiser, TrainPaths, save_pipeline
+from cxr_diffusion.diffusion.unet import build_unet
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.sampling.sample import SamplingError, check_generated, generate, load_pipeline
+
+from conftest import gradient_image
+from test_trainer import tiny_params
+
+runner = CliRunner()
+TOKENS, DIM = 4, 8
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    """An elixr model (untrained weights) saved by `save_pipeline`, exactly as the train stage saves one."""
+    params = tiny_params()
+    torch.manual_seed(0)
+    unet = build_unet(params.train.unet, params.image_size, params.channels, DIM)
+    model = Denoiser(unet, ConditionAdapter(tokens=TOKENS, dim=DIM, out_tokens=TOKENS, out_dim=DIM))
+    root = tmp_path_factory.mktemp("hostile-model")
+    paths = TrainPaths(prepared=root, store=root, clip=None, model_out=root / "model", checkpoints=root / "checkpoints",
+                       live=root / "live")
+    return save_pipeline(params, "elixr", model, training_scheduler(params.train), paths)
+
+
+@pytest.fixture
+def model(saved_model, tmp_path) -> Path:
+    """A copy of the saved model for one test to damage."""
+    return Path(shutil.copytree(saved_model, tmp_path / "model"))
+
+
+@pytest.fixture
+def embedding(tmp_path) -> Path:
+    path = tmp_path / "embedding.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(TOKENS, DIM)).astype(np.float32))
+    return path
+
+
+def generate_args(model: Path, embedding: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", str(model), "--embedding", str(embedding), "--num-images", "2", "--steps", "2",
+            "--out", str(out), "--device", "cpu", *extra]
+
+
+def refusal(result) -> str:
+    """The one `error:` line of a command that refused its input with exit code 2 (no traceback)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def edit_index(model: Path, **changes) -> None:
+    index = json.loads((model / "model_index.json").read_text())
+    index.update(changes)
+    (model / "model_index.json").write_text(json.dumps(index))
+
+
+# --- weights are checked against the hashes written when the model was saved ---------------------------------
+
+
+def test_a_saved_model_records_the_size_and_sha256_of_every_file(saved_model):
+    recorded = json.loads((saved_model / MODEL_FILES).read_text())["files"]
+    on_disk = {p.relative_to(saved_model).as_posix() for p in saved_model.rglob("*") if p.is_file()} - {MODEL_FILES}
+    assert set(recorded) == on_disk and UNET_WEIGHTS.as_posix() in recorded
+    assert recorded["model_index.json"]["bytes"] == (saved_model / "model_index.json").stat().st_size
+
+
+def test_generate_works_on_an_untouched_copy_of_the_saved_model(model, embedding, tmp_path):
+    result = runner.invoke(app, generate_args(model, embedding, tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert len(settings["files"]) == 2 and not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def flip_4_kb(path: Path) -> Path:
+    """Invert 4 KB in the middle of a file, in place (the size stays)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_generate_refuses_unet_weights_with_4_kb_flipped_since_saving(model, embedding, tmp_path):
+    weights = flip_4_kb(model / UNET_WEIGHTS)
+    load_file(weights)  # the header is intact: safetensors alone would load these weights
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert f"{weights}: changed since the model was saved" in line and "retrain it (`dvc repro`" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_refuses_a_truncated_weights_file_naming_its_sizes(model, embedding, tmp_path):
+    weights = model / UNET_WEIGHTS
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert f"{weights}: {size // 2} bytes, but {size} were saved (truncated or replaced)" in line
+
+
+def test_generate_refuses_a_model_folder_without_its_hashes(model, embedding, tmp_path):
+    (model / MODEL_FILES).unlink()
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert f"{model}: no {MODEL_FILES}" in line and "weights cannot be checked" in line
+
+
+def test_generate_refuses_a_model_missing_a_recorded_file(model, embedding, tmp_path):
+    (model / "scheduler" / "scheduler_config.json").unlink()
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert f"{model / 'scheduler' / 'scheduler_config.json'}: missing from the saved model" in line
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{\"files\": ", "not valid JSON"),
+    (json.dumps({"algorithm": "md5", "files": {"model_index.json": {"bytes": 1, "sha256": "0" * 64}}}),
+     "expected {\"algorithm\": \"sha256\""),
+    (json.dumps({"algorithm": "sha256", "files": {"../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}}),
+     "lists '../../etc/passwd', which is not a path inside the model folder"),
+])
+def test_a_broken_hash_manifest_is_refused_naming_it(model, embedding, tmp_path, content, fragment):
+    (model / MODEL_FILES).write_text(content)
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert f"{model / MODEL_FILES}: " in line and fragment in line
+
+
+def test_the_sample_stage_loader_refuses_changed_weights_as_a_user_error(model):
+    flip_4_kb(model / UNET_WEIGHTS)
+    with pytest.raises(UserError, match="changed since the model was saved"):
+        load_pipeline(model, "dpm++")
+
+
+# --- non-finite or saturated generations are refused --------------------------------------------------------
+
+
+def test_generate_refuses_an_embedding_too_large_for_half_precision(model, tmp_path):
+    np.save(tmp_path / "huge.npy", np.full((TOKENS, DIM), 1e30, dtype=np.float32))
+    line = refusal(runner.invoke(app, generate_args(model, tmp_path / "huge.npy", tmp_path / "out")))
+    assert f"--embedding {tmp_path / 'huge.npy'}: embedding has values up to 1e+30" in line
+    assert "overflow the model's half precision" in line and not (tmp_path / "out").exists()
+
+
+def test_generate_bounds_the_guidance_scale(model, embedding, tmp_path):
+    result = runner.invoke(app, generate_args(model, embedding, tmp_path / "out", "--guidance-scale", "1e30"))
+    words = " ".join(result.output.replace("│", " ").split())  # typer's error box wraps the line
+    assert result.exit_code == 2 and "Invalid value for '--guidance-scale'" in words
+    assert "less than or equal to 30" in words and not (tmp_path / "out").exists()
+
+
+def blown_up(model: Path) -> Path:
+    """A model that was saved (hashes match) with output weights scaled far out: its samples collapse."""
+    weights = model / UNET_WEIGHTS
+    tensors = load_file(weights)
+    save_file({n: t * 1e6 if n.startswith("conv_out") else t for n, t in tensors.items()}, weights)
+    write_model_files(model)
+    return model
+
+
+def test_generate_refuses_collapsed_generations_naming_the_count_and_causes(model, embedding, tmp_path):
+    line = refusal(runner.invoke(app, generate_args(blown_up(model), embedding, tmp_path / "out")))
+    assert f"{model}: 2 of 2 generated images are unusable" in line and "with --guidance-scale 3" in line
+    assert "a guidance scale too high" in line and "corrupted model weights" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_sample_stage_refuses_collapsed_generations(model):
+    pipeline = load_pipeline(blown_up(model), "dpm++")
+    params = tiny_params(sample={"steps": 2, "batch_size": 3})
+    expected = rf"^{re.escape(str(model))}: 3 of 3 generated images are unusable .*sample.guidance_scale"
+    with pytest.raises(SamplingError, match=expected):
+        generate(pipeline, torch.randn(3, TOKENS, DIM), params, seed=0)
+
+
+def test_nan_and_saturated_images_are_counted_apart():
+    images = torch.full((4, 3, 16, 16), 0.5)
+    images[0, :, 0, 0] = float("nan")  # one NaN pixel is enough
+    images[1] = 0.0  # black
+    images[2] = (torch.rand(3, 16, 16) > 0.5).float()  # clamped to both ends
+    expected = (r"models/elixr: 3 of 4 generated images are unusable \(1 with NaN/infinite values, "
+                r"2 saturated: >= 95% of pixels black or white\)")
+    with pytest.raises(SamplingError, match=expected):
+        check_generated(images, "models/elixr", "guidance scale 3")
+
+
+def test_a_chest_xray_with_wide_black_borders_is_not_saturated():
+    pixels = gradient_image((64, 64)).astype(np.float32) / 255
+    pixels[:, :24] = 0.0  # collimation: over a third of the image black
+    pixels[:4] = 1.0  # a burnt-in white label
+    check_generated(torch.from_numpy(pixels)[None, None].repeat(2, 3, 1, 1), "models/elixr", "guidance scale 3")
+
+
+# --- files that used to end in tracebacks -------------------------------------------------------------------
+
+
+def truncated_safetensors(path: Path) -> Path:
+    save_numpy({"embedding": np.zeros((TOKENS, DIM), dtype=np.float32)}, str(path))
+    path.write_bytes(path.read_bytes()[:-40])
+    return path
+
+
+def test_convert_weights_refuses_a_truncated_safetensors_file(tmp_path):
+    source = truncated_safetensors(tmp_path / "inception.safetensors")
+    line = refusal(runner.invoke(app, ["convert-weights", str(source), str(tmp_path / "out.safetensors"),
+                                       "--flavour", "fid"]))
+    assert f"{source}: not a readable safetensors file" in line and "download it again" in line
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_generate_refuses_a_truncated_safetensors_embedding(model, tmp_path):
+    source = truncated_safetensors(tmp_path / "embedding.safetensors")
+    line = refusal(runner.invoke(app, generate_args(model, source, tmp_path / "out")))
+    assert f"--embedding {source}: not a readable safetensors file" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bad header", "npz archive", "strings"])
+def test_generate_refuses_a_broken_npy_embedding(model, tmp_path, damage):
+    path = tmp_path / "embedding.npy"
+    np.save(path, np.zeros((TOKENS, DIM), dtype=np.float32))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-20])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "bad header":
+        path.write_bytes(b"\x93NUMPY\x01\x00garbage")
+    elif damage == "npz archive":
+        np.savez(tmp_path / "archive.npz", embedding=np.zeros((TOKENS, DIM)))
+        (tmp_path / "archive.npz").replace(path)
+    else:
+        np.save(path, np.array([["a"] * DIM] * TOKENS))
+    line = refusal(runner.invoke(app, generate_args(model, path, tmp_path / "out")))
+    assert f"--embedding {path}: not a plain numeric .npy array" in line
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"written": 3', "not valid JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('{"written": 3}', "'image_size' should be a JSON integer, got nothing"),
+    (json.dumps({"written": 3, "image_size": 16, "classes": [], "per_split": [], "rejected": 0,
+                 "rejected_by_reason": {}, "shards": []}), "'per_split' should be a JSON object, got []"),
+])
+def test_inspect_refuses_a_broken_data_manifest_naming_it(tmp_path, content, fragment):
+    (tmp_path / "manifest.json").write_text(content)
+    line = refusal(runner.invoke(app, ["inspect", str(tmp_path)]))
+    assert f"{tmp_path / 'manifest.json'}: {fragment}" in line
+
+
+@pytest.mark.parametrize("file, content, fragment", [
+    ("model_index.json", "{", "not valid JSON"),
+    ("unet/config.json", '{"sample_size"', "not valid JSON"),
+    ("unet/config.json", '{"sample_size": 16}', "'in_channels' should be a JSON integer, got nothing"),
+    ("condition_adapter/config.json", None, "missing"),
+])
+def test_inspect_refuses_a_broken_model_config_naming_it(model, file, content, fragment):
+    if content is None:
+        (model / file).unlink()
+    else:
+        (model / file).write_text(content)
+    line = refusal(runner.invoke(app, ["inspect", str(model)]))
+    assert f"{model / file}: {fragment}" in line
+
+
+# --- unsafe or broken model folders (hashes rewritten to match, as a hand-made folder would be) ----------------
+
+
+def pickle_only_unet(model: Path) -> None:
+    weights = model / UNET_WEIGHTS
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+
+
+@pytest.mark.parametrize("damage, where, fragment", [
+    (lambda m: (m / "model_index.json").write_text("[1]"), "model_index.json", "expected a JSON object, got list"),
+    (lambda m: edit_index(m, _class_name="StableDiffusionPipeline"), "model_index.json",
+     "a 'StableDiffusionPipeline' pipeline, not a CXRDiffusionPipeline"),
+    (lambda m: edit_index(m, unet=["os", "system"]), "model_index.json",
+     "component 'unet' is ['os', 'system']; expected ['diffusers', 'UNet2DConditionModel']"),
+    (lambda m: edit_index(m, unet="x"), "model_index.json", "component 'unet' is 'x'"),
+    (lambda m: edit_index(m, safety_checker=["evil_lib", "Checker"]), "model_index.json",
+     "names a component 'safety_checker' that a elixr model does not have"),
+    (lambda m: edit_index(m, branch="foo"), "model_index.json", "branch 'foo' is not one of clip_text, clip_vision"),
+    (lambda m: edit_index(m, branch="clip_text"), "model_index.json",
+     "a clip_text model needs the component 'tokenizer'"),
+    (lambda m: shutil.rmtree(m / "unet"), "unet", "missing (model_index.json names the component 'unet')"),
+    (pickle_only_unet, "unet", "weights only as pickle (diffusion_pytorch_model.bin); this loader reads"),
+    (lambda m: (m / "unet" / "config.json").write_text('{"sample_size"'), "",
+     "not a loadable saved model (It looks like the config file at"),
+    (lambda m: (m / "condition_adapter" / "config.json").write_text(json.dumps(
+        {**json.loads((m / "condition_adapter" / "config.json").read_text()), "dim": DIM + 1})), "",
+     "not a loadable saved model (Cannot load"),
+])
+def test_an_unsafe_or_broken_model_folder_is_refused_in_one_line(model, embedding, tmp_path, damage, where, fragment):
+    damage(model)
+    write_model_files(model)  # past the hash check: what diffusers itself would be handed
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert line.startswith(f"error: {model / where if where else model}: ") and fragment in line

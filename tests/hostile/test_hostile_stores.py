@@ -1,0 +1,584 @@
+"""Hostile stores and files: corrupt, truncated, empty or unwritable inputs end in one line naming the file.
+
+Every case here used to end in a numpy, pandas, zipfile or KeyError traceback, or silently read the
+wrong bytes. Each test builds its tiny input, breaks one thing, and checks the message says where
+and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError
+from cxr_diffusion.config import ClipConfig, ElixrConfig
+from cxr_diffusion.data.nih import DataError
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import atomic_directory, atomic_path, write_json
+from cxr_diffusion.stage import run_stage
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "profiles" / "tiny.yaml"
+
+
+def write_store(path: Path, rows: int = 3, tokens: int = 2, dim: int = 4) -> Path:
+    data = np.arange(rows * tokens * dim, dtype=np.float32).reshape(rows, tokens, dim)
+    with ConditionStoreWriter(path, rows, tokens, dim) as store:
+        store.write(0, data)
+        store.finish([f"{i:08d}_000.png" for i in range(rows)], np.arange(rows), {"branch": "test"})
+    return path
+
+
+def edit_index(store: Path, rows: list[object], names: list[str] | None = None) -> None:
+    names = names if names is not None else [f"{i:08d}_000.png" for i in range(len(rows))]
+    pd.DataFrame({"Image Index": names, "row": rows}).to_csv(store / "index.csv", index=False)
+
+
+def edit_meta(store: Path, **changes: object) -> None:
+    meta = json.loads((store / "store.json").read_text())
+    meta.update(changes)
+    (store / "store.json").write_text(json.dumps(meta))
+
+
+def empty_manifest(prepared: Path) -> Path:
+    prepared.mkdir(parents=True)
+    (prepared / "manifest.json").write_text(json.dumps({"shards": [], "written": 0, "classes": ["No Finding"],
+                                                        "image_size": 16}))
+    return prepared
+
+
+# ----------------------------------------------------------------------------- index.csv
+
+
+def test_store_index_row_of_minus_one_is_refused_naming_the_row(tmp_path):
+    store = write_store(tmp_path / "s")
+    edit_index(store, [0, -1, 2])
+    with pytest.raises(StoreError, match=r"index.csv: line 3 \(00000001_000.png\): row -1 is outside "
+                                         r"the 3 rows of embeddings.npy"):
+        ConditionStore(store)
+
+
+def test_store_index_row_past_the_last_embedding_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    edit_index(store, [0, 1, 3])
+    with pytest.raises(StoreError, match=r"line 4 \(00000002_000.png\): row 3 is outside the 3 rows"):
+        ConditionStore(store)
+
+
+@pytest.mark.parametrize("bad", ["1.5", "one", ""])
+def test_store_index_row_that_is_not_an_integer_is_refused(tmp_path, bad):
+    store = write_store(tmp_path / "s")
+    edit_index(store, ["0", bad, "2"])
+    with pytest.raises(StoreError, match=r"index.csv: line 3 \(00000001_000.png\): row '.*' is not a whole number"):
+        ConditionStore(store)
+
+
+def test_store_index_listing_an_image_twice_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    edit_index(store, [0, 1, 2], names=["a.png", "b.png", "a.png"])
+    with pytest.raises(StoreError, match=r"index.csv: 'a.png' is on lines 2 and 4"):
+        ConditionStore(store)
+
+
+def test_store_index_rows_shared_by_several_images_are_allowed(tmp_path):
+    store = write_store(tmp_path / "s")
+    edit_index(store, [1, 1, 1])
+    assert ConditionStore(store).row_of == {f"{i:08d}_000.png": 1 for i in range(3)}
+
+
+def test_store_index_without_its_columns_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    pd.DataFrame({"name": ["a.png"], "row": [0]}).to_csv(store / "index.csv", index=False)
+    with pytest.raises(StoreError, match=r"index.csv: expected columns \['Image Index', 'row'\], found \['name', 'row'\]"):
+        ConditionStore(store)
+
+
+def test_store_index_that_is_not_csv_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    (store / "index.csv").write_bytes(b"\xff\xfe\x00garbage\x00")
+    with pytest.raises(StoreError, match=r"index.csv: not a readable CSV file .*; rerun its embed stage"):
+        ConditionStore(store)
+
+
+def test_store_index_that_disagrees_with_store_json_image_count_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    edit_index(store, [0, 1])  # a truncated index.csv: one image lost
+    with pytest.raises(StoreError, match=r"index.csv lists 2 images but store.json records 3; rerun its embed stage"):
+        ConditionStore(store)
+
+
+def test_empty_store_is_refused(tmp_path):
+    with ConditionStoreWriter(tmp_path / "s", 0, 2, 4) as writer:
+        writer.finish([], [], {"branch": "test"})
+    with pytest.raises(StoreError, match=r"holds no images; .*rerun its embed stage"):
+        ConditionStore(tmp_path / "s")
+
+
+# ----------------------------------------------------------------------------- store.json
+
+
+def test_store_json_that_is_not_json_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    (store / "store.json").write_text("{not json")
+    with pytest.raises(StoreError, match=r"store.json: not a readable JSON object .*; rerun its embed stage"):
+        ConditionStore(store)
+
+
+def test_store_json_that_is_not_an_object_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    (store / "store.json").write_text("[1, 2]")
+    with pytest.raises(StoreError, match=r"store.json: not a readable JSON object"):
+        ConditionStore(store)
+
+
+def test_store_json_without_shape_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    meta = json.loads((store / "store.json").read_text())
+    del meta["shape"]
+    (store / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"store.json: missing key\(s\) \['shape'\]"):
+        ConditionStore(store)
+
+
+def test_store_json_shape_that_disagrees_with_the_embeddings_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    edit_meta(store, shape=[3, 2, 5])
+    with pytest.raises(StoreError, match=r"store.json records shape \[3, 2, 5\] and dtype float16 but "
+                                         r"embeddings.npy holds \[3, 2, 4\] float16"):
+        ConditionStore(store)
+
+
+def test_store_json_dtype_that_disagrees_with_the_embeddings_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    edit_meta(store, dtype="int8")
+    with pytest.raises(StoreError, match=r"store.json records shape \[3, 2, 4\] and dtype int8"):
+        ConditionStore(store)
+
+
+# ----------------------------------------------------------------------------- embeddings.npy, mask.npy
+
+
+def test_store_embeddings_truncated_inside_the_header_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    (store / "embeddings.npy").write_bytes((store / "embeddings.npy").read_bytes()[:20])
+    with pytest.raises(StoreError, match=r"embeddings.npy: not a readable .npy file .*; rerun its embed stage"):
+        ConditionStore(store)
+
+
+def test_store_embeddings_that_are_not_npy_are_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    (store / "embeddings.npy").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"embeddings.npy: not a readable .npy file"):
+        ConditionStore(store)
+
+
+def test_store_mask_truncated_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    (store / "mask.npy").write_bytes((store / "mask.npy").read_bytes()[:-3])
+    with pytest.raises(StoreError, match=r"mask.npy: not a readable .npy file .*; rerun its embed stage"):
+        ConditionStore(store)
+
+
+def test_store_mask_that_is_not_boolean_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    np.save(store / "mask.npy", np.ones((3, 2), dtype=np.float32))
+    with pytest.raises(StoreError, match=r"mask.npy: holds float32, expected bool"):
+        ConditionStore(store)
+
+
+def test_store_mask_of_objects_is_refused_without_unpickling(tmp_path):
+    store = write_store(tmp_path / "s")
+    np.save(store / "mask.npy", np.array([[None, None]] * 3, dtype=object), allow_pickle=True)
+    with pytest.raises(StoreError, match=r"mask.npy: not a readable .npy file"):
+        ConditionStore(store)
+
+
+# ----------------------------------------------------------------------------- lung masks
+
+
+@pytest.fixture
+def xrv_data(tmp_path, monkeypatch):
+    """A stand-in torchxrayvision data folder; the mask loader's cache is cleared around the test."""
+    from cxr_diffusion.data.phantom import assets
+
+    monkeypatch.setattr(assets, "torchxrayvision_data_dir", lambda: tmp_path)
+    assets.load_lung_mask_set.cache_clear()
+    assets.finding_box_stats.cache_clear()
+    yield tmp_path
+    assets.load_lung_mask_set.cache_clear()
+    assets.finding_box_stats.cache_clear()
+
+
+def test_truncated_lung_mask_zip_says_to_reinstall_torchxrayvision(xrv_data):
+    from cxr_diffusion.data.phantom.assets import LUNG_MASKS_FILE, load_lung_masks
+
+    with zipfile.ZipFile(xrv_data / LUNG_MASKS_FILE, "w") as archive:
+        archive.writestr("a.png", b"\x89PNG" + bytes(200))
+    data = (xrv_data / LUNG_MASKS_FILE).read_bytes()
+    (xrv_data / LUNG_MASKS_FILE).write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match=r"semantic_masks_v7labs_lungs.zip: not a readable zip file .*"
+                                        r"reinstall it with `pip install --no-deps torchxrayvision`"):
+        load_lung_masks(32)
+
+
+def test_lung_mask_zip_of_unreadable_images_is_a_user_error(xrv_data):
+    from cxr_diffusion.data.phantom.assets import LUNG_MASKS_FILE, load_lung_masks
+
+    with zipfile.ZipFile(xrv_data / LUNG_MASKS_FILE, "w") as archive:
+        archive.writestr("a.png", b"not an image")
+    with pytest.raises(UserError, match=r"no usable lung mask \(1 unreadable, 0 degenerate\); reinstall"):
+        load_lung_masks(32)
+
+
+def test_truncated_finding_box_file_says_to_reinstall_torchxrayvision(xrv_data):
+    import gzip
+
+    from cxr_diffusion.data.phantom.assets import NIH_BOXES_FILE, finding_box_stats
+
+    data = gzip.compress(("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                          + "00000001_000.png,Mass,1,2,3,4\n" * 200).encode())
+    (xrv_data / NIH_BOXES_FILE).write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match=r"BBox_List_2017.csv.gz: not a readable gzip CSV .*reinstall it with"):
+        finding_box_stats()
+
+
+def test_missing_torchxrayvision_data_file_is_a_user_error(xrv_data):
+    from cxr_diffusion.data.phantom.assets import nih_metadata_csv
+
+    with pytest.raises(UserError, match=r"Data_Entry_2017_v2020.csv.gz: missing from the torchxrayvision package"):
+        nih_metadata_csv()
+
+
+# ----------------------------------------------------------------------------- zero images
+
+
+def test_train_clip_on_zero_prepared_images_says_so(tmp_path):
+    from cxr_diffusion.conditioning.demo_clip import train_demo_clip
+
+    prepared = empty_manifest(tmp_path / "prepared")
+    with pytest.raises(DataError, match=r"manifest.json: the train split has no images; nothing to train the "
+                                        r"in-pipeline CLIP on"):
+        train_demo_clip(prepared, ClipConfig(), ["No Finding"], {"No Finding": ("No Finding",)}, 0, tmp_path / "clip")
+    assert not (tmp_path / "clip").exists()
+
+
+def test_embed_clip_text_on_an_empty_filtered_table_says_so(tmp_path):
+    from cxr_diffusion.conditioning.embed import embed_clip_text
+
+    pd.DataFrame({"Image Index": [], "Finding Labels": []}).to_csv(tmp_path / "filtered.csv", index=False)
+    with pytest.raises(DataError, match=r"filtered.csv: no images \(0 rows\); nothing to embed"):
+        embed_clip_text(tmp_path / "filtered.csv", ClipConfig(), tmp_path / "clip", tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_embed_clip_text_on_a_table_without_finding_labels_says_so(tmp_path):
+    from cxr_diffusion.conditioning.embed import embed_clip_text
+
+    pd.DataFrame({"Image Index": ["a.png"]}).to_csv(tmp_path / "filtered.csv", index=False)
+    with pytest.raises(DataError, match=r"filtered.csv: no 'Finding Labels' column \(found \['Image Index'\]\)"):
+        embed_clip_text(tmp_path / "filtered.csv", ClipConfig(), tmp_path / "clip", tmp_path / "store")
+
+
+def test_embed_clip_text_with_an_empty_finding_labels_cell_names_the_line(tmp_path):
+    from cxr_diffusion.conditioning.embed import embed_clip_text
+
+    pd.DataFrame({"Image Index": ["a.png", "b.png"], "Finding Labels": ["Effusion", ""]}).to_csv(
+        tmp_path / "filtered.csv", index=False)
+    with pytest.raises(DataError, match=r"filtered.csv: line 3: empty Finding Labels '': cannot build a prompt; "
+                                        r"rerun the filter stage"):
+        embed_clip_text(tmp_path / "filtered.csv", ClipConfig(), tmp_path / "clip", tmp_path / "store")
+
+
+def test_train_clip_with_no_val_images_trains_and_reports_null_scores(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from cxr_diffusion.conditioning.demo_clip import train_demo_clip
+    from cxr_diffusion.config import DemoClipConfig
+
+    def png(seed: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16), dtype=np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    labels = ["No Finding", "Effusion"] * 2
+    pq.write_table(pa.table({"image": [{"bytes": png(i), "path": None} for i in range(4)],
+                             "image_index": [f"{i:08d}_000.png" for i in range(4)], "finding_labels": labels,
+                             "labels": [[float(l == "No Finding"), float(l == "Effusion")] for l in labels]}),
+                   prepared / "train.parquet")
+    (prepared / "manifest.json").write_text(json.dumps({"shards": [{"split": "train", "file": "train.parquet"}],
+                                                        "written": 4}))
+    demo = DemoClipConfig(image_size=16, patch_size=4, width=16, layers=1, heads=2, projection_dim=8, max_length=16,
+                          epochs=1, batch_size=4)
+    metrics = train_demo_clip(prepared, ClipConfig(demo=demo), ["No Finding", "Effusion"],
+                              {"No Finding": ("No Finding",), "Effusion": ("Effusion",)}, 0, tmp_path / "clip")
+    assert metrics["val_images"] == 0 and metrics["recall@1"] is None and metrics["zero_shot_macro_auroc"] is None
+    assert metrics["train_images"] == 4 and (tmp_path / "clip" / "config.json").is_file()
+
+
+def test_embed_clip_vision_on_zero_prepared_images_says_so(tmp_path):
+    from cxr_diffusion.conditioning.embed import embed_clip_vision
+
+    prepared = empty_manifest(tmp_path / "prepared")
+    with pytest.raises(DataError, match=r"manifest.json: no prepared images \(written: 0\); nothing to embed"):
+        embed_clip_vision(prepared, ClipConfig(), tmp_path / "clip", tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+# ----------------------------------------------------------------------------- file modes
+
+
+@pytest.fixture
+def umask():
+    """Set a known umask for the test and restore the caller's afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+
+    def set_umask(value: int) -> None:
+        os.umask(value)
+
+    yield set_umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_file_gets_the_mode_of_a_plain_write(tmp_path, umask, mask, mode):
+    umask(mask)
+    write_json(tmp_path / "manifest.json", {"a": 1})
+    assert stat.S_IMODE((tmp_path / "manifest.json").stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o755), (0o002, 0o775)])
+def test_atomic_directory_gets_the_mode_of_a_plain_mkdir(tmp_path, umask, mask, mode):
+    umask(mask)
+    with atomic_directory(tmp_path / "clip") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert stat.S_IMODE((tmp_path / "clip").stat().st_mode) == mode
+
+
+def test_atomic_path_leaves_no_temporary_file_when_the_block_fails(tmp_path):
+    with pytest.raises(KeyError), atomic_path(tmp_path / "x.json") as tmp:
+        tmp.write_text("half")
+        raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- run_stage
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    return err
+
+
+def test_full_disk_during_a_stage_write_is_one_line_and_keeps_the_old_output(tmp_path, capsys, monkeypatch):
+    from cxr_diffusion.conditioning.demo_clip import train_demo_clip
+
+    params = tmp_path / "params.yaml"
+    text = TINY.read_text()
+    assert "  model: demo " in text
+    params.write_text(text.replace("  model: demo ", "  model: someone/pretrained-clip ", 1))
+    out, metrics = tmp_path / "models" / "clip", tmp_path / "metrics" / "clip.json"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("old model")
+    metrics.parent.mkdir()
+    metrics.write_text("old metrics")
+
+    def full_disk(self: Path, data: str, *args, **kwargs) -> int:
+        with open(self, "w") as handle:
+            handle.write(data[:len(data) // 2])  # the disk fills halfway through
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+
+    def body(p):
+        train_demo_clip(tmp_path / "prepared", p.clip, list(p.filter.classes), p.filter.class_members(), p.seed,
+                        out, metrics)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("train_clip", params, body)
+    assert exit_info.value.code == 2
+    err = one_line(capsys)
+    assert err.startswith("stage train_clip failed: no space left on the device writing ")
+    assert "free some space and rerun" in err
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == "old model" and sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert metrics.read_text() == "old metrics"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["clip"]  # no temporary left behind
+    assert sorted(p.name for p in metrics.parent.iterdir()) == ["clip.json"]
+
+
+def test_full_disk_writing_a_new_file_leaves_no_file(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "metrics" / "new.json"
+
+    def full_disk(self: Path, data: str, *args, **kwargs) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("evaluate", TINY, lambda p: write_json(target, {"fid": 1.0}))
+    monkeypatch.undo()
+    assert exit_info.value.code == 2
+    assert "no space left on the device" in one_line(capsys)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_full_disk_while_writing_a_condition_store_leaves_no_store(tmp_path, capsys, monkeypatch):
+    def full_disk(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("embed_clip_text", TINY, lambda p: write_store(tmp_path / "store"))
+    monkeypatch.undo()
+    assert exit_info.value.code == 2
+    assert one_line(capsys) == ("stage embed_clip_text failed: no space left on the device; free some space and rerun "
+                                "(the partial output was discarded, nothing half-written is kept)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_input_in_a_stage_is_one_line_saying_permission_denied_on_it(tmp_path, capsys):
+    def body(p):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "filtered.csv"))
+
+    with pytest.raises(SystemExit):
+        run_stage("embed_clip_text", TINY, body)
+    assert one_line(capsys) == (f"stage embed_clip_text failed: permission denied on {tmp_path / 'filtered.csv'}: "
+                                f"Permission denied; check the permissions of that file or folder and rerun\n")
+
+
+def test_user_error_in_a_stage_is_one_line_exit_2(capsys):
+    def body(p):
+        raise StoreError("data/embeddings/clip_text: not a condition store (index.csv missing); rerun its embed stage")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("train", TINY, body)
+    assert exit_info.value.code == 2
+    assert one_line(capsys) == ("stage train failed: data/embeddings/clip_text: not a condition store "
+                                "(index.csv missing); rerun its embed stage\n")
+
+
+def test_user_error_quoting_a_multi_line_library_message_is_still_one_line(capsys):
+    def body(p):
+        raise StoreError("x.h5: not a readable HDF5 file (Unable to open file\n  truncated file: eof = 96)")
+
+    with pytest.raises(SystemExit):
+        run_stage("embed_elixr", TINY, body)
+    assert one_line(capsys) == ("stage embed_elixr failed: x.h5: not a readable HDF5 file (Unable to open file "
+                                "truncated file: eof = 96)\n")
+
+
+def test_missing_input_file_in_a_stage_is_one_line_naming_it(tmp_path, capsys):
+    def body(p):
+        open(tmp_path / "filtered.csv").close()
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("embed_clip_text", TINY, body)
+    assert exit_info.value.code == 2
+    assert one_line(capsys) == (f"stage embed_clip_text failed: {tmp_path / 'filtered.csv'}: no such file; "
+                                f"run the stages before this one (dvc repro)\n")
+
+
+def test_missing_file_error_without_a_file_name_keeps_its_own_message(tmp_path, capsys):
+    from cxr_diffusion.data.shards import read_manifest
+
+    with pytest.raises(SystemExit):
+        run_stage("train_clip", TINY, lambda p: read_manifest(tmp_path))
+    assert one_line(capsys) == (f"stage train_clip failed: {tmp_path / 'manifest.json'} not found: "
+                                f"run `dvc repro prepare` first\n")
+
+
+def test_a_bug_in_a_stage_keeps_its_traceback():
+    def body(p):
+        return {}["Finding Labels"]
+
+    with pytest.raises(KeyError, match="Finding Labels"):
+        run_stage("train_clip", TINY, body)
+
+
+def test_an_os_error_a_user_cannot_fix_keeps_its_traceback():
+    def body(p):
+        raise OSError(errno.EIO, "Input/output error", "disk")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        run_stage("train", TINY, body)
+
+
+# ----------------------------------------------------------------------------- ELIXR files
+
+
+def elixr_inputs(tmp_path: Path, names: list[str]) -> tuple[Path, ElixrConfig]:
+    pd.DataFrame({"Image Index": names, "Finding Labels": "No Finding"}).to_csv(tmp_path / "filtered.csv", index=False)
+    (tmp_path / "elixr").mkdir()
+    return tmp_path / "filtered.csv", ElixrConfig(path=str(tmp_path / "elixr"), shape=(2, 4))
+
+
+def test_elixr_hdf5_shard_with_a_broken_object_header_names_the_file(tmp_path):
+    from cxr_diffusion.conditioning.elixr import build_elixr_store, write_elixr_hdf5_shard
+
+    filtered, config = elixr_inputs(tmp_path, ["00000001_000.png"])
+    shard = write_elixr_hdf5_shard(tmp_path / "elixr" / "a.h5", ["00000001_000"], np.ones((1, 2, 4), np.float32))
+    data = shard.read_bytes()
+    assert data.count(b"SNOD") == 1  # the group's symbol table node
+    shard.write_bytes(data.replace(b"SNOD", b"XXXX"))
+    with pytest.raises(DataError, match=r"a.h5: damaged HDF5 file \(.*signature.*\); download it again"):
+        build_elixr_store(filtered, config, tmp_path / "store", tmp_path / "rejects.csv", None, "elixr")
+    assert not (tmp_path / "store").exists()
+
+
+def test_elixr_parquet_with_a_broken_page_past_the_first_row_group_names_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxr_diffusion.conditioning.elixr import build_elixr_store
+
+    names = [f"{i:08d}_000.png" for i in range(4)]
+    filtered, config = elixr_inputs(tmp_path, names)
+    path = tmp_path / "elixr" / "a.parquet"
+    pq.write_table(pa.table({"Image Index": names, "embedding": [[float(i)] * 8 for i in range(4)]}), path,
+                   row_group_size=2)
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(1).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 32] = b"\xff" * 32  # the page header of the second row group's embeddings
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"a.parquet: damaged Parquet file \(.*\); download it again"):
+        build_elixr_store(filtered, config, tmp_path / "store", tmp_path / "rejects.csv", None, "elixr")
+    assert not (tmp_path / "store").exists()
+
+
+def test_elixr_on_an_empty_filtered_table_says_so(tmp_path):
+    from cxr_diffusion.conditioning.elixr import build_elixr_store
+
+    filtered, config = elixr_inputs(tmp_path, [])
+    with pytest.raises(DataError, match=r"filtered.csv: no images \(0 rows\); nothing to embed"):
+        build_elixr_store(filtered, config, tmp_path / "store", tmp_path / "rejects.csv", None, "elixr")
+
+
+# ----------------------------------------------------------------------------- saved CLIP
+
+
+def test_truncated_clip_weights_say_how_to_rebuild_them(tmp_path, tiny_clip_dir):
+    import shutil
+
+    from cxr_diffusion.conditioning.clip import load_vision_encoder
+
+    clip = shutil.copytree(tiny_clip_dir, tmp_path / "clip")
+    weights = clip / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"could not be loaded as a saved CLIP \(Error while deserializing header.*"
+                                        r"rebuilt by `dvc repro -f train_clip`"):
+        load_vision_encoder(str(clip))
