@@ -1,11 +1,11 @@
 # Set-up and the two everyday commands. `make run`: the embedded default end to end.
-# `make test`: the test suite, then the nih-512 rehearsal (benchmarks/rehearsal.py, ~25 min on 2 cores);
-# `make unit` runs the test suite alone. All create .venv and install everything on first use.
+# `make test`: the linter, the test suite, then the nih-512 rehearsal (benchmarks/rehearsal.py, ~25 min on
+# 2 cores); `make lint` and `make unit` run the linter and the test suite alone. All create .venv and install everything on first use.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install run test unit rehearsal benchmarks
+.PHONY: install run test lint unit rehearsal benchmarks
 install: $(VENV)/.installed
 
 # torch==2.13.0 is the CPU build (the plain name would pull a multi-GB CUDA build);
@@ -21,7 +21,10 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
-test: unit rehearsal
+test: lint unit rehearsal
+
+lint: install
+	$(BIN)/ruff check src stages tests benchmarks
 
 unit: install
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest

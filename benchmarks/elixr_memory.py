@@ -26,11 +26,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import PeakSampler, PeakTreeRss, anon_rss_bytes, markdown_table  # noqa: E402
+from _measure import PeakSampler, PeakTreeRss, anon_rss_bytes, markdown_table
 
-from cxr_diffusion.conditioning.elixr import build_elixr_store, write_elixr_hdf5_shard  # noqa: E402
-from cxr_diffusion.conditioning.store import ConditionStore  # noqa: E402
-from cxr_diffusion.config import ElixrConfig  # noqa: E402
+from cxr_diffusion.conditioning.elixr import build_elixr_store
+from cxr_diffusion.conditioning.elixr_files import write_elixr_hdf5_shard
+from cxr_diffusion.conditioning.store import ConditionStore
+from cxr_diffusion.config import ElixrConfig
 
 FULL_ROWS = 48_311          # images in NIH ChestX-ray14 with published ELIXR-B embeddings
 ELIXR_SHAPE = (32, 768)     # ELIXR-B tokens x dim

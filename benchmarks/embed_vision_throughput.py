@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import markdown_table  # noqa: E402
+from _measure import markdown_table
 
-from cxr_diffusion.config import ClipConfig  # noqa: E402
-from cxr_diffusion.conditioning.clip import load_vision_encoder  # noqa: E402
-from cxr_diffusion.conditioning.embed import embed_clip_vision, iter_prepared_images  # noqa: E402
+from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.conditioning.clip import load_vision_encoder
+from cxr_diffusion.conditioning.embed import embed_clip_vision, iter_prepared_images
 
 
 def main() -> None:

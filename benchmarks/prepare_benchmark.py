@@ -22,14 +22,14 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import PeakTreeRss, markdown_table  # noqa: E402
+from _measure import PeakTreeRss, markdown_table
 
-from cxr_diffusion.config import params_from_dict  # noqa: E402
-from cxr_diffusion.data.decode import DecodeBudget, encode_png, preprocess  # noqa: E402
-from cxr_diffusion.data.filter import run_filter  # noqa: E402
-from cxr_diffusion.data.nih import NIH_HEADER  # noqa: E402
-from cxr_diffusion.data.prepare import prepare_shards  # noqa: E402
-from cxr_diffusion.data.sources import build_dataset, default_workers  # noqa: E402
+from cxr_diffusion.config import params_from_dict
+from cxr_diffusion.data.decode import DecodeBudget, encode_png, preprocess
+from cxr_diffusion.data.filter import run_filter
+from cxr_diffusion.data.nih import NIH_HEADER
+from cxr_diffusion.data.prepare import prepare_shards
+from cxr_diffusion.data.sources import build_dataset, default_workers
 
 
 def synthetic_download(root: Path, n_images: int, source_size: int, seed: int = 0) -> Path:

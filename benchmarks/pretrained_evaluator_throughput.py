@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _measure import markdown_table  # noqa: E402
-from oracle_weights import seeded_state  # noqa: E402
+from _measure import markdown_table
+from oracle_weights import seeded_state
 
-from cxr_diffusion.config import EvaluateConfig  # noqa: E402
-from cxr_diffusion.evaluation.inception import INPUT_SIZE, InceptionSpec, InceptionV3  # noqa: E402
-from cxr_diffusion.evaluation.weights import full_fp32  # noqa: E402
-from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121  # noqa: E402
+from cxr_diffusion.config import EvaluateConfig
+from cxr_diffusion.evaluation.inception import INPUT_SIZE, InceptionSpec, InceptionV3
+from cxr_diffusion.evaluation.weights import full_fp32
+from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121
 
 
 def _synchronize(device: torch.device) -> None:

@@ -19,17 +19,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import markdown_table  # noqa: E402
+from _measure import markdown_table
 
-from cxr_diffusion.config import load_params  # noqa: E402
-from cxr_diffusion.conditioning.store import ConditionStore  # noqa: E402
-from cxr_diffusion.data.shards import PreparedImages  # noqa: E402
-from cxr_diffusion.diffusion.data import ConditionedImages  # noqa: E402
-from cxr_diffusion.evaluation.distances import frechet_distance, real_vs_real_floor  # noqa: E402
-from cxr_diffusion.evaluation.evaluate import _features_of_images  # noqa: E402
-from cxr_diffusion.evaluation.evaluator import embed_and_predict, load_classifier  # noqa: E402
-from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc  # noqa: E402
-from cxr_diffusion.sampling.sample import load_pipeline  # noqa: E402
+from cxr_diffusion.config import load_params
+from cxr_diffusion.conditioning.store import ConditionStore
+from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.diffusion.data import ConditionedImages
+from cxr_diffusion.evaluation.distances import frechet_distance, real_vs_real_floor
+from cxr_diffusion.evaluation.evaluate import _features_of_images
+from cxr_diffusion.evaluation.evaluator import embed_and_predict, load_classifier
+from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
+from cxr_diffusion.sampling.sample import load_pipeline
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
                                guidance_scale=params.sample.guidance_scale, num_inference_steps=steps,
                                generator=torch.Generator().manual_seed(params.seed), progress=False).images
         seconds = time.perf_counter() - started
-        features = _features_of_images(classifier, images)
+        features = _features_of_images(classifier, images, params.evaluate.batch_size)
         probabilities = torch.sigmoid(classifier.head(torch.from_numpy(features))).detach().numpy()
         auroc = macro_auroc(per_label_auroc(labels, probabilities, list(classifier.spec.classes)))
         rows.append([name, steps, f"{len(images) / seconds:.2f}", f"{frechet_distance(features[:n], real_a):.2f}",

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import markdown_table  # noqa: E402
-from train_throughput import time_steps  # noqa: E402
+from _measure import markdown_table
+from train_throughput import time_steps
 
-from cxr_diffusion.config import UNetConfig, load_params  # noqa: E402
-from cxr_diffusion.diffusion.precision import describe_machine  # noqa: E402
-from cxr_diffusion.diffusion.unet import build_unet  # noqa: E402
+from cxr_diffusion.config import UNetConfig, load_params
+from cxr_diffusion.diffusion.precision import describe_machine
+from cxr_diffusion.diffusion.unet import build_unet
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_KIND = {32: 18.0, 64: 6.5}  # img/s, fp32, batch 32: the brief's figures for the AVX2-only kind

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import markdown_table  # noqa: E402
+from _measure import markdown_table
 
-from cxr_diffusion.config import load_params  # noqa: E402
-from cxr_diffusion.diffusion.precision import choose_mixed_precision, describe_machine  # noqa: E402
-from cxr_diffusion.diffusion.unet import build_unet  # noqa: E402
+from cxr_diffusion.config import load_params
+from cxr_diffusion.diffusion.precision import choose_mixed_precision, describe_machine
+from cxr_diffusion.diffusion.unet import build_unet
 
 REPO = Path(__file__).resolve().parents[1]
 

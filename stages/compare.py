@@ -10,8 +10,8 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    summary: Path = typer.Option(Path("metrics/summary.json"), help="One entry per branch."),
-    report: Path = typer.Option(Path("reports/report.md"), help="Table and figures."),
+    summary: Path = typer.Option(..., help="One entry per branch."),
+    report: Path = typer.Option(..., help="Table and figures."),
 ) -> None:
     run_stage("compare", params, lambda p: print(compare(p, summary, report)))
 

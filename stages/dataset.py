@@ -10,8 +10,8 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    out: Path = typer.Option(Path("data/dataset"), help="Output directory."),
-    metrics: Path = typer.Option(Path("metrics/dataset.json"), help="Counts (DVC metrics)."),
+    out: Path = typer.Option(..., help="Output directory."),
+    metrics: Path = typer.Option(..., help="Counts (DVC metrics)."),
 ) -> None:
     run_stage("dataset", params, lambda p: print(build_dataset(p, out, metrics)))
 

@@ -13,9 +13,9 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
-    demo_clip: Path = typer.Option(Path("models/clip"), help="The in-pipeline CLIP."),
-    out: Path = typer.Option(Path("data/elixr_standin"), help="Stand-in ELIXR snapshot."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    demo_clip: Path = typer.Option(..., help="The in-pipeline CLIP."),
+    out: Path = typer.Option(..., help="Stand-in ELIXR snapshot."),
 ) -> None:
     run_stage("elixr_standin", params,
               lambda p: print(write_elixr_standin(prepared, p.elixr, p.clip, demo_clip, out,

@@ -11,10 +11,10 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    filtered: Path = typer.Option(Path("data/filtered/filtered.csv"), help="Output of the filter stage."),
-    demo_clip: Path = typer.Option(Path("models/clip"), help="The in-pipeline CLIP (used when clip.model is 'demo')."),
-    out: Path = typer.Option(Path("data/embeddings/clip_text"), help="Condition store."),
-    metrics: Path = typer.Option(Path("metrics/embed_clip_text.json"), help="Counts."),
+    filtered: Path = typer.Option(..., help="Output of the filter stage."),
+    demo_clip: Path = typer.Option(..., help="The in-pipeline CLIP (used when clip.model is 'demo')."),
+    out: Path = typer.Option(..., help="Condition store."),
+    metrics: Path = typer.Option(..., help="Counts."),
 ) -> None:
     run_stage("embed_clip_text", params, lambda p: print(embed_clip_text(filtered, p.clip, demo_clip, out, metrics,
                                                                         device=resolve_device(p.device))))

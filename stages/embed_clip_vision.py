@@ -11,10 +11,10 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
-    demo_clip: Path = typer.Option(Path("models/clip"), help="The in-pipeline CLIP (used when clip.model is 'demo')."),
-    out: Path = typer.Option(Path("data/embeddings/clip_vision"), help="Condition store."),
-    metrics: Path = typer.Option(Path("metrics/embed_clip_vision.json"), help="Counts and speed."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    demo_clip: Path = typer.Option(..., help="The in-pipeline CLIP (used when clip.model is 'demo')."),
+    out: Path = typer.Option(..., help="Condition store."),
+    metrics: Path = typer.Option(..., help="Counts and speed."),
 ) -> None:
     run_stage("embed_clip_vision", params, lambda p: print(embed_clip_vision(prepared, p.clip, demo_clip, out, metrics,
                                                                             device=resolve_device(p.device))))

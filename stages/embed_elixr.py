@@ -11,11 +11,11 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    filtered: Path = typer.Option(Path("data/filtered/filtered.csv"), help="Output of the filter stage."),
-    standin: Path = typer.Option(Path("data/elixr_standin"), help="Stand-in snapshot, read when elixr.path is null."),
-    out: Path = typer.Option(Path("data/embeddings/elixr"), help="Condition store."),
-    rejects: Path = typer.Option(Path("data/embeddings/elixr_rejects.csv"), help="Images without a usable embedding."),
-    metrics: Path = typer.Option(Path("metrics/embed_elixr.json"), help="Counts."),
+    filtered: Path = typer.Option(..., help="Output of the filter stage."),
+    standin: Path = typer.Option(..., help="Stand-in snapshot, read when elixr.path is null."),
+    out: Path = typer.Option(..., help="Condition store."),
+    rejects: Path = typer.Option(..., help="Images without a usable embedding."),
+    metrics: Path = typer.Option(..., help="Counts."),
 ) -> None:
     def body(p):
         # With no elixr.path, the stand-in's files go through the very same reader, labelled as a stand-in.

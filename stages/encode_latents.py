@@ -11,9 +11,9 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
-    out: Path = typer.Option(Path("data/latents"), help="Latent store."),
-    metrics: Path = typer.Option(Path("metrics/encode_latents.json"), help="Count, shape, device and time."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    out: Path = typer.Option(..., help="Latent store."),
+    metrics: Path = typer.Option(..., help="Count, shape, device and time."),
 ) -> None:
     run_stage("encode_latents", params,
               lambda p: print(encode_latents(p, prepared, out, metrics, device=resolve_device(p.device))))

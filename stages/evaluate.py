@@ -4,18 +4,26 @@ from pathlib import Path
 
 import typer
 
-from cxr_diffusion.evaluation.evaluate import evaluate_branch
+from cxr_diffusion.evaluation.evaluate import EvaluatePaths, evaluate_branch
 from cxr_diffusion.stage import run_stage
 
 
 def main(
     branch: str = typer.Option(..., help="clip_text, clip_vision or elixr."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    evaluator: Path = typer.Option(..., help="The shared evaluator (output of the evaluator stage)."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    samples: Path = typer.Option(..., help="The branch's generations (output of its sample stage)."),
+    model: Path = typer.Option(..., help="The branch's trained pipeline (architecture of the untrained baseline)."),
+    store: Path = typer.Option(..., help="The branch's condition store (conditions of the untrained baseline)."),
+    figures: Path = typer.Option(..., help="Figures: PCA of the features, generations closest to a training image."),
+    metrics: Path = typer.Option(..., help="Every metric of the branch (JSON)."),
 ) -> None:
+    paths = EvaluatePaths(evaluator=evaluator, prepared=prepared, samples=samples, model=model, store=store,
+                          figures=figures, metrics=metrics)
+
     def body(p):
-        result = evaluate_branch(p, branch, Path("models/evaluator"), Path("data/prepared"), Path("data/samples") / branch,
-                                 Path("models") / branch, Path("data/embeddings") / branch,
-                                 Path("reports/evaluate") / branch, Path("metrics/evaluate") / f"{branch}.json")
+        result = evaluate_branch(p, branch, paths)
         print({k: result[k] for k in ("branch", "generated", "seconds")})
 
     run_stage("evaluate", params, body)

@@ -11,9 +11,9 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
-    out: Path = typer.Option(Path("models/evaluator"), help="Classifier (safetensors + config.json)."),
-    metrics: Path = typer.Option(Path("metrics/evaluator.json"), help="Its own test AUROC per class."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    out: Path = typer.Option(..., help="Classifier (safetensors + config.json)."),
+    metrics: Path = typer.Option(..., help="Its own test AUROC per class."),
 ) -> None:
     run_stage("evaluator", params, lambda p: print(train_evaluator(prepared, p.evaluator, p.seed, out, metrics,
                                                                          device=resolve_device(p.device))))

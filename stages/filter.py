@@ -10,9 +10,9 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    dataset: Path = typer.Option(Path("data/dataset"), help="Output of the dataset stage."),
-    out: Path = typer.Option(Path("data/filtered"), help="Output directory."),
-    metrics: Path = typer.Option(Path("metrics/filter.json"), help="Counts per rule, class and split."),
+    dataset: Path = typer.Option(..., help="Output of the dataset stage."),
+    out: Path = typer.Option(..., help="Output directory."),
+    metrics: Path = typer.Option(..., help="Counts per rule, class and split."),
 ) -> None:
     def body(p):
         result = run_filter(dataset, p.filter, p.seed, out, metrics)

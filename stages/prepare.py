@@ -10,10 +10,10 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    dataset: Path = typer.Option(Path("data/dataset"), help="Output of the dataset stage."),
-    filtered: Path = typer.Option(Path("data/filtered/filtered.csv"), help="Output of the filter stage."),
-    out: Path = typer.Option(Path("data/prepared"), help="Output directory."),
-    metrics: Path = typer.Option(Path("metrics/prepare.json"), help="Counts (DVC metrics)."),
+    dataset: Path = typer.Option(..., help="Output of the dataset stage."),
+    filtered: Path = typer.Option(..., help="Output of the filter stage."),
+    out: Path = typer.Option(..., help="Output directory."),
+    metrics: Path = typer.Option(..., help="Counts (DVC metrics)."),
 ) -> None:
     run_stage("prepare", params, lambda p: prepare_shards(p, dataset, filtered, out, metrics))
 

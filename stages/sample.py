@@ -11,10 +11,15 @@ from cxr_diffusion.stage import run_stage
 def main(
     branch: str = typer.Option(..., help="clip_text, clip_vision or elixr."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    model: Path = typer.Option(..., help="The branch's trained pipeline (output of its train stage)."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    store: Path = typer.Option(..., help="The branch's condition store (output of its embed stage)."),
+    out: Path = typer.Option(..., help="Generated images (shards)."),
+    figures: Path = typer.Option(..., help="Sample figures."),
+    metrics: Path = typer.Option(..., help="Images, sampler settings and speed."),
 ) -> None:
-    run_stage("sample", params, lambda p: print(sample_branch(
-        p, branch, Path("models") / branch, Path("data/prepared"), Path("data/embeddings") / branch,
-        Path("data/samples") / branch, Path("reports/samples") / branch, Path("metrics/sample") / f"{branch}.json")))
+    run_stage("sample", params,
+              lambda p: print(sample_branch(p, branch, model, prepared, store, out, figures, metrics)))
 
 
 if __name__ == "__main__":

@@ -12,16 +12,19 @@ from cxr_diffusion.stage import run_stage
 def main(
     branch: str = typer.Option(..., help="clip_text, clip_vision or elixr."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
-    demo_clip: Path = typer.Option(Path("models/clip"), help="The in-pipeline CLIP (when clip.model is 'demo')."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    store: Path = typer.Option(..., help="The branch's condition store (output of its embed stage)."),
+    demo_clip: Path = typer.Option(..., help="The in-pipeline CLIP (when clip.model is 'demo')."),
+    latents: Path = typer.Option(..., help="Output of the encode_latents stage (read when train.space is 'latent')."),
+    out: Path = typer.Option(..., help="The trained pipeline (EMA weights)."),
+    checkpoints: Path = typer.Option(..., help="Training state to resume from (scratch, not a DVC output)."),
+    live: Path = typer.Option(..., help="DVCLive folder: metrics, loss curves, sample grids."),
 ) -> None:
     def body(p):
         if branch not in p.branches:
             raise TrainingError(f"branch '{branch}' is not in params 'branches' {list(p.branches)}")
-        paths = TrainPaths(prepared=prepared, store=Path("data/embeddings") / branch,
-                           clip=clip_source(p.clip, demo_clip), model_out=Path("models") / branch,
-                           checkpoints=Path("checkpoints") / branch, live=Path("dvclive") / branch,
-                           latents=Path("data/latents") if p.train.space == "latent" else None)
+        paths = TrainPaths(prepared=prepared, store=store, clip=clip_source(p.clip, demo_clip), model_out=out,
+                           checkpoints=checkpoints, live=live, latents=latents if p.train.space == "latent" else None)
         print(train_branch(p, branch, paths))
 
     run_stage("train", params, body)

@@ -11,9 +11,9 @@ from cxr_diffusion.stage import run_stage
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    prepared: Path = typer.Option(Path("data/prepared"), help="Output of the prepare stage."),
-    out: Path = typer.Option(Path("models/clip"), help="Saved CLIP (save_pretrained)."),
-    metrics: Path = typer.Option(Path("metrics/clip.json"), help="Validation retrieval and zero-shot metrics."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    out: Path = typer.Option(..., help="Saved CLIP (save_pretrained)."),
+    metrics: Path = typer.Option(..., help="Validation retrieval and zero-shot metrics."),
 ) -> None:
     def body(p):
         result = train_demo_clip(prepared, p.clip, list(p.filter.classes), p.filter.class_members(), p.seed, out, metrics,

@@ -1,9 +1,8 @@
-import dataclasses
 
 import pytest
 import yaml
 
-from cxr_diffusion.config import FilterConfig, Params, ParamsError, load_params, params_from_dict, to_dict
+from cxr_diffusion.config import Params, ParamsError, load_params, params_from_dict, to_dict
 
 
 def test_exp_run_style_float_string_is_read_as_float(tmp_path):

@@ -3,6 +3,10 @@
 A stage's import closure is read from the code with `ast` (no module is imported): start at the
 entry file its `cmd` runs, follow every `cxr_diffusion` import (also those inside functions, and the
 package `__init__.py` files an import executes), and compare with its `deps` in dvc.yaml.
+
+Every path a stage reads or writes is written once, on its `cmd`: the entry points' path options have no
+default but `--params` (DVC's params.yaml), and each cmd's paths are exactly the stage's data deps and
+outs, bar a short table of exceptions, each with its reason.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import re
 import shlex
 import shutil
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -153,6 +158,76 @@ def module_deps(repo: Path, stage: dict) -> set[Path]:
     return covered
 
 
+# --- reading a stage's command line -------------------------------------------------------------
+
+# The launcher's options that name a file: accelerate's config (train.launch_config: processes, GPUs, machines).
+LAUNCHER_PATH_OPTIONS = {"--config_file"}
+# The one path option with a default: DVC reads `params:` keys from params.yaml (and `dvc exp run -S` edits it),
+# so the stages read it too unless told otherwise, and no cmd passes it.
+PARAMS_OPTION, PARAMS_DEFAULT = "--params", "Path('params.yaml')"  # as ast.unparse writes it
+
+
+@dataclass(frozen=True)
+class EntryOption:
+    is_path: bool           # annotated `Path`
+    default: str | None     # its default as written, None when required (`typer.Option(...)`)
+
+
+def entry_options(repo: Path, entry: Path) -> dict[str, EntryOption]:
+    """The `--options` of an entry point's `main()` (typer's names: `demo_clip` is `--demo-clip`), read with ast."""
+    tree = ast.parse((repo / entry).read_text(), filename=str(entry))
+    mains = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"]
+    assert len(mains) == 1, f"{entry}: no main() (the typer entry point)"
+    arguments = mains[0].args.args
+    defaults = dict(zip(arguments[len(arguments) - len(mains[0].args.defaults):], mains[0].args.defaults))
+    options = {}
+    for argument in arguments:
+        option = defaults.get(argument)
+        assert isinstance(option, ast.Call) and ast.unparse(option.func) == "typer.Option", (
+            f"{entry}: main() argument {argument.arg} is not a typer.Option")
+        declared = [a.value for a in option.args[1:] if isinstance(a, ast.Constant) and str(a.value).startswith("--")]
+        default = option.args[0] if option.args else next((k.value for k in option.keywords if k.arg == "default"), None)
+        required = isinstance(default, ast.Constant) and default.value is Ellipsis
+        options[declared[0] if declared else "--" + argument.arg.replace("_", "-")] = EntryOption(
+            is_path=argument.annotation is not None and ast.unparse(argument.annotation) in {"Path", "pathlib.Path"},
+            default=None if required else (ast.unparse(default) if default is not None else "None"))
+    return options
+
+
+def _option_pairs(words: list[str], where: str) -> dict[str, str]:
+    pairs = {}
+    for i, word in enumerate(words):
+        if not word.startswith("--"):
+            continue
+        assert i + 1 < len(words) and not words[i + 1].startswith("--"), f"{where}: {word} has no value"
+        assert word not in pairs, f"{where}: {word} is given twice"
+        pairs[word] = words[i + 1]
+    return pairs
+
+
+def cmd_options(stage: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """A cmd's `--option value` pairs: the launcher's (before the entry point) and the entry point's (after it)."""
+    words = shlex.split(stage["cmd"])
+    at = words.index(str(entry_file(stage)))
+    script = words[at + 1:]
+    assert all(word.startswith("--") for word in script[::2]), f"cmd {stage['cmd']!r}: the entry point takes only options"
+    return _option_pairs(words[:at], stage["cmd"]), _option_pairs(script, stage["cmd"])
+
+
+def cmd_paths(repo: Path, stage: dict) -> set[str]:
+    """The paths a cmd passes: the launcher's file options, and the values of the entry point's `Path` options."""
+    launcher, script = cmd_options(stage)
+    options = entry_options(repo, entry_file(stage))
+    return ({value for option, value in launcher.items() if option in LAUNCHER_PATH_OPTIONS}
+            | {value for option, value in script.items() if option in options and options[option].is_path})
+
+
+def data_paths(stage: dict) -> set[str]:
+    """A stage's deps and outs (metrics and plots files are outs too) less its code: entry point and modules."""
+    paths = {p.rstrip("/") for p in _listed(stage.get("deps")) + _listed(stage.get("outs"))}
+    return {p for p in paths if not (p.endswith(".py") and Path(p).parts[0] in ("stages", str(SOURCE_ROOT)))}
+
+
 @cache
 def _stages() -> dict[str, dict]:
     return expanded_stages(REPO)
@@ -202,6 +277,23 @@ def test_foreach_stages_expand_per_branch_with_params_filled_in(tmp_path):
     assert entry_file(stages["t@y"]) == Path("stages/t.py")
 
 
+def test_cmd_paths_are_the_values_of_the_entry_points_path_options(tmp_path):
+    repo = _write(tmp_path, {"stages/t.py": (
+        "from pathlib import Path\nimport typer\n\n\n"
+        "def main(\n    branch: str = typer.Option(..., help='b'),\n"
+        "    params: Path = typer.Option(Path('params.yaml'), help='p'),\n"
+        "    demo_clip: Path = typer.Option(..., help='c'),\n    out: Path = typer.Option(Path('x'), help='o'),\n"
+        ") -> None:\n    pass\n")})
+    assert entry_options(repo, Path("stages/t.py")) == {
+        "--branch": EntryOption(is_path=False, default=None), "--params": EntryOption(is_path=True, default=PARAMS_DEFAULT),
+        "--demo-clip": EntryOption(is_path=True, default=None), "--out": EntryOption(is_path=True, default="Path('x')")}
+    stage = {"cmd": "accelerate launch --config_file acc/one.yaml stages/t.py --branch x --demo-clip models/clip --out o"}
+    assert cmd_options(stage) == ({"--config_file": "acc/one.yaml"}, {"--branch": "x", "--demo-clip": "models/clip", "--out": "o"})
+    assert cmd_paths(repo, stage) == {"acc/one.yaml", "models/clip", "o"}
+    assert data_paths({"deps": ["stages/t.py", "src/cxr_diffusion/a.py", "data/x/"], "outs": [{"m.json": {"cache": False}}]}) == {
+        "data/x", "m.json"}
+
+
 # --- the real pipeline -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", STAGES)
@@ -244,6 +336,66 @@ def test_files_named_by_params_are_deps_of_the_stage_that_reads_them(params_file
                 deps = [Path(dep) for dep in _listed(stage.get("deps"))]
                 assert any(dep == Path(named) or dep in Path(named).parents for dep in deps), (
                     f"{params_file}: stage {name} reads {section}.{key} = {named}, which none of its deps covers")
+
+
+# --- paths: written once, on each stage's cmd -----------------------------------------------------
+
+ENTRY_FILES = sorted({str(entry_file(stage)) for stage in _stages().values()})
+
+# Where a stage's cmd paths and its data deps + outs differ on purpose (`{item}`: the foreach branch), and why.
+PASSED_NOT_DECLARED = {
+    "filter": {"data/dataset": "the dataset folder it reads; its deps are the two files of it that it opens "
+                               "(below), so images rendered anew alone do not rerun it"},
+    "train": {"checkpoints/{item}": "the scratch folder it resumes from, deliberately no out (dvc.yaml says why)"},
+}
+DECLARED_NOT_PASSED = {
+    "filter": {"data/dataset/metadata.csv": "inside --dataset data/dataset (above)",
+               "data/dataset/image_paths.csv": "inside --dataset data/dataset (above)",
+               "reference": "the folder filter.include_list must lie under: the list is named in params, not on the cmd"},
+    "compare": {path: "read by evaluation/report.py at a fixed path under the repository root (compare() takes "
+                      "no path for it yet)" for path in ("metrics/evaluate", "metrics/evaluator.json", "metrics/sample",
+                                                         "dvclive")},
+}
+
+
+def _expected_gaps(table: dict, name: str) -> dict[str, str]:
+    base, _, item = name.partition("@")
+    return {path.format(item=item): why for path, why in table.get(base, {}).items()}
+
+
+@pytest.mark.parametrize("entry", ENTRY_FILES)
+def test_entry_point_has_no_default_path_but_the_params_file(entry):
+    defaults = {option: spec.default for option, spec in entry_options(REPO, Path(entry)).items()
+                if spec.is_path and spec.default is not None}
+    assert defaults == {PARAMS_OPTION: PARAMS_DEFAULT}, (
+        f"{entry}: path options with a default in code: {defaults}; make them typer.Option(..., help=...) and pass "
+        f"them on the cmd in dvc.yaml (only {PARAMS_OPTION} keeps {PARAMS_DEFAULT}, DVC's params file)")
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_stage_cmd_passes_every_option_its_entry_point_requires_and_no_other(name):
+    stage = _stages()[name]
+    options = entry_options(REPO, entry_file(stage))
+    passed = set(cmd_options(stage)[1])
+    unknown = passed - set(options)
+    missing = {option for option, spec in options.items() if spec.default is None} - passed
+    assert not unknown and not missing, (f"stage {name}: cmd passes unknown {sorted(unknown)}, "
+                                         f"misses required {sorted(missing)} of {entry_file(stage)}")
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_stage_cmd_passes_exactly_its_data_deps_and_outs(name):
+    """Each path is written once, on the cmd, and DVC tracks what the stage is told to read and write:
+    no path passed but undeclared, no data dep or out the stage is not told about (bar the table above)."""
+    stage = _stages()[name]
+    passed, declared = cmd_paths(REPO, stage), data_paths(stage)
+    allowed_passed, allowed_declared = _expected_gaps(PASSED_NOT_DECLARED, name), _expected_gaps(DECLARED_NOT_PASSED, name)
+    assert passed - declared == set(allowed_passed), (
+        f"stage {name}: its cmd passes {sorted(passed - declared)}, no dep or out of it "
+        f"(expected only {sorted(allowed_passed)}, each explained in PASSED_NOT_DECLARED)")
+    assert declared - passed == set(allowed_declared), (
+        f"stage {name}: its deps/outs {sorted(declared - passed)} are not passed on its cmd "
+        f"(expected only {sorted(allowed_declared)}, each explained in DECLARED_NOT_PASSED)")
 
 
 # --- behaviour: what `dvc status` reports after an edit -------------------------------------------

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxr_diffusion.conditioning import elixr
-from cxr_diffusion.conditioning.elixr import (build_elixr_store, find_elixr_files, normalize_image_id,
-                                              write_elixr_hdf5_shard)
+from cxr_diffusion.conditioning.elixr import build_elixr_store
+from cxr_diffusion.conditioning.elixr_files import find_elixr_files, normalize_image_id, write_elixr_hdf5_shard
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.data.nih import DataError
@@ -177,6 +177,38 @@ def test_non_finite_row_is_an_error_when_on_missing_is_error(tmp_path, folder):
     with pytest.raises(DataError, match=r"a\.h5: row 0 \(00000001_000\.png\)"):
         build(tmp_path, ids(1, 2), on_missing="error")
     assert not (tmp_path / "store").exists()
+
+
+def test_non_finite_rows_in_several_files_leave_the_kept_rows_compact_in_table_order(tmp_path, folder, monkeypatch):
+    monkeypatch.setattr(elixr, "CHUNK_ROWS", 2)
+    data = values(8)
+    data[1, 0, 0], data[6, 0, 0] = np.nan, 7e4  # 7e4 is finite in float32, inf in the float16 store
+    write_elixr_hdf5_shard(folder / "a.h5", ids(1, 2, 3, 4), data[:4])
+    write_elixr_hdf5_shard(folder / "b.h5", ids(5, 6, 7, 8), data[4:])
+    build(tmp_path, ids(8, 2, 5, 7, 1, 4))
+    store = ConditionStore(tmp_path / "store")
+    kept = ids(8, 5, 1, 4)
+    assert store.shape[0] == 4 and [store.row_of[name] for name in kept] == [0, 1, 2, 3]
+    for name in kept:
+        np.testing.assert_allclose(store[name].embeddings.numpy(), data[int(name[:8]) - 1], **FP16)
+    assert rejects(tmp_path) == [("00000002_000.png", "non_finite"), ("00000007_000.png", "non_finite")]
+
+
+def test_a_file_that_turns_non_finite_after_the_check_is_an_error_and_no_store_appears(tmp_path, folder,
+                                                                                         monkeypatch):
+    write_elixr_hdf5_shard(folder / "a.h5", ids(1, 2), values(2))
+    reads = []
+    real = elixr.iter_embedding_blocks
+
+    def changing(file, shape, rows, chunk_rows):  # the second read of the file (the copy) finds NaN
+        reads.append(file.path)
+        for first, block in real(file, shape, rows, chunk_rows):
+            yield first, block if len(reads) == 1 else np.full_like(block, np.nan)
+
+    monkeypatch.setattr(elixr, "iter_embedding_blocks", changing)
+    with pytest.raises(DataError, match=r"a\.h5: rows from 0 on changed since they were checked"):
+        build(tmp_path, ids(1, 2))
+    assert len(reads) == 2 and not (tmp_path / "store").exists()
 
 
 def test_id_in_two_files_is_an_error_naming_both_files(tmp_path, folder):

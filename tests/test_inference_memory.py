@@ -17,7 +17,7 @@ from cxr_diffusion.diffusion import latents as latents_module
 from cxr_diffusion.diffusion.latents import encode_latents
 from cxr_diffusion.evaluation import evaluate as evaluate_module
 from cxr_diffusion.evaluation.diversity import pairwise_ms_ssim
-from cxr_diffusion.evaluation.evaluate import evaluate_branch
+from cxr_diffusion.evaluation.evaluate import EvaluatePaths, evaluate_branch
 from cxr_diffusion.evaluation.evaluator import (
     ClassifierSpec, CXRClassifier, embed_and_predict, load_classifier, train_evaluator,
 )
@@ -179,9 +179,10 @@ def test_evaluate_gives_the_same_metrics_with_any_batch_size(tmp_path, data, eva
     runs = {}
     for batch_size in (2, 128):
         # the generated set is the real test split itself: the metrics are then known to be well defined
-        runs[batch_size] = evaluate_branch(evaluate_params(batch_size), "elixr", evaluator_dir, data["prepared"],
-                                           data["prepared"], tmp_path / "unused", tmp_path / "unused",
-                                           tmp_path / f"figures{batch_size}")
+        paths = EvaluatePaths(evaluator=evaluator_dir, prepared=data["prepared"], samples=data["prepared"],
+                              model=tmp_path / "unused", store=tmp_path / "unused",
+                              figures=tmp_path / f"figures{batch_size}", metrics=tmp_path / f"metrics{batch_size}.json")
+        runs[batch_size] = evaluate_branch(evaluate_params(batch_size), "elixr", paths)
     assert set(seen) == {2, 128}
     small, large = flat(runs[2]), flat(runs[128])
     assert small.keys() == large.keys()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
@@ -102,12 +103,10 @@ def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> Path:
     A carriage return inside a cell is written quoted (every cell is then quoted): Python's csv writer
     leaves a lone carriage return bare, and every CSV reader would then split the row in two there.
     """
-    import csv  # here, not at the top: this function is the module's only CSV writer
-
     safe = frame.copy()
     carriage_return = False
     for position, dtype in enumerate(frame.dtypes):
-        if not (dtype == object or isinstance(dtype, pd.StringDtype)):
+        if not (pd.api.types.is_object_dtype(dtype) or isinstance(dtype, pd.StringDtype)):
             continue
         column = frame.iloc[:, position].reset_index(drop=True)
         text = column

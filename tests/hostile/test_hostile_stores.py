@@ -317,7 +317,7 @@ def test_train_clip_with_no_val_images_trains_and_reports_null_scores(tmp_path):
     labels = ["No Finding", "Effusion"] * 2
     pq.write_table(pa.table({"image": [{"bytes": png(i), "path": None} for i in range(4)],
                              "image_index": [f"{i:08d}_000.png" for i in range(4)], "finding_labels": labels,
-                             "labels": [[float(l == "No Finding"), float(l == "Effusion")] for l in labels]}),
+                             "labels": [[float(label == "No Finding"), float(label == "Effusion")] for label in labels]}),
                    prepared / "train.parquet")
     (prepared / "manifest.json").write_text(json.dumps({"shards": [{"split": "train", "file": "train.parquet"}],
                                                         "written": 4}))
@@ -528,7 +528,8 @@ def elixr_inputs(tmp_path: Path, names: list[str]) -> tuple[Path, ElixrConfig]:
 
 
 def test_elixr_hdf5_shard_with_a_broken_object_header_names_the_file(tmp_path):
-    from cxr_diffusion.conditioning.elixr import build_elixr_store, write_elixr_hdf5_shard
+    from cxr_diffusion.conditioning.elixr import build_elixr_store
+    from cxr_diffusion.conditioning.elixr_files import write_elixr_hdf5_shard
 
     filtered, config = elixr_inputs(tmp_path, ["00000001_000.png"])
     shard = write_elixr_hdf5_shard(tmp_path / "elixr" / "a.h5", ["00000001_000"], np.ones((1, 2, 4), np.float32))

@@ -2,27 +2,26 @@
 
 The files themselves (the published snapshot with its ``datasets.json``, older HDF5 shards, Parquet)
 are found, scanned and read by ``conditioning/elixr_files.py``. A full NIH set is GBs of float32, so
-nothing here holds it at once: ids are scanned first (they are small), then embeddings are copied
-chunk by chunk into the condition store, cast to its dtype and checked for finiteness in that pass.
+nothing here holds it at once: ids are scanned first (they are small), then the embeddings are streamed
+block by block twice, cast to the store's dtype: once to find the rows that are not finite there, once
+to copy the others into a store of exactly that many rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cxr_diffusion.config import ElixrConfig
-from cxr_diffusion.conditioning.elixr_files import (ID_COLUMN, ElixrFile, find_elixr_files,  # noqa: F401
-                                                    iter_embedding_blocks, normalize_image_id, scan_elixr_source,
-                                                    write_elixr_hdf5_shard)
+from cxr_diffusion.conditioning.elixr_files import (ID_COLUMN, ElixrFile, iter_embedding_blocks,
+                                                    normalize_image_id, scan_elixr_source)
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.io import write_csv, write_json
 
-# find_elixr_files, normalize_image_id and write_elixr_hdf5_shard are re-exported: tests and
-# benchmarks/elixr_memory.py import them from here.
 CHUNK_ROWS = 1024  # rows read at once: 1024 x 32 x 768 float32 is ~100 MB, well under the 2 GB budget
 CHUNK_BYTES = 128 << 20  # and at most this much float32 per block (ELIXR-C rows are 64 x 1376: 381 rows)
 REJECT_REASONS: tuple[str, ...] = ("missing_embedding", "non_finite")
@@ -58,12 +57,9 @@ def build_elixr_store(filtered_csv: Path, config: ElixrConfig, out_dir: Path, re
     meta = {"branch": "elixr", "source": source_label, **what, "files": [str(f.path) for f in files]}
     non_finite: list[str] = []
     if candidates:
-        non_finite = _write_store(out_dir, files, located, candidates, shape, config, meta, excluded=set())
-        if non_finite:
-            # Rare: a retry without those rows keeps the store one row per kept image.
-            again = _write_store(out_dir, files, located, candidates, shape, config, meta, set(non_finite))
-            if again:
-                raise DataError(f"{config.path}: values changed while reading ({again[:MAX_IDS_IN_MESSAGE]}); rerun")
+        non_finite = _non_finite(files, located, candidates, shape, config.dtype, strict=config.on_missing == "error")
+        unusable = set(non_finite)
+        _write_store(out_dir, files, located, [n for n in candidates if n not in unusable], shape, config.dtype, meta)
 
     rejects = [(n, "missing_embedding") for n in missing] + [(n, "non_finite") for n in non_finite]
     order = {n: i for i, n in enumerate(names)}
@@ -132,46 +128,19 @@ def _locate_ids(files: list[ElixrFile]) -> dict[str, tuple[int, int]]:
     return located
 
 
-class _RowsNotFinite(Exception):
-    def __init__(self, names: list[str]):
-        super().__init__(f"{len(names)} rows with non-finite values")
-        self.names = names
+def _cast_blocks(files: list[ElixrFile], located: dict[str, tuple[int, int]], names: list[str], shape: tuple[int, int],
+                 dtype: str) -> Iterator[tuple[ElixrFile, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Stream the rows of ``names``, file by file and block by block, cast to ``dtype``.
 
-
-def _write_store(out_dir: Path, files: list[ElixrFile], located: dict[str, tuple[int, int]],
-                 candidates: list[str], shape: tuple[int, int], config: ElixrConfig, meta: dict,
-                 excluded: set[str]) -> list[str]:
-    """Copy the embeddings of ``candidates`` minus ``excluded`` into a store at ``out_dir``.
-
-    Returns the candidates whose values are not finite in the store's dtype (float16 overflows above
-    65504); when there are any, no store is written (its row count was fixed before they were seen)
-    and the caller retries without them.
+    Yields ``(file, first, block, local, positions)``: ``block`` holds the file's rows from ``first`` on, and
+    its rows ``local`` are the embeddings of ``names[positions]``. Blocks come in file order, so ``positions``
+    jump around the filtered table's order. A consumer drops its ``block`` before asking for the next, so
+    nothing is held but the block being read and its cast.
     """
-    kept = [n for n in candidates if n not in excluded]
-    try:
-        with ConditionStoreWriter(out_dir, len(kept), *shape, dtype=config.dtype) as writer:
-            bad = _copy_rows(writer, files, located, kept, shape, strict=config.on_missing == "error")
-            if bad:
-                raise _RowsNotFinite(bad)
-            writer.finish(kept, np.arange(len(kept)), meta)
-    except _RowsNotFinite as found:
-        return found.names
-    return []
-
-
-def _copy_rows(writer: ConditionStoreWriter, files: list[ElixrFile], located: dict[str, tuple[int, int]],
-               kept: list[str], shape: tuple[int, int], strict: bool) -> list[str]:
-    """Stream each file's wanted rows, cast to the store's dtype, into store rows 0..len(kept)-1;
-    return the names whose cast values are not finite.
-
-    After the first non-finite row nothing more is written (that store is discarded) but the scan
-    goes on, so one retry drops them all.
-    """
-    plan: dict[int, list[tuple[int, int]]] = {}  # file number -> [(source row, store row)]
-    for store_row, name in enumerate(kept):
+    plan: dict[int, list[tuple[int, int]]] = {}  # file number -> [(source row, position in names)]
+    for position, name in enumerate(names):
         number, row = located[normalize_image_id(name)]
-        plan.setdefault(number, []).append((row, store_row))
-    bad: list[tuple[int, str]] = []
+        plan.setdefault(number, []).append((row, position))
     chunk_rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (shape[0] * shape[1] * 4)))
     for number, pairs in sorted(plan.items()):
         pairs.sort()
@@ -179,24 +148,48 @@ def _copy_rows(writer: ConditionStoreWriter, files: list[ElixrFile], located: di
         target = np.array([p[1] for p in pairs], dtype=np.int64)
         for first, block in iter_embedding_blocks(files[number], shape, source, chunk_rows):
             inside = (source >= first) & (source < first + len(block))
-            local, rows_out = source[inside] - first, target[inside]
-            # Checked after the cast: a float32 value above 65504 is finite but becomes inf in float16.
             with np.errstate(over="ignore"):
-                stored = block.astype(writer.dtype, copy=False)
+                stored = block.astype(dtype, copy=False)
             del block
-            finite = np.isfinite(stored.reshape(len(stored), -1)).all(axis=1)[local]
-            for row_in, row_out in zip(local[~finite], rows_out[~finite]):
-                if strict:
-                    overflow = " (float16 holds up to 65504; elixr.dtype: float32 keeps more)" \
-                        if writer.dtype == "float16" else ""
-                    raise DataError(f"{files[number].path}: row {first + row_in} ({kept[row_out]}) has NaN or "
-                                    f"infinite values in {writer.dtype}{overflow}; fix the file or set "
-                                    f"elixr.on_missing: drop")
-                bad.append((int(row_out), kept[row_out]))
-            if not bad:
-                _write_runs(writer, stored, local, rows_out)
+            yield files[number], first, stored, source[inside] - first, target[inside]
             del stored
-    return [name for _, name in sorted(bad)]
+
+
+def _finite_rows(block: np.ndarray) -> np.ndarray:
+    return np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+
+
+def _non_finite(files: list[ElixrFile], located: dict[str, tuple[int, int]], candidates: list[str],
+                shape: tuple[int, int], dtype: str, strict: bool) -> list[str]:
+    """The candidates whose values are not finite in the store's dtype, in filtered-table order.
+
+    Checked after the cast: a float32 value above 65504 is finite but becomes inf in float16. Finding
+    them before the store is opened fixes its row count; with ``strict`` the first one is an error.
+    """
+    bad: list[int] = []
+    for file, first, stored, local, positions in _cast_blocks(files, located, candidates, shape, dtype):
+        finite = _finite_rows(stored)[local]
+        del stored
+        if strict and not finite.all():
+            row, name = first + local[~finite][0], candidates[positions[~finite][0]]
+            overflow = " (float16 holds up to 65504; elixr.dtype: float32 keeps more)" if dtype == "float16" else ""
+            raise DataError(f"{file.path}: row {row} ({name}) has NaN or infinite values in {dtype}{overflow}; "
+                            f"fix the file or set elixr.on_missing: drop")
+        bad.extend(positions[~finite].tolist())
+    return [candidates[position] for position in sorted(bad)]
+
+
+def _write_store(out_dir: Path, files: list[ElixrFile], located: dict[str, tuple[int, int]], kept: list[str],
+                 shape: tuple[int, int], dtype: str, meta: dict) -> None:
+    """Copy the embeddings of ``kept`` (all finite in ``dtype``) into store rows 0..len(kept)-1 at ``out_dir``."""
+    with ConditionStoreWriter(out_dir, len(kept), *shape, dtype=dtype) as writer:
+        for file, first, stored, local, positions in _cast_blocks(files, located, kept, shape, dtype):
+            if not _finite_rows(stored)[local].all():
+                raise DataError(f"{file.path}: rows from {first} on changed since they were checked (now NaN or "
+                                f"infinite in {dtype}); is something writing to it? Rerun once it is complete")
+            _write_runs(writer, stored, local, positions)
+            del stored
+        writer.finish(kept, np.arange(len(kept)), meta)
 
 
 def _write_runs(writer: ConditionStoreWriter, block: np.ndarray, local: np.ndarray, rows_out: np.ndarray) -> None:

@@ -25,9 +25,9 @@ from cxr_diffusion.conditioning.store import ConditionStoreWriter
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import MANIFEST, read_manifest
 from cxr_diffusion.device import describe_device, half_dtype
+from cxr_diffusion.io import write_csv, write_json
 
 CPU = torch.device("cpu")
-from cxr_diffusion.io import write_csv, write_json
 
 
 def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str | Path, out_dir: str | Path,

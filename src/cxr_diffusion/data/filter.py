@@ -147,7 +147,7 @@ def filter_metadata(
         reject(~rows["Image Index"].isin(set(include_list["Image Index"])), "not_in_include_list")
     reject(rows["_classes"].map(len) == 0, "no_class_of_interest", rows["Finding Labels"])
     if not config.allow_other_labels:
-        outside = rows["_labels"].map(lambda labels: "|".join(l for l in labels if l not in label_to_classes))
+        outside = rows["_labels"].map(lambda labels: "|".join(label for label in labels if label not in label_to_classes))
         reject(outside != "", "labels_outside_classes", outside)
     if config.follow_up != "all":
         alive = rows[reason.isna()]
@@ -194,7 +194,7 @@ def _check_include_list(include_list: pd.DataFrame, rows: pd.DataFrame,
             issues.append((name, "image_missing", "no image file under dataset.nih_root"))
     joined = include_list.merge(rows.drop_duplicates("Image Index")[["Image Index", "_labels"]], on="Image Index")
     for name, labels in members.items():
-        derived = joined["_labels"].map(lambda found, ls=labels: int(any(l in found for l in ls)))
+        derived = joined["_labels"].map(lambda found, ls=labels: int(any(label in found for label in ls)))
         for image, flag, truth in zip(joined["Image Index"], joined[name], derived):
             if int(flag) != truth:
                 issues.append((image, "flag_disagrees", f"{name}: include list {int(flag)}, Finding Labels {truth}"))

@@ -4,11 +4,15 @@ Every distance is computed in the shared evaluator's feature space (a CXR classi
 real train split) and reported beside its real-vs-real floor at the same sample size; intervals are
 percentile bootstraps. Standard and reference-compatible Inception FID run when their weights are
 configured (evaluation/inception_fid.py); otherwise they are recorded as null with the reason.
+
+`evaluate_branch` reads top to bottom: load the evaluator, embed every set, then one function per section
+(closeness in evaluation/closeness.py; faithfulness, diversity, memorization and figures below), then write.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +20,80 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from cxr_diffusion.config import Params
+from cxr_diffusion.config import EvaluateConfig, Params
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.shards import PreparedImages
-from cxr_diffusion.diffusion.grid import image_grid
-from cxr_diffusion.evaluation.distances import (
-    bootstrap_interval, frechet_distance, kernel_inception_distance, real_vs_real_floor,
+from cxr_diffusion.evaluation.closeness import (
+    closeness_metrics, inception_fid_metrics, prdc_metrics, real_floor, untrained_closeness,
 )
-from cxr_diffusion.evaluation.diversity import pairwise_ms_ssim, same_condition_pairs
 from cxr_diffusion.evaluation.evaluator import CXRClassifier, embed_and_predict, load_classifier
-from cxr_diffusion.evaluation.inception_fid import reference_compatible_fid, standard_fid
+from cxr_diffusion.evaluation.diversity import pairwise_ms_ssim, same_condition_pairs
 from cxr_diffusion.evaluation.faithfulness import label_agreement, macro_auroc, per_label_auroc
 from cxr_diffusion.evaluation.memorization import memorization_report
 from cxr_diffusion.evaluation.pca_plot import pca_scatter
 from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
 from cxr_diffusion.device import describe_device, module_device, resolve_device
+from cxr_diffusion.diffusion.grid import image_grid
 from cxr_diffusion.io import atomic_directory, write_json
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(1)
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    """Where one branch's evaluation reads and writes; the stage takes each from its command line (dvc.yaml)."""
+
+    evaluator: Path  # models/evaluator: the shared evaluator (output of stage evaluator)
+    prepared: Path   # data/prepared: the real splits
+    samples: Path    # data/samples/<branch>: the generations (output of stage sample)
+    model: Path      # models/<branch>: the trained pipeline (its architecture makes the untrained baseline)
+    store: Path      # data/embeddings/<branch>: the conditions of the untrained baseline
+    figures: Path    # reports/evaluate/<branch>
+    metrics: Path    # metrics/evaluate/<branch>.json
 
 
-def _interval(values: tuple[float, float]) -> list[float]:
-    return [float(values[0]), float(values[1])]
+@dataclass(frozen=True)
+class BranchImages:
+    """The image sets one evaluation reads: the real splits and the branch's generations (as a 'test' split)."""
+
+    test: PreparedImages
+    val: PreparedImages
+    train: PreparedImages
+    generated: PreparedImages
+
+    @classmethod
+    def open(cls, prepared: Path, samples: Path) -> BranchImages:
+        return cls(test=PreparedImages(prepared, "test"), val=PreparedImages(prepared, "val"),
+                   train=PreparedImages(prepared, "train"), generated=PreparedImages(samples, "test"))
+
+
+@dataclass(frozen=True)
+class SplitEmbedding:
+    """One image set as the evaluator sees it (evaluator.embed_and_predict): one row per image."""
+
+    features: np.ndarray       # evaluator features
+    probabilities: np.ndarray  # evaluator's probability of each class
+    labels: np.ndarray         # 0/1 per class; of a generation, the labels its condition asked for
+    pixels: np.ndarray         # grayscale in [0, 1], downsized
+    image_index: np.ndarray    # image names; a generation has the name of the real image whose condition it used
+
+
+@dataclass(frozen=True)
+class EmbeddedSplits:
+    test: SplitEmbedding
+    val: SplitEmbedding
+    generated: SplitEmbedding
+    train: SplitEmbedding  # the first `evaluate.train_reference` train images: the memorization reference
+
+
+def embed_splits(classifier: CXRClassifier, images: BranchImages, config: EvaluateConfig) -> EmbeddedSplits:
+    """Evaluator embeddings of every set; of the train split only its first ``config.train_reference`` images."""
+    batch = config.batch_size  # images held at once (read and embedded): memory does not grow with a split
+
+    def embed(split) -> SplitEmbedding:
+        return SplitEmbedding(**embed_and_predict(classifier, split, batch))
+
+    reference = Subset(images.train, range(min(config.train_reference, len(images.train))))
+    return EmbeddedSplits(test=embed(images.test), val=embed(images.val), generated=embed(images.generated),
+                          train=embed(reference))
 
 
 @torch.no_grad()
@@ -71,127 +124,123 @@ def _features_of_images(classifier: CXRClassifier, images: list[Image.Image], ba
     return np.concatenate(parts)
 
 
-def evaluate_branch(params: Params, branch: str, evaluator_dir: Path, prepared_dir: Path, samples_dir: Path,
-                    model_dir: Path, store_dir: Path, figures_dir: Path, metrics_path: Path | None = None) -> dict:
-    started = time.perf_counter()
-    config = params.evaluate
-    device = resolve_device(params.device)
-    classifier = load_classifier(evaluator_dir).to(device)
-    classes = list(classifier.spec.classes)
-    test_images, val_images = PreparedImages(prepared_dir, "test"), PreparedImages(prepared_dir, "val")
-    generated_images, train_images = PreparedImages(samples_dir, "test"), PreparedImages(prepared_dir, "train")
-    batch = config.batch_size  # images held at once (read and embedded, or scored): memory does not grow with a split
-    test = embed_and_predict(classifier, test_images, batch)
-    val = embed_and_predict(classifier, val_images, batch)
-    generated = embed_and_predict(classifier, generated_images, batch)
-    reference = Subset(train_images, range(min(config.train_reference, len(train_images))))
-    train = embed_and_predict(classifier, reference, batch)  # type: ignore[arg-type]
-    n = len(generated["features"])
-    g, r = generated["features"], test["features"]
+def untrained_features(params: Params, paths: EvaluatePaths, classifier: CXRClassifier,
+                       condition_names: np.ndarray, device: torch.device) -> np.ndarray:
+    """Evaluator features of the untrained baseline, one generation per named condition of the branch's store."""
+    store = ConditionStore(paths.store)
+    conditions = torch.stack([store[name].embeddings for name in condition_names])
+    images = untrained_samples(params, paths.model, conditions, device)
+    return _features_of_images(classifier, images, params.evaluate.batch_size)
 
-    # Closeness: Frechet distance and KID in evaluator features, with the real-vs-real floor at the same size.
-    pool = np.concatenate([r, val["features"]])
-    matched = min(n, len(pool) // 2)
-    real_a, real_b = real_vs_real_floor(pool, matched, seed=params.seed)
-    fd_matched, fd_floor = frechet_distance(g[:matched], real_a), frechet_distance(real_a, real_b)
-    subset = min(config.kid_subset, n, len(r), matched)
-    kid_mean, kid_std = kernel_inception_distance(g, r, subset_size=subset, seed=params.seed)
-    closeness = {
-        "domain_fd": frechet_distance(g, r),
-        "domain_fd_95ci": _interval(bootstrap_interval(frechet_distance, g, r, n_boot=config.bootstrap, seed=params.seed)),
-        "domain_fd_matched": fd_matched,
-        "real_vs_real_fd_floor": fd_floor,
-        "domain_fd_ratio_to_floor": fd_matched / max(fd_floor, 1e-12),
-        "matched_size": matched,
-        "kid": kid_mean, "kid_std": kid_std,
-        "real_vs_real_kid_floor": kernel_inception_distance(real_a, real_b, subset_size=min(subset, matched),
-                                                            seed=params.seed)[0],
-    }
-    for name, result in (
-        ("inception_fid", standard_fid(config, generated_images, test_images,
-                                       train_images.image_size, device)),
-        ("reference_compatible_fid", reference_compatible_fid(config, generated_images, train_images,
-                                                              train_images.image_size, device)),
-    ):
-        closeness[name] = result.pop("value")
-        closeness[f"{name}_details"] = result
-    if config.untrained_images > 0:
-        store = ConditionStore(store_dir)
-        count = min(matched, config.untrained_images)
-        conditions = torch.stack([store[name].embeddings for name in generated["image_index"][:count]])
-        baseline = _features_of_images(classifier, untrained_samples(params, model_dir, conditions, device), batch)
-        closeness["untrained_fd_matched"] = frechet_distance(baseline, real_a[:count])
-        closeness["trained_fd_same_size"] = frechet_distance(g[:count], real_a[:count])
-        closeness["untrained_size"] = count
-    prdc = precision_recall_density_coverage_safe(r, g, config.prdc_k)
-    pretrained_judge = xrv_metrics(config, params.filter.class_members(), generated_images, generated["labels"],
-                                   test_images, test["labels"], val_images, params.seed, device)
 
-    # Faithfulness: does the generation show what its condition asked for?
-    requested = generated["labels"].astype(int)
-    per_class = per_label_auroc(requested, generated["probabilities"], classes)
-    real_per_class = per_label_auroc(test["labels"].astype(int), test["probabilities"], classes)
-    source_row = {name: i for i, name in enumerate(test["image_index"])}
-    sources = np.array([source_row[name] for name in generated["image_index"]])
-    rng = np.random.default_rng(params.seed)
-    faithfulness = {
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(1)
+
+
+def faithfulness_metrics(generated: SplitEmbedding, test: SplitEmbedding, classes: list[str], seed: int) -> dict:
+    """Does a generation show what its condition asked for? The evaluator's AUROC against the requested labels
+    (beside its own AUROC on real test images), and the feature cosine to the real image the condition came from."""
+    requested = generated.labels.astype(int)
+    per_class = per_label_auroc(requested, generated.probabilities, classes)
+    real_per_class = per_label_auroc(test.labels.astype(int), test.probabilities, classes)
+    test_row = {name: row for row, name in enumerate(test.image_index)}
+    source_rows = np.array([test_row[name] for name in generated.image_index])
+    shuffled = np.random.default_rng(seed).permutation(len(test.features))
+    return {
         "auroc_vs_requested_labels": per_class,
         "macro_auroc_vs_requested_labels": macro_auroc(per_class),
         "evaluator_macro_auroc_on_real_test": macro_auroc(real_per_class),
-        "label_agreement": label_agreement(requested, generated["probabilities"]),
-        "feature_cosine_to_reference": float(_cosine(g, r[sources]).mean()),
-        "feature_cosine_random_real_pairs": float(_cosine(r[rng.permutation(len(r))], r).mean()),
+        "label_agreement": label_agreement(requested, generated.probabilities),
+        "feature_cosine_to_reference": float(_cosine(generated.features, test.features[source_rows]).mean()),
+        "feature_cosine_random_real_pairs": float(_cosine(test.features[shuffled], test.features).mean()),
     }
 
-    # Diversity: MS-SSIM between images of the same label set (lower = more diverse), generated vs real.
-    label_sets = ["|".join(map(str, row)) for row in requested]
-    generated_pairs = same_condition_pairs(label_sets, config.diversity_pairs, seed=params.seed)
-    real_sets = ["|".join(map(str, row)) for row in test["labels"].astype(int)]
-    real_pairs = same_condition_pairs(real_sets, config.diversity_pairs, seed=params.seed)
-    to_tensor = lambda pixels: torch.from_numpy(pixels[:, None].astype(np.float32))  # noqa: E731
-    per_batch = max(1, batch // 2)  # two images per pair
-    diversity = {
-        "ms_ssim_same_labels_generated": pairwise_ms_ssim(to_tensor(generated["pixels"]), generated_pairs,
-                                                          pairs_per_batch=per_batch) if generated_pairs else None,
-        "ms_ssim_same_labels_real": pairwise_ms_ssim(to_tensor(test["pixels"]), real_pairs, pairs_per_batch=per_batch)
-        if real_pairs else None,
-        "pairs": len(generated_pairs),
-    }
 
-    # Memorization: nearest training image, in evaluator features and in pixels.
-    flat = lambda pixels: pixels.reshape(len(pixels), -1)  # noqa: E731
-    memorization_features = memorization_report(g, train["features"], r, config.memorization_percentile)
-    memorization_pixels = memorization_report(flat(generated["pixels"]), flat(train["pixels"]), flat(test["pixels"]),
-                                              config.memorization_percentile)
+def _same_label_ms_ssim(split: SplitEmbedding, max_pairs: int, pairs_per_batch: int, seed: int
+                        ) -> tuple[float | None, int]:
+    """Mean MS-SSIM over pairs of images with the same label set (None without such a pair), and the pair count."""
+    label_sets = ["|".join(map(str, row)) for row in split.labels.astype(int)]
+    pairs = same_condition_pairs(label_sets, max_pairs, seed=seed)
+    if not pairs:
+        return None, 0
+    pixels = torch.from_numpy(split.pixels[:, None].astype(np.float32))
+    return pairwise_ms_ssim(pixels, pairs, pairs_per_batch=pairs_per_batch), len(pairs)
 
-    with atomic_directory(figures_dir) as tmp:
-        pca_scatter(r, g, f"{branch}: real test vs generated (evaluator features, PCA)", tmp / "pca.png")
-        pairs = memorization_pixels["closest_pairs"]
-        tiles = []
-        for pair in pairs[:8]:
-            tiles.append(Image.fromarray((generated["pixels"][pair["generated"]] * 255).round().astype(np.uint8)))
-        for pair in pairs[:8]:
-            tiles.append(Image.fromarray((train["pixels"][pair["train"]] * 255).round().astype(np.uint8)))
+
+def diversity_metrics(generated: SplitEmbedding, test: SplitEmbedding, max_pairs: int, batch_size: int,
+                      seed: int) -> dict:
+    """MS-SSIM between images of the same label set (lower = more diverse), generated beside real."""
+    pairs_per_batch = max(1, batch_size // 2)  # two images per pair: at most batch_size images held at once
+    generated_ms_ssim, pairs = _same_label_ms_ssim(generated, max_pairs, pairs_per_batch, seed)
+    real_ms_ssim, _ = _same_label_ms_ssim(test, max_pairs, pairs_per_batch, seed)
+    return {"ms_ssim_same_labels_generated": generated_ms_ssim, "ms_ssim_same_labels_real": real_ms_ssim,
+            "pairs": pairs}
+
+
+def memorization_metrics(splits: EmbeddedSplits, percentile: float) -> tuple[dict, list[dict]]:
+    """Nearest training image of each generation, in evaluator features and in pixels; and the closest pairs in
+    pixels (for the figure), which the metrics leave out."""
+    def flat(pixels: np.ndarray) -> np.ndarray:
+        return pixels.reshape(len(pixels), -1)
+
+    in_features = memorization_report(splits.generated.features, splits.train.features, splits.test.features,
+                                      percentile)
+    in_pixels = memorization_report(flat(splits.generated.pixels), flat(splits.train.pixels),
+                                    flat(splits.test.pixels), percentile)
+    without_pairs = lambda report: {k: v for k, v in report.items() if k != "closest_pairs"}  # noqa: E731
+    return ({"features": without_pairs(in_features), "pixels": without_pairs(in_pixels)},
+            in_pixels["closest_pairs"])
+
+
+def _tile(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray((pixels * 255).round().astype(np.uint8))
+
+
+def write_figures(directory: Path, branch: str, splits: EmbeddedSplits, closest_pairs: list[dict]) -> None:
+    """pca.png (real test vs generated features) and closest_to_train.png (top: the 8 generations closest to a
+    training image in pixels; bottom: those training images), swapped in as one directory."""
+    with atomic_directory(directory) as tmp:
+        pca_scatter(splits.test.features, splits.generated.features,
+                    f"{branch}: real test vs generated (evaluator features, PCA)", tmp / "pca.png")
+        shown = closest_pairs[:8]
+        tiles = ([_tile(splits.generated.pixels[pair["generated"]]) for pair in shown]
+                 + [_tile(splits.train.pixels[pair["train"]]) for pair in shown])
         image_grid(tiles, rows=2).save(tmp / "closest_to_train.png")
 
+
+def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
+    """All metrics of a branch, written to ``paths.metrics`` and returned; figures in ``paths.figures``."""
+    started = time.perf_counter()
+    config, seed = params.evaluate, params.seed
+    device = resolve_device(params.device)
+    classifier = load_classifier(paths.evaluator).to(device)
+    images = BranchImages.open(paths.prepared, paths.samples)
+    splits = embed_splits(classifier, images, config)
+    generated_features, test_features = splits.generated.features, splits.test.features
+
+    floor = real_floor(test_features, splits.val.features, len(generated_features), seed)
+    closeness = {**closeness_metrics(generated_features, test_features, floor, config, seed),
+                 **inception_fid_metrics(config, images.generated, images.test, images.train,
+                                        images.train.image_size, device)}
+    if config.untrained_images > 0:
+        names = splits.generated.image_index[:min(floor.size, config.untrained_images)]
+        baseline = untrained_features(params, paths, classifier, names, device)
+        closeness.update(untrained_closeness(baseline, generated_features, floor))
+    prdc = prdc_metrics(test_features, generated_features, config.prdc_k)
+    pretrained_judge = xrv_metrics(config, params.filter.class_members(), images.generated, splits.generated.labels,
+                                   images.test, splits.test.labels, images.val, seed, device)
+    faithfulness = faithfulness_metrics(splits.generated, splits.test, list(classifier.spec.classes), seed)
+    diversity = diversity_metrics(splits.generated, splits.test, config.diversity_pairs, config.batch_size, seed)
+    memorization, closest_pairs = memorization_metrics(splits, config.memorization_percentile)
+    write_figures(paths.figures, branch, splits, closest_pairs)
+
     metrics = {
-        "branch": branch, "generated": n, "real_test": len(r),
+        "branch": branch, "generated": len(generated_features), "real_test": len(test_features),
         "closeness": closeness, "prdc": prdc, "faithfulness": faithfulness, "diversity": diversity,
-        "xrv_densenet": pretrained_judge,
-        "memorization": {
-            "features": {k: v for k, v in memorization_features.items() if k != "closest_pairs"},
-            "pixels": {k: v for k, v in memorization_pixels.items() if k != "closest_pairs"},
-        },
+        "xrv_densenet": pretrained_judge, "memorization": memorization,
         "seconds": round(time.perf_counter() - started, 1), "device": describe_device(device),
     }
-    if metrics_path is not None:
-        write_json(metrics_path, metrics)
+    write_json(paths.metrics, metrics)
     return metrics
-
-
-def precision_recall_density_coverage_safe(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
-    """PRDC with k capped by the set sizes (tiny profiles have few images)."""
-    from cxr_diffusion.evaluation.prdc import precision_recall_density_coverage
-
-    k = max(1, min(k, len(real) - 1, len(fake) - 1))
-    return {**precision_recall_density_coverage(real, fake, k=k), "k": k}
