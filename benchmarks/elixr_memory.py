@@ -31,7 +31,7 @@ from _measure import PeakSampler, PeakTreeRss, anon_rss_bytes, markdown_table
 from cxr_diffusion.conditioning.elixr import build_elixr_store
 from cxr_diffusion.conditioning.elixr_files import write_elixr_hdf5_shard
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import ElixrConfig
+from cxr_diffusion.config import ElixrConfig, profile_section
 
 FULL_ROWS = 48_311          # images in NIH ChestX-ray14 with published ELIXR-B embeddings
 ELIXR_SHAPE = (32, 768)     # ELIXR-B tokens x dim
@@ -115,7 +115,7 @@ def main() -> None:
               f"{sum(p.stat().st_size for p in (root / 'elixr').iterdir()) / (1 << 30):.2f} GiB, "
               f"written in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
-        config = ElixrConfig(path=str(root / "elixr"), shape=ELIXR_SHAPE, dtype=args.dtype)
+        config = profile_section(ElixrConfig, path=str(root / "elixr"), shape=ELIXR_SHAPE, dtype=args.dtype)
         build_row = measure("build_elixr_store", rows, lambda: build_elixr_store(
             root / "filtered.csv", config, root / "store", root / "rejects.csv", root / "metrics.json",
             "elixr")["written"])

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 
-from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.config import ClipConfig, profile_section
 from cxr_diffusion.conditioning.clip import load_vision_encoder
 from cxr_diffusion.conditioning.embed import embed_clip_vision, iter_prepared_images
 
@@ -44,7 +44,7 @@ def main() -> None:
         bound = count / (time.perf_counter() - started)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        embed_clip_vision(args.prepared, ClipConfig(model=args.clip, batch_size=args.batch_size), args.clip,
+        embed_clip_vision(args.prepared, profile_section(ClipConfig, model=args.clip, batch_size=args.batch_size), args.clip,
                           Path(tmp) / "store")
         stage = count / (time.perf_counter() - started)
     ratio = stage / bound

@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import PeakTreeRss, markdown_table
 
-from cxr_diffusion.config import params_from_dict
+from cxr_diffusion.config import params_with
 from cxr_diffusion.data.decode import DecodeBudget, encode_png, preprocess
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.data.nih import NIH_HEADER
@@ -52,7 +52,7 @@ def synthetic_download(root: Path, n_images: int, source_size: int, seed: int = 
 
 
 def params_for(root: Path, image_size: int):
-    return params_from_dict({
+    return params_with({
         "image_size": image_size,
         "dataset": {"source": "nih", "nih_root": str(root)},
         "filter": {"classes": ["Effusion", "No Finding"], "merges": {}},

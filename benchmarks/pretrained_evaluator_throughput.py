@@ -14,7 +14,6 @@ does not depend on them, and FID values are only comparable within this run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _measure import markdown_table
 from oracle_weights import seeded_state
 
-from cxr_diffusion.config import EvaluateConfig
+from cxr_diffusion.config import EvaluateConfig, profile_section
 from cxr_diffusion.evaluation.inception import INPUT_SIZE, InceptionSpec, InceptionV3
 from cxr_diffusion.evaluation.weights import full_fp32
 from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121
@@ -132,7 +131,7 @@ def main() -> None:
             paths[key] = Path(tmp) / f"{key}.safetensors"
             save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
                       str(paths[key]))
-        config = dataclasses.replace(EvaluateConfig(), inception_weights=str(paths["fid"]),
+        config = profile_section(EvaluateConfig, inception_weights=str(paths["fid"]),
                                      reference_inception_weights=str(paths["torchvision"]), xrv_weights=str(paths["xrv"]),
                                      inception_batch_size=args.batch, bootstrap=50)
         started = time.perf_counter()

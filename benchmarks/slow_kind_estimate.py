@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 from train_throughput import time_steps
 
-from cxr_diffusion.config import UNetConfig, load_params
+from cxr_diffusion.config import UNetConfig, load_params, profile_section
 from cxr_diffusion.diffusion.precision import describe_machine
 from cxr_diffusion.diffusion.unet import build_unet
 
@@ -38,13 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 SLOW_KIND = {32: 18.0, 64: 6.5}  # img/s, fp32, batch 32: the brief's figures for the AVX2-only kind
 SLOW_KIND_DEFAULT_UNET = 39.0    # img/s of the default profile's UNet there (issue 4's measured reference point)
 REFERENCE_SHAPES = {  # (size, UNet) of about the brief's parameter counts; attention only at <= 16x16
-    "32x32, 4.2M, attention at 16 and 8": (32, UNetConfig(block_out_channels=(32, 64, 128),
+    "32x32, 4.2M, attention at 16 and 8": (32, profile_section(UNetConfig, block_out_channels=(32, 64, 128),
                                                           cross_attention=(False, True, True))),
-    "32x32, 3.9M, attention at 8": (32, UNetConfig(block_out_channels=(48, 96, 112),
+    "32x32, 3.9M, attention at 8": (32, profile_section(UNetConfig, block_out_channels=(48, 96, 112),
                                                    cross_attention=(False, False, True))),
-    "64x64, 6.6M, attention at 16 and 8": (64, UNetConfig(block_out_channels=(32, 64, 128, 128),
+    "64x64, 6.6M, attention at 16 and 8": (64, profile_section(UNetConfig, block_out_channels=(32, 64, 128, 128),
                                                           cross_attention=(False, False, True, True))),
-    "64x64, 6.3M, attention at 8": (64, UNetConfig(block_out_channels=(48, 96, 128, 128),
+    "64x64, 6.3M, attention at 8": (64, profile_section(UNetConfig, block_out_channels=(48, 96, 128, 128),
                                                    cross_attention=(False, False, False, True))),
 }
 STAGE_LINE = re.compile(r"^(\d+(?:\.\d+)?) .*Running stage '([^']+)'")

@@ -1,11 +1,11 @@
 """DVC stage `embed_elixr`: read ELIXR files (published snapshot, older shards), join them to the filtered images."""
 
-from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from cxr_diffusion.conditioning.elixr import build_elixr_store
+from cxr_diffusion.config import changed
 from cxr_diffusion.stage import run_stage
 
 
@@ -19,7 +19,7 @@ def main(
 ) -> None:
     def body(p):
         # With no elixr.path, the stand-in's files go through the very same reader, labelled as a stand-in.
-        config, label = (p.elixr, "elixr") if p.elixr.path else (replace(p.elixr, path=str(standin)), "elixr_standin")
+        config, label = (p.elixr, "elixr") if p.elixr.path else (changed(p.elixr, path=str(standin)), "elixr_standin")
         print(build_elixr_store(filtered, config, out, rejects, metrics, label))
 
     run_stage("embed_elixr", params, body)

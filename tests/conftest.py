@@ -56,7 +56,7 @@ def repo() -> Path:
 def make_training_data(root: Path, n_images: int = 48, image_size: int = 16, tokens: int = 4, dim: int = 8) -> dict:
     """Prepared shards (real stages) plus an ELIXR-like condition store whose conditions encode the labels."""
     from cxr_diffusion.conditioning.store import ConditionStoreWriter
-    from cxr_diffusion.config import params_from_dict
+    from cxr_diffusion.config import params_with
     from cxr_diffusion.data.filter import run_filter
     from cxr_diffusion.data.prepare import prepare_shards
     from cxr_diffusion.data.sources import build_dataset
@@ -69,7 +69,7 @@ def make_training_data(root: Path, n_images: int = 48, image_size: int = 16, tok
             pixels[20:, :] = 230  # a bright base: something the condition can explain
         images[row["Image Index"]] = png_bytes(Image.fromarray(pixels))
     download = make_nih_download(root / "nih", rows, images)
-    params = params_from_dict({
+    params = params_with({
         "image_size": image_size, "dataset": {"source": "nih", "nih_root": str(download)},
         "filter": {"classes": ["Effusion", "No Finding"], "merges": {}, "split": {"val_fraction": 0.2, "test_fraction": 0.1}},
         "prepare": {"shard_size": 64, "row_group_size": 16, "min_side": 16},  # tiny images on purpose
@@ -92,11 +92,11 @@ def tiny_clip_dir(tmp_path_factory):
     from cxr_diffusion.conditioning.demo_clip import build_demo_clip, build_image_processor
     from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
     from cxr_diffusion.conditioning.prompts import prompt_for
-    from cxr_diffusion.config import ClipConfig, DemoClipConfig
+    from cxr_diffusion.config import ClipConfig, DemoClipConfig, profile_section
 
     directory = tmp_path_factory.mktemp("clip")
-    prompts = [prompt_for(x, ClipConfig()) for x in ("No Finding", "Effusion", "Effusion|Infiltration", "Mass")]
-    config = DemoClipConfig(image_size=16, patch_size=4, width=16, layers=1, heads=2, projection_dim=8, max_length=16)
+    prompts = [prompt_for(x, profile_section(ClipConfig)) for x in ("No Finding", "Effusion", "Effusion|Infiltration", "Mass")]
+    config = profile_section(DemoClipConfig, image_size=16, patch_size=4, width=16, layers=1, heads=2, projection_dim=8, max_length=16)
     tokenizer = train_prompt_tokenizer(prompts, config.vocab_size, config.max_length)
     build_demo_clip(config, tokenizer).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -297,8 +297,7 @@ def test_writer_copies_only_tensors_that_do_not_own_their_storage(monkeypatch, t
     monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path: written.update(tensors))
     monkeypatch.setattr(checkpoints, "sha256_file", lambda path: "")
     own, base = torch.randn(4, 3), torch.randn(6, 3)
-    checkpoints._write_tensors(tmp_path / "x.safetensors", {"own": own, "tied": own, "view": base[2:], "t": base.T},
-                               where="test")
+    checkpoints._write_tensors(tmp_path / "x.safetensors", {"own": own, "tied": own, "view": base[2:], "t": base.T})
 
     assert written["own"].data_ptr() == own.data_ptr()
     for key in ("tied", "view", "t"):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.config import ClipConfig, profile_section
 from cxr_diffusion.conditioning.clip import encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError
@@ -13,17 +13,17 @@ from cxr_diffusion.data.nih import DataError
 
 
 def test_prompt_lists_findings_in_plain_words():
-    assert prompt_for("Effusion|Pleural_Thickening", ClipConfig()) == "chest x-ray showing effusion and pleural thickening"
-    assert prompt_for("Atelectasis|Effusion|Mass", ClipConfig()) == "chest x-ray showing atelectasis, effusion and mass"
+    assert prompt_for("Effusion|Pleural_Thickening", profile_section(ClipConfig)) == "chest x-ray showing effusion and pleural thickening"
+    assert prompt_for("Atelectasis|Effusion|Mass", profile_section(ClipConfig)) == "chest x-ray showing atelectasis, effusion and mass"
 
 
 def test_no_finding_uses_the_normal_prompt():
-    assert prompt_for("No Finding", ClipConfig(normal_prompt="a normal chest radiograph")) == "a normal chest radiograph"
+    assert prompt_for("No Finding", profile_section(ClipConfig, normal_prompt="a normal chest radiograph")) == "a normal chest radiograph"
 
 
 def test_empty_finding_labels_is_an_error():
     with pytest.raises(DataError, match="empty Finding Labels"):
-        prompt_for("", ClipConfig())
+        prompt_for("", profile_section(ClipConfig))
 
 
 def test_saved_demo_clip_loads_through_the_hub_calls_with_shapes_from_its_config(tiny_clip_dir):
@@ -106,10 +106,23 @@ def test_text_store_encodes_each_distinct_prompt_once(tmp_path, tiny_clip_dir):
     table = pd.DataFrame({"Image Index": ["a.png", "b.png", "c.png", "d.png"],
                           "Finding Labels": ["Effusion", "No Finding", "Effusion", "Mass"]})
     table.to_csv(tmp_path / "filtered.csv", index=False)
-    metrics = embed_clip_text(tmp_path / "filtered.csv", ClipConfig(model=str(tiny_clip_dir)), tmp_path, tmp_path / "store")
+    metrics = embed_clip_text(tmp_path / "filtered.csv", profile_section(ClipConfig, model=str(tiny_clip_dir)), tmp_path, tmp_path / "store")
     store = ConditionStore(tmp_path / "store")
     assert metrics["unique_prompts"] == 3 and len(store) == 4
     assert store.row_of["a.png"] == store.row_of["c.png"] != store.row_of["b.png"]
     text = load_text_encoder(str(tiny_clip_dir))
     direct, _, _ = encode_prompts(text, ["chest x-ray showing mass"])
     torch.testing.assert_close(store["d.png"].embeddings, direct[0], atol=2e-3, rtol=1e-2)  # fp16 storage
+
+
+def test_a_max_length_that_cuts_two_prompts_to_the_same_tokens_is_refused():
+    from cxr_diffusion.config import ParamsError
+    from cxr_diffusion.conditioning.demo_clip import check_prompts_stay_distinct
+    from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
+
+    prompts = ["a chest x-ray showing effusion and cardiomegaly", "a chest x-ray showing effusion and mass"]
+    tokenizer = train_prompt_tokenizer(prompts, 1000, 32)
+    check_prompts_stay_distinct(tokenizer, prompts, 32)  # long enough: nothing to refuse
+    with pytest.raises(ParamsError, match=r"'clip.demo.max_length' is 6; the prompts .* are cut to the same tokens; "
+                                          r"set it to at least \d+"):
+        check_prompts_stay_distinct(tokenizer, prompts, 6)

@@ -1,14 +1,17 @@
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from cxr_diffusion.config import Params, ParamsError, load_params, params_from_dict, to_dict
+from cxr_diffusion.config import Params, ParamsError, Section, load_params, params_from_dict, params_with, to_dict
 
 
 def test_exp_run_style_float_string_is_read_as_float(tmp_path):
     # `dvc exp run -S lr=1e-5` writes `lr: 1e-05`, which PyYAML (YAML 1.1) returns as a string.
     path = tmp_path / "params.yaml"
-    path.write_text("lr: 1e-05\n")
+    text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    path.write_text(text.replace("\nlr: null ", "\nlr: 1e-05 ", 1))
     assert yaml.safe_load(path.read_text())["lr"] == "1e-05"
     params = load_params(path)
     assert isinstance(params.lr, float) and params.lr == pytest.approx(1e-5)
@@ -16,54 +19,54 @@ def test_exp_run_style_float_string_is_read_as_float(tmp_path):
 
 def test_unknown_top_level_key_is_named():
     with pytest.raises(ParamsError, match="unknown key 'lrr'"):
-        params_from_dict({"lrr": 1e-5})
+        params_with({"lrr": 1e-5})
 
 
 def test_unknown_nested_key_is_named_with_its_section():
     with pytest.raises(ParamsError, match="unknown key 'filter.split.val_fractio'"):
-        params_from_dict({"filter": {"split": {"val_fractio": 0.2}}})
+        params_with({"filter": {"split": {"val_fractio": 0.2}}})
 
 
 def test_wrong_type_is_named():
     with pytest.raises(ParamsError, match="'prepare.shard_size' is 'many'"):
-        params_from_dict({"prepare": {"shard_size": "many"}})
+        params_with({"prepare": {"shard_size": "many"}})
 
 
 def test_bool_does_not_pass_as_int():
     with pytest.raises(ParamsError, match="'seed'"):
-        params_from_dict({"seed": True})
+        params_with({"seed": True})
 
 
 def test_literal_rejects_unknown_choice():
     with pytest.raises(ParamsError, match="'dataset.source' is 'kaggle'"):
-        params_from_dict({"dataset": {"source": "kaggle"}})
+        params_with({"dataset": {"source": "kaggle"}})
 
 
 def test_class_that_is_not_an_nih_label_needs_a_merge():
     with pytest.raises(ParamsError, match="names 'Lung Opacity'"):
-        params_from_dict({"filter": {"classes": ["Lung Opacity"], "merges": {}}})
+        params_with({"filter": {"classes": ["Lung Opacity"], "merges": {}}})
 
 
 def test_out_of_range_value_is_named():
-    with pytest.raises(ParamsError, match="'filter.split'"):
-        params_from_dict({"filter": {"split": {"val_fraction": 0.5, "test_fraction": 0.5}}})
+    with pytest.raises(ParamsError, match="'filter.split.test_fraction' val_fraction \\+ test_fraction must be < 1"):
+        params_with({"filter": {"split": {"val_fraction": 0.5, "test_fraction": 0.5}}})
 
 
 def test_untrained_baseline_size_is_checked_and_the_old_switch_is_named():
     with pytest.raises(ParamsError, match="evaluate.untrained_images"):
-        params_from_dict({"evaluate": {"untrained_images": -1}})
+        params_with({"evaluate": {"untrained_images": -1}})
     with pytest.raises(ParamsError, match="unknown key 'evaluate.untrained_baseline'"):
-        params_from_dict({"evaluate": {"untrained_baseline": True}})
-    assert params_from_dict({"evaluate": {"untrained_images": 0}}).evaluate.untrained_images == 0
+        params_with({"evaluate": {"untrained_baseline": True}})
+    assert params_with({"evaluate": {"untrained_images": 0}}).evaluate.untrained_images == 0
 
 
 def test_nih_source_requires_nih_root():
-    with pytest.raises(ParamsError, match="dataset.nih_root"):
-        params_from_dict({"dataset": {"source": "nih"}})
+    with pytest.raises(ParamsError, match="'dataset.nih_root' must point at your NIH ChestX-ray14 download"):
+        params_with({"dataset": {"source": "nih"}})
 
 
 def test_lists_become_tuples_and_merges_cast():
-    params = params_from_dict({"filter": {"classes": ["Effusion", "Nodule/Mass"], "merges": {"Nodule/Mass": ["Nodule", "Mass"]}}})
+    params = params_with({"filter": {"classes": ["Effusion", "Nodule/Mass"], "merges": {"Nodule/Mass": ["Nodule", "Mass"]}}})
     assert params.filter.class_members() == {"Effusion": ("Effusion",), "Nodule/Mass": ("Nodule", "Mass")}
 
 
@@ -73,14 +76,32 @@ def _keys(tree, prefix=""):
     return {prefix.rstrip(".")}
 
 
+def _sections(model=Params):
+    yield model
+    for info in model.model_fields.values():
+        for candidate in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, Section):
+                yield from _sections(candidate)
+
+
+def test_the_typed_layer_holds_no_second_default():
+    """Values are written once, in params.yaml and the profiles: every key of every section is required."""
+    sections = list(_sections())
+    assert len(sections) == 17
+    with_default = [f"{model.__name__}.{name}" for model in sections
+                    for name, info in model.model_fields.items() if not info.is_required()]
+    assert with_default == []
+
+
 @pytest.mark.parametrize("name", ["params.yaml", "profiles/default.yaml", "profiles/tiny.yaml", "profiles/nih-512.yaml",
                                   "profiles/rehearsal.yaml"])
 def test_shipped_params_load_and_list_every_key(repo, name):
-    # DVC tracks only keys present in the file, so every default must be written out there.
+    # DVC tracks only keys present in the file, so every key is written out there, the same in every profile.
     raw = yaml.safe_load((repo / name).read_text())
     load_params(repo / name)
-    expected = _keys({k: v for k, v in to_dict(Params()).items()})
-    assert _keys(raw) >= {k for k in expected if not k.startswith("filter.merges.")}
+    expected = _keys(to_dict(load_params(repo / "params.yaml")))
+    assert {k for k in _keys(raw) if not k.startswith("filter.merges.")} == \
+        {k for k in expected if not k.startswith("filter.merges.")}
 
 
 def test_params_yaml_is_the_default_profile(repo):
@@ -111,4 +132,4 @@ def test_nih_512_profile_is_the_reference_subset(repo):
 ])
 def test_values_that_used_to_pass_and_then_do_damage_are_refused_naming_the_key(override, key):
     with pytest.raises(ParamsError, match=f"'{key}'"):
-        params_from_dict(override)
+        params_with(override)

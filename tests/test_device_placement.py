@@ -17,7 +17,7 @@ from torch import nn
 from cxr_diffusion.conditioning.clip import encode_images, encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.embed import standin_tokens
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import EvaluatorConfig
+from cxr_diffusion.config import EvaluatorConfig, profile_section
 from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.data import ConditionedImages, collate
 from cxr_diffusion.diffusion.latents import encode_batch
@@ -172,7 +172,7 @@ def test_clip_encoders_move_tokens_and_pixels(tiny_clip_dir):
 
 
 def test_evaluator_training_and_prediction_move_their_batches():
-    config = EvaluatorConfig(width=4, feature_dim=8)
+    config = profile_section(EvaluatorConfig, width=4, feature_dim=8)
     model = on_meta(CXRClassifier(ClassifierSpec(("Effusion", "No Finding"), config.width, config.feature_dim, 16)))
     batch = {"pixel_values": torch.rand(3, 1, 16, 16) * 2 - 1, "labels": torch.tensor([[1.0, 0], [0, 1], [1, 0]])}
     loss = evaluator_loss(model, batch, torch.Generator().manual_seed(0), torch.ones(2), META)

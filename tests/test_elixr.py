@@ -16,7 +16,7 @@ from cxr_diffusion.conditioning import elixr
 from cxr_diffusion.conditioning.elixr import build_elixr_store
 from cxr_diffusion.conditioning.elixr_files import find_elixr_files, normalize_image_id, write_elixr_hdf5_shard
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import ElixrConfig
+from cxr_diffusion.config import ElixrConfig, profile_section
 from cxr_diffusion.data.nih import DataError
 
 SHAPE = (4, 8)  # (tokens, dim): small stand-in for ELIXR-B's (32, 768)
@@ -43,7 +43,7 @@ def parquet_file(path: Path, names: list[str], embeddings: np.ndarray, nested: b
 
 
 def build(tmp_path: Path, names: list[str], shape=None, on_missing="drop", source="elixr", folder="elixr"):
-    config = ElixrConfig(path=str(tmp_path / folder), shape=shape, on_missing=on_missing)
+    config = profile_section(ElixrConfig, path=str(tmp_path / folder), shape=shape, on_missing=on_missing)
     metrics = build_elixr_store(filtered_csv(tmp_path / "filtered.csv", names), config, tmp_path / "store",
                                 tmp_path / "rejects.csv", tmp_path / "metrics.json", source)
     return metrics

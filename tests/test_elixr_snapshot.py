@@ -22,7 +22,7 @@ from conftest import REPO
 from cxr_diffusion.conditioning import elixr_standin
 from cxr_diffusion.conditioning.elixr import build_elixr_store
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import ClipConfig, ElixrConfig, load_params
+from cxr_diffusion.config import ClipConfig, ElixrConfig, load_params, profile_section
 from cxr_diffusion.data.nih import DataError
 
 # Per-row shapes as datasets.json lists them; SMALL keeps every axis's role with tiny sizes.
@@ -80,7 +80,7 @@ def make_snapshot(root: Path, shapes=SMALL, shards=SHARDS, features_as="mapping"
 
 def build(tmp_path: Path, names: list[str], folder: str = "snapshot", **config) -> dict:
     pd.DataFrame({"Image Index": names, "Finding Labels": "No Finding"}).to_csv(tmp_path / "filtered.csv", index=False)
-    return build_elixr_store(tmp_path / "filtered.csv", ElixrConfig(path=str(tmp_path / folder), **config),
+    return build_elixr_store(tmp_path / "filtered.csv", profile_section(ElixrConfig, path=str(tmp_path / folder), **config),
                              tmp_path / "store", tmp_path / "rejects.csv", tmp_path / "metrics.json", "elixr")
 
 
@@ -92,7 +92,7 @@ def rejects(tmp_path: Path) -> list[tuple[str, str]]:
 def test_shipped_params_and_config_defaults_select_elixr_b_img_emb():
     shipped = load_params(REPO / "params.yaml").elixr
     assert (shipped.dataset, shipped.feature) == ("elixrb/img_emb", "img_emb")
-    assert (ElixrConfig().dataset, ElixrConfig().feature) == ("elixrb/img_emb", "img_emb")
+    assert (profile_section(ElixrConfig).dataset, profile_section(ElixrConfig).feature) == ("elixrb/img_emb", "img_emb")
 
 
 def test_default_reads_elixr_b_img_emb_from_the_snapshot_root(tmp_path):
@@ -288,7 +288,7 @@ def fake_clip(monkeypatch):
 def test_stand_in_is_written_in_the_published_snapshot_layout_and_labelled(tmp_path, fake_clip):
     names, tokens = fake_clip
     out = tmp_path / "standin"
-    elixr_standin.write_elixr_standin(tmp_path, ElixrConfig(standin_tokens=3), ClipConfig(), tmp_path, out,
+    elixr_standin.write_elixr_standin(tmp_path, profile_section(ElixrConfig, standin_tokens=3), profile_section(ClipConfig), tmp_path, out,
                                       shard_size=2)
     index = json.loads((out / "datasets.json").read_text())
     assert index["info"]["standin"] is True and "NOT ELIXR" in index["info"]["description"]
@@ -304,7 +304,7 @@ def test_stand_in_is_written_in_the_published_snapshot_layout_and_labelled(tmp_p
 
 def test_stand_in_goes_through_the_snapshot_reader_with_the_default_selection(tmp_path, fake_clip):
     names, tokens = fake_clip
-    elixr_standin.write_elixr_standin(tmp_path, ElixrConfig(standin_tokens=3), ClipConfig(), tmp_path,
+    elixr_standin.write_elixr_standin(tmp_path, profile_section(ElixrConfig, standin_tokens=3), profile_section(ClipConfig), tmp_path,
                                       tmp_path / "standin", shard_size=2)
     metrics = build(tmp_path, ids(15, 11), folder="standin")
     assert metrics["layout"] == "snapshot" and metrics["shape"] == [3, 2]
@@ -312,7 +312,7 @@ def test_stand_in_goes_through_the_snapshot_reader_with_the_default_selection(tm
 
 
 def test_stand_in_selection_of_another_dataset_says_it_is_the_stand_in(tmp_path, fake_clip):
-    elixr_standin.write_elixr_standin(tmp_path, ElixrConfig(standin_tokens=3), ClipConfig(), tmp_path,
+    elixr_standin.write_elixr_standin(tmp_path, profile_section(ElixrConfig, standin_tokens=3), profile_section(ClipConfig), tmp_path,
                                       tmp_path / "standin", shard_size=2)
     with pytest.raises(DataError, match=r"no dataset 'elixrc'.*stand-in.*elixrb/img_emb: img_emb \[3, 2\]"):
         build(tmp_path, ids(11), folder="standin", dataset="elixrc", feature="Embedding")
@@ -324,7 +324,7 @@ def test_stand_in_from_a_real_demo_clip_round_trips_through_the_reader(tmp_path,
     from cxr_diffusion.conditioning.embed import iter_prepared_images, standin_tokens
 
     prepared = make_training_data(tmp_path / "data", n_images=12)["prepared"]
-    clip, elixr = ClipConfig(model=str(tiny_clip_dir), batch_size=5), ElixrConfig(standin_tokens=3)
+    clip, elixr = profile_section(ClipConfig, model=str(tiny_clip_dir), batch_size=5), profile_section(ElixrConfig, standin_tokens=3)
     result = elixr_standin.write_elixr_standin(prepared, elixr, clip, tiny_clip_dir, tmp_path / "standin",
                                                shard_size=5)
     encoder = load_vision_encoder(str(tiny_clip_dir))

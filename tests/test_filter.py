@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from cxr_diffusion.config import FilterConfig, SplitConfig
+from cxr_diffusion.config import FilterConfig, SplitConfig, profile_section
 from cxr_diffusion.data.filter import REJECT_REASONS, filter_metadata, read_include_list
 from cxr_diffusion.data.nih import DataError
 
@@ -15,7 +15,7 @@ def metadata(rows):
 def run(rows, present=None, **config):
     frame = metadata(rows)
     present = set(frame["Image Index"]) if present is None else present
-    return filter_metadata(frame, present, FilterConfig(**config), seed=0)
+    return filter_metadata(frame, present, profile_section(FilterConfig, **config), seed=0)
 
 
 def many_patients(n_patients=60, studies=3):
@@ -88,7 +88,7 @@ def test_follow_up_first_keeps_one_study_per_patient():
 
 
 def test_no_patient_is_in_two_splits():
-    result = run(many_patients(100, studies=4), split=SplitConfig(val_fraction=0.2, test_fraction=0.2))
+    result = run(many_patients(100, studies=4), split=profile_section(SplitConfig, val_fraction=0.2, test_fraction=0.2))
     splits_per_patient = result.table.groupby("Patient ID")["split"].nunique()
     assert (splits_per_patient == 1).all()
     assert set(result.table["split"]) == {"train", "val", "test"}
@@ -105,7 +105,7 @@ def test_official_split_uses_nih_lists_and_keeps_patients_disjoint():
     test_names = {r["Image Index"] for r in rows if r["Patient ID"] <= 5}
     train_names = {r["Image Index"] for r in rows if 5 < r["Patient ID"] <= 18}
     frame = metadata(rows)
-    config = FilterConfig(split=SplitConfig(method="official", val_fraction=0.25))
+    config = profile_section(FilterConfig, split=profile_section(SplitConfig, method="official", val_fraction=0.25))
     result = filter_metadata(frame, set(frame["Image Index"]), config, 0, None, {"test": test_names, "train_val": train_names})
     table = result.table.set_index("Image Index")
     assert set(table.index[table["split"] == "test"]) <= test_names
@@ -116,7 +116,7 @@ def test_official_split_uses_nih_lists_and_keeps_patients_disjoint():
 def test_official_lists_sharing_a_patient_are_an_error():
     rows = [nih_row("a.png", patient=1), nih_row("b.png", patient=1, follow_up=1)]
     frame = metadata(rows)
-    config = FilterConfig(split=SplitConfig(method="official"))
+    config = profile_section(FilterConfig, split=profile_section(SplitConfig, method="official"))
     with pytest.raises(DataError, match="both test_list.txt and train_val_list.txt"):
         filter_metadata(frame, {"a.png", "b.png"}, config, 0, None, {"test": {"a.png"}, "train_val": {"b.png"}})
 
@@ -127,7 +127,7 @@ def test_include_list_selects_and_reports_unknown_images_and_disagreements(tmp_p
     pd.DataFrame({"Image Index": ["a.png", "b.png", "ghost.png"], "Effusion": [1, 1, 0], "No Finding": [0, 0, 1]}).to_csv(path, index=False)
     include = read_include_list(path, classes)
     frame = metadata([nih_row("a.png", "Effusion"), nih_row("b.png", "No Finding", patient=2), nih_row("c.png", "Effusion", patient=3)])
-    config = FilterConfig(classes=classes, merges={}, include_list=str(path))
+    config = profile_section(FilterConfig, classes=classes, merges={}, include_list="reference/include.csv")  # read above
     result = filter_metadata(frame, set(frame["Image Index"]) - {"b.png"}, config, 0, include)
     assert set(result.table["Image Index"]) == {"a.png"}
     assert result.metrics["include_list"] == {"listed": 3, "not_in_metadata": 1, "image_missing": 1,
@@ -155,9 +155,10 @@ def test_reference_subset_reproduces_48311_images(repo):
     from cxr_diffusion.data.phantom.assets import nih_metadata_csv
     from cxr_diffusion.data.nih import read_metadata_csv
 
-    config = FilterConfig(include_list=str(repo / "reference/nih-512/filtered_nihcxr14.csv"))
+    config = profile_section(FilterConfig, profile="nih-512")  # the reference subset: no per-class cap
     meta = read_metadata_csv(nih_metadata_csv())
-    result = filter_metadata(meta, set(meta["Image Index"]), config, 0, read_include_list(config.include_list, config.classes))
+    result = filter_metadata(meta, set(meta["Image Index"]), config, 0,
+                             read_include_list(repo / config.include_list, config.classes))
     assert result.metrics["kept"] == 48311
     assert result.metrics["classes"] == {"Infiltration": 13000, "No Finding": 13000, "Effusion": 9651,
                                          "Nodule/Mass": 8947, "Atelectasis": 8591}

@@ -7,7 +7,6 @@ tests/oracle_weights.py; tests/fixtures/make_pretrained_oracle.py rebuilds it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cxr_diffusion.cli import app
-from cxr_diffusion.config import EvaluateConfig
+from cxr_diffusion.config import EvaluateConfig, changed, profile_section
 from cxr_diffusion.evaluation.inception import (
     InceptionSpec, InceptionV3, convert_inception_weights, load_inception, resize_like_tensorflow1,
 )
@@ -164,12 +163,12 @@ def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift(weight_files):
 
 
 def test_fid_results_record_settings_or_the_reason(weight_files):
-    offline = EvaluateConfig()
+    offline = profile_section(EvaluateConfig)
     missing = standard_fid(offline, _Images(4, 0), _Images(4, 1), 32)
     assert missing["value"] is None and "evaluate.inception_weights" in missing["reason"]
     assert "reference_inception_weights" in reference_compatible_fid(offline, _Images(4, 0), _Images(4, 1), 32)["reason"]
 
-    config = dataclasses.replace(offline, inception_weights=str(weight_files["fid"]),
+    config = changed(offline, inception_weights=str(weight_files["fid"]),
                                  reference_inception_weights=str(weight_files["torchvision"]),
                                  reference_fid_train_images=5, inception_batch_size=4)
     standard = standard_fid(config, _Images(6, 0), _Images(7, 1), 32)

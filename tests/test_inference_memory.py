@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import EvaluatorConfig, params_from_dict
+from cxr_diffusion.config import EvaluatorConfig, params_with, profile_section
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.diffusion import latents as latents_module
 from cxr_diffusion.diffusion.latents import encode_latents
@@ -36,7 +36,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluator_dir(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("evaluator") / "evaluator"
-    train_evaluator(data["prepared"], EvaluatorConfig(width=4, feature_dim=8, epochs=1, batch_size=8), 0, out)
+    train_evaluator(data["prepared"], profile_section(EvaluatorConfig, width=4, feature_dim=8, epochs=1, batch_size=8), 0, out)
     return out
 
 
@@ -60,7 +60,7 @@ def vae_dir(tmp_path_factory):
 
 
 def latent_params(vae_dir, batch_size: int):
-    return params_from_dict({"image_size": 16, "filter": {"classes": CLASSES, "merges": {}},
+    return params_with({"image_size": 16, "filter": {"classes": CLASSES, "merges": {}},
                              "train": {"space": "latent", "vae": str(vae_dir)},
                              "encode_latents": {"batch_size": batch_size}})
 
@@ -103,7 +103,7 @@ def test_the_classifier_never_upsamples_small_images():
 
 def test_a_saved_evaluator_keeps_its_input_size(tmp_path, data):
     out = tmp_path / "evaluator"
-    train_evaluator(data["prepared"], EvaluatorConfig(width=4, feature_dim=8, epochs=1, batch_size=8,
+    train_evaluator(data["prepared"], profile_section(EvaluatorConfig, width=4, feature_dim=8, epochs=1, batch_size=8,
                                                       max_image_size=8), 0, out)
     model = load_classifier(out)
     assert model.spec.network_size == 8 and model.inputs(torch.zeros(1, 1, 16, 16)).shape[-1] == 8
@@ -111,7 +111,7 @@ def test_a_saved_evaluator_keeps_its_input_size(tmp_path, data):
 
 def test_a_retrained_evaluator_is_byte_identical(tmp_path, data):
     """No wall-clock time in the saved model (issue 13: models/evaluator changed md5 on every rerun)."""
-    config = EvaluatorConfig(width=4, feature_dim=8, epochs=1, batch_size=8, max_image_size=8)
+    config = profile_section(EvaluatorConfig, width=4, feature_dim=8, epochs=1, batch_size=8, max_image_size=8)
     for name in ("a", "b"):
         train_evaluator(data["prepared"], config, 0, tmp_path / name)
     for file in ("config.json", "model.safetensors"):
@@ -131,7 +131,7 @@ def test_evaluator_trains_on_a_train_split_smaller_than_its_batch(tmp_path, data
 
     monkeypatch.setattr(PreparedImages, "row_group_order", counted)
     train_size = len(PreparedImages(data["prepared"], "train"))
-    metrics = train_evaluator(data["prepared"], EvaluatorConfig(width=4, feature_dim=8, epochs=2, batch_size=1000),
+    metrics = train_evaluator(data["prepared"], profile_section(EvaluatorConfig, width=4, feature_dim=8, epochs=2, batch_size=1000),
                               0, tmp_path / "evaluator")
     assert metrics["train_images"] == train_size < 1000 and len(calls) == 2
 
@@ -153,7 +153,7 @@ def test_embedding_reads_one_batch_at_a_time_and_the_batch_does_not_change_resul
 # --- evaluate ---------------------------------------------------------------------------------------------------
 
 def evaluate_params(batch_size: int):
-    return params_from_dict({"image_size": 16, "device": "cpu", "filter": {"classes": CLASSES, "merges": {}},
+    return params_with({"image_size": 16, "device": "cpu", "filter": {"classes": CLASSES, "merges": {}},
                              "evaluate": {"bootstrap": 10, "kid_subset": 4, "prdc_k": 2, "train_reference": 64,
                                           "diversity_pairs": 16, "untrained_images": 0, "batch_size": batch_size}})
 
@@ -238,7 +238,7 @@ def model_dir(tmp_path_factory, data):
 
 
 def sample_params(batch_size: int):
-    return params_from_dict({
+    return params_with({
         "image_size": 16, "device": "cpu", "filter": {"classes": CLASSES, "merges": {}},
         "train": {"unet": {"block_out_channels": [8, 16], "cross_attention": [False, True], "norm_num_groups": 4,
                            "attention_head_dim": 2}},

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_diffusion.config import params_from_dict
+from cxr_diffusion.config import params_with
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.data.nih import DataError, index_nih_root
 from cxr_diffusion.data.prepare import prepare_shards
@@ -41,7 +41,7 @@ def quirky_download(root):
 
 
 def tiny_params(root, **prepare):
-    return params_from_dict({
+    return params_with({
         "seed": 0, "image_size": 32,
         "dataset": {"source": "nih", "nih_root": str(root)},
         "filter": {"classes": ["Effusion", "No Finding"], "merges": {},

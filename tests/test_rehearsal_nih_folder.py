@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cxr_diffusion.config import params_from_dict
+from cxr_diffusion.config import params_with
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.data.nih import NIH_HEADER, index_nih_root, read_metadata_csv
 from cxr_diffusion.data.phantom.assets import nih_metadata_csv
@@ -129,7 +129,7 @@ def test_dataset_and_filter_stages_keep_the_rendered_ids_and_reject_the_rest_as_
     monkeypatch.chdir(REPO)  # the profile names its include list relative to the repository, as DVC runs it
     profile = yaml.safe_load((REPO / "profiles/nih-512.yaml").read_text())
     profile["dataset"]["nih_root"] = str(root)
-    params = params_from_dict(profile)
+    params = params_with(profile)
     assert params.dataset.source == "nih" and params.filter.include_list
 
     dataset = build_dataset(params, tmp_path / "dataset", tmp_path / "dataset.json")

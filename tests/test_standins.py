@@ -29,7 +29,7 @@ from conftest import make_nih_download, nih_row
 from cxr_diffusion.assets import catalog, download
 from cxr_diffusion.cli import app
 from cxr_diffusion.conditioning.elixr_files import scan_elixr_source
-from cxr_diffusion.config import ClipConfig, ElixrConfig, load_params
+from cxr_diffusion.config import ClipConfig, ElixrConfig, load_params, profile_section
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3, load_inception
 from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121, load_xrv_densenet
 from cxr_diffusion.rehearsal import nih_folder, standin_elixr, standin_models, standin_weights
@@ -120,7 +120,7 @@ def test_vae_config_is_sd_vae_ft_mse_and_maps_512_px_to_64_by_64_by_4():
 # ----------------------------------------------------------------------------- CLIP
 
 def test_the_tokenizer_pads_every_prompt_to_77_tokens_with_the_end_token_as_clips(tmp_path):
-    prompts = standin_models.prompt_corpus(ClipConfig())
+    prompts = standin_models.prompt_corpus(profile_section(ClipConfig))
     tokenizer = standin_models.write_clip_tokenizer(tmp_path, prompts, 49408, 77)
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
@@ -136,7 +136,7 @@ def test_the_tokenizer_pads_every_prompt_to_77_tokens_with_the_end_token_as_clip
 def test_vocab_json_and_merges_txt_alone_tokenize_as_tokenizer_json(tmp_path):
     from transformers import CLIPTokenizer
 
-    prompts = standin_models.prompt_corpus(ClipConfig())
+    prompts = standin_models.prompt_corpus(profile_section(ClipConfig))
     (tmp_path / "full").mkdir()
     (tmp_path / "slow").mkdir()
     standin_models.write_clip_tokenizer(tmp_path / "full", prompts, 49408, 77)
@@ -185,7 +185,7 @@ def test_elixr_snapshot_is_the_published_layout_read_by_the_pipeline(tmp_path):
     with h5py.File(shards[0], "r") as handle:
         assert handle["Image Index"][0] == b"00000001_000.png"
         assert handle["img_emb"].dtype == np.float32 and handle["img_emb"].shape[1:] == (32, 768)
-    source = scan_elixr_source(ElixrConfig(path=str(tmp_path)))
+    source = scan_elixr_source(profile_section(ElixrConfig, path=str(tmp_path)))
     assert source.layout == "snapshot" and sorted(i for f in source.files for i in f.image_ids) == ids
     assert {f.shape for f in source.files} == {(32, 768)}
 
@@ -200,7 +200,7 @@ def test_an_image_keeps_its_elixr_embedding_whatever_the_other_ids(tmp_path):
 def test_the_elixr_standin_holds_the_nih_folders_images_and_a_few_others(standins_root):
     root, _ = standins_root
     label = json.loads((root / FOLDERS["elixr"] / "STANDIN.json").read_text())
-    source = scan_elixr_source(ElixrConfig(path=str(root / FOLDERS["elixr"])))
+    source = scan_elixr_source(profile_section(ElixrConfig, path=str(root / FOLDERS["elixr"])))
     held = {i for f in source.files for i in f.image_ids}
     assert set(NIH_IDS[:4]) <= held and label["rehearsal_images"] == 4
     others = held - set(NIH_IDS[:4])

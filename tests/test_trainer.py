@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxr_diffusion.config import params_from_dict
+from cxr_diffusion.config import params_with
 from cxr_diffusion.diffusion import trainer as trainer_module
 from cxr_diffusion.diffusion.checkpoints import list_checkpoints
 from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, train_branch
@@ -32,7 +32,7 @@ TINY_TRAIN = {
 
 def tiny_params(**overrides):
     train = {**TINY_TRAIN, **overrides.pop("train", {})}
-    return params_from_dict({"image_size": 16, "filter": {"classes": ["Effusion", "No Finding"], "merges": {}},
+    return params_with({"image_size": 16, "filter": {"classes": ["Effusion", "No Finding"], "merges": {}},
                              "train": train, **overrides})
 
 
@@ -102,10 +102,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data, uninterrupted):
     params_file.write_text(json.dumps({"image_size": 16, "filter": {"classes": ["Effusion", "No Finding"], "merges": {}},
                                        "train": TINY_TRAIN}))
     code = (
-        "import json, sys; from pathlib import Path; from cxr_diffusion.config import params_from_dict;"
+        "import json, sys; from pathlib import Path; from cxr_diffusion.config import params_with;"
         "from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch;"
         "root, prepared, store = map(Path, sys.argv[1:4]);"
-        "p = params_from_dict(json.loads((root / 'params.json').read_text()));"
+        "p = params_with(json.loads((root / 'params.json').read_text()));"
         "train_branch(p, 'elixr', TrainPaths(prepared, store, None, root / 'model', root / 'checkpoints', root / 'live'))"
     )
     args = [sys.executable, "-c", code, str(tmp_path), str(data["prepared"]), str(data["store"])]
@@ -165,7 +165,7 @@ def test_non_finite_losses_stop_with_a_clear_error_and_keep_the_last_checkpoint(
 
 
 def test_top_level_lr_overrides_every_branch(tmp_path, data):
-    result = train_branch(tiny_params(lr="1e-05", train={"max_steps": 2, "lr_schedule": "constant"}), "elixr",
+    result = train_branch(tiny_params(lr=1e-05, train={"max_steps": 2, "lr_schedule": "constant"}), "elixr",
                           paths_in(tmp_path, data))
     assert result["lr"] == pytest.approx(1e-5)
     logged = (tmp_path / "live" / "plots" / "metrics" / "train" / "lr.tsv").read_text().splitlines()[1:]
@@ -180,10 +180,10 @@ def test_branch_rate_is_used_without_override():
 DRIVER = """
 import json, sys
 from pathlib import Path
-from cxr_diffusion.config import params_from_dict
+from cxr_diffusion.config import params_with
 from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 root, prepared, store = map(Path, sys.argv[1:4])
-params = params_from_dict(json.loads((root / "params.json").read_text()))
+params = params_with(json.loads((root / "params.json").read_text()))
 result = train_branch(params, "elixr", TrainPaths(prepared, store, None, root / "model", root / "checkpoints", root / "live"))
 print("RESULT " + json.dumps(result))
 """
@@ -271,18 +271,6 @@ def test_no_checkpoints_when_checkpoint_every_steps_is_null(tmp_path, data, unin
 
     assert list_checkpoints(tmp_path / "checkpoints") == []
     assert_same_weights(final_unet(tmp_path), final_unet(uninterrupted[0]))
-
-
-def test_swap_weights_exchanges_values_without_copying():
-    parameters, others = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))], \
-        [torch.ones(3), torch.full((2, 2), 2.0)]
-    pointers = [p.data_ptr() for p in parameters], [o.data_ptr() for o in others]
-
-    trainer_module.swap_weights(parameters, others)
-    assert [p.data_ptr() for p in parameters] == pointers[1] and [o.data_ptr() for o in others] == pointers[0]
-    assert torch.equal(parameters[0].data, torch.ones(3)) and torch.equal(others[1], torch.zeros(2, 2))
-    trainer_module.swap_weights(parameters, others)
-    assert [p.data_ptr() for p in parameters] == pointers[0] and torch.equal(parameters[1].data, torch.zeros(2, 2))
 
 
 @pytest.mark.parametrize(("setting", "device", "expected"), [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cxr_diffusion.config import EvaluateConfig
+from cxr_diffusion.config import EvaluateConfig, profile_section
 from cxr_diffusion.evaluation.xrv_densenet import PATHOLOGIES, XRVDenseNet121, class_scores, load_xrv_densenet
 from cxr_diffusion.evaluation.xrv_metrics import _auroc, xrv_metrics
 from oracle_weights import seeded_state
@@ -92,9 +91,9 @@ class _Images(torch.utils.data.Dataset):
 def test_metrics_null_with_reason_offline_and_complete_with_weights(weights):
     labels = np.tile(np.array([[1, 0, 0], [0, 1, 1], [1, 0, 1], [0, 0, 0]]), (2, 1))
     args = (MEMBERS, _Images(8, 0), labels, _Images(8, 1), labels, _Images(6, 2), 0)
-    offline = xrv_metrics(EvaluateConfig(), *args)
+    offline = xrv_metrics(profile_section(EvaluateConfig), *args)
     assert offline["fd"] is None and "evaluate.xrv_weights" in offline["reason"]
-    config = dataclasses.replace(EvaluateConfig(), xrv_weights=str(weights), bootstrap=10, inception_batch_size=4)
+    config = profile_section(EvaluateConfig, xrv_weights=str(weights), bootstrap=10, inception_batch_size=4)
     result = xrv_metrics(config, *args)
     assert result["fd"] > 0 and result["matched_size"] == 7 and result["classes_not_covered"] == ["No Finding"]
     assert set(result["auroc_vs_requested_labels"]) == {"Infiltration", "Nodule/Mass"}

@@ -26,3 +26,23 @@ def describe_os_error(error: OSError) -> str | None:
         on = f" on {error.filename}" if error.filename else ""
         return f"permission denied{on}: {error.strerror}; check the permissions of that file or folder and rerun"
     return None
+
+
+def user_error_line(error: BaseException) -> str | None:
+    """The one line an entry point prints for an error the user can fix, else None (a bug: let it raise).
+
+    User errors are every ``UserError``, a missing input file, and the OS errors ``describe_os_error``
+    describes. The line is joined onto one line even when it quotes a library's multi-line message
+    (h5py, pyarrow, transformers).
+    """
+    if isinstance(error, UserError):
+        message: str | None = str(error)
+    elif isinstance(error, FileNotFoundError):
+        # Raised by the OS it names the file; raised by our code it already says what to do.
+        message = (f"{error.filename}: no such file; run the stages before this one (dvc repro)" if error.filename
+                   else str(error) or "an input file is missing; run the stages before this one (dvc repro)")
+    elif isinstance(error, OSError):
+        message = describe_os_error(error)
+    else:
+        message = None
+    return None if message is None else " ".join(message.split())

@@ -5,20 +5,25 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from cxr_diffusion.errors import UserError
 
-def _new_beside(target: Path, create: Callable[[Path], None]) -> Path:
-    """Make an unused ``.<name>.<random>.tmp`` beside ``target`` with ``create`` and return it.
+
+def _new_beside(target: Path, create: Callable[[Path], None], suffix: str = ".tmp") -> Path:
+    """Make an unused ``.<name>.<8 hex digits><suffix>`` beside ``target`` with ``create`` and return it.
 
     ``create`` is a plain ``os.open``/``os.mkdir`` asking for 0o666/0o777, so the kernel applies the umask
     (and any default ACL) exactly as for an ordinary write. ``tempfile`` would give 0600/0700, which
@@ -26,13 +31,21 @@ def _new_beside(target: Path, create: Callable[[Path], None]) -> Path:
     is racy (``os.umask`` must set it to read it, for the whole process).
     """
     for _ in range(100):
-        candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}{suffix}")
         try:
             create(candidate)
         except FileExistsError:
             continue
         return candidate
     raise FileExistsError(errno.EEXIST, "no unused temporary name", str(target.parent))
+
+
+def _ours_beside(target: Path, suffix: str) -> list[Path]:
+    """What ``_new_beside(target, ..., suffix)`` made (from a killed run), and nothing else: not a user's
+    ``.dataset.my-notes.tmp``, nor a name that only a glob of an unescaped ``[`` or ``*`` would match."""
+    made = re.compile(re.escape(f".{target.name}.") + r"[0-9a-f]{8}" + re.escape(suffix))
+    return [path for path in target.parent.glob(glob.escape(f".{target.name}.") + "*" + glob.escape(suffix))
+            if made.fullmatch(path.name)]
 
 
 def _create_file(path: Path) -> None:
@@ -64,21 +77,56 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in target.parent.glob(f".{target.name}.*.tmp"):  # from a killed run: never trusted
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in _ours_beside(target, ".tmp"):  # from a killed run: never trusted
+        _remove(leftover)
     tmp = _new_beside(target, lambda path: os.mkdir(path, 0o777))
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(target):
+            for leftover in _ours_beside(target, ".old"):  # a run killed between the two renames below
+                _remove(leftover)
+            # The old copy moves to a fresh name of our own (rename replaces the empty placeholder), so no
+            # folder we did not make is ever removed, whatever lies beside the target.
+            placeholder = (lambda path: os.mkdir(path, 0o700)) if target.is_dir() and not target.is_symlink() \
+                else _create_file
+            old = _new_beside(target, placeholder, ".old")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder of ours; a symlink is removed itself, never followed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class JsonFileError(UserError, ValueError):
+    """A JSON file we read is not valid JSON of the expected shape."""
+
+
+def read_json(path: str | os.PathLike, fix: str, kind: type = dict) -> Any:
+    """Read a JSON file the pipeline or a user wrote; anything malformed is one line naming the file and ``fix``.
+
+    Covers what ``json.loads`` raises on hostile input: bad syntax, non-UTF-8 bytes, nesting deep enough
+    for a ``RecursionError``, and integers past Python's digit limit (a ``ValueError``). ``kind`` is the
+    type the top level must have (an object by default).
+    """
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).splitlines()[0][:200]
+        raise JsonFileError(f"{path}: not valid JSON ({reason}); {fix}") from None
+    if not isinstance(payload, kind):
+        raise JsonFileError(f"{path}: expected a JSON {kind.__name__}, found {type(payload).__name__}; {fix}")
+    return payload
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
@@ -130,3 +178,32 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def plain_file_mode(folder: str | Path) -> int:
+    """The permission bits a plain ``open(path, "w")`` gets in ``folder`` (0o666 less the umask, or what a
+    default ACL gives), read from a probe file: ``os.umask`` cannot be read without setting it for the whole
+    process, which races with every other thread creating files."""
+    for _ in range(100):
+        probe = Path(folder) / f".mode-probe.{secrets.token_hex(4)}.tmp"
+        try:
+            descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return stat.S_IMODE(os.fstat(descriptor).st_mode)
+        finally:
+            os.close(descriptor)
+            probe.unlink()
+    raise FileExistsError(f"{folder}: no unused name for a mode probe")
+
+
+def give_plain_modes(paths: list[Path]) -> None:
+    """Give files the mode of a plain write in their folder. The safetensors writer creates its files 0600
+    (through a temporary file of its own), which colleagues sharing a DVC cache or a model folder cannot read."""
+    modes: dict[Path, int] = {}
+    for path in paths:
+        folder = path.parent
+        if folder not in modes:
+            modes[folder] = plain_file_mode(folder)
+        os.chmod(path, modes[folder])

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cxr_diffusion.config import Params, load_params
-from cxr_diffusion.errors import UserError, describe_os_error
+from cxr_diffusion.errors import UserError, user_error_line
 
 
 def run_stage(name: str, params_path: Path, body: Callable[[Params], object]) -> None:
@@ -19,20 +19,9 @@ def run_stage(name: str, params_path: Path, body: Callable[[Params], object]) ->
     try:
         params = load_params(params_path)
         body(params)
-    except UserError as error:
-        _fail(name, str(error))
-    except FileNotFoundError as error:
-        # Raised by the OS it names the file; raised by our code it already says what to do.
-        _fail(name, f"{error.filename}: no such file; run the stages before this one (dvc repro)" if error.filename
-              else str(error) or "an input file is missing; run the stages before this one (dvc repro)")
-    except OSError as error:
-        message = describe_os_error(error)
-        if message is None:
+    except (UserError, OSError) as error:
+        line = user_error_line(error)
+        if line is None:
             raise
-        _fail(name, message)
-
-
-def _fail(name: str, message: str) -> None:
-    # One line even when the message quotes a library's multi-line error (h5py, pyarrow, transformers).
-    print(f"stage {name} failed: {' '.join(message.split())}", file=sys.stderr)
-    raise SystemExit(2) from None
+        print(f"stage {name} failed: {line}", file=sys.stderr)
+        raise SystemExit(2) from None

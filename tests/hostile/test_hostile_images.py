@@ -19,12 +19,12 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
 from cxr_diffusion.cli import app
-from cxr_diffusion.config import PrepareConfig, params_from_dict
-from cxr_diffusion.data import prepare
+from cxr_diffusion.config import PrepareConfig, params_with, profile_section
+from cxr_diffusion.data import decode, prepare
 from cxr_diffusion.data.decode import DecodeBudget, DecodeError, decode_grayscale, preprocess, read_image_file
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.data.nih import DataError
@@ -32,9 +32,9 @@ from cxr_diffusion.data.prepare import image_roots, prepare_shards, resolve_imag
 from cxr_diffusion.data.sources import build_dataset
 from cxr_diffusion.sampling import sample
 
-from conftest import make_nih_download, nih_row, png_bytes
+from conftest import gradient_image, make_nih_download, nih_row, png_bytes
 
-BUDGET = DecodeBudget.from_config(PrepareConfig())  # what prepare and generate --reference use by default
+BUDGET = DecodeBudget.from_config(profile_section(PrepareConfig))  # what prepare and generate --reference use by default
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -112,7 +112,7 @@ def test_bytes_that_are_no_image_give_the_same_reason_every_time_with_no_memory_
             decode_grayscale(b"this is not an image at all", BUDGET)
         reasons.append(str(error.value))
     # PIL's own message named the BytesIO by its address (`<_io.BytesIO object at 0x7f...>`)
-    assert reasons == ["decode_error: not an image file PIL can read (PNG, JPEG, BMP, TIFF, ...)"] * 2
+    assert reasons == ["decode_error: not a PNG or JPEG image (the formats prepare reads)"] * 2
 
 
 def test_a_12bit_image_in_a_16bit_png_without_sbit_uses_the_full_range():
@@ -136,6 +136,68 @@ def test_a_file_larger_than_any_image_within_the_budget_is_refused_unread(tmp_pa
         read_image_file(tmp_path / "big.png", small_budget)
     assert str(error.value) == ("file_too_large: 1056577 bytes > 1056576 "
                                 "(8 bytes per pixel of prepare.max_pixels 1000, plus 1 MiB)")
+
+
+# --- other formats under a .png name: PIL opens PNG and JPEG only -------------------------------
+
+NOT_PNG_OR_JPEG = "decode_error: not a PNG or JPEG image (the formats prepare reads)"
+
+
+def malformed_dds(fourcc: bytes = b"ZZZZ") -> bytes:
+    """A 64x64 DDS whose pixel format is a FourCC no decoder knows (PIL: NotImplementedError)."""
+    pixel_format = struct.pack("<II4sIIIII", 32, 0x4, fourcc, 0, 0, 0, 0, 0)  # DDPF_FOURCC
+    header = (struct.pack("<7I", 124, 0x1007, 64, 64, 0, 0, 0) + bytes(44) + pixel_format
+              + struct.pack("<5I", 0x1000, 0, 0, 0, 0))
+    return b"DDS " + header + bytes(4096)
+
+
+def malformed_tiff() -> bytes:
+    """A 64x64 8-bit TIFF whose StripOffsets tag is a RATIONAL, not an integer (PIL: TypeError)."""
+    tags = [(256, 3, 64), (257, 3, 64), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 5, 200), (277, 3, 1),
+            (278, 3, 64), (279, 4, 4096)]
+    directory = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", tag, kind, 1, value)
+                                                        for tag, kind, value in tags)
+    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + bytes(5000)
+
+
+def other_format(format_name: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(gradient_image((64, 64))).save(buffer, format=format_name)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data", [malformed_dds(), malformed_dds(b"DX10"), malformed_tiff()],
+                         ids=["dds_unknown_fourcc", "dds_dx10_unknown_dxgi", "tiff_rational_strip_offsets"])
+def test_a_malformed_dds_or_tiff_named_png_is_a_stable_reject_not_a_crash(tmp_path, data):
+    (tmp_path / "00000001_000.png").write_bytes(data)
+    assert refused(read_image_file(tmp_path / "00000001_000.png", BUDGET)) == NOT_PNG_OR_JPEG
+
+
+@pytest.mark.parametrize("format_name", ["TIFF", "BMP", "GIF", "WEBP"])
+def test_a_well_formed_image_in_another_format_is_refused_before_any_plugin_parses_it(format_name):
+    assert refused(other_format(format_name)) == NOT_PNG_OR_JPEG
+
+
+def test_a_jpeg_is_still_decoded():
+    assert preprocess(other_format("JPEG"), 32, "pad", BUDGET).shape == (32, 32)
+
+
+@pytest.mark.parametrize("exception", [NotImplementedError("no decoder for this"), TypeError("bad tag"),
+                                       IndexError("tuple index out of range"), KeyError("mode")],
+                         ids=["NotImplementedError", "TypeError", "IndexError", "KeyError"])
+def test_any_exception_of_a_png_decoder_is_the_files_reject(monkeypatch, exception):
+    def load(self):
+        raise exception
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
+    assert refused(gray_png(64, 64)) == f"decode_error: {type(exception).__name__}: {exception}"
+
+
+def test_a_bug_in_our_conversion_after_decoding_keeps_its_traceback(monkeypatch):
+    def broken(image, data):
+        raise TypeError("a bug of ours")
+    monkeypatch.setattr(decode, "_to_unit_gray", broken)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        preprocess(gray_png(64, 64), 32, "pad", BUDGET)
 
 
 # --- paths stay inside the allowed roots, symlinks followed ------------------------------------
@@ -176,8 +238,8 @@ def test_a_symlink_that_stays_inside_the_download_is_opened_at_its_target(tmp_pa
 
 
 def test_the_allowed_roots_are_the_dataset_folder_and_for_nih_the_download(tmp_path):
-    nih = params_from_dict({"dataset": {"source": "nih", "nih_root": str(tmp_path / "nih")}})
-    phantom = params_from_dict({"dataset": {"source": "phantom"}})
+    nih = params_with({"dataset": {"source": "nih", "nih_root": str(tmp_path / "nih")}})
+    phantom = params_with({"dataset": {"source": "phantom"}})
     assert image_roots(nih, tmp_path / "dataset") == ((tmp_path / "dataset").resolve(), (tmp_path / "nih").resolve())
     assert image_roots(phantom, tmp_path / "dataset") == ((tmp_path / "dataset").resolve(),)
 
@@ -187,7 +249,7 @@ def test_the_allowed_roots_are_the_dataset_folder_and_for_nih_the_download(tmp_p
 def _staged(tmp_path: Path, images: dict[str, bytes]):
     rows = [nih_row(name, "No Finding", patient=p) for p, name in enumerate(images, start=1)]
     root = make_nih_download(tmp_path / "nih", rows, images)
-    params = params_from_dict({
+    params = params_with({
         "image_size": 16, "dataset": {"source": "nih", "nih_root": str(root)},
         "filter": {"classes": ["No Finding"], "merges": {}, "split": {"val_fraction": 0.0, "test_fraction": 0.0}},
         "prepare": {"shard_size": 8, "row_group_size": 4},
@@ -214,9 +276,20 @@ def test_rejects_csv_is_byte_identical_across_runs_with_a_stable_reason_per_host
     assert pd.read_csv(io.BytesIO(runs[0])).set_index("Image Index")["reason"].to_dict() == {
         "00000011_000.png": "aspect_ratio: 60000x1 exceeds prepare.max_aspect_ratio 2.0",
         "00000012_000.png": "too_small: 1x1 is below prepare.min_side 64",
-        "00000013_000.png": "decode_error: not an image file PIL can read (PNG, JPEG, BMP, TIFF, ...)",
+        "00000013_000.png": "decode_error: not a PNG or JPEG image (the formats prepare reads)",
         "00000014_000.png": "path_outside_dataset",
     }
+
+
+def test_prepare_lists_a_malformed_dds_and_tiff_named_png_as_rejects_and_writes_the_rest(tmp_path):
+    images = {"00000001_000.png": gray_png(64, 64), "00000002_000.png": malformed_dds(),
+              "00000003_000.png": malformed_tiff()}
+    _, params = _staged(tmp_path, images)
+    manifest = prepare_shards(params, tmp_path / "dataset", tmp_path / "filtered" / "filtered.csv", tmp_path / "out",
+                              workers=1)
+    assert manifest["written"] == 1
+    assert pd.read_csv(tmp_path / "out" / "rejects.csv").set_index("Image Index")["reason"].to_dict() == {
+        "00000002_000.png": NOT_PNG_OR_JPEG, "00000003_000.png": NOT_PNG_OR_JPEG}
 
 
 def _killed(job):
@@ -296,3 +369,11 @@ def test_a_missing_reference_is_a_one_line_error(tmp_path, monkeypatch):
     result, _ = generate_reference(tmp_path, monkeypatch, tmp_path / "absent.png")
     assert result.exit_code == 2
     assert result.output == f"error: --reference {tmp_path / 'absent.png'}: missing_file\n"
+
+
+@pytest.mark.parametrize("data", [malformed_dds(), malformed_tiff()], ids=["dds", "tiff"])
+def test_a_malformed_dds_or_tiff_reference_named_png_is_a_one_line_error(tmp_path, monkeypatch, data):
+    (tmp_path / "ref.png").write_bytes(data)
+    result, images = generate_reference(tmp_path, monkeypatch, tmp_path / "ref.png")
+    assert result.exit_code == 2 and not images
+    assert result.output == f"error: --reference {tmp_path / 'ref.png'}: {NOT_PNG_OR_JPEG}\n"

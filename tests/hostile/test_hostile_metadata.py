@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cxr_diffusion.config import FilterConfig, SplitConfig, params_from_dict
+from cxr_diffusion.config import FilterConfig, SplitConfig, params_with, profile_section
 from cxr_diffusion.data.filter import REJECT_REASONS, filter_metadata, read_include_list, run_filter
 from cxr_diffusion.data.nih import NIH_HEADER, DataError, index_nih_root, read_metadata_csv
 from cxr_diffusion.data.prepare import prepare_shards
@@ -40,7 +40,7 @@ def write_metadata(path, rows):
 
 def filter_csv(tmp_path, rows, **config):
     frame = read_metadata_csv(write_metadata(tmp_path / "Data_Entry_2017_v2020.csv", rows))
-    return filter_metadata(frame, set(frame["Image Index"]), FilterConfig(**config), seed=0)
+    return filter_metadata(frame, set(frame["Image Index"]), profile_section(FilterConfig, **config), seed=0)
 
 
 def reject_of(result, image_index):
@@ -100,7 +100,7 @@ def test_string_patient_id_reaches_the_shards_unchanged(tmp_path):
     images = {row["Image Index"]: png_bytes(Image.fromarray(gradient_image((96, 96), seed=i)))
               for i, row in enumerate(rows)}
     download = make_nih_download(tmp_path / "nih", rows, images)
-    params = params_from_dict({
+    params = params_with({
         "image_size": 16, "dataset": {"source": "nih", "nih_root": str(download)},
         "filter": {"classes": ["Effusion", "No Finding"], "merges": {}, "split": {"val_fraction": 0.2,
                                                                                 "test_fraction": 0.2}},
@@ -218,7 +218,7 @@ def test_no_finding_together_with_a_finding_is_a_listed_reject(tmp_path):
 
 def test_image_in_both_official_lists_is_a_listed_reject():
     frame = pd.DataFrame([nih_row("a.png", patient=1), nih_row("b.png", patient=2), nih_row("c.png", patient=3)])
-    config = FilterConfig(split=SplitConfig(method="official"))
+    config = profile_section(FilterConfig, split=profile_section(SplitConfig, method="official"))
     lists = {"test": {"a.png", "b.png"}, "train_val": {"a.png", "c.png"}}
     result = filter_metadata(frame, set(frame["Image Index"]), config, 0, None, lists)
     assert reject_of(result, "a.png") == ("in_both_official_splits", "named by test_list.txt and train_val_list.txt")
@@ -228,11 +228,79 @@ def test_image_in_both_official_lists_is_a_listed_reject():
 
 def test_official_lists_that_are_one_list_twice_are_an_error():
     frame = pd.DataFrame([nih_row("a.png", patient=1), nih_row("b.png", patient=2)])
-    config = FilterConfig(split=SplitConfig(method="official"))
+    config = profile_section(FilterConfig, split=profile_section(SplitConfig, method="official"))
     lists = {"test": {"a.png", "b.png"}, "train_val": {"a.png", "b.png"}}
     message = one_line_error(lambda: filter_metadata(frame, {"a.png", "b.png"}, config, 0, None, lists))
     assert message == ("the official split lists are corrupt: every image of test_list.txt is also in "
                        "train_val_list.txt (2 images); restore NIH's lists or use filter.split.method 'random'")
+
+
+def official_dataset(tmp_path, lists: dict[str, bytes]):
+    """A `dataset` stage output of four patients with NIH's official lists as given (file name -> bytes)."""
+    dataset = tmp_path / "dataset"
+    (dataset / "official").mkdir(parents=True)
+    names = [f"{p:08d}_000.png" for p in range(1, 5)]
+    write_metadata(dataset / "metadata.csv", [nih_row(name, patient=p) for p, name in enumerate(names, start=1)])
+    write_csv(dataset / "image_paths.csv", pd.DataFrame({"Image Index": names, "path": names}))
+    for name, data in lists.items():
+        (dataset / "official" / name).write_bytes(data)
+    return dataset
+
+
+def run_official_filter(tmp_path, dataset, method: str = "official"):
+    config = profile_section(FilterConfig, classes=["No Finding"], merges={},
+                             split=profile_section(SplitConfig, method=method, val_fraction=0.0, test_fraction=0.25))
+    return run_filter(dataset, config, 0, tmp_path / "out", tmp_path / "m.json")
+
+
+TEST_LIST, TRAIN_VAL_LIST = b"00000001_000.png\n", b"00000002_000.png\n00000003_000.png\n00000004_000.png\n"
+
+
+@pytest.mark.parametrize("name", ["test_list.txt", "train_val_list.txt"])
+def test_an_official_list_that_is_not_utf8_is_one_line_naming_the_file_and_line(tmp_path, name):
+    lists = {"test_list.txt": TEST_LIST, "train_val_list.txt": TRAIN_VAL_LIST}
+    lists[name] = lists[name] + b"0000000\xff_000.png\n"
+    dataset = official_dataset(tmp_path, lists)
+    line = lists[name].count(b"\n")
+    assert one_line_error(lambda: run_official_filter(tmp_path, dataset)) == (
+        f"{dataset / 'official' / name}: line {line} is not UTF-8 text (byte 0xff); it must list one Image Index per "
+        f"line: restore NIH's {name} in dataset.nih_root and rerun `dvc repro -f dataset`")
+
+
+def test_the_random_split_never_reads_the_official_lists(tmp_path):
+    dataset = official_dataset(tmp_path, {"test_list.txt": b"\xff\xfe", "train_val_list.txt": b"\x00\xff"})
+    assert len(run_official_filter(tmp_path, dataset, method="random").table) == 4
+
+
+@pytest.mark.parametrize(("present", "missing", "split"), [("train_val_list.txt", "test_list.txt", "test"),
+                                                            ("test_list.txt", "train_val_list.txt", "train_val")])
+def test_a_single_official_list_is_an_error_not_an_empty_split(tmp_path, present, missing, split):
+    lists = {"test_list.txt": TEST_LIST, "train_val_list.txt": TRAIN_VAL_LIST}
+    dataset = official_dataset(tmp_path, {present: lists[present]})
+    assert one_line_error(lambda: run_official_filter(tmp_path, dataset)) == (
+        f"filter.split.method is 'official' but the dataset has {present} and no {missing}: both NIH lists are "
+        f"needed (the {split} split would be empty); add {missing} to dataset.nih_root and rerun "
+        f"`dvc repro -f dataset`, or use filter.split.method 'random'")
+    assert not (tmp_path / "out" / "filtered.csv").exists()
+
+
+@pytest.mark.parametrize(("name", "split", "content"), [("test_list.txt", "test", b""),
+                                                        ("train_val_list.txt", "train_val", b"\n  \n")])
+def test_an_empty_official_list_is_an_error_not_an_empty_split(tmp_path, name, split, content):
+    lists = {"test_list.txt": TEST_LIST, "train_val_list.txt": TRAIN_VAL_LIST}
+    lists[name] = content
+    dataset = official_dataset(tmp_path, lists)
+    assert one_line_error(lambda: run_official_filter(tmp_path, dataset)) == (
+        f"{name} lists no image, so with filter.split.method 'official' the {split} split would be empty; restore "
+        f"NIH's {name} in dataset.nih_root and rerun `dvc repro -f dataset`, or use filter.split.method 'random'")
+
+
+def test_both_official_lists_split_the_dataset_by_them(tmp_path):
+    dataset = official_dataset(tmp_path, {"test_list.txt": TEST_LIST, "train_val_list.txt": TRAIN_VAL_LIST})
+    table = run_official_filter(tmp_path, dataset).table
+    assert dict(zip(table["Image Index"], table["split"])) == {
+        "00000001_000.png": "test", "00000002_000.png": "train", "00000003_000.png": "train",
+        "00000004_000.png": "train"}
 
 
 def test_counts_reconcile_with_every_new_reason(tmp_path):
@@ -255,7 +323,7 @@ def test_filter_that_keeps_no_image_is_an_error_naming_the_params_to_loosen(tmp_
                                               nih_row("c.png", age=120, patient=3)])
     write_csv(dataset / "image_paths.csv", pd.DataFrame({"Image Index": ["a.png", "b.png", "c.png"],
                                                           "path": ["a.png", "b.png", "c.png"]}))
-    message = one_line_error(lambda: run_filter(dataset, FilterConfig(), 0, tmp_path / "out", tmp_path / "m.json"))
+    message = one_line_error(lambda: run_filter(dataset, profile_section(FilterConfig), 0, tmp_path / "out", tmp_path / "m.json"))
     assert message == (f"{dataset / 'metadata.csv'}: the filter kept no image of 3 rows (rejected: view 2, "
                        f"age_out_of_range 1); loosen filter.views, filter.age_min/filter.age_max "
                        f"(every reject is listed in {tmp_path / 'out' / 'rejects.csv'})")
@@ -293,7 +361,7 @@ def test_formula_in_metadata_never_reaches_written_csvs_as_a_formula(tmp_path):
             nih_row("00000002_000.png", "No Finding", patient=2),
             nih_row("00000003_000.png", "Effusion", patient=3, view="@SUM(A1)")]
     download = make_nih_download(tmp_path / "nih", rows)
-    params = params_from_dict({"dataset": {"source": "nih", "nih_root": str(download)},
+    params = params_with({"dataset": {"source": "nih", "nih_root": str(download)},
                                "filter": {"classes": ["Effusion", "No Finding"], "merges": {}}})
     build_dataset(params, tmp_path / "dataset")
     run_filter(tmp_path / "dataset", params.filter, params.seed, tmp_path / "filtered", tmp_path / "filter.json")

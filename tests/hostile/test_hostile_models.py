@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ from cxr_diffusion.cli import app
 from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.model_files import MODEL_FILES, write_model_files
 from cxr_diffusion.diffusion.noise import training_scheduler
+from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
 from cxr_diffusion.diffusion.trainer import Denoiser, TrainPaths, save_pipeline
 from cxr_diffusion.diffusion.unet import build_unet
 from cxr_diffusion.errors import UserError
+from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3
 from cxr_diffusion.sampling.sample import SamplingError, check_generated, generate, load_pipeline
 
 from conftest import gradient_image
@@ -316,3 +319,190 @@ def test_an_unsafe_or_broken_model_folder_is_refused_in_one_line(model, embeddin
     write_model_files(model)  # past the hash check: what diffusers itself would be handed
     line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
     assert line.startswith(f"error: {model / where if where else model}: ") and fragment in line
+
+
+# --- generate: every input and --out checked before sampling --------------------------------------------------
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Sampling fails the test: a refusal must come before it."""
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled before refusing")
+    monkeypatch.setattr(CXRDiffusionPipeline, "denoise", sampled)
+
+
+def saved_embedding(path: Path, array: np.ndarray) -> Path:
+    if path.suffix == ".npy":
+        np.save(path, array)
+    else:
+        save_numpy({"embedding": array}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_generate_refuses_an_embedding_with_no_conditions(model, tmp_path, no_sampling, suffix):
+    path = saved_embedding(tmp_path / f"empty{suffix}", np.zeros((0, TOKENS, DIM), dtype=np.float32))
+    line = refusal(runner.invoke(app, generate_args(model, path, tmp_path / "out")))
+    assert line == (f"error: --embedding {path}: embedding holds no conditions (shape (0, {TOKENS}, {DIM})); give at "
+                    f"least one ({TOKENS}, {DIM}) (tokens, dim) embedding")
+
+
+@pytest.mark.parametrize("rows, per_row", [(300, 1), (129, 2)])
+def test_generate_caps_the_images_of_a_batched_embedding(model, tmp_path, no_sampling, rows, per_row):
+    path = saved_embedding(tmp_path / "many.npy", np.zeros((rows, TOKENS, DIM), dtype=np.float32))
+    args = generate_args(model, path, tmp_path / "out")
+    args[args.index("--num-images") + 1] = str(per_row)
+    line = refusal(runner.invoke(app, args))
+    assert line == (f"error: --embedding {path}: {rows} embeddings x --num-images {per_row} = {rows * per_row} "
+                    f"images, more than the 256 of one run; split the file or lower --num-images")
+
+
+def test_generate_samples_every_row_of_a_batched_embedding(model, tmp_path):
+    path = saved_embedding(tmp_path / "three.npy", np.random.default_rng(0).normal(size=(3, TOKENS, DIM)).astype(np.float32))
+    result = runner.invoke(app, generate_args(model, path, tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "out" / "settings.json").read_text())["files"]) == 6
+
+
+@pytest.mark.parametrize("suffix, dtype", [(".npy", np.bool_), (".npy", np.int32), (".safetensors", np.bool_),
+                                           (".safetensors", np.int64)])
+def test_generate_refuses_an_embedding_that_is_not_floating_point(model, tmp_path, no_sampling, suffix, dtype):
+    path = saved_embedding(tmp_path / f"embedding{suffix}", np.ones((TOKENS, DIM), dtype=dtype))
+    line = refusal(runner.invoke(app, generate_args(model, path, tmp_path / "out")))
+    name = np.dtype(dtype).name
+    if suffix == ".npy":
+        assert line == (f"error: --embedding {path}: not a plain numeric .npy array of floats (dtype {name}); save a "
+                        f"float array with numpy.save")
+    else:
+        assert line == (f"error: --embedding {path}: tensor 'embedding' is {name}; an embedding is floating point "
+                        f"(save it as float32)")
+
+
+@pytest.mark.parametrize("embedding", [torch.ones(TOKENS, DIM, dtype=torch.bool), np.ones((1, TOKENS, DIM), dtype=np.int64)],
+                         ids=["bool tensor", "int64 array"])
+def test_the_pipeline_refuses_an_embedding_that_is_not_floating_point(saved_model, embedding):
+    pipeline = load_pipeline(saved_model, "dpm++")
+    name = "bool" if isinstance(embedding, torch.Tensor) else "int64"
+    with pytest.raises(ValueError, match=f"^embedding has dtype {name}; embeddings are floating point$"):
+        pipeline.make_condition(embedding=embedding)
+
+
+def out_that_is(kind: str, tmp_path: Path) -> tuple[Path, str]:
+    """A bad --out of one ``kind`` and the start of the refusal that names it."""
+    if kind == "a file":
+        (tmp_path / "taken").write_text("x")
+        return tmp_path / "taken", f"--out {tmp_path / 'taken'} is a file, not a folder"
+    if kind == "below a file":
+        (tmp_path / "taken").write_text("x")
+        return tmp_path / "taken" / "out", f"--out {tmp_path / 'taken' / 'out'}: {tmp_path / 'taken'} is a file"
+    if kind == "not empty":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "elixr_0_000.png").write_bytes(b"an earlier run's image")
+        return tmp_path / "out", f"--out {tmp_path / 'out'} already holds files"
+    if kind == "a broken link":
+        (tmp_path / "link").symlink_to(tmp_path / "gone")
+        return tmp_path / "link", f"--out {tmp_path / 'link'} is a broken link"
+    if kind == "a name too long":
+        return tmp_path / ("x" * 300), f"--out {tmp_path / ('x' * 300)}: cannot write there (File name too long)"
+    return Path("/sys/cxr-out"), "--out /sys/cxr-out: cannot write there (Permission denied)"
+
+
+@pytest.mark.parametrize("kind", ["a file", "below a file", "not empty", "a broken link", "a name too long",
+                                  pytest.param("where no one may write", marks=pytest.mark.skipif(
+                                      not Path("/sys/kernel").is_dir(), reason="sysfs refuses new files, even root's"))])
+def test_generate_refuses_a_bad_out_before_sampling(model, embedding, tmp_path, no_sampling, kind):
+    out, start = out_that_is(kind, tmp_path)
+    line = refusal(runner.invoke(app, generate_args(model, embedding, out)))
+    assert line.startswith(f"error: {start}")
+    if kind == "not empty":
+        assert (out / "elixr_0_000.png").read_bytes() == b"an earlier run's image"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_generate_bounds_the_seed_as_the_params_do(model, embedding, tmp_path, no_sampling, seed):
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out", "--seed", str(seed))))
+    assert line == f"error: --seed {seed}: must be at least 0 and below 2**32 (4294967296), as the params' seed"
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda:99", "gpu", "cpu:0"])
+def test_generate_refuses_a_device_this_machine_lacks(model, embedding, tmp_path, no_sampling, device):
+    args = generate_args(model, embedding, tmp_path / "out")
+    args[args.index("--device") + 1] = device
+    line = refusal(runner.invoke(app, args))
+    assert line.startswith(f"error: --device {device!r} is not a device of this machine; use one of: auto, cpu")
+
+
+# --- convert-weights: finite weights only ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inception_state() -> dict[str, torch.Tensor]:
+    """Random Inception-v3 weights of the torchvision flavour, as the converter expects them."""
+    torch.manual_seed(0)
+    return {k: v.float() for k, v in InceptionV3(InceptionSpec("torchvision", "pool")).state_dict().items()}
+
+
+@pytest.mark.parametrize("tensor, value", [("fc.weight", float("nan")), ("Conv2d_1a_3x3.conv.weight", float("inf")),
+                                           ("Mixed_7c.branch_pool.bn.running_var", float("-inf"))])
+def test_convert_weights_refuses_non_finite_weights_naming_the_tensor(inception_state, tmp_path, tensor, value):
+    state = dict(inception_state)
+    state[tensor] = state[tensor].clone()
+    state[tensor].view(-1)[:3] = value
+    source = tmp_path / "inception.safetensors"
+    save_file(state, str(source))
+    target = tmp_path / "converted.safetensors"
+    line = refusal(runner.invoke(app, ["convert-weights", str(source), str(target), "--flavour", "torchvision"]))
+    assert line == (f"error: {source}: tensor '{tensor}' has 3 NaN or infinite values; a published checkpoint has "
+                    f"none: download it again")
+    assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["inception.safetensors"]
+
+
+# --- safetensors files get the mode of a plain write ------------------------------------------------------------
+
+
+def plain_mode(folder: Path) -> int:
+    """The mode ``open(path, "w")`` gives a new file in ``folder``."""
+    probe = folder / "plain-write"
+    probe.write_text("")
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    return mode
+
+
+def test_every_file_of_a_saved_model_has_the_mode_of_a_plain_write(saved_model):
+    modes = {p.relative_to(saved_model).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in saved_model.rglob("*") if p.is_file()}
+    assert UNET_WEIGHTS.as_posix() in modes
+    assert modes == dict.fromkeys(modes, plain_mode(saved_model))
+
+
+def test_convert_weights_writes_a_file_with_the_mode_of_a_plain_write(inception_state, tmp_path):
+    source = tmp_path / "inception.safetensors"
+    save_file(inception_state, str(source))
+    target = tmp_path / "converted.safetensors"
+    result = runner.invoke(app, ["convert-weights", str(source), str(target), "--flavour", "torchvision"])
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(target.stat().st_mode) == plain_mode(tmp_path)
+
+
+def test_a_training_checkpoint_has_the_mode_of_a_plain_write(tmp_path):
+    from cxr_diffusion.diffusion.checkpoints import TrainingState, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    saved = save_checkpoint(tmp_path, TrainingState(step=1, config_hash="x"), {"model": model}, optimizer,
+                            {"torch": torch.get_rng_state()}, 1, {"ema": {"0": torch.zeros(2)}}, log=lambda line: None)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in saved.iterdir()}
+    assert "optimizer.safetensors" in modes and "ema.safetensors" in modes
+    assert modes == dict.fromkeys(modes, plain_mode(tmp_path))
+
+
+def test_the_evaluator_is_saved_with_the_mode_of_a_plain_write(tmp_path):
+    from cxr_diffusion.evaluation.evaluator import ClassifierSpec, CXRClassifier, save_classifier
+
+    save_classifier(CXRClassifier(ClassifierSpec(("Effusion",), 4, 8, 16)), tmp_path / "evaluator", {})
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "evaluator").iterdir()}
+    assert modes == dict.fromkeys(modes, plain_mode(tmp_path))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import types
 import typing
 from pathlib import Path
@@ -12,23 +11,30 @@ import pytest
 from dvc.utils.serialize import parse_yaml
 from ruamel.yaml import YAML
 
-from cxr_diffusion.config import Params, ParamsError, load_params, params_from_dict
+from cxr_diffusion.config import Params, ParamsError, Section, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
 
 
-def _numeric_keys(cls: type, prefix: str = "") -> typing.Iterator[str]:
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        annotation, key = hints[field.name], f"{prefix}{field.name}"
-        options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-            else (annotation,)
-        for option in options:
-            if dataclasses.is_dataclass(option):
-                yield from _numeric_keys(option, key + ".")
-            elif option in (int, float):
-                yield key
+def _numeric_types(annotation: object) -> typing.Iterator[object]:
+    """int/float/section types inside ``X``, ``Annotated[X, ...]`` and ``X | None``."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        yield from _numeric_types(typing.get_args(annotation)[0])
+    elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            yield from _numeric_types(option)
+    elif annotation in (int, float) or (isinstance(annotation, type) and issubclass(annotation, Section)):
+        yield annotation
+
+
+def _numeric_keys(cls: type[Section], prefix: str = "") -> typing.Iterator[str]:
+    for name, info in cls.model_fields.items():
+        for option in _numeric_types(info.annotation):
+            if option in (int, float):
+                yield f"{prefix}{name}"
+            else:
+                yield from _numeric_keys(option, f"{prefix}{name}.")
 
 
 def _with(key: str, value: object) -> dict:
@@ -52,22 +58,71 @@ def test_the_sweep_covers_every_numeric_param():
 def test_every_numeric_param_refuses_minus_a_billion_naming_its_key(key):
     with pytest.raises(ParamsError) as refused:
         params_from_dict(_with(key, -10**9))
-    assert key.split(".")[-1] in str(refused.value)
+    assert f"'{key}' is -1000000000; must be " in str(refused.value)
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+def test_every_numeric_param_refuses_a_trillion_naming_its_key(key):
+    """Upper bounds: `num_train_timesteps: 1e9` used to hang building the schedule, huge batches exhaust memory."""
+    with pytest.raises(ParamsError) as refused:
+        params_from_dict(_with(key, 10**12))
+    assert f"'{key}' " in str(refused.value) and "must be" in str(refused.value)
+
+
+def test_num_train_timesteps_of_a_billion_is_refused_at_once():
+    with pytest.raises(ParamsError, match=r"'train.num_train_timesteps' is 1000000000; must be in \[1, 10000\]"):
+        params_from_dict(_with("train.num_train_timesteps", 10**9))
+
+
+@pytest.mark.parametrize("key, value", [("channels", True), ("image_size", True), ("train.batch_size", False),
+                                        ("train.grad_clip", True), ("seed", "3"), ("train.batch_size", 32.5),
+                                        ("train.unet.cross_attention", [1, 0, 1]), ("train.zero_terminal_snr", "yes")])
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(key, value):
+    """`channels: true` used to be read as 1; strict types keep true, "3", 32.5 and 1/0 for what they are."""
+    with pytest.raises(ParamsError, match=rf"'{key}(\[0\])?' is .*; expected"):
+        params_from_dict(_with(key, value))
+
+
+def test_a_missing_key_is_an_error_naming_it_not_a_hidden_default():
+    data = copy.deepcopy(DEFAULT)
+    del data["train"]["max_steps"]
+    with pytest.raises(ParamsError, match=r"'train.max_steps' is missing; every key must be set in params.yaml"):
+        params_from_dict(data)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """436 bytes of nested aliases used to hang the loader (expanding to ~10**9 items in the error message)."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\nseed: *a8\n")
+    with pytest.raises(ParamsError, match=r"line 2: YAML aliases \(\*a0\) are not supported"):
+        load_params(path)
+
+
+def test_an_oversized_params_file_is_refused_without_parsing(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"seed: 0\n" + b"#" * (2 << 20))
+    with pytest.raises(ParamsError, match=r"is 2097160 bytes; a params file is a few KB"):
+        load_params(path)
 
 
 def test_seed_with_a_leading_zero_is_read_as_dvc_records_it(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("seed: 010\n")  # YAML 1.1 (PyYAML) reads octal 8; DVC writes 10 into dvc.lock
+    text = (REPO / "params.yaml").read_text()
+    path.write_text(text.replace("\nseed: 0 ", "\nseed: 010 ", 1))  # YAML 1.1 (PyYAML) reads octal 8; DVC writes 10
+    assert "seed: 010 " in path.read_text()
     assert load_params(path).seed == parse_yaml(path.read_text(), str(path))["seed"] == 10
 
 
 def test_seed_beyond_numpys_range_is_refused():
-    with pytest.raises(ParamsError, match=r"'seed' is 4294967296; must be in \[0, 2\*\*32 - 1\]"):
+    with pytest.raises(ParamsError, match=r"'seed' is 4294967296; must be in \[0, 4294967296\)"):
         params_from_dict(_with("seed", 2**32))
 
 
 def test_learning_rate_above_one_is_refused():
-    with pytest.raises(ParamsError, match=r"'train.lr.elixr' must be in \(0, 1\]"):
+    with pytest.raises(ParamsError, match=r"'train.lr.elixr' is 10.0; must be in \(0, 1\]"):
         params_from_dict(_with("train.lr.elixr", 10.0))
 
 

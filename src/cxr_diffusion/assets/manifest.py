@@ -3,12 +3,12 @@ file it placed, so that `doctor` can tell an asset that changed in place since i
 
 from __future__ import annotations
 
-import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr_diffusion.assets.download import AssetError
-from cxr_diffusion.io import sha256_file, write_json
+from cxr_diffusion.io import JsonFileError, read_json, sha256_file, write_json
 
 VERSION = 1
 
@@ -49,19 +49,59 @@ def differences(recorded: dict, path: Path, limit: int = 5) -> list[str]:
     return found[:limit]
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FIX = "move it away and rerun `cxr-diffusion fetch` (it re-checks what is in place)"
+
+
 def read_manifest(path: Path) -> dict[str, dict]:
-    """The recorded assets by name; empty when nothing was fetched yet."""
+    """The recorded assets by name, each entry checked (see ``_check_entry``); empty when nothing was fetched yet."""
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        data = None
-    assets = data.get("assets") if isinstance(data, dict) and data.get("version") == VERSION else None
+        data = read_json(path, f"it is not a fetch manifest (version {VERSION}): {_FIX}")
+    except JsonFileError as error:
+        raise AssetError(str(error)) from None  # fetch and doctor report an AssetError in one line
+    assets = data.get("assets") if data.get("version") == VERSION else None
     if not isinstance(assets, dict):
-        raise AssetError(f"{path} is not a fetch manifest (version {VERSION}); move it away and rerun "
-                         "`cxr-diffusion fetch` (it re-checks what is in place)")
+        raise AssetError(f"{path} is not a fetch manifest (version {VERSION}); {_FIX}")
+    for name, entry in assets.items():
+        _check_entry(path, name, entry)
     return assets
+
+
+def _printable(key: str) -> str:
+    return key if key.isprintable() and len(key) <= 80 else repr(key)[:80]
+
+
+def _check_entry(path: Path, name: str, entry: object) -> None:
+    """What `doctor` and `fetch` read of an entry: target, source, kind, and each file's sha256 and size."""
+    name = _printable(name)
+    def refuse(key: str, value: object, expected: str) -> None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise AssetError(f"{path}: assets.{key} is {shown}, expected {expected}; {_FIX}")
+
+    if not isinstance(entry, dict):
+        refuse(name, entry, "an object with target, source, kind and files")
+    for key in ("target", "source", "kind", "files"):
+        if key not in entry:
+            raise AssetError(f"{path}: assets.{name} has no '{key}' key; {_FIX}")
+    if not isinstance(entry["target"], str):
+        refuse(f"{name}.target", entry["target"], "the asset's path as text")
+    if not isinstance(entry["source"], dict):
+        refuse(f"{name}.source", entry["source"], "an object saying where it was fetched from")
+    if entry["kind"] not in ("file", "directory"):
+        refuse(f"{name}.kind", entry["kind"], "'file' or 'directory'")
+    if not isinstance(entry["files"], dict):
+        refuse(f"{name}.files", entry["files"], "an object of file name -> {sha256, size}")
+    for file, recorded in entry["files"].items():
+        key = f"{name}.files.{_printable(file)}"
+        if not isinstance(recorded, dict):
+            refuse(key, recorded, "an object with sha256 and size")
+        if not isinstance(recorded.get("sha256"), str) or not _SHA256.fullmatch(recorded["sha256"]):
+            refuse(f"{key}.sha256", recorded.get("sha256"), "64 lowercase hex digits")
+        size = recorded.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            refuse(f"{key}.size", size, "a whole number of bytes, 0 or more")
 
 
 def record(path: Path, name: str, target: str, source: dict, contents: dict) -> dict:

@@ -9,25 +9,23 @@ whose prompt matches counts as a positive, not only the diagonal.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from cxr_diffusion.config import NO_FINDING, ClipConfig, DemoClipConfig
+from cxr_diffusion.config import NO_FINDING, ClipConfig, DemoClipConfig, ParamsError
 from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.data.nih import DataError
-from cxr_diffusion.data.shards import MANIFEST, read_manifest
+from cxr_diffusion.data.shards import MANIFEST, iter_row_groups
 from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
 
@@ -56,14 +54,11 @@ def build_image_processor(image_size: int):
 def read_split(prepared_dir: Path, split: str) -> tuple[list[Image.Image], pd.DataFrame]:
     """All images of a split as PIL images, with their rows (demo-sized data only)."""
     images, rows = [], []
-    for shard in read_manifest(prepared_dir)["shards"]:
-        if shard["split"] != split:
-            continue
-        table = pq.read_table(prepared_dir / shard["file"], columns=["image", "image_index", "finding_labels", "labels"])
-        for record in table.to_pylist():
-            images.append(Image.open(io.BytesIO(record["image"]["bytes"])).convert("RGB"))
-            rows.append({"Image Index": record["image_index"], "Finding Labels": record["finding_labels"],
-                         "labels": record["labels"]})
+    for group in iter_row_groups(prepared_dir, ["image", "image_index", "finding_labels", "labels"], split):
+        for image, name, labels, multi_hot in zip(group["image"], group["image_index"], group["finding_labels"],
+                                                  group["labels"]):
+            images.append(image.convert("RGB"))
+            rows.append({"Image Index": name, "Finding Labels": labels, "labels": multi_hot})
     return images, pd.DataFrame(rows, columns=["Image Index", "Finding Labels", "labels"])
 
 
@@ -138,6 +133,20 @@ def demo_clip_loss(model, pixels: torch.Tensor, tokens, batch_prompts: torch.Ten
     return prompt_contrastive_loss(image, text, target, model.logit_scale)
 
 
+def check_prompts_stay_distinct(tokenizer, prompts: list[str], max_length: int) -> None:
+    """Refuse a ``clip.demo.max_length`` that cuts two different prompts to the same tokens: the CLIP
+    (and the clip_text model after it) could not tell their findings apart."""
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
+    if max(lengths, default=0) <= max_length:
+        return
+    seen: dict[tuple[int, ...], str] = {}
+    for prompt, ids in zip(prompts, tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]):
+        other = seen.setdefault(tuple(ids), prompt)
+        if other != prompt:
+            raise ParamsError(f"params: 'clip.demo.max_length' is {max_length}; the prompts {other!r} and {prompt!r} "
+                              f"are cut to the same tokens; set it to at least {max(lengths)} (the longest prompt)")
+
+
 def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[str], members: dict[str, tuple[str, ...]],
                     seed: int, out_dir: str | Path, metrics_path: str | Path | None = None,
                     device: torch.device = torch.device("cpu")) -> dict:
@@ -166,6 +175,7 @@ def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[
     class_prompts = [prompt_for(member, config) for name in classes for member in members[name] if member != NO_FINDING]
     corpus = sorted(set(train_prompts) | set(val_prompts))
     tokenizer = train_prompt_tokenizer(corpus + class_prompts + [config.normal_prompt], demo.vocab_size, demo.max_length)
+    check_prompts_stay_distinct(tokenizer, corpus + class_prompts + [config.normal_prompt], demo.max_length)
     processor = build_image_processor(demo.image_size)
     model = build_demo_clip(demo, tokenizer).to(device)  # initialised on the CPU: the same weights on every device
 

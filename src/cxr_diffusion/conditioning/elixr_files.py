@@ -22,7 +22,6 @@ scan time; embeddings are read block by block (``iter_embedding_blocks``).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ import pyarrow.parquet as pq
 
 from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.data.nih import DataError
-from cxr_diffusion.io import atomic_path, write_json
+from cxr_diffusion.io import atomic_path, read_json, write_json
 
 HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
@@ -157,8 +156,9 @@ def read_snapshot_index(root: Path) -> tuple[dict[str, dict[str, FeatureSpec]], 
     """``({dataset name: {feature name: spec}}, info)`` from ``root/datasets.json``, at any nesting depth."""
     path = root / SNAPSHOT_INDEX
     try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        index = read_json(path, "download the ELIXR snapshot's datasets.json again (or rerun `dvc repro -f "
+                                "elixr_standin` for the stand-in)", kind=object)
+    except OSError as error:
         raise DataError(f"{path}: not a readable JSON file ({error})") from error
     if not isinstance(index, dict) or not isinstance(index.get("datasets"), dict):
         raise DataError(f"{path}: expected an object with a 'datasets' mapping (found "

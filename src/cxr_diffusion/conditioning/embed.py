@@ -5,14 +5,12 @@ Each writes a condition store (``conditioning/store.py``) keyed by Image Index.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -23,7 +21,7 @@ from cxr_diffusion.conditioning.clip import clip_source, encode_images, encode_p
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
 from cxr_diffusion.data.nih import DataError
-from cxr_diffusion.data.shards import MANIFEST, read_manifest
+from cxr_diffusion.data.shards import MANIFEST, iter_row_groups, read_manifest
 from cxr_diffusion.device import describe_device, half_dtype
 from cxr_diffusion.io import write_csv, write_json
 
@@ -77,18 +75,14 @@ def read_filtered_table(path: Path) -> pd.DataFrame:
 
 def iter_prepared_images(prepared_dir: str | Path, batch_size: int) -> Iterator[tuple[list[str], list[Image.Image]]]:
     """(Image Index list, PIL list) batches over every prepared image, all splits, one row group at a time."""
-    prepared_dir = Path(prepared_dir)
     names, images = [], []
-    for shard in read_manifest(prepared_dir)["shards"]:
-        parquet = pq.ParquetFile(prepared_dir / shard["file"])
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group, columns=["image", "image_index"])
-            for image, name in zip(table.column("image").to_pylist(), table.column("image_index").to_pylist()):
-                names.append(name)
-                images.append(Image.open(io.BytesIO(image["bytes"])))
-                if len(names) == batch_size:
-                    yield names, images
-                    names, images = [], []
+    for group in iter_row_groups(prepared_dir, ["image", "image_index"]):  # checked, decoded by the one decoder
+        for image, name in zip(group["image"], group["image_index"]):
+            names.append(name)
+            images.append(image)
+            if len(names) == batch_size:
+                yield names, images
+                names, images = [], []
     if names:
         yield names, images
 

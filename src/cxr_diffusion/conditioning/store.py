@@ -15,7 +15,6 @@ count toward the process's resident memory, so one pass over a 48k x 32 x 768 st
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import pandas as pd
 import torch
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.io import atomic_directory, write_csv, write_json
+from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, write_csv, write_json
 
 EMBEDDINGS, MASK, INDEX, META = "embeddings.npy", "mask.npy", "index.csv", "store.json"
 
@@ -162,11 +161,10 @@ class ConditionStore:
     def _read_meta(self) -> dict:
         path = self.path / META
         try:
-            meta = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            meta, reason = None, _one_line(error)
-        else:
-            reason = f"found {type(meta).__name__}"
+            meta = read_json(path, "rerun its embed stage", kind=object)
+        except JsonFileError as error:  # bad bytes, syntax, nesting or a huge integer
+            raise StoreError(str(error)) from None
+        reason = f"found {type(meta).__name__}"
         if not isinstance(meta, dict):
             raise StoreError(f"{path}: not a readable JSON object ({reason}); rerun its embed stage")
         missing = [key for key in ("shape", "dtype", "images") if key not in meta]

@@ -1,7 +1,10 @@
 """The one image decoder: any file the real world hands us -> float32 grayscale in [0, 1].
 
 Handles 8- and 16-bit grayscale PNG, RGB/RGBA/LA/palette PNG, and JPEG. Non-square images are
-padded with black or centre-cropped; resizing is antialiased.
+padded with black or centre-cropped; resizing is antialiased. PIL may open these two formats only
+(``_FORMATS``): its other plugins (DDS, TIFF, EPS, ...) would read any file by its magic bytes, whatever
+its name, and a malformed one raises whatever the plugin hits (NotImplementedError, TypeError, ...).
+Any exception a decoder raises on a file is the listed reject ``decode_error: <type>: <message>``.
 
 Decode budget: before a single pixel is decoded, the size in the file's header is checked against
 a ``DecodeBudget`` (``prepare.max_pixels``, ``prepare.max_aspect_ratio``, ``prepare.min_side``),
@@ -26,7 +29,6 @@ import re
 import stat
 import struct
 import warnings
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 Image.MAX_IMAGE_PIXELS = 500_000_000
 _PIL_HARD_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_FORMATS = ("PNG", "JPEG")  # what the NIH download and our own outputs are; the rest of PIL stays shut
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, what PIL's convert('L') uses
 _DATA_BIT_DEPTHS = (10, 12, 14, 16)  # detector depths a 16-bit container may hold without saying so
 _OBJECT_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names the BytesIO by its address
@@ -141,25 +144,40 @@ def decode_grayscale(data: bytes, budget: DecodeBudget) -> np.ndarray:
 
 
 def _decode(data: bytes, budget: DecodeBudget, square: Literal["pad", "center_crop"] | None) -> np.ndarray:
+    image = _open_within(data, budget, square)
+    try:
+        return _to_unit_gray(image, data)
+    except (OSError, ValueError) as error:  # converting decoded pixels; anything else there is our bug
+        raise DecodeError("decode_error", f"{type(error).__name__}: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(_OBJECT_ADDRESS.sub("", str(error)).split())[:200]
+
+
+def _open_within(data: bytes, budget: DecodeBudget, square: Literal["pad", "center_crop"] | None) -> Image.Image:
+    """The decoded PNG or JPEG image, its size checked against ``budget`` from the header first."""
     if not data:
         raise DecodeError("empty_file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget decides, not PIL
-            with Image.open(io.BytesIO(data)) as image:
-                budget.check(*image.size, square)  # from the header: nothing is decoded yet
-                image.load()
-                return _to_unit_gray(image, data)
+            image = Image.open(io.BytesIO(data), formats=_FORMATS)
+            budget.check(*image.size, square)  # from the header: nothing is decoded yet
+            image.load()
+            return image
     except DecodeError:
         raise
     except Image.DecompressionBombError as error:
         raise DecodeError("too_many_pixels",
                           f"over {_PIL_HARD_LIMIT} pixels > prepare.max_pixels {budget.max_pixels}") from error
     except UnidentifiedImageError as error:
-        raise DecodeError("decode_error", "not an image file PIL can read (PNG, JPEG, BMP, TIFF, ...)") from error
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as error:
-        message = _OBJECT_ADDRESS.sub("", str(error))
-        raise DecodeError("decode_error", f"{type(error).__name__}: {message}") from error
+        raise DecodeError("decode_error", "not a PNG or JPEG image (the formats prepare reads)") from error
+    except MemoryError:
+        raise  # not the file's fault once the budget passed: keep the traceback
+    except Exception as error:  # a decoder plugin on hostile bytes raises anything (struct.error, zlib.error,
+        # SyntaxError, NotImplementedError, TypeError, IndexError, ...): each is this file's reject, not a crash
+        raise DecodeError("decode_error", f"{type(error).__name__}: {_one_line(error)}") from error
 
 
 def _to_unit_gray(image: Image.Image, data: bytes) -> np.ndarray:

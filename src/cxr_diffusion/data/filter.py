@@ -14,7 +14,7 @@ import pandas as pd
 
 from cxr_diffusion.config import NO_FINDING, FilterConfig
 from cxr_diffusion.data.nih import (
-    DataError, canonical_patient_ids, is_safe_image_index, patient_id_problem, patient_sort_key, read_csv_text,
+    OFFICIAL_SPLIT_FILES, DataError, canonical_patient_ids, is_safe_image_index, patient_id_problem, patient_sort_key, read_csv_text,
     read_image_list, read_metadata_csv, split_labels, unknown_labels, whole_numbers,
 )
 from cxr_diffusion.io import write_csv, write_json
@@ -159,6 +159,7 @@ def filter_metadata(
         if not official_lists:
             raise DataError("filter.split.method is 'official' but the dataset has no train_val_list.txt / "
                             "test_list.txt; use method 'random' or add the lists to dataset.nih_root")
+        _check_both_official_lists(official_lists)
         split, in_both = _official_split(rows, official_lists, config.split.val_fraction, seed)
         reject(in_both, "in_both_official_splits", "named by test_list.txt and train_val_list.txt")
         reject(split.isna(), "not_in_official_split")
@@ -232,6 +233,21 @@ def _random_split(rows: pd.DataFrame, alive: pd.Series, val_fraction: float, tes
     return rows["Patient ID"].map(assignment).where(alive, None)
 
 
+def _check_both_official_lists(lists: dict[str, set[str]]) -> None:
+    """Both lists, each naming images: with one missing or empty its split would be empty, silently (as with
+    a list wholly inside the other, below), so that is an error, never a split without a test set."""
+    for key, name in OFFICIAL_SPLIT_FILES.items():
+        other = next(n for k, n in OFFICIAL_SPLIT_FILES.items() if k != key)
+        if key not in lists:
+            raise DataError(f"filter.split.method is 'official' but the dataset has {other} and no {name}: both NIH "
+                            f"lists are needed (the {key} split would be empty); add {name} to dataset.nih_root and "
+                            f"rerun `dvc repro -f dataset`, or use filter.split.method 'random'")
+        if not lists[key]:
+            raise DataError(f"{name} lists no image, so with filter.split.method 'official' the {key} split would be "
+                            f"empty; restore NIH's {name} in dataset.nih_root and rerun `dvc repro -f dataset`, or "
+                            f"use filter.split.method 'random'")
+
+
 def _official_split(rows: pd.DataFrame, lists: dict[str, set[str]], val_fraction: float,
                     seed: int) -> tuple[pd.Series, pd.Series]:
     """(split per row, None off both lists or on both; rows on both lists). A few images on both lists are
@@ -300,9 +316,9 @@ def run_filter(dataset_dir: str | Path, config: FilterConfig, seed: int, out_dir
     metadata = read_metadata_csv(dataset_dir / "metadata.csv")
     images_present = set(pd.read_csv(dataset_dir / "image_paths.csv", dtype=str, keep_default_na=False)["Image Index"])
     include_list = read_include_list(config.include_list, config.classes) if config.include_list else None
-    official = {key: read_image_list(dataset_dir / "official" / name)
-                for key, name in (("train_val", "train_val_list.txt"), ("test", "test_list.txt"))
-                if (dataset_dir / "official" / name).is_file()}
+    official = {key: read_image_list(dataset_dir / "official" / name)  # read only when used: 'random' ignores them
+                for key, name in OFFICIAL_SPLIT_FILES.items()
+                if config.split.method == "official" and (dataset_dir / "official" / name).is_file()}
     result = filter_metadata(metadata, images_present, config, seed, include_list, official or None)
     write_csv(out_dir / "rejects.csv", result.rejects)
     write_csv(out_dir / "include_list_issues.csv", result.include_list_issues)

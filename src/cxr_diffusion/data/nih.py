@@ -267,5 +267,13 @@ def index_nih_root(root: str | Path) -> NihIndex:
 
 
 def read_image_list(path: Path) -> set[str]:
-    """One Image Index per line (NIH's train_val_list.txt / test_list.txt)."""
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    """One Image Index per line (NIH's train_val_list.txt / test_list.txt), read as UTF-8 text."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); it must list one "
+                        f"Image Index per line: restore NIH's {path.name} in dataset.nih_root and rerun "
+                        f"`dvc repro -f dataset`") from None
+    return {line.strip() for line in text.splitlines() if line.strip()}

@@ -4,12 +4,21 @@ One file per split and shard (``train-00000.parquet``, ...), zstd-compressed, sm
 for random access. The ``image`` column is a ``{bytes, path}`` struct with Hugging Face
 ``datasets`` metadata, so ``load_dataset("parquet", data_dir=...)`` yields PIL images and the
 splits from the file names.
+
+Every reader goes through ``read_manifest`` and ``open_shard``: the manifest is checked on read (its
+keys, their types, each shard ``file`` a bare ``<split>-<5 digits>.parquet`` name in the folder) and
+each shard's sha256 is compared with the manifest's before pyarrow parses a byte of it. A damaged
+folder is a ``PreparedDataError`` naming the file and the rebuild, never a pyarrow traceback.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import stat
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +26,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from cxr_diffusion.data.decode import DecodeBudget, decode_grayscale
+from cxr_diffusion.data.decode import DecodeBudget, DecodeError, decode_grayscale, to_uint8
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import read_json, sha256_file
 
 MANIFEST = "manifest.json"
+_SHARD_FILE = re.compile(r"([a-z]+)-[0-9]{5}\.parquet")  # what SplitShardWriter names them: train-00000.parquet
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_IMAGE_SIZE = 4096  # above any params image_size: a manifest saying more was not written by us
+_REBUILD = "rebuild it with `dvc repro -f prepare` (generated images: `dvc repro -f sample@<branch>`)"
+
+
+class PreparedDataError(UserError, ValueError):
+    """Prepared shards (``data/prepared``, ``data/samples/<branch>``) or their manifest are damaged or not ours."""
 
 
 def shard_schema(classes: tuple[str, ...]) -> pa.Schema:
@@ -120,17 +140,154 @@ class SplitShardWriter:
 
 def close_writers(directory: Path, writers: dict[str, "SplitShardWriter"]) -> list[dict]:
     """Close every split's writer; return the shard list (file, rows, split, sha256) for a manifest."""
-    from cxr_diffusion.io import sha256_file
-
     return [dict(entry, split=split, sha256=sha256_file(directory / entry["file"]))
             for split, writer in writers.items() for entry in writer.close()]
 
 
+def rebuild_hint(manifest: dict) -> str:
+    """What to run to rebuild the folder this manifest describes."""
+    generated = manifest.get("generated")
+    branch = generated.get("branch") if isinstance(generated, dict) else None
+    if isinstance(branch, str) and re.fullmatch(r"[a-z_]{1,40}", branch):
+        return f"rebuild it with `dvc repro -f sample@{branch}`"
+    return "rebuild it with `dvc repro -f prepare`" if generated is None else _REBUILD
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _whole(value: object, low: int, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    fix = rebuild_hint(manifest)
+
+    def refuse(key: str, value: object, expected: str) -> None:
+        raise PreparedDataError(f"{path}: {key} is {_shown(value)}, expected {expected}; {fix}")
+
+    for key in ("classes", "image_size", "written", "shards"):
+        if key not in manifest:
+            raise PreparedDataError(f"{path}: no '{key}' key; {fix}")
+    classes = manifest["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        refuse("'classes'", classes, "a list of class names")
+    if not _whole(manifest["image_size"], 1, _MAX_IMAGE_SIZE):
+        refuse("'image_size'", manifest["image_size"], f"a whole number of pixels from 1 to {_MAX_IMAGE_SIZE}")
+    if not _whole(manifest["written"], 0):
+        refuse("'written'", manifest["written"], "a whole number of images, 0 or more")
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        refuse("'shards'", shards, "a list of shards")
+    seen: set[str] = set()
+    for i, shard in enumerate(shards):
+        where = f"shards[{i}]"
+        if not isinstance(shard, dict):
+            refuse(where, shard, "an object with file, split, rows and sha256")
+        for key in ("file", "split", "rows", "sha256"):
+            if key not in shard:
+                raise PreparedDataError(f"{path}: {where} has no '{key}' key; {fix}")
+        name = shard["file"]
+        named = _SHARD_FILE.fullmatch(name) if isinstance(name, str) else None
+        if named is None:
+            refuse(f"{where}.file", name, "a shard file name in this folder (<split>-<5 digits>.parquet)")
+        if shard["split"] != named.group(1):
+            refuse(f"{where}.split", shard["split"], f"'{named.group(1)}', the split its file name says")
+        if name in seen:
+            raise PreparedDataError(f"{path}: {where}.file '{name}' is listed twice; {fix}")
+        seen.add(name)
+        if not _whole(shard["rows"], 0):
+            refuse(f"{where}.rows", shard["rows"], "a whole number of rows, 0 or more")
+        if not isinstance(shard["sha256"], str) or not _SHA256.fullmatch(shard["sha256"]):
+            refuse(f"{where}.sha256", shard["sha256"], "64 lowercase hex digits")
+    listed = sum(shard["rows"] for shard in shards)
+    if listed != manifest["written"]:
+        raise PreparedDataError(f"{path}: 'written' is {manifest['written']} but its shards hold {listed} rows; {fix}")
+
+
 def read_manifest(prepared_dir: str | Path) -> dict:
+    """The manifest of a prepared (or generated) folder, checked: see the module docstring."""
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `dvc repro prepare` first")
-    return json.loads(path.read_text())
+    manifest = read_json(path, _REBUILD)
+    _check_manifest(path, manifest)
+    return manifest
+
+
+@contextmanager
+def shard_errors(path: Path, fix: str) -> Iterator[None]:
+    """pyarrow's errors on a shard (a damaged footer, page or compressed block) as one line naming it.
+    An OSError with an errno (permission denied, EIO) is the system's, not the file's: it passes."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as error:
+        if isinstance(error, OSError) and not isinstance(error, pa.ArrowException) and error.errno is not None:
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise PreparedDataError(f"{path}: unreadable Parquet shard ({type(error).__name__}: {reason}); {fix}") from None
+
+
+_VERIFIED: dict[tuple, str] = {}  # (path, device, inode, size, mtime) -> sha256 checked in this process (or its parent)
+
+
+def open_shard(prepared_dir: str | Path, shard: dict, manifest: dict) -> pq.ParquetFile:
+    """The shard a checked manifest lists, opened once its bytes match the manifest's sha256 (hashed once
+    per process and file version; forked DataLoader workers inherit it), its schema and row count ours."""
+    path, fix = Path(prepared_dir) / shard["file"], rebuild_hint(manifest)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise PreparedDataError(f"{path}: missing, though {MANIFEST} lists it; {fix}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise PreparedDataError(f"{path}: not a regular file; {fix}")
+    key = (str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if _VERIFIED.get(key) != shard["sha256"]:
+        if sha256_file(path) != shard["sha256"]:
+            raise PreparedDataError(f"{path}: its sha256 is not the one {MANIFEST} records (the file was changed "
+                                    f"or damaged after prepare wrote it); {fix}")
+        _VERIFIED[key] = shard["sha256"]
+    with shard_errors(path, fix):
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+    if not schema.equals(shard_schema(()), check_metadata=False):
+        raise PreparedDataError(f"{path}: columns {schema.names} are not those of a prepared shard "
+                                f"({shard_schema(()).names} with their types); {fix}")
+    if parquet.metadata.num_rows != shard["rows"]:
+        raise PreparedDataError(f"{path}: {parquet.metadata.num_rows} rows, {MANIFEST} says {shard['rows']}; {fix}")
+    return parquet
+
+
+def prepared_png(data: bytes, image_size: int, where: str, fix: str) -> np.ndarray:
+    """One prepared image's PNG bytes -> uint8 (image_size, image_size), through the one decoder."""
+    try:
+        return to_uint8(decode_grayscale(data, DecodeBudget.for_prepared(image_size)))
+    except DecodeError as error:
+        raise PreparedDataError(f"{where}: {error}; {fix}") from None
+
+
+def iter_row_groups(prepared_dir: str | Path, columns: list[str], split: str | None = None) -> Iterator[dict[str, list]]:
+    """Every row group of the prepared shards (of ``split``, or of all), in manifest order, as lists of
+    Python values per column, all checked; the ``image`` column holds each image as a mode "L" PIL image."""
+    prepared_dir = Path(prepared_dir)
+    manifest = read_manifest(prepared_dir)
+    fix, size = rebuild_hint(manifest), manifest["image_size"]
+    for shard in manifest["shards"]:
+        if split is not None and shard["split"] != split:
+            continue
+        parquet, path = open_shard(prepared_dir, shard, manifest), prepared_dir / shard["file"]
+        for group in range(parquet.num_row_groups):
+            with shard_errors(path, fix):
+                table = parquet.read_row_group(group, columns=columns)
+            values = {name: table.column(name).to_pylist() for name in columns}
+            if "image" in values:
+                values["image"] = [
+                    Image.fromarray(prepared_png((cell or {}).get("bytes") or b"", size,
+                                                 f"{path}: row group {group}, row {row}", fix))
+                    for row, cell in enumerate(values["image"])]
+            yield values
 
 
 class PreparedImages(Dataset):
@@ -147,6 +304,8 @@ class PreparedImages(Dataset):
         manifest = read_manifest(self.prepared_dir)
         self.classes: tuple[str, ...] = tuple(manifest["classes"])
         self.image_size: int = manifest["image_size"]
+        self._manifest, self._fix = manifest, rebuild_hint(manifest)
+        self._shards = {shard["file"]: shard for shard in manifest["shards"]}
         self._budget = DecodeBudget.for_prepared(self.image_size)  # our own PNGs: exactly image_size square
         self.channels = channels
         self._locations: list[tuple[str, int, int]] = []  # (file, row group, row in group)
@@ -155,13 +314,19 @@ class PreparedImages(Dataset):
         for shard in manifest["shards"]:
             if shard["split"] != split:
                 continue
-            parquet = pq.ParquetFile(self.prepared_dir / shard["file"])
+            parquet, path = open_shard(self.prepared_dir, shard, manifest), self.prepared_dir / shard["file"]
             for group in range(parquet.metadata.num_row_groups):
                 rows = parquet.metadata.row_group(group).num_rows
                 self._locations += [(shard["file"], group, row) for row in range(rows)]
-            small_columns = parquet.read(columns=["image_index", "labels"])
+            with shard_errors(path, self._fix):
+                small_columns = parquet.read(columns=["image_index", "labels"])
+            labels = small_columns.column("labels").to_pylist()
+            if small_columns.column("image_index").null_count or any(
+                    row is None or len(row) != len(self.classes) for row in labels):
+                raise PreparedDataError(f"{path}: a row without an image_index or without one label per class "
+                                        f"of {MANIFEST} ({len(self.classes)}); {self._fix}")
             self.image_indices += small_columns.column("image_index").to_pylist()
-            label_rows += small_columns.column("labels").to_pylist()
+            label_rows += labels
         self.labels = np.array(label_rows, dtype=np.float32).reshape(len(label_rows), len(self.classes))
         self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self._cache_bytes, self._cached_bytes = cache_bytes, 0
@@ -191,8 +356,9 @@ class PreparedImages(Dataset):
             self._cache.move_to_end(key)
             return self._cache[key]
         if file not in self._files:
-            self._files[file] = pq.ParquetFile(self.prepared_dir / file)
-        table = self._files[file].read_row_group(group)
+            self._files[file] = open_shard(self.prepared_dir, self._shards[file], self._manifest)
+        with shard_errors(self.prepared_dir / file, self._fix):
+            table = self._files[file].read_row_group(group)
         self._cache[key] = table
         self._cached_bytes += table.nbytes
         while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
@@ -202,7 +368,11 @@ class PreparedImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         file, group, row = self._locations[index]
         table = self._row_group(file, group)
-        pixels = decode_grayscale(table.column("image")[row]["bytes"].as_py(), self._budget)
+        try:
+            pixels = decode_grayscale((table.column("image")[row].as_py() or {}).get("bytes") or b"", self._budget)
+        except DecodeError as error:
+            raise PreparedDataError(f"{self.prepared_dir / file}: row group {group}, row {row}: {error}; "
+                                    f"{self._fix}") from None
         tensor = torch.from_numpy(np.ascontiguousarray(pixels)).mul_(2.0).sub_(1.0).unsqueeze(0)
         if self.channels == 3:
             tensor = tensor.expand(3, -1, -1).clone()  # grayscale replicated to RGB, as the reference did

@@ -8,11 +8,10 @@ differ from it, or that has none (saved before models were hashed, or copied wit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.io import sha256_file, write_json
+from cxr_diffusion.io import JsonFileError, read_json, sha256_file, write_json
 
 MODEL_FILES = "model_files.sha256.json"
 
@@ -62,9 +61,9 @@ def verify_model_files(folder: str | Path) -> None:
 def _recorded_files(manifest: Path) -> dict[str, dict]:
     """The ``files`` table of MODEL_FILES, checked: plain relative paths inside the folder, sizes, hex digests."""
     try:
-        payload = json.loads(manifest.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFilesError(f"{manifest}: not valid JSON ({error}): {_FIX}") from None
+        payload = read_json(manifest, _FIX, kind=object)
+    except JsonFileError as error:  # bad bytes, syntax, nesting or a huge integer
+        raise ModelFilesError(str(error)) from None
     valid = isinstance(payload, dict) and payload.get("algorithm") == "sha256"
     files = payload.get("files") if valid else None
     if not isinstance(files, dict) or not files:

@@ -7,6 +7,8 @@ One class for the three branches; the components present say how a condition is 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
@@ -20,6 +22,7 @@ from cxr_diffusion.conditioning.clip import TextEncoder, VisionEncoder, encode_i
 # `CXRDiffusionPipeline.from_pretrained` load it, with no remote code involved.
 from cxr_diffusion.diffusion.condition import ConditionAdapter  # noqa: F401
 from cxr_diffusion.diffusion.model_files import write_model_files
+from cxr_diffusion.io import give_plain_modes
 
 # Condition embeddings (ELIXR, CLIP) are O(1); beyond the float16 range a condition overflows the
 # half-precision model on a GPU (and squared in the adapter's LayerNorm it overflows float32 from ~1e19).
@@ -65,12 +68,19 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         if image is not None:
             images = [image] if isinstance(image, Image.Image) else list(image)
             return encode_images(VisionEncoder(self.image_processor, self.image_encoder), images)
-        embedding = torch.as_tensor(embedding, dtype=torch.float32)
+        embedding = torch.as_tensor(embedding)
+        if not embedding.is_floating_point():  # a bool or integer array is some other file, not an embedding
+            raise ValueError(f"embedding has dtype {str(embedding.dtype).removeprefix('torch.')}; embeddings are "
+                             f"floating point")
+        embedding = embedding.to(torch.float32)
         if embedding.ndim == 2:
             embedding = embedding[None]
         expected_shape = tuple(self.condition_adapter.null_condition.shape)
         if embedding.ndim != 3 or tuple(embedding.shape[1:]) != expected_shape:
             raise ValueError(f"embedding must be {expected_shape} (tokens, dim) or batched; got {tuple(embedding.shape)}")
+        if embedding.shape[0] == 0:
+            raise ValueError(f"embedding holds no conditions (shape {tuple(embedding.shape)}); give at least one "
+                             f"{expected_shape} (tokens, dim) embedding")
         if not torch.isfinite(embedding).all():
             raise ValueError("embedding has NaN or infinite values")
         largest = float(embedding.abs().max()) if embedding.numel() else 0.0
@@ -100,10 +110,12 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         return CXRDiffusionOutput(images=to_pil(images))
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
-        """diffusers' save (safetensors only: the loader reads nothing else), then the sha256 of every file."""
+        """diffusers' save (safetensors only: the loader reads nothing else) with the weights given the mode of
+        a plain write (safetensors makes them 0600), then the sha256 of every file."""
         if not safe_serialization:
             raise ValueError("a CXRDiffusionPipeline is saved as safetensors only (the loader refuses pickles)")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        give_plain_modes(sorted(Path(save_directory).rglob("*.safetensors")))
         write_model_files(save_directory)
 
     @torch.no_grad()

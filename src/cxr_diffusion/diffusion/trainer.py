@@ -1,11 +1,15 @@
 """Stage `train` (one run per branch): the shared training loop for every conditioning branch.
 
 The branches differ only in their condition store (shape and source); the UNet, diffusion
-process, optimisation, EMA, validation, checkpoints and logging are the same code.
+process, optimisation, EMA, validation, checkpoints and logging are the same code. ``train_branch``
+reads top to bottom in sections (machine, data, model, resume, train, save); the helpers above it
+each do one of its jobs and are tested on their own.
 
 Exact resume: data order comes from a per-epoch permutation seeded by (seed, epoch), and all
-training randomness (noise, timesteps, condition dropout) from one generator whose state is in
-every checkpoint with the weights, EMA, optimizer, learning-rate state and data position.
+training randomness (noise, timesteps, condition dropout) from one generator per process whose state
+is in every checkpoint with the weights, EMA, optimizer state and ``TrainingState`` (data position,
+validation history). A checkpoint is resumed only under the same ``maths_settings``.
+EMA: ``diffusion/ema.py`` (EDM's half-life in images, with its ramp-up).
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -32,6 +36,7 @@ from cxr_diffusion.diffusion.checkpoints import TrainingState, config_hash, load
 from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.cpu_threads import cpu_threads_per_process
 from cxr_diffusion.diffusion.data import ConditionedImages, collate
+from cxr_diffusion.diffusion.ema import EMA, ema_beta
 from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import (
     loss_weights, sample_noise, sampling_scheduler, training_scheduler, training_target,
@@ -87,11 +92,6 @@ def compiles(setting: str, device: torch.device) -> bool:
     """Whether to torch.compile the UNet: ``auto`` on CUDA, where it measured 1.35x on an H200; on a CPU
     the compile takes minutes for little gain."""
     return setting == "always" or (setting == "auto" and device.type == "cuda")
-
-
-def ema_decay(half_life_images: float, images_per_step: int) -> float:
-    """Per-step EMA decay whose weights halve every ``half_life_images`` images (EDM's definition)."""
-    return 0.5 ** (images_per_step / half_life_images)
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup: int, plateau_scale: float) -> float:
@@ -175,16 +175,148 @@ class Validator:
                 "val/conditioning_gap": shuffled_loss - true_loss}
 
 
-@torch.no_grad()
-def swap_weights(parameters, others) -> None:
-    """Exchange the values of two same-shaped tensor lists in place (storage pointers, no copy):
-    EMA's store/copy_to/restore would hold a third copy of the weights."""
-    for parameter, other in zip(parameters, others, strict=True):
-        parameter.data, other.data = other.data, parameter.data
+# Train settings that change how fast a run goes, what it logs or how often it saves, never the weights
+# it computes: a checkpoint written under other values of these is resumed. `lr` and `mixed_precision`
+# are replaced by what they resolve to (this branch's rate, this machine's precision).
+NOT_MATHS = frozenset({
+    "lr", "mixed_precision", "max_nonfinite", "sample_every_steps", "sample_grid_images", "sample_grid_steps",
+    "checkpoint_every_steps", "checkpoints_total_limit", "gradient_checkpointing", "compile", "num_workers",
+    "launch_config",
+})
+VALIDATION_SETTINGS = frozenset({"val_every_steps", "val_images"})  # maths only through plateau/early stopping
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+def maths_settings(params: Params, branch: str) -> dict:
+    """The settings a checkpoint must share with this run to be resumed: those that change its weights.
+
+    ``gradient_checkpointing`` and ``compile`` change how the same maths is computed (to rounding);
+    validation settings count only when the validation loss steers the run (plateau, early stopping).
+    """
+    train = params.train
+    steered = train.lr_schedule == "plateau" or train.early_stopping_patience is not None
+    skipped = NOT_MATHS if steered else NOT_MATHS | VALIDATION_SETTINGS
+    return {"train": {key: value for key, value in to_dict(train).items() if key not in skipped},
+            "lr": params.learning_rate(branch), "branch": branch, "seed": params.seed,
+            "image_size": params.image_size, "channels": params.channels}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's arithmetic: images per optimizer step, micro-batches per process and epoch, steps in all."""
+
+    images_per_step: int
+    micro_per_epoch: int
+    total_steps: int
+
+
+def plan_run(train, images: int, world: int) -> Plan:
+    micro_per_epoch = images // (train.batch_size * world)
+    total_steps = train.epochs * max(1, micro_per_epoch // train.gradient_accumulation)
+    if train.max_steps is not None:
+        total_steps = min(total_steps, train.max_steps)
+    return Plan(train.batch_size * train.gradient_accumulation * world, micro_per_epoch, total_steps)
+
+
+def pick_precision(train, device: torch.device, feature_size: int) -> tuple[str, dict]:
+    """accelerate's mixed precision for this machine, and the bf16 probe's result when it ran (it is logged)."""
+    if train.mixed_precision != "auto" or device.type != "cpu":
+        return choose_mixed_precision(train.mixed_precision, device), {}
+    speedup = round(unet_block_speedup(train.unet.block_out_channels[0], train.unet.norm_num_groups, feature_size,
+                                       train.batch_size), 3)
+    return choose_mixed_precision("auto", device, cpu_speedup=lambda: speedup), {"bf16_speedup": speedup}
+
+
+def epoch_loader(dataset: ConditionedImages, train, plan: Plan, seed: int, state: TrainingState,
+                 rank: int, world: int) -> DataLoader:
+    """This process's micro-batches of ``state.epoch`` from ``state.batch_in_epoch`` on. The order is a
+    permutation seeded by (seed, epoch); each global batch is split across the processes."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch))
+    usable = plan.micro_per_epoch * train.batch_size * world
+    mine = order[:usable].view(plan.micro_per_epoch, world, train.batch_size)[:, rank]
+    indices = mine[state.batch_in_epoch:].reshape(-1).tolist()
+    return DataLoader(Subset(dataset, indices), batch_size=train.batch_size, shuffle=False,
+                      num_workers=train.num_workers, collate_fn=collate)
+
+
+def backward(accelerator: Accelerator, model: nn.Module, loss: torch.Tensor, state: TrainingState, train,
+             what_to_do: str) -> None:
+    """Back-propagate ``loss``, with all of the non-finite handling.
+
+    A micro-batch whose loss is non-finite on any process is skipped by every process (their gradient
+    all-reduces must match); ``train.max_nonfinite`` in a row stop the run. Before a step, non-finite
+    gradient entries become zero (EDM: one bad batch must never poison the weights).
+    """
+    finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).all())
+    state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
+    if state.nonfinite_in_a_row >= train.max_nonfinite:
+        raise TrainingError(f"{state.nonfinite_in_a_row} consecutive non-finite losses at step {state.step}. "
+                            + what_to_do)
+    if finite:
+        accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                torch.nan_to_num(parameter.grad, nan=0.0, posinf=0.0, neginf=0.0, out=parameter.grad)
+
+
+def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer, lr: float, grad_clip: float) -> float:
+    """One step at ``lr`` on gradients clipped to ``grad_clip``; returns their norm before clipping."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def record_validation(state: TrainingState, val_loss: float | None, train) -> bool:
+    """Keep the best validation loss, cut the plateau schedule's rate; True when early stopping says stop."""
+    if val_loss is None:
+        return False
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss, state.bad_validations = val_loss, 0
+    else:
+        state.bad_validations += 1
+        if train.lr_schedule == "plateau" and state.bad_validations % train.plateau_patience == 0:
+            state.plateau_scale *= train.plateau_factor
+    return train.early_stopping_patience is not None and state.bad_validations >= train.early_stopping_patience
+
+
+def save_training_state(accelerator: Accelerator, directory: Path, state: TrainingState, model: nn.Module,
+                        optimizer, ema: EMA, generator: torch.Generator, total_limit: int) -> None:
+    """A checkpoint written by the main process alone, with every process's RNG states; the others wait."""
+    rng = torch.stack([generator.get_state(), torch.get_rng_state()]).to(accelerator.device)
+    rng = accelerator.gather(rng).cpu().view(accelerator.num_processes, 2, -1)  # [process, noise | torch]
+    if accelerator.is_main_process:
+        save_checkpoint(directory, state, {"denoiser": model}, optimizer, {"noise": rng[:, 0], "torch": rng[:, 1]},
+                        total_limit, {"ema": ema.tensors()}, log=accelerator.print)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, directory: Path, run_hash: str, model: nn.Module, optimizer, ema: EMA,
+           generator: torch.Generator) -> TrainingState | None:
+    """Restore the newest usable checkpoint of this run in place (None: start from scratch)."""
+    loaded = load_latest_checkpoint(directory, run_hash, {"denoiser": model}, optimizer, {"ema": ema.tensors()},
+                                    log=accelerator.print)
+    if loaded is None:
+        return None
+    generator.set_state(loaded.rng["noise"][accelerator.process_index].clone())
+    torch.set_rng_state(loaded.rng["torch"][accelerator.process_index].clone())
+    accelerator.print(f"resuming from {loaded.path} (step {loaded.state.step})")
+    return loaded.state
+
+
+def open_live(directory: Path, resumed: TrainingState | None, logged_params: dict):
+    """DVCLive for this run: a fresh run's folder starts empty, a resumed run's keeps its rows up to the checkpoint."""
+    from dvclive import Live
+
+    if resumed is None:
+        shutil.rmtree(directory, ignore_errors=True)
+    live = Live(dir=str(directory), resume=resumed is not None, save_dvc_exp=False, dvcyaml=False)
+    if resumed is not None:
+        _log_truncated_live(directory, resumed.step)
+    live.log_params(logged_params)
+    return live
 
 
 def _log_truncated_live(live_dir: Path, keep_until_step: int) -> None:
@@ -196,44 +328,73 @@ def _log_truncated_live(live_dir: Path, keep_until_step: int) -> None:
         tsv.write_text("\n".join(kept) + "\n")
 
 
-def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
-    """Train ``branch``'s model; resume from the newest valid checkpoint; save the EMA pipeline."""
-    from dvclive import Live
+def log_metrics(live, metrics: dict[str, float]) -> None:
+    if live is not None:
+        for name, value in metrics.items():
+            live.log_metric(name, value)
 
+
+class Throughput:
+    """Images per second and the share of that time spent waiting for data, since the last ``read``."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.since, self.waited, self.images = time.perf_counter(), 0.0, 0
+
+    def timed(self, loader: DataLoader) -> Iterator[dict]:
+        batches = iter(loader)
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            self.waited += time.perf_counter() - started
+            if batch is None:
+                return
+            self.images += len(batch["pixel_values"])
+            yield batch
+
+    def read(self, world: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        metrics = {"train/img_per_s": self.images * world / elapsed, "train/data_wait_fraction": self.waited / elapsed}
+        self.restart()
+        return metrics
+
+
+def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
+    """Train ``branch``'s model, resuming from the newest usable checkpoint of the same run; save the EMA pipeline."""
     train = params.train
+
+    # Machine: device, CPU threads, mixed precision, accelerate.
     torch.manual_seed(params.seed)
     device = resolve_device(params.device)  # accelerate places each process on its GPU; `cpu` forces the CPU
     if device.type == "cpu":  # undo accelerate's OMP_NUM_THREADS=1 for the processes it launches
         torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                          os.environ.get("WORLD_SIZE", 1)))))
+    if train.space == "latent" and paths.latents is None:
+        raise TrainingError("train.space is 'latent' but no latent store was given (stage encode_latents)")
     store = ConditionStore(paths.store)
-    latents, vae = None, None
-    if train.space == "latent":
-        if paths.latents is None:
-            raise TrainingError("train.space is 'latent' but no latent store was given (stage encode_latents)")
-        latents = ConditionStore(paths.latents)
+    latents = ConditionStore(paths.latents) if train.space == "latent" else None
     feature_size = latents.meta["latent_shape"][1] if latents is not None else params.image_size
-    probe: dict[str, float] = {}
-
-    def bf16_speedup() -> float:  # measured only when mixed_precision is auto on a CPU; logged with the choice
-        probe["bf16_speedup"] = round(unet_block_speedup(train.unet.block_out_channels[0], train.unet.norm_num_groups,
-                                                         feature_size, train.batch_size), 3)
-        return probe["bf16_speedup"]
-
-    precision = choose_mixed_precision(train.mixed_precision, device, cpu_speedup=bf16_speedup)
+    precision, probe = pick_precision(train, device, feature_size)
     accelerator = Accelerator(gradient_accumulation_steps=train.gradient_accumulation, mixed_precision=precision,
                               cpu=device.type == "cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
+    vae = None
     if latents is not None:
         from cxr_diffusion.diffusion.latents import load_vae
 
         vae = load_vae(train.vae).to(accelerator.device)
+
+    # Data: the training images with a condition, and the fixed validation set.
     train_set = ConditionedImages(paths.prepared, "train", store, params.channels, latents=latents)
     val_set = ConditionedImages(paths.prepared, "val", store, params.channels, limit=train.val_images, latents=latents)
     if len(train_set) < train.batch_size * world:
         raise TrainingError(f"{branch}: {len(train_set)} training images with a condition, fewer than one global batch "
                             f"({train.batch_size} x {world}); lower train.batch_size or add data")
+    plan = plan_run(train, len(train_set), world)
 
+    # Model, optimizer, EMA, validation.
     model = build_denoiser(params, store, latents)
     if train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -243,177 +404,101 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     base_lr = params.learning_rate(branch)
     # fused: one kernel per step, and none of the per-parameter temporaries of the plain loop
     optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=train.weight_decay, fused=True)
-    images_per_step = train.batch_size * train.gradient_accumulation * world
-    micro_per_epoch = len(train_set) // (train.batch_size * world)
-    steps_per_epoch = max(1, micro_per_epoch // train.gradient_accumulation)
-    total_steps = train.epochs * steps_per_epoch
-    if train.max_steps is not None:
-        total_steps = min(total_steps, train.max_steps)
-    ema = EMAModel(model.parameters(), decay=ema_decay(train.ema_half_life_images, images_per_step))
-
-    run_config = {"params": to_dict(train), "lr": base_lr, "latents": latents.meta if latents else None, "branch": branch, "image_size": params.image_size,
-                  "channels": params.channels, "seed": params.seed, "world": world,
-                  "store": store.meta.get("encoder"), "condition_shape": [store.tokens, store.dim]}
-    run_hash = config_hash(run_config)
-    state = TrainingState(step=0, images_seen=0, epoch=0, batch_in_epoch=0, config_hash=run_hash,
-                          extra={"plateau_scale": 1.0, "best_val": None, "bad_validations": 0, "nonfinite": 0})
-    generator = torch.Generator().manual_seed(params.seed * 7 + rank)
-    checkpoint_dir = paths.checkpoints / f"rank{rank}" if world > 1 else paths.checkpoints
-    ema_tensors = {"ema": {str(i): p for i, p in enumerate(ema.shadow_params)}}
-    loaded = load_latest_checkpoint(checkpoint_dir, run_hash, {"denoiser": model}, optimizer, ema_tensors,
-                                    log=accelerator.print)
-    if loaded is not None:
-        state = loaded.state
-        generator.set_state(loaded.rng["noise"])
-        torch.set_rng_state(loaded.rng["torch"])
-        ema.optimization_step = int(state.extra.get("ema_step", state.step))
-        accelerator.print(f"{branch}: resuming from {loaded.path} (step {state.step})")
-    ema.to(accelerator.device)  # the shadow weights follow the model; `to` makes new tensors, so re-point the saver
-    ema_tensors = {"ema": {str(i): p for i, p in enumerate(ema.shadow_params)}}
-
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    weights = list(unwrapped.parameters())
+    ema = EMA(weights)
     validator = Validator(val_set, scheduler, train.min_snr_gamma, params.seed, max(train.batch_size, 32))
-    if accelerator.is_main_process and loaded is None:  # a fresh run: the old log goes only once all else is set up
-        shutil.rmtree(paths.live, ignore_errors=True)
-    live = Live(dir=str(paths.live), resume=loaded is not None, save_dvc_exp=False, dvcyaml=False) \
-        if accelerator.is_main_process else None
-    if live is not None and loaded is not None:
-        _log_truncated_live(paths.live, state.step)
-    if live is not None:
-        live.log_params({"branch": branch, "lr": base_lr, "precision": precision, **probe,
-                         "images_per_step": images_per_step,
-                         "device": describe_device(accelerator.device),
-                         **{f"machine/{k}": v for k, v in describe_machine().items()}})
 
-    def set_lr() -> float:
-        lr = base_lr * lr_factor(state.step, total_steps, train.lr_schedule, train.warmup_steps,
-                                 state.extra["plateau_scale"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+    # Resume from the newest usable checkpoint written under the same maths, else start from scratch.
+    run_hash = config_hash({**maths_settings(params, branch), "precision": precision, "world": world,
+                            "store": store.meta.get("encoder"), "condition_shape": [store.tokens, store.dim],
+                            "latents": latents.meta if latents is not None else None})
+    generator = torch.Generator().manual_seed(params.seed * 7 + rank)  # timesteps, noise, condition dropout
+    resumed = resume(accelerator, paths.checkpoints, run_hash, unwrapped, optimizer, ema, generator)
+    state = resumed or TrainingState(config_hash=run_hash)
+    what_to_do = (f"{branch}: the last good checkpoint in {paths.checkpoints} is intact; lower the learning rate "
+                  f"(lr / train.lr.{branch}) or disable mixed precision (train.mixed_precision: no) and rerun.")
+    logged_params = {"branch": branch, "lr": base_lr, "precision": precision, **probe,
+                     "images_per_step": plan.images_per_step, "device": describe_device(accelerator.device),
+                     **{f"machine/{key}": value for key, value in describe_machine().items()}}
 
-    def checkpoint() -> None:
-        state.extra["ema_step"] = ema.optimization_step
-        save_checkpoint(checkpoint_dir, state, {"denoiser": unwrapped}, optimizer.optimizer
-                        if hasattr(optimizer, "optimizer") else optimizer,
-                        {"noise": generator.get_state(), "torch": torch.get_rng_state()}, train.checkpoints_total_limit,
-                        ema_tensors)
-
-    def validate_and_log() -> bool:
-        """Validate the EMA weights; returns True when early stopping says stop."""
-        swap_weights(unwrapped.parameters(), ema.shadow_params)  # no copy: a third set of weights is 3.4 GB at SD size
-        unwrapped.eval()
-        metrics = validator(unwrapped)
-        if live is not None and train.sample_grid_images > 0 and (
-                state.step % train.sample_every_steps == 0 or state.step >= total_steps):
-            live.log_image("samples.png", sample_grid(unwrapped, scheduler, val_set, params.seed, vae=vae,
-                                                      count=train.sample_grid_images, steps=train.sample_grid_steps))
-        unwrapped.train()
-        swap_weights(unwrapped.parameters(), ema.shadow_params)
-        if live is not None:
-            for name, value in metrics.items():
-                live.log_metric(name, value)
-        val = metrics.get("val/loss")
-        if val is None:
-            return False
-        if state.extra["best_val"] is None or val < state.extra["best_val"]:
-            state.extra["best_val"], state.extra["bad_validations"] = val, 0
-        else:
-            state.extra["bad_validations"] += 1
-            if train.lr_schedule == "plateau" and state.extra["bad_validations"] % train.plateau_patience == 0:
-                state.extra["plateau_scale"] *= train.plateau_factor
-        patience = train.early_stopping_patience
-        return patience is not None and state.extra["bad_validations"] >= patience
-
-    progress = tqdm(total=total_steps, initial=state.step, desc=f"train {branch}", unit="step",
-                    disable=not accelerator.is_main_process)
-    started, waited, step_images, last_log = time.perf_counter(), 0.0, 0, time.perf_counter()
+    # Train: one optimizer step per train.gradient_accumulation micro-batches, to total_steps or early stopping.
+    live = None  # opened after the first step: a fresh Live empties its folder, and a run that fails at once
+    #              (a damaged shard, out of memory) must leave the last run's logs as they were
+    throughput, started = Throughput(), time.perf_counter()
+    stop = state.step >= plan.total_steps
     model.train()
-    stop = state.step >= total_steps
-    while not stop:
-        order = _epoch_order(len(train_set), params.seed, state.epoch)
-        usable = micro_per_epoch * train.batch_size * world
-        global_batches = order[:usable].view(micro_per_epoch, world, train.batch_size)[:, rank]
-        indices = global_batches[state.batch_in_epoch:].reshape(-1).tolist()
-        loader = DataLoader(Subset(train_set, indices), batch_size=train.batch_size, shuffle=False,
-                            num_workers=train.num_workers, collate_fn=collate)
-        fetch_started = time.perf_counter()
-        for batch in loader:
-            waited += time.perf_counter() - fetch_started
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = training_loss(model, scheduler, batch, train, generator, accelerator.device)
-                finite = bool(torch.isfinite(loss))
-                if finite:
-                    accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    for parameter in model.parameters():
-                        if parameter.grad is not None:  # EDM: never let one bad batch poison the weights
-                            torch.nan_to_num(parameter.grad, nan=0.0, posinf=0.0, neginf=0.0, out=parameter.grad)
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.grad_clip)
-                    lr = set_lr()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            state.batch_in_epoch += 1
-            step_images += len(batch["pixel_values"]) * world
-            if not finite:
-                state.extra["nonfinite"] += 1
-                if state.extra["nonfinite"] >= train.max_nonfinite:
-                    progress.close()
-                    raise TrainingError(
-                        f"{branch}: {state.extra['nonfinite']} consecutive non-finite losses at step {state.step}. "
-                        f"The last good checkpoint in {checkpoint_dir} is intact; lower the learning rate "
-                        f"(lr / train.lr.{branch}) or disable mixed precision (train.mixed_precision: no) and rerun.")
-            else:
-                state.extra["nonfinite"] = 0
-            if not accelerator.sync_gradients:
-                fetch_started = time.perf_counter()
-                continue
-            ema.step(unwrapped.parameters())
-            state.step += 1
-            state.images_seen += images_per_step
-            progress.update()
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if live is not None:
-                live.step = state.step
-                now = time.perf_counter()
-                live.log_metric("train/loss", loss.item())
-                live.log_metric("train/lr", lr)
-                live.log_metric("train/grad_norm", float(grad_norm))
-                live.log_metric("train/img_per_s", step_images / max(now - last_log, 1e-9))
-                live.log_metric("train/data_wait_fraction", waited / max(now - last_log, 1e-9))
-                step_images, waited, last_log = 0, 0.0, now
-            stop = state.step >= total_steps
-            if state.step % train.val_every_steps == 0 or stop:
-                stop = validate_and_log() or stop
-                last_log = time.perf_counter()
-            if train.checkpoint_every_steps is not None and (state.step % train.checkpoint_every_steps == 0 or stop):
-                checkpoint()
-            if live is not None:
-                live.make_summary()
-            if stop:
-                break
-            fetch_started = time.perf_counter()
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-    progress.close()
-    seconds = time.perf_counter() - started
+    with tqdm(total=plan.total_steps, initial=state.step, desc=f"train {branch}", unit="step",
+              disable=not accelerator.is_main_process) as progress:
+        while not stop:
+            for batch in throughput.timed(epoch_loader(train_set, train, plan, params.seed, state, rank, world)):
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss = training_loss(model, scheduler, batch, train, generator, accelerator.device)
+                    backward(accelerator, model, loss, state, train, what_to_do)
+                    if accelerator.sync_gradients:
+                        lr = base_lr * lr_factor(state.step, plan.total_steps, train.lr_schedule, train.warmup_steps,
+                                                 state.plateau_scale)
+                        grad_norm = optimizer_step(accelerator, model, optimizer, lr, train.grad_clip)
+                state.batch_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                ema.update(weights, ema_beta(train.ema_half_life_images, state.images_seen, plan.images_per_step))
+                state.step += 1
+                state.images_seen += plan.images_per_step
+                stop = state.step >= plan.total_steps
 
+                # Log the step.
+                progress.update()
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+                if accelerator.is_main_process:
+                    live = live or open_live(paths.live, resumed, logged_params)
+                    live.step = state.step
+                    log_metrics(live, {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
+                                       **throughput.read(world)})
+
+                # Validate the EMA weights (swapped in, no copy), with a sample grid now and then.
+                if state.step % train.val_every_steps == 0 or stop:
+                    with ema.swapped_into(weights):
+                        unwrapped.eval()
+                        metrics = validator(unwrapped)
+                        if live is not None and train.sample_grid_images > 0 and (
+                                state.step % train.sample_every_steps == 0 or stop):
+                            live.log_image("samples.png", sample_grid(
+                                unwrapped, scheduler, val_set, params.seed, vae=vae, count=train.sample_grid_images,
+                                steps=train.sample_grid_steps))
+                        unwrapped.train()
+                    log_metrics(live, metrics)
+                    stop = record_validation(state, metrics.get("val/loss"), train) or stop
+                    throughput.restart()
+
+                # Checkpoint the training state.
+                if train.checkpoint_every_steps is not None and (state.step % train.checkpoint_every_steps == 0 or stop):
+                    save_training_state(accelerator, paths.checkpoints, state, unwrapped, optimizer, ema, generator,
+                                        train.checkpoints_total_limit)
+                if live is not None:
+                    live.make_summary()
+                if stop:
+                    break
+            else:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    # Save the EMA weights as the pipeline; the last checkpoint keeps the training state.
     accelerator.wait_for_everyone()
     result = {"branch": branch, "steps": state.step, "images_seen": state.images_seen, "lr": base_lr,
-              "processes": world, "device": describe_device(accelerator.device), "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
-              "precision": precision, **probe, "seconds_this_run": round(seconds, 1), "train_images": len(train_set),
-              "missing_condition": train_set.missing_condition, "best_val_loss": state.extra["best_val"]}
+              "processes": world, "device": describe_device(accelerator.device),
+              "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
+              "precision": precision, **probe, "seconds_this_run": round(time.perf_counter() - started, 1),
+              "train_images": len(train_set), "missing_condition": train_set.missing_condition,
+              "best_val_loss": state.best_val_loss}
     if accelerator.is_main_process:
-        ema.copy_to(unwrapped.parameters())
-        optimizer.state.clear()  # saved with the last checkpoint; the pipeline needs only the EMA weights
-        ema.shadow_params = []
+        optimizer.state.clear()  # in the last checkpoint; the pipeline needs only the EMA weights
+        ema.move_into(weights)
         save_pipeline(params, branch, unwrapped, scheduler, paths, vae=vae)
-        if live is not None:
-            live.summary["final"] = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-            live.end()
+        live = live or open_live(paths.live, resumed, logged_params)  # no step left to take: only the summary
+        live.summary["final"] = {key: value for key, value in result.items() if isinstance(value, (int, float))}
+        live.end()
     return result
 
 

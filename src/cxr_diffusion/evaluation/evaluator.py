@@ -24,7 +24,7 @@ from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
 from cxr_diffusion.device import describe_device, module_device
-from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.io import atomic_directory, give_plain_modes, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,34 @@ class CXRClassifier(nn.Module):
 def save_classifier(model: CXRClassifier, out_dir: Path, metrics: dict) -> None:
     with atomic_directory(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        give_plain_modes([tmp / "model.safetensors"])  # safetensors makes it 0600
         kept = {k: v for k, v in metrics.items() if k != "seconds"}  # wall-clock time would change the model's bytes
         (tmp / "config.json").write_text(json.dumps({**asdict(model.spec), "metrics": kept}, indent=2) + "\n")
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def read_classifier_spec(path: Path) -> ClassifierSpec:
+    """The evaluator's ``config.json``, checked: bad JSON, a missing key or a wrong type is one line."""
+    fix = "retrain it with `dvc repro -f evaluator`"
+    config = read_json(path, fix)
+    classes = config.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: 'classes' is {classes!r:.60}, expected a list of class names; {fix}")
+    for key in ("width", "feature_dim", "image_size"):
+        if not _whole(config.get(key)):
+            raise DataError(f"{path}: '{key}' is {config.get(key)!r:.60}, expected a whole number above 0; {fix}")
+    input_size = config.get("input_size")  # saved before input_size existed: the network saw image_size
+    if input_size is not None and not _whole(input_size):
+        raise DataError(f"{path}: 'input_size' is {input_size!r:.60}, expected a whole number above 0 or null; {fix}")
+    return ClassifierSpec(tuple(classes), config["width"], config["feature_dim"], config["image_size"], input_size)
+
+
 def load_classifier(directory: str | Path) -> CXRClassifier:
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    spec = ClassifierSpec(tuple(config["classes"]), config["width"], config["feature_dim"], config["image_size"],
-                          config.get("input_size"))  # saved before input_size existed: the network saw image_size
+    spec = read_classifier_spec(directory / "config.json")
     model = CXRClassifier(spec)
     model.load_state_dict(load_file(directory / "model.safetensors"))
     return model.eval()

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cxr_diffusion.config import Params
-from cxr_diffusion.io import atomic_path, write_json
+from cxr_diffusion.io import atomic_path, read_json, write_json
 
 REFERENCE_FID = {"clip_text": 26.183, "clip_vision": 21.831, "elixr": 24.070}
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, "rerun the stage that writes it (`dvc repro`)") if path.is_file() else {}
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -30,7 +30,7 @@ from cxr_diffusion.data.nih import NIH_HEADER, read_metadata_csv, split_labels
 from cxr_diffusion.data.phantom import render as phantom_render
 from cxr_diffusion.data.phantom.assets import load_phantom_assets, nih_metadata_csv
 from cxr_diffusion.data.phantom.render import PhantomStudy, render_study
-from cxr_diffusion.io import atomic_directory, sha256_file
+from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, sha256_file
 
 METADATA_NAME = "Data_Entry_2017_v2020.csv"
 NOTE_NAME = "STANDIN.txt"
@@ -168,12 +168,16 @@ def _renderer_sha256() -> str:
 
 def _read_manifest(root: Path) -> dict | None:
     try:
-        manifest = json.loads((root / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+        manifest = read_json(root / MANIFEST_NAME, "unused: an unreadable record is no record", kind=object)
+    except (OSError, JsonFileError):  # no record, or one we did not write: the folder is not ours
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
             or not {"arguments", "files", "ids"} <= manifest.keys():
         return None
+    files, ids = manifest["files"], manifest["ids"]
+    if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+            and isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        return None  # not the record build_nih_folder writes
     return manifest
 
 

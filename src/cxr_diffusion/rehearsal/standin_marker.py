@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cxr_diffusion.io import sha256_file
+from cxr_diffusion.io import JsonFileError, read_json, sha256_file
 
 MARKER_NAME = "STANDIN.json"
 SIDECAR_SUFFIX = ".standin.json"
@@ -31,8 +31,8 @@ def sidecar_path(target: Path) -> Path:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        value = read_json(path, "unused: an unreadable label still marks a stand-in", kind=object)
+    except (OSError, JsonFileError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -50,7 +50,7 @@ def _metadata_label(path: Path) -> dict | None:
         return None
     try:
         label = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # bad syntax, a huge integer, deep nesting: still a stand-in
         label = None
     return label if isinstance(label, dict) else {"standin": True, "unreadable": True}
 

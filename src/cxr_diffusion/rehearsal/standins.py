@@ -20,7 +20,6 @@ rebuilt, and a path that holds a real asset (no label) is never touched.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.assets.catalog import Asset, HandSource, HubSource, UrlSource, how_to_place, needed_assets
-from cxr_diffusion.config import Params
+from cxr_diffusion.config import Params, changed
 from cxr_diffusion.io import sha256_file, write_json
 from cxr_diffusion.rehearsal.standin_marker import (
     MARKER_NAME, REPLACE_HINT, WARNING, read_standin, sidecar_path,
@@ -299,7 +298,7 @@ def _check_elixr(params: Params, folder: Path, ids: list[str]) -> dict:
     """Scan the snapshot with the pipeline's reader: every id once, rows of the published shape."""
     from cxr_diffusion.conditioning.elixr_files import scan_elixr_source
 
-    source = scan_elixr_source(dataclasses.replace(params.elixr, path=str(folder)))
+    source = scan_elixr_source(changed(params.elixr, path=str(folder)))
     found = [i for file in source.files for i in file.image_ids]
     shapes = {file.shape for file in source.files}
     if sorted(found) != sorted(ids) or len(shapes) != 1:

@@ -8,7 +8,6 @@ so every reader of real images reads them too.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from cxr_diffusion.diffusion.noise import sampling_scheduler
 from cxr_diffusion.diffusion.model_files import verify_model_files
 from cxr_diffusion.diffusion.pipeline import SATURATED_FRACTION, CXRDiffusionPipeline, to_pil, unusable_images
 from cxr_diffusion.device import describe_device, half_dtype, resolve_device
-from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, write_json
 
 
 # Originals and generations kept for the figures: original_vs_generated_24.png shows this many pairs.
@@ -87,11 +86,11 @@ def _check_model_index(model_dir: Path) -> None:
     path = model_dir / "model_index.json"
     fix = "retrain it (`dvc repro`, stage train@<branch>) or re-fetch the folder"
     try:
-        index = json.loads(path.read_text())
+        index = read_json(path, fix, kind=object)
     except FileNotFoundError:
         raise SamplingError(f"{model_dir}: not a saved model (no model_index.json); train one with `dvc repro`") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SamplingError(f"{path}: not valid JSON ({error}); {fix}") from None
+    except JsonFileError as error:  # bad bytes, syntax, nesting or a huge integer
+        raise SamplingError(str(error)) from None
     if not isinstance(index, dict):
         raise SamplingError(f"{path}: expected a JSON object, got {type(index).__name__}; {fix}")
     if index.get("_class_name") != CXRDiffusionPipeline.__name__:
