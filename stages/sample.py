@@ -4,12 +4,13 @@ from pathlib import Path
 
 import typer
 
+from cxr_diffusion.branches import BRANCH_HELP
 from cxr_diffusion.sampling.sample import sample_branch
 from cxr_diffusion.stage import run_stage
 
 
 def main(
-    branch: str = typer.Option(..., help="clip_text, clip_vision or elixr."),
+    branch: str = typer.Option(..., help=BRANCH_HELP + "."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
     model: Path = typer.Option(..., help="The branch's trained pipeline (output of its train stage)."),
     prepared: Path = typer.Option(..., help="Output of the prepare stage."),

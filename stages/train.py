@@ -4,13 +4,14 @@ from pathlib import Path
 
 import typer
 
+from cxr_diffusion.branches import BRANCH_HELP
 from cxr_diffusion.conditioning.clip import clip_source
 from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, train_branch
 from cxr_diffusion.stage import run_stage
 
 
 def main(
-    branch: str = typer.Option(..., help="clip_text, clip_vision or elixr."),
+    branch: str = typer.Option(..., help=BRANCH_HELP + "."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
     prepared: Path = typer.Option(..., help="Output of the prepare stage."),
     store: Path = typer.Option(..., help="The branch's condition store (output of its embed stage)."),

@@ -143,8 +143,10 @@ def _load_model(model: Path, sampler: str, device):
 
 def _branch_input(model: Path, branch: str, inputs: dict[str, object]) -> str:
     """The one option of ``inputs`` that the model's branch takes; giving any other, or none, is refused."""
+    from cxr_diffusion.branches import branch_spec
+
     given = [name for name, value in inputs.items() if value is not None]
-    needed = {"clip_text": "--prompt", "clip_vision": "--reference", "elixr": "--embedding"}[branch]
+    needed = branch_spec(branch).generate_option
     if given != [needed]:
         _fail(f"{model} holds a model of branch '{branch}': give {needed} (got {', '.join(given) or 'nothing'})")
     return needed

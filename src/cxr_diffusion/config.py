@@ -23,6 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent
 
+from cxr_diffusion.branches import Branch
 from cxr_diffusion.errors import UserError
 
 NIH_FINDINGS: tuple[str, ...] = (
@@ -31,8 +32,6 @@ NIH_FINDINGS: tuple[str, ...] = (
 )
 NO_FINDING = "No Finding"
 NIH_LABELS: tuple[str, ...] = NIH_FINDINGS + (NO_FINDING,)
-BRANCHES: tuple[str, ...] = ("clip_text", "clip_vision", "elixr")
-Branch = Literal["clip_text", "clip_vision", "elixr"]
 
 MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; far larger is not one
 _LAUNCH_CONFIG = re.compile(r"accelerate/[A-Za-z0-9][A-Za-z0-9_.-]*\.(yaml|yml|json)")

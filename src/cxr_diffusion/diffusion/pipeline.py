@@ -21,6 +21,7 @@ from cxr_diffusion.conditioning.clip import TextEncoder, VisionEncoder, encode_i
 # already imported (it never imports what a repository names), so importing it here is what lets
 # `CXRDiffusionPipeline.from_pretrained` load it, with no remote code involved.
 from cxr_diffusion.diffusion.condition import ConditionAdapter  # noqa: F401
+from cxr_diffusion.branches import branch_spec
 from cxr_diffusion.diffusion.model_files import write_model_files
 from cxr_diffusion.io import give_plain_modes
 
@@ -56,7 +57,7 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         """The branch's raw condition, (batch, tokens, dim), from exactly one kind of input."""
         given = [name for name, value in (("prompt", prompt), ("image", image), ("embedding", embedding))
                  if value is not None]
-        expected = {"clip_text": "prompt", "clip_vision": "image", "elixr": "embedding"}[self.config.branch]
+        expected = branch_spec(self.config.branch).pipeline_input
         if given != [expected]:
             raise ValueError(f"this is a {self.config.branch} model: pass `{expected}=` (got {given or 'nothing'})")
         if prompt is not None:

@@ -7,7 +7,6 @@ from pathlib import Path
 from cxr_diffusion.config import Params
 from cxr_diffusion.io import atomic_path, read_json, write_json
 
-REFERENCE_FID = {"clip_text": 26.183, "clip_vision": 21.831, "elixr": 24.070}
 
 
 def _read(path: Path) -> dict:

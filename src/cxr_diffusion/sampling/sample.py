@@ -18,7 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.config import BRANCHES, NO_FINDING, Params
+from cxr_diffusion.branches import BRANCHES, branch_spec
+from cxr_diffusion.config import NO_FINDING, Params
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.decode import encode_png
@@ -74,8 +75,6 @@ _COMPONENTS: dict[str, tuple[str, str]] = {
     "vae": ("diffusers", "AutoencoderKL"),
 }
 _REQUIRED = {"unet", "condition_adapter", "scheduler"}
-_BRANCH_NEEDS = {"clip_text": ("tokenizer", "text_encoder"), "clip_vision": ("image_processor", "image_encoder"),
-                 "elixr": ()}
 _WEIGHTED = {"unet", "condition_adapter", "vae", "text_encoder", "image_encoder"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -99,7 +98,7 @@ def _check_model_index(model_dir: Path) -> None:
     branch = index.get("branch")
     if branch not in BRANCHES:
         raise SamplingError(f"{path}: branch {branch!r} is not one of {', '.join(BRANCHES)}; {fix}")
-    needed = _REQUIRED | set(_BRANCH_NEEDS[branch])
+    needed = _REQUIRED | set(branch_spec(branch).encoder_components)
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list):
             continue
