@@ -4,16 +4,21 @@ from pathlib import Path
 
 import typer
 
-from cxr_diffusion.evaluation.report import compare
+from cxr_diffusion.evaluation.report import ReportInputs, compare
 from cxr_diffusion.stage import run_stage
 
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    evaluations: Path = typer.Option(..., help="The evaluate stages' metrics folder (<branch>.json)."),
+    evaluator: Path = typer.Option(..., help="The evaluator's metrics (test AUROC)."),
+    sampling: Path = typer.Option(..., help="The sample stages' metrics folder (<branch>.json)."),
+    training: Path = typer.Option(..., help="The train stages' DVCLive folder (<branch>/metrics.json)."),
     summary: Path = typer.Option(..., help="One entry per branch."),
     report: Path = typer.Option(..., help="Table and figures."),
 ) -> None:
-    run_stage("compare", params, lambda p: print(compare(p, summary, report)))
+    inputs = ReportInputs(evaluations, evaluator, sampling, training)
+    run_stage("compare", params, lambda p: print(compare(p, inputs, summary, report)))
 
 
 if __name__ == "__main__":

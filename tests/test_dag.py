@@ -352,9 +352,6 @@ DECLARED_NOT_PASSED = {
     "filter": {"data/dataset/metadata.csv": "inside --dataset data/dataset (above)",
                "data/dataset/image_paths.csv": "inside --dataset data/dataset (above)",
                "reference": "the folder filter.include_list must lie under: the list is named in params, not on the cmd"},
-    "compare": {path: "read by evaluation/report.py at a fixed path under the repository root (compare() takes "
-                      "no path for it yet)" for path in ("metrics/evaluate", "metrics/evaluator.json", "metrics/sample",
-                                                         "dvclive")},
 }
 
 

@@ -132,7 +132,7 @@ def test_a_hostile_metrics_file_read_by_compare_is_one_line(tmp_path, content):
     path = tmp_path / "metrics" / "evaluate" / "clip_text.json"
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
-    assert one_line(lambda: read_evaluations(["clip_text"], tmp_path)) == (
+    assert one_line(lambda: read_evaluations(["clip_text"], path.parent)) == (
         f"{path}: not valid JSON ({REASONS[content]}); rerun the stage that writes it (`dvc repro`)")
 
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from cxr_diffusion.config import Params
 from cxr_diffusion.io import atomic_path, read_json, write_json
 
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What compare reads, as dvc.yaml passes it: each earlier stage's metrics."""
+
+    evaluations: Path  # metrics/evaluate: <branch>.json per evaluate stage
+    evaluator: Path    # metrics/evaluator.json
+    sampling: Path     # metrics/sample: <branch>.json per sample stage
+    training: Path     # dvclive: <branch>/metrics.json per train stage
 
 
 def _read(path: Path) -> dict:
@@ -21,18 +31,18 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def read_evaluations(branches: list[str], root: Path = Path(".")) -> dict[str, dict]:
-    """Each branch's evaluate-stage metrics ({} for a branch not evaluated yet)."""
-    return {branch: _read(root / "metrics" / "evaluate" / f"{branch}.json") for branch in branches}
+def read_evaluations(branches: list[str], folder: Path) -> dict[str, dict]:
+    """Each branch's evaluate-stage metrics from ``folder`` ({} for a branch not evaluated yet)."""
+    return {branch: _read(folder / f"{branch}.json") for branch in branches}
 
 
-def summarize(params: Params, evaluations: dict[str, dict], root: Path = Path(".")) -> dict:
+def summarize(params: Params, evaluations: dict[str, dict], inputs: ReportInputs) -> dict:
     """Every branch's metrics, flattened to the numbers `dvc metrics diff` compares."""
     summary = {}
     for branch in params.branches:
         evaluation = evaluations[branch]
-        training = _read(root / "dvclive" / branch / "metrics.json")
-        sampling = _read(root / "metrics" / "sample" / f"{branch}.json")
+        training = _read(inputs.training / branch / "metrics.json")
+        sampling = _read(inputs.sampling / f"{branch}.json")
         closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
         summary[branch] = {
             "condition_source": "elixr_standin" if branch == "elixr" and params.elixr.path is None else branch,
@@ -88,9 +98,8 @@ def _pretrained_notes(evaluations: dict[str, dict]) -> list[str]:
     return notes + ([""] if notes else [])
 
 
-def write_report(params: Params, summary: dict, evaluations: dict[str, dict], out: Path,
-                 root: Path = Path(".")) -> Path:
-    evaluator = _read(root / "metrics" / "evaluator.json")
+def write_report(params: Params, summary: dict, evaluations: dict[str, dict], evaluator: dict, out: Path) -> Path:
+    """The markdown report; its figures are linked relative to it (reports/samples, reports/evaluate)."""
     rows = [
         ("Domain FD (evaluator features) [95% CI]", lambda s: f"{_fmt(s['domain_fd'], 2)} [{_fmt(s['domain_fd_ci_low'], 2)}, {_fmt(s['domain_fd_ci_high'], 2)}]"),
         ("FD / real-vs-real floor (same n)", lambda s: _fmt(s["domain_fd_ratio_to_floor"], 2)),
@@ -130,7 +139,7 @@ def write_report(params: Params, summary: dict, evaluations: dict[str, dict], ou
     for branch in branches:
         lines += [f"## {branch}", ""]
         for figure in ("original_vs_generated_6.png", "one_row_per_finding.png"):
-            if (root / "reports" / "samples" / branch / figure).is_file():
+            if (out.parent / "samples" / branch / figure).is_file():
                 lines.append(f"![{branch} {figure}](samples/{branch}/{figure})")
         lines += [f"![{branch} PCA](evaluate/{branch}/pca.png)",
                   f"![{branch} closest to train](evaluate/{branch}/closest_to_train.png)", ""]
@@ -139,9 +148,9 @@ def write_report(params: Params, summary: dict, evaluations: dict[str, dict], ou
     return out
 
 
-def compare(params: Params, summary_path: Path, report_path: Path) -> dict:
-    evaluations = read_evaluations(params.branches)
-    summary = summarize(params, evaluations)
+def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_path: Path) -> dict:
+    evaluations = read_evaluations(params.branches, inputs.evaluations)
+    summary = summarize(params, evaluations, inputs)
     write_json(summary_path, summary)
-    write_report(params, summary, evaluations, report_path)
+    write_report(params, summary, evaluations, _read(inputs.evaluator), report_path)
     return summary
