@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from cxr_diffusion.config import params_with
 from cxr_diffusion.diffusion import trainer as trainer_module
 from cxr_diffusion.diffusion.checkpoints import list_checkpoints
-from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, train_branch
+from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, maths_settings, train_branch
 
 from conftest import REPO, make_training_data
 
@@ -145,6 +146,49 @@ def test_checkpoint_from_another_config_is_not_resumed(tmp_path, data, capsys):
     train_branch(tiny_params(train={"max_steps": 3, "offset_noise": 0.1}), "elixr", paths)
     out = capsys.readouterr().out
     assert "starting from scratch" in out and "resuming from" not in out
+
+
+@pytest.mark.parametrize("change", [{"num_workers": 1}, {"sample_every_steps": 3}, {"checkpoint_every_steps": 2},
+                                    {"val_every_steps": 2}, {"mixed_precision": "auto"}, {"compile": "never"}])
+def test_settings_that_do_not_change_the_weights_keep_the_resume_hash(change):
+    assert maths_settings(tiny_params(train=change), "elixr") == maths_settings(tiny_params(), "elixr")
+
+
+@pytest.mark.parametrize("change", [{"batch_size": 2}, {"ema_half_life_images": 40}, {"max_steps": 7},
+                                    {"offset_noise": 0.1}])
+def test_settings_that_change_the_weights_change_the_resume_hash(change):
+    assert maths_settings(tiny_params(train=change), "elixr") != maths_settings(tiny_params(), "elixr")
+
+
+def test_validation_settings_count_when_the_validation_loss_steers_the_run():
+    plateau = {"lr_schedule": "plateau"}
+    assert (maths_settings(tiny_params(train={**plateau, "val_every_steps": 2}), "elixr")
+            != maths_settings(tiny_params(train=plateau), "elixr"))
+
+
+def test_a_run_resumes_across_a_change_that_leaves_the_weights_alone(tmp_path, data, uninterrupted, capsys):
+    paths = paths_in(tmp_path, data)
+    train_branch(tiny_params(), "elixr", paths)
+    shutil.rmtree(list_checkpoints(paths.checkpoints)[-1])  # as if killed after the step-3 checkpoint
+    capsys.readouterr()
+    train_branch(tiny_params(train={"sample_every_steps": 3, "num_workers": 1}), "elixr", paths)
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_weights(final_unet(tmp_path), final_unet(uninterrupted[0]))
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_the_last_logs_as_they_were(tmp_path, data, uninterrupted,
+                                                                                monkeypatch):
+    live = tmp_path / "live"
+    shutil.copytree(uninterrupted[0] / "live", live)
+    before = {p.relative_to(live): p.read_bytes() for p in live.rglob("*") if p.is_file()}
+
+    def out_of_memory(*args, **kwargs):
+        raise TrainingError("out of memory (simulated)")
+
+    monkeypatch.setattr(trainer_module, "training_loss", out_of_memory)
+    with pytest.raises(TrainingError, match="simulated"):
+        train_branch(tiny_params(), "elixr", paths_in(tmp_path, data))
+    assert {p.relative_to(live): p.read_bytes() for p in live.rglob("*") if p.is_file()} == before
 
 
 def test_non_finite_losses_stop_with_a_clear_error_and_keep_the_last_checkpoint(tmp_path, data, monkeypatch):
