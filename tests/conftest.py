@@ -102,3 +102,21 @@ def tiny_clip_dir(tmp_path_factory):
     tokenizer.save_pretrained(directory)
     build_image_processor(config.image_size).save_pretrained(directory)
     return directory
+
+
+def cli_refusal(result) -> str:
+    """The one `error:` line of a CLI command that refused its input with exit code 2 (no traceback)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def one_line_message(call, kind: type[Exception]) -> str:
+    """The message of the ``kind`` error that ``call()`` raises, which must be one line."""
+    with pytest.raises(kind) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message
+    return message

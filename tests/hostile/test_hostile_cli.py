@@ -16,6 +16,8 @@ from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.errors import user_error_line
 from cxr_diffusion.stage import run_stage
 
+from conftest import cli_refusal as refusal
+
 runner = CliRunner()
 
 
@@ -106,14 +108,6 @@ def profile_root(tmp_path: Path, **sections) -> Path:
 
 
 _DROP = object()
-
-
-def refusal(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 @pytest.mark.parametrize("sections, fragment", [

@@ -17,6 +17,8 @@ import torch
 
 from cxr_diffusion.errors import UserError
 
+from conftest import one_line_message
+
 DEEP = b"[" * 100_000 + b"]" * 100_000
 HUGE_INT = b'{"images": ' + b"7" * 5000 + b"}"
 NOT_UTF8 = b'{"images": "\xff"}'
@@ -31,11 +33,7 @@ REASONS = {
 
 
 def one_line(call) -> str:
-    with pytest.raises(UserError) as error:
-        call()
-    message = str(error.value)
-    assert "\n" not in message
-    return message
+    return one_line_message(call, UserError)
 
 
 # ----------------------------------------------------------------------------- condition store: store.json

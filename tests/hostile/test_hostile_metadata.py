@@ -23,7 +23,7 @@ from cxr_diffusion.data.shards import read_manifest
 from cxr_diffusion.data.sources import build_dataset
 from cxr_diffusion.io import write_csv
 
-from conftest import gradient_image, make_nih_download, nih_row, png_bytes
+from conftest import gradient_image, make_nih_download, nih_row, one_line_message, png_bytes
 
 HYPERLINK = '=HYPERLINK("http://x","click")'
 
@@ -49,11 +49,7 @@ def reject_of(result, image_index):
 
 
 def one_line_error(call) -> str:
-    with pytest.raises(DataError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
+    return one_line_message(call, DataError)
 
 
 # ----------------------------------------------------------------------------- patient ids

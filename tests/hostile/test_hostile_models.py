@@ -29,7 +29,7 @@ from cxr_diffusion.errors import UserError
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3
 from cxr_diffusion.sampling.sample import SamplingError, check_generated, generate, load_pipeline
 
-from conftest import gradient_image
+from conftest import cli_refusal as refusal, gradient_image
 from test_trainer import tiny_params
 
 runner = CliRunner()
@@ -66,15 +66,6 @@ def embedding(tmp_path) -> Path:
 def generate_args(model: Path, embedding: Path, out: Path, *extra: str) -> list[str]:
     return ["generate", str(model), "--embedding", str(embedding), "--num-images", "2", "--steps", "2",
             "--out", str(out), "--device", "cpu", *extra]
-
-
-def refusal(result) -> str:
-    """The one `error:` line of a command that refused its input with exit code 2 (no traceback)."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def edit_index(model: Path, **changes) -> None:
