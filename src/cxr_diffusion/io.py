@@ -184,18 +184,11 @@ def plain_file_mode(folder: str | Path) -> int:
     """The permission bits a plain ``open(path, "w")`` gets in ``folder`` (0o666 less the umask, or what a
     default ACL gives), read from a probe file: ``os.umask`` cannot be read without setting it for the whole
     process, which races with every other thread creating files."""
-    for _ in range(100):
-        probe = Path(folder) / f".mode-probe.{secrets.token_hex(4)}.tmp"
-        try:
-            descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        except FileExistsError:
-            continue
-        try:
-            return stat.S_IMODE(os.fstat(descriptor).st_mode)
-        finally:
-            os.close(descriptor)
-            probe.unlink()
-    raise FileExistsError(f"{folder}: no unused name for a mode probe")
+    probe = _new_beside(Path(folder) / "mode-probe", _create_file)  # the same create as every atomic write
+    try:
+        return stat.S_IMODE(probe.lstat().st_mode)
+    finally:
+        probe.unlink()
 
 
 def give_plain_modes(paths: list[Path]) -> None:
