@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from cxr_diffusion.config import params_with
 from cxr_diffusion.diffusion import trainer as trainer_module
-from cxr_diffusion.diffusion.checkpoints import list_checkpoints
+from cxr_diffusion.diffusion.checkpoints import TrainingState, list_checkpoints
 from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, maths_settings, train_branch
 
 from conftest import REPO, make_training_data
@@ -321,3 +321,30 @@ def test_no_checkpoints_when_checkpoint_every_steps_is_null(tmp_path, data, unin
     ("auto", "cuda", True), ("auto", "cpu", False), ("always", "cpu", True), ("never", "cuda", False)])
 def test_unet_is_compiled_on_cuda_by_default_and_never_on_a_cpu_unless_asked(setting, device, expected):
     assert trainer_module.compiles(setting, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("name, cut_short", [("metrics.json", '{"step": 3, "train": {"lo'),
+                                             ("params.yaml", "lr: [0.001\n")])
+def test_resume_drops_a_live_summary_cut_short_by_a_kill(tmp_path, name, cut_short):
+    # DVCLive rewrites these in place: a SIGKILL mid-write leaves them cut short (seen in CI), and Live(resume=True)
+    # then failed with a JSON traceback instead of resuming.
+    live_dir = tmp_path / "live"
+    (live_dir / "plots" / "metrics" / "train").mkdir(parents=True)
+    (live_dir / "plots" / "metrics" / "train" / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t0.5\n1\t1\t0.4\n")
+    (live_dir / name).write_text(cut_short)
+    live = trainer_module.open_live(live_dir, TrainingState(step=1), {"lr": 0.001})
+    live.step = 2
+    live.log_metric("train/loss", 0.3)
+    live.make_summary()
+    assert json.loads((live_dir / "metrics.json").read_text())["train"]["loss"] == 0.3
+    rows = (live_dir / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
+    assert rows[:2] == ["1\t0\t0.5", "1\t1\t0.4"] and rows[-1].endswith("0.3")  # kept, then appended
+
+
+def test_resume_keeps_a_readable_live_summary(tmp_path):
+    live_dir = tmp_path / "live"
+    live_dir.mkdir()
+    (live_dir / "metrics.json").write_text('{"step": 1, "val": {"loss": 0.2}}')
+    live = trainer_module.open_live(live_dir, TrainingState(step=1), {"lr": 0.001})
+    live.make_summary()
+    assert json.loads((live_dir / "metrics.json").read_text())["val"]["loss"] == 0.2

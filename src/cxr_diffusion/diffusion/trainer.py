@@ -14,6 +14,7 @@ EMA: ``diffusion/ema.py`` (EDM's half-life in images, with its ramp-up).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -312,11 +314,27 @@ def open_live(directory: Path, resumed: TrainingState | None, logged_params: dic
 
     if resumed is None:
         shutil.rmtree(directory, ignore_errors=True)
+    else:
+        _drop_unreadable_live_summaries(directory)
     live = Live(dir=str(directory), resume=resumed is not None, save_dvc_exp=False, dvcyaml=False)
     if resumed is not None:
         _log_truncated_live(directory, resumed.step)
     live.log_params(logged_params)
     return live
+
+
+def _drop_unreadable_live_summaries(live_dir: Path) -> None:
+    """DVCLive rewrites metrics.json and params.yaml in place, so a run killed mid-write leaves one cut short,
+    and ``Live(resume=True)`` would fail on it. Both are summaries it writes again (the step is set from the
+    checkpoint, params are logged at once); a cut-short one is dropped, a readable one kept."""
+    for name, parse in (("metrics.json", json.loads), ("params.yaml", yaml.safe_load)):
+        path = live_dir / name
+        try:
+            if path.is_file():
+                parse(path.read_text(encoding="utf-8"))
+        except (ValueError, yaml.YAMLError):
+            print(f"{path}: cut short by an interrupted run; dropped (DVCLive writes it again)")
+            path.unlink()
 
 
 def _log_truncated_live(live_dir: Path, keep_until_step: int) -> None:
