@@ -81,7 +81,8 @@ def stage_names(cwd: Path) -> list[str]:
 
 
 def check_outputs(work: Path) -> dict:
-    """Every branch's evaluation computed every metric that is defined at this size; returns what the table shows.
+    """Every branch's evaluation computed every metric that is defined at this size, and its utility study trained
+    the full-scale classifier (ResNet-50) for every arm; returns what the table shows.
 
     A handful of images leaves some values undefined (a per-class AUROC needs both labels among the
     generations): those are listed, not failed. The metrics that stand for a whole code path must be
@@ -94,6 +95,10 @@ def check_outputs(work: Path) -> dict:
         missing = [key for key in REQUIRED_METRICS if not isinstance(flat.get(key), (int, float))]
         if missing:
             raise SystemExit(f"rehearsal: metrics/evaluate/{branch}.json did not compute {missing}")
+        utility = json.loads((work / "metrics" / "utility" / f"{branch}.json").read_text())
+        if utility["classifier"] != "resnet50" or not {"real", "synthetic", "real_plus_synthetic"} <= set(utility["arms"]):
+            raise SystemExit(f"rehearsal: metrics/utility/{branch}.json: expected the resnet50 arms real, synthetic "
+                             f"and real_plus_synthetic, got {utility['classifier']} {sorted(utility['arms'])}")
         live = (work / "dvclive" / branch / "params.yaml").read_text().splitlines()
         precision = next((line.split(":", 1)[1].strip() for line in live if line.startswith("precision:")), "?")
         undefined = sorted(key for key, value in flat.items() if value is None or value != value)

@@ -14,10 +14,11 @@ def main(
     evaluator: Path = typer.Option(..., help="The evaluator's metrics (test AUROC)."),
     sampling: Path = typer.Option(..., help="The sample stages' metrics folder (<branch>.json)."),
     training: Path = typer.Option(..., help="The train stages' DVCLive folder (<branch>/metrics.json)."),
+    utility: Path = typer.Option(..., help="The utility stages' metrics folder (<branch>.json)."),
     summary: Path = typer.Option(..., help="One entry per branch."),
     report: Path = typer.Option(..., help="Table and figures."),
 ) -> None:
-    inputs = ReportInputs(evaluations, evaluator, sampling, training)
+    inputs = ReportInputs(evaluations, evaluator, sampling, training, utility)
     run_stage("compare", params, lambda p: print(compare(p, inputs, summary, report)))
 
 

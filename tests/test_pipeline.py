@@ -93,12 +93,62 @@ def test_repro_ends_with_a_summary_for_every_branch_and_a_report(tiny_repo):
     assert "elixr (stand-in)" in report and "Domain FD" in report
 
 
+def test_utility_arms_are_scored_on_the_same_real_test_images(tiny_repo):
+    import pyarrow.parquet as pq
+
+    from cxr_diffusion.data.shards import PreparedImages
+
+    test = PreparedImages(tiny_repo / "data" / "prepared", "test", channels=1)
+    summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
+    for branch in ("clip_text", "clip_vision", "elixr"):
+        metrics = json.loads((tiny_repo / "metrics" / "utility" / f"{branch}.json").read_text())
+        assert set(metrics["arms"]) == {"real", "synthetic", "real_plus_synthetic", "synthetic_x2"}
+        assert list(summary[branch]["utility"]) == ["real", "synthetic", "real_plus_synthetic", "synthetic_x2"]
+        assert metrics["test_images"] == len(test)
+        scores = pq.read_table(tiny_repo / "data" / "utility" / branch / "test_scores.parquet").to_pydict()
+        for arm in metrics["arms"]:
+            rows = [name for name, of in zip(scores["image_index"], scores["arm"]) if of == arm]
+            assert rows == test.image_indices, (branch, arm)
+        assert (tiny_repo / "reports" / "utility" / branch / "auroc.png").is_file()
+    assert "Downstream utility (train on synthetic, test on real)" in (tiny_repo / "reports" / "report.md").read_text()
+
+
+def test_utility_synthetic_images_carry_the_labels_they_were_generated_for(tiny_repo):
+    from cxr_diffusion.data.shards import PreparedImages
+
+    train = PreparedImages(tiny_repo / "data" / "prepared", "train", channels=1)
+    labels_of = dict(zip(train.image_indices, train.labels.tolist()))
+    for branch in ("clip_text", "clip_vision", "elixr"):
+        metrics = json.loads((tiny_repo / "metrics" / "utility" / branch).with_suffix(".json").read_text())
+        synthetic = PreparedImages(tiny_repo / "data" / "utility" / branch / "synthetic", "train", channels=1)
+        assert len(synthetic) == 2 * metrics["synthetic_set"]["conditions"] == metrics["arms"]["synthetic_x2"]["train_images"]
+        for name, labels in zip(synthetic.image_indices, synthetic.labels.tolist()):
+            source, variation = name.rsplit("#syn", 1)
+            assert labels == labels_of[source] and variation in ("0", "1"), (branch, name)
+
+
+def test_utility_refuses_a_real_arm_of_another_subset_in_one_line(tiny_repo, tmp_path):
+    real = tmp_path / "real"
+    shutil.copytree(tiny_repo / "data" / "utility" / "real", real)
+    facts = json.loads((real / "real_arm.json").read_text())
+    (real / "real_arm.json").write_text(json.dumps({**facts, "train_image_indices": facts["train_image_indices"][1:]}))
+    result = sh(sys.executable, "stages/utility.py", "--branch", "elixr", "--model", "models/elixr", "--prepared",
+                "data/prepared", "--store", "data/embeddings/elixr", "--real", str(real), "--out", str(tmp_path / "o"),
+                "--figures", str(tmp_path / "f"), "--metrics", str(tmp_path / "m.json"), cwd=tiny_repo, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"stage utility failed: {real / 'real_arm.json'}: the real arm was trained on another subset of the train "
+        "split than this run draws; rerun it with `dvc repro utility_real`"]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
+
+
 def test_plots_render_loss_curves_grids_and_pca(tiny_repo, tmp_path):
     result = sh("dvc", "plots", "show", "--json", cwd=tiny_repo)
     rendered = json.loads(result.stdout)["data"]
     names = " ".join(rendered)
     assert "Training loss" in names and "Conditioning gap" in names
     assert "pca.png" in names and "one_row_per_finding.png" in names and "samples.png" in names
+    assert "utility/clip_text/auroc.png" in names
     assert "failed" not in result.stderr.lower()
     assert all(rendered[name] for name in rendered), "a declared plot has no data"
 
@@ -130,6 +180,19 @@ def test_filter_param_change_makes_the_filter_stale_not_the_dataset(tiny_repo):
     original = edited_params(tiny_repo, "age_max: 100", "age_max: 90")
     try:
         assert stale_stages(tiny_repo) == {"filter"}
+    finally:
+        (tiny_repo / "params.yaml").write_text(original)
+
+
+def test_utility_param_changes_make_only_the_utility_stages_stale(tiny_repo):
+    original = edited_params(tiny_repo, "  bootstrap: 50 ", "  bootstrap: 60 ")
+    try:
+        assert stale_stages(tiny_repo) == {"utility"}
+    finally:
+        (tiny_repo / "params.yaml").write_text(original)
+    original = edited_params(tiny_repo, "train_images: 32", "train_images: 30")
+    try:
+        assert stale_stages(tiny_repo) == {"utility_real", "utility"}
     finally:
         (tiny_repo / "params.yaml").write_text(original)
 

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_diffusion.config import EvaluatorConfig
-from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
+from cxr_diffusion.config import UtilityClassifierConfig
+from cxr_diffusion.utility.arms import ArmImages, predict, to_uint8, train_arm
 from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference
 
 CLASSES = ("Effusion", "Nodule/Mass")
-CONFIG = EvaluatorConfig(width=8, feature_dim=16, epochs=12, batch_size=32, lr=5e-3, max_image_size=16)
+CONFIG = UtilityClassifierConfig(architecture="cnn", width=8, feature_dim=16, epochs=12, batch_size=32, lr=5e-3,
+                                 max_image_size=16)
 
 
 def toy_cxrs(n: int, seed: int) -> ArmImages:
@@ -23,15 +24,15 @@ def toy_cxrs(n: int, seed: int) -> ArmImages:
     images = rng.normal(-0.2, 0.25, (n, 1, 16, 16))
     images[labels[:, 0] == 1, :, 10:15, 1:7] += 0.9
     images[labels[:, 1] == 1, :, 2:6, 10:14] += 0.9
-    return ArmImages(torch.from_numpy(np.clip(images, -1, 1)).float(), labels)
+    return ArmImages(to_uint8(torch.from_numpy(images).float()), labels)
 
 
 def noise_like(images: ArmImages, seed: int) -> ArmImages:
     """Pure noise with each pixel's mean and spread over the real images, carrying their labels: no finding
     is visible, so a classifier trained on it can only guess."""
-    x = images.pixel_values.numpy()
+    x = images.pixel_values(slice(None)).numpy()
     noise = np.random.default_rng(seed).normal(x.mean(0), x.std(0), x.shape)
-    return ArmImages(torch.from_numpy(np.clip(noise, -1, 1)).float(), images.labels)
+    return ArmImages(to_uint8(torch.from_numpy(noise).float()), images.labels)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def split():
 
 
 def scores_of(images: ArmImages, test: ArmImages, seed: int = 0) -> np.ndarray:
-    return predict(train_arm(images, CLASSES, CONFIG, seed), test.pixel_values, batch_size=64)
+    return predict(train_arm(images, CLASSES, CONFIG, seed), test, batch_size=64)
 
 
 def test_real_arm_learns_the_findings(split):
@@ -102,4 +103,44 @@ def test_real_plus_synthetic_arm_holds_both_sets_with_their_own_labels(split):
 
 def test_an_arm_without_images_is_refused():
     with pytest.raises(ValueError, match="n >= 1"):
-        ArmImages(torch.zeros((0, 1, 16, 16)), np.zeros((0, 2)))
+        ArmImages(torch.zeros((0, 1, 16, 16), dtype=torch.uint8), np.zeros((0, 2)))
+
+
+def test_arm_images_are_8_bit_grayscale():
+    with pytest.raises(ValueError, match="uint8"):
+        ArmImages(torch.zeros((4, 1, 16, 16)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"\(n, 1, S, S\)"):
+        ArmImages(torch.zeros((4, 3, 16, 16), dtype=torch.uint8), np.zeros((4, 2)))
+
+
+def test_resnet50_is_the_standard_network_with_one_input_channel():
+    from cxr_diffusion.evaluation.evaluator import ClassifierSpec
+    from cxr_diffusion.utility.resnet import ResNet50Classifier
+
+    model = ResNet50Classifier(ClassifierSpec(tuple(f"c{i}" for i in range(14)), 64, 2048, 512, 256))
+    # torchvision's resnet50 has 25,557,032 parameters: less 2 x 64 x 7 x 7 for one input channel instead of
+    # three, and a 14-class head (2048 x 14 + 14) instead of the 1000-class one (2048 x 1000 + 1000).
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032 - 2 * 64 * 49 - (2048 * 1000 + 1000) + 2048 * 14 + 14
+    assert len([m for m in model.modules() if type(m).__name__ == "Bottleneck"]) == 16
+
+
+def test_resnet50_arm_trains_and_predicts_at_a_small_width():
+    config = UtilityClassifierConfig(architecture="resnet50", width=4, feature_dim=128, epochs=1, batch_size=8,
+                                     lr=1e-3, max_image_size=32)
+    images = toy_cxrs(16, seed=5)
+    model = train_arm(images, CLASSES, config, seed=0)
+    assert model.features(images.pixel_values(slice(0, 2))).shape == (2, 128)
+    scores = predict(model, images, batch_size=5)
+    assert scores.shape == (16, 2) and np.isfinite(scores).all() and ((0 <= scores) & (scores <= 1)).all()
+
+
+def test_a_resnet50_whose_features_are_not_32_times_its_width_is_refused():
+    from cxr_diffusion.config import ParamsError, params_with
+
+    with pytest.raises(ParamsError, match=r"utility\.classifier\.feature_dim.*32 x width \(2048\)"):
+        params_with({"utility": {"classifier": {"architecture": "resnet50", "width": 64, "feature_dim": 128}}})
+
+
+def test_the_same_arm_trained_twice_gives_the_same_scores(split):
+    first, second = scores_of(split["real"], split["test"]), scores_of(split["real"], split["test"])
+    assert np.array_equal(first, second)

@@ -351,6 +351,35 @@ class EvaluatorConfig(Section):
     max_image_size: Annotated[int, Field(ge=8, le=4096)]  # >= 8: three 2x poolings
 
 
+class UtilityClassifierConfig(EvaluatorConfig):
+    """The classifier every arm of the utility study trains, the same way for each arm."""
+
+    architecture: Literal["cnn", "resnet50"]  # cnn: the evaluator's network; resnet50: ours, randomly initialised
+
+    @model_validator(mode="after")
+    def _resnet_features(self) -> UtilityClassifierConfig:
+        _require(self.architecture == "cnn" or self.feature_dim == 32 * self.width, "feature_dim",
+                 f"must be 32 x width ({32 * self.width}) for resnet50: its last stage has 8 x width x 4 channels "
+                 "(2048 at the standard width 64)")
+        return self
+
+
+class UtilityConfig(Section):
+    """Train on synthetic, test on real: classifiers trained on real, synthetic and both, scored on the real test split."""
+
+    train_images: Annotated[int, Field(ge=2, le=10_000_000)]  # N: seeded subset of the real train split (all when smaller)
+    scaling: Annotated[tuple[Annotated[int, Field(ge=2, le=64)], ...], Listed, Field(max_length=8)]  # synthetic-only at k x N
+    steps: Annotated[int, Field(ge=1)]  # sampler steps (sample.sampler) of the synthetic sets
+    guidance_scale: Annotated[float, Field(ge=1, le=30)]  # classifier-free guidance of the synthetic sets; 1 = off
+    bootstrap: Annotated[int, Field(ge=10, le=100_000)]  # resamples of the test images for the 95% intervals
+    classifier: UtilityClassifierConfig
+
+    @model_validator(mode="after")
+    def _distinct_scaling(self) -> UtilityConfig:
+        _require(len(set(self.scaling)) == len(self.scaling), "scaling", "has duplicates")
+        return self
+
+
 class EvaluateConfig(Section):
     bootstrap: Annotated[int, Field(ge=10, le=100_000)]  # resamples for the 95% intervals
     kid_subset: Annotated[int, Field(ge=2, le=1_000_000)]
@@ -419,6 +448,7 @@ class Params(Section):
     sample: SampleConfig
     evaluator: EvaluatorConfig
     evaluate: EvaluateConfig
+    utility: UtilityConfig
     fetch: FetchConfig
 
     @model_validator(mode="after")
@@ -428,6 +458,8 @@ class Params(Section):
         _require(self.sample.steps <= self.train.num_train_timesteps, "sample.steps",
                  f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps}): the sampler "
                  "cannot take more steps than the model was trained with")
+        _require(self.utility.steps <= self.train.num_train_timesteps, "utility.steps",
+                 f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps})")
         _require(self.train.space == "pixel" or self.channels == 3, "channels",
                  "must be 3 in latent space (the VAE encodes RGB)")
         return self

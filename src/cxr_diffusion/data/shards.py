@@ -148,8 +148,9 @@ def rebuild_hint(manifest: dict) -> str:
     """What to run to rebuild the folder this manifest describes."""
     generated = manifest.get("generated")
     branch = generated.get("branch") if isinstance(generated, dict) else None
-    if isinstance(branch, str) and re.fullmatch(r"[a-z_]{1,40}", branch):
-        return f"rebuild it with `dvc repro -f sample@{branch}`"
+    stage = generated.get("stage", "sample") if isinstance(generated, dict) else None  # sample or utility
+    if isinstance(branch, str) and re.fullmatch(r"[a-z_]{1,40}", branch) and stage in ("sample", "utility"):
+        return f"rebuild it with `dvc repro -f {stage}@{branch}`"
     return "rebuild it with `dvc repro -f prepare`" if generated is None else _REBUILD
 
 

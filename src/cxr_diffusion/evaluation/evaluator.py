@@ -162,6 +162,24 @@ def evaluator_loss(model: CXRClassifier, batch: dict, generator: torch.Generator
     return F.binary_cross_entropy_with_logits(logits, batch["labels"].to(device), pos_weight=pos_weight.to(device))
 
 
+def classifier_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+                    batch: dict, generator: torch.Generator, pos_weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One optimizer step on one batch (``evaluator_loss``), as the evaluator and every utility arm take it."""
+    loss = evaluator_loss(model, batch, generator, pos_weight, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return loss
+
+
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """BCE positive weights from a training set's labels (n, classes): sqrt of negatives/positives, the class
+    prevalence clamped to [0.02, 0.98], which softens class imbalance without overshooting."""
+    positives = labels.float().mean(0).clamp(0.02, 0.98)
+    return ((1 - positives) / positives).sqrt()
+
+
 def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int, out_dir: str | Path,
                     metrics_path: str | Path | None = None, device: torch.device = torch.device("cpu")) -> dict:
     torch.manual_seed(seed)
@@ -177,8 +195,7 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
     steps = config.epochs * (len(train) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
-    positives = torch.from_numpy(train.labels).mean(0).clamp(0.02, 0.98)
-    pos_weight = ((1 - positives) / positives).sqrt()  # soften class imbalance without overshooting
+    pos_weight = class_weights(torch.from_numpy(train.labels))
     started = time.perf_counter()
     model.train()
     progress = tqdm(total=steps, desc="evaluator", unit="step")
@@ -189,11 +206,7 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
         for batch in DataLoader(train, batch_size=batch_size, sampler=order, drop_last=True):
             if step >= steps:
                 break
-            loss = evaluator_loss(model, batch, generator, pos_weight, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            loss = classifier_step(model, optimizer, schedule, batch, generator, pos_weight, device)
             step += 1
             progress.update()
             progress.set_postfix(loss=f"{loss.item():.3f}")

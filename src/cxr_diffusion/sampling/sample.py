@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,18 +145,30 @@ def place_pipeline(pipeline: CXRDiffusionPipeline, device: torch.device) -> CXRD
     return pipeline
 
 
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a set of images is sampled, and the params section the values come from (named in errors)."""
+
+    steps: int
+    guidance_scale: float
+    batch_size: int
+    section: str = "sample"
+
+
 def generate(pipeline: CXRDiffusionPipeline, conditions: torch.Tensor, params: Params, seed: int,
-             batch_size: int | None = None) -> list[Image.Image]:
+             batch_size: int | None = None, settings: SamplerSettings | None = None) -> list[Image.Image]:
     """One image per condition row, batch by batch; batch ``i`` uses generator seed ``seed + i``. A batch
-    with a non-finite or saturated image is refused (SamplingError, see ``check_generated``)."""
-    batch_size = batch_size or params.sample.batch_size
+    with a non-finite or saturated image is refused (SamplingError, see ``check_generated``). ``settings``:
+    steps, guidance and batch size (default: the sample section's; ``batch_size`` overrides its batch size)."""
+    settings = settings or SamplerSettings(params.sample.steps, params.sample.guidance_scale, params.sample.batch_size)
+    batch_size = batch_size or settings.batch_size
     images = []
     for i, start in enumerate(range(0, len(conditions), batch_size)):
-        out = pipeline(condition=conditions[start:start + batch_size], guidance_scale=params.sample.guidance_scale,
-                       num_inference_steps=params.sample.steps, generator=torch.Generator().manual_seed(seed + i),
+        out = pipeline(condition=conditions[start:start + batch_size], guidance_scale=settings.guidance_scale,
+                       num_inference_steps=settings.steps, generator=torch.Generator().manual_seed(seed + i),
                        output_type="pt", progress=False)
         check_generated(out.images, pipeline.name_or_path or "the model",
-                        f"guidance scale {params.sample.guidance_scale} (sample.guidance_scale)")
+                        f"guidance scale {settings.guidance_scale} ({settings.section}.guidance_scale)")
         images += to_pil(out.images)
     return images
 

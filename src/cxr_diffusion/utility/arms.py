@@ -1,8 +1,9 @@
 """Classifier arms of the utility study: the same network, epochs, augmentation and seed for every arm
-(real only, synthetic only, real + synthetic, synthetic at 2N/4N); only the training images differ.
+(real only, synthetic only, real + synthetic, synthetic at k x N); only the training images differ.
 
-The network and its loss are the evaluator's (``CXRClassifier``, weighted multi-label BCE with small
-shifts and exposure changes), so an arm differs from the evaluator only in what it is trained on.
+The loss and the optimizer step are the evaluator's (weighted multi-label BCE with small shifts and
+exposure changes, AdamW with a one-cycle schedule), so an arm differs from the evaluator only in its
+images and, at full scale, its network (``utility.classifier.architecture``).
 """
 
 from __future__ import annotations
@@ -12,67 +13,80 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm import tqdm
 
-from cxr_diffusion.config import EvaluatorConfig
-from cxr_diffusion.evaluation.evaluator import ClassifierSpec, CXRClassifier, evaluator_loss
+from cxr_diffusion.config import UtilityClassifierConfig
+from cxr_diffusion.evaluation.evaluator import ClassifierSpec, CXRClassifier, class_weights, classifier_step
+from cxr_diffusion.utility.resnet import ResNet50Classifier
 
 
 @dataclass(frozen=True)
 class ArmImages:
-    """Training images of one arm: ``pixel_values`` (n, channels, H, W) in [-1, 1], ``labels`` (n, classes) 0/1.
-    For synthetic images the labels are the ones they were generated for, never re-predicted."""
+    """Training or test images of one arm: ``pixels`` (n, 1, S, S) uint8 grayscale at the side the classifier
+    sees (8-bit, as prepared images are stored), ``labels`` (n, classes) 0/1. For synthetic images the labels
+    are the ones they were generated for, never re-predicted."""
 
-    pixel_values: torch.Tensor
+    pixels: torch.Tensor
     labels: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.pixel_values.ndim != 4 or len(self.pixel_values) != len(self.labels) or len(self.labels) == 0:
-            raise ValueError(f"an arm needs (n, channels, H, W) images and n label rows, n >= 1; got images "
-                             f"{tuple(self.pixel_values.shape)} and labels {np.shape(self.labels)}")
+        if (self.pixels.ndim != 4 or self.pixels.shape[1] != 1 or self.pixels.dtype != torch.uint8
+                or len(self.pixels) != len(self.labels) or len(self.labels) == 0):
+            raise ValueError(f"an arm needs (n, 1, S, S) uint8 images and n label rows, n >= 1; got images "
+                             f"{tuple(self.pixels.shape)} {self.pixels.dtype} and labels {np.shape(self.labels)}")
 
     def __add__(self, other: ArmImages) -> ArmImages:
-        return ArmImages(torch.cat([self.pixel_values, other.pixel_values]),
-                         np.concatenate([self.labels, other.labels]))
+        return ArmImages(torch.cat([self.pixels, other.pixels]), np.concatenate([self.labels, other.labels]))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pixel_values(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Images ``rows`` as float32 in [-1, 1], the range every classifier of the project takes."""
+        return self.pixels[rows].float() / 127.5 - 1
 
 
-def train_arm(images: ArmImages, classes: Sequence[str], config: EvaluatorConfig, seed: int,
-              device: torch.device = torch.device("cpu")) -> CXRClassifier:
+def to_uint8(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 [0, 255], rounded (exact for images that came from 8-bit PNGs)."""
+    return ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def build_classifier(config: UtilityClassifierConfig, classes: Sequence[str], image_size: int) -> nn.Module:
+    spec = ClassifierSpec(tuple(classes), config.width, config.feature_dim, image_size, config.max_image_size)
+    return ResNet50Classifier(spec) if config.architecture == "resnet50" else CXRClassifier(spec)
+
+
+def train_arm(images: ArmImages, classes: Sequence[str], config: UtilityClassifierConfig, seed: int,
+              device: torch.device = torch.device("cpu"), name: str = "arm") -> nn.Module:
     """One arm's classifier. The number of optimizer steps follows the arm's size (``config.epochs`` passes
     over its images), as the reference protocols train every arm for the same epochs."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    spec = ClassifierSpec(tuple(classes), config.width, config.feature_dim, images.pixel_values.shape[-1],
-                          config.max_image_size)
-    model = CXRClassifier(spec).to(device)
-    batch_size = min(config.batch_size, len(images.labels))
-    steps = config.epochs * (len(images.labels) // batch_size)
+    model = build_classifier(config, classes, images.pixels.shape[-1]).to(device)
+    batch_size = min(config.batch_size, len(images))
+    steps = config.epochs * (len(images) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
     labels = torch.from_numpy(np.asarray(images.labels, dtype=np.float32))
-    positives = labels.mean(0).clamp(0.02, 0.98)
-    pos_weight = ((1 - positives) / positives).sqrt()  # the evaluator's softened class weights
+    pos_weight = class_weights(labels)
     model.train()
-    step = 0
-    while step < steps:
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            if step >= steps:
-                break
-            rows = order[start:start + batch_size]
-            batch = {"pixel_values": images.pixel_values[rows], "labels": labels[rows]}
-            loss = evaluator_loss(model, batch, generator, pos_weight, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
+    with tqdm(total=steps, desc=f"utility {name}", unit="step") as progress:
+        for _ in range(config.epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                rows = order[start:start + batch_size]
+                batch = {"pixel_values": images.pixel_values(rows), "labels": labels[rows]}
+                loss = classifier_step(model, optimizer, schedule, batch, generator, pos_weight, device)
+                progress.update()
+                progress.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
 
 @torch.no_grad()
-def predict(model: CXRClassifier, pixel_values: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Per-class probabilities (n, classes) of images in [-1, 1], ``batch_size`` at a time."""
+def predict(model: nn.Module, images: ArmImages, batch_size: int) -> np.ndarray:
+    """Per-class probabilities (n, classes), ``batch_size`` images at a time."""
     device = next(model.parameters()).device
-    parts = [torch.sigmoid(model(pixel_values[start:start + batch_size].to(device))).cpu().numpy()
-             for start in range(0, len(pixel_values), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, len(model.spec.classes)))
+    parts = [torch.sigmoid(model(images.pixel_values(slice(start, start + batch_size)).to(device))).cpu().numpy()
+             for start in range(0, len(images), batch_size)]
+    return np.concatenate(parts)

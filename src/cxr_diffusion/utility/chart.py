@@ -1,0 +1,42 @@
+"""The utility study's figure: AUROC per class and macro, one bar per arm, with 95% bootstrap intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from cxr_diffusion.io import atomic_path
+
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+
+
+def auroc_bars(arms: dict[str, dict], classes: list[str], title: str, path: Path) -> Path:
+    """``arms``: arm name -> ``auroc_with_intervals`` result. Classes whose AUROC is undefined on the test
+    split (one label value only) are left empty. Saved as a PNG at ``path``, atomically."""
+    groups = [*classes, "macro"]
+    figure = Figure(figsize=(max(7.0, 1.3 * len(groups) + 2), 4.8), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / len(arms)
+    for i, (arm, result) in enumerate(arms.items()):
+        entries = [result["per_class"][c] for c in classes] + [result["macro"]]
+        values = np.array([np.nan if e["auroc"] is None else e["auroc"] for e in entries])
+        low = np.array([np.nan if e["ci_low"] is None else e["ci_low"] for e in entries])
+        high = np.array([np.nan if e["ci_high"] is None else e["ci_high"] for e in entries])
+        errors = np.nan_to_num(np.vstack([values - low, high - values]), nan=0.0).clip(min=0)
+        x = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
+        axes.bar(x, np.nan_to_num(values, nan=0.0), width, yerr=errors, capsize=2, label=arm,
+                 color=_COLOURS[i % len(_COLOURS)], edgecolor="black", linewidth=0.4)
+    axes.axhline(0.5, color="black", linestyle=":", linewidth=1, label="chance")
+    axes.set_xticks(np.arange(len(groups)), groups, rotation=20, ha="right")
+    axes.set_ylim(0.0, 1.0)
+    axes.set_ylabel("AUROC on the real test split (95% bootstrap CI)")
+    axes.set_title(title)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path

@@ -1,0 +1,86 @@
+"""Stage `utility_real`: the real-only arm of the utility study, trained once for every branch on a seeded
+subset of N real train images, and its probabilities on the real test split (the baseline of the paired
+differences). Also what the branch stages share with it: the test images and the scores file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxr_diffusion.config import Params
+from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.device import describe_device, resolve_device
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import atomic_directory, atomic_path, read_json, write_json
+from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
+from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
+
+SCORES = "test_scores.parquet"
+REAL_ARM = "real_arm.json"
+REAL = "real"
+
+
+class UtilityError(UserError, ValueError):
+    """The utility study cannot run on these inputs; the message names the file and what to do."""
+
+
+def test_images(params: Params, prepared_dir: Path) -> tuple[ArmImages, list[str]]:
+    """The whole real test split, as every arm is scored on it, and its image ids in row order."""
+    test = PreparedImages(prepared_dir, "test", channels=1)
+    if len(test) == 0:
+        raise UtilityError(f"{prepared_dir}: no test images to score the utility arms on; check the filter split")
+    side = classifier_side(test.image_size, params.utility.classifier.max_image_size)
+    return read_arm_images(test, range(len(test)), side, "real test split"), test.image_indices
+
+
+def write_scores(path: Path, arms: dict[str, np.ndarray], image_indices: list[str], classes: list[str]) -> None:
+    """One row per (arm, test image): the arm's probability for every class."""
+    rows = len(image_indices)
+    columns = {"arm": pa.array([arm for arm in arms for _ in range(rows)], pa.string()),
+               "image_index": pa.array(image_indices * len(arms), pa.string())}
+    for column, name in enumerate(classes):
+        columns[name] = pa.array(np.concatenate([scores[:, column] for scores in arms.values()]), pa.float32())
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+
+
+def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str]) -> tuple[dict, np.ndarray]:
+    """The real-only arm's facts and test probabilities, checked against this run's test split and classes."""
+    fix = "rerun it with `dvc repro utility_real`"
+    facts = read_json(real_dir / REAL_ARM, fix)
+    try:
+        table = pq.read_table(real_dir / SCORES)
+    except (OSError, pa.ArrowException) as error:
+        raise UtilityError(f"{real_dir / SCORES}: unreadable ({str(error).splitlines()[0]}); {fix}") from None
+    if facts.get("classes") != classes or table.column_names[2:] != classes:
+        raise UtilityError(f"{real_dir}: scored classes {facts.get('classes')}, this run's are {classes}; {fix}")
+    if table.column("image_index").to_pylist() != image_indices:
+        raise UtilityError(f"{real_dir / SCORES}: scored other test images than this run's real test split; {fix}")
+    return facts, np.column_stack([table.column(name).to_numpy() for name in classes]).astype(np.float64)
+
+
+def train_real_arm(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
+    """Stage `utility_real`: the real-only arm (N real train images), its test probabilities and its subset."""
+    started = time.perf_counter()
+    device = resolve_device(params.device)
+    config = params.utility.classifier
+    train = PreparedImages(prepared_dir, "train", channels=1)
+    if len(train) < 2:
+        raise UtilityError(f"{prepared_dir}: {len(train)} train images; the utility arms need at least 2")
+    positions = train_subset(train, params.utility.train_images, params.seed)
+    real = read_arm_images(train, positions, classifier_side(train.image_size, config.max_image_size), "real arm")
+    test, test_names = test_images(params, prepared_dir)
+    model = train_arm(real, train.classes, config, params.seed, device, name=REAL)
+    facts = {"classes": list(train.classes), "train_images": len(positions), "train_split_images": len(train),
+             "test_images": len(test), "architecture": config.architecture, "device": describe_device(device),
+             "train_image_indices": [train.image_indices[p] for p in positions],
+             "seconds": round(time.perf_counter() - started, 1)}
+    with atomic_directory(out_dir) as tmp:
+        write_scores(tmp / SCORES, {REAL: predict(model, test, config.batch_size)}, test_names, list(train.classes))
+        write_json(tmp / REAL_ARM, facts)
+    return {k: v for k, v in facts.items() if k != "train_image_indices"}

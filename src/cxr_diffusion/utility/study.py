@@ -1,0 +1,105 @@
+"""Stage `utility` (per branch): does training on a branch's synthetic chest X-rays help a classifier on real
+ones? Train on synthetic, test on real, as Packhaeuser et al. 2023 and CheXGenBench measure it.
+
+`utility_real` (real_arm.py) trains the real-only arm once, on a seeded subset of N real train images, and keeps its
+probabilities on the real test split. `utility@<branch>` generates the branch's synthetic training set
+from the conditions of those same N images, trains the synthetic-only arm (N), the real + synthetic arm
+(N + N) and the scaled synthetic-only arms (k x N), scores every arm on the same real test images, and
+reports per-class and macro AUROC with bootstrap intervals and the paired difference to the real-only arm.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_diffusion.config import Params
+from cxr_diffusion.conditioning.store import ConditionStore
+from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.device import describe_device, resolve_device
+from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.sampling.sample import load_pipeline
+from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
+from cxr_diffusion.utility.chart import auroc_bars
+from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
+from cxr_diffusion.utility.real_arm import REAL, REAL_ARM, SCORES, UtilityError, read_real_arm, test_images, write_scores
+from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference
+from cxr_diffusion.utility.synthetic import write_synthetic_set
+
+
+def _conditions_note(branch: str) -> str:
+    if branch == "clip_text":
+        return ("text only: each synthetic image is generated from the Finding Labels prompt of one of the N real "
+                "train images, so label combinations follow the train set's frequencies; no image is seen")
+    return ("variations of the training images: each synthetic image is conditioned on one of the N real train "
+            "images (its embedding), so the set re-renders images the real arm already has; a weaker test than "
+            "text-only generation")
+
+
+def _scaled_arm(k: int) -> str:
+    return f"synthetic_x{k}"
+
+
+def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: Path, store_dir: Path,
+                   real_dir: Path, out_dir: Path, figures_dir: Path, metrics_path: Path) -> dict:
+    """Stage `utility@<branch>`: the synthetic set, the arms that use it, and every arm's AUROC on real test images."""
+    started = time.perf_counter()
+    torch.manual_seed(params.seed)
+    device = resolve_device(params.device)
+    config, utility = params.utility.classifier, params.utility
+    train = PreparedImages(prepared_dir, "train", channels=1)
+    test_names = PreparedImages(prepared_dir, "test", channels=1).image_indices
+    classes = list(train.classes)
+    real_facts, real_scores = read_real_arm(real_dir, classes, test_names)
+    positions = train_subset(train, utility.train_images, params.seed)
+    if [train.image_indices[p] for p in positions] != real_facts.get("train_image_indices"):
+        raise UtilityError(f"{real_dir / REAL_ARM}: the real arm was trained on another subset of the train split "
+                           "than this run draws; rerun it with `dvc repro utility_real`")
+    pipeline = load_pipeline(model_dir, params.sample.sampler, device)
+    if pipeline.config.branch != branch:
+        raise UtilityError(f"{model_dir} holds a {pipeline.config.branch} model, not {branch}")
+
+    variations = max((1, *utility.scaling))
+    with atomic_directory(out_dir) as tmp:
+        generation = write_synthetic_set(pipeline, branch, train, positions, ConditionStore(store_dir), params,
+                                         variations, tmp / "synthetic")
+        del pipeline
+        side = classifier_side(train.image_size, config.max_image_size)
+        synthetic_images = PreparedImages(tmp / "synthetic", "train", channels=1)
+        per_variation = generation["conditions"]
+        synthetic_all = read_arm_images(synthetic_images, range(len(synthetic_images)), side, "synthetic set")
+        real = read_arm_images(train, positions, side, "real arm")
+        test, _ = test_images(params, prepared_dir)
+
+        def first(variations_used: int) -> ArmImages:
+            rows = slice(0, variations_used * per_variation)
+            return ArmImages(synthetic_all.pixels[rows], synthetic_all.labels[rows])
+
+        training_sets = {"synthetic": first(1), "real_plus_synthetic": real + first(1)}
+        training_sets.update({_scaled_arm(k): first(k) for k in sorted(utility.scaling)})
+        scores = {REAL: real_scores}
+        for arm, images in training_sets.items():
+            model = train_arm(images, classes, config, params.seed, device, name=f"{branch} {arm}")
+            scores[arm] = predict(model, test, config.batch_size).astype(np.float64)
+        write_scores(tmp / SCORES, scores, test_names, classes)
+
+    arms = {}
+    for arm, arm_scores in scores.items():
+        images = real_facts["train_images"] if arm == REAL else len(training_sets[arm])
+        arms[arm] = {"train_images": images, **auroc_with_intervals(test.labels, arm_scores, classes,
+                                                                     utility.bootstrap, params.seed)}
+        if arm != REAL:
+            arms[arm]["vs_real"] = paired_difference(test.labels, arm_scores, real_scores, classes,
+                                                     utility.bootstrap, params.seed)
+    with atomic_directory(figures_dir) as tmp:
+        auroc_bars(arms, classes, f"{branch}: train on synthetic, test on real (N = {real_facts['train_images']})",
+                   tmp / "auroc.png")
+    metrics = {"branch": branch, "train_images": real_facts["train_images"], "test_images": len(test),
+               "classes": classes, "classifier": config.architecture, "conditions": _conditions_note(branch),
+               "synthetic_set": generation, "arms": arms, "device": describe_device(device),
+               "seconds": round(time.perf_counter() - started, 1)}
+    write_json(metrics_path, metrics)
+    return {"branch": branch, **{arm: result["macro"] for arm, result in arms.items()}}

@@ -1,0 +1,28 @@
+"""DVC stage `utility@<branch>`: train on the branch's synthetic images, test on real ones."""
+
+from pathlib import Path
+
+import typer
+
+from cxr_diffusion.branches import BRANCH_HELP
+from cxr_diffusion.stage import run_stage
+from cxr_diffusion.utility.study import branch_utility
+
+
+def main(
+    branch: str = typer.Option(..., help=BRANCH_HELP + "."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    model: Path = typer.Option(..., help="The branch's trained pipeline (output of its train stage)."),
+    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
+    store: Path = typer.Option(..., help="The branch's condition store (output of its embed stage)."),
+    real: Path = typer.Option(..., help="The real-only arm (output of utility_real)."),
+    out: Path = typer.Option(..., help="The synthetic training set (shards) and every arm's test probabilities."),
+    figures: Path = typer.Option(..., help="The AUROC bar chart."),
+    metrics: Path = typer.Option(..., help="Every arm's AUROC with intervals and its difference to the real arm."),
+) -> None:
+    run_stage("utility", params,
+              lambda p: print(branch_utility(p, branch, model, prepared, store, real, out, figures, metrics)))
+
+
+if __name__ == "__main__":
+    typer.run(main)
