@@ -12,9 +12,9 @@ from cxr_diffusion.utility.study import branch_utility
 def main(
     branch: str = typer.Option(..., help=BRANCH_HELP + "."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
-    model: Path = typer.Option(..., help="The branch's trained pipeline (output of its train stage)."),
-    prepared: Path = typer.Option(..., help="Output of the prepare stage."),
-    store: Path = typer.Option(..., help="The branch's condition store (output of its embed stage)."),
+    model: Path = typer.Option(..., help="The branch's trained pipeline, which generates the synthetic set."),
+    prepared: Path = typer.Option(..., help="The prepare stage's shards: the real train subset and test split."),
+    store: Path = typer.Option(..., help="The branch's condition store: the conditions of the train subset."),
     real: Path = typer.Option(..., help="The real-only arm (output of utility_real)."),
     out: Path = typer.Option(..., help="The synthetic training set (shards) and every arm's test probabilities."),
     figures: Path = typer.Option(..., help="The AUROC bar chart."),

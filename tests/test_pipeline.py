@@ -184,15 +184,14 @@ def test_filter_param_change_makes_the_filter_stale_not_the_dataset(tiny_repo):
         (tiny_repo / "params.yaml").write_text(original)
 
 
-def test_utility_param_changes_make_only_the_utility_stages_stale(tiny_repo):
-    original = edited_params(tiny_repo, "  bootstrap: 50 ", "  bootstrap: 60 ")
+@pytest.mark.parametrize(("old", "new", "stale"), [
+    ("  bootstrap: 50 ", "  bootstrap: 60 ", {"utility"}),
+    ("train_images: 32", "train_images: 30", {"utility_real", "utility"}),
+])
+def test_utility_param_changes_make_only_the_utility_stages_stale(tiny_repo, old, new, stale):
+    original = edited_params(tiny_repo, old, new)
     try:
-        assert stale_stages(tiny_repo) == {"utility"}
-    finally:
-        (tiny_repo / "params.yaml").write_text(original)
-    original = edited_params(tiny_repo, "train_images: 32", "train_images: 30")
-    try:
-        assert stale_stages(tiny_repo) == {"utility_real", "utility"}
+        assert stale_stages(tiny_repo) == stale
     finally:
         (tiny_repo / "params.yaml").write_text(original)
 
