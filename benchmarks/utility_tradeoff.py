@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--branch", default="clip_text")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 10, 20])
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[16, 50, 128],
+                        help="generation speed of the utility setting at these batch sizes (no arms trained)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/utility_tradeoff_<branch>.md")
     args = parser.parse_args()
     command = f"$ python {' '.join(sys.argv)}"
@@ -92,9 +94,25 @@ def main() -> None:
                             f"FD vs real test (n={len(real_features)})", "synthetic-only macro AUROC [95% CI]",
                             "vs real-only [95% CI]"], rows)
     text = f"# Utility synthetic sets: sampler steps x guidance\n\n{command}\n\n{header}\n\n{table}\n"
+    if args.batch_sizes:
+        text += "\n" + batch_size_table(params, pipeline, args.branch, train, positions, store, args.batch_sizes) + "\n"
     print("\n" + text)
     out = args.out or Path("benchmarks/results") / f"utility_tradeoff_{args.branch}.md"
     out.write_text(text)
+
+
+def batch_size_table(params, pipeline, branch, train, positions, store, batch_sizes: list[int]) -> str:
+    """Generation speed of the utility stage's own setting at each batch size, the sample stage's first."""
+    rows, base = [], None
+    for size in [params.sample.batch_size, *[b for b in batch_sizes if b != params.sample.batch_size]]:
+        run = changed(params, sample=changed(params.sample, batch_size=size))
+        with tempfile.TemporaryDirectory() as scratch:
+            facts = write_synthetic_set(pipeline, branch, train, positions, store, run, 1, Path(scratch) / "s")
+        base = base or facts["images_per_second"]
+        rows.append([f"{size}{' (sample.batch_size)' if size == params.sample.batch_size else ''}",
+                     f"{facts['images_per_second']:.1f}", f"{facts['images_per_second'] / base:.2f}"])
+    return (f"Batch size at {params.utility.steps} steps, guidance {params.utility.guidance_scale:g} "
+            f"({len(positions)} images):\n\n" + markdown_table(["batch size", "img/s", "speed / sample.batch_size"], rows))
 
 
 if __name__ == "__main__":

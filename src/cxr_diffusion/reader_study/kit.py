@@ -1,0 +1,167 @@
+"""The blinded reader-study kit: a folder a reader opens straight from disk, and its answer key kept apart.
+
+The kit (``out_dir``) holds ``index.html``, ``app.js``, ``style.css`` (from ``page/``), ``study.js`` (the
+manifest, set as ``window.READER_STUDY`` so that the page works from file:// without a server or fetch)
+and ``images/``. Nothing in it tells a real image from a generated one:
+
+- every image is written the same way: scaled to ``display_size`` square (nearest neighbour when
+  enlarging, so small images are not smoothed; box filter when shrinking), as an uncompressed
+  (``compress_level=0``) 8-bit grayscale PNG with no metadata chunks, so every file has the same
+  pixel size and the same byte size;
+- files are named ``item-<7 hex digits>.png`` from the seed, in a seeded shuffle of all the items;
+- the manifest lists only ``study_id``, ``display_size``, ``findings`` and, per item, its id and file
+  (calibration items also their truth, which the page shows: "real" or "synthetic", never a branch).
+
+The answer key (``key_path``, refused inside the kit) maps every item id to its source, origin id and
+labels::
+
+    {"study_id": str, "seed": int, "findings": [str, ...],
+     "items": {item_id: {"source": "real" | <branch>, "origin_id": str, "labels": [class, ...]}},
+     "calibration": {item_id: {...the same...}}}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.reader_study.errors import ReaderStudyError
+from cxr_diffusion.reader_study.items import StudyItem
+from cxr_diffusion.reader_study.labels import NO_FINDING, REAL, answer_findings
+
+PAGE_FILES = ("index.html", "app.js", "style.css")
+MANIFEST_SCRIPT = "study.js"
+MANIFEST_GLOBAL = "READER_STUDY"
+IMAGES = "images"
+STUDY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used in file names and storage keys
+MIN_DISPLAY, MAX_DISPLAY = 16, 4096
+
+
+def build_kit(items: list[StudyItem], out_dir: Path, key_path: Path, study_id: str, findings: list[str],
+              calibration: int, seed: int, display_size: int) -> dict:
+    """Write the kit to ``out_dir`` and its answer key to ``key_path`` (both atomically); return a summary.
+
+    ``calibration`` of the items (alternately real and generated, as far as the items allow) are shown
+    first with their truth and are not scored; the others are the study.
+    """
+    out_dir, key_path = Path(out_dir), Path(key_path)
+    _check_inputs(items, out_dir, key_path, study_id, findings, calibration, display_size)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(items)).tolist()
+    shown_first = _calibration_picks(items, order, calibration)
+    scored = [index for index in order if index not in shown_first]
+    ids = _opaque_ids(len(items), rng)
+    calibration_ids, scored_ids = ids[:calibration], ids[calibration:]
+
+    manifest = {
+        "study_id": study_id,
+        "display_size": display_size,
+        "findings": list(findings),
+        "calibration": [{"id": item_id, "image": f"{IMAGES}/{item_id}.png",
+                         "truth": _shown_truth(items[index], findings)}
+                        for item_id, index in zip(calibration_ids, shown_first)],
+        "items": [{"id": item_id, "image": f"{IMAGES}/{item_id}.png"} for item_id in scored_ids],
+    }
+    key = {
+        "study_id": study_id,
+        "seed": seed,
+        "findings": list(findings),
+        "items": {item_id: _truth(items[index]) for item_id, index in zip(scored_ids, scored)},
+        "calibration": {item_id: _truth(items[index]) for item_id, index in zip(calibration_ids, shown_first)},
+    }
+    with atomic_directory(out_dir) as tmp:
+        page = resources.files("cxr_diffusion.reader_study").joinpath("page")
+        for name in PAGE_FILES:
+            (tmp / name).write_bytes(page.joinpath(name).read_bytes())
+        (tmp / IMAGES).mkdir()
+        for item_id, index in zip(ids, shown_first + scored):
+            write_blinded_png(items[index].pixels, display_size, tmp / IMAGES / f"{item_id}.png")
+        sizes = {path.stat().st_size for path in (tmp / IMAGES).iterdir()}
+        if len(sizes) != 1:  # would let a reader tell files apart by size: never ship that
+            raise RuntimeError(f"kit images differ in byte size ({sorted(sizes)}); the PNG writer changed")
+        (tmp / MANIFEST_SCRIPT).write_text(manifest_script(manifest))
+        write_json(key_path, key)  # inside the block: a failed key write leaves the previous kit in place
+    return {"study_id": study_id, "items": len(scored_ids), "calibration": len(calibration_ids),
+            "display_size": display_size, "image_bytes": sizes.pop(), "kit": str(out_dir), "key": str(key_path)}
+
+
+def manifest_script(manifest: dict) -> str:
+    """The manifest as a script that sets a global: pages opened from file:// cannot fetch a JSON file."""
+    return f'"use strict";\nwindow.{MANIFEST_GLOBAL} = {json.dumps(manifest, indent=1, sort_keys=True)};\n'
+
+
+def read_kit_manifest(kit_dir: Path) -> dict:
+    """The manifest of a kit folder (the inverse of ``manifest_script``)."""
+    text = (Path(kit_dir) / MANIFEST_SCRIPT).read_text()
+    start, end = text.index("{"), text.rindex("}")
+    return json.loads(text[start:end + 1])
+
+
+def write_blinded_png(pixels: np.ndarray, display_size: int, path: Path) -> None:
+    """``pixels`` scaled to fit ``display_size`` square (padded black if not square), saved as an
+    uncompressed grayscale PNG with no metadata: the same size in pixels and bytes for every image."""
+    image = Image.fromarray(pixels, mode="L")
+    scale = display_size / max(image.size)
+    size = tuple(max(1, round(side * scale)) for side in image.size)
+    image = image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BOX)
+    canvas = Image.new("L", (display_size, display_size), 0)
+    canvas.paste(image, ((display_size - size[0]) // 2, (display_size - size[1]) // 2))
+    canvas.save(path, format="PNG", compress_level=0, optimize=False)  # no pnginfo: no tEXt, iTXt, tIME
+
+
+def _check_inputs(items: list[StudyItem], out_dir: Path, key_path: Path, study_id: str, findings: list[str],
+                  calibration: int, display_size: int) -> None:
+    kit, key = out_dir.resolve(), key_path.resolve()
+    if key == kit or kit in key.parents:
+        raise ReaderStudyError(f"the answer key {key_path} lies inside the kit folder {out_dir}, which readers "
+                               f"receive; write the key outside it (e.g. beside it)")
+    if not STUDY_ID.fullmatch(study_id):
+        raise ReaderStudyError(f"study_id {study_id!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                               f"(it names the readers' files), starting with a letter or digit")
+    if not MIN_DISPLAY <= display_size <= MAX_DISPLAY:
+        raise ReaderStudyError(f"display_size must be {MIN_DISPLAY} to {MAX_DISPLAY} pixels, got {display_size}")
+    if len(set(findings)) != len(findings) or not all(isinstance(name, str) and name.strip() for name in findings) \
+            or "none" in findings or NO_FINDING in findings:
+        raise ReaderStudyError(f"findings {findings} must be distinct non-empty names, without 'none' or "
+                               f"'{NO_FINDING}' (the page asks those as 'none')")
+    if not 0 <= calibration < len(items):
+        raise ReaderStudyError(f"calibration must be 0 to {len(items) - 1} (fewer than the {len(items)} items, "
+                               f"so that some are scored), got {calibration}")
+    known = {*findings, NO_FINDING}
+    for item in items:
+        unknown = sorted(set(item.labels) - known)
+        if unknown:
+            raise ReaderStudyError(f"image {item.origin_id!r} ({item.source}) has labels {unknown} that are not "
+                                   f"among the study's findings {findings}")
+
+
+def _calibration_picks(items: list[StudyItem], order: list[int], calibration: int) -> list[int]:
+    """The first ``calibration`` of the shuffled items, taken alternately real and generated."""
+    real = [index for index in order if items[index].source == REAL]
+    generated = [index for index in order if items[index].source != REAL]
+    alternating = [index for pair in zip(real, generated) for index in pair]
+    rest = real[len(generated):] + generated[len(real):]
+    return (alternating + rest)[:calibration]
+
+
+def _opaque_ids(count: int, rng: np.random.Generator) -> list[str]:
+    ids: list[str] = []
+    while len(ids) < count:
+        candidate = f"item-{int(rng.integers(0, 16**7)):07x}"
+        if candidate not in ids:
+            ids.append(candidate)
+    return ids
+
+
+def _shown_truth(item: StudyItem, findings: list[str]) -> dict:
+    return {"call": "real" if item.source == REAL else "synthetic", "findings": answer_findings(item.labels, findings)}
+
+
+def _truth(item: StudyItem) -> dict:
+    return {"source": item.source, "origin_id": item.origin_id, "labels": list(item.labels)}

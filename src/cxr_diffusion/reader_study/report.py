@@ -1,0 +1,72 @@
+"""The reader study's section of the report, as markdown lines, from ``scoring.score_responses``' metrics."""
+
+from __future__ import annotations
+
+from cxr_diffusion.reader_study.labels import REAL
+
+
+def report_lines(metrics: dict, level: int = 2) -> list[str]:
+    """Markdown lines: headline accuracy, a table per reader, per source, per finding; agreement; rejects."""
+    lines = [f"{'#' * level} Expert reader study", ""]
+    if metrics["readers"] == 0:
+        lines += [metrics["how_to"], ""]
+        return lines + _rejects(metrics["rejects"])
+    pooled = metrics["pooled"]
+    call = pooled["call"]
+    lines += [
+        f"{metrics['readers']} reader(s), {metrics['items']} blinded items, {pooled['answered']} answers. "
+        f"Real-vs-synthetic accuracy, pooled: **{_interval(call['accuracy'], call['ci95'])}** (exact "
+        f"Clopper-Pearson 95% interval; two-sided binomial test against 50%: p = {call['p_value']:.3g}). "
+        f"Chance (50%) means readers cannot tell the generated images from real ones. Pooled figures count "
+        f"every answer as independent.",
+        "",
+        "| Reader | Answered | Accuracy [95% CI] | p (vs 50%) | AUC (confidence-weighted) |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for reader, summary in [*metrics["per_reader"].items(), ("pooled", pooled)]:
+        result = summary["call"]
+        p_value = f"{result['p_value']:.3g}" if result["p_value"] is not None else "n/a"
+        lines.append(f"| {_cell(reader)} | {summary['answered']} | {_interval(result['accuracy'], result['ci95'])} "
+                     f"| {p_value} | {_number(summary['auc'])} |")
+    lines += ["", "| Source | Answers | Called real | Realism 1-5, mean [95% t-interval] |", "|---|---:|---:|---|"]
+    for source, called in pooled["called_real"].items():
+        realism = pooled["realism"][source]
+        name = "real images" if source == REAL else source
+        lines.append(f"| {name} | {called['n']} | {_number(called['fraction'])} | "
+                     f"{_interval(realism['mean'], realism['ci95'])} |")
+    sources = list(pooled["called_real"])
+    lines += ["", "Findings the readers ticked, F1 against the true labels (real images) or the requested ones "
+              "(generated), pooled:", "",
+              "| Finding | " + " | ".join("real" if source == REAL else source for source in sources) + " |",
+              "|---|" + "---:|" * len(sources)]
+    for finding, per_source in pooled["findings"].items():
+        lines.append(f"| {_cell(finding)} | " + " | ".join(_number(per_source[source]["f1"]) for source in sources)
+                     + " |")
+    agreement = metrics["agreement"]
+    if agreement["method"] is not None:
+        method = "Cohen's" if agreement["method"] == "cohen" else "Fleiss'"
+        lines += ["", f"Inter-reader agreement on the call: {method} kappa = {_number(agreement['kappa'])} over the "
+                      f"{agreement['items']} items all {agreement['readers']} readers answered."]
+    return lines + [""] + _rejects(metrics["rejects"])
+
+
+def _rejects(rejects: list[dict]) -> list[str]:
+    if not rejects:
+        return []
+    return [f"Rejected response files ({len(rejects)}):", ""] + \
+        [f"- `{_cell(reject['file'])}`: {_cell(reject['reason'])}" for reject in rejects] + [""]
+
+
+def _interval(value: float | None, interval: list | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else f"{value:.2f}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _cell(text: str) -> str:
+    """Text from a reader's file, safe inside a markdown table cell or code span."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")[:120]

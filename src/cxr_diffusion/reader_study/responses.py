@@ -1,0 +1,187 @@
+"""The readers' exported answer files, checked against the study's answer key.
+
+A response file (what the page exports, ``<study_id>__<reader_id>.json``)::
+
+    {"study_id": str, "reader_id": str (1-64 characters), "exported_at": str (ISO 8601),
+     "answers": {item_id: {"call": "real" | "synthetic", "confidence": 1-5, "realism": 1-5,
+                           "findings": [finding, ...] (distinct, from the study's list) | ["none"],
+                           "note": str (optional, at most 2000 characters)}}}
+
+Items left out are unanswered (a partial reader is allowed). A file that does not fit is rejected as a
+whole, never dropped silently nor half-read: it is listed with a reason ``<code>: <detail>``, the code
+one of ``REJECT_CODES``. Two files of the same reader are both rejected (which one is the reader's
+last word is for a person to decide: keep one and rerun).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr_diffusion.io import JsonFileError, read_json
+from cxr_diffusion.reader_study.errors import ReaderStudyError
+from cxr_diffusion.reader_study.labels import NONE
+
+CALLS = ("real", "synthetic")
+MAX_NOTE = 2000
+MAX_READER_ID = 64
+MAX_FILE_BYTES = 16 * 2**20  # an export of thousands of items with long notes is far below
+REJECT_CODES = ("not_json", "bad_format", "other_study", "unknown_item", "out_of_range", "duplicate_reader")
+_KEY_FIX = "rebuild the reader-study kit: its answer key is written with it"
+
+
+@dataclass(frozen=True)
+class ItemTruth:
+    source: str  # "real" or a branch name
+    origin_id: str
+    labels: tuple[str, ...]  # class names ("No Finding" included when it is a class)
+
+
+@dataclass(frozen=True)
+class StudyKey:
+    study_id: str
+    findings: tuple[str, ...]
+    items: dict[str, ItemTruth]  # the scored items
+    calibration: frozenset[str]  # ids shown first with their truth, never scored
+
+
+@dataclass(frozen=True)
+class Answer:
+    call: str
+    confidence: int
+    realism: int
+    findings: tuple[str, ...]  # study findings, or ("none",)
+    note: str
+
+
+@dataclass(frozen=True)
+class ReaderResponse:
+    file: str
+    reader_id: str
+    answers: dict[str, Answer]
+
+
+class Rejected(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+
+def read_key(key_path: Path) -> StudyKey:
+    """The answer key ``kit.build_kit`` wrote, checked."""
+    key_path = Path(key_path)
+    if not key_path.is_file():
+        raise ReaderStudyError(f"{key_path}: no answer key there; {_KEY_FIX}")
+    payload = read_json(key_path, _KEY_FIX)
+    try:
+        items = {str(item_id): _truth(value) for item_id, value in payload["items"].items()}
+        key = StudyKey(study_id=payload["study_id"], findings=tuple(payload["findings"]), items=items,
+                       calibration=frozenset(payload.get("calibration", {})))
+        if not isinstance(key.study_id, str) or not all(isinstance(name, str) for name in key.findings) or not items:
+            raise TypeError
+    except (KeyError, TypeError, AttributeError):
+        raise ReaderStudyError(f"{key_path}: not an answer key of a reader-study kit; {_KEY_FIX}") from None
+    return key
+
+
+def _truth(value: dict) -> ItemTruth:
+    labels = tuple(value["labels"])
+    if not isinstance(value["source"], str) or not all(isinstance(label, str) for label in labels):
+        raise TypeError
+    return ItemTruth(source=value["source"], origin_id=str(value["origin_id"]), labels=labels)
+
+
+def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderResponse], list[dict]]:
+    """Every ``*.json`` in ``responses_dir`` (sorted by name; a missing folder holds none): the accepted
+    responses, and the rejected files as ``{"file": name, "reason": "<code>: <detail>"}``."""
+    responses_dir = Path(responses_dir)
+    paths = sorted(responses_dir.glob("*.json")) if responses_dir.is_dir() else []
+    accepted: list[ReaderResponse] = []
+    rejects: list[dict] = []
+    for path in paths:
+        try:
+            accepted.append(read_response(path, key))
+        except Rejected as rejected:
+            rejects.append({"file": path.name, "reason": str(rejected)})
+    by_reader: dict[str, list[ReaderResponse]] = defaultdict(list)
+    for response in accepted:
+        by_reader[response.reader_id].append(response)
+    kept = []
+    for response in accepted:
+        twins = by_reader[response.reader_id]
+        if len(twins) == 1:
+            kept.append(response)
+            continue
+        others = ", ".join(twin.file for twin in twins if twin is not response)
+        rejects.append({"file": response.file, "reason": f"duplicate_reader: reader {response.reader_id!r} also "
+                                                         f"sent {others}; keep one file per reader and rerun"})
+    return kept, sorted(rejects, key=lambda reject: reject["file"])
+
+
+def read_response(path: Path, key: StudyKey) -> ReaderResponse:
+    """One response file, checked against ``key``; raises ``Rejected`` with a reason code."""
+    if not path.is_file():
+        raise Rejected("not_json", "not a regular file")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise Rejected("bad_format", f"{path.stat().st_size} bytes, more than an export can be ({MAX_FILE_BYTES})")
+    try:
+        payload = read_json(path, "export the answers again from the study page")
+    except JsonFileError as error:
+        raise Rejected("not_json", str(error).removeprefix(f"{path}: ")) from None
+    _exact_keys(payload, {"study_id", "reader_id", "exported_at", "answers"}, set(), "the file")
+    if payload["study_id"] != key.study_id:
+        raise Rejected("other_study", f"study_id {_shown(payload['study_id'])}, this study is {key.study_id!r}")
+    reader = payload["reader_id"]
+    if not isinstance(reader, str) or not reader.strip() or len(reader) > MAX_READER_ID:
+        raise Rejected("bad_format", f"reader_id {_shown(reader)} is not 1-{MAX_READER_ID} characters of text")
+    if not isinstance(payload["exported_at"], str):
+        raise Rejected("bad_format", f"exported_at {_shown(payload['exported_at'])} is not a date text")
+    if not isinstance(payload["answers"], dict):
+        raise Rejected("bad_format", "answers is not an object of item id -> answer")
+    answers = {}
+    for item_id, answer in payload["answers"].items():
+        if item_id not in key.items:
+            why = "a calibration item (not scored)" if item_id in key.calibration else "not an item of this study"
+            raise Rejected("unknown_item", f"item {_shown(item_id)} is {why}")
+        answers[item_id] = _answer(item_id, answer, key.findings)
+    return ReaderResponse(file=path.name, reader_id=reader.strip(), answers=answers)
+
+
+def _answer(item_id: str, answer: object, findings: tuple[str, ...]) -> Answer:
+    where = f"item {item_id}"
+    if not isinstance(answer, dict):
+        raise Rejected("bad_format", f"{where}: the answer is not an object")
+    _exact_keys(answer, {"call", "confidence", "realism", "findings"}, {"note"}, where)
+    if answer["call"] not in CALLS:
+        raise Rejected("out_of_range", f"{where}: call {_shown(answer['call'])}, expected 'real' or 'synthetic'")
+    for name in ("confidence", "realism"):
+        value = answer[name]
+        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 5):
+            raise Rejected("out_of_range", f"{where}: {name} {_shown(value)}, expected a whole number 1 to 5")
+    ticked = answer["findings"]
+    if not isinstance(ticked, list) or not ticked or not all(isinstance(name, str) for name in ticked) \
+            or len(set(ticked)) != len(ticked):
+        raise Rejected("out_of_range", f"{where}: findings {_shown(ticked)}, expected distinct names or ['none']")
+    if NONE in ticked and ticked != [NONE]:
+        raise Rejected("out_of_range", f"{where}: findings {_shown(ticked)} has 'none' with findings")
+    unknown = [name for name in ticked if name != NONE and name not in findings]
+    if unknown:
+        raise Rejected("out_of_range", f"{where}: findings {_shown(unknown)} are not among {list(findings)}")
+    note = answer.get("note", "")
+    if not isinstance(note, str) or len(note) > MAX_NOTE:
+        raise Rejected("out_of_range", f"{where}: note is not text of at most {MAX_NOTE} characters")
+    return Answer(call=answer["call"], confidence=answer["confidence"], realism=answer["realism"],
+                  findings=tuple(ticked), note=note)
+
+
+def _exact_keys(payload: dict, required: set[str], optional: set[str], where: str) -> None:
+    missing, extra = required - payload.keys(), payload.keys() - required - optional
+    if missing or extra:
+        parts = ([f"missing {sorted(missing)}"] if missing else []) + ([f"unexpected {sorted(extra)}"] if extra else [])
+        raise Rejected("bad_format", f"{where}: {' and '.join(parts)} keys")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
