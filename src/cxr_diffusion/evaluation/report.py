@@ -174,10 +174,10 @@ def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -
         lines += ["", f"![{branch} utility](utility/{branch}/auroc.png)", ""]
     if params.dataset.source == "phantom":
         lines += ["On the phantom these numbers test the method, not the models' clinical value: findings are drawn "
-                  f"shapes at {params.image_size}x{params.image_size} that a small CNN separates almost perfectly from "
-                  "few real images, so the real-only arm sits near its ceiling and a gap measures how faithfully a "
-                  "branch renders those shapes for the labels asked. They support comparing branches and settings "
-                  "on this pipeline; they say nothing about real chest X-rays.", ""]
+                  f"shapes at {params.image_size}x{params.image_size} that a small CNN learns from a few hundred real "
+                  "images, so a gap measures how faithfully a branch renders those shapes for the labels asked. They "
+                  "support comparing branches and settings on this pipeline; they say nothing about real chest X-rays.",
+                  ""]
     return lines
 
 

@@ -35,8 +35,8 @@ def auroc_bars(arms: dict[str, dict], classes: list[str], title: str, path: Path
     axes.set_ylim(0.0, 1.0)
     axes.set_ylabel("AUROC on the real test split (95% bootstrap CI)")
     axes.set_title(title)
-    axes.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(arms) + 1, fontsize=9, frameon=False)
+    figure.tight_layout()  # the legend sits under the class names, clear of every bar
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     return path
