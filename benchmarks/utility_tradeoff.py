@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
@@ -32,7 +31,7 @@ from cxr_diffusion.evaluation.evaluator import embed_and_predict, load_classifie
 from cxr_diffusion.sampling.sample import load_pipeline
 from cxr_diffusion.utility.arms import predict, train_arm
 from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
-from cxr_diffusion.utility.real_arm import read_real_arm, test_images
+from cxr_diffusion.utility.real_arm import read_real_arm, test_split
 from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference
 from cxr_diffusion.utility.synthetic import write_synthetic_set
 
@@ -52,7 +51,8 @@ def main() -> None:
     prepared = Path("data/prepared")
     train = PreparedImages(prepared, "train", channels=1)
     positions = train_subset(train, params.utility.train_images, params.seed)
-    test, test_names = test_images(params, prepared)
+    test_set = test_split(params, prepared)
+    test, test_names, groups = test_set.images, test_set.image_indices, test_set.patients
     classes = list(train.classes)
     _, real_scores = read_real_arm(Path("data/utility/real"), classes, test_names)
     classifier = load_classifier("models/evaluator")
@@ -72,9 +72,9 @@ def main() -> None:
             features = embed_and_predict(classifier, PreparedImages(folder, "train"), params.evaluate.batch_size)["features"]
             images = read_arm_images(synthetic, range(len(synthetic)), side, f"steps {steps}, guidance {guidance}")
         model = train_arm(images, classes, params.utility.classifier, params.seed, name=f"steps {steps} g {guidance}")
-        scores = predict(model, test, params.utility.classifier.batch_size).astype(np.float64)
-        auroc = auroc_with_intervals(test.labels, scores, classes, params.utility.bootstrap, params.seed)["macro"]
-        difference = paired_difference(test.labels, scores, real_scores, classes, params.utility.bootstrap,
+        scores = predict(model, test, params.utility.classifier.batch_size)
+        auroc = auroc_with_intervals(test.labels, scores, classes, groups, params.utility.bootstrap, params.seed)["macro"]
+        difference = paired_difference(test.labels, scores, real_scores, classes, groups, params.utility.bootstrap,
                                        params.seed)["macro"]
         results[(steps, guidance)] = (facts, frechet_distance(features, real_features), auroc, difference)
     base_seconds = results[baseline][0]["seconds"]
@@ -86,7 +86,7 @@ def main() -> None:
                      f"{facts['seconds']:.1f}", f"{facts['seconds'] / base_seconds:.2f}", f"{fd:.2f}",
                      f"{auroc['auroc']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]",
                      f"{difference['difference']:+.3f} [{difference['ci_low']:.3f}, {difference['ci_high']:.3f}]"])
-    real = auroc_with_intervals(test.labels, real_scores, classes, params.utility.bootstrap, params.seed)["macro"]
+    real = auroc_with_intervals(test.labels, real_scores, classes, groups, params.utility.bootstrap, params.seed)["macro"]
     header = (f"{args.branch}: N = {len(positions)} conditions, {params.sample.sampler}, batch {params.sample.batch_size}, "
               f"{platform.processor() or platform.machine()}; real-only arm macro AUROC {real['auroc']:.3f} "
               f"[{real['ci_low']:.3f}, {real['ci_high']:.3f}] on {len(test)} real test images")

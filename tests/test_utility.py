@@ -12,6 +12,12 @@ from cxr_diffusion.utility.arms import ArmImages, predict, to_uint8, train_arm
 from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference
 
 CLASSES = ("Effusion", "Nodule/Mass")
+def patients(n: int) -> list[str]:
+    """One patient per image: the bootstrap then resamples images."""
+    return [f"p{i}" for i in range(n)]
+
+
+ONE_EACH = patients(200)  # the toy test split's 200 images, one patient each
 CONFIG = UtilityClassifierConfig(architecture="cnn", width=8, feature_dim=16, epochs=12, batch_size=32, lr=5e-3,
                                  max_image_size=16)
 
@@ -45,14 +51,14 @@ def scores_of(images: ArmImages, test: ArmImages, seed: int = 0) -> np.ndarray:
 
 
 def test_real_arm_learns_the_findings(split):
-    result = auroc_with_intervals(split["test"].labels, scores_of(split["real"], split["test"]), CLASSES, 200, 0)
+    result = auroc_with_intervals(split["test"].labels, scores_of(split["real"], split["test"]), CLASSES, ONE_EACH, 200, 0)
     assert result["macro"]["auroc"] > 0.9
     assert result["macro"]["ci_low"] <= result["macro"]["auroc"] <= result["macro"]["ci_high"]
 
 
 def test_noise_as_synthetic_scores_near_chance(split):
     noise = noise_like(split["real"], seed=4)
-    result = auroc_with_intervals(split["test"].labels, scores_of(noise, split["test"]), CLASSES, 200, 0)
+    result = auroc_with_intervals(split["test"].labels, scores_of(noise, split["test"]), CLASSES, ONE_EACH, 200, 0)
     # Near chance, not exactly: a network trained on noise is still a fixed function of the image, so its
     # scores can lean a little either way on test images it never saw the like of.
     assert abs(result["macro"]["auroc"] - 0.5) < 0.1
@@ -61,7 +67,7 @@ def test_noise_as_synthetic_scores_near_chance(split):
 def test_real_images_relabelled_as_synthetic_match_the_real_arm(split):
     test = split["test"]
     real, relabelled = scores_of(split["real"], test), scores_of(split["other_real"], test)
-    difference = paired_difference(test.labels, relabelled, real, CLASSES, 200, 0)
+    difference = paired_difference(test.labels, relabelled, real, CLASSES, ONE_EACH, 200, 0)
     assert difference["macro"]["ci_low"] <= 0 <= difference["macro"]["ci_high"]
     assert abs(difference["gap_fraction"]) < 0.05
 
@@ -69,7 +75,8 @@ def test_real_images_relabelled_as_synthetic_match_the_real_arm(split):
 def test_noise_arm_difference_to_real_excludes_zero(split):
     test = split["test"]
     noise = noise_like(split["real"], seed=4)
-    difference = paired_difference(test.labels, scores_of(noise, test), scores_of(split["real"], test), CLASSES, 200, 0)
+    difference = paired_difference(test.labels, scores_of(noise, test), scores_of(split["real"], test), CLASSES,
+                                   ONE_EACH, 200, 0)
     assert difference["macro"]["ci_high"] < 0
     assert difference["gap_fraction"] > 0.3
 
@@ -77,7 +84,7 @@ def test_noise_arm_difference_to_real_excludes_zero(split):
 def test_paired_difference_of_an_arm_with_itself_is_exactly_zero():
     labels = np.array([[0, 1], [1, 0], [1, 1], [0, 0]] * 10)
     scores = np.random.default_rng(0).random(labels.shape)
-    difference = paired_difference(labels, scores, scores, CLASSES, 50, 0)
+    difference = paired_difference(labels, scores, scores, CLASSES, patients(40), 50, 0)
     assert difference["macro"] == {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}
     assert difference["gap_fraction"] == 0.0
 
@@ -85,12 +92,12 @@ def test_paired_difference_of_an_arm_with_itself_is_exactly_zero():
 def test_arms_scored_on_different_test_rows_are_refused():
     labels = np.array([[0, 1], [1, 0], [1, 1], [0, 0]])
     with pytest.raises(ValueError, match="same images"):
-        paired_difference(labels, np.zeros((3, 2)), np.zeros((4, 2)), CLASSES, 10, 0)
+        paired_difference(labels, np.zeros((3, 2)), np.zeros((4, 2)), CLASSES, patients(4), 10, 0)
 
 
 def test_a_class_with_one_label_value_has_no_auroc_and_no_interval():
     labels = np.array([[0, 1], [1, 1], [1, 1], [0, 1]] * 5)
-    result = auroc_with_intervals(labels, np.random.default_rng(0).random(labels.shape), CLASSES, 50, 0)
+    result = auroc_with_intervals(labels, np.random.default_rng(0).random(labels.shape), CLASSES, patients(20), 50, 0)
     assert result["per_class"]["Nodule/Mass"] == {"auroc": None, "ci_low": None, "ci_high": None}
     assert result["macro"]["auroc"] == result["per_class"]["Effusion"]["auroc"]
 
@@ -144,3 +151,51 @@ def test_a_resnet50_whose_features_are_not_32_times_its_width_is_refused():
 def test_the_same_arm_trained_twice_gives_the_same_scores(split):
     first, second = scores_of(split["real"], split["test"]), scores_of(split["real"], split["test"])
     assert np.array_equal(first, second)
+
+
+def test_the_bootstrap_resamples_patients_so_repeated_films_do_not_narrow_the_interval():
+    """Five identical films of each of 40 patients carry the information of 40 images, not of 200: resampling
+    patients gives the 40-image interval; resampling films as if independent would give a narrower one."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, 2)) < 0.5).astype(int)
+    scores = np.clip(labels + rng.normal(0, 0.8, labels.shape), 0, 1)
+    once = auroc_with_intervals(labels, scores, CLASSES, patients(40), 400, 0)["macro"]
+    films = auroc_with_intervals(np.repeat(labels, 5, 0), np.repeat(scores, 5, 0), CLASSES,
+                                 [f"p{i}" for i in range(40) for _ in range(5)], 400, 0)["macro"]
+    as_if_independent = auroc_with_intervals(np.repeat(labels, 5, 0), np.repeat(scores, 5, 0), CLASSES,
+                                             patients(200), 400, 0)["macro"]
+    width = lambda m: m["ci_high"] - m["ci_low"]  # noqa: E731
+    assert films["auroc"] == once["auroc"]
+    assert abs(width(films) - width(once)) < 0.25 * width(once)
+    assert width(as_if_independent) < 0.6 * width(once)
+
+
+def test_draws_missing_a_class_are_dropped_and_counted():
+    labels = np.zeros((12, 2), dtype=int)
+    labels[0, 1] = 1  # one positive Nodule/Mass: many draws miss it
+    labels[:6, 0] = 1
+    scores = np.random.default_rng(1).random(labels.shape)
+    result = auroc_with_intervals(labels, scores, CLASSES, patients(12), 200, 0)
+    assert 0 < result["bootstrap_draws"] < 200
+    assert result["per_class"]["Nodule/Mass"]["ci_low"] is not None
+
+
+def test_a_diverged_arm_is_refused_by_name_before_any_statistic():
+    from cxr_diffusion.utility.arms import ArmTrainingError
+
+    model = train_arm(toy_cxrs(16, seed=6), CLASSES, CONFIG, seed=0)
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(ArmTrainingError, match="'elixr synthetic'.*lower utility.classifier.lr"):
+        predict(model, toy_cxrs(4, seed=7), batch_size=4, name="elixr synthetic")
+
+
+def test_a_real_arm_file_without_its_subset_is_refused_in_one_line(tmp_path):
+    import json
+
+    from conftest import one_line_message
+    from cxr_diffusion.utility.real_arm import UtilityError, read_real_arm
+
+    (tmp_path / "real_arm.json").write_text(json.dumps({"classes": list(CLASSES), "train_images": 4}))
+    message = one_line_message(lambda: read_real_arm(tmp_path, list(CLASSES), ["a", "b"]), UtilityError)
+    assert "real_arm.json" in message and "train_image_indices" in message and "dvc repro utility_real" in message

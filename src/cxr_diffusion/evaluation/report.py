@@ -146,14 +146,20 @@ def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -
                 "Not computed yet: run `dvc repro` (stages utility_real and utility@<branch>).", ""]
     first = next(iter(done.values()))
     synthetic = first["synthetic_set"]
+    patients = f" of {first['test_patients']} patients" if "test_patients" in first else ""
     lines = [
         "## Downstream utility (train on synthetic, test on real)", "",
         f"One classifier per arm ({first['classifier']}, {params.utility.classifier.epochs} epochs, the same "
-        f"augmentation and seed for every arm), each scored on the same {first['test_images']} real test images. "
+        f"augmentation and seed for every arm), each scored on the same {first['test_images']} real test images"
+        f"{patients}. "
         f"N = {first['train_images']} real train images (a seeded subset); synthetic sets: {synthetic['sampler']}, "
         f"{synthetic['steps']} steps, guidance {synthetic['guidance_scale']}, the labels each image was generated for. "
-        "Intervals: 95% bootstrap over test images; differences to the real-only arm are paired (same resamples); "
-        "gap = (real - arm) / real, as Packhaeuser et al. report it.", "",
+        "Intervals: 95% bootstrap over test patients (all films of each drawn patient); differences to the real-only "
+        "arm are paired (same resamples); gap = (real - arm) / real, as Packhaeuser et al. report it. Read the "
+        "differences with two caveats: each branch's diffusion model was trained on the whole train split, so a "
+        "synthetic arm can carry information from more than its N real images; and an arm of 2N images takes twice "
+        "the optimizer steps (the same epochs). One training seed per arm: seed-to-seed spread is not in the "
+        "intervals.", "",
         "| branch | arm | train images | macro AUROC [95% CI] | vs real-only [95% CI] | gap |", "|---|---|---:|---|---|---:|",
     ]
     for branch, utility in done.items():

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxr_diffusion.config import UtilityClassifierConfig
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.evaluation.evaluator import ClassifierSpec, CXRClassifier, class_weights, classifier_step
 from cxr_diffusion.utility.resnet import ResNet50Classifier
 
@@ -83,10 +84,19 @@ def train_arm(images: ArmImages, classes: Sequence[str], config: UtilityClassifi
     return model.eval()
 
 
+class ArmTrainingError(UserError, ValueError):
+    """An arm's classifier diverged: its scores are not numbers."""
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: ArmImages, batch_size: int) -> np.ndarray:
-    """Per-class probabilities (n, classes), ``batch_size`` images at a time."""
+def predict(model: nn.Module, images: ArmImages, batch_size: int, name: str = "arm") -> np.ndarray:
+    """Per-class probabilities (n, classes), ``batch_size`` images at a time; refused when any is not finite
+    (the ``name`` arm's training diverged), before a statistic is computed on it."""
     device = next(model.parameters()).device
     parts = [torch.sigmoid(model(images.pixel_values(slice(start, start + batch_size)).to(device))).cpu().numpy()
              for start in range(0, len(images), batch_size)]
-    return np.concatenate(parts)
+    scores = np.concatenate(parts).astype(np.float64)
+    if not np.isfinite(scores).all():
+        raise ArmTrainingError(f"utility arm {name!r}: its classifier gives non-finite scores (training diverged); "
+                               "lower utility.classifier.lr and rerun")
+    return scores

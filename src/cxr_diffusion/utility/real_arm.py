@@ -6,6 +6,7 @@ differences). Also what the branch stages share with it: the test images and the
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxr_diffusion.config import Params
-from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.data.shards import PreparedImages, iter_row_groups
 from cxr_diffusion.device import describe_device, resolve_device
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import atomic_directory, atomic_path, read_json, write_json
@@ -29,13 +30,27 @@ class UtilityError(UserError, ValueError):
     """The utility study cannot run on these inputs; the message names the file and what to do."""
 
 
-def test_images(params: Params, prepared_dir: Path) -> tuple[ArmImages, list[str]]:
-    """The whole real test split, as every arm is scored on it, and its image ids in row order."""
+@dataclass(frozen=True)
+class TestSplit:
+    """The whole real test split, as every arm is scored on it: images, ids and patient ids in row order."""
+
+    images: ArmImages
+    image_indices: list[str]
+    patients: list[str]  # the bootstrap resamples patients, not images
+
+
+def test_split(params: Params, prepared_dir: Path) -> TestSplit:
     test = PreparedImages(prepared_dir, "test", channels=1)
     if len(test) == 0:
         raise UtilityError(f"{prepared_dir}: no test images to score the utility arms on; check the filter split")
     side = classifier_side(test.image_size, params.utility.classifier.max_image_size)
-    return read_arm_images(test, range(len(test)), side, "real test split"), test.image_indices
+    names, patients = [], []
+    for group in iter_row_groups(prepared_dir, ["image_index", "patient_id"], "test"):
+        names += group["image_index"]
+        patients += [str(patient) for patient in group["patient_id"]]
+    if names != test.image_indices:  # one reading of one manifest: a mismatch is a bug, not user input
+        raise AssertionError(f"{prepared_dir}: the test split's rows came in two orders")
+    return TestSplit(read_arm_images(test, range(len(test)), side, "real test split"), names, patients)
 
 
 def write_scores(path: Path, arms: dict[str, np.ndarray], image_indices: list[str], classes: list[str]) -> None:
@@ -53,10 +68,14 @@ def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str]) 
     """The real-only arm's facts and test probabilities, checked against this run's test split and classes."""
     fix = "rerun it with `dvc repro utility_real`"
     facts = read_json(real_dir / REAL_ARM, fix)
+    if not isinstance(facts.get("train_images"), int) or not isinstance(facts.get("train_image_indices"), list):
+        raise UtilityError(f"{real_dir / REAL_ARM}: no 'train_images' count or 'train_image_indices' list; {fix}")
     try:
         table = pq.read_table(real_dir / SCORES)
     except (OSError, pa.ArrowException) as error:
         raise UtilityError(f"{real_dir / SCORES}: unreadable ({str(error).splitlines()[0]}); {fix}") from None
+    if table.column_names[:2] != ["arm", "image_index"]:
+        raise UtilityError(f"{real_dir / SCORES}: columns {table.column_names[:2]}, expected arm, image_index; {fix}")
     if facts.get("classes") != classes or table.column_names[2:] != classes:
         raise UtilityError(f"{real_dir}: scored classes {facts.get('classes')}, this run's are {classes}; {fix}")
     if table.column("image_index").to_pylist() != image_indices:
@@ -74,13 +93,14 @@ def train_real_arm(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
         raise UtilityError(f"{prepared_dir}: {len(train)} train images; the utility arms need at least 2")
     positions = train_subset(train, params.utility.train_images, params.seed)
     real = read_arm_images(train, positions, classifier_side(train.image_size, config.max_image_size), "real arm")
-    test, test_names = test_images(params, prepared_dir)
+    test = test_split(params, prepared_dir)
     model = train_arm(real, train.classes, config, params.seed, device, name=REAL)
     facts = {"classes": list(train.classes), "train_images": len(positions), "train_split_images": len(train),
-             "test_images": len(test), "architecture": config.architecture, "device": describe_device(device),
+             "test_images": len(test.image_indices), "architecture": config.architecture, "device": describe_device(device),
              "train_image_indices": [train.image_indices[p] for p in positions],
              "seconds": round(time.perf_counter() - started, 1)}
     with atomic_directory(out_dir) as tmp:
-        write_scores(tmp / SCORES, {REAL: predict(model, test, config.batch_size)}, test_names, list(train.classes))
+        write_scores(tmp / SCORES, {REAL: predict(model, test.images, config.batch_size, REAL)}, test.image_indices,
+                     list(train.classes))
         write_json(tmp / REAL_ARM, facts)
     return {k: v for k, v in facts.items() if k != "train_image_indices"}

@@ -2,8 +2,12 @@
 to the real-only arm (train-on-synthetic, test-on-real, as Packhaeuser et al. 2023 and CheXGenBench report it).
 
 Every arm is scored on the same test images: ``labels`` are their true findings (n, c), ``scores`` an
-arm's probabilities on them in the same row order. A paired bootstrap resamples test images once per
-draw and scores both arms on that draw, so the interval of the difference reflects only the arms.
+arm's probabilities on them in the same row order. The bootstrap resamples *patients* (``groups``: each
+test image's patient id) and takes every image of each drawn patient, since follow-up films of one patient
+are not independent; a paired bootstrap scores both arms on the same draws, so the interval of the
+difference reflects only the arms. A draw in which a class defined on the whole test split has a single
+label value is dropped (its AUROC and the macro over the same classes are undefined there), and the
+number of draws kept is reported: every interval is over complete draws only.
 """
 
 from __future__ import annotations
@@ -26,56 +30,70 @@ def _auroc_columns(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return values
 
 
-def _draws(rows: int, resamples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, rows, size=(resamples, rows))
+def _draws(groups: Sequence[str], resamples: int, seed: int) -> list[np.ndarray]:
+    """Row indices of each bootstrap draw: ``len(set(groups))`` groups drawn with replacement, all rows of each."""
+    names, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    rows_of = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    picks = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
+    return [np.concatenate([rows_of[g] for g in pick]) for pick in picks]
+
+
+def _complete(values: np.ndarray, defined: np.ndarray) -> np.ndarray:
+    """The draws (rows of ``values``, draws x classes) in which every class defined on the full split is finite."""
+    return values[np.isfinite(values[:, defined]).all(axis=1)] if defined.any() else values[:0]
 
 
 def _interval(values: np.ndarray) -> tuple[float | None, float | None]:
-    finite = values[np.isfinite(values)]
-    if len(finite) == 0:
+    if len(values) == 0:
         return None, None
-    low, high = np.percentile(finite, [2.5, 97.5])
+    low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
 
 
-def _macro(per_column: np.ndarray) -> float:
-    return float(np.nanmean(per_column)) if np.isfinite(per_column).any() else np.nan
+def _check_groups(groups: Sequence[str], rows: int) -> None:
+    if len(groups) != rows:
+        raise ValueError(f"groups: one patient id per test image needed, got {len(groups)} for {rows} images")
 
 
-def auroc_with_intervals(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str], resamples: int,
-                         seed: int) -> dict:
-    """Per-class and macro AUROC of one arm, each with a bootstrap 95% interval over test images."""
+def auroc_with_intervals(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str], groups: Sequence[str],
+                         resamples: int, seed: int) -> dict:
+    """Per-class and macro AUROC of one arm, each with a patient-level bootstrap 95% interval."""
     per_class = per_label_auroc(labels, scores, classes)  # validates shapes, 0/1 labels and finite scores
     truth, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
-    boot = np.array([_auroc_columns(truth[rows], scores[rows]) for rows in _draws(len(truth), resamples, seed)])
-    result = {"per_class": {}, "macro": {}}
+    _check_groups(groups, len(truth))
+    defined = np.array([per_class[name] is not None for name in classes])
+    boot = _complete(np.array([_auroc_columns(truth[rows], scores[rows]) for rows in _draws(groups, resamples, seed)]),
+                     defined)
+    result = {"per_class": {}, "macro": {}, "bootstrap_draws": len(boot)}
     for column, name in enumerate(classes):
-        low, high = _interval(boot[:, column])
+        low, high = _interval(boot[:, column]) if defined[column] else (None, None)
         result["per_class"][name] = {"auroc": per_class[name], "ci_low": low, "ci_high": high}
-    low, high = _interval(np.array([_macro(row) for row in boot]))
+    low, high = _interval(boot[:, defined].mean(axis=1)) if defined.any() else (None, None)
     result["macro"] = {"auroc": macro_auroc(per_class), "ci_low": low, "ci_high": high}
     return result
 
 
 def paired_difference(labels: np.ndarray, scores: np.ndarray, baseline_scores: np.ndarray, classes: Sequence[str],
-                      resamples: int, seed: int) -> dict:
+                      groups: Sequence[str], resamples: int, seed: int) -> dict:
     """Macro and per-class AUROC of an arm minus the baseline's (the real-only arm) on the same test images,
-    with paired bootstrap 95% intervals, and the gap as a fraction of the baseline (Packhaeuser's form:
-    (baseline - arm) / baseline, so 0.035 means the arm came within 3.5% of the real-only classifier)."""
+    with paired patient-level bootstrap 95% intervals, and the gap as a fraction of the baseline (Packhaeuser's
+    form: (baseline - arm) / baseline, so 0.035 means the arm came within 3.5% of the real-only classifier)."""
     arm = per_label_auroc(labels, scores, classes)
     base = per_label_auroc(labels, baseline_scores, classes)
     truth = np.asarray(labels).astype(bool)
+    _check_groups(groups, len(truth))
     scores, baseline_scores = np.asarray(scores, dtype=np.float64), np.asarray(baseline_scores, dtype=np.float64)
-    deltas = np.array([_auroc_columns(truth[rows], scores[rows]) - _auroc_columns(truth[rows], baseline_scores[rows])
-                       for rows in _draws(len(truth), resamples, seed)])
+    defined = np.array([arm[name] is not None for name in classes])  # the same labels: defined for both or neither
+    deltas = _complete(np.array([_auroc_columns(truth[rows], scores[rows]) - _auroc_columns(truth[rows], baseline_scores[rows])
+                                 for rows in _draws(groups, resamples, seed)]), defined)
     per_class = {}
     for column, name in enumerate(classes):
-        low, high = _interval(deltas[:, column])
+        low, high = _interval(deltas[:, column]) if defined[column] else (None, None)
         point = None if arm[name] is None or base[name] is None else arm[name] - base[name]
         per_class[name] = {"difference": point, "ci_low": low, "ci_high": high}
     macro_arm, macro_base = macro_auroc(arm), macro_auroc(base)
-    low, high = _interval(np.array([_macro(row) for row in deltas]))
+    low, high = _interval(deltas[:, defined].mean(axis=1)) if defined.any() else (None, None)
     difference = None if macro_arm is None or macro_base is None else macro_arm - macro_base
     gap = None if difference is None or not macro_base else -difference / macro_base
     return {"per_class": per_class, "macro": {"difference": difference, "ci_low": low, "ci_high": high},
-            "gap_fraction": gap}
+            "gap_fraction": gap, "bootstrap_draws": len(deltas)}

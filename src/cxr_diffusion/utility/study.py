@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cxr_diffusion.config import Params
@@ -25,7 +24,7 @@ from cxr_diffusion.sampling.sample import load_pipeline
 from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
 from cxr_diffusion.utility.chart import auroc_bars
 from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
-from cxr_diffusion.utility.real_arm import REAL, REAL_ARM, SCORES, UtilityError, read_real_arm, test_images, write_scores
+from cxr_diffusion.utility.real_arm import REAL, REAL_ARM, SCORES, UtilityError, read_real_arm, test_split, write_scores
 from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference
 from cxr_diffusion.utility.synthetic import write_synthetic_set
 
@@ -72,7 +71,7 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
         per_variation = generation["conditions"]
         synthetic_all = read_arm_images(synthetic_images, range(len(synthetic_images)), side, "synthetic set")
         real = read_arm_images(train, positions, side, "real arm")
-        test, _ = test_images(params, prepared_dir)
+        test = test_split(params, prepared_dir)
 
         def first(variations_used: int) -> ArmImages:
             rows = slice(0, variations_used * per_variation)
@@ -83,21 +82,22 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
         scores = {REAL: real_scores}
         for arm, images in training_sets.items():
             model = train_arm(images, classes, config, params.seed, device, name=f"{branch} {arm}")
-            scores[arm] = predict(model, test, config.batch_size).astype(np.float64)
+            scores[arm] = predict(model, test.images, config.batch_size, f"{branch} {arm}")
         write_scores(tmp / SCORES, scores, test_names, classes)
 
     arms = {}
     for arm, arm_scores in scores.items():
         images = real_facts["train_images"] if arm == REAL else len(training_sets[arm])
-        arms[arm] = {"train_images": images, **auroc_with_intervals(test.labels, arm_scores, classes,
-                                                                     utility.bootstrap, params.seed)}
+        arms[arm] = {"train_images": images, **auroc_with_intervals(test.images.labels, arm_scores, classes,
+                                                                     test.patients, utility.bootstrap, params.seed)}
         if arm != REAL:
-            arms[arm]["vs_real"] = paired_difference(test.labels, arm_scores, real_scores, classes,
-                                                     utility.bootstrap, params.seed)
+            arms[arm]["vs_real"] = paired_difference(test.images.labels, arm_scores, real_scores, classes,
+                                                     test.patients, utility.bootstrap, params.seed)
     with atomic_directory(figures_dir) as tmp:
         auroc_bars(arms, classes, f"{branch}: train on synthetic, test on real (N = {real_facts['train_images']})",
                    tmp / "auroc.png")
-    metrics = {"branch": branch, "train_images": real_facts["train_images"], "test_images": len(test),
+    metrics = {"branch": branch, "train_images": real_facts["train_images"], "test_images": len(test.image_indices),
+               "test_patients": len(set(test.patients)),
                "classes": classes, "classifier": config.architecture, "conditions": _conditions_note(branch),
                "synthetic_set": generation, "arms": arms, "device": describe_device(device),
                "seconds": round(time.perf_counter() - started, 1)}
