@@ -82,7 +82,8 @@ def stage_names(cwd: Path) -> list[str]:
 
 def check_outputs(work: Path) -> dict:
     """Every branch's evaluation computed every metric that is defined at this size, and its utility study trained
-    the full-scale classifier (ResNet-50) for every arm; returns what the table shows.
+    the full-scale classifier (ResNet-50) for every arm, and the reader-study kit was built; returns what the
+    table shows.
 
     A handful of images leaves some values undefined (a per-class AUROC needs both labels among the
     generations): those are listed, not failed. The metrics that stand for a whole code path must be
@@ -104,7 +105,21 @@ def check_outputs(work: Path) -> dict:
         undefined = sorted(key for key, value in flat.items() if value is None or value != value)
         summary[branch] = {"precision": precision, "undefined": undefined,
                            **{name: flat[key] for name, key in SHOWN_METRICS.items()}}
+    check_reader_study(work)
     return summary
+
+
+def check_reader_study(work: Path) -> None:
+    """The kit holds its page and one image per item, at display size; its key lies outside it; no answers yet."""
+    kit, key = work / "reports" / "reader_study", json.loads((work / "data" / "reader_study" / "key.json").read_text())
+    images = sorted((kit / "images").glob("*.png"))
+    items = len(key["items"]) + len(key["calibration"])
+    if not (kit / "index.html").is_file() or len(images) != items or not key["items"]:
+        raise SystemExit(f"rehearsal: reports/reader_study holds {len(images)} images for the key's {items} items")
+    scores = json.loads((work / "metrics" / "reader_study.json").read_text())
+    if scores["readers"] != 0 or scores["items"] != len(key["items"]):
+        raise SystemExit(f"rehearsal: metrics/reader_study.json: expected no readers and {len(key['items'])} items, "
+                         f"got {scores['readers']} and {scores['items']}")
 
 
 def _flatten(metrics: dict, prefix: str = ""):

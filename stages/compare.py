@@ -15,10 +15,11 @@ def main(
     sampling: Path = typer.Option(..., help="The sample stages' metrics folder (<branch>.json)."),
     training: Path = typer.Option(..., help="The train stages' DVCLive folder (<branch>/metrics.json)."),
     utility: Path = typer.Option(..., help="The utility stages' metrics folder (<branch>.json)."),
+    reader_study: Path = typer.Option(..., help="The score_reader_study stage's metrics."),
     summary: Path = typer.Option(..., help="One entry per branch."),
     report: Path = typer.Option(..., help="Table and figures."),
 ) -> None:
-    inputs = ReportInputs(evaluations, evaluator, sampling, training, utility)
+    inputs = ReportInputs(evaluations, evaluator, sampling, training, utility, reader_study)
     run_stage("compare", params, lambda p: print(compare(p, inputs, summary, report)))
 
 

@@ -223,9 +223,10 @@ def cmd_paths(repo: Path, stage: dict) -> set[str]:
 
 
 def data_paths(stage: dict) -> set[str]:
-    """A stage's deps and outs (metrics and plots files are outs too) less its code: entry point and modules."""
+    """A stage's deps and outs (metrics and plots files are outs too) less its code: entry point, modules and the
+    package's data files (the reader-study page)."""
     paths = {p.rstrip("/") for p in _listed(stage.get("deps")) + _listed(stage.get("outs"))}
-    return {p for p in paths if not (p.endswith(".py") and Path(p).parts[0] in ("stages", str(SOURCE_ROOT)))}
+    return {p for p in paths if not (Path(p).parts[0] == str(SOURCE_ROOT) or p.startswith("stages/") and p.endswith(".py"))}
 
 
 @cache
@@ -315,6 +316,21 @@ def test_module_deps_are_files_not_source_folders():
     for name, stage in _stages().items():
         folders = [dep for dep in _listed(stage.get("deps")) if dep.startswith(f"{SOURCE_ROOT}/") and (REPO / dep).is_dir()]
         assert not folders, f"stage {name}: list the modules of {', '.join(folders)} as files"
+
+
+PACKAGE_DATA = {"src/cxr_diffusion/reader_study/kit.py": "src/cxr_diffusion/reader_study/page"}  # module -> data it copies
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_stages_depend_on_the_package_data_their_modules_read(name):
+    """The kit copies the page's HTML/JS/CSS: an edit to them must rebuild it (and only those files: no bytecode)."""
+    deps = {Path(dep) for dep in _listed(_stages()[name].get("deps"))}
+    for module, folder in PACKAGE_DATA.items():
+        files = {path.relative_to(REPO) for path in (REPO / folder).iterdir() if path.is_file()}
+        if Path(module) in _closure(name):
+            assert files <= deps, f"stage {name}: dvc.yaml deps miss {', '.join(sorted(map(str, files - deps)))}"
+        else:
+            assert not files & deps, f"stage {name} depends on {folder} files but never imports {module}"
 
 
 # Params that name a file inside the repository, and the stage that reads it.

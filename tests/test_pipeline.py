@@ -142,6 +142,72 @@ def test_utility_refuses_a_real_arm_of_another_subset_in_one_line(tiny_repo, tmp
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
 
 
+def test_repro_builds_the_reader_study_kit_and_scores_no_responses_yet(tiny_repo):
+    kit, key_path = tiny_repo / "reports" / "reader_study", tiny_repo / "data" / "reader_study" / "key.json"
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())["reader_study"]
+    key = json.loads(key_path.read_text())
+    assert (kit / "index.html").is_file() and not (kit / key_path.name).exists()
+    assert len(key["items"]) == params["count"] - params["calibration"] and len(key["calibration"]) == params["calibration"]
+    sources = [truth["source"] for truth in [*key["items"].values(), *key["calibration"].values()]]
+    assert sorted(set(sources)) == ["clip_text", "clip_vision", "elixr", "real"]  # tiny: 2 of each
+    assert len({truth["origin_id"] for truth in [*key["items"].values(), *key["calibration"].values()]}) == len(sources)
+    assert len(list((kit / "images").glob("*.png"))) == params["count"]
+    metrics = json.loads((tiny_repo / "metrics" / "reader_study.json").read_text())
+    assert metrics["readers"] == 0 and metrics["rejects"] == [] and metrics["study_id"] == params["study_id"]
+    report = (tiny_repo / "reports" / "report.md").read_text()
+    assert "## Expert reader study" in report and "No reader responses yet" in report
+    assert "reports/reader_study/index.html" in report
+    summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
+    assert all(summary[branch]["reader_study"] is None for branch in summary)
+
+
+def test_readers_dropped_into_the_responses_folder_are_scored_by_repro(tiny_repo):
+    from sklearn.metrics import cohen_kappa_score
+
+    from scripted_readers import guesser, response_file, truthful
+
+    responses, key_path = tiny_repo / "reader_study" / "responses", tiny_repo / "data" / "reader_study" / "key.json"
+    files = [response_file(responses, key_path, "expert", truthful), response_file(responses, key_path, "coin", guesser(3))]
+    try:
+        assert stale_stages(tiny_repo) == {"score_reader_study"}
+        sh("dvc", "repro", cwd=tiny_repo)
+        metrics = json.loads((tiny_repo / "metrics" / "reader_study.json").read_text())
+        assert metrics["readers"] == 2 and metrics["rejects"] == []
+        expert, coin = metrics["per_reader"]["expert"], metrics["per_reader"]["coin"]
+        assert expert["call"]["accuracy"] == 1.0 and expert["auc"] == 1.0
+        assert coin["call"]["ci95"][0] <= 0.5 <= coin["call"]["ci95"][1]
+        # Two readers: Cohen's kappa between them, which with an always-right reader is the coin's kappa with the key.
+        key = json.loads(key_path.read_text())
+        truth = [truthful(item, key["items"][item]) for item in sorted(key["items"])]
+        calls = json.loads(files[1].read_text())["answers"]
+        expected = cohen_kappa_score(truth, [calls[item]["call"] for item in sorted(key["items"])])
+        assert metrics["agreement"]["method"] == "cohen"
+        assert metrics["agreement"]["kappa"] == pytest.approx(expected, abs=1e-4)
+        summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
+        assert summary["elixr"]["reader_study"]["readers"] == 2 and summary["elixr"]["reader_study"]["answers"] >= 2
+        report = (tiny_repo / "reports" / "report.md").read_text()
+        assert "2 reader(s)" in report and "| expert |" in report and "| coin |" in report
+    finally:
+        for path in files:
+            path.unlink()
+        sh("dvc", "repro", cwd=tiny_repo)
+    assert json.loads((tiny_repo / "metrics" / "reader_study.json").read_text())["readers"] == 0
+
+
+def test_a_reader_study_larger_than_the_samples_is_refused_in_one_line(tiny_repo, tmp_path):
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["reader_study"]["count"] = 100
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = sh(sys.executable, "stages/reader_study.py", "--params", str(tmp_path / "params.yaml"), "--prepared",
+                "data/prepared", "--samples", "data/samples", "--kit", str(tmp_path / "kit"), "--key",
+                str(tmp_path / "key.json"), cwd=tiny_repo, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stage reader_study failed: clip_text: 25 images wanted")
+    assert "lower reader_study.count" in lines[0]
+    assert not (tmp_path / "kit").exists() and not (tmp_path / "key.json").exists()
+
+
 def test_plots_render_loss_curves_grids_and_pca(tiny_repo, tmp_path):
     result = sh("dvc", "plots", "show", "--json", cwd=tiny_repo)
     rendered = json.loads(result.stdout)["data"]

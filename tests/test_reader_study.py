@@ -20,6 +20,7 @@ from cxr_diffusion.reader_study.kit import IMAGES, PAGE_FILES, build_kit, read_k
 from cxr_diffusion.reader_study.labels import answer_findings, study_findings
 from cxr_diffusion.reader_study.report import report_lines
 from cxr_diffusion.reader_study.scoring import fleiss_kappa, score_responses
+from scripted_readers import guesser, response_file, truthful
 
 FINDINGS = ["Effusion", "Nodule/Mass"]
 CLASSES = ("Effusion", "No Finding", "Nodule/Mass")
@@ -75,27 +76,6 @@ def write_prepared(folder: Path, origins: list[str], seed: int = 0) -> Path:
     return folder
 
 
-def response_file(folder: Path, key_path: Path, reader: str, call, study_id: str | None = None,
-                  name: str | None = None, skip: int = 0, **overrides) -> Path:
-    """A reader's export, scripted from the key: ``call(item_id, truth) -> "real" | "synthetic"``."""
-    key = json.loads(key_path.read_text())
-    answers = {}
-    for item_id, truth in sorted(key["items"].items())[skip:]:
-        answers[item_id] = {"call": call(item_id, truth), "confidence": 4, "realism": 3,
-                            "findings": answer_findings(truth["labels"], key["findings"]), "note": ""}
-    payload = {"study_id": study_id or key["study_id"], "reader_id": reader,
-               "exported_at": "2025-01-01T00:00:00.000Z", "answers": answers, **overrides}
-    folder.mkdir(exist_ok=True)
-    path = folder / (name or f"{payload['study_id']}__{reader}.json")
-    path.write_text(json.dumps(payload))
-    return path
-
-
-def truthful(_item_id: str, truth: dict) -> str:
-    return "real" if truth["source"] == "real" else "synthetic"
-
-
-# ---- blindness ------------------------------------------------------------------------------------
 def test_kit_images_have_the_same_pixel_and_byte_size_whatever_their_source(tmp_path):
     kit, key, _ = make_kit(tmp_path)
     sources = {item_id: truth["source"] for item_id, truth in json.loads(key.read_text())["items"].items()}
@@ -145,7 +125,7 @@ def test_nothing_in_the_kit_names_a_source_or_an_origin_id(tmp_path):
         for name, text in texts.items():
             assert word not in text.lower(), f"{name} mentions {word!r}"
     manifest = read_kit_manifest(kit)
-    assert set(manifest) == {"study_id", "display_size", "findings", "calibration", "items"}
+    assert set(manifest) == {"study_id", "kit_id", "display_size", "findings", "calibration", "items"}
     assert all(set(item) == {"id", "image"} for item in manifest["items"])
     assert all(set(item) == {"id", "image", "truth"} and item["truth"]["call"] in ("real", "synthetic")
                for item in manifest["calibration"])
@@ -188,6 +168,30 @@ def test_the_same_seed_builds_the_same_kit_and_another_seed_another_order(tmp_pa
     other, _, _ = make_kit(tmp_path / "c", seed=4)
     assert (first / "study.js").read_bytes() == (again / "study.js").read_bytes()
     assert read_kit_manifest(first)["items"] != read_kit_manifest(other)["items"]
+
+
+def test_the_kit_id_fingerprints_the_images_behind_the_item_ids(tmp_path):
+    """A kit rebuilt from other images keeps its seeded item ids: only the kit id tells the builds apart."""
+    kit, key, _ = make_kit(tmp_path / "a", seed=3)
+    again, _, _ = make_kit(tmp_path / "b", seed=3)
+    items = mixed_items()
+    brighter = [StudyItem(np.clip(item.pixels.astype(int) + 1, 0, 255).astype(np.uint8), item.source, item.labels,
+                          item.origin_id) for item in items]
+    other, other_key, _ = make_kit(tmp_path / "c", brighter, seed=3)
+    first, rebuilt = read_kit_manifest(kit), read_kit_manifest(other)
+    assert [item["id"] for item in first["items"]] == [item["id"] for item in rebuilt["items"]]
+    assert first["kit_id"] == json.loads(key.read_text())["kit_id"] == read_kit_manifest(again)["kit_id"]
+    assert rebuilt["kit_id"] == json.loads(other_key.read_text())["kit_id"] != first["kit_id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", first["kit_id"])
+
+
+def test_answers_given_on_an_earlier_build_of_the_kit_are_rejected(tmp_path):
+    _, old_key, _ = make_kit(tmp_path / "old", seed=3)
+    brighter = [StudyItem(255 - item.pixels, item.source, item.labels, item.origin_id) for item in mixed_items()]
+    _, new_key, _ = make_kit(tmp_path / "new", brighter, seed=3)
+    response_file(tmp_path / "responses", old_key, "early", truthful)
+    metrics = score_responses(tmp_path / "responses", new_key)
+    assert metrics["readers"] == 0 and metrics["rejects"][0]["reason"].startswith("other_kit: ")
 
 
 def test_rebuilding_replaces_the_whole_kit(tmp_path):
@@ -270,8 +274,7 @@ def test_a_reader_who_is_always_right(study):
 
 def test_a_reader_answering_at_random_stays_near_chance(study):
     responses, key = study
-    rng = np.random.default_rng(5)
-    response_file(responses, key, "guesser", lambda _i, _t: "real" if rng.random() < 0.5 else "synthetic")
+    response_file(responses, key, "guesser", guesser(5))
     call = score_responses(responses, key)["per_reader"]["guesser"]["call"]
     assert call["ci95"][0] <= 0.5 <= call["ci95"][1] and call["p_value"] > 0.05
 
@@ -310,6 +313,7 @@ def test_a_partial_reader_is_scored_on_what_they_answered(study):
 
 @pytest.mark.parametrize("change, code", [
     ({"study_id": "another-study"}, "other_study"),
+    ({"kit_id": "0123456789abcdef"}, "other_kit"),
     ({"answers": {"item-zzzzzzz": {"call": "real", "confidence": 3, "realism": 3, "findings": ["none"]}}},
      "unknown_item"),
     ({"answers": "all of them"}, "bad_format"),

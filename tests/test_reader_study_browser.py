@@ -153,7 +153,8 @@ def test_a_reader_answers_by_keyboard_and_mouse_reloads_midway_and_exports_a_sco
     click(driver, "#finish-export")
     exported = wait_for_file(tmp_path / "downloads", "pilot-1__Dr._Ada_01.json")
     payload = json.loads(exported.read_text())
-    assert set(payload) == {"study_id", "reader_id", "exported_at", "answers"} and payload["reader_id"] == READER
+    assert set(payload) == {"study_id", "kit_id", "reader_id", "exported_at", "answers"} and payload["reader_id"] == READER
+    assert payload["kit_id"] == read_kit_manifest(kit[0])["kit_id"]
     metrics = score_responses(exported.parent, tmp_path / "key.json")
     reader = metrics["per_reader"][READER]
     assert metrics["rejects"] == [] and reader["answered"] == 6 and reader["unanswered"] == 0

@@ -16,7 +16,7 @@ def write(path, payload) -> None:
 def test_compare_reads_the_inputs_it_is_given_and_links_figures_beside_the_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing under the working directory: a fixed path would find nothing
     inputs = ReportInputs(tmp_path / "in/evaluate", tmp_path / "in/evaluator.json", tmp_path / "in/sample",
-                          tmp_path / "in/live", tmp_path / "in/utility")
+                          tmp_path / "in/live", tmp_path / "in/utility", tmp_path / "in/reader_study.json")
     write(inputs.evaluations / "elixr.json", {"closeness": {"domain_fd": 12.5, "domain_fd_95ci": [10.0, 15.0]}})
     write(inputs.evaluator, {"test_macro_auroc": 0.875})
     write(inputs.sampling / "elixr.json", {"images_per_second": 4.5})
@@ -46,7 +46,8 @@ def test_compare_reads_the_inputs_it_is_given_and_links_figures_beside_the_repor
 
 
 def test_report_says_how_to_get_the_utility_tables_before_they_exist(tmp_path):
-    inputs = ReportInputs(*(tmp_path / name for name in ("evaluate", "evaluator.json", "sample", "live", "utility")))
+    inputs = ReportInputs(*(tmp_path / name for name in ("evaluate", "evaluator.json", "sample", "live", "utility",
+                                                   "reader_study.json")))
     summary = compare(params_with({"branches": ["elixr"]}), inputs, tmp_path / "summary.json", tmp_path / "report.md")
     assert summary["elixr"]["utility"] == {}
     assert "Not computed yet: run `dvc repro` (stages utility_real and utility@<branch>)" in (tmp_path / "report.md").read_text()

@@ -36,6 +36,8 @@ NIH_LABELS: tuple[str, ...] = NIH_FINDINGS + (NO_FINDING,)
 MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; far larger is not one
 _LAUNCH_CONFIG = re.compile(r"accelerate/[A-Za-z0-9][A-Za-z0-9_.-]*\.(yaml|yml|json)")
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
+MAX_ARM_BYTES = 32 * 2**30  # a utility arm's images, held in memory as uint8 at the classifier's side
+STUDY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a reader study's id: it names files and storage keys
 
 
 class ParamsError(UserError, ValueError):
@@ -380,6 +382,26 @@ class UtilityConfig(Section):
         return self
 
 
+class ReaderStudyConfig(Section):
+    """The expert reader study (stages reader_study, score_reader_study): a blinded kit of real test images and
+    each branch's generations, and the scores of the readers' answers."""
+
+    study_id: str  # names the readers' files (<study_id>__<reader>.json): a new id for every new kit
+    count: Annotated[int, Field(ge=2, le=100_000)]  # items, calibration included
+    real_fraction: Annotated[float, Field(gt=0, lt=1)] | None  # share of real items; null: equal shares of real and each branch
+    calibration: Annotated[int, Field(ge=0, le=1000)]  # of the items, shown first with their truth and not scored
+    display_size: Annotated[int, Field(ge=16, le=4096)]  # side in pixels of every image in the kit
+
+    @model_validator(mode="after")
+    def _study(self) -> ReaderStudyConfig:
+        _require(bool(STUDY_ID.fullmatch(self.study_id)), "study_id",
+                 f"is {self.study_id!r}; use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                 "(it names the readers' files)")
+        _require(self.calibration < self.count, "calibration",
+                 f"must be below count ({self.count}) so that some items are scored")
+        return self
+
+
 class EvaluateConfig(Section):
     bootstrap: Annotated[int, Field(ge=10, le=100_000)]  # resamples for the 95% intervals
     kid_subset: Annotated[int, Field(ge=2, le=1_000_000)]
@@ -449,6 +471,7 @@ class Params(Section):
     evaluator: EvaluatorConfig
     evaluate: EvaluateConfig
     utility: UtilityConfig
+    reader_study: ReaderStudyConfig
     fetch: FetchConfig
 
     @model_validator(mode="after")
@@ -460,6 +483,12 @@ class Params(Section):
                  "cannot take more steps than the model was trained with")
         _require(self.utility.steps <= self.train.num_train_timesteps, "utility.steps",
                  f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps})")
+        side = min(self.image_size, self.utility.classifier.max_image_size)
+        largest_arm = max(self.utility.scaling, default=2) * self.utility.train_images  # real_plus_synthetic: 2 x N
+        _require(largest_arm * side**2 <= MAX_ARM_BYTES, "utility.scaling",
+                 f"holds {largest_arm:,} images of {side}x{side} in memory for its largest arm "
+                 f"({largest_arm * side**2 / 2**30:.1f} GiB, above {MAX_ARM_BYTES // 2**30} GiB); lower utility.scaling, "
+                 "utility.train_images or utility.classifier.max_image_size")
         _require(self.train.space == "pixel" or self.channels == 3, "channels",
                  "must be 3 in latent space (the VAE encodes RGB)")
         return self

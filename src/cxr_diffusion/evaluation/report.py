@@ -7,6 +7,8 @@ from pathlib import Path
 
 from cxr_diffusion.config import Params
 from cxr_diffusion.io import atomic_path, read_json, write_json
+from cxr_diffusion.reader_study.labels import REAL
+from cxr_diffusion.reader_study.report import report_lines
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,7 @@ class ReportInputs:
     sampling: Path     # metrics/sample: <branch>.json per sample stage
     training: Path     # dvclive: <branch>/metrics.json per train stage
     utility: Path      # metrics/utility: <branch>.json per utility stage
+    reader_study: Path  # metrics/reader_study.json of the score_reader_study stage
 
 
 def _read(path: Path) -> dict:
@@ -68,6 +71,7 @@ def utility_summary(utility: dict) -> dict:
 def summarize(params: Params, evaluations: dict[str, dict], inputs: ReportInputs) -> dict:
     """Every branch's metrics, flattened to the numbers `dvc metrics diff` compares."""
     summary = {}
+    readers = _read(inputs.reader_study)
     for branch in params.branches:
         evaluation = evaluations[branch]
         training = _read(inputs.training / branch / "metrics.json")
@@ -100,8 +104,20 @@ def summarize(params: Params, evaluations: dict[str, dict], inputs: ReportInputs
             "train_steps": (training.get("final") or {}).get("steps"),
             "sampling_img_per_s": sampling.get("images_per_second"),
             "utility": utility_summary(_read(inputs.utility / f"{branch}.json")),
+            "reader_study": reader_study_summary(readers, branch),
         }
     return summary
+
+
+def reader_study_summary(metrics: dict, branch: str) -> dict | None:
+    """The readers' pooled verdict on one branch's images (None before any responses)."""
+    pooled = metrics.get("pooled")
+    if not pooled or branch not in pooled["called_real"]:
+        return None
+    called, realism = pooled["called_real"][branch], pooled["realism"][branch]
+    return {"readers": metrics["readers"], "answers": called["n"], "called_real": called["fraction"],
+            "realism": realism["mean"], "realism_of_real": pooled["realism"].get(REAL, {}).get("mean"),
+            "study_accuracy": pooled["call"]["accuracy"]}
 
 
 def _pretrained_notes(evaluations: dict[str, dict]) -> list[str]:
@@ -188,7 +204,7 @@ def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -
 
 
 def write_report(params: Params, summary: dict, evaluations: dict[str, dict], evaluator: dict, out: Path,
-                 utilities: dict[str, dict] | None = None) -> Path:
+                 utilities: dict[str, dict] | None = None, readers: dict | None = None) -> Path:
     """The markdown report; its figures are linked relative to it (reports/samples, reports/evaluate)."""
     rows = [
         ("Domain FD (evaluator features) [95% CI]", lambda s: f"{_fmt(s['domain_fd'], 2)} [{_fmt(s['domain_fd_ci_low'], 2)}, {_fmt(s['domain_fd_ci_high'], 2)}]"),
@@ -227,6 +243,8 @@ def write_report(params: Params, summary: dict, evaluations: dict[str, dict], ev
               "different reference set).", ""]
     lines += _pretrained_notes(evaluations)
     lines += utility_section(params, summary, utilities or {})
+    lines += report_lines(readers) if readers else \
+        ["## Expert reader study", "", "Not built yet: run `dvc repro` (stages reader_study, score_reader_study).", ""]
     for branch in branches:
         lines += [f"## {branch}", ""]
         for figure in ("original_vs_generated_6.png", "one_row_per_finding.png"):
@@ -244,5 +262,6 @@ def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_pat
     summary = summarize(params, evaluations, inputs)
     write_json(summary_path, summary)
     utilities = {branch: _read(inputs.utility / f"{branch}.json") for branch in params.branches}
-    write_report(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities)
+    write_report(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
+                 _read(inputs.reader_study))
     return summary

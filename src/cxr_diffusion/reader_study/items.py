@@ -85,8 +85,8 @@ def select_items(real: PreparedImages, generated: Mapping[str, PreparedImages], 
         if len(chosen) < counts[source]:
             raise ReaderStudyError(
                 f"{source}: {counts[source]} images wanted but only {len(chosen)} of its {len(images)} come from "
-                f"an image no other source already uses (each origin is shown once); lower the study's count "
-                f"or sample more test images")
+                f"an image no other source already uses (each origin is shown once); lower reader_study.count "
+                f"or raise sample.count (the generations come from its first test images)")
         picked[source] = chosen
     return [item_from_example((real if source == REAL else generated[source])[index], real.classes, source)
             for source in [REAL, *generated] for index in picked[source]]

@@ -9,27 +9,32 @@ and ``images/``. Nothing in it tells a real image from a generated one:
   (``compress_level=0``) 8-bit grayscale PNG with no metadata chunks, so every file has the same
   pixel size and the same byte size;
 - files are named ``item-<7 hex digits>.png`` from the seed, in a seeded shuffle of all the items;
-- the manifest lists only ``study_id``, ``display_size``, ``findings`` and, per item, its id and file
-  (calibration items also their truth, which the page shows: "real" or "synthetic", never a branch).
+- the manifest lists only ``study_id``, ``kit_id``, ``display_size``, ``findings`` and, per item, its id and
+  file (calibration items also their truth, which the page shows: "real" or "synthetic", never a branch).
+
+``kit_id`` fingerprints this build (the sha256 of the item ids and image bytes, in the page's order): a kit
+rebuilt from other samples reuses the seeded item ids for other images, so the page saves and exports
+answers under its ``kit_id`` and scoring refuses answers given on another build.
 
 The answer key (``key_path``, refused inside the kit) maps every item id to its source, origin id and
 labels::
 
-    {"study_id": str, "seed": int, "findings": [str, ...],
+    {"study_id": str, "kit_id": str, "seed": int, "findings": [str, ...],
      "items": {item_id: {"source": "real" | <branch>, "origin_id": str, "labels": [class, ...]}},
      "calibration": {item_id: {...the same...}}}
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from cxr_diffusion.config import STUDY_ID
 from cxr_diffusion.io import atomic_directory, write_json
 from cxr_diffusion.reader_study.errors import ReaderStudyError
 from cxr_diffusion.reader_study.items import StudyItem
@@ -39,7 +44,6 @@ PAGE_FILES = ("index.html", "app.js", "style.css")
 MANIFEST_SCRIPT = "study.js"
 MANIFEST_GLOBAL = "READER_STUDY"
 IMAGES = "images"
-STUDY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used in file names and storage keys
 MIN_DISPLAY, MAX_DISPLAY = 16, 4096
 
 
@@ -85,10 +89,19 @@ def build_kit(items: list[StudyItem], out_dir: Path, key_path: Path, study_id: s
         sizes = {path.stat().st_size for path in (tmp / IMAGES).iterdir()}
         if len(sizes) != 1:  # would let a reader tell files apart by size: never ship that
             raise RuntimeError(f"kit images differ in byte size ({sorted(sizes)}); the PNG writer changed")
+        manifest["kit_id"] = key["kit_id"] = kit_fingerprint(tmp, ids)
         (tmp / MANIFEST_SCRIPT).write_text(manifest_script(manifest))
         write_json(key_path, key)  # inside the block: a failed key write leaves the previous kit in place
-    return {"study_id": study_id, "items": len(scored_ids), "calibration": len(calibration_ids),
+    return {"study_id": study_id, "kit_id": key["kit_id"], "items": len(scored_ids), "calibration": len(calibration_ids),
             "display_size": display_size, "image_bytes": sizes.pop(), "kit": str(out_dir), "key": str(key_path)}
+
+
+def kit_fingerprint(kit_dir: Path, ids: list[str]) -> str:
+    """16 hex digits of the sha256 of every item id and its image bytes, in the page's order."""
+    digest = hashlib.sha256()
+    for item_id in ids:
+        digest.update(item_id.encode() + b"\0" + (Path(kit_dir) / IMAGES / f"{item_id}.png").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def manifest_script(manifest: dict) -> str:

@@ -2,12 +2,13 @@
 
 A response file (what the page exports, ``<study_id>__<reader_id>.json``)::
 
-    {"study_id": str, "reader_id": str (1-64 characters), "exported_at": str (ISO 8601),
+    {"study_id": str, "kit_id": str, "reader_id": str (1-64 characters), "exported_at": str (ISO 8601),
      "answers": {item_id: {"call": "real" | "synthetic", "confidence": 1-5, "realism": 1-5,
                            "findings": [finding, ...] (distinct, from the study's list) | ["none"],
                            "note": str (optional, at most 2000 characters)}}}
 
-Items left out are unanswered (a partial reader is allowed). A file that does not fit is rejected as a
+``kit_id`` must be the key's: a kit rebuilt from other samples (same study id, same seeded item ids, other
+images) cannot score answers given on the earlier build. Items left out are unanswered (a partial reader is allowed). A file that does not fit is rejected as a
 whole, never dropped silently nor half-read: it is listed with a reason ``<code>: <detail>``, the code
 one of ``REJECT_CODES``. Two files of the same reader are both rejected (which one is the reader's
 last word is for a person to decide: keep one and rerun).
@@ -27,7 +28,8 @@ CALLS = ("real", "synthetic")
 MAX_NOTE = 2000
 MAX_READER_ID = 64
 MAX_FILE_BYTES = 16 * 2**20  # an export of thousands of items with long notes is far below
-REJECT_CODES = ("not_json", "bad_format", "other_study", "unknown_item", "out_of_range", "duplicate_reader")
+REJECT_CODES = ("not_json", "bad_format", "other_study", "other_kit", "unknown_item", "out_of_range",
+                "duplicate_reader")
 _KEY_FIX = "rebuild the reader-study kit: its answer key is written with it"
 
 
@@ -41,6 +43,7 @@ class ItemTruth:
 @dataclass(frozen=True)
 class StudyKey:
     study_id: str
+    kit_id: str  # the build of the kit the answers must have been given on
     findings: tuple[str, ...]
     items: dict[str, ItemTruth]  # the scored items
     calibration: frozenset[str]  # ids shown first with their truth, never scored
@@ -76,9 +79,10 @@ def read_key(key_path: Path) -> StudyKey:
     payload = read_json(key_path, _KEY_FIX)
     try:
         items = {str(item_id): _truth(value) for item_id, value in payload["items"].items()}
-        key = StudyKey(study_id=payload["study_id"], findings=tuple(payload["findings"]), items=items,
-                       calibration=frozenset(payload.get("calibration", {})))
-        if not isinstance(key.study_id, str) or not all(isinstance(name, str) for name in key.findings) or not items:
+        key = StudyKey(study_id=payload["study_id"], kit_id=payload["kit_id"], findings=tuple(payload["findings"]),
+                       items=items, calibration=frozenset(payload.get("calibration", {})))
+        if not isinstance(key.study_id, str) or not isinstance(key.kit_id, str) or \
+                not all(isinstance(name, str) for name in key.findings) or not items:
             raise TypeError
     except (KeyError, TypeError, AttributeError):
         raise ReaderStudyError(f"{key_path}: not an answer key of a reader-study kit; {_KEY_FIX}") from None
@@ -129,9 +133,13 @@ def read_response(path: Path, key: StudyKey) -> ReaderResponse:
         payload = read_json(path, "export the answers again from the study page")
     except JsonFileError as error:
         raise Rejected("not_json", str(error).removeprefix(f"{path}: ")) from None
-    _exact_keys(payload, {"study_id", "reader_id", "exported_at", "answers"}, set(), "the file")
+    _exact_keys(payload, {"study_id", "kit_id", "reader_id", "exported_at", "answers"}, set(), "the file")
     if payload["study_id"] != key.study_id:
         raise Rejected("other_study", f"study_id {_shown(payload['study_id'])}, this study is {key.study_id!r}")
+    if payload["kit_id"] != key.kit_id:
+        raise Rejected("other_kit", f"answered on kit build {_shown(payload['kit_id'])}, the key is of build "
+                                    f"{key.kit_id!r}: the kit was rebuilt (other images behind the same item ids); "
+                                    f"score it against the key of its own build, or give the reader the new kit")
     reader = payload["reader_id"]
     if not isinstance(reader, str) or not reader.strip() or len(reader) > MAX_READER_ID:
         raise Rejected("bad_format", f"reader_id {_shown(reader)} is not 1-{MAX_READER_ID} characters of text")

@@ -1,12 +1,13 @@
 /* The reader-study page: one image at a time, answers autosaved to localStorage, exported as JSON.
  *
- * Reads the manifest from window.READER_STUDY (study.js): {study_id, display_size, findings: [name],
- * calibration: [{id, image, truth: {call, findings}}], items: [{id, image}]}.
+ * Reads the manifest from window.READER_STUDY (study.js): {study_id, kit_id, display_size, findings: [name],
+ * calibration: [{id, image, truth: {call, findings}}], items: [{id, image}]}. kit_id fingerprints this
+ * build of the kit (its images): answers saved or exported for another build never mix with these.
  *
- * Saved per study and reader under "cxr-reader-study/v1/<study_id>/<reader_id>":
+ * Saved per study, kit and reader under "cxr-reader-study/v1/<study_id>/<kit_id>/<reader_id>":
  *   {position: int, answers: {item_id: {call, confidence, realism, findings, note}}}
  * Exported file "<study_id>__<reader id, sanitized>.json":
- *   {study_id, reader_id, exported_at (ISO 8601), answers: {item_id: {call: "real"|"synthetic",
+ *   {study_id, kit_id, reader_id, exported_at (ISO 8601), answers: {item_id: {call: "real"|"synthetic",
  *    confidence: 1-5, realism: 1-5, findings: [finding, ...] or ["none"], note: string}}}
  * Only complete answers (call, confidence, realism and findings given) are exported.
  */
@@ -14,7 +15,7 @@
   "use strict";
 
   var study = window.READER_STUDY;
-  var PREFIX = "cxr-reader-study/v1/" + (study ? study.study_id : "") + "/";
+  var PREFIX = "cxr-reader-study/v1/" + (study ? study.study_id + "/" + study.kit_id : "") + "/";
   var LAST_READER = PREFIX + "last-reader";
   var FINDING_KEYS = "ABCDEFGHIJKLMOPQTUVWXYZ"; // letters without N (none), R and S (the call)
   var NONE = "none";
@@ -120,8 +121,8 @@
       answers[entry.id] = { call: answer.call, confidence: answer.confidence, realism: answer.realism,
         findings: answer.findings.slice(), note: String(answer.note || "") };
     });
-    var payload = { study_id: study.study_id, reader_id: readerId, exported_at: new Date().toISOString(),
-      answers: answers };
+    var payload = { study_id: study.study_id, kit_id: study.kit_id, reader_id: readerId,
+      exported_at: new Date().toISOString(), answers: answers };
     var blob = new Blob([JSON.stringify(payload, null, 2) + "\n"], { type: "application/json" });
     var url = URL.createObjectURL(blob);
     var link = document.createElement("a");
