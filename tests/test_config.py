@@ -133,3 +133,25 @@ def test_nih_512_profile_is_the_reference_subset(repo):
 def test_values_that_used_to_pass_and_then_do_damage_are_refused_naming_the_key(override, key):
     with pytest.raises(ParamsError, match=f"'{key}'"):
         params_with(override)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"study_id": "../pilot"}, "'reader_study.study_id' is '../pilot'"),   # it names the readers' files
+    ({"study_id": ""}, "'reader_study.study_id'"),
+    ({"calibration": 60}, "'reader_study.calibration' must be below count"),
+    ({"count": 1}, "'reader_study.count'"),
+    ({"real_fraction": 1.0}, "'reader_study.real_fraction'"),
+    ({"display_size": 8}, "'reader_study.display_size'"),
+])
+def test_reader_study_settings_are_checked_naming_the_key(override, message):
+    with pytest.raises(ParamsError, match=message.replace(".", "\\.").replace("(", "\\(")):
+        params_with({"reader_study": override})
+    assert params_with({"reader_study": {"real_fraction": 0.5}}).reader_study.real_fraction == 0.5
+
+
+def test_a_utility_arm_too_large_to_hold_in_memory_is_refused_before_it_starts():
+    # nih-512's N = 20,000 at 256 px is 1.3 GB per N; 64 x N would be 78 GiB
+    large = {"image_size": 512, "utility": {"train_images": 20_000, "classifier": {"max_image_size": 256}}}
+    assert params_with({**large, "utility": {**large["utility"], "scaling": [4]}}).utility.scaling == (4,)
+    with pytest.raises(ParamsError, match=r"'utility.scaling' holds 1,280,000 images of 256x256 in memory"):
+        params_with({**large, "utility": {**large["utility"], "scaling": [2, 64]}})

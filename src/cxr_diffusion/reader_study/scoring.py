@@ -46,7 +46,7 @@ def score_responses(responses_dir: Path, key_path: Path, kit_dir: Path | None = 
         metrics["how_to"] = (f"No reader responses yet. Give each reader the kit folder; they open {kit} in "
                              f"Chromium or Firefox (no server needed), answer the {len(key.items)} items and press "
                              f"Export answers. Put the downloaded {key.study_id}__<reader>.json files into "
-                             f"{responses_dir} and rerun this stage.")
+                             f"{responses_dir}, then run `dvc repro`: only this stage and compare rerun.")
         return metrics
     per_reader = {}
     for response in sorted(responses, key=lambda response: response.reader_id):
