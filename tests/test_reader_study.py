@@ -387,11 +387,15 @@ def test_metrics_are_plain_json_and_render_as_a_report_section(study, tmp_path):
     response_file(responses, key, "b|c", lambda _i, _t: "real")
     (responses / "x.json").write_text("[]")
     metrics = score_responses(responses, key)
-    write_json(tmp_path / "metrics.json", metrics)  # no NaN, no numpy types
-    text = "\n".join(report_lines(metrics))
+    write_json(tmp_path / "metrics.json", metrics)  # no NaN, no numpy types; keys sorted, as compare reads them back
+    text = "\n".join(report_lines(json.loads((tmp_path / "metrics.json").read_text())))
     assert text.startswith("## Expert reader study")
     assert "| a | 40 | 1.00 [0.91, 1.00] |" in text and "| b\\|c | 40 |" in text
     assert "Cohen's kappa" in text and "- `x.json`: not_json: " in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| real images") or
+            any(line.startswith(f"| {branch} |") for branch in BRANCHES)]
+    assert rows == ["| real images", "| clip_text", "| clip_vision"]  # real first, whatever the JSON order
+    assert "| Finding | real | clip_text | clip_vision |" in text
 
 
 def test_scoring_without_an_answer_key_is_a_clear_error(tmp_path):

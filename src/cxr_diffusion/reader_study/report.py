@@ -29,12 +29,12 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
         lines.append(f"| {_cell(reader)} | {summary['answered']} | {_interval(result['accuracy'], result['ci95'])} "
                      f"| {p_value} | {_number(summary['auc'])} |")
     lines += ["", "| Source | Answers | Called real | Realism 1-5, mean [95% t-interval] |", "|---|---:|---:|---|"]
-    for source, called in pooled["called_real"].items():
-        realism = pooled["realism"][source]
+    sources = sorted(pooled["called_real"], key=lambda source: (source != REAL, source))  # JSON keeps them sorted
+    for source in sources:
+        called, realism = pooled["called_real"][source], pooled["realism"][source]
         name = "real images" if source == REAL else source
         lines.append(f"| {name} | {called['n']} | {_number(called['fraction'])} | "
                      f"{_interval(realism['mean'], realism['ci95'])} |")
-    sources = list(pooled["called_real"])
     lines += ["", "Findings the readers ticked, F1 against the true labels (real images) or the requested ones "
               "(generated), pooled:", "",
               "| Finding | " + " | ".join("real" if source == REAL else source for source in sources) + " |",
