@@ -269,7 +269,7 @@ def test_a_reader_who_is_always_right(study):
     assert all(cell["f1"] in (1.0, None) for per_source in reader["findings"].values() for cell in per_source.values())
     assert reader["findings"]["none"]["real"]["f1"] == 1.0
     assert reader["realism"]["real"] == {"n": 13, "mean": 3.0, "ci95": [3.0, 3.0]}
-    assert metrics["agreement"] == {"readers": 1, "items": 40, "method": None, "kappa": None}
+    assert metrics["agreement"] == {"readers": 1, "items": 40, "method": None, "kappa": None, "left_out": []}
 
 
 def test_a_reader_answering_at_random_stays_near_chance(study):
@@ -284,7 +284,8 @@ def test_two_readers_who_agree_have_cohen_kappa_one_and_three_have_fleiss(study)
     response_file(responses, key, "a", truthful)
     response_file(responses, key, "b", truthful)
     metrics = score_responses(responses, key)
-    assert metrics["agreement"] == {"readers": 2, "items": 40, "method": "cohen", "kappa": 1.0}
+    assert metrics["agreement"] == {"readers": 2, "items": 40, "method": "cohen", "kappa": 1.0,
+                                   "left_out": []}
     assert metrics["pooled"]["answered"] == 80 and metrics["pooled"]["call"]["accuracy"] == 1.0
     response_file(responses, key, "c", lambda _i, truth: "synthetic" if truth["source"] == "real" else "real")
     agreement = score_responses(responses, key)["agreement"]
@@ -304,6 +305,59 @@ def test_fleiss_kappa_matches_the_textbook_example():
         fleiss_kappa(np.array([[2, 1], [1, 1]]))
 
 
+def test_a_reader_who_always_says_synthetic_is_at_chance_on_balanced_accuracy_not_on_accuracy(study):
+    """27 of the 40 items are generated: always answering "synthetic" scores 0.675 without seeing anything."""
+    responses, key = study
+    response_file(responses, key, "lazy", lambda _i, _t: "synthetic")
+    metrics = score_responses(responses, key)
+    lazy = metrics["per_reader"]["lazy"]
+    assert lazy["call"]["accuracy"] == 0.675 and lazy["balanced_accuracy"] == 0.5 and lazy["auc"] == 0.5
+    assert lazy["real_share"] == 0.325
+    text = "\n".join(report_lines(metrics))
+    assert "**32% of the answered items are real, not half**" in text and "| lazy | 40 | 0.68" in text
+    response_file(responses, key, "expert", truthful)
+    assert score_responses(responses, key)["per_reader"]["expert"]["balanced_accuracy"] == 1.0
+
+
+def test_agreement_leaves_out_a_partial_reader_rather_than_the_items(study):
+    responses, key = study
+    response_file(responses, key, "a", truthful)
+    response_file(responses, key, "b", truthful)
+    response_file(responses, key, "c", truthful, skip=39)  # one answer only
+    agreement = score_responses(responses, key)["agreement"]
+    assert agreement == {"readers": 2, "items": 40, "method": "cohen", "kappa": 1.0, "left_out": ["c"]}
+
+
+def test_one_file_with_a_key_twice_is_rejected_not_read_last_wins(study):
+    responses, key = study
+    path = response_file(responses, key, "r", truthful)
+    text = path.read_text()
+    path.write_text(text.replace('"reader_id": "r"', '"reader_id": "r", "reader_id": "someone-else"'))
+    [reject] = score_responses(responses, key)["rejects"]
+    assert reject["reason"].startswith("bad_format: key 'reader_id' given twice")
+
+
+def test_reader_ids_that_differ_in_case_space_or_unicode_form_are_one_reader(study):
+    responses, key = study
+    for number, reader in enumerate(["Jos\u00e9", "jose\u0301 ", "JOS\u00c9"]):
+        response_file(responses, key, reader, truthful, name=f"r{number}.json")
+    metrics = score_responses(responses, key)
+    assert metrics["readers"] == 0 and [r["reason"].split(":")[0] for r in metrics["rejects"]] == ["duplicate_reader"] * 3
+
+
+def test_every_file_in_the_folder_is_read_or_listed(study):
+    responses, key = study
+    response_file(responses, key, "upper", truthful, name="upper.JSON")
+    (responses / "notes.txt").write_text("reader 3 will send theirs next week")
+    (responses / "README.md").write_text("the folder's own readme: not a response")
+    (responses / ".DS_Store").write_bytes(b"\0")
+    (responses / "device.json").symlink_to("/proc/self/mem")  # reading it fails with an OSError
+    metrics = score_responses(responses, key)
+    assert metrics["readers"] == 1 and "upper" in metrics["per_reader"]
+    assert {r["file"]: r["reason"].split(":")[0] for r in metrics["rejects"]} == {"notes.txt": "not_json",
+                                                                                  "device.json": "not_json"}
+
+
 def test_a_partial_reader_is_scored_on_what_they_answered(study):
     responses, key = study
     response_file(responses, key, "halfway", truthful, skip=25)
@@ -317,6 +371,8 @@ def test_a_partial_reader_is_scored_on_what_they_answered(study):
     ({"answers": {"item-zzzzzzz": {"call": "real", "confidence": 3, "realism": 3, "findings": ["none"]}}},
      "unknown_item"),
     ({"answers": "all of them"}, "bad_format"),
+    ({"answers": {}}, "bad_format"),  # exported before answering anything
+    ({"reader_id": "\u200b"}, "bad_format"),  # no visible character
     ({"extra": 1}, "bad_format"),
 ])
 def test_files_that_do_not_fit_the_study_are_rejected_with_a_reason(study, change, code):

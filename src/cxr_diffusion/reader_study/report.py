@@ -16,18 +16,22 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
     lines += [
         f"{metrics['readers']} reader(s), {metrics['items']} blinded items, {pooled['answered']} answers. "
         f"Real-vs-synthetic accuracy, pooled: **{_interval(call['accuracy'], call['ci95'])}** (exact "
-        f"Clopper-Pearson 95% interval; two-sided binomial test against 50%: p = {call['p_value']:.3g}). "
-        f"Chance (50%) means readers cannot tell the generated images from real ones. Pooled figures count "
-        f"every answer as independent.",
+        f"Clopper-Pearson 95% interval; two-sided binomial test against 50%: p = {_p(call['p_value'])}); "
+        f"balanced accuracy {_number(pooled['balanced_accuracy'])}. Chance (50%) means readers cannot tell the "
+        f"generated images from real ones. Pooled figures count every answer as independent.",
         "",
-        "| Reader | Answered | Accuracy [95% CI] | p (vs 50%) | AUC (confidence-weighted) |",
-        "|---|---:|---|---:|---:|",
     ]
-    for reader, summary in [*metrics["per_reader"].items(), ("pooled", pooled)]:
+    if pooled["real_share"] is not None and abs(pooled["real_share"] - 0.5) > 0.05:
+        lines += [f"**{pooled['real_share']:.0%} of the answered items are real, not half**: a reader who cannot tell "
+                  f"them apart scores that share (or its complement) by always giving the commoner answer, so the "
+                  f"test against 50% does not measure realism here. Read the balanced accuracy and the AUC (0.5 "
+                  f"at chance for any mix), or build the kit with `reader_study.real_fraction: 0.5`.", ""]
+    lines += ["| Reader | Answered | Accuracy [95% CI] | p (vs 50%) | Balanced accuracy | AUC (confidence-weighted) |",
+              "|---|---:|---|---:|---:|---:|"]
+    for reader, summary in [*metrics["per_reader"].items(), ("(pooled)", pooled)]:
         result = summary["call"]
-        p_value = f"{result['p_value']:.3g}" if result["p_value"] is not None else "n/a"
         lines.append(f"| {_cell(reader)} | {summary['answered']} | {_interval(result['accuracy'], result['ci95'])} "
-                     f"| {p_value} | {_number(summary['auc'])} |")
+                     f"| {_p(result['p_value'])} | {_number(summary['balanced_accuracy'])} | {_number(summary['auc'])} |")
     lines += ["", "| Source | Answers | Called real | Realism 1-5, mean [95% t-interval] |", "|---|---:|---:|---|"]
     sources = sorted(pooled["called_real"], key=lambda source: (source != REAL, source))  # JSON keeps them sorted
     for source in sources:
@@ -45,8 +49,11 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
     agreement = metrics["agreement"]
     if agreement["method"] is not None:
         method = "Cohen's" if agreement["method"] == "cohen" else "Fleiss'"
+        left_out = agreement.get("left_out") or []
         lines += ["", f"Inter-reader agreement on the call: {method} kappa = {_number(agreement['kappa'])} over the "
-                      f"{agreement['items']} items all {agreement['readers']} readers answered."]
+                      f"{agreement['items']} items all {agreement['readers']} readers answered"
+                      + (f" (left out, not having answered every item: {', '.join(map(_cell, left_out))})."
+                         if left_out else ".")]
     return lines + [""] + _rejects(metrics["rejects"])
 
 
@@ -61,6 +68,10 @@ def _interval(value: float | None, interval: list | None) -> str:
     if value is None:
         return "n/a"
     return f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else f"{value:.2f}"
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _number(value: float | None) -> str:

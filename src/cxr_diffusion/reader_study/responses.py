@@ -8,14 +8,18 @@ A response file (what the page exports, ``<study_id>__<reader_id>.json``)::
                            "note": str (optional, at most 2000 characters)}}}
 
 ``kit_id`` must be the key's: a kit rebuilt from other samples (same study id, same seeded item ids, other
-images) cannot score answers given on the earlier build. Items left out are unanswered (a partial reader is allowed). A file that does not fit is rejected as a
+images) cannot score answers given on the earlier build. Items left out are unanswered (a partial reader is allowed; a file with no answer at all is rejected). A file that does not fit is rejected as a
 whole, never dropped silently nor half-read: it is listed with a reason ``<code>: <detail>``, the code
-one of ``REJECT_CODES``. Two files of the same reader are both rejected (which one is the reader's
-last word is for a person to decide: keep one and rerun).
+one of ``REJECT_CODES``: also a key given twice in one object (JSON readers keep the last silently), and
+any other file in the folder but a README. Two files of the same reader (ids compared after Unicode NFKC
+normalisation and case folding, so "Alice" and "alice " are one reader) are both rejected (which one is the
+reader's last word is for a person to decide: keep one and rerun).
 """
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,23 +101,28 @@ def _truth(value: dict) -> ItemTruth:
 
 
 def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderResponse], list[dict]]:
-    """Every ``*.json`` in ``responses_dir`` (sorted by name; a missing folder holds none): the accepted
-    responses, and the rejected files as ``{"file": name, "reason": "<code>: <detail>"}``."""
+    """Every file in ``responses_dir`` but hidden ones and READMEs (sorted by name; a missing folder holds
+    none): the accepted responses, and the rejected files as ``{"file": name, "reason": "<code>: <detail>"}``."""
     responses_dir = Path(responses_dir)
-    paths = sorted(responses_dir.glob("*.json")) if responses_dir.is_dir() else []
+    paths = sorted(path for path in responses_dir.iterdir() if not path.name.startswith(".")
+                   and not path.name.lower().startswith("readme")) if responses_dir.is_dir() else []
     accepted: list[ReaderResponse] = []
     rejects: list[dict] = []
     for path in paths:
         try:
+            if path.suffix.lower() != ".json":
+                raise Rejected("not_json", "not a .json file (the study page exports <study_id>__<reader>.json)")
             accepted.append(read_response(path, key))
         except Rejected as rejected:
             rejects.append({"file": path.name, "reason": str(rejected)})
+        except OSError as error:  # unreadable (permissions, a link to a device): listed, never fatal
+            rejects.append({"file": path.name, "reason": f"not_json: cannot be read ({error.strerror or error})"})
     by_reader: dict[str, list[ReaderResponse]] = defaultdict(list)
     for response in accepted:
-        by_reader[response.reader_id].append(response)
+        by_reader[same_reader(response.reader_id)].append(response)
     kept = []
     for response in accepted:
-        twins = by_reader[response.reader_id]
+        twins = by_reader[same_reader(response.reader_id)]
         if len(twins) == 1:
             kept.append(response)
             continue
@@ -121,6 +130,19 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
         rejects.append({"file": response.file, "reason": f"duplicate_reader: reader {response.reader_id!r} also "
                                                          f"sent {others}; keep one file per reader and rerun"})
     return kept, sorted(rejects, key=lambda reject: reject["file"])
+
+
+def same_reader(reader_id: str) -> str:
+    """The form two reader ids are compared in: NFKC-normalised, case-folded, outer whitespace dropped."""
+    return unicodedata.normalize("NFKC", reader_id).casefold().strip()
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [name for name, _ in pairs]
+    twice = sorted({name for name in keys if keys.count(name) > 1})
+    if twice:
+        raise Rejected("bad_format", f"key {_shown(twice[0])} given twice in one object; export the answers again")
+    return dict(pairs)
 
 
 def read_response(path: Path, key: StudyKey) -> ReaderResponse:
@@ -133,6 +155,7 @@ def read_response(path: Path, key: StudyKey) -> ReaderResponse:
         payload = read_json(path, "export the answers again from the study page")
     except JsonFileError as error:
         raise Rejected("not_json", str(error).removeprefix(f"{path}: ")) from None
+    json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)  # valid JSON: now no twin keys
     _exact_keys(payload, {"study_id", "kit_id", "reader_id", "exported_at", "answers"}, set(), "the file")
     if payload["study_id"] != key.study_id:
         raise Rejected("other_study", f"study_id {_shown(payload['study_id'])}, this study is {key.study_id!r}")
@@ -141,8 +164,10 @@ def read_response(path: Path, key: StudyKey) -> ReaderResponse:
                                     f"{key.kit_id!r}: the kit was rebuilt (other images behind the same item ids); "
                                     f"score it against the key of its own build, or give the reader the new kit")
     reader = payload["reader_id"]
-    if not isinstance(reader, str) or not reader.strip() or len(reader) > MAX_READER_ID:
-        raise Rejected("bad_format", f"reader_id {_shown(reader)} is not 1-{MAX_READER_ID} characters of text")
+    if not isinstance(reader, str) or len(reader) > MAX_READER_ID or \
+            not any(char.isprintable() and not char.isspace() for char in reader):
+        raise Rejected("bad_format", f"reader_id {_shown(reader)} is not 1-{MAX_READER_ID} characters of text "
+                                     f"with at least one visible character")
     if not isinstance(payload["exported_at"], str):
         raise Rejected("bad_format", f"exported_at {_shown(payload['exported_at'])} is not a date text")
     if not isinstance(payload["answers"], dict):
@@ -153,6 +178,8 @@ def read_response(path: Path, key: StudyKey) -> ReaderResponse:
             why = "a calibration item (not scored)" if item_id in key.calibration else "not an item of this study"
             raise Rejected("unknown_item", f"item {_shown(item_id)} is {why}")
         answers[item_id] = _answer(item_id, answer, key.findings)
+    if not answers:
+        raise Rejected("bad_format", "no answers (exported before any item was answered); export again at the end")
     return ReaderResponse(file=path.name, reader_id=reader.strip(), answers=answers)
 
 

@@ -4,7 +4,11 @@ Per reader and pooled over readers (every answer counted once, readers not model
 and test treat answers as independent, so they are narrower than a reader-clustered analysis):
 
 - ``call``: accuracy of the real/synthetic call with an exact (Clopper-Pearson) 95% interval and the
-  two-sided exact binomial test against 50% (chance: an indistinguishable generator keeps readers there);
+  two-sided exact binomial test against 50%. 50% is chance only when half the items are real
+  (``reader_study.real_fraction: 0.5``, the default): with fewer real items a reader who always answers
+  "synthetic" scores their share. ``real_share`` says what the study held;
+- ``balanced_accuracy``: the mean of the recall on real and on generated items, 0.5 for any reader who
+  cannot tell them apart whatever the mix (None without both kinds among the answers);
 - ``auc``: ROC AUC of the confidence-weighted call (+confidence when called synthetic, -confidence when
   called real) against the truth (synthetic = positive); None without both kinds among the answers;
 - ``called_real``: per source ("real" and each branch) the fraction of its images called real;
@@ -13,8 +17,9 @@ and test treat answers as independent, so they are narrower than a reader-cluste
   the F1 of the ticked findings against the true labels (real) or the requested ones (generated); None
   where the finding is neither present nor ticked.
 
-``agreement`` is on the call, over the items every reader answered: Cohen's kappa for two readers,
-Fleiss' kappa for three or more, None for one.
+``agreement`` is on the call: Cohen's kappa for two readers, Fleiss' kappa for three or more, None for one;
+over every item when at least two readers answered them all (readers who did not are listed as left
+out), else over the items every reader answered.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def score_responses(responses_dir: Path, key_path: Path, kit_dir: Path | None = 
                                           **summarise(rows, sources, key.findings)}
     pooled = [row for response in responses for row in _rows(response, key.items)]
     metrics.update(per_reader=per_reader, pooled=summarise(pooled, sources, key.findings),
-                   agreement=call_agreement(responses))
+                   agreement=call_agreement(responses, sorted(key.items)))
     return metrics
 
 
@@ -70,9 +75,13 @@ def summarise(rows: Sequence[Row], sources: Sequence[str], findings: Sequence[st
     correct = sum(truth == call for truth, call in zip(synthetic, called_synthetic))
     scores = [answer.confidence if answer.call == "synthetic" else -answer.confidence for _, answer in rows]
     by_source = {source: [answer for truth, answer in rows if truth.source == source] for source in sources}
+    recalls = [sum(truth == call for truth, call in zip(synthetic, called_synthetic) if truth == kind) /
+               synthetic.count(kind) for kind in (False, True) if kind in synthetic]
     return {
         "answered": len(rows),
+        "real_share": _rounded(synthetic.count(False) / len(rows)) if rows else None,
         "call": binomial_summary(correct, len(rows)),
+        "balanced_accuracy": _rounded(sum(recalls) / 2) if len(recalls) == 2 else None,
         "auc": _rounded(roc_auc_score(synthetic, scores)) if len(set(synthetic)) == 2 else None,
         "called_real": {source: {"n": len(answers), "fraction": _rounded(
             sum(answer.call == "real" for answer in answers) / len(answers)) if answers else None}
@@ -121,10 +130,16 @@ def findings_f1(rows: Sequence[Row], sources: Sequence[str], findings: Sequence[
     return table
 
 
-def call_agreement(responses: Sequence[ReaderResponse]) -> dict:
-    """Agreement of the readers' real/synthetic calls on the items all of them answered."""
+def call_agreement(responses: Sequence[ReaderResponse], items: Sequence[str]) -> dict:
+    """Agreement of the readers' real/synthetic calls (``items``: the study's scored items): over all of them
+    among the readers who answered every one, when there are two or more such readers; else over the items
+    every reader answered. A partial reader then never hides the agreement of the others."""
+    complete = [response for response in responses if set(items) <= set(response.answers)]
+    left_out = [] if len(complete) < 2 else sorted(r.reader_id for r in responses if r not in complete)
+    if len(complete) >= 2:
+        responses = complete
     shared = sorted(set.intersection(*(set(response.answers) for response in responses))) if responses else []
-    result = {"readers": len(responses), "items": len(shared), "method": None, "kappa": None}
+    result = {"readers": len(responses), "items": len(shared), "method": None, "kappa": None, "left_out": left_out}
     if len(responses) < 2 or not shared:
         return result
     calls = np.array([[response.answers[item].call == "synthetic" for item in shared] for response in responses],
