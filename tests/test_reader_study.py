@@ -248,6 +248,24 @@ def test_selection_refuses_when_the_generations_run_out_of_distinct_origins(tmp_
         select_items(real, generated, count=12, real_fraction=None, seed=0)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_the_rehearsal_profiles_study_fits_its_three_test_images(tmp_path, seed):
+    """The rehearsal's 32 images leave 3 in the test split, and each branch samples the first 2 of them: its
+    study must draw distinct origins from that (a count of 4 at half real once failed the rehearsal here)."""
+    import yaml
+
+    from conftest import REPO
+    profile = yaml.safe_load((REPO / "profiles" / "rehearsal.yaml").read_text())
+    study, sampled = profile["reader_study"], profile["sample"]["count"]
+    origins = [f"{i:08d}_000.png" for i in range(3)]
+    real = PreparedImages(write_prepared(tmp_path / "prepared", origins), "test", channels=1)
+    generated = {branch: PreparedImages(write_prepared(tmp_path / branch, origins[:sampled], seed=k + 1), "test",
+                                        channels=1) for k, branch in enumerate(profile["branches"])}
+    items = select_items(real, generated, study["count"], study["real_fraction"], seed)
+    assert len(items) == study["count"] and len({item.origin_id for item in items}) == study["count"]
+    assert len({item.source for item in items}) >= 3  # real and two branches
+
+
 # ---- scoring ---------------------------------------------------------------------------------------
 @pytest.fixture
 def study(tmp_path) -> tuple[Path, Path]:
