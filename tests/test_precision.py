@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cxr_diffusion.device import DeviceError, claim_device, half_dtype
 from cxr_diffusion.diffusion.precision import BF16_MIN_SPEEDUP, choose_mixed_precision, unet_block_speedup
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -29,11 +30,30 @@ def test_auto_on_a_cpu_without_a_probe_is_fp32():
     assert choose_mixed_precision("auto", CPU) == "no"
 
 
-def test_auto_on_a_gpu_is_half_precision_without_probing(monkeypatch):
+@pytest.mark.parametrize(("card", "capability", "expected"), [
+    ("V100", (7, 0), "fp16"), ("T4", (7, 5), "fp16"), ("A100", (8, 0), "bf16"), ("RTX 4090", (8, 9), "bf16"),
+    ("H100", (9, 0), "bf16")])
+def test_auto_on_a_gpu_takes_bf16_only_where_the_card_computes_it_natively(monkeypatch, card, capability, expected):
+    # torch.cuda.is_bf16_supported() answers True on a V100 or T4 through emulation: it must not decide
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert choose_mixed_precision("auto", CUDA, cpu_speedup=never_called) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert choose_mixed_precision("auto", CUDA, cpu_speedup=never_called) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert choose_mixed_precision("auto", CUDA, cpu_speedup=never_called) == expected, card
+    assert half_dtype(CUDA) == {"bf16": torch.bfloat16, "fp16": torch.float16}[expected]
+
+
+def test_cuda_n_becomes_the_current_device_of_a_one_process_run(monkeypatch):
+    claimed = []
+    monkeypatch.setattr(torch.cuda, "set_device", claimed.append)
+    claim_device(torch.device("cuda:1"), processes=1)
+    claim_device(torch.device("cuda"), processes=4)  # plain cuda: accelerate places each process
+    claim_device(CPU, processes=1)
+    assert claimed == [torch.device("cuda:1")]
+
+
+def test_cuda_n_with_several_processes_is_refused_naming_the_param(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "set_device", never_called)
+    with pytest.raises(DeviceError, match="'device' is 'cuda:1'.*2 processes"):
+        claim_device(torch.device("cuda:1"), processes=2)
 
 
 def test_block_probe_times_a_real_block_in_both_precisions(monkeypatch):

@@ -46,12 +46,33 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device computes bf16 in hardware: compute capability 8.0 (Ampere) or newer.
+
+    ``torch.cuda.is_bf16_supported()`` also answers True on a V100 or T4, where bf16 is emulated at a
+    fraction of fp16's speed; those cards should take fp16 (with loss scaling in training) instead.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def half_dtype(device: torch.device) -> torch.dtype:
-    """The reduced precision for inference where it is safe: bf16 (or fp16 on GPUs without bf16) on
-    CUDA, fp32 on the CPU, where bf16 is emulated on most machines (~20x slower without AMX)."""
+    """The reduced precision for inference where it is safe: bf16 on CUDA cards that have it natively,
+    fp16 on older ones, fp32 on the CPU, where bf16 is emulated on most machines (~20x slower without AMX)."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.float32
+
+
+def claim_device(device: torch.device, processes: int) -> None:
+    """Make ``cuda:N`` the current CUDA device of a one-process run, so that everything which places
+    tensors on plain ``cuda`` (accelerate among them) uses card N. With several processes, accelerate gives
+    each its own card and one index cannot hold for all of them: that is refused."""
+    if device.type != "cuda" or device.index is None:
+        return
+    if processes > 1:
+        raise DeviceError(f"params: 'device' is 'cuda:{device.index}' but the launch config starts {processes} "
+                          f"processes, one per GPU; set device: auto (or cuda), or launch one process")
+    torch.cuda.set_device(device)
 
 
 def timestep_device(device: torch.device) -> torch.device | None:

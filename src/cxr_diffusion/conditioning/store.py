@@ -234,6 +234,20 @@ class ConditionStore:
         data = os.pread(self._fd, self._row_bytes, self._offset + row * self._row_bytes)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:]).astype(np.float32)
 
+    def read_all(self, block_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """Every row of the embeddings in the stored dtype (rows, tokens, dim), read in large contiguous
+        blocks: for a trainer that holds a whole store in memory instead of reading row by row."""
+        values = np.empty(self.shape, dtype=self.dtype)
+        flat = values.reshape(-1).view(np.uint8)
+        total, done = flat.nbytes, 0
+        with open(self.path / EMBEDDINGS, "rb", buffering=0) as handle:
+            while done < total:
+                count = os.preadv(handle.fileno(), [memoryview(flat[done:done + block_bytes])], self._offset + done)
+                if count <= 0:
+                    raise StoreError(f"{self.path / EMBEDDINGS}: ended early while reading; rerun its embed stage")
+                done += count
+        return torch.from_numpy(values)
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None}
 

@@ -1,4 +1,5 @@
-"""Training data: prepared images joined to a branch's condition store."""
+"""Pixel-space training data: prepared images joined to a branch's condition store (latent space:
+``latent_data.py``)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ class ConditionedImages(Dataset):
     condition; those without one are skipped and counted in ``missing_condition``."""
 
     def __init__(self, prepared_dir: str | Path, split: str, store: ConditionStore, channels: int = 3,
-                 limit: int | None = None, latents: ConditionStore | None = None):
+                 limit: int | None = None):
         self.images = PreparedImages(prepared_dir, split, channels=channels)
-        self.store, self.latents = store, latents
-        self.positions = [i for i, name in enumerate(self.images.image_indices)
-                          if name in store and (latents is None or name in latents)]
+        self.store = store
+        self.positions = [i for i, name in enumerate(self.images.image_indices) if name in store]
         self.missing_condition = len(self.images) - len(self.positions)
         if limit is not None:
             self.positions = self.positions[:limit]
@@ -31,10 +31,6 @@ class ConditionedImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.images[self.positions[index]]
         item["condition"] = self.store[item["image_index"]].embeddings
-        if self.latents is not None:  # latent space: the UNet sees the precomputed VAE latents
-            channels, height, width = self.latents.meta["latent_shape"]
-            item["image"] = item["pixel_values"]
-            item["pixel_values"] = self.latents[item["image_index"]].embeddings.view(channels, height, width)
         return item
 
 

@@ -38,8 +38,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, parameters: Iterable[torch.Tensor], beta: float) -> None:
-        for average, parameter in zip(self.shadow, parameters, strict=True):
-            average.lerp_(parameter, 1.0 - beta)
+        """One multi-tensor lerp (a few kernel launches for the whole model instead of one per tensor)."""
+        parameters = list(parameters)
+        if len(parameters) != len(self.shadow):
+            raise ValueError(f"EMA of {len(self.shadow)} tensors updated with {len(parameters)}")
+        torch._foreach_lerp_(self.shadow, parameters, 1.0 - beta)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The averages by position, for a checkpoint; loading one copies into these same tensors."""

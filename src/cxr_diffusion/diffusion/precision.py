@@ -1,6 +1,7 @@
 """Choosing mixed precision per machine and per model: bf16 only where it is faster.
 
-On GPUs bf16 (fp16 where bf16 is missing). On CPUs it depends on the machine and on the model's
+On GPUs bf16 where the card computes it natively (Ampere and newer), fp16 with loss scaling on older
+cards (V100, T4), where bf16 would be emulated. On CPUs it depends on the machine and on the model's
 size: with AMX (Intel Sapphire Rapids) bf16 autocast ran the default 32-channel UNet no faster than
 fp32 (80 vs 82 img/s) and pays only for wider layers; on an AMD EPYC with AVX-512 the default UNet
 ran ~20x *slower* in bf16, yet the same machine's probe of the SD-1.5 UNet's first level (320
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from cxr_diffusion.device import native_bf16
 
 BF16_MIN_SPEEDUP = 1.15  # below this the gain is within run-to-run noise and bf16's rounding is not worth it
 
@@ -39,8 +42,8 @@ def choose_mixed_precision(requested: str, device: torch.device | None = None,
         return requested
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cuda":  # fp16 trains with loss scaling (accelerate's GradScaler) where bf16 is emulated
+        return "bf16" if native_bf16(device) else "fp16"
     if device.type != "cpu" or cpu_speedup is None:
         return "no"
     return "bf16" if cpu_speedup() >= BF16_MIN_SPEEDUP else "no"

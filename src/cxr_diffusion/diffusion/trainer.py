@@ -39,13 +39,15 @@ from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.cpu_threads import cpu_threads_per_process
 from cxr_diffusion.diffusion.data import ConditionedImages, collate
 from cxr_diffusion.diffusion.ema import EMA, ema_beta
+from cxr_diffusion.diffusion.latent_data import LatentImages
 from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import (
     loss_weights, sample_noise, sampling_scheduler, training_scheduler, training_target,
 )
 from cxr_diffusion.diffusion.precision import choose_mixed_precision, describe_machine, unet_block_speedup
+from cxr_diffusion.diffusion.step import LaggedReadings, StepReading, backward, optimizer_step
 from cxr_diffusion.diffusion.unet import build_unet
-from cxr_diffusion.device import describe_device, module_device, resolve_device
+from cxr_diffusion.device import claim_device, describe_device, module_device, resolve_device
 from cxr_diffusion.io import atomic_directory
 
 
@@ -71,9 +73,17 @@ class Denoiser(nn.Module):
         super().__init__()
         self.unet, self.adapter = unet, adapter
 
+    def compile_for_training(self) -> None:
+        """torch.compile the UNet for the training step alone. Validation (no grad, EMA weights) and the
+        sample grid (fp32, other batch sizes, a 0-dim timestep) would each recompile a compiled module, for
+        minutes at SD-1.5 size; they call the plain module, which shares the same parameters. The compiled
+        callable is kept outside the module tree, so state_dict and save_pretrained are unchanged."""
+        self.__dict__["_training_unet"] = torch.compile(self.unet)
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=self.adapter(condition, drop)).sample
+        unet = self.__dict__.get("_training_unet", self.unet) if self.training else self.unet
+        return unet(noisy, timesteps, encoder_hidden_states=self.adapter(condition, drop)).sample
 
 
 def build_denoiser(params: Params, store: ConditionStore, latents: ConditionStore | None = None) -> Denoiser:
@@ -130,18 +140,19 @@ def training_loss(model: nn.Module, scheduler, batch: dict, train, generator: to
     timesteps = torch.randint(0, train.num_train_timesteps, (len(pixels),), generator=generator)
     noise = sample_noise(pixels.shape, train.offset_noise, generator)
     drop = torch.rand(len(pixels), generator=generator) < train.cfg_dropout
-    return diffusion_loss(model, scheduler, pixels.to(device), batch["condition"].to(device), timesteps.to(device),
-                          noise.to(device), train.min_snr_gamma, drop=drop.to(device)).mean()
+    # non_blocking: pinned batches reach the GPU while it still computes the previous micro-batch
+    pixels, condition, timesteps, noise, drop = (tensor.to(device, non_blocking=True) for tensor in (
+        pixels, batch["condition"], timesteps, noise, drop))
+    return diffusion_loss(model, scheduler, pixels, condition, timesteps, noise, train.min_snr_gamma, drop=drop).mean()
 
 
 class Validator:
     """Validation loss on fixed images, noise and timesteps (comparable across runs and branches),
     with the true conditions and with shuffled ones: their difference is the conditioning gap."""
 
-    def __init__(self, dataset: ConditionedImages, scheduler, gamma: float | None, seed: int, batch_size: int):
+    def __init__(self, dataset: ConditionedImages | LatentImages, scheduler, gamma: float | None, seed: int, batch_size: int):
         self.scheduler, self.gamma, self.batch_size = scheduler, gamma, batch_size
-        # collate keeps no full-size image, so drop each one as it is read (latent space keeps it in the item)
-        items = [{k: v for k, v in dataset[i].items() if k != "image"} for i in range(len(dataset))]
+        items = [dataset[i] for i in range(len(dataset))]
         self.batch = collate(items) if items else None
         if self.batch is None:
             return
@@ -228,47 +239,26 @@ def pick_precision(train, device: torch.device, feature_size: int) -> tuple[str,
     return choose_mixed_precision("auto", device, cpu_speedup=lambda: speedup), {"bf16_speedup": speedup}
 
 
-def epoch_loader(dataset: ConditionedImages, train, plan: Plan, seed: int, state: TrainingState,
-                 rank: int, world: int) -> DataLoader:
+def epoch_batches(dataset: ConditionedImages | LatentImages, train, plan: Plan, seed: int, state: TrainingState,
+                  rank: int, world: int, pin_memory: bool) -> Iterator[dict]:
     """This process's micro-batches of ``state.epoch`` from ``state.batch_in_epoch`` on. The order is a
-    permutation seeded by (seed, epoch); each global batch is split across the processes."""
+    permutation seeded by (seed, epoch); each global batch is split across the processes. Latents held in
+    memory are gathered batch by batch; images go through a DataLoader (``train.num_workers``)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch))
     usable = plan.micro_per_epoch * train.batch_size * world
-    mine = order[:usable].view(plan.micro_per_epoch, world, train.batch_size)[:, rank]
-    indices = mine[state.batch_in_epoch:].reshape(-1).tolist()
-    return DataLoader(Subset(dataset, indices), batch_size=train.batch_size, shuffle=False,
-                      num_workers=train.num_workers, collate_fn=collate)
+    mine = order[:usable].view(plan.micro_per_epoch, world, train.batch_size)[:, rank][state.batch_in_epoch:]
+    if isinstance(dataset, LatentImages):
+        return (dataset.batch(indices) for indices in mine)
+    return iter(DataLoader(Subset(dataset, mine.reshape(-1).tolist()), batch_size=train.batch_size, shuffle=False,
+                           num_workers=train.num_workers, collate_fn=collate, pin_memory=pin_memory))
 
 
-def backward(accelerator: Accelerator, model: nn.Module, loss: torch.Tensor, state: TrainingState, train,
-             what_to_do: str) -> None:
-    """Back-propagate ``loss``, with all of the non-finite handling.
-
-    A micro-batch whose loss is non-finite on any process is skipped by every process (their gradient
-    all-reduces must match); ``train.max_nonfinite`` in a row stop the run. Before a step, non-finite
-    gradient entries become zero (EDM: one bad batch must never poison the weights).
-    """
-    finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).all())
-    state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
+def count_nonfinite(state: TrainingState, reading: StepReading, train, what_to_do: str) -> None:
+    """``train.max_nonfinite`` skipped steps in a row (non-finite loss or gradients) stop the run."""
+    state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if reading.skipped else 0
     if state.nonfinite_in_a_row >= train.max_nonfinite:
-        raise TrainingError(f"{state.nonfinite_in_a_row} consecutive non-finite losses at step {state.step}. "
-                            + what_to_do)
-    if finite:
-        accelerator.backward(loss)
-    if accelerator.sync_gradients:
-        for parameter in model.parameters():
-            if parameter.grad is not None:
-                torch.nan_to_num(parameter.grad, nan=0.0, posinf=0.0, neginf=0.0, out=parameter.grad)
-
-
-def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer, lr: float, grad_clip: float) -> float:
-    """One step at ``lr`` on gradients clipped to ``grad_clip``; returns their norm before clipping."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+        raise TrainingError(f"{state.nonfinite_in_a_row} consecutive non-finite losses or gradients (steps "
+                            f"skipped) by step {reading.step}. " + what_to_do)
 
 
 def record_validation(state: TrainingState, val_loss: float | None, train) -> bool:
@@ -353,23 +343,30 @@ def log_metrics(live, metrics: dict[str, float]) -> None:
 
 
 class Throughput:
-    """Images per second and the share of that time spent waiting for data, since the last ``read``."""
+    """Images per second and the share of that time spent waiting for data: since the last ``read`` (logged
+    per step) and since ``mark_run`` (after the first step, whose compile and warm-up would dominate)."""
 
     def __init__(self):
         self.restart()
+        self.run_since, self.run_waited, self.run_images = None, 0.0, 0
 
     def restart(self) -> None:
         self.since, self.waited, self.images = time.perf_counter(), 0.0, 0
 
-    def timed(self, loader: DataLoader) -> Iterator[dict]:
-        batches = iter(loader)
+    def mark_run(self) -> None:
+        self.run_since, self.run_waited, self.run_images = time.perf_counter(), 0.0, 0
+
+    def timed(self, batches: Iterator[dict]) -> Iterator[dict]:
         while True:
             started = time.perf_counter()
             batch = next(batches, None)
-            self.waited += time.perf_counter() - started
+            waited = time.perf_counter() - started
+            self.waited += waited
+            self.run_waited += waited
             if batch is None:
                 return
             self.images += len(batch["pixel_values"])
+            self.run_images += len(batch["pixel_values"])
             yield batch
 
     def read(self, world: int) -> dict[str, float]:
@@ -377,6 +374,36 @@ class Throughput:
         metrics = {"train/img_per_s": self.images * world / elapsed, "train/data_wait_fraction": self.waited / elapsed}
         self.restart()
         return metrics
+
+    def run_summary(self, world: int) -> dict[str, float | None]:
+        if self.run_since is None or self.run_images == 0:
+            return {"img_per_s": None, "data_wait_fraction": None}
+        elapsed = max(time.perf_counter() - self.run_since, 1e-9)
+        return {"img_per_s": round(self.run_images * world / elapsed, 2),
+                "data_wait_fraction": round(self.run_waited / elapsed, 4)}
+
+
+def dynamo_frames_compiled() -> int:
+    """Frames torch.compile has compiled in this process so far (each recompile counts once more)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+def peak_device_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def training_data(params: Params, paths: TrainPaths, store: ConditionStore, latents: ConditionStore | None,
+                  pin_memory: bool) -> tuple[ConditionedImages | LatentImages, ConditionedImages | LatentImages]:
+    """The training images with a condition and the fixed validation set: latents held in memory in
+    latent space (no image decoded), prepared images otherwise."""
+    limit = params.train.val_images
+    if latents is not None:
+        return (LatentImages(paths.prepared, "train", store, latents, pin_memory=pin_memory),
+                LatentImages(paths.prepared, "val", store, latents, limit=limit))
+    return (ConditionedImages(paths.prepared, "train", store, params.channels),
+            ConditionedImages(paths.prepared, "val", store, params.channels, limit=limit))
 
 
 def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
@@ -386,9 +413,10 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     # Machine: device, CPU threads, mixed precision, accelerate.
     torch.manual_seed(params.seed)
     device = resolve_device(params.device)  # accelerate places each process on its GPU; `cpu` forces the CPU
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    claim_device(device, processes)
     if device.type == "cpu":  # undo accelerate's OMP_NUM_THREADS=1 for the processes it launches
-        torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE",
-                                                                         os.environ.get("WORLD_SIZE", 1)))))
+        torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", processes))))
     if train.space == "latent" and paths.latents is None:
         raise TrainingError("train.space is 'latent' but no latent store was given (stage encode_latents)")
     store = ConditionStore(paths.store)
@@ -405,8 +433,8 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         vae = load_vae(train.vae).to(accelerator.device)
 
     # Data: the training images with a condition, and the fixed validation set.
-    train_set = ConditionedImages(paths.prepared, "train", store, params.channels, latents=latents)
-    val_set = ConditionedImages(paths.prepared, "val", store, params.channels, limit=train.val_images, latents=latents)
+    on_gpu = accelerator.device.type == "cuda"
+    train_set, val_set = training_data(params, paths, store, latents, pin_memory=on_gpu)
     if len(train_set) < train.batch_size * world:
         raise TrainingError(f"{branch}: {len(train_set)} training images with a condition, fewer than one global batch "
                             f"({train.batch_size} x {world}); lower train.batch_size or add data")
@@ -417,7 +445,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     if train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     if compiles(train.compile, accelerator.device):
-        model.unet.compile()  # in place: state_dict keys and save_pretrained are unchanged
+        model.compile_for_training()
     scheduler = training_scheduler(train)
     base_lr = params.learning_rate(branch)
     # fused: one kernel per step, and none of the per-parameter temporaries of the plain loop
@@ -444,21 +472,38 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     # Train: one optimizer step per train.gradient_accumulation micro-batches, to total_steps or early stopping.
     live = None  # opened after the first step: a fresh Live empties its folder, and a run that fails at once
     #              (a damaged shard, out of memory) must leave the last run's logs as they were
-    throughput, started = Throughput(), time.perf_counter()
+    throughput, started, compiled_before = Throughput(), time.perf_counter(), dynamo_frames_compiled()
+    first_step_seconds, compiled_in_first_step = None, 0
+    readings, logged_with = LaggedReadings(accelerator.device), {}  # step -> its host-side metrics (lr, rates)
+
+    def log_readings(ready: list[StepReading]) -> None:
+        nonlocal live
+        for reading in ready:
+            count_nonfinite(state, reading, train, what_to_do)
+            progress.set_postfix(loss=f"{reading.loss:.4f}")
+            if accelerator.is_main_process:
+                live = live or open_live(paths.live, resumed, logged_params)
+                live.step = reading.step
+                log_metrics(live, {"train/loss": reading.loss, **logged_with.pop(reading.step),
+                                   "train/grad_norm": reading.grad_norm})
+                live.make_summary()
+            live_step_restore(live, state.step)
+
     stop = state.step >= plan.total_steps
     model.train()
     with tqdm(total=plan.total_steps, initial=state.step, desc=f"train {branch}", unit="step",
               disable=not accelerator.is_main_process) as progress:
         while not stop:
-            for batch in throughput.timed(epoch_loader(train_set, train, plan, params.seed, state, rank, world)):
+            batches = epoch_batches(train_set, train, plan, params.seed, state, rank, world, pin_memory=on_gpu)
+            for batch in throughput.timed(batches):
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = training_loss(model, scheduler, batch, train, generator, accelerator.device)
-                    backward(accelerator, model, loss, state, train, what_to_do)
+                    backward(accelerator, loss)
                     if accelerator.sync_gradients:
                         lr = base_lr * lr_factor(state.step, plan.total_steps, train.lr_schedule, train.warmup_steps,
                                                  state.plateau_scale)
-                        grad_norm = optimizer_step(accelerator, model, optimizer, lr, train.grad_clip)
+                        step_tensors = optimizer_step(accelerator, model, optimizer, lr, train.grad_clip, loss)
                 state.batch_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -466,18 +511,23 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
                 state.step += 1
                 state.images_seen += plan.images_per_step
                 stop = state.step >= plan.total_steps
+                if first_step_seconds is None:
+                    first_step_seconds = round(time.perf_counter() - started, 2)
+                    compiled_in_first_step = dynamo_frames_compiled() - compiled_before
+                    throughput.mark_run()
 
-                # Log the step.
+                # Log the step (read back once the device is done with it).
                 progress.update()
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-                if accelerator.is_main_process:
-                    live = live or open_live(paths.live, resumed, logged_params)
-                    live.step = state.step
-                    log_metrics(live, {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
-                                       **throughput.read(world)})
+                logged_with[state.step] = {"train/lr": lr, **throughput.read(world)}
+                validating = state.step % train.val_every_steps == 0 or stop
+                checkpointing = train.checkpoint_every_steps is not None and (
+                    state.step % train.checkpoint_every_steps == 0 or stop)
+                log_readings(readings.push(state.step, step_tensors))
+                if validating or checkpointing:
+                    log_readings(readings.flush())
 
                 # Validate the EMA weights (swapped in, no copy), with a sample grid now and then.
-                if state.step % train.val_every_steps == 0 or stop:
+                if validating:
                     with ema.swapped_into(weights):
                         unwrapped.eval()
                         metrics = validator(unwrapped)
@@ -492,15 +542,16 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
                     throughput.restart()
 
                 # Checkpoint the training state.
-                if train.checkpoint_every_steps is not None and (state.step % train.checkpoint_every_steps == 0 or stop):
+                if checkpointing:
                     save_training_state(accelerator, paths.checkpoints, state, unwrapped, optimizer, ema, generator,
                                         train.checkpoints_total_limit)
-                if live is not None:
+                if live is not None and validating:
                     live.make_summary()
                 if stop:
                     break
             else:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        log_readings(readings.flush())
 
     # Save the EMA weights as the pipeline; the last checkpoint keeps the training state.
     accelerator.wait_for_everyone()
@@ -509,7 +560,10 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
               "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
               "precision": precision, **probe, "seconds_this_run": round(time.perf_counter() - started, 1),
               "train_images": len(train_set), "missing_condition": train_set.missing_condition,
-              "best_val_loss": state.best_val_loss}
+              "best_val_loss": state.best_val_loss, "first_step_seconds": first_step_seconds,
+              **throughput.run_summary(world), "compilations": dynamo_frames_compiled() - compiled_before,
+              "recompilations": dynamo_frames_compiled() - compiled_before - compiled_in_first_step,
+              "peak_device_memory_bytes": peak_device_memory(accelerator.device)}
     if accelerator.is_main_process:
         optimizer.state.clear()  # in the last checkpoint; the pipeline needs only the EMA weights
         ema.move_into(weights)
@@ -520,8 +574,14 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     return result
 
 
+def live_step_restore(live, step: int) -> None:
+    """Lagged rows set ``live.step`` to their own step; put it back to the current one for what follows."""
+    if live is not None:
+        live.step = step
+
+
 @torch.no_grad()
-def sample_grid(model: Denoiser, scheduler, dataset: ConditionedImages, seed: int, count: int = 8, steps: int = 20,
+def sample_grid(model: Denoiser, scheduler, dataset: ConditionedImages | LatentImages, seed: int, count: int = 8, steps: int = 20,
                 vae=None):
     """Generations for the first ``count`` validation conditions (DPM-Solver++, guidance 3) above their
     real images: a quick look during training."""
@@ -535,8 +595,10 @@ def sample_grid(model: Denoiser, scheduler, dataset: ConditionedImages, seed: in
                                     vae=vae)
     generated = pipeline(condition=torch.stack([i["condition"] for i in items]), guidance_scale=3.0,
                          num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), progress=False).images
-    real = [tensor_to_pil(i.get("image", i["pixel_values"])) for i in items]  # latent space keeps the image too
-    return image_grid(real + list(generated), rows=2)
+    real = torch.stack([i["pixel_values"] for i in items])
+    if vae is not None:  # latent space: the real latents decoded, as the generations are (no PNG is read)
+        real = vae.decode((real / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample.float().cpu()
+    return image_grid([tensor_to_pil(image.clamp(-1, 1)) for image in real] + list(generated), rows=2)
 
 
 def save_pipeline(params: Params, branch: str, model: Denoiser, scheduler, paths: TrainPaths, vae=None) -> Path:
