@@ -70,3 +70,15 @@ def test_block_probe_times_a_real_block_in_both_precisions(monkeypatch):
 
     assert speedup > 0
     assert True in autocast_states and False in autocast_states
+
+
+def test_images_are_decoded_in_workers_beside_a_gpu_and_in_the_main_process_on_a_cpu(monkeypatch):
+    import os
+
+    from cxr_diffusion.device import MAX_DECODE_WORKERS, decode_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert decode_workers(CUDA) == MAX_DECODE_WORKERS
+    assert decode_workers(CPU) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert decode_workers(CUDA) == 2

@@ -23,7 +23,7 @@ from cxr_diffusion.config import EvaluatorConfig
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
-from cxr_diffusion.device import describe_device, module_device
+from cxr_diffusion.device import decode_workers, describe_device, module_device
 from cxr_diffusion.io import atomic_directory, give_plain_modes, read_json, write_json
 
 
@@ -130,7 +130,9 @@ def embed_and_predict(model: CXRClassifier, images: PreparedImages, batch_size: 
     full-resolution images, so memory grows with ``batch_size``, not with the split."""
     features, probabilities, labels, pixels, names = [], [], [], [], []
     device = module_device(model)
-    for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
+    workers = decode_workers(device)
+    for batch in DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            pin_memory=device.type == "cuda"):
         x = batch["pixel_values"]
         f, p = predict_batch(model, x.to(device))
         features.append(f.cpu().numpy())
@@ -203,7 +205,8 @@ def train_evaluator(prepared_dir: str | Path, config: EvaluatorConfig, seed: int
     while step < steps:
         # Streamed one row group at a time, so memory does not grow with the split (nih-512: 38k x 512px).
         order = train.row_group_order(generator)
-        for batch in DataLoader(train, batch_size=batch_size, sampler=order, drop_last=True):
+        for batch in DataLoader(train, batch_size=batch_size, sampler=order, drop_last=True,
+                                num_workers=decode_workers(device), pin_memory=device.type == "cuda"):
             if step >= steps:
                 break
             loss = classifier_step(model, optimizer, schedule, batch, generator, pos_weight, device)
