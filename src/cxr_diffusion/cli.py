@@ -423,6 +423,47 @@ def doctor(
     raise typer.Exit(code)
 
 
+@app.command("memory-plan")
+def memory_plan(
+    params_file: Path = typer.Option(None, "--params", help="Params file (default: ROOT/params.yaml, the active profile)."),
+    root: Path = typer.Option(Path("."), help="Repository root: relative paths in the params resolve here."),
+    memory_gib: float = typer.Option(None, "--memory-gib", min=1.0, max=4096.0,
+                                     help="The card's memory in GiB, e.g. 80, 48 or 24 (default: the params' CUDA "
+                                          "device, when this machine has one)."),
+    precision: str = typer.Option(None, help="bf16, fp16 or no (default: what train.mixed_precision gives on the "
+                                             "card; bf16 with --memory-gib)."),
+) -> None:
+    """Show how `train` fits each branch on a GPU: micro-batch and accumulation (same images per optimizer
+    step), gradient checkpointing, where the EMA and the VAE live, and the predicted peak by part."""
+    from cxr_diffusion.device import DeviceError, describe_device, resolve_device
+    from cxr_diffusion.diffusion.memory_plan import MemoryPlanError, device_memory_budget
+    from cxr_diffusion.diffusion.memory_report import branch_plans, card_budget, describe
+    from cxr_diffusion.diffusion.precision import choose_mixed_precision
+    from cxr_diffusion.errors import UserError
+
+    params = _active_params(params_file, root)
+    if precision not in (None, "bf16", "fp16", "no"):
+        _fail(f"--precision {precision!r}: choose bf16, fp16 or no")
+    if memory_gib is not None:
+        budget, card = card_budget(memory_gib), f"a card of {memory_gib:g} GiB"
+        precision = precision or ("bf16" if params.train.mixed_precision == "auto" else params.train.mixed_precision)
+    else:
+        try:
+            device = resolve_device(params.device)
+        except DeviceError as error:
+            _fail(str(error))
+        if device.type != "cuda":
+            _fail(f"params: device is {params.device!r} and no CUDA GPU is in use here; pass --memory-gib "
+                  f"(e.g. 80, 48 or 24) to plan for a card")
+        budget, card = device_memory_budget(device), describe_device(device)
+        precision = precision or choose_mixed_precision(params.train.mixed_precision, device)
+    try:
+        plans, vae_note = branch_plans(params, root, budget, precision)
+    except (MemoryPlanError, UserError) as error:
+        _fail(str(error))
+    typer.echo(describe(plans, vae_note, card, precision))
+
+
 @app.command()
 def standins(
     params_file: Path = typer.Option(None, "--params", help="Params file (default: ROOT/params.yaml, the active profile)."),

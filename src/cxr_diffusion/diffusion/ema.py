@@ -31,10 +31,18 @@ def ema_beta(half_life_images: float, images_seen: int, images_per_step: int) ->
 
 
 class EMA:
-    """An exponential moving average of ``parameters``, on their devices and in their dtypes."""
+    """An exponential moving average of ``parameters``: beside them (their devices and dtypes), or in host
+    memory when ``on_host`` (the memory plan's choice for a card too small for a fourth fp32 copy of the
+    UNet). On the host each update first copies the weights into a pinned staging copy, then averages on
+    the CPU: a device-to-host copy and a wait per optimizer step, the price of the memory it frees."""
 
-    def __init__(self, parameters: Iterable[torch.Tensor]):
-        self.shadow = [parameter.detach().clone() for parameter in parameters]
+    def __init__(self, parameters: Iterable[torch.Tensor], on_host: bool = False):
+        parameters = [parameter.detach() for parameter in parameters]
+        self.on_host = on_host
+        self.shadow = [parameter.to("cpu", copy=True) if on_host else parameter.clone() for parameter in parameters]
+        pinned = on_host and any(parameter.is_cuda for parameter in parameters)
+        # The weights' values on the host: read by each update, and kept there while the average is swapped in.
+        self._staging = [torch.empty_like(average, pin_memory=pinned) for average in self.shadow] if on_host else []
 
     @torch.no_grad()
     def update(self, parameters: Iterable[torch.Tensor], beta: float) -> None:
@@ -42,25 +50,49 @@ class EMA:
         parameters = list(parameters)
         if len(parameters) != len(self.shadow):
             raise ValueError(f"EMA of {len(self.shadow)} tensors updated with {len(parameters)}")
+        if self.on_host:
+            self._copy_to_host(parameters)
+            parameters = self._staging
         torch._foreach_lerp_(self.shadow, parameters, 1.0 - beta)
+
+    def _copy_to_host(self, parameters: list[torch.Tensor]) -> None:
+        for staged, parameter in zip(self._staging, parameters, strict=True):
+            staged.copy_(parameter.detach(), non_blocking=True)
+        if any(parameter.is_cuda for parameter in parameters):
+            torch.cuda.current_stream(parameters[0].device).synchronize()  # the copies have landed
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The averages by position, for a checkpoint; loading one copies into these same tensors."""
         return {str(index): average for index, average in enumerate(self.shadow)}
 
+    @torch.no_grad()
     def move_into(self, parameters: list[torch.nn.Parameter]) -> None:
         """Leave the average in ``parameters`` and let go of their own values (to save the final model)."""
-        swap_weights(parameters, self.shadow)
-        self.shadow = []
+        if self.on_host:
+            torch._foreach_copy_(parameters, self.shadow)
+        else:
+            swap_weights(parameters, self.shadow)
+        self.shadow, self._staging = [], []
 
     @contextmanager
     def swapped_into(self, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
-        """The parameters hold the average inside the block, their own values again after it."""
-        swap_weights(parameters, self.shadow)
+        """The parameters hold the average inside the block, their own values again after it. Beside the
+        weights the two swap storages (no copy); on the host the weights wait in the staging copy."""
+        if not self.on_host:
+            swap_weights(parameters, self.shadow)
+            try:
+                yield
+            finally:
+                swap_weights(parameters, self.shadow)
+            return
+        with torch.no_grad():
+            self._copy_to_host(parameters)
+            torch._foreach_copy_(parameters, self.shadow)
         try:
             yield
         finally:
-            swap_weights(parameters, self.shadow)
+            with torch.no_grad():
+                torch._foreach_copy_(parameters, self._staging)
 
 
 @torch.no_grad()

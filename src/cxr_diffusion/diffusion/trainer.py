@@ -40,6 +40,7 @@ from cxr_diffusion.diffusion.cpu_threads import cpu_threads_per_process
 from cxr_diffusion.diffusion.data import ConditionedImages, collate
 from cxr_diffusion.diffusion.ema import EMA, ema_beta
 from cxr_diffusion.diffusion.latent_data import LatentImages
+from cxr_diffusion.diffusion.memory_plan import MemoryPlan, apply_memory_plan, device_memory_budget, plan_memory
 from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import (
     loss_weights, sample_noise, sampling_scheduler, training_scheduler, training_target,
@@ -394,6 +395,22 @@ def peak_device_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def plan_device_memory(params: Params, device: torch.device, precision: str, store: ConditionStore,
+                       latents: ConditionStore | None, vae) -> MemoryPlan | None:
+    """The memory plan for training on ``device`` (diffusion/memory_plan.py): micro-batch, accumulation,
+    gradient checkpointing, EMA and VAE placement that fit its memory. None where there is no budget (a CPU)."""
+    budget = device_memory_budget(device)
+    if budget is None:
+        return None
+    train = params.train
+    dim = train.unet.cross_attention_dim or store.dim
+    tokens = train.condition_tokens if store.tokens == 1 else store.tokens
+    channels, size = (latents.meta["latent_shape"][0], latents.meta["latent_shape"][1]) if latents is not None else (
+        params.channels, params.image_size)
+    vae_parameters = sum(parameter.numel() for parameter in vae.parameters()) if vae is not None else 0
+    return plan_memory(train, size, channels, dim, tokens, precision, budget, vae_parameters, device.type)
+
+
 def training_data(params: Params, paths: TrainPaths, store: ConditionStore, latents: ConditionStore | None,
                   pin_memory: bool) -> tuple[ConditionedImages | LatentImages, ConditionedImages | LatentImages]:
     """The training images with a condition and the fixed validation set: latents held in memory in
@@ -423,14 +440,24 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     latents = ConditionStore(paths.latents) if train.space == "latent" else None
     feature_size = latents.meta["latent_shape"][1] if latents is not None else params.image_size
     precision, probe = pick_precision(train, device, feature_size)
-    accelerator = Accelerator(gradient_accumulation_steps=train.gradient_accumulation, mixed_precision=precision,
-                              cpu=device.type == "cpu")
-    rank, world = accelerator.process_index, accelerator.num_processes
     vae = None
     if latents is not None:
         from cxr_diffusion.diffusion.latents import load_vae
 
-        vae = load_vae(train.vae).to(accelerator.device)
+        vae = load_vae(train.vae)
+    # Memory: on a GPU the micro-batch, accumulation, checkpointing and where the EMA and VAE live follow the
+    # plan for the card (same images per optimizer step); elsewhere the params as they are.
+    memory = plan_device_memory(params, device, precision, store, latents, vae)
+    if memory is not None:
+        train = apply_memory_plan(train, memory)
+        params = params.model_copy(update={"train": train})
+    accelerator = Accelerator(gradient_accumulation_steps=train.gradient_accumulation, mixed_precision=precision,
+                              cpu=device.type == "cpu")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if memory is not None:
+        accelerator.print(memory.describe())
+    if vae is not None and (memory is None or memory.vae_on_device):
+        vae = vae.to(accelerator.device)
 
     # Data: the training images with a condition, and the fixed validation set.
     on_gpu = accelerator.device.type == "cuda"
@@ -453,7 +480,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     weights = list(unwrapped.parameters())
-    ema = EMA(weights)
+    ema = EMA(weights, on_host=memory is not None and not memory.ema_on_device)
     validator = Validator(val_set, scheduler, train.min_snr_gamma, params.seed, max(train.batch_size, 32))
 
     # Resume from the newest usable checkpoint written under the same maths, else start from scratch.
@@ -467,7 +494,8 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
                   f"(lr / train.lr.{branch}) or disable mixed precision (train.mixed_precision: no) and rerun.")
     logged_params = {"branch": branch, "lr": base_lr, "precision": precision, **probe,
                      "images_per_step": plan.images_per_step, "device": describe_device(accelerator.device),
-                     **{f"machine/{key}": value for key, value in describe_machine().items()}}
+                     **{f"machine/{key}": value for key, value in describe_machine().items()},
+                     **(memory.as_log() if memory is not None else {})}
 
     # Train: one optimizer step per train.gradient_accumulation micro-batches, to total_steps or early stopping.
     live = None  # opened after the first step: a fresh Live empties its folder, and a run that fails at once
@@ -563,7 +591,8 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
               "best_val_loss": state.best_val_loss, "first_step_seconds": first_step_seconds,
               **throughput.run_summary(world), "compilations": dynamo_frames_compiled() - compiled_before,
               "recompilations": dynamo_frames_compiled() - compiled_before - compiled_in_first_step,
-              "peak_device_memory_bytes": peak_device_memory(accelerator.device)}
+              "peak_device_memory_bytes": peak_device_memory(accelerator.device),
+              "memory_plan": memory.as_log() if memory is not None else None}
     if accelerator.is_main_process:
         optimizer.state.clear()  # in the last checkpoint; the pipeline needs only the EMA weights
         ema.move_into(weights)
