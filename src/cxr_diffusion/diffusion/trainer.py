@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,17 +346,27 @@ def log_metrics(live, metrics: dict[str, float]) -> None:
 
 class Throughput:
     """Images per second and the share of that time spent waiting for data: since the last ``read`` (logged
-    per step) and since ``mark_run`` (after the first step, whose compile and warm-up would dominate)."""
+    per step) and since ``mark_run`` (after the first step, whose compile and warm-up would dominate), less
+    the time spent in ``paused`` blocks (validation, sample grids, checkpoints)."""
 
     def __init__(self):
         self.restart()
-        self.run_since, self.run_waited, self.run_images = None, 0.0, 0
+        self.run_since, self.run_waited, self.run_images, self.run_paused = None, 0.0, 0, 0.0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.run_paused += time.perf_counter() - started
+            self.restart()
 
     def restart(self) -> None:
         self.since, self.waited, self.images = time.perf_counter(), 0.0, 0
 
     def mark_run(self) -> None:
-        self.run_since, self.run_waited, self.run_images = time.perf_counter(), 0.0, 0
+        self.run_since, self.run_waited, self.run_images, self.run_paused = time.perf_counter(), 0.0, 0, 0.0
 
     def timed(self, batches: Iterator[dict]) -> Iterator[dict]:
         while True:
@@ -379,7 +390,7 @@ class Throughput:
     def run_summary(self, world: int) -> dict[str, float | None]:
         if self.run_since is None or self.run_images == 0:
             return {"img_per_s": None, "data_wait_fraction": None}
-        elapsed = max(time.perf_counter() - self.run_since, 1e-9)
+        elapsed = max(time.perf_counter() - self.run_since - self.run_paused, 1e-9)
         return {"img_per_s": round(self.run_images * world / elapsed, 2),
                 "data_wait_fraction": round(self.run_waited / elapsed, 4)}
 
@@ -556,7 +567,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
 
                 # Validate the EMA weights (swapped in, no copy), with a sample grid now and then.
                 if validating:
-                    with ema.swapped_into(weights):
+                    with throughput.paused(), ema.swapped_into(weights):
                         unwrapped.eval()
                         metrics = validator(unwrapped)
                         if live is not None and train.sample_grid_images > 0 and (
@@ -567,12 +578,12 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
                         unwrapped.train()
                     log_metrics(live, metrics)
                     stop = record_validation(state, metrics.get("val/loss"), train) or stop
-                    throughput.restart()
 
                 # Checkpoint the training state.
                 if checkpointing:
-                    save_training_state(accelerator, paths.checkpoints, state, unwrapped, optimizer, ema, generator,
-                                        train.checkpoints_total_limit)
+                    with throughput.paused():
+                        save_training_state(accelerator, paths.checkpoints, state, unwrapped, optimizer, ema,
+                                            generator, train.checkpoints_total_limit)
                 if live is not None and validating:
                     live.make_summary()
                 if stop:
