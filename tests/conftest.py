@@ -120,3 +120,13 @@ def one_line_message(call, kind: type[Exception]) -> str:
     message = str(caught.value)
     assert "\n" not in message
     return message
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: an fp16 one would refuse every later Accelerator()."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -17,20 +17,12 @@ from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 from conftest import make_training_data
 from test_trainer import paths_in, tiny_params
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_training_data(tmp_path_factory.mktemp("gpu-readiness-data"))
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state: an fp16 one would refuse every later Accelerator()."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def fp16_accelerator(init_scale: float) -> Accelerator:

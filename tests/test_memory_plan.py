@@ -21,6 +21,8 @@ from cxr_diffusion.diffusion.unet import build_unet, sd15_unet_config
 from conftest import make_training_data
 from test_trainer import assert_same_weights, final_unet, paths_in, tiny_params
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 SMALL = UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention=(False, True, True),
                    attention_head_dim=8, norm_num_groups=8, cross_attention_dim=32)
 SD_VAE_PARAMETERS = 83_653_863
@@ -121,15 +123,6 @@ def test_relaxations_come_cheapest_first():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_training_data(tmp_path_factory.mktemp("memory-plan-data"))
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_the_trainer_follows_a_plan_with_the_ema_in_host_memory(tmp_path, data, monkeypatch):
