@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE / "gpu_check")]
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu_check"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 from synthetic_data import CONDITION_DIM, build_training_set, write_condition_store, write_prepared
 from train_throughput import time_steps
