@@ -14,8 +14,9 @@ def main(
     samples: Path = typer.Option(..., help="The sample stages' folder (<branch>/ per branch)."),
     kit: Path = typer.Option(..., help="The kit folder handed to readers (index.html, images, manifest)."),
     key: Path = typer.Option(..., help="The answer key (JSON), outside the kit."),
+    archive: Path = typer.Option(..., help="The kit as a zip to hand out (images stored uncompressed)."),
 ) -> None:
-    run_stage("reader_study", params, lambda p: print(build_study_kit(p, prepared, samples, kit, key)))
+    run_stage("reader_study", params, lambda p: print(build_study_kit(p, prepared, samples, kit, key, archive)))
 
 
 if __name__ == "__main__":

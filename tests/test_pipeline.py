@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,10 @@ def test_repro_builds_the_reader_study_kit_and_scores_no_responses_yet(tiny_repo
     assert metrics["readers"] == 0 and metrics["rejects"] == [] and metrics["study_id"] == params["study_id"]
     report = (tiny_repo / "reports" / "report.md").read_text()
     assert "## Expert reader study" in report and "No reader responses yet" in report
-    assert "reports/reader_study/index.html" in report
+    assert "reports/reader_study.zip" in report and "reader_study/index.html" in report
+    with zipfile.ZipFile(tiny_repo / "reports" / "reader_study.zip") as archive:
+        assert sum(name.startswith("reader_study/images/") for name in archive.namelist()) == params["count"]
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
     summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
     assert all(summary[branch]["reader_study"] is None for branch in summary)
 

@@ -44,8 +44,10 @@ def mixed_items(per_source: int = 6) -> list[StudyItem]:
 
 def make_kit(tmp_path: Path, items: list[StudyItem] | None = None, calibration: int = 2, seed: int = 7,
              display_size: int = 64, study_id: str = "pilot-1") -> tuple[Path, Path, dict]:
+    """A kit whose study key is ``seed`` (the pipeline draws a secret one at each build)."""
     kit, key = tmp_path / "kit", tmp_path / "key.json"
-    summary = build_kit(items or mixed_items(), kit, key, study_id, FINDINGS, calibration, seed, display_size)
+    summary = build_kit(items or mixed_items(), kit, key, study_id, FINDINGS, calibration, display_size,
+                        study_key=seed.to_bytes(4, "big"))
     return kit, key, summary
 
 
@@ -134,7 +136,7 @@ def test_nothing_in_the_kit_names_a_source_or_an_origin_id(tmp_path):
 
 def test_a_key_inside_the_kit_folder_is_refused(tmp_path):
     with pytest.raises(ReaderStudyError, match="inside the kit folder"):
-        build_kit(mixed_items(), tmp_path / "kit", tmp_path / "kit" / "sub" / "key.json", "s", FINDINGS, 0, 0, 32)
+        build_kit(mixed_items(), tmp_path / "kit", tmp_path / "kit" / "sub" / "key.json", "s", FINDINGS, 0, 32)
     assert not (tmp_path / "kit").exists()
 
 
@@ -162,7 +164,7 @@ def test_calibration_items_come_first_alternately_real_and_generated_with_their_
         assert item["id"] not in key["items"]
 
 
-def test_the_same_seed_builds_the_same_kit_and_another_seed_another_order(tmp_path):
+def test_the_same_study_key_builds_the_same_kit_and_another_key_another_order(tmp_path):
     first, _, _ = make_kit(tmp_path / "a", seed=3)
     again, _, _ = make_kit(tmp_path / "b", seed=3)
     other, _, _ = make_kit(tmp_path / "c", seed=4)
@@ -171,7 +173,8 @@ def test_the_same_seed_builds_the_same_kit_and_another_seed_another_order(tmp_pa
 
 
 def test_the_kit_id_fingerprints_the_images_behind_the_item_ids(tmp_path):
-    """A kit rebuilt from other images keeps its seeded item ids: only the kit id tells the builds apart."""
+    """A kit rebuilt from other images with the same study key keeps its item ids: only the kit id tells the
+    builds apart."""
     kit, key, _ = make_kit(tmp_path / "a", seed=3)
     again, _, _ = make_kit(tmp_path / "b", seed=3)
     items = mixed_items()
@@ -205,7 +208,7 @@ def test_rebuilding_replaces_the_whole_kit(tmp_path):
 def test_labels_outside_the_findings_are_refused(tmp_path):
     items = [procedural_item("real", 0), StudyItem(np.zeros((4, 4), np.uint8), "clip_text", ("Hernia",), "x")]
     with pytest.raises(ReaderStudyError, match="Hernia"):
-        build_kit(items, tmp_path / "kit", tmp_path / "key.json", "s", FINDINGS, 0, 0, 32)
+        build_kit(items, tmp_path / "kit", tmp_path / "key.json", "s", FINDINGS, 0, 32)
 
 
 def test_no_finding_is_answered_as_none():
@@ -451,7 +454,7 @@ def test_no_responses_says_how_to_run_the_study(study, tmp_path):
         (tmp_path / "empty").mkdir(exist_ok=True)
         metrics = score_responses(folder, key, kit_dir=Path("reports/reader_study"))
         assert metrics["readers"] == 0 and metrics["items"] == 40 and metrics["rejects"] == []
-        assert "reports/reader_study/index.html" in metrics["how_to"] and str(folder) in metrics["how_to"]
+        assert "reports/reader_study.zip" in metrics["how_to"] and "reader_study/index.html" in metrics["how_to"] and str(folder) in metrics["how_to"]
     assert "No reader responses yet" in "\n".join(report_lines(metrics))
 
 

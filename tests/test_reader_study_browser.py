@@ -52,7 +52,7 @@ def kit(tmp_path) -> tuple[Path, dict]:
     labels = [("Effusion",), ("No Finding",), ("Effusion", "Nodule/Mass"), ("Nodule/Mass",)]
     items = [StudyItem(rng.integers(0, 256, (16, 16), dtype=np.uint8), "real" if i % 2 else "clip_text",
                        labels[i % 4], f"{i:08d}_000.png") for i in range(8)]
-    build_kit(items, tmp_path / "kit", tmp_path / "key.json", "pilot-1", FINDINGS, 2, seed=1, display_size=64)
+    build_kit(items, tmp_path / "kit", tmp_path / "key.json", "pilot-1", FINDINGS, 2, display_size=64, study_key=b"\x01")
     return tmp_path / "kit", json.loads((tmp_path / "key.json").read_text())
 
 

@@ -11,9 +11,11 @@ from cxr_diffusion.reader_study.kit import build_kit
 from cxr_diffusion.reader_study.labels import study_findings
 
 
-def build_study_kit(params: Params, prepared_dir: Path, samples_dir: Path, kit_dir: Path, key_path: Path) -> dict:
-    """The kit (``kit_dir``) and its answer key (``key_path``) from the prepared test split and each branch's
-    samples (``samples_dir/<branch>``), as ``params.reader_study`` sets them; returns the kit's summary."""
+def build_study_kit(params: Params, prepared_dir: Path, samples_dir: Path, kit_dir: Path, key_path: Path,
+                    archive_path: Path | None = None) -> dict:
+    """The kit (``kit_dir``, and as a zip at ``archive_path``) and its answer key (``key_path``) from the prepared
+    test split and each branch's samples (``samples_dir/<branch>``), as ``params.reader_study`` sets them; returns
+    the kit's summary. The pipeline's seed picks the images; their order and ids come from a secret study key."""
     config = params.reader_study
     real = PreparedImages(prepared_dir, "test", channels=1)
     generated = {branch: PreparedImages(Path(samples_dir) / branch, "test", channels=1) for branch in params.branches}
@@ -22,5 +24,5 @@ def build_study_kit(params: Params, prepared_dir: Path, samples_dir: Path, kit_d
           f"{config.calibration} of them for calibration", flush=True)
     items = select_items(real, generated, config.count, config.real_fraction, params.seed)
     summary = build_kit(items, kit_dir, key_path, config.study_id, study_findings(real.classes), config.calibration,
-                        params.seed, config.display_size)
+                        config.display_size, archive_path=archive_path)
     return {**summary, "sources": counts}

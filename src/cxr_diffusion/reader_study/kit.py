@@ -2,24 +2,30 @@
 
 The kit (``out_dir``) holds ``index.html``, ``app.js``, ``style.css`` (from ``page/``), ``study.js`` (the
 manifest, set as ``window.READER_STUDY`` so that the page works from file:// without a server or fetch)
-and ``images/``. Nothing in it tells a real image from a generated one:
+and ``images/``; ``archive_path`` gets the same files as a zip to hand out. Nothing in either tells a real
+image from a generated one but the pixels:
 
+- the order of the items and their ids come from a **study key**, 32 random bytes drawn at each build and
+  written only to the answer key. The pipeline's ``seed`` (public, in params.yaml) picks which images take
+  part, never where they appear: replaying a build with the seed gives other ids in another order;
 - every image is written the same way: scaled to ``display_size`` square (nearest neighbour when
   enlarging, so small images are not smoothed; box filter when shrinking), as an uncompressed
   (``compress_level=0``) 8-bit grayscale PNG with no metadata chunks, so every file has the same
   pixel size and the same byte size;
-- files are named ``item-<7 hex digits>.png`` from the seed, in a seeded shuffle of all the items;
+- files are named ``item-<7 hex digits>.png``, written in name order, and every file of the kit gets one
+  modification time (``KIT_MTIME``);
+- the archive stores every file uncompressed (a compressed size would say how smooth an image is, which
+  tells generated images from real ones) with one date, in name order;
 - the manifest lists only ``study_id``, ``kit_id``, ``display_size``, ``findings`` and, per item, its id and
   file (calibration items also their truth, which the page shows: "real" or "synthetic", never a branch).
 
-``kit_id`` fingerprints this build (the sha256 of the item ids and image bytes, in the page's order): a kit
-rebuilt from other samples reuses the seeded item ids for other images, so the page saves and exports
-answers under its ``kit_id`` and scoring refuses answers given on another build.
+``kit_id`` fingerprints this build (the sha256 of the item ids and image bytes, in the page's order), so
+the page saves and exports answers under its ``kit_id`` and scoring refuses answers given on another build.
 
 The answer key (``key_path``, refused inside the kit) maps every item id to its source, origin id and
-labels::
+labels, and holds the study key that rebuilds the kit exactly (``build_kit(..., study_key=...)``)::
 
-    {"study_id": str, "kit_id": str, "seed": int, "findings": [str, ...],
+    {"study_id": str, "kit_id": str, "study_key": str (64 hex digits), "findings": [str, ...],
      "items": {item_id: {"source": "real" | <branch>, "origin_id": str, "labels": [class, ...]}},
      "calibration": {item_id: {...the same...}}}
 """
@@ -28,6 +34,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
+import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -35,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_diffusion.config import STUDY_ID
-from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.io import atomic_directory, atomic_path, write_json
 from cxr_diffusion.reader_study.errors import ReaderStudyError
 from cxr_diffusion.reader_study.items import StudyItem
 from cxr_diffusion.reader_study.labels import NO_FINDING, REAL, answer_findings
@@ -45,18 +54,28 @@ MANIFEST_SCRIPT = "study.js"
 MANIFEST_GLOBAL = "READER_STUDY"
 IMAGES = "images"
 MIN_DISPLAY, MAX_DISPLAY = 16, 4096
+STUDY_KEY_BYTES = 32
+KIT_MTIME = 315_532_800  # 1980-01-01 00:00 UTC, the earliest date a zip entry can carry
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def build_kit(items: list[StudyItem], out_dir: Path, key_path: Path, study_id: str, findings: list[str],
-              calibration: int, seed: int, display_size: int) -> dict:
-    """Write the kit to ``out_dir`` and its answer key to ``key_path`` (both atomically); return a summary.
+              calibration: int, display_size: int, study_key: bytes | None = None,
+              archive_path: Path | None = None) -> dict:
+    """Write the kit to ``out_dir``, its answer key to ``key_path`` and, given ``archive_path``, the kit as a
+    zip (each atomically); return a summary.
 
     ``calibration`` of the items (alternately real and generated, as far as the items allow) are shown
-    first with their truth and are not scored; the others are the study.
+    first with their truth and are not scored; the others are the study. ``study_key`` (secret: order and
+    ids follow from it) is drawn fresh unless given, which only rebuilding a kit from its key should do.
     """
     out_dir, key_path = Path(out_dir), Path(key_path)
     _check_inputs(items, out_dir, key_path, study_id, findings, calibration, display_size)
-    rng = np.random.default_rng(seed)
+    if study_key is None:
+        study_key = secrets.token_bytes(STUDY_KEY_BYTES)
+    if not isinstance(study_key, bytes) or not study_key:
+        raise ReaderStudyError("study_key must be non-empty bytes (the answer key stores it as hex digits)")
+    rng = np.random.default_rng(int.from_bytes(study_key, "big"))
     order = rng.permutation(len(items)).tolist()
     shown_first = _calibration_picks(items, order, calibration)
     scored = [index for index in order if index not in shown_first]
@@ -74,7 +93,7 @@ def build_kit(items: list[StudyItem], out_dir: Path, key_path: Path, study_id: s
     }
     key = {
         "study_id": study_id,
-        "seed": seed,
+        "study_key": study_key.hex(),
         "findings": list(findings),
         "items": {item_id: _truth(items[index]) for item_id, index in zip(scored_ids, scored)},
         "calibration": {item_id: _truth(items[index]) for item_id, index in zip(calibration_ids, shown_first)},
@@ -84,16 +103,32 @@ def build_kit(items: list[StudyItem], out_dir: Path, key_path: Path, study_id: s
         for name in PAGE_FILES:
             (tmp / name).write_bytes(page.joinpath(name).read_bytes())
         (tmp / IMAGES).mkdir()
-        for item_id, index in zip(ids, shown_first + scored):
-            write_blinded_png(items[index].pixels, display_size, tmp / IMAGES / f"{item_id}.png")
+        pixels_of = {item_id: items[index].pixels for item_id, index in zip(ids, shown_first + scored)}
+        for item_id in sorted(pixels_of):  # name order: nothing on disk follows the sources' order
+            write_blinded_png(pixels_of[item_id], display_size, tmp / IMAGES / f"{item_id}.png")
         sizes = {path.stat().st_size for path in (tmp / IMAGES).iterdir()}
         if len(sizes) != 1:  # would let a reader tell files apart by size: never ship that
             raise RuntimeError(f"kit images differ in byte size ({sorted(sizes)}); the PNG writer changed")
         manifest["kit_id"] = key["kit_id"] = kit_fingerprint(tmp, ids)
         (tmp / MANIFEST_SCRIPT).write_text(manifest_script(manifest))
+        for path in [tmp, *tmp.rglob("*")]:
+            os.utime(path, (KIT_MTIME, KIT_MTIME))
+        if archive_path is not None:
+            write_kit_archive(tmp, Path(archive_path), Path(out_dir).name)
         write_json(key_path, key)  # inside the block: a failed key write leaves the previous kit in place
     return {"study_id": study_id, "kit_id": key["kit_id"], "items": len(scored_ids), "calibration": len(calibration_ids),
             "display_size": display_size, "image_bytes": sizes.pop(), "kit": str(out_dir), "key": str(key_path)}
+
+
+def write_kit_archive(kit_dir: Path, archive_path: Path, folder: str) -> None:
+    """The kit as a zip (under ``folder/``) that hides nothing but reveals nothing either: every entry
+    stored uncompressed, with one date and the same permissions, in name order."""
+    with atomic_path(archive_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for path in sorted(Path(kit_dir).rglob("*")):
+            if path.is_file():
+                entry = zipfile.ZipInfo(f"{folder}/{path.relative_to(kit_dir).as_posix()}", date_time=_ZIP_DATE)
+                entry.external_attr = 0o644 << 16
+                archive.writestr(entry, path.read_bytes(), compress_type=zipfile.ZIP_STORED)
 
 
 def kit_fingerprint(kit_dir: Path, ids: list[str]) -> str:

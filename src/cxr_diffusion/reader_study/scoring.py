@@ -47,8 +47,10 @@ def score_responses(responses_dir: Path, key_path: Path, kit_dir: Path | None = 
     metrics: dict = {"study_id": key.study_id, "items": len(key.items), "readers": len(responses),
                      "files": len(responses) + len(rejects), "rejects": rejects}
     if not responses:
-        kit = f"{kit_dir}/index.html" if kit_dir is not None else "index.html in the reader-study kit"
-        metrics["how_to"] = (f"No reader responses yet. Give each reader the kit folder; they open {kit} in "
+        kit = (f"the kit's zip, {kit_dir}.zip (never a zip of your own: compressed sizes tell images apart); they "
+               f"unzip it and open {Path(kit_dir).name}/index.html") if kit_dir is not None else \
+            "the reader-study kit's zip; they unzip it and open index.html"
+        metrics["how_to"] = (f"No reader responses yet. Give each reader {kit} in "
                              f"Chromium or Firefox (no server needed), answer the {len(key.items)} items and press "
                              f"Export answers. Put the downloaded {key.study_id}__<reader>.json files into "
                              f"{responses_dir}, then run `dvc repro`: only this stage and compare rerun.")
