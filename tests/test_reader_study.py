@@ -375,8 +375,8 @@ def test_every_file_in_the_folder_is_read_or_listed(study):
     (responses / "device.json").symlink_to("/proc/self/mem")  # reading it fails with an OSError
     metrics = score_responses(responses, key)
     assert metrics["readers"] == 1 and "upper" in metrics["per_reader"]
-    assert {r["file"]: r["reason"].split(":")[0] for r in metrics["rejects"]} == {"notes.txt": "not_json",
-                                                                                  "device.json": "not_json"}
+    assert {r["file"]: r["reason"].split(":")[0] for r in metrics["rejects"]} == {
+        "notes.txt": "not_json", "device.json": "not_a_response", ".DS_Store": "not_a_response"}  # a link; hidden
 
 
 def test_a_partial_reader_is_scored_on_what_they_answered(study):
@@ -393,7 +393,7 @@ def test_a_partial_reader_is_scored_on_what_they_answered(study):
      "unknown_item"),
     ({"answers": "all of them"}, "bad_format"),
     ({"answers": {}}, "bad_format"),  # exported before answering anything
-    ({"reader_id": "\u200b"}, "bad_format"),  # no visible character
+    ({"reader_id": "\u200b"}, "bad_reader_id"),  # no visible character
     ({"extra": 1}, "bad_format"),
 ])
 def test_files_that_do_not_fit_the_study_are_rejected_with_a_reason(study, change, code):
@@ -468,7 +468,7 @@ def test_metrics_are_plain_json_and_render_as_a_report_section(study, tmp_path):
     text = "\n".join(report_lines(json.loads((tmp_path / "metrics.json").read_text())))
     assert text.startswith("## Expert reader study")
     assert "| a | 40 | 1.00 [0.91, 1.00] |" in text and "| b\\|c | 40 |" in text
-    assert "Cohen's kappa" in text and "- `x.json`: not_json: " in text
+    assert "Cohen's kappa" in text and "- x.json: `not_json`: " in text
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| real images") or
             any(line.startswith(f"| {branch} |") for branch in BRANCHES)]
     assert rows == ["| real images", "| clip_text", "| clip_vision"]  # real first, whatever the JSON order

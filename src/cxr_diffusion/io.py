@@ -115,7 +115,8 @@ def read_json(path: str | os.PathLike, fix: str, kind: type = dict) -> Any:
     """Read a JSON file the pipeline or a user wrote; anything malformed is one line naming the file and ``fix``.
 
     Covers what ``json.loads`` raises on hostile input: bad syntax, non-UTF-8 bytes, nesting deep enough
-    for a ``RecursionError``, and integers past Python's digit limit (a ``ValueError``). ``kind`` is the
+    for a ``RecursionError``, integers past Python's digit limit (a ``ValueError``) and strings that are not
+    Unicode text (a lone surrogate escaped as ``\\ud800``). ``kind`` is the
     type the top level must have (an object by default).
     """
     path = Path(path)
@@ -124,6 +125,11 @@ def read_json(path: str | os.PathLike, fix: str, kind: type = dict) -> Any:
     except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).splitlines()[0][:200]
         raise JsonFileError(f"{path}: not valid JSON ({reason}); {fix}") from None
+    try:  # JSON may write a lone surrogate ("\ud800"), which is not text: refused here, never passed on
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise JsonFileError(f"{path}: holds a string that is not valid Unicode text (lone surrogate "
+                            f"U+{ord(error.object[error.start]):04X}); {fix}") from None
     if not isinstance(payload, kind):
         raise JsonFileError(f"{path}: expected a JSON {kind.__name__}, found {type(payload).__name__}; {fix}")
     return payload

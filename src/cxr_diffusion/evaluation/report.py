@@ -9,6 +9,7 @@ from cxr_diffusion.config import Params
 from cxr_diffusion.io import atomic_path, read_json, write_json
 from cxr_diffusion.reader_study.labels import REAL
 from cxr_diffusion.reader_study.report import report_lines
+from cxr_diffusion.safe_text import markdown_text
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _pretrained_notes(evaluations: dict[str, dict]) -> list[str]:
         if first is None:
             continue
         if "reason" in first:
-            notes.append(f"- {label}: not computed: {first['reason']}")
+            notes.append(f"- {label}: not computed: {markdown_text(first['reason'], 400)}")
         else:
             notes.append(f"- {label}: {first['features']}; real = {first['real']} (n = {first['n_real']}), "
                          f"generated n = {first['n_generated']}; {first['resolution']}; weights sha256 "
@@ -137,10 +138,10 @@ def _pretrained_notes(evaluations: dict[str, dict]) -> list[str]:
     judges = [e.get("xrv_densenet") for e in evaluations.values()]
     judge = next((j for j in judges if j), None)
     if judge and judge.get("fd") is None:
-        notes.append(f"- DenseNet (torchxrayvision): not computed: {judge['reason']}")
+        notes.append(f"- DenseNet (torchxrayvision): not computed: {markdown_text(judge['reason'], 400)}")
     elif judge:
         notes.append(f"- DenseNet (torchxrayvision): 1024-d features, 224x224 inputs; classes it does not cover: "
-                     f"{', '.join(judge['classes_not_covered']) or 'none'}; weights sha256 {judge['weights_sha256'][:12]}")
+                     f"{', '.join(map(markdown_text, judge['classes_not_covered'])) or 'none'}; weights sha256 {judge['weights_sha256'][:12]}")
     return notes + ([""] if notes else [])
 
 
@@ -187,8 +188,8 @@ def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -
     lines.append("")
     for branch, utility in done.items():
         classes = utility["classes"]
-        lines += [f"### Utility per class: {branch}", "", f"Synthetic set: {utility['conditions']}.", "",
-                  "| arm | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        lines += [f"### Utility per class: {branch}", "", f"Synthetic set: {markdown_text(utility['conditions'], 400)}.", "",
+                  "| arm | " + " | ".join(map(markdown_text, classes)) + " |", "|---|" + "---|" * len(classes)]
         for arm, entry in summary[branch]["utility"].items():
             cells = [_interval(entry["per_class"][c]["auroc"], entry["per_class"][c]["ci_low"],
                                entry["per_class"][c]["ci_high"], 2) for c in classes]
@@ -229,7 +230,7 @@ def write_report(params: Params, summary: dict, evaluations: dict[str, dict], ev
     lines = [
         "# cxr-diffusion comparison report", "",
         f"Dataset: {params.dataset.source}{' (phantom, not patient data)' if params.dataset.source == 'phantom' else ''}; "
-        f"image size {params.image_size}; classes {', '.join(params.filter.classes)}.",
+        f"image size {params.image_size}; classes {', '.join(map(markdown_text, params.filter.classes))}.",
         f"Sampler: {params.sample.sampler}, {params.sample.steps} steps, guidance {params.sample.guidance_scale}, "
         f"{params.sample.count} test conditions per branch, seed {params.seed}.",
         f"Evaluator (CXR classifier trained on the real train split): test macro AUROC "

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from cxr_diffusion.reader_study.labels import REAL
+from cxr_diffusion.safe_text import markdown_text
+
+POOLED_ROW = "**All readers, pooled**"  # bold: no reader id can look like it (their text is escaped)
 
 
 def report_lines(metrics: dict, level: int = 2) -> list[str]:
@@ -28,20 +31,21 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
                   f"at chance for any mix), or build the kit with `reader_study.real_fraction: 0.5`.", ""]
     lines += ["| Reader | Answered | Accuracy [95% CI] | p (vs 50%) | Balanced accuracy | AUC (confidence-weighted) |",
               "|---|---:|---|---:|---:|---:|"]
-    for reader, summary in [*metrics["per_reader"].items(), ("(pooled)", pooled)]:
+    for reader, summary in [*((_cell(reader), summary) for reader, summary in metrics["per_reader"].items()),
+                            (POOLED_ROW, pooled)]:
         result = summary["call"]
-        lines.append(f"| {_cell(reader)} | {summary['answered']} | {_interval(result['accuracy'], result['ci95'])} "
+        lines.append(f"| {reader} | {summary['answered']} | {_interval(result['accuracy'], result['ci95'])} "
                      f"| {_p(result['p_value'])} | {_number(summary['balanced_accuracy'])} | {_number(summary['auc'])} |")
     lines += ["", "| Source | Answers | Called real | Realism 1-5, mean [95% t-interval] |", "|---|---:|---:|---|"]
     sources = sorted(pooled["called_real"], key=lambda source: (source != REAL, source))  # JSON keeps them sorted
     for source in sources:
         called, realism = pooled["called_real"][source], pooled["realism"][source]
-        name = "real images" if source == REAL else source
+        name = "real images" if source == REAL else _cell(source)
         lines.append(f"| {name} | {called['n']} | {_number(called['fraction'])} | "
                      f"{_interval(realism['mean'], realism['ci95'])} |")
     lines += ["", "Findings the readers ticked, F1 against the true labels (real images) or the requested ones "
               "(generated), pooled:", "",
-              "| Finding | " + " | ".join("real" if source == REAL else source for source in sources) + " |",
+              "| Finding | " + " | ".join("real" if source == REAL else _cell(source) for source in sources) + " |",
               "|---|" + "---:|" * len(sources)]
     for finding, per_source in pooled["findings"].items():
         lines.append(f"| {_cell(finding)} | " + " | ".join(_number(per_source[source]["f1"]) for source in sources)
@@ -61,7 +65,14 @@ def _rejects(rejects: list[dict]) -> list[str]:
     if not rejects:
         return []
     return [f"Rejected response files ({len(rejects)}):", ""] + \
-        [f"- `{_cell(reject['file'])}`: {_cell(reject['reason'])}" for reject in rejects] + [""]
+        [_reject_line(reject["file"], reject["reason"]) for reject in rejects] + [""]
+
+
+def _reject_line(file: str, reason: str) -> str:
+    """``- <file>: `<code>`: <detail>``; the code is one of ours (a word), the file and detail are escaped."""
+    code, _, detail = str(reason).partition(": ")
+    code = f"`{code}`" if code.replace("_", "").isalpha() and code.isascii() else _cell(code)
+    return f"- {_cell(file)}: {code}: {_cell(detail, 300)}"
 
 
 def _interval(value: float | None, interval: list | None) -> str:
@@ -78,6 +89,6 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def _cell(text: str) -> str:
-    """Text from a reader's file, safe inside a markdown table cell or code span."""
-    return " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")[:120]
+def _cell(text: object, limit: int = 120) -> str:
+    """Text from a reader's file (or its name): inert Markdown, safe in a table cell."""
+    return markdown_text(text, limit)

@@ -7,13 +7,19 @@ A response file (what the page exports, ``<study_id>__<reader_id>.json``)::
                            "findings": [finding, ...] (distinct, from the study's list) | ["none"],
                            "note": str (optional, at most 2000 characters)}}}
 
-``kit_id`` must be the key's: a kit rebuilt from other samples (same study id, same seeded item ids, other
-images) cannot score answers given on the earlier build. Items left out are unanswered (a partial reader is allowed; a file with no answer at all is rejected). A file that does not fit is rejected as a
-whole, never dropped silently nor half-read: it is listed with a reason ``<code>: <detail>``, the code
-one of ``REJECT_CODES``: also a key given twice in one object (JSON readers keep the last silently), and
-any other file in the folder but a README. Two files of the same reader (ids compared after Unicode NFKC
-normalisation and case folding, so "Alice" and "alice " are one reader) are both rejected (which one is the
-reader's last word is for a person to decide: keep one and rerun).
+``kit_id`` must be the key's: a kit rebuilt from other samples cannot score answers given on the earlier
+build. Items left out are unanswered (a partial reader is allowed; a file with no answer at all is
+rejected). A file that does not fit is rejected as a whole, never dropped silently nor half-read: it is
+listed with a reason ``<code>: <detail>``, the code one of ``REJECT_CODES``: also a key given twice in one
+object (JSON readers keep the last silently), a symbolic link (it may point anywhere), a hidden file, and
+any other file in the folder but its own README (``FOLDER_FILES``).
+
+A reader id is text a person can read and tell apart: no invisible or control characters, no blank
+letters, one script (Latin, Cyrillic, Greek, ...; Japanese kana with kanji count as one). Two files of the
+same reader are both rejected (which one is the reader's last word is for a person to decide: keep one
+and rerun); ids are compared as ``same_reader`` folds them: Unicode NFKC, case folding, inner whitespace
+as one space, and look-alike Cyrillic and Greek letters as their Latin twins, so "Alice", "alice " and
+"Аlice" (a Cyrillic A) are one reader.
 """
 
 from __future__ import annotations
@@ -22,18 +28,29 @@ import json
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from cxr_diffusion.io import JsonFileError, read_json
 from cxr_diffusion.reader_study.errors import ReaderStudyError
 from cxr_diffusion.reader_study.labels import NONE
+from cxr_diffusion.safe_text import is_hidden, visible_text
 
 CALLS = ("real", "synthetic")
 MAX_NOTE = 2000
 MAX_READER_ID = 64
 MAX_FILE_BYTES = 16 * 2**20  # an export of thousands of items with long notes is far below
 REJECT_CODES = ("not_json", "bad_format", "other_study", "other_kit", "unknown_item", "out_of_range",
-                "duplicate_reader")
+                "duplicate_reader", "bad_reader_id", "not_a_response")
+FOLDER_FILES = frozenset({"readme", "readme.md", "readme.txt", ".gitkeep"})  # the folder's own, never scored
+# Cyrillic and Greek letters drawn like a Latin one (after case folding): one reader whatever the keyboard.
+LOOK_ALIKES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "ё": "e", "һ": "h", "і": "i", "ї": "i", "ј": "j", "к": "k", "м": "m", "н": "h",
+    "о": "o", "р": "p", "с": "c", "ѕ": "s", "т": "t", "у": "y", "х": "x", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ӏ": "l",
+    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "μ": "u", "ν": "v", "ο": "o", "ρ": "p", "τ": "t",
+    "υ": "u", "χ": "x", "ω": "w",
+})
+_ONE_SCRIPT = {"HIRAGANA": "JAPANESE", "KATAKANA": "JAPANESE", "CJK": "JAPANESE"}
 _KEY_FIX = "rebuild the reader-study kit: its answer key is written with it"
 
 
@@ -104,12 +121,18 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
     """Every file in ``responses_dir`` but hidden ones and READMEs (sorted by name; a missing folder holds
     none): the accepted responses, and the rejected files as ``{"file": name, "reason": "<code>: <detail>"}``."""
     responses_dir = Path(responses_dir)
-    paths = sorted(path for path in responses_dir.iterdir() if not path.name.startswith(".")
-                   and not path.name.lower().startswith("readme")) if responses_dir.is_dir() else []
+    paths = sorted(path for path in responses_dir.iterdir() if path.name.lower() not in FOLDER_FILES) \
+        if responses_dir.is_dir() else []
     accepted: list[ReaderResponse] = []
     rejects: list[dict] = []
     for path in paths:
         try:
+            if path.name.startswith("."):
+                raise Rejected("not_a_response", "a hidden file; if it holds answers, name it "
+                                                 "<study_id>__<reader>.json")
+            if path.is_symlink():
+                raise Rejected("not_a_response", "a symbolic link (it may point outside the folder); copy the "
+                                                 "file itself in")
             if path.suffix.lower() != ".json":
                 raise Rejected("not_json", "not a .json file (the study page exports <study_id>__<reader>.json)")
             accepted.append(read_response(path, key))
@@ -127,21 +150,43 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
             kept.append(response)
             continue
         others = ", ".join(twin.file for twin in twins if twin is not response)
-        rejects.append({"file": response.file, "reason": f"duplicate_reader: reader {response.reader_id!r} also "
-                                                         f"sent {others}; keep one file per reader and rerun"})
+        rejects.append({"file": response.file, "reason": f"duplicate_reader: reader {_shown(response.reader_id)} "
+                                                         f"also sent {others}; keep one file per reader and rerun"})
     return kept, sorted(rejects, key=lambda reject: reject["file"])
 
 
 def same_reader(reader_id: str) -> str:
-    """The form two reader ids are compared in: NFKC-normalised, case-folded, outer whitespace dropped."""
-    return unicodedata.normalize("NFKC", reader_id).casefold().strip()
+    """The form two reader ids are compared in (see the module docstring)."""
+    folded = unicodedata.normalize("NFKC", reader_id).casefold()
+    return " ".join(folded.translate(LOOK_ALIKES).split())
+
+
+def reader_id_problem(reader_id: object) -> str | None:
+    """Why ``reader_id`` cannot name a reader, or None."""
+    if not isinstance(reader_id, str) or not 1 <= len(reader_id) <= MAX_READER_ID:
+        return f"is not 1-{MAX_READER_ID} characters of text"
+    hidden = sorted({char for char in reader_id if is_hidden(char)})
+    if hidden:
+        return f"holds invisible or control characters ({', '.join(f'U+{ord(char):04X}' for char in hidden)})"
+    if not reader_id.strip():
+        return "is blank"
+    scripts = {_script(char) for char in unicodedata.normalize("NFKC", reader_id) if char.isalpha()}
+    if len(scripts) > 1:
+        return f"mixes scripts ({', '.join(sorted(scripts))}), so it can pass for another reader's id"
+    return None
+
+
+def _script(letter: str) -> str:
+    first = unicodedata.name(letter, "UNKNOWN").split()[0]
+    return _ONE_SCRIPT.get(first, first)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [name for name, _ in pairs]
-    twice = sorted({name for name in keys if keys.count(name) > 1})
-    if twice:
-        raise Rejected("bad_format", f"key {_shown(twice[0])} given twice in one object; export the answers again")
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise Rejected("bad_format", f"key {_shown(name)} given twice in one object; export the answers again")
+        seen.add(name)
     return dict(pairs)
 
 
@@ -164,12 +209,12 @@ def read_response(path: Path, key: StudyKey) -> ReaderResponse:
                                     f"{key.kit_id!r}: the kit was rebuilt (other images behind the same item ids); "
                                     f"score it against the key of its own build, or give the reader the new kit")
     reader = payload["reader_id"]
-    if not isinstance(reader, str) or len(reader) > MAX_READER_ID or \
-            not any(char.isprintable() and not char.isspace() for char in reader):
-        raise Rejected("bad_format", f"reader_id {_shown(reader)} is not 1-{MAX_READER_ID} characters of text "
-                                     f"with at least one visible character")
-    if not isinstance(payload["exported_at"], str):
-        raise Rejected("bad_format", f"exported_at {_shown(payload['exported_at'])} is not a date text")
+    problem = reader_id_problem(reader)
+    if problem:
+        raise Rejected("bad_reader_id", f"reader_id {_shown(reader)} {problem}; export again under a plain name")
+    if not _is_iso_time(payload["exported_at"]):
+        raise Rejected("bad_format", f"exported_at {_shown(payload['exported_at'])} is not an ISO 8601 date and "
+                                     f"time (the page writes e.g. 2026-05-01T10:00:00.000Z)")
     if not isinstance(payload["answers"], dict):
         raise Rejected("bad_format", "answers is not an object of item id -> answer")
     answers = {}
@@ -180,7 +225,17 @@ def read_response(path: Path, key: StudyKey) -> ReaderResponse:
         answers[item_id] = _answer(item_id, answer, key.findings)
     if not answers:
         raise Rejected("bad_format", "no answers (exported before any item was answered); export again at the end")
-    return ReaderResponse(file=path.name, reader_id=reader.strip(), answers=answers)
+    return ReaderResponse(file=path.name, reader_id=" ".join(reader.split()), answers=answers)
+
+
+def _is_iso_time(value: object) -> bool:
+    if not isinstance(value, str) or not 10 <= len(value) <= 40:
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _answer(item_id: str, answer: object, findings: tuple[str, ...]) -> Answer:
@@ -218,5 +273,5 @@ def _exact_keys(payload: dict, required: set[str], optional: set[str], where: st
 
 
 def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A value from the file, quoted for a reason: one line, every hidden character escaped."""
+    return visible_text(repr(value) if not isinstance(value, str) else f"'{value}'", 60)

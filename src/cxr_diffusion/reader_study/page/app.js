@@ -26,6 +26,7 @@
     .concat(items.map(function (entry) { return { entry: entry, calibration: false }; }));
 
   var readerId = null;
+  var HIDDEN_CHARACTERS = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0]/gu;
   var state = { position: 0, answers: {} };
   var storageWorks = true;
 
@@ -348,7 +349,8 @@
     buildForm();
     $("reader-form").addEventListener("submit", function (event) {
       event.preventDefault();
-      var reader = $("reader-id").value.trim();
+      // Invisible and control characters would make one reader two (scoring refuses them): typed ids lose them.
+      var reader = $("reader-id").value.replace(HIDDEN_CHARACTERS, "").replace(/\s+/g, " ").trim();
       if (reader) begin(reader);
     });
     $("switch-reader").addEventListener("click", function () {

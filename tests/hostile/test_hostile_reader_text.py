@@ -1,0 +1,176 @@
+"""Reader text as an attacker writes it: ids, file names and quoted values that try to become markup in
+the report, hide part of it, drive a terminal, pass for another reader, or stall scoring.
+
+The report is rendered with a CommonMark parser that lets raw HTML through (as GitHub's and most
+viewers' do before sanitising), so a payload that survived escaping would show up as a tag, comment,
+link or image in the HTML.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from markdown_it import MarkdownIt
+
+from cxr_diffusion.evaluation.report import write_report
+from cxr_diffusion.io import JsonFileError, read_json
+from cxr_diffusion.reader_study.items import StudyItem
+from cxr_diffusion.reader_study.kit import build_kit
+from cxr_diffusion.reader_study.report import POOLED_ROW, report_lines
+from cxr_diffusion.reader_study.responses import same_reader
+from cxr_diffusion.reader_study.scoring import score_responses
+from cxr_diffusion.safe_text import markdown_text, visible_text
+from scripted_readers import response_file, truthful
+
+FINDINGS = ["Effusion"]
+# Markup, hidden text, terminal control, look-alikes: each must come out as inert, visible text.
+PAYLOADS = [
+    "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "![beacon](https://tracker.example/p.png)",
+    "[click](javascript:alert(1))", "<javascript:alert(1)>", "<!-- the rest of the report is hidden",
+    "`code` **bold** _em_ ~~gone~~", "a | b | c", "# heading", "- item", "\x1b[31mred\x1b[0m\x1b]0;title\x07",
+    "nul\x00byte", "left\u202eright", "zero\u200bwidth", "soft\u00adhyphen", "join\u2060ed", "\u3164", "line\nbreak",
+    "para\u2029graph", "&lt;already&gt;", "\\<escaped\\>", "<style>body{display:none}</style>", "<a href='x'>y</a>",
+    "<https://example.org>", "\ue000private", "<iframe src=//evil>", "javascript:alert(1)", "'\"quotes\"'",
+]
+
+
+def rendered(markdown: str) -> str:
+    return MarkdownIt("commonmark").enable("table").render(markdown)
+
+
+def inert(html: str) -> bool:
+    """No element a payload could have made that acts: script, image, link, frame, style, comment."""
+    for tag in ("<script", "<img", "<a ", "<a>", "<iframe", "<style", "<!--"):
+        if tag in html:
+            return False
+    return "\x1b" not in html and "\x00" not in html and "\u202e" not in html
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_every_payload_comes_out_as_inert_visible_text(payload):
+    cell = markdown_text(payload)
+    html = rendered(f"| reader |\n|---|\n| {cell} |\n\nIn a line: {cell}\n")
+    assert inert(html), (payload, html)
+    assert not any(tag in html for tag in ("<code", "<strong", "<em", "<del", "<li", "<h1")), (payload, html)
+    assert html.count("<td>") == 1 and "\n" not in cell  # one cell, one line: nothing split the table
+    assert all(char.isprintable() for char in visible_text(payload))
+
+
+def test_hidden_characters_stay_readable_as_escapes():
+    assert visible_text("left\u202eright") == "left\\u202eright"
+    assert visible_text("\x1b[31m") == "\\u001b[31m"
+    assert visible_text("two  spaces\tand\na line") == "two spaces and a line"
+    assert len(visible_text("x" * 500, 60)) == 60
+
+
+# ---- through the pipeline: reader files -> scoring -> report.md ------------------------------------
+@pytest.fixture
+def key_path(tmp_path) -> Path:
+    items = [StudyItem(np.full((8, 8), index * 10, np.uint8), "real" if index % 2 else "clip_text", ("Effusion",),
+                       f"{index:08d}_000.png") for index in range(12)]
+    key = tmp_path / "key.json"
+    build_kit(items, tmp_path / "kit", key, "pilot-1", FINDINGS, 0, 32, study_key=b"k")
+    return key
+
+
+def report_of(metrics: dict) -> str:
+    return "\n".join(report_lines(metrics))
+
+
+@pytest.mark.parametrize("payload", ["<script>alert(1)</script>", "![b](https://t.example/p.png)",
+                                     "[x](javascript:alert(1))", "<!-- hide", "**(pooled)**", "a|b"])
+def test_reader_ids_reach_the_report_as_text(tmp_path, key_path, payload):
+    response_file(tmp_path / "responses", key_path, payload, truthful, name="pilot-1__r.json")
+    metrics = score_responses(tmp_path / "responses", key_path)
+    assert metrics["readers"] == 1, metrics["rejects"]
+    html = rendered(report_of(metrics))
+    assert inert(html), html
+    assert report_of(metrics).count(POOLED_ROW) == 1
+    assert html.count("<strong>") == 2  # the pooled row's label and the headline accuracy: no fake pooled row
+
+
+@pytest.mark.parametrize("reader", ["nul\x00", "esc\x1b[2J", "rtl\u202eevil", "zero\u200bwidth", "\u3164",
+                                    "soft\u00adhyphen", "word\u2060joiner", "\ud800lone", "Аlice", "   "])
+def test_reader_ids_with_hidden_characters_or_mixed_scripts_are_rejected(tmp_path, key_path, reader):
+    path = tmp_path / "responses" / "pilot-1__r.json"
+    path.parent.mkdir()
+    payload = json.loads(response_file(tmp_path / "other", key_path, "x", truthful).read_text())
+    path.write_text(json.dumps({**payload, "reader_id": reader}))  # ensure_ascii: a lone surrogate as \ud800
+    metrics = score_responses(tmp_path / "responses", key_path)
+    assert metrics["readers"] == 0
+    reason = metrics["rejects"][0]["reason"]
+    assert reason.split(":")[0] in {"bad_reader_id", "not_json"}, reason
+    assert all(char.isprintable() for char in reason)
+    assert inert(rendered(report_of(metrics)))
+
+
+@pytest.mark.parametrize(("one", "other"), [("Alice", "alice "), ("dr  smith", "Dr Smith"),
+                                            ("Alice", "\u0410l\u0456\u0441\u0435"), ("\uff42\uff4f\uff42", "bob")])
+def test_ids_that_only_look_different_are_one_reader(one, other):
+    assert same_reader(one) == same_reader(other)
+
+
+def test_look_alike_ids_count_as_one_reader_and_both_files_are_rejected(tmp_path, key_path):
+    responses = tmp_path / "responses"
+    response_file(responses, key_path, "alice", truthful, name="pilot-1__a.json")
+    response_file(responses, key_path, "\u0430\u04cf\u0456\u0441\u0435", truthful, name="pilot-1__b.json")  # Cyrillic
+    metrics = score_responses(responses, key_path)
+    assert metrics["readers"] == 0
+    assert [reject["reason"].split(":")[0] for reject in metrics["rejects"]] == ["duplicate_reader"] * 2
+
+
+def test_a_study_id_starting_with_readme_is_scored_and_hidden_files_and_links_are_listed(tmp_path, key_path):
+    responses = tmp_path / "responses"
+    kept = response_file(responses, key_path, "r1", truthful, name="readme-pilot__r1.json")
+    hidden = response_file(responses, key_path, "r2", truthful, name=".pilot-1__r2.json")
+    outside = response_file(tmp_path / "elsewhere", key_path, "r3", truthful)
+    os.symlink(outside, responses / "pilot-1__r3.json")
+    (responses / "README.md").write_text("the folder's own note")
+    metrics = score_responses(responses, key_path)
+    assert list(metrics["per_reader"]) == ["r1"] and kept.exists()
+    assert {reject["file"]: reject["reason"].split(":")[0] for reject in metrics["rejects"]} == {
+        hidden.name: "not_a_response", "pilot-1__r3.json": "not_a_response"}
+    assert metrics["files"] == 3
+
+
+def test_exported_at_must_be_an_iso_time(tmp_path, key_path):
+    for value in ["yesterday", 5, "", "2026-13-01T00:00:00Z"]:
+        responses = tmp_path / f"r{value!s:.4}"
+        response_file(responses, key_path, "r1", truthful, exported_at=value)
+        reason = score_responses(responses, key_path)["rejects"][0]["reason"]
+        assert reason.startswith("bad_format: exported_at"), reason
+
+
+def test_a_large_file_of_many_keys_is_checked_in_linear_time(tmp_path, key_path):
+    """The duplicate-key check was quadratic: a 0.4 MB file took 98 s, a 15 MB one stalled dvc repro."""
+    responses = tmp_path / "responses"
+    path = response_file(responses, key_path, "r1", truthful)
+    payload = json.loads(path.read_text())
+    payload["answers"].update({f"item-x{index:07d}": {} for index in range(400_000)})  # ~10 MB of keys
+    path.write_text(json.dumps(payload))
+    reason = score_responses(responses, key_path)["rejects"][0]["reason"]  # quadratic: hours; linear: a second
+    assert reason.startswith("unknown_item"), reason
+
+
+def test_a_lone_surrogate_anywhere_in_a_json_file_is_refused_when_read(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"note": "\\udc80"}')
+    with pytest.raises(JsonFileError, match="not valid Unicode"):
+        read_json(path, "write it again")
+
+
+def test_the_comparison_report_escapes_input_strings(tmp_path):
+    """The main report quotes reasons and class names from inputs: the same escaping applies."""
+    from cxr_diffusion.config import params_with
+
+    params = params_with({})
+    summary = {}
+    evaluations = {"clip_text": {"closeness": {"inception_fid_details": {"reason": "<img src=x onerror=alert(1)>"}},
+                                 "xrv_densenet": {"fd": None, "reason": "![b](https://t.example/p.png)"}}}
+    out = write_report(params, summary, evaluations, {}, tmp_path / "report.md")
+    html = rendered(out.read_text())
+    assert "onerror" in html and inert(html), html
