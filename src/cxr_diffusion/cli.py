@@ -297,7 +297,7 @@ def inspect(path: Path = typer.Argument(..., help="A prepared-data or samples di
                             {"sample_size": int, "in_channels": int, "block_out_channels": list}, fix)
         adapter = _json_fields(path / "condition_adapter" / "config.json", {"tokens": int, "dim": int}, fix)
         components = [name for name, value in index.items() if isinstance(value, list) and value and value[0]]
-        typer.echo(f"{path}: {index.get('branch')} model, UNet {unet['sample_size']}px x {unet['in_channels']} ch, "
+        _echo_visible(f"{path}: {index.get('branch')} model, UNet {unet['sample_size']}px x {unet['in_channels']} ch, "
                    f"blocks {unet['block_out_channels']}; condition ({adapter['tokens']}, {adapter['dim']}); "
                    f"components: {', '.join(components)}")
         return
@@ -307,11 +307,18 @@ def inspect(path: Path = typer.Argument(..., help="A prepared-data or samples di
     manifest = _json_fields(manifest_path, {"written": int, "image_size": int, "classes": list, "per_split": dict,
                                             "rejected": int, "rejected_by_reason": dict, "shards": list},
                             "rerun the stage that wrote it (`dvc repro`)")
-    typer.echo(f"{path}: {manifest['written']} images ({manifest['image_size']}px, classes {manifest['classes']})")
+    _echo_visible(f"{path}: {manifest['written']} images ({manifest['image_size']}px, classes {manifest['classes']})")
     for split, count in manifest["per_split"].items():
-        typer.echo(f"  {split:5s} {count}")
-    typer.echo(f"  rejected {manifest['rejected']}: {manifest['rejected_by_reason']}")
+        _echo_visible(f"  {split!s:5s} {count}")
+    _echo_visible(f"  rejected {manifest['rejected']}: {manifest['rejected_by_reason']}")
     typer.echo(f"  {len(manifest['shards'])} shards")
+
+
+def _echo_visible(line: str) -> None:
+    """A line quoting a file's strings: control and invisible characters escaped (no terminal sequences)."""
+    from cxr_diffusion.safe_text import visible_text
+
+    typer.echo(visible_text(line, limit=4000))
 
 
 _JSON_KINDS = {int: "integer", list: "array", dict: "object"}

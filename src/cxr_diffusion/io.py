@@ -120,6 +120,8 @@ def read_json(path: str | os.PathLike, fix: str, kind: type = dict) -> Any:
     type the top level must have (an object by default).
     """
     path = Path(path)
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever; a missing file raises
+        raise JsonFileError(f"{path}: not a regular file (a folder, FIFO or device); {fix}")
     try:
         payload = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError

@@ -6,6 +6,7 @@ A tiny elixr model is saved once per module by the train stage's own saver; each
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import stat
@@ -274,6 +275,23 @@ def test_inspect_refuses_a_broken_model_config_naming_it(model, file, content, f
         (model / file).write_text(content)
     line = refusal(runner.invoke(app, ["inspect", str(model)]))
     assert f"{model / file}: {fragment}" in line
+
+
+def test_inspect_refuses_a_fifo_config_instead_of_blocking(model):
+    (model / "unet" / "config.json").unlink()
+    os.mkfifo(model / "unet" / "config.json")  # reading it would wait forever for a writer
+    line = refusal(runner.invoke(app, ["inspect", str(model)]))
+    assert f"{model / 'unet' / 'config.json'}: not a regular file" in line
+
+
+def test_inspect_shows_strings_from_the_folder_without_terminal_sequences(model):
+    index = json.loads((model / "model_index.json").read_text())
+    index["branch"] = "elixr\x1b]0;pwned\x07\x1b[2J\u202e"
+    (model / "model_index.json").write_text(json.dumps(index))
+    result = runner.invoke(app, ["inspect", str(model)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\u202e" not in result.output and "\x07" not in result.output
+    assert "elixr\\u001b]0;pwned\\u0007\\u001b[2J\\u202e model" in result.output
 
 
 # --- unsafe or broken model folders (hashes rewritten to match, as a hand-made folder would be) ----------------
