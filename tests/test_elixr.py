@@ -266,7 +266,7 @@ def test_counts_reconcile_and_metrics_file_matches_return(tmp_path, folder, monk
     parquet_file(folder / "b.parquet", ids(4, 5, 6), data[3:], nested=False)
     metrics = build(tmp_path, ids(6, 5, 1, 7, 8, 3), shape=SHAPE, source="elixr_standin")
     assert metrics["images_in"] == metrics["written"] + sum(metrics["dropped_by_reason"].values())
-    assert metrics["dropped_by_reason"] == {"missing_embedding": 2, "non_finite": 1}
+    assert metrics["dropped_by_reason"] == {"missing_embedding": 2, "non_finite": 1, "all_zero": 0}
     assert (metrics["written"], metrics["unused_embeddings"], metrics["files"]) == (3, 2, 2)
     assert metrics["source"] == "elixr_standin"
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics

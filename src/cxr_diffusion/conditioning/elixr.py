@@ -9,6 +9,7 @@ to copy the others into a store of exactly that many rows.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from cxr_diffusion.io import write_csv, write_json
 
 CHUNK_ROWS = 1024  # rows read at once: 1024 x 32 x 768 float32 is ~100 MB, well under the 2 GB budget
 CHUNK_BYTES = 128 << 20  # and at most this much float32 per block (ELIXR-C rows are 64 x 1376: 381 rows)
-REJECT_REASONS: tuple[str, ...] = ("missing_embedding", "non_finite")
+REJECT_REASONS: tuple[str, ...] = ("missing_embedding", "non_finite", "all_zero")
 MAX_IDS_IN_MESSAGE = 5  # an error lists this many example ids, then the count
 
 
@@ -56,17 +57,22 @@ def build_elixr_store(filtered_csv: Path, config: ElixrConfig, out_dir: Path, re
     what = {"layout": source.layout, "dataset": source.dataset, "feature": source.feature}
     meta = {"branch": "elixr", "source": source_label, **what, "files": [str(f.path) for f in files]}
     non_finite: list[str] = []
+    all_zero: list[str] = []
     if candidates:
-        non_finite = _non_finite(files, located, candidates, shape, config.dtype, strict=config.on_missing == "error")
-        unusable = set(non_finite)
-        _write_store(out_dir, files, located, [n for n in candidates if n not in unusable], shape, config.dtype, meta)
+        non_finite, all_zero = _unusable(files, located, candidates, shape, config.dtype,
+                                         strict=config.on_missing == "error")
+        unusable = {*non_finite, *all_zero}
+        kept = [n for n in candidates if n not in unusable]
+        _check_disk_space(out_dir, len(kept) * shape[0] * shape[1] * np.dtype(config.dtype).itemsize)
+        _write_store(out_dir, files, located, kept, shape, config.dtype, meta)
 
-    rejects = [(n, "missing_embedding") for n in missing] + [(n, "non_finite") for n in non_finite]
+    rejects = [(n, "missing_embedding") for n in missing] + [(n, "non_finite") for n in non_finite] + \
+        [(n, "all_zero") for n in all_zero]
     order = {n: i for i, n in enumerate(names)}
     rejects.sort(key=lambda item: order[item[0]])
     write_csv(rejects_csv, pd.DataFrame(rejects, columns=["Image Index", "reason"]))
     dropped = {reason: sum(1 for _, r in rejects if r == reason) for reason in REJECT_REASONS}
-    metrics = {"images_in": len(names), "written": len(candidates) - len(non_finite),
+    metrics = {"images_in": len(names), "written": len(candidates) - len(non_finite) - len(all_zero),
                "dropped_by_reason": dropped, "unused_embeddings": sum(1 for i in located if i not in wanted),
                "files": len(files), "shape": list(shape) if shape else None, "source": source_label, **what}
     if metrics_path is not None:
@@ -159,24 +165,44 @@ def _finite_rows(block: np.ndarray) -> np.ndarray:
     return np.isfinite(block.reshape(len(block), -1)).all(axis=1)
 
 
-def _non_finite(files: list[ElixrFile], located: dict[str, tuple[int, int]], candidates: list[str],
-                shape: tuple[int, int], dtype: str, strict: bool) -> list[str]:
-    """The candidates whose values are not finite in the store's dtype, in filtered-table order.
+def _unusable(files: list[ElixrFile], located: dict[str, tuple[int, int]], candidates: list[str],
+             shape: tuple[int, int], dtype: str, strict: bool) -> tuple[list[str], list[str]]:
+    """The candidates whose values are not finite in the store's dtype, and those whose values are all zero
+    (no image gives that: a placeholder row), each in filtered-table order. Every usable row being the same
+    is an error: such a store conditions nothing.
 
     Checked after the cast: a float32 value above 65504 is finite but becomes inf in float16. Finding
     them before the store is opened fixes its row count; with ``strict`` the first one is an error.
     """
     bad: list[int] = []
+    zero: list[int] = []
+    first_usable: np.ndarray | None = None
+    usable, all_same = 0, True
     for file, first, stored, local, positions in _cast_blocks(files, located, candidates, shape, dtype):
-        finite = _finite_rows(stored)[local]
+        rows = stored[local].reshape(len(local), -1)
         del stored
-        if strict and not finite.all():
-            row, name = first + local[~finite][0], candidates[positions[~finite][0]]
-            overflow = " (float16 holds up to 65504; elixr.dtype: float32 keeps more)" if dtype == "float16" else ""
-            raise DataError(f"{file.path}: row {row} ({name}) has NaN or infinite values in {dtype}{overflow}; "
+        finite = np.isfinite(rows).all(axis=1)
+        empty = finite & ~rows.any(axis=1)
+        if strict and not (finite & ~empty).all():
+            at = int(np.flatnonzero(~finite | empty)[0])
+            row, name = first + local[at], candidates[positions[at]]
+            if not finite[at]:
+                overflow = " (float16 holds up to 65504; elixr.dtype: float32 keeps more)" if dtype == "float16" else ""
+                raise DataError(f"{file.path}: row {row} ({name}) has NaN or infinite values in {dtype}{overflow}; "
+                                f"fix the file or set elixr.on_missing: drop")
+            raise DataError(f"{file.path}: row {row} ({name}) is all zeros, a placeholder rather than an embedding; "
                             f"fix the file or set elixr.on_missing: drop")
         bad.extend(positions[~finite].tolist())
-    return [candidates[position] for position in sorted(bad)]
+        zero.extend(positions[empty].tolist())
+        good = rows[finite & ~empty]
+        if len(good):
+            first_usable = good[0].copy() if first_usable is None else first_usable
+            all_same = all_same and bool((good == first_usable).all())
+            usable += len(good)
+    if usable > 1 and all_same:
+        raise DataError(f"{files[0].path}: all {usable} usable embeddings are identical, so they carry nothing about "
+                        f"their images; is this a placeholder or a broken export?")
+    return [candidates[p] for p in sorted(bad)], [candidates[p] for p in sorted(zero)]
 
 
 def _write_store(out_dir: Path, files: list[ElixrFile], located: dict[str, tuple[int, int]], kept: list[str],
@@ -190,6 +216,17 @@ def _write_store(out_dir: Path, files: list[ElixrFile], located: dict[str, tuple
             _write_runs(writer, stored, local, positions)
             del stored
         writer.finish(kept, np.arange(len(kept)), meta)
+
+
+def _check_disk_space(out_dir: Path, store_bytes: int) -> None:
+    """Refuse a store the disk cannot hold before writing any of it (a bound on the declared shapes)."""
+    folder = Path(out_dir).resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if store_bytes > free:
+        raise DataError(f"{out_dir}: the store needs {store_bytes / 2**30:.1f} GiB but {folder} has "
+                        f"{free / 2**30:.1f} GiB free; free space or write it elsewhere")
 
 
 def _write_runs(writer: ConditionStoreWriter, block: np.ndarray, local: np.ndarray, rows_out: np.ndarray) -> None:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.io import atomic_path, read_json, write_json
+from cxr_diffusion.safe_text import visible_text
 
 HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
@@ -44,6 +45,10 @@ HDF5_EMBEDDINGS, HDF5_IDS = "embeddings", "image_ids"
 ID_COLUMN = "Image Index"  # the id in the filtered table, in Parquet files and in snapshot shards
 PARQUET_EMBEDDING_COLUMNS: tuple[str, ...] = ("embedding", "img_emb")
 SNAPSHOT_INDEX = "datasets.json"
+# Bounds on what a file may declare, checked before anything is allocated: ELIXR-B rows are 32 x 768 and
+# ELIXR-C rows 64 x 1376; a million tokens per row would make a terabyte store at nih-512.
+MAX_TOKENS, MAX_DIM = 1024, 8192
+MAX_SIZE = MAX_TOKENS * MAX_DIM  # any one declared axis
 # A dataset or feature name with one of these words (split on '/' and '_') is a text-tower output.
 TEXT_WORDS: frozenset[str] = frozenset({"txt", "text"})
 
@@ -69,7 +74,8 @@ class FeatureSpec:
     """One feature of a snapshot dataset as ``datasets.json`` declares it (per row, no batch axis)."""
     name: str
     dtype: str | None
-    shape: tuple[int, ...] | None
+    shape: tuple[int, ...] | None  # None: not declared, or variable (``[-1]``)
+    shape_problem: str | None = None  # why the declared shape is unusable; an error only if this feature is read
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,11 @@ def select_feature(root: Path, offered: dict[str, dict[str, FeatureSpec]], info:
                         f"{standin}; the snapshot offers {describe_offer(offered)}")
     _refuse_text(f"{where}: elixr.dataset '{dataset}', elixr.feature '{feature}'", dataset, feature,
                  describe_offer(offered, images_only=True))
-    return offered[dataset][feature]
+    spec = offered[dataset][feature]
+    if spec.shape_problem:
+        raise DataError(f"{where}: feature '{feature}' of dataset '{dataset}' declares {spec.shape_problem}; "
+                        f"download datasets.json again")
+    return spec
 
 
 def describe_offer(offered: dict[str, dict[str, FeatureSpec]], images_only: bool = False) -> str:
@@ -235,14 +245,24 @@ def _parse_features(path: Path, dataset: str, features: object) -> dict[str, Fea
         value = {"dtype": value} if isinstance(value, str) else value
         if not isinstance(value, dict):
             raise DataError(f"{path}: feature '{name}' of dataset '{dataset}' is {value!r}; expected {{dtype, shape}}")
-        shape = value.get("shape")
-        if shape is not None and not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
-            raise DataError(f"{path}: feature '{name}' of dataset '{dataset}' has shape {shape!r}; expected a list "
-                            f"of positive integers")
+        shape, problem = _declared_shape(value.get("shape"))
         dtype = value.get("dtype")
-        specs[str(name)] = FeatureSpec(str(name), str(dtype) if dtype is not None else None,
-                                       tuple(shape) if shape is not None else None)
+        specs[str(name)] = FeatureSpec(str(name), str(dtype) if dtype is not None else None, shape, problem)
     return specs
+
+
+def _declared_shape(shape: object) -> tuple[tuple[int, ...] | None, str | None]:
+    """A declared per-row shape as the reference loader reads it: a list of sizes or a bare int; ``[-1]``,
+    ``[]`` or nothing for a variable-length or scalar column. Anything else is kept as a problem, raised only
+    when that feature is the one read."""
+    if shape is None or shape == [] or shape == [-1]:
+        return None, None
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = [shape]
+    if isinstance(shape, list) and all(isinstance(size, int) and not isinstance(size, bool) and 0 < size <= MAX_SIZE
+                                       for size in shape):
+        return tuple(shape), None
+    return None, f"shape {visible_text(repr(shape), 60)}, not a list of sizes 1 to {MAX_SIZE}"
 
 
 def write_snapshot_index(root: str | Path, datasets: dict[str, list[FeatureSpec]], info: dict) -> Path:
@@ -376,6 +396,8 @@ def _scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None
             raise DataError(f"{path}: expected datasets '{HDF5_EMBEDDINGS}' and '{HDF5_IDS}' (older layout), or "
                             f"'{ID_COLUMN}' and '{feature}' (elixr.feature), found {_hdf5_datasets(handle)}; "
                             f"is this an ELIXR embedding shard?")
+        _check_stored_in_file(path, handle, id_column, kinds="SOU", what="image ids (text)")
+        _check_stored_in_file(path, handle, column, kinds="f", what="floating-point embeddings")
         values, raw_ids = handle[column], handle[id_column][()]
         if raw_ids.ndim == 2 and raw_ids.shape[1] == 1:
             raw_ids = raw_ids[:, 0]
@@ -386,6 +408,31 @@ def _scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None
         shape = _checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
         image_ids = tuple(_normalized(path, number, value) for number, value in enumerate(raw_ids))
     return ElixrFile(path, image_ids, shape, column)
+
+
+def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, what: str) -> None:
+    """``name`` must be a dataset stored in this file, written, of a dtype kind in ``kinds``.
+
+    HDF5 can make a dataset read from elsewhere: an external link (another file), external raw storage
+    (any file, e.g. /etc/passwd read as floats) or a virtual dataset (a map over other files). A snapshot
+    shard holds its data itself, so each is refused; so is a dataset never written (HDF5 answers its fill
+    value for every row) and one of another dtype (ints, bools, complex or strings would be cast silently).
+    """
+    parts = name.strip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        link = handle.get("/".join(parts[:depth]), getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise DataError(f"{path}: '{name}' is {kind}; a shard must hold its data itself (download it again)")
+    dataset = handle[name]
+    if dataset.is_virtual or dataset.external:
+        source = "a virtual dataset over other files" if dataset.is_virtual else "stored in external files"
+        raise DataError(f"{path}: '{name}' is {source}; a shard must hold its data itself (download it again)")
+    if dataset.size and dataset.id.get_storage_size() == 0:
+        raise DataError(f"{path}: '{name}' was never written (HDF5 would give its fill value for every row); "
+                        f"the shard is incomplete: download it again")
+    if dataset.dtype.kind not in kinds or dataset.dtype.names is not None:
+        raise DataError(f"{path}: '{name}' holds {dataset.dtype}, expected {what}; is this an ELIXR shard?")
 
 
 def _declared_row(path: Path, column: str, row: tuple[int, ...], declared: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -507,6 +554,10 @@ def _checked_shape(path: Path, what: str, found: tuple[int, ...], expected: tupl
     if not found or min(found) <= 0:
         raise DataError(f"{path}: {what} holds rows of shape {tuple(found)}; expected (tokens, dim), flat, "
                         f"or (..., dim)")
+    if math.prod(found[:-1]) > MAX_TOKENS or found[-1] > (MAX_DIM if len(found) >= 2 else MAX_SIZE):
+        raise DataError(f"{path}: {what} holds rows of shape {tuple(found)}: more than {MAX_TOKENS} tokens or "
+                        f"{MAX_DIM} values per token, far beyond any ELIXR output (32 x 768, 64 x 1376); "
+                        f"is this an ELIXR shard?")
     if len(found) >= 2:
         shape = (math.prod(found[:-1]), int(found[-1]))
         if expected is not None and shape != expected:
@@ -516,6 +567,9 @@ def _checked_shape(path: Path, what: str, found: tuple[int, ...], expected: tupl
         return shape
     if expected is None:
         if flat_is_one_token:
+            if found[0] > MAX_DIM:
+                raise DataError(f"{path}: {what} holds flat rows of {found[0]} values: more than {MAX_DIM} for one "
+                                f"token; set elixr.shape to [tokens, dim] if they are several")
             return (1, int(found[0]))
         raise DataError(f"{path}: {what} is flat ({found[0]} values per row); set elixr.shape to "
                         f"[tokens, dim] (ELIXR-B: [32, 768]) so it can be reshaped")

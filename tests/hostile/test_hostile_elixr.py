@@ -1,0 +1,197 @@
+"""ELIXR snapshots crafted to read data from outside themselves, to claim what they do not hold, or to make
+the store huge. Each is built in the test with h5py and json, in the published layout; the embed stage's
+own entry point (``build_elixr_store``) reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_diffusion.conditioning.elixr import build_elixr_store
+from cxr_diffusion.config import ElixrConfig, profile_section
+from cxr_diffusion.data.nih import DataError
+
+DATASET, FEATURE = "elixrb/img_emb", "img_emb"
+NAMES = [f"{n:08d}_000.png" for n in (1, 2, 3)]
+ROW = (4, 8)
+
+
+def snapshot(root: Path, declared: object = list(ROW), id_shape: object = (), other: dict | None = None) -> Path:
+    """datasets.json for img_emb (declared shape as given) plus ``other`` datasets; returns the shard path."""
+    features = {FEATURE: {"dtype": "float32", "shape": declared},
+                "Image Index": {"dtype": "bytes", "shape": list(id_shape) if isinstance(id_shape, tuple) else id_shape}}
+    index = {"elixrb": {"img_emb": {"type": "dataset", "features": features}}}
+    for name, value in (other or {}).items():
+        index["elixrb"][name] = {"type": "dataset", "features": value}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "datasets.json").write_text(json.dumps({"info": {}, "datasets": index}))
+    (root / DATASET).mkdir(parents=True, exist_ok=True)
+    return root / DATASET / "img_emb_1.h5"
+
+
+def write_ids(handle: h5py.File) -> None:
+    handle["Image Index"] = np.array([name.encode() for name in NAMES])
+
+
+def embeddings(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(len(NAMES), *ROW)).astype(np.float32)
+
+
+def build(tmp_path: Path, **config) -> dict:
+    pd.DataFrame({"Image Index": NAMES}).to_csv(tmp_path / "filtered.csv", index=False)
+    return build_elixr_store(tmp_path / "filtered.csv", profile_section(ElixrConfig, path=str(tmp_path / "snap"),
+                                                                        **config),
+                             tmp_path / "store", tmp_path / "rejects.csv", None, "elixr")
+
+
+def refused(tmp_path: Path, fragment: str, **config) -> str:
+    with pytest.raises(DataError, match=fragment) as raised:
+        build(tmp_path, **config)
+    assert not (tmp_path / "store").exists()
+    return str(raised.value)
+
+
+# ---- data from outside the shard -----------------------------------------------------------------
+def test_an_external_link_to_another_file_is_refused(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(tmp_path / "elsewhere.h5", "w") as outside:
+        outside["data"] = embeddings()
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "data")
+    refused(tmp_path, f"'{FEATURE}' is an external link")
+
+
+def test_a_soft_link_to_the_ids_is_refused(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        handle["real ids"] = np.array([name.encode() for name in NAMES])
+        handle["Image Index"] = h5py.SoftLink("/real ids")
+        handle[FEATURE] = embeddings()
+    refused(tmp_path, "'Image Index' is a soft link")
+
+
+def test_external_raw_storage_is_refused_and_the_outside_file_never_read(tmp_path):
+    """HDF5 can keep a dataset's bytes in any file: /etc/passwd was read as floats."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(len(NAMES) * 32, dtype=np.float32).tobytes())
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle.create_dataset(FEATURE, shape=(len(NAMES), *ROW), dtype="float32",
+                              external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
+    refused(tmp_path, "stored in external files")
+
+
+def test_a_virtual_dataset_over_other_files_is_refused(tmp_path):
+    with h5py.File(tmp_path / "source.h5", "w") as source:
+        source["data"] = embeddings()
+    layout = h5py.VirtualLayout(shape=(len(NAMES), *ROW), dtype="float32")
+    layout[:] = h5py.VirtualSource(str(tmp_path / "source.h5"), "data", shape=(len(NAMES), *ROW))
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle.create_virtual_dataset(FEATURE, layout)
+    refused(tmp_path, "a virtual dataset")
+
+
+def test_a_dataset_never_written_is_refused_not_read_as_its_fill_value(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle.create_dataset(FEATURE, shape=(len(NAMES), *ROW), dtype="float32", fillvalue=0.5)
+    refused(tmp_path, "never written")
+
+
+# ---- what the data is -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["int32", "bool", "complex64", "S8", [("a", "f4"), ("b", "f4")]])
+def test_embeddings_that_are_not_floats_are_refused_naming_the_dtype(tmp_path, dtype):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle.create_dataset(FEATURE, data=np.zeros((len(NAMES), *ROW), dtype=np.dtype(dtype)) if dtype != "S8"
+                              else np.full((len(NAMES), *ROW), b"x", dtype="S8"))
+    refused(tmp_path, "expected floating-point embeddings")
+
+
+def test_numeric_ids_are_refused(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        handle["Image Index"] = np.arange(len(NAMES))
+        handle[FEATURE] = embeddings()
+    refused(tmp_path, "expected image ids")
+
+
+def test_all_zero_rows_are_listed_rejects_and_an_error_when_on_missing_is_error(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    data = embeddings()
+    data[1] = 0.0
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = data
+    metrics = build(tmp_path, on_missing="drop")
+    assert metrics["written"] == 2 and metrics["dropped_by_reason"]["all_zero"] == 1
+    assert pd.read_csv(tmp_path / "rejects.csv").values.tolist() == [[NAMES[1], "all_zero"]]
+    (tmp_path / "store").rename(tmp_path / "kept")
+    refused(tmp_path, f"row 1 \\({NAMES[1]}\\) is all zeros", on_missing="error")
+
+
+def test_every_embedding_identical_is_an_error(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = np.broadcast_to(embeddings()[:1], (len(NAMES), *ROW)).copy()
+    refused(tmp_path, "all 3 usable embeddings are identical")
+
+
+# ---- sizes it declares -----------------------------------------------------------------------------
+def test_a_million_tokens_per_row_is_refused_before_anything_is_written(tmp_path):
+    """A 24 KB snapshot declaring 1,000,000 tokens once wrote a 9.3 GB store."""
+    shard = snapshot(tmp_path / "snap", declared=[1_000_000, 1])
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = np.random.default_rng(0).normal(size=(len(NAMES), 1_000_000)).astype(np.float16)
+    refused(tmp_path, "more than 1024 tokens")
+
+
+def test_a_store_larger_than_the_free_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = embeddings()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**6, 10**6 - 100, 100))
+    refused(tmp_path, "GiB free")
+
+
+# ---- as lenient as the reference loader where it is harmless -----------------------------------------
+@pytest.mark.parametrize(("declared", "id_shape"), [(32, [-1]), (32, None), ([32], ())])
+def test_a_bare_int_shape_and_a_variable_length_id_column_are_accepted(tmp_path, declared, id_shape):
+    shard = snapshot(tmp_path / "snap", declared=declared, id_shape=id_shape)
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = embeddings().reshape(len(NAMES), 32)
+    metrics = build(tmp_path, shape=list(ROW))
+    assert metrics["written"] == 3 and metrics["shape"] == list(ROW)
+
+
+def test_a_bad_shape_on_a_feature_not_read_is_ignored_and_on_the_one_read_names_it(tmp_path):
+    other = {"txt_emb": {"txt_emb": {"dtype": "float32", "shape": "a lot"}}}
+    shard = snapshot(tmp_path / "snap", other=other)  # the txt_emb folder is not even downloaded
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = embeddings()
+    assert build(tmp_path)["written"] == 3
+    (tmp_path / "store").rename(tmp_path / "kept")
+    snapshot(tmp_path / "snap", declared=[4, "8"])
+    line = refused(tmp_path, "feature 'img_emb' of dataset 'elixrb/img_emb' declares shape")
+    assert "'8'" in line
