@@ -62,14 +62,16 @@ def png_chunks(path: Path) -> list[str]:
     return chunks
 
 
-def write_prepared(folder: Path, origins: list[str], seed: int = 0) -> Path:
-    """A prepared-shards folder (test split) of tiny images, read back through PreparedImages."""
+def write_prepared(folder: Path, origins: list[str], seed: int = 0, flat: bool = False) -> Path:
+    """A prepared-shards folder (test split) of tiny images (one gray level each if ``flat``), read back
+    through PreparedImages."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     writer = SplitShardWriter(folder, "test", shard_schema(CLASSES), shard_size=100, row_group_size=8)
     for i, origin in enumerate(origins):
         labels = [(1, 0, 0), (0, 1, 0), (1, 0, 1)][i % 3]
-        writer.write(ShardRecord(image_png=encode_png(rng.integers(0, 256, (16, 16), dtype=np.uint8)),
+        pixels = np.full((16, 16), 128, np.uint8) if flat else rng.integers(0, 256, (16, 16), dtype=np.uint8)
+        writer.write(ShardRecord(image_png=encode_png(pixels),
                                  image_index=origin, patient_id=str(i), view="PA", finding_labels="", split="test",
                                  labels=labels))
     shards = close_writers(folder, {"test": writer})
@@ -248,6 +250,16 @@ def test_selection_refuses_when_the_generations_run_out_of_distinct_origins(tmp_
     generated = {branch: PreparedImages(write_prepared(tmp_path / branch, origins[:5], seed=1), "test", channels=1)
                  for branch in BRANCHES}
     with pytest.raises(ReaderStudyError, match="clip_vision: 4 images wanted but only 1"):
+        select_items(real, generated, count=12, real_fraction=None, seed=0)
+
+
+def test_a_branch_whose_generations_are_one_flat_gray_is_refused(tmp_path):
+    origins = [f"{i:08d}_000.png" for i in range(30)]
+    real = PreparedImages(write_prepared(tmp_path / "prepared", origins), "test", channels=1)
+    generated = {"clip_text": PreparedImages(write_prepared(tmp_path / "clip_text", origins[:12], seed=1), "test", 1),
+                 "clip_vision": PreparedImages(write_prepared(tmp_path / "clip_vision", origins[:12], flat=True),
+                                               "test", 1)}
+    with pytest.raises(ReaderStudyError, match="clip_vision: its generation for .* is one flat gray level"):
         select_items(real, generated, count=12, real_fraction=None, seed=0)
 
 

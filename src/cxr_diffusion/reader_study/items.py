@@ -88,5 +88,11 @@ def select_items(real: PreparedImages, generated: Mapping[str, PreparedImages], 
                 f"an image no other source already uses (each origin is shown once); lower reader_study.count "
                 f"or raise sample.count (the generations come from its first test images)")
         picked[source] = chosen
-    return [item_from_example((real if source == REAL else generated[source])[index], real.classes, source)
-            for source in [REAL, *generated] for index in picked[source]]
+    items = [item_from_example((real if source == REAL else generated[source])[index], real.classes, source)
+             for source in [REAL, *generated] for index in picked[source]]
+    for item in items:
+        if item.source != REAL and item.pixels.min() == item.pixels.max():
+            raise ReaderStudyError(f"{item.source}: its generation for {item.origin_id} is one flat gray level "
+                                   f"({int(item.pixels[0, 0])}), the output of a broken model, not an image to "
+                                   f"judge; check the model and its samples (dvc repro sample@{item.source})")
+    return items

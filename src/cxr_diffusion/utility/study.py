@@ -57,13 +57,17 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
     if [train.image_indices[p] for p in positions] != real_facts.get("train_image_indices"):
         raise UtilityError(f"{real_dir / REAL_ARM}: the real arm was trained on another subset of the train split "
                            "than this run draws; rerun it with `dvc repro utility_real`")
+    store = ConditionStore(store_dir)
+    if store.meta.get("branch") != branch:
+        raise UtilityError(f"{store_dir} holds {store.meta.get('branch')!r} conditions, not {branch}'s; pass "
+                           f"data/embeddings/{branch} (the output of embed_{branch})")
     pipeline = load_pipeline(model_dir, params.sample.sampler, device)
     if pipeline.config.branch != branch:
         raise UtilityError(f"{model_dir} holds a {pipeline.config.branch} model, not {branch}")
 
     variations = max((1, *utility.scaling))
     with atomic_directory(out_dir) as tmp:
-        generation = write_synthetic_set(pipeline, branch, train, positions, ConditionStore(store_dir), params,
+        generation = write_synthetic_set(pipeline, branch, train, positions, store, params,
                                          variations, tmp / "synthetic")
         del pipeline
         side = classifier_side(train.image_size, config.max_image_size)
