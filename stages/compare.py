@@ -16,10 +16,11 @@ def main(
     training: Path = typer.Option(..., help="The train stages' DVCLive folder (<branch>/metrics.json)."),
     utility: Path = typer.Option(..., help="The utility stages' metrics folder (<branch>.json)."),
     reader_study: Path = typer.Option(..., help="The score_reader_study stage's metrics."),
+    elixr_embedding: Path = typer.Option(..., help="The embed_elixr stage's metrics (real ELIXR or a stand-in)."),
     summary: Path = typer.Option(..., help="One entry per branch."),
     report: Path = typer.Option(..., help="Table and figures."),
 ) -> None:
-    inputs = ReportInputs(evaluations, evaluator, sampling, training, utility, reader_study)
+    inputs = ReportInputs(evaluations, evaluator, sampling, training, utility, reader_study, elixr_embedding)
     run_stage("compare", params, lambda p: print(compare(p, inputs, summary, report)))
 
 

@@ -70,7 +70,8 @@ class FakeHub:
         if self.fail is not None:
             raise self.fail
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({"repo": repo_id, "revision": revision}))
+        kind = {"model_type": "clip"} if "clip" in repo_id else {"_class_name": "AutoencoderKL"}
+        (folder / "config.json").write_text(json.dumps({"repo": repo_id, "revision": revision, **kind}))
         (folder / ".cache" / "huggingface").mkdir(parents=True, exist_ok=True)
         (folder / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
         if repo_type == "dataset":
@@ -394,7 +395,8 @@ def test_doctor_reports_added_and_removed_files(hub_root):
 
 
 def test_record_present_keeps_a_change_and_doctor_passes_again(hub_root):
-    (hub_root / "external" / "sd-vae-ft-mse" / "config.json").write_text('{"edited": true}')
+    (hub_root / "external" / "sd-vae-ft-mse" / "config.json").write_text('{"_class_name": "AutoencoderKL", "x": 1}')
+    (hub_root / "external" / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
     result = runner.invoke(app, ["fetch", "--record-present", "--root", str(hub_root)])
     assert result.exit_code == 0 and "rerun what read it: dvc repro -f -s encode_latents" in result.output
     assert runner.invoke(app, ["doctor", "--root", str(hub_root)]).exit_code == 0

@@ -69,3 +69,14 @@ def utility_metrics() -> dict:
             "synthetic_set": {"sampler": "dpm++", "steps": 10, "guidance_scale": 1.0},
             "arms": {"real": {"train_images": 64, **real},
                      "synthetic": {"train_images": 64, **synthetic, "vs_real": difference}}}
+
+
+def test_the_elixr_column_is_labelled_by_what_embed_elixr_read_not_by_the_param(tmp_path):
+    """A stand-in snapshot named by elixr.path was once reported as real ELIXR."""
+    (tmp_path / "embed_elixr.json").write_text(json.dumps({"source": "elixr_standin"}))
+    inputs = ReportInputs(*(tmp_path / name for name in ("evaluate", "evaluator.json", "sample", "live", "utility",
+                                                   "reader_study.json", "embed_elixr.json")))
+    params = params_with({"branches": ["elixr"], "elixr": {"path": "external/nih-cxr14-elixr"}})
+    summary = compare(params, inputs, tmp_path / "summary.json", tmp_path / "report.md")
+    assert summary["elixr"]["condition_source"] == "elixr_standin"
+    assert "| metric | elixr (stand-in) |" in (tmp_path / "report.md").read_text()

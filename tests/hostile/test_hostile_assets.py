@@ -113,3 +113,103 @@ def test_a_record_nested_too_deeply_is_one_line_naming_it(tmp_path, command):
     path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
     assert cli_error(root, command) == (f"error: {path}: not valid JSON (nested too deeply); it is not a fetch "
                                         f"manifest (version 1): {FIX}\n")
+
+
+# --- stand-ins and arbitrary folders must not pass as real assets ------------------------------------------------
+def hub_root(root: Path) -> tuple[Path, list]:
+    """The nih-512 profile needing only its clip and vae folders, nothing placed yet."""
+    raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
+    raw["elixr"]["path"] = None
+    for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
+        raw["evaluate"][key] = None
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root, needed_assets(load_params(root / "params.yaml"), root)
+
+
+def record_present(root: Path) -> str:
+    result = runner.invoke(app, ["fetch", "--record-present", "--root", str(root)])
+    assert result.exit_code == 2, result.output
+    assert not (root / "external" / "assets.json").exists()
+    return result.output
+
+
+def test_any_folder_is_not_recorded_as_the_vae(tmp_path):
+    """`/etc` once became the SD VAE: 1,036 files hashed, /etc/shadow included, and doctor said present."""
+    root, assets = hub_root(tmp_path)
+    for asset in assets:
+        folder = asset.path(root)
+        folder.mkdir(parents=True)
+        (folder / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    output = record_present(root)
+    assert "has no config.json, so it is not a clip folder" in output
+    assert "has no config.json, so it is not a vae folder" in output
+
+
+@pytest.mark.parametrize(("config", "files", "fragment"), [
+    ({"model_type": "bert"}, ["model.safetensors"], "model_type is 'bert', not 'clip'"),
+    ({"model_type": "clip"}, ["pytorch_model.bin"], "only pickled weights (pytorch_model.bin)"),
+    ({"model_type": "clip"}, [], "holds no weights"),
+])
+def test_a_clip_folder_must_say_clip_and_hold_safetensors(tmp_path, config, files, fragment):
+    root, assets = hub_root(tmp_path)
+    for asset in assets:
+        folder = asset.path(root)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config if asset.name == "clip" else
+                                                       {"_class_name": "AutoencoderKL"}))
+        for name in files if asset.name == "clip" else ["diffusion_pytorch_model.safetensors"]:
+            (folder / name).write_bytes(b"weights")
+    result = runner.invoke(app, ["fetch", "--record-present", "--root", str(root)])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert "vae: recorded" in result.output  # the sound one is recorded, the other listed
+
+
+@pytest.mark.parametrize("damage", ["removed", "renamed", "a folder", "a dangling link"])
+def test_a_standin_folder_without_its_marker_is_still_a_standin(tmp_path, damage):
+    """STANDIN.json removed, renamed, turned into a folder or a dangling link: the weights still say so."""
+    from safetensors.torch import save_file
+
+    from cxr_diffusion.rehearsal.standin_marker import MARKER_NAME, label_safetensors, read_standin
+
+    root, assets = hub_root(tmp_path)
+    vae = next(asset for asset in assets if asset.name == "vae").path(root)
+    vae.mkdir(parents=True)
+    (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    import torch
+
+    save_file({"w": torch.ones(2)}, str(vae / "diffusion_pytorch_model.safetensors"))
+    label_safetensors(vae / "diffusion_pytorch_model.safetensors", {"standin": True, "build": "b1"})
+    marker = vae / MARKER_NAME
+    if damage == "renamed":
+        (vae / "standin.json.bak").write_text("{}")
+    elif damage == "a folder":
+        marker.mkdir()
+    elif damage == "a dangling link":
+        marker.symlink_to(tmp_path / "nowhere.json")
+    assert read_standin(vae)["standin"] is True
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(vae / "diffusion_pytorch_model.safetensors"))["w"], torch.ones(2))
+    output = runner.invoke(app, ["fetch", "--record-present", "--root", str(root)]).output
+    assert "vae: could not place it" in output and "records only real assets" in output
+
+
+def test_an_elixr_standin_named_by_elixr_path_is_labelled_a_standin(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from cxr_diffusion.conditioning.elixr import build_elixr_store
+    from cxr_diffusion.conditioning.elixr_files import FeatureSpec, write_snapshot_index, write_snapshot_shard
+    from cxr_diffusion.config import ElixrConfig, profile_section
+
+    names = [f"{n:08d}_000.png" for n in (1, 2)]
+    snapshot = tmp_path / "snap"
+    write_snapshot_shard(snapshot / "elixrb" / "img_emb" / "img_emb_1.h5", names, "img_emb",
+                         np.random.default_rng(0).normal(size=(2, 4, 8)))
+    write_snapshot_index(snapshot, {"elixrb/img_emb": [FeatureSpec("img_emb", "float32", (4, 8))]},
+                         {"standin": True, "description": "NOT ELIXR"})
+    pd.DataFrame({"Image Index": names}).to_csv(tmp_path / "filtered.csv", index=False)
+    metrics = build_elixr_store(tmp_path / "filtered.csv", profile_section(ElixrConfig, path=str(snapshot)),
+                                tmp_path / "store", tmp_path / "rejects.csv", None, "elixr")
+    assert metrics["source"] == "elixr_standin"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr_diffusion.assets import download
+from cxr_diffusion.assets.content import check_hub_folder
 from cxr_diffusion.assets.catalog import (
     NOTHING_NEEDED, Asset, HandSource, HubSource, UrlSource, how_to_place, needed_assets, rerun_command,
 )
@@ -138,6 +139,8 @@ def _record_present(asset: Asset, check: Check, manifest_path: Path, root: Path)
                          "for the real one)")
     if check.state in ("missing", "partial") or asset.target is None:
         raise AssetError(f"{check.detail}; --record-present records only what is in place")
+    if isinstance(asset.source, HubSource):
+        check_hub_folder(asset, asset.path(root))
     _check_loads(asset, asset.path(root))
     return _record(asset, manifest_path, root, f"recorded {asset.target} as it is now (it was {check.state})")
 

@@ -28,7 +28,7 @@ def load_vae(source: str):
     from diffusers import AutoencoderKL
 
     try:
-        return AutoencoderKL.from_pretrained(source).eval()
+        return AutoencoderKL.from_pretrained(source, use_safetensors=True).eval()  # never a pickled .bin
     except (OSError, ValueError) as error:
         raise DataError(
             f"train.vae: '{source}' could not be loaded ({type(error).__name__}). Point train.vae at a local "

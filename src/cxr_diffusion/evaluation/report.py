@@ -22,6 +22,7 @@ class ReportInputs:
     training: Path     # dvclive: <branch>/metrics.json per train stage
     utility: Path      # metrics/utility: <branch>.json per utility stage
     reader_study: Path  # metrics/reader_study.json of the score_reader_study stage
+    elixr_embedding: Path | None = None  # metrics/embed_elixr.json: its "source" says real ELIXR or a stand-in
 
 
 def _read(path: Path) -> dict:
@@ -73,13 +74,16 @@ def summarize(params: Params, evaluations: dict[str, dict], inputs: ReportInputs
     """Every branch's metrics, flattened to the numbers `dvc metrics diff` compares."""
     summary = {}
     readers = _read(inputs.reader_study)
+    elixr_source = _read(inputs.elixr_embedding).get("source") if inputs.elixr_embedding is not None else None
     for branch in params.branches:
         evaluation = evaluations[branch]
         training = _read(inputs.training / branch / "metrics.json")
         sampling = _read(inputs.sampling / f"{branch}.json")
         closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
         summary[branch] = {
-            "condition_source": "elixr_standin" if branch == "elixr" and params.elixr.path is None else branch,
+            # From what embed_elixr read (a stand-in snapshot says so in its files), not from which param named it.
+            "condition_source": (elixr_source or ("elixr_standin" if params.elixr.path is None else branch))
+            if branch == "elixr" else branch,
             "domain_fd": closeness.get("domain_fd"),
             "domain_fd_ci_low": (closeness.get("domain_fd_95ci") or [None, None])[0],
             "domain_fd_ci_high": (closeness.get("domain_fd_95ci") or [None, None])[1],

@@ -1,7 +1,10 @@
 """How a stand-in asset is labelled on disk and recognised: `standins` writes the label, `fetch` and `doctor` read it.
 
 A folder stand-in holds ``STANDIN.json``, written last inside a folder that is swapped in whole, so a folder
-with the label is a complete stand-in. A single-file stand-in (the evaluation weights) carries the label twice:
+with the label is a complete stand-in. Its content says so too, so that removing, renaming or replacing
+``STANDIN.json`` (by a folder, a dangling link) never makes it pass for the real asset: every safetensors file
+in it carries the label in its metadata (CLIP, VAE), and an ELIXR snapshot's ``datasets.json`` says
+``"standin": true`` in its ``info``. A single-file stand-in (the evaluation weights) carries the label twice:
 in its own safetensors metadata (key ``standin``: it travels with the file) and in a sidecar
 ``<file>.standin.json`` written after the file is in place, as the completion mark (both name the same
 ``build``). A real file copied over a stand-in has no such metadata and not the sidecar's sha256, so it is
@@ -13,6 +16,8 @@ This module is imported by `cxr_diffusion.assets.status`: keep it free of heavy 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 
 from cxr_diffusion.io import JsonFileError, read_json, sha256_file
@@ -55,6 +60,41 @@ def _metadata_label(path: Path) -> dict | None:
     return label if isinstance(label, dict) else {"standin": True, "unreadable": True}
 
 
+def label_safetensors(path: Path, label: dict) -> None:
+    """Add ``label`` to a safetensors file's metadata in place of its header; the tensor bytes are not read.
+
+    The header is JSON after an 8-byte little-endian length, padded with spaces; tensor offsets are relative
+    to the end of the header, so the data is copied as it is behind the new one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.label.tmp")
+    with open(path, "rb") as source:
+        (length,) = struct.unpack("<Q", source.read(8))
+        header = json.loads(source.read(length))
+        header["__metadata__"] = {**header.get("__metadata__", {}), METADATA_KEY: json.dumps(label)}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            while chunk := source.read(1 << 24):
+                out.write(chunk)
+    os.replace(tmp, path)
+
+
+def _content_label(folder: Path) -> dict | None:
+    """A stand-in label found in a folder's content: a labelled safetensors file, or a stand-in snapshot index."""
+    index = folder / "datasets.json"
+    if index.is_file():
+        info = (_read_json(index) or {}).get("info")
+        if isinstance(info, dict) and info.get("standin"):
+            return {"standin": True, "warning": WARNING, **{k: v for k, v in info.items() if k == "description"}}
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors")):
+        label = _metadata_label(weights)
+        if label is not None:
+            return label
+    return None
+
+
 def read_standin(target: Path) -> dict | None:
     """The stand-in label of the asset at ``target`` (with ``complete``: whether its completion mark is
     there), or None when ``target`` is not a stand-in (a real asset, or nothing).
@@ -65,10 +105,13 @@ def read_standin(target: Path) -> dict | None:
     target = Path(target)
     if target.is_dir():
         marker = target / MARKER_NAME
-        if not marker.is_file():
-            return None
-        label = _read_json(marker) or {"standin": True, "unreadable": True}
-        return {**label, "complete": True}
+        if marker.is_file():
+            label = _read_json(marker) or {"standin": True, "unreadable": True}
+            return {**label, "complete": True}
+        inside = _content_label(target)
+        if inside is not None or os.path.lexists(marker):  # a marker turned folder or dangling link still marks
+            return {**(inside or {"standin": True, "unreadable": True}), "complete": False}
+        return None
     if not target.is_file():
         return None
     sidecar = _read_json(sidecar_path(target)) if sidecar_path(target).is_file() else None

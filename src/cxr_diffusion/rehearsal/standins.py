@@ -36,7 +36,7 @@ from cxr_diffusion.assets.catalog import Asset, HandSource, HubSource, UrlSource
 from cxr_diffusion.config import Params, changed
 from cxr_diffusion.io import sha256_file, write_json
 from cxr_diffusion.rehearsal.standin_marker import (
-    MARKER_NAME, REPLACE_HINT, WARNING, read_standin, sidecar_path,
+    MARKER_NAME, REPLACE_HINT, WARNING, label_safetensors, read_standin, sidecar_path,
 )
 
 FORMAT = 1  # of what the builders write; a change rebuilds every stand-in made before it
@@ -132,6 +132,8 @@ def _make_folder(target: Path, label: dict, build: Callable[[Path], dict]) -> di
 
     with atomic_directory(target) as tmp:
         info = build(tmp)
+        for weights in sorted(tmp.rglob("*.safetensors")):  # the label travels with the weights, too
+            label_safetensors(weights, label)
         label = {**label, **info, "files": _files(tmp)}
         write_json(tmp / MARKER_NAME, label)  # last: the completion mark
     return label
