@@ -317,8 +317,7 @@ def pickle_only_unet(model: Path) -> None:
      "a clip_text model needs the component 'tokenizer'"),
     (lambda m: shutil.rmtree(m / "unet"), "unet", "missing (model_index.json names the component 'unet')"),
     (pickle_only_unet, "unet", "weights only as pickle (diffusion_pytorch_model.bin); this loader reads"),
-    (lambda m: (m / "unet" / "config.json").write_text('{"sample_size"'), "",
-     "not a loadable saved model (It looks like the config file at"),
+    (lambda m: (m / "unet" / "config.json").write_text('{"sample_size"'), "unet/config.json", "not valid JSON"),
     (lambda m: (m / "condition_adapter" / "config.json").write_text(json.dumps(
         {**json.loads((m / "condition_adapter" / "config.json").read_text()), "dim": DIM + 1})), "",
      "not a loadable saved model (Cannot load"),
@@ -339,6 +338,58 @@ def no_sampling(monkeypatch):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled before refusing")
     monkeypatch.setattr(CXRDiffusionPipeline, "denoise", sampled)
+
+
+def edit_config(model: Path, component: str, file: str = "config.json", **changes) -> None:
+    path = model / component / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def relabel_first_tensor(model: Path, dtype: str) -> None:
+    """Rewrite the UNet weights' header so that its first tensor claims another dtype (same byte size)."""
+    import struct
+
+    path = model / UNET_WEIGHTS
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    first = next(name for name in header if name != "__metadata__")
+    header[first]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
+def zero_output_layer(model: Path) -> None:
+    weights = load_file(model / UNET_WEIGHTS)
+    weights["conv_out.weight"] = torch.zeros_like(weights["conv_out.weight"])
+    save_file(weights, str(model / UNET_WEIGHTS))
+
+
+@pytest.mark.parametrize("damage, where, fragment", [
+    (lambda m: edit_config(m, "unet", sample_size=10**6), "unet/config.json", "sample_size 1000000 is not 1-1024"),
+    (lambda m: edit_config(m, "unet", sample_size=0), "unet/config.json", "sample_size 0 is not 1-1024"),
+    (lambda m: edit_config(m, "unet", sample_size=-8), "unet/config.json", "sample_size -8 is not 1-1024"),
+    (lambda m: edit_config(m, "unet", block_out_channels=[10**6, 10**6]), "unet/config.json",
+     "block_out_channels [1000000, 1000000] is not 1-8 sizes"),
+    (lambda m: edit_config(m, "unet", in_channels=True), "unet/config.json", "in_channels True is not a whole number"),
+    (lambda m: edit_config(m, "condition_adapter", dim=10**7), "condition_adapter/config.json",
+     "dim 10000000 is not a whole number 1-8192"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", num_train_timesteps=10**9),
+     "scheduler/scheduler_config.json", "num_train_timesteps 1000000000 is not a whole number 1-100000"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", trained_betas=[2.0] * 1000),
+     "scheduler/scheduler_config.json", "trained_betas must be 1000 values inside (0, 1)"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", beta_end=1.5),
+     "scheduler/scheduler_config.json", "beta_end 1.5 is not inside (0, 1)"),
+    (lambda m: relabel_first_tensor(m, "I32"), UNET_WEIGHTS, "is 'I32', not floating point"),
+    (zero_output_layer, UNET_WEIGHTS, "output layer (conv_out.weight) is all zeros"),
+])
+def test_a_model_config_out_of_range_is_refused_before_anything_is_allocated(model, embedding, tmp_path, no_sampling,
+                                                                             damage, where, fragment):
+    damage(model)
+    write_model_files(model)  # a hand-made folder carries its own hashes
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert line.startswith(f"error: {model / where}: ") and fragment in line, line
 
 
 def saved_embedding(path: Path, array: np.ndarray) -> Path:
@@ -515,3 +566,38 @@ def test_the_evaluator_is_saved_with_the_mode_of_a_plain_write(tmp_path):
     save_classifier(CXRClassifier(ClassifierSpec(("Effusion",), 4, 8, 16)), tmp_path / "evaluator", {})
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "evaluator").iterdir()}
     assert modes == dict.fromkeys(modes, plain_mode(tmp_path))
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda state: {k: torch.zeros_like(v) for k, v in state.items()}, "convolution weights are all zeros"),
+    (lambda state: {**state, "fc.weight": state["fc.weight"].to(torch.int8)}, "not floating point"),
+    (lambda state: {**state, "fc.weight": state["fc.weight"].to(torch.complex64)}, "not floating point"),
+])
+def test_convert_weights_refuses_emptied_or_non_float_weights(inception_state, tmp_path, damage, fragment):
+    """All-zero, int8 and complex weights were once written as "checked"."""
+    source = tmp_path / "inception.safetensors"
+    save_file(damage(dict(inception_state)), str(source))
+    target = tmp_path / "converted.safetensors"
+    line = refusal(runner.invoke(app, ["convert-weights", str(source), str(target), "--flavour", "torchvision"]))
+    assert line.startswith(f"error: {source}: ") and fragment in line, line
+    assert not target.exists()
+
+
+def test_convert_weights_keeps_the_standin_label(inception_state, tmp_path):
+    """A stand-in converted once lost its label and passed for the published weights."""
+    from cxr_diffusion.rehearsal.standin_marker import METADATA_KEY, read_standin
+
+    source = tmp_path / "inception.safetensors"
+    save_file(dict(inception_state), str(source), metadata={METADATA_KEY: json.dumps({"standin": True, "build": "b"})})
+    target = tmp_path / "converted.safetensors"
+    assert runner.invoke(app, ["convert-weights", str(source), str(target), "--flavour", "torchvision"]).exit_code == 0
+    assert read_standin(target)["standin"] is True
+
+
+def test_a_unet_missing_a_tensor_is_refused_in_one_line(model, embedding, tmp_path, no_sampling):
+    weights = load_file(model / UNET_WEIGHTS)
+    del weights["conv_out.bias"]
+    save_file(weights, str(model / UNET_WEIGHTS))
+    write_model_files(model)
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert line.startswith(f"error: {model}: not a loadable saved model") and "conv_out.bias" in line, line

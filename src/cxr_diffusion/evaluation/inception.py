@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr_diffusion.evaluation.weights import checked_state, load_safetensors_into
+from cxr_diffusion.rehearsal.standin_marker import METADATA_KEY as STANDIN_KEY
 
 Flavour = Literal["fid", "torchvision"]
 Output = Literal["pool", "logits"]
@@ -320,6 +321,19 @@ def _read_checkpoint(source: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
 
 
+def _standin_label(source: Path) -> str | None:
+    """The stand-in label in a safetensors source's metadata, as written there; None for any other file."""
+    if source.suffix != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(source), "pt") as handle:
+            return (handle.metadata() or {}).get(STANDIN_KEY)
+    except (SafetensorError, OSError):
+        return None
+
+
 def convert_inception_weights(source: str | Path, target: str | Path, flavour: Flavour) -> dict:
     """Check a published Inception-v3 checkpoint against ``flavour`` and write it as float32 safetensors.
 
@@ -344,6 +358,10 @@ def convert_inception_weights(source: str | Path, target: str | Path, flavour: F
                           ignored_prefixes=("AuxLogits.",))
     state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
     source_sha256 = sha256_file(source)
+    metadata = {"source_sha256": source_sha256, "flavour": flavour}
+    label = _standin_label(source)
+    if label is not None:  # a stand-in converted stays a stand-in: the label goes with the weights
+        metadata[STANDIN_KEY] = label
     with atomic_path(target) as tmp:
-        save_file(state, str(tmp), metadata={"source_sha256": source_sha256, "flavour": flavour})
+        save_file(state, str(tmp), metadata=metadata)
     return {"source_sha256": source_sha256, "target_sha256": sha256_file(target), "tensors": len(state)}

@@ -28,6 +28,14 @@ def checked_state(state: dict[str, torch.Tensor], model: nn.Module, source: Path
              if state[k].shape != shape]
     if wrong:
         raise ValueError(f"{source}: {len(wrong)} tensors have the wrong shape for {what}, e.g. {wrong[:2]}")
+    not_float = [f"{k} ({state[k].dtype})" for k in expected if not state[k].is_floating_point()]
+    if not_float:  # int8, bool or complex values would be cast into the network silently
+        raise ValueError(f"{source}: {len(not_float)} tensors are not floating point for {what}, e.g. {not_float[:2]}")
+    # A pretrained network has no all-zero convolution: such a file was emptied, not trained.
+    zero = [k for k in expected if state[k].dim() == 4 and not state[k].any()]
+    if zero:
+        raise ValueError(f"{source}: {len(zero)} convolution weights are all zeros for {what}, e.g. {zero[:2]}; "
+                         f"not a trained checkpoint")
     return state
 
 

@@ -29,6 +29,7 @@ from cxr_diffusion.diffusion.data import ConditionedImages
 from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
 from cxr_diffusion.diffusion.noise import sampling_scheduler
 from cxr_diffusion.diffusion.model_files import verify_model_files
+from cxr_diffusion.diffusion.model_limits import check_model_limits
 from cxr_diffusion.diffusion.pipeline import SATURATED_FRACTION, CXRDiffusionPipeline, to_pil, unusable_images
 from cxr_diffusion.device import describe_device, half_dtype, resolve_device
 from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, write_json
@@ -47,21 +48,36 @@ def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device = to
     the VAE in fp32 (SD VAEs can overflow in fp16), decoding one image at a time so that memory does
     not grow with ``sample.batch_size`` (50 decoded 512px images take ~36 GB on a CPU otherwise).
 
-    The folder's files are checked against the hashes written when it was saved, and its
-    ``model_index.json`` against what our pipeline is made of, before diffusers reads anything; only
+    The folder's files are checked against the hashes written when it was saved, its
+    ``model_index.json`` against what our pipeline is made of, and its configs and weight headers against
+    sane ranges (``model_limits``), before diffusers reads anything; only
     safetensors weights are read, from this folder only."""
     model_dir = Path(model_dir)
     verify_model_files(model_dir)
     _check_model_index(model_dir)
+    check_model_limits(model_dir)
     try:
         pipeline = CXRDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as error:  # diffusers' errors for unreadable configs, weights and components
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SamplingError(f"{model_dir}: not a loadable saved model ({detail}); retrain it (`dvc repro`, "
                             f"stage train@<branch>) or re-fetch the folder") from None
+    _check_every_weight_loaded(pipeline, model_dir)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = sampling_scheduler(pipeline.scheduler, sampler)
     return place_pipeline(pipeline, device)
+
+
+def _check_every_weight_loaded(pipeline: CXRDiffusionPipeline, model_dir: Path) -> None:
+    """diffusers leaves a tensor missing from the weights file on the meta device (no data); refuse that here
+    rather than fail at the first use."""
+    for name in ("unet", "condition_adapter", "vae", "text_encoder", "image_encoder"):
+        module = getattr(pipeline, name, None)
+        missing = [key for key, tensor in (module.state_dict().items() if module is not None else ()) if tensor.is_meta]
+        if missing:
+            raise SamplingError(f"{model_dir}: not a loadable saved model ({name} weights lack {len(missing)} "
+                                f"tensors, e.g. {', '.join(missing[:3])}); retrain it (`dvc repro`, stage "
+                                f"train@<branch>) or re-fetch the folder")
 
 
 # What model_index.json may name for each component: [library, class], the class as a pattern.

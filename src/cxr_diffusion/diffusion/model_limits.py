@@ -1,0 +1,129 @@
+"""A saved model's configs and weight headers checked against sane ranges before anything is allocated.
+
+The hashes in ``model_files.sha256.json`` say the files are the ones saved; they do not say the saved values
+are sane, and a hand-made folder can carry its own hashes. Read before diffusers builds a module:
+
+- ``unet/config.json``: ``sample_size`` 1-1024 (an int or [height, width]), channels 1-64, at most 8 blocks of
+  1-4096 channels, 1-16 layers per block, ``cross_attention_dim`` 1-8192: a huge or negative value would try to
+  allocate tens of GB or fail deep inside torch;
+- ``condition_adapter/config.json``: tokens 1-1024, dims 1-8192;
+- ``scheduler/scheduler_config.json``: 1-100000 training timesteps (10^9 would hang sampling), betas inside
+  (0, 1), ``trained_betas`` one per timestep;
+- every weights file's safetensors header: floating-point tensors only (an F32 tensor relabelled I32 loads as
+  garbage that is still "finite"), and the UNet's output layer not all zeros (a model that predicts nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import JsonFileError, read_json
+
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+UNET_RANGES = {"in_channels": (1, 64), "out_channels": (1, 64), "cross_attention_dim": (1, 8192),
+               "layers_per_block": (1, 16)}
+ADAPTER_RANGES = {"tokens": (1, 1024), "dim": (1, 8192), "out_tokens": (1, 1024), "out_dim": (1, 8192)}
+MAX_TIMESTEPS = 100_000
+_FIX = "retrain it (`dvc repro`, stage train@<branch>) or re-fetch the folder"
+
+
+class ModelConfigError(UserError, ValueError):
+    """A saved model's config or weights header is outside what this project saves; the message names it."""
+
+
+def check_model_limits(model_dir: Path) -> None:
+    """Raise ``ModelConfigError`` naming the file and key of the first value out of range (module docstring)."""
+    model_dir = Path(model_dir)
+    unet = _config(model_dir / "unet" / "config.json")
+    for key, bounds in UNET_RANGES.items():
+        _in_range(model_dir / "unet" / "config.json", key, unet.get(key), bounds, optional=key == "cross_attention_dim")
+    _sample_size(model_dir / "unet" / "config.json", unet.get("sample_size"))
+    blocks = unet.get("block_out_channels")
+    if not (isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(_whole(v, 1, 4096) for v in blocks)):
+        raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: block_out_channels {_short(blocks)} is not "
+                               f"1-8 sizes of 1-4096 channels; {_FIX}")
+    adapter_path = model_dir / "condition_adapter" / "config.json"
+    adapter = _config(adapter_path)
+    for key, bounds in ADAPTER_RANGES.items():
+        _in_range(adapter_path, key, adapter.get(key), bounds, optional=key.startswith("out_"))
+    _check_scheduler(model_dir / "scheduler" / "scheduler_config.json")
+    for weights in sorted(model_dir.glob("*/*.safetensors")):
+        _check_weights_header(weights)
+
+
+def _config(path: Path) -> dict:
+    try:
+        return read_json(path, _FIX)
+    except FileNotFoundError:
+        raise ModelConfigError(f"{path}: missing; {_FIX}") from None
+    except JsonFileError as error:
+        raise ModelConfigError(str(error)) from None
+
+
+def _whole(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _in_range(path: Path, key: str, value: object, bounds: tuple[int, int], optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _whole(value, *bounds):
+        raise ModelConfigError(f"{path}: {key} {_short(value)} is not a whole number {bounds[0]}-{bounds[1]}; {_FIX}")
+
+
+def _sample_size(path: Path, value: object) -> None:
+    sizes = value if isinstance(value, list) else [value]
+    if not (1 <= len(sizes) <= 2 and all(_whole(size, 1, 1024) for size in sizes)):
+        raise ModelConfigError(f"{path}: sample_size {_short(value)} is not 1-1024 (or [height, width] of 1-1024); "
+                               f"{_FIX}")
+
+
+def _check_scheduler(path: Path) -> None:
+    config = _config(path)
+    steps = config.get("num_train_timesteps")
+    _in_range(path, "num_train_timesteps", steps, (1, MAX_TIMESTEPS))
+    for key in ("beta_start", "beta_end"):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
+            raise ModelConfigError(f"{path}: {key} {_short(value)} is not inside (0, 1); {_FIX}")
+    betas = config.get("trained_betas")
+    if betas is not None and not (isinstance(betas, list) and len(betas) == steps and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 < b < 1 for b in betas)):
+        raise ModelConfigError(f"{path}: trained_betas must be {steps} values inside (0, 1), one per timestep; {_FIX}")
+
+
+def _check_weights_header(path: Path) -> None:
+    """Every tensor floating point; the UNet's output layer not all zeros (read from the file, not loaded)."""
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        (length,) = struct.unpack("<Q", raw) if len(raw) == 8 else (0,)
+        if not 2 <= length <= MAX_HEADER_BYTES:
+            raise ModelConfigError(f"{path}: not a safetensors file (header of {length} bytes); {_FIX}")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError):
+            raise ModelConfigError(f"{path}: not a safetensors file (unreadable header); {_FIX}") from None
+        data_start = 8 + length
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = entry.get("dtype") if isinstance(entry, dict) else None
+            if dtype not in FLOAT_DTYPES:
+                raise ModelConfigError(f"{path}: tensor {_short(name)} is {_short(dtype)}, not floating point; {_FIX}")
+        output = header.get("conv_out.weight") if path.parent.name == "unet" else None
+        if isinstance(output, dict) and isinstance(output.get("data_offsets"), list):
+            start, end = output["data_offsets"]
+            handle.seek(data_start + start)
+            if not any(handle.read(min(end - start, 1 << 24))):
+                raise ModelConfigError(f"{path}: the UNet's output layer (conv_out.weight) is all zeros, so it "
+                                       f"predicts nothing; {_FIX}")
