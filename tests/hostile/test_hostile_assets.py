@@ -24,16 +24,21 @@ FIX = "move it away and rerun `cxr-diffusion fetch` (it re-checks what is in pla
 runner = CliRunner()
 
 
-def recorded_root(root: Path) -> Path:
-    """The nih-512 profile needing only its two hub folders (clip, vae), both placed and recorded."""
+def hub_root(root: Path) -> tuple[Path, list]:
+    """The nih-512 profile needing only its clip and vae folders, nothing placed yet."""
     raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
     raw["elixr"]["path"] = None
     for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
         raw["evaluate"][key] = None
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root, needed_assets(load_params(root / "params.yaml"), root)
+
+
+def recorded_root(root: Path) -> Path:
+    """The nih-512 profile needing only its two hub folders (clip, vae), both placed and recorded."""
+    root, assets = hub_root(root)
     params = load_params(root / "params.yaml")
-    assets = needed_assets(params, root)
     assert sorted(asset.name for asset in assets) == ["clip", "vae"]
     for asset in assets:
         folder = asset.path(root)
@@ -116,17 +121,6 @@ def test_a_record_nested_too_deeply_is_one_line_naming_it(tmp_path, command):
 
 
 # --- stand-ins and arbitrary folders must not pass as real assets ------------------------------------------------
-def hub_root(root: Path) -> tuple[Path, list]:
-    """The nih-512 profile needing only its clip and vae folders, nothing placed yet."""
-    raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
-    raw["elixr"]["path"] = None
-    for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
-        raw["evaluate"][key] = None
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    return root, needed_assets(load_params(root / "params.yaml"), root)
-
-
 def record_present(root: Path) -> str:
     result = runner.invoke(app, ["fetch", "--record-present", "--root", str(root)])
     assert result.exit_code == 2, result.output
