@@ -396,7 +396,7 @@ def test_doctor_reports_added_and_removed_files(hub_root):
 
 def test_record_present_keeps_a_change_and_doctor_passes_again(hub_root):
     (hub_root / "external" / "sd-vae-ft-mse" / "config.json").write_text('{"_class_name": "AutoencoderKL", "x": 1}')
-    (hub_root / "external" / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    save_file({"w": torch.ones(2)}, str(hub_root / "external" / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors"))
     result = runner.invoke(app, ["fetch", "--record-present", "--root", str(hub_root)])
     assert result.exit_code == 0 and "rerun what read it: dvc repro -f -s encode_latents" in result.output
     assert runner.invoke(app, ["doctor", "--root", str(hub_root)]).exit_code == 0

@@ -132,7 +132,8 @@ def test_utility_refuses_a_real_arm_of_another_subset_in_one_line(tiny_repo, tmp
     real = tmp_path / "real"
     shutil.copytree(tiny_repo / "data" / "utility" / "real", real)
     facts = json.loads((real / "real_arm.json").read_text())
-    (real / "real_arm.json").write_text(json.dumps({**facts, "train_image_indices": facts["train_image_indices"][1:]}))
+    (real / "real_arm.json").write_text(json.dumps({**facts, "train_image_indices": facts["train_image_indices"][1:],
+                                                    "train_images": facts["train_images"] - 1}))
     result = sh(sys.executable, "stages/utility.py", "--branch", "elixr", "--model", "models/elixr", "--prepared",
                 "data/prepared", "--store", "data/embeddings/elixr", "--real", str(real), "--out", str(tmp_path / "o"),
                 "--figures", str(tmp_path / "f"), "--metrics", str(tmp_path / "m.json"), cwd=tiny_repo, check=False)
@@ -205,12 +206,13 @@ def test_a_reader_study_larger_than_the_samples_is_refused_in_one_line(tiny_repo
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = sh(sys.executable, "stages/reader_study.py", "--params", str(tmp_path / "params.yaml"), "--prepared",
                 "data/prepared", "--samples", "data/samples", "--kit", str(tmp_path / "kit"), "--key",
-                str(tmp_path / "key.json"), cwd=tiny_repo, check=False)
+                str(tmp_path / "key.json"), "--archive", str(tmp_path / "kit.zip"), cwd=tiny_repo, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stage reader_study failed: clip_text: 17 images wanted")
     assert "lower reader_study.count" in lines[0]
     assert not (tmp_path / "kit").exists() and not (tmp_path / "key.json").exists()
+    assert not (tmp_path / "kit.zip").exists()
 
 
 def test_plots_render_loss_curves_grids_and_pca(tiny_repo, tmp_path):

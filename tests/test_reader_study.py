@@ -473,13 +473,13 @@ def test_no_responses_says_how_to_run_the_study(study, tmp_path):
 def test_metrics_are_plain_json_and_render_as_a_report_section(study, tmp_path):
     responses, key = study
     response_file(responses, key, "a", truthful)
-    response_file(responses, key, "b|c", lambda _i, _t: "real")
+    response_file(responses, key, "b (c)", lambda _i, _t: "real")
     (responses / "x.json").write_text("[]")
     metrics = score_responses(responses, key)
     write_json(tmp_path / "metrics.json", metrics)  # no NaN, no numpy types; keys sorted, as compare reads them back
     text = "\n".join(report_lines(json.loads((tmp_path / "metrics.json").read_text())))
     assert text.startswith("## Expert reader study")
-    assert "| a | 40 | 1.00 [0.91, 1.00] |" in text and "| b\\|c | 40 |" in text
+    assert "| a | 40 | 1.00 [0.91, 1.00] |" in text and "| b \\(c\\) | 40 |" in text
     assert "Cohen's kappa" in text and "- x.json: `not_json`: " in text
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| real images") or
             any(line.startswith(f"| {branch} |") for branch in BRANCHES)]

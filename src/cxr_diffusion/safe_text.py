@@ -9,13 +9,14 @@ become one space. Nothing is dropped silently: what was there stays readable.
 
 ``markdown_text`` is ``visible_text`` then escaped for Markdown and the HTML it may contain: ``&``, ``<``,
 ``>``, ``"`` and ``'`` as entities, and the ASCII punctuation Markdown gives a meaning (links, images,
-emphasis, code spans, strikethrough, table cells, headings, bullet lists) behind a backslash, but for
-``_`` inside a word, which CommonMark never reads as emphasis. The result is
+emphasis, code spans, strikethrough, table cells, headings, bullet and numbered lists) behind a backslash,
+but for ``_`` inside a word, which CommonMark never reads as emphasis. The result is
 plain text in any position of a line or a table cell: no tag, comment, link, image or autolink can start.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 # Letters (category Lo/So) that render as empty space: readers could pass them for a name.
@@ -48,13 +49,15 @@ def visible_text(text: object, limit: int = 200) -> str:
 def markdown_text(text: object, limit: int = 200) -> str:
     """``visible_text(text, limit)`` as inert Markdown/HTML text (see the module docstring)."""
     line = visible_text(text, limit)
+    ordinal = re.match(r"\d+[.)]", line)  # "7. x" at the start of a line would open a numbered list
+    list_mark = ordinal.end() - 1 if ordinal else -1
     escaped = []
     for at, char in enumerate(line):
         if char in _HTML:
             escaped.append(_HTML[char])
         elif char == "_" and 0 < at < len(line) - 1 and line[at - 1].isalnum() and line[at + 1].isalnum():
             escaped.append(char)  # inside a word "_" cannot open or close emphasis: clip_text stays readable
-        elif char in _MARKDOWN:
+        elif char in _MARKDOWN or at == list_mark:
             escaped.append("\\" + char)
         else:
             escaped.append(char)

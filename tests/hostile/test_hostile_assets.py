@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import save_file as save_numpy
 from typer.testing import CliRunner
 
 from cxr_diffusion.assets.catalog import needed_assets
@@ -153,7 +155,8 @@ def test_a_clip_folder_must_say_clip_and_hold_safetensors(tmp_path, config, file
         (folder / "config.json").write_text(json.dumps(config if asset.name == "clip" else
                                                        {"_class_name": "AutoencoderKL"}))
         for name in files if asset.name == "clip" else ["diffusion_pytorch_model.safetensors"]:
-            (folder / name).write_bytes(b"weights")
+            save_numpy({"w": np.ones(2, np.float32)}, str(folder / name)) if name.endswith(".safetensors") \
+                else (folder / name).write_bytes(b"pickled")
     result = runner.invoke(app, ["fetch", "--record-present", "--root", str(root)])
     assert result.exit_code == 2 and fragment in result.output, result.output
     assert "vae: recorded" in result.output  # the sound one is recorded, the other listed
@@ -207,3 +210,38 @@ def test_an_elixr_standin_named_by_elixr_path_is_labelled_a_standin(tmp_path):
     metrics = build_elixr_store(tmp_path / "filtered.csv", profile_section(ElixrConfig, path=str(snapshot)),
                                 tmp_path / "store", tmp_path / "rejects.csv", None, "elixr")
     assert metrics["source"] == "elixr_standin"
+
+
+@pytest.mark.parametrize("damage", ["empty file", "a folder", "no tensors"])
+def test_a_safetensors_name_without_tensors_behind_it_is_not_recorded(tmp_path, damage):
+    root, assets = hub_root(tmp_path)
+    for asset in assets:
+        folder = asset.path(root)
+        folder.mkdir(parents=True)
+        kind = {"model_type": "clip"} if asset.name == "clip" else {"_class_name": "AutoencoderKL"}
+        (folder / "config.json").write_text(json.dumps(kind))
+        weights = folder / "model.safetensors"
+        if damage == "empty file":
+            weights.write_bytes(b"")
+        elif damage == "a folder":
+            weights.mkdir()
+        else:
+            save_numpy({}, str(weights))
+    output = record_present(root)
+    for name in ("clip", "vae"):
+        assert f"{name}: could not place it: " in output and "not a safetensors file holding tensors" in output
+
+
+def test_an_elixr_index_without_the_selected_dataset_or_its_shards_is_not_recorded(tmp_path):
+    raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
+    raw["clip"]["model"], raw["train"]["space"] = "demo", "pixel"
+    for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
+        raw["evaluate"][key] = None
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    snapshot = tmp_path / raw["elixr"]["path"]
+    snapshot.mkdir(parents=True)
+    (snapshot / "datasets.json").write_text(json.dumps({"datasets": {"other": {"type": "dataset", "features": {}}}}))
+    assert "offers ['other'], not elixrb/img_emb" in record_present(tmp_path)
+    (snapshot / "datasets.json").write_text(json.dumps(
+        {"datasets": {"elixrb": {"img_emb": {"type": "dataset", "features": {"img_emb": {"shape": [32, 768]}}}}}}))
+    assert "no HDF5 shards in elixrb/img_emb/" in record_present(tmp_path)

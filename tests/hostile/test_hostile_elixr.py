@@ -195,3 +195,86 @@ def test_a_bad_shape_on_a_feature_not_read_is_ignored_and_on_the_one_read_names_
     snapshot(tmp_path / "snap", declared=[4, "8"])
     line = refused(tmp_path, "feature 'img_emb' of dataset 'elixrb/img_emb' declares shape")
     assert "'8'" in line
+
+
+# ---- a second hostile pass ----------------------------------------------------------------------------------
+def test_an_id_column_with_a_null_dataspace_is_refused(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        handle.create_dataset("Image Index", data=h5py.Empty("S16"))
+        handle[FEATURE] = embeddings()
+    refused(tmp_path, "'Image Index' holds no rows")
+
+
+def test_a_sparse_shard_declaring_a_trillion_rows_is_refused_before_its_ids_are_read(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        ids = handle.create_dataset("Image Index", shape=(2**40,), dtype="S16", chunks=(1024,))
+        ids[:3] = [name.encode() for name in NAMES]
+        values = handle.create_dataset(FEATURE, shape=(2**40, *ROW), dtype="float32", chunks=(64, *ROW))
+        values[:3] = embeddings()
+    refused(tmp_path, "declares 1,099,511,627,776 rows")
+
+
+def test_a_chunked_dataset_written_only_in_part_is_refused(tmp_path):
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        values = handle.create_dataset(FEATURE, shape=(len(NAMES), *ROW), dtype="float32", chunks=(1, *ROW),
+                                       fillvalue=0.5)
+        values[0] = embeddings()[0]
+    refused(tmp_path, "never written, in whole or in part")
+
+
+@pytest.mark.parametrize("what", ["shard", "dataset folder"])
+def test_a_shard_linked_from_outside_the_snapshot_is_refused(tmp_path, what):
+    outside = tmp_path / "outside" / DATASET
+    outside.mkdir(parents=True)
+    with h5py.File(outside / "img_emb_1.h5", "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = embeddings()
+    shard = snapshot(tmp_path / "snap")
+    if what == "shard":
+        shard.symlink_to(outside / "img_emb_1.h5")
+    else:
+        shard.parent.rmdir()
+        shard.parent.symlink_to(outside)
+    refused(tmp_path, "lies outside the snapshot")
+
+
+def test_a_hugging_face_cache_snapshot_whose_files_link_to_its_blobs_is_read(tmp_path):
+    repo = tmp_path / "datasets--Yasintuncer--nih-cxr14-elixr"
+    snap = repo / "snapshots" / "abc123"
+    shard = snapshot(snap)
+    (repo / "blobs").mkdir()
+    with h5py.File(repo / "blobs" / "0f0f", "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = embeddings()
+    shard.symlink_to(repo / "blobs" / "0f0f")
+    (tmp_path / "snap").symlink_to(snap)
+    assert build(tmp_path)["written"] == 3
+
+
+@pytest.mark.parametrize("values", [
+    [["0.5"] * 32] * 3, [[1] * 32] * 3, [[True] * 32] * 3, [[[[0.5] * 8] * 4]] * 3])
+def test_parquet_embeddings_that_are_not_floats_are_refused(tmp_path, values):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "snap"
+    folder.mkdir()
+    pq.write_table(pa.table({"Image Index": NAMES, "embedding": values}), folder / "elixr.parquet")
+    refused(tmp_path, "expected a list of floats", shape=list(ROW))
+
+
+def test_a_published_index_over_standin_shards_is_still_a_standin(tmp_path):
+    """STANDIN.json gone and datasets.json replaced by a published one: the shards still say stand-in."""
+    from cxr_diffusion.rehearsal.standin_marker import read_standin
+
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = embeddings()
+        handle.attrs["standin"] = "NOT ELIXR"
+    assert read_standin(tmp_path / "snap")["standin"] is True
+    assert build(tmp_path)["source"] == "elixr_standin"

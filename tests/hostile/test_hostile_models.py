@@ -345,19 +345,25 @@ def edit_config(model: Path, component: str, file: str = "config.json", **change
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def relabel_first_tensor(model: Path, dtype: str) -> None:
-    """Rewrite the UNet weights' header so that its first tensor claims another dtype (same byte size)."""
+def rewrite_header(model: Path, change) -> None:
+    """Rewrite the UNet weights' safetensors header as ``change(header)`` returns it; the data stays."""
     import struct
 
     path = model / UNET_WEIGHTS
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    first = next(name for name in header if name != "__metadata__")
-    header[first]["dtype"] = dtype
-    text = json.dumps(header).encode()
+    text = json.dumps(change(json.loads(data[8:8 + length]))).encode()
     text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
+def relabel_first_tensor(model: Path, dtype: str) -> None:
+    """The UNet weights' first tensor claims another dtype of the same byte size."""
+    def relabel(header: dict) -> dict:
+        first = next(name for name in header if name != "__metadata__")
+        return {**header, first: {**header[first], "dtype": dtype}}
+
+    rewrite_header(model, relabel)
 
 
 def zero_output_layer(model: Path) -> None:
@@ -381,7 +387,23 @@ def zero_output_layer(model: Path) -> None:
      "scheduler/scheduler_config.json", "trained_betas must be 1000 values inside (0, 1)"),
     (lambda m: edit_config(m, "scheduler", "scheduler_config.json", beta_end=1.5),
      "scheduler/scheduler_config.json", "beta_end 1.5 is not inside (0, 1)"),
+    (lambda m: edit_config(m, "unet", transformer_layers_per_block=10**6), "unet/config.json",
+     "transformer_layers_per_block 1000000 is not 1-16"),
+    (lambda m: edit_config(m, "unet", attention_head_dim=0), "unet/config.json", "attention_head_dim 0 is not 1-512"),
+    (lambda m: edit_config(m, "unet", norm_num_groups=0), "unet/config.json", "norm_num_groups 0 is not"),
+    (lambda m: edit_config(m, "unet", class_embed_type="identity"), "unet/config.json", "class or addition embeddings"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", beta_schedule="bogus"),
+     "scheduler/scheduler_config.json", "beta_schedule 'bogus' is not one of"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", timestep_spacing="bogus"),
+     "scheduler/scheduler_config.json", "timestep_spacing 'bogus' is not one of"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", solver_order=0),
+     "scheduler/scheduler_config.json", "solver_order 0 is not a whole number 1-3"),
     (lambda m: relabel_first_tensor(m, "I32"), UNET_WEIGHTS, "is 'I32', not floating point"),
+    (lambda m: rewrite_header(m, lambda header: []), UNET_WEIGHTS, "not a safetensors file (unreadable header)"),
+    (lambda m: rewrite_header(m, lambda header: {**header, "conv_out.weight": {
+        **header["conv_out.weight"], "data_offsets": ["a", "b"]}}), UNET_WEIGHTS, "has data_offsets ['a', 'b']"),
+    (lambda m: rewrite_header(m, lambda header: {**header, "conv_out.weight": {
+        **header["conv_out.weight"], "data_offsets": [0, 1, 2]}}), UNET_WEIGHTS, "has data_offsets [0, 1, 2]"),
     (zero_output_layer, UNET_WEIGHTS, "output layer (conv_out.weight) is all zeros"),
 ])
 def test_a_model_config_out_of_range_is_refused_before_anything_is_allocated(model, embedding, tmp_path, no_sampling,
@@ -592,6 +614,13 @@ def test_convert_weights_keeps_the_standin_label(inception_state, tmp_path):
     target = tmp_path / "converted.safetensors"
     assert runner.invoke(app, ["convert-weights", str(source), str(target), "--flavour", "torchvision"]).exit_code == 0
     assert read_standin(target)["standin"] is True
+
+
+def test_a_scheduler_class_this_project_never_saves_is_refused(model, embedding, tmp_path, no_sampling):
+    edit_index(model, scheduler=["diffusers", "VQDiffusionScheduler"])
+    write_model_files(model)
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert "component 'scheduler' is ['diffusers', 'VQDiffusionScheduler']" in line, line
 
 
 def test_a_unet_missing_a_tensor_is_refused_in_one_line(model, embedding, tmp_path, no_sampling):

@@ -35,6 +35,7 @@ PAYLOADS = [
     "nul\x00byte", "left\u202eright", "zero\u200bwidth", "soft\u00adhyphen", "join\u2060ed", "\u3164", "line\nbreak",
     "para\u2029graph", "&lt;already&gt;", "\\<escaped\\>", "<style>body{display:none}</style>", "<a href='x'>y</a>",
     "<https://example.org>", "\ue000private", "<iframe src=//evil>", "javascript:alert(1)", "'\"quotes\"'",
+    "7. a numbered list", "12) another",
 ]
 
 
@@ -55,7 +56,9 @@ def test_every_payload_comes_out_as_inert_visible_text(payload):
     cell = markdown_text(payload)
     html = rendered(f"| reader |\n|---|\n| {cell} |\n\nIn a line: {cell}\n")
     assert inert(html), (payload, html)
-    assert not any(tag in html for tag in ("<code", "<strong", "<em", "<del", "<li", "<h1")), (payload, html)
+    assert not any(tag in html for tag in ("<code", "<strong", "<em", "<del", "<li", "<h1", "<ol")), (payload, html)
+    start = rendered(f"- {cell}: x\n")  # as the first thing of a list item, where a reject line puts a file name
+    assert inert(start) and "<ol" not in start and "<ul" in start, (payload, start)
     assert html.count("<td>") == 1 and "\n" not in cell  # one cell, one line: nothing split the table
     assert all(char.isprintable() for char in visible_text(payload))
 
@@ -82,15 +85,18 @@ def report_of(metrics: dict) -> str:
 
 
 @pytest.mark.parametrize("payload", ["<script>alert(1)</script>", "![b](https://t.example/p.png)",
-                                     "[x](javascript:alert(1))", "<!-- hide", "**(pooled)**", "a|b"])
-def test_reader_ids_reach_the_report_as_text(tmp_path, key_path, payload):
+                                     "[x](javascript:alert(1))", "<!-- hide", "**(pooled)**", "a|b", "(pooled)"])
+def test_reader_ids_reach_the_report_only_as_text(tmp_path, key_path, payload):
+    """Markup in an id is refused (bad_reader_id) and its reason, quoting the id, is escaped; "(pooled)" is a
+    valid id whose row cannot pass for the pooled one."""
     response_file(tmp_path / "responses", key_path, payload, truthful, name="pilot-1__r.json")
     metrics = score_responses(tmp_path / "responses", key_path)
-    assert metrics["readers"] == 1, metrics["rejects"]
     html = rendered(report_of(metrics))
     assert inert(html), html
-    assert report_of(metrics).count(POOLED_ROW) == 1
-    assert html.count("<strong>") == 2  # the pooled row's label and the headline accuracy: no fake pooled row
+    if metrics["readers"]:
+        assert report_of(metrics).count(POOLED_ROW) == 1 and html.count("<strong>") == 2
+    else:
+        assert metrics["rejects"][0]["reason"].startswith("bad_reader_id: ")
 
 
 @pytest.mark.parametrize("reader", ["nul\x00", "esc\x1b[2J", "rtl\u202eevil", "zero\u200bwidth", "\u3164",
@@ -108,19 +114,23 @@ def test_reader_ids_with_hidden_characters_or_mixed_scripts_are_rejected(tmp_pat
     assert inert(rendered(report_of(metrics)))
 
 
-@pytest.mark.parametrize(("one", "other"), [("Alice", "alice "), ("dr  smith", "Dr Smith"),
-                                            ("Alice", "\u0410l\u0456\u0441\u0435"), ("\uff42\uff4f\uff42", "bob")])
+@pytest.mark.parametrize(("one", "other"), [("Alice", "alice "), ("dr  smith", "Dr Smith"), ("Jos\u00e9", "JOSE"),
+                                            ("\uff42\uff4f\uff42", "bob")])
 def test_ids_that_only_look_different_are_one_reader(one, other):
     assert same_reader(one) == same_reader(other)
 
 
-def test_look_alike_ids_count_as_one_reader_and_both_files_are_rejected(tmp_path, key_path):
+@pytest.mark.parametrize("look_alike", ["\u0430\u04cf\u0456\u0441\u0435", "\u039d\u0399\u039d\u0391",
+                                        "\u13aa\u13de\u13c6\u13df\u13ac", "\u0251lice", "al\u0131ce",
+                                        "\u042c\u043e\u044c"])
+def test_an_id_in_look_alike_letters_is_refused_so_one_reader_never_counts_twice(tmp_path, key_path, look_alike):
+    """Cyrillic, Greek capitals, Cherokee, a Latin alpha, a dotless i: each can imitate a Latin id."""
     responses = tmp_path / "responses"
     response_file(responses, key_path, "alice", truthful, name="pilot-1__a.json")
-    response_file(responses, key_path, "\u0430\u04cf\u0456\u0441\u0435", truthful, name="pilot-1__b.json")  # Cyrillic
+    response_file(responses, key_path, look_alike, truthful, name="pilot-1__b.json")
     metrics = score_responses(responses, key_path)
-    assert metrics["readers"] == 0
-    assert [reject["reason"].split(":")[0] for reject in metrics["rejects"]] == ["duplicate_reader"] * 2
+    assert list(metrics["per_reader"]) == ["alice"]
+    assert [reject["reason"].split(":")[0] for reject in metrics["rejects"]] == ["bad_reader_id"]
 
 
 def test_a_study_id_starting_with_readme_is_scored_and_hidden_files_and_links_are_listed(tmp_path, key_path):
@@ -174,3 +184,16 @@ def test_the_comparison_report_escapes_input_strings(tmp_path):
     out = write_report(params, summary, evaluations, {}, tmp_path / "report.md")
     html = rendered(out.read_text())
     assert "onerror" in html and inert(html), html
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_and_the_metrics_stay_json(tmp_path, key_path):
+    """A name with a byte that is not UTF-8 reached metrics/reader_study.json, which compare then refused."""
+    from cxr_diffusion.io import write_json
+
+    responses = tmp_path / "responses"
+    path = response_file(responses, key_path, "r1", truthful)
+    os.rename(path, os.fsencode(responses) + b"/pilot-1__\xff.json")
+    metrics = score_responses(responses, key_path)
+    assert metrics["readers"] == 0 and metrics["rejects"][0]["reason"].startswith("not_a_response: its name")
+    write_json(tmp_path / "metrics.json", metrics)
+    assert read_json(tmp_path / "metrics.json", "unused")["rejects"][0]["file"] == "pilot-1__\\udcff.json"

@@ -67,3 +67,19 @@ def test_a_store_of_another_branch_is_refused_before_the_model_loads(tmp_path, m
         tmp_path / "figures", tmp_path / "m.json"), UtilityError)
     assert "holds 'clip_vision' conditions, not elixr's" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_rows_of_another_arm_or_scores_that_are_not_floats_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = real_arm(tmp_path / "a", np.full((3, 2), 0.25))
+    table = pq.read_table(folder / SCORES)
+    pq.write_table(table.set_column(0, "arm", pa.array(["real", "synthetic", "real"])), folder / SCORES)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    assert "rows of arms ['real', 'synthetic'], expected only 'real'" in message
+    folder = real_arm(tmp_path / "b", np.full((3, 2), 0.25))
+    table = pq.read_table(folder / SCORES)
+    pq.write_table(table.set_column(2, "Effusion", pa.array([" 0.7 ", "0.1", "0.2"])), folder / SCORES)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    assert "class columns ['Effusion'] are not floating-point probabilities (string)" in message

@@ -2,13 +2,16 @@
 
 `fetch --record-present` records what a person placed. A folder passes only if it is the asset: CLIP's
 ``config.json`` says ``"model_type": "clip"``, the VAE's says ``"_class_name": "AutoencoderKL"``, and both
-hold safetensors weights (a pickled ``.bin`` alone is refused: this project never unpickles); an ELIXR
-snapshot has a readable ``datasets.json`` with at least one dataset. Anything else, such as ``/etc``, is
+hold safetensors files that list tensors (a pickled ``.bin`` alone is refused: this project never
+unpickles); an ELIXR snapshot has a readable ``datasets.json`` offering the dataset ``elixr.dataset`` names,
+and HDF5 shards in its folder. Anything else, such as ``/etc``, is
 refused before a file in it is hashed.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from cxr_diffusion.assets.catalog import Asset
@@ -29,9 +32,15 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         from cxr_diffusion.data.nih import DataError
 
         try:
-            read_snapshot_index(folder)
+            offered, _ = read_snapshot_index(folder)
         except DataError as error:
             raise AssetError(f"{asset.target} is not an ELIXR snapshot: {error}") from None
+        dataset = _selected_dataset(asset)
+        if dataset is not None and dataset not in offered:
+            raise AssetError(f"{asset.target}: its datasets.json offers {sorted(offered)}, not {dataset} "
+                             f"(elixr.dataset); download the snapshot again")
+        if dataset is not None and not any((folder / dataset).glob("*.h5")):
+            raise AssetError(f"{asset.target}: no HDF5 shards in {dataset}/; download the snapshot again")
         return
     key, expected = CONFIG_CLASS[asset.name]
     config_path = folder / "config.json"
@@ -44,8 +53,32 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         raise AssetError(str(error)) from None
     if config.get(key) != expected:
         raise AssetError(f"{config_path}: {key} is {visible_text(repr(config.get(key)), 60)}, not {expected!r}; {fix}")
-    if not any(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
         pickled = sorted(path.name for path in folder.iterdir() if path.suffix in PICKLE_SUFFIXES)
         why = f"only pickled weights ({', '.join(pickled[:3])}), which this project never loads" if pickled else \
             "no weights"
         raise AssetError(f"{asset.target} holds {why}; download its .safetensors files ({fix})")
+    for path in weights:
+        if not path.is_file() or tensor_count(path) == 0:
+            raise AssetError(f"{path}: not a safetensors file holding tensors; download it again ({fix})")
+
+
+def tensor_count(path: Path) -> int:
+    """How many tensors a safetensors file's header lists (0 for anything that is not one): read, not loaded."""
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+        if not 2 <= length <= 100 << 20:
+            return 0
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError):
+            return 0
+    return sum(1 for name in header if name != "__metadata__") if isinstance(header, dict) else 0
+
+
+def _selected_dataset(asset: Asset) -> str | None:
+    """The snapshot dataset the params read, from the download patterns (``<dataset>/*``)."""
+    patterns = getattr(asset.source, "allow_patterns", None) or ()
+    return next((pattern[:-2] for pattern in patterns if pattern.endswith("/*")), None)

@@ -42,9 +42,9 @@ def build_elixr_store(filtered_csv: Path, config: ElixrConfig, out_dir: Path, re
     names = _read_filtered_names(Path(filtered_csv))
     expected = tuple(config.shape) if config.shape is not None else None
     source = scan_elixr_source(config)
-    if source.info.get("standin") and source_label == "elixr":
+    if source.is_standin and source_label == "elixr":
         # The label comes from the files, not from which param named them: a stand-in is never reported as ELIXR.
-        print(f"embed_elixr: {config.path} is a stand-in snapshot (its datasets.json says so), NOT ELIXR; "
+        print(f"embed_elixr: {config.path} is a stand-in snapshot (its files say so), NOT ELIXR; "
               f"it is labelled elixr_standin in the metrics and the report", flush=True)
         source_label = "elixr_standin"
     files = source.files

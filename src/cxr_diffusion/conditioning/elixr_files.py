@@ -49,6 +49,7 @@ SNAPSHOT_INDEX = "datasets.json"
 # ELIXR-C rows 64 x 1376; a million tokens per row would make a terabyte store at nih-512.
 MAX_TOKENS, MAX_DIM = 1024, 8192
 MAX_SIZE = MAX_TOKENS * MAX_DIM  # any one declared axis
+MAX_ROWS = 10_000_000  # per file: NIH ChestX-ray14 has 112,120 images; ids are read whole at scan time
 # A dataset or feature name with one of these words (split on '/' and '_') is a text-tower output.
 TEXT_WORDS: frozenset[str] = frozenset({"txt", "text"})
 
@@ -85,6 +86,7 @@ class ElixrFile:
     image_ids: tuple[str, ...]     # normalized (``.png`` added), in row order
     shape: tuple[int, int] | None  # (tokens, dim); None only for an empty Parquet file of nested lists
     column: str                    # the HDF5 dataset or Parquet column holding the embeddings
+    standin: bool = False          # the file says it is a stand-in (an HDF5 ``standin`` attribute)
 
     @property
     def is_hdf5(self) -> bool:
@@ -99,6 +101,11 @@ class ElixrSource:
     dataset: str | None    # snapshot dataset read; None for "files"
     feature: str | None    # snapshot feature read; None for "files"
     info: dict             # datasets.json's "info" (e.g. the stand-in's label); {} for "files"
+
+    @property
+    def is_standin(self) -> bool:
+        """The snapshot's index or any of its shards says it is a stand-in, not ELIXR."""
+        return bool(self.info.get("standin")) or any(file.standin for file in self.files)
 
 
 def scan_elixr_source(config: ElixrConfig) -> ElixrSource:
@@ -150,6 +157,13 @@ def find_snapshot_shards(root: Path, dataset: str) -> list[Path]:
                         f"is the download complete?")
     shards = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in HDF5_SUFFIXES
                      and not p.name.startswith(".")), key=shard_sort_key)
+    inside = Path(root).resolve()
+    # A Hugging Face cache snapshot links its files to the repository's blobs/: that is inside it too.
+    allowed = [inside, inside.parent.parent / "blobs"] if inside.parent.name == "snapshots" else [inside]
+    for shard in shards:  # a link may point anywhere: what is read must lie in the snapshot
+        if not any(place in shard.resolve().parents for place in allowed):
+            raise DataError(f"{shard}: lies outside the snapshot at {root} (it links to {shard.resolve()}); "
+                            f"copy the shard itself into the snapshot")
     if not shards:
         raise DataError(f"{folder}: no HDF5 shards ({', '.join(HDF5_SUFFIXES)}) for dataset '{dataset}'; "
                         f"is the download complete?")
@@ -407,7 +421,8 @@ def _scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None
         row = _declared_row(path, column, tuple(values.shape[1:]), declared)
         shape = _checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
         image_ids = tuple(_normalized(path, number, value) for number, value in enumerate(raw_ids))
-    return ElixrFile(path, image_ids, shape, column)
+        standin = bool(handle.attrs.get("standin"))
+    return ElixrFile(path, image_ids, shape, column, standin)
 
 
 def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, what: str) -> None:
@@ -425,14 +440,27 @@ def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, 
             kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
             raise DataError(f"{path}: '{name}' is {kind}; a shard must hold its data itself (download it again)")
     dataset = handle[name]
+    if dataset.shape is None or not dataset.shape:  # a NULL dataspace (h5py.Empty) or a scalar holds no rows
+        raise DataError(f"{path}: '{name}' holds no rows (shape {dataset.shape}); is this an ELIXR shard?")
+    if dataset.shape[0] > MAX_ROWS:
+        raise DataError(f"{path}: '{name}' declares {dataset.shape[0]:,} rows, more than a shard holds "
+                        f"(NIH ChestX-ray14 has 112,120 images in all); is this an ELIXR shard?")
     if dataset.is_virtual or dataset.external:
         source = "a virtual dataset over other files" if dataset.is_virtual else "stored in external files"
         raise DataError(f"{path}: '{name}' is {source}; a shard must hold its data itself (download it again)")
-    if dataset.size and dataset.id.get_storage_size() == 0:
-        raise DataError(f"{path}: '{name}' was never written (HDF5 would give its fill value for every row); "
-                        f"the shard is incomplete: download it again")
+    if dataset.size and (dataset.id.get_storage_size() == 0 or _unwritten_chunks(dataset)):
+        raise DataError(f"{path}: '{name}' was never written, in whole or in part (HDF5 would give its fill value "
+                        f"for those rows); the shard is incomplete: download it again")
     if dataset.dtype.kind not in kinds or dataset.dtype.names is not None:
         raise DataError(f"{path}: '{name}' holds {dataset.dtype}, expected {what}; is this an ELIXR shard?")
+
+
+def _unwritten_chunks(dataset: h5py.Dataset) -> bool:
+    """True when a chunked dataset has chunks that were never written (only their fill value exists)."""
+    if dataset.chunks is None:
+        return False
+    expected = math.prod(math.ceil(size / chunk) for size, chunk in zip(dataset.shape, dataset.chunks))
+    return dataset.id.get_num_chunks() < expected
 
 
 def _declared_row(path: Path, column: str, row: tuple[int, ...], declared: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -493,6 +521,12 @@ def _list_shape(path: Path, column: str, values: pa.Array) -> tuple[int, ...]:
     if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type) \
             and not pa.types.is_fixed_size_list(values.type):
         raise DataError(f"{path}: column '{column}' is {values.type}, expected a list of floats (or of lists)")
+    inner = values.type.value_type
+    nested = pa.types.is_list(inner) or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner)
+    leaf = inner.value_type if nested else inner
+    if not pa.types.is_floating(leaf):  # strings, ints, bools or deeper lists would be cast or fail on read
+        raise DataError(f"{path}: column '{column}' is {values.type}, expected a list of floats (or of lists of "
+                        f"floats)")
     row = values[0].as_py()
     if row is None:
         raise DataError(f"{path}: row 0 of column '{column}' is empty (null); every row needs an embedding")

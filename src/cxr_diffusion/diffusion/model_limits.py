@@ -4,11 +4,13 @@ The hashes in ``model_files.sha256.json`` say the files are the ones saved; they
 are sane, and a hand-made folder can carry its own hashes. Read before diffusers builds a module:
 
 - ``unet/config.json``: ``sample_size`` 1-1024 (an int or [height, width]), channels 1-64, at most 8 blocks of
-  1-4096 channels, 1-16 layers per block, ``cross_attention_dim`` 1-8192: a huge or negative value would try to
-  allocate tens of GB or fail deep inside torch;
+  1-4096 channels, 1-16 layers per block, 1-16 transformer layers, 1-64 heads, head dims 1-512, 1-128 norm
+  groups, ``cross_attention_dim`` 1-8192, no class embedding: a huge, zero or negative value would try to
+  allocate tens of GB, divide by zero or fail deep inside torch;
 - ``condition_adapter/config.json``: tokens 1-1024, dims 1-8192;
 - ``scheduler/scheduler_config.json``: 1-100000 training timesteps (10^9 would hang sampling), betas inside
-  (0, 1), ``trained_betas`` one per timestep;
+  (0, 1), ``trained_betas`` one per timestep, a known ``beta_schedule``, ``timestep_spacing`` and
+  ``prediction_type``, ``solver_order`` 1-3;
 - every weights file's safetensors header: floating-point tensors only (an F32 tensor relabelled I32 loads as
   garbage that is still "finite"), and the UNet's output layer not all zeros (a model that predicts nothing).
 """
@@ -26,7 +28,14 @@ from cxr_diffusion.io import JsonFileError, read_json
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 UNET_RANGES = {"in_channels": (1, 64), "out_channels": (1, 64), "cross_attention_dim": (1, 8192),
-               "layers_per_block": (1, 16)}
+               "layers_per_block": (1, 16), "norm_num_groups": (1, 128)}
+# Keys that may be one number or one per block, and their range; None (absent) is diffusers' default.
+UNET_PER_BLOCK = {"transformer_layers_per_block": (1, 16), "num_attention_heads": (1, 64),
+                  "attention_head_dim": (1, 512)}
+SCHEDULER_CHOICES = {"beta_schedule": {"linear", "scaled_linear", "squaredcos_cap_v2"},
+                     "timestep_spacing": {"leading", "trailing", "linspace"},
+                     "prediction_type": {"epsilon", "v_prediction", "sample"}}
+SCHEDULER_RANGES = {"solver_order": (1, 3), "steps_offset": (0, 1000)}
 ADAPTER_RANGES = {"tokens": (1, 1024), "dim": (1, 8192), "out_tokens": (1, 1024), "out_dim": (1, 8192)}
 MAX_TIMESTEPS = 100_000
 _FIX = "retrain it (`dvc repro`, stage train@<branch>) or re-fetch the folder"
@@ -43,6 +52,16 @@ def check_model_limits(model_dir: Path) -> None:
     for key, bounds in UNET_RANGES.items():
         _in_range(model_dir / "unet" / "config.json", key, unet.get(key), bounds, optional=key == "cross_attention_dim")
     _sample_size(model_dir / "unet" / "config.json", unet.get("sample_size"))
+    for key, (low, high) in UNET_PER_BLOCK.items():
+        value = unet.get(key)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and not (1 <= len(values) <= 8 and all(_whole(v, low, high) for v in values)):
+            raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: {key} {_short(value)} is not {low}-{high} "
+                                   f"(or one such number per block); {_FIX}")
+    if unet.get("class_embed_type") is not None or unet.get("addition_embed_type") is not None:
+        raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: class or addition embeddings "
+                               f"({_short(unet.get('class_embed_type') or unet.get('addition_embed_type'))}) are "
+                               f"not part of this project's UNet; {_FIX}")
     blocks = unet.get("block_out_channels")
     if not (isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(_whole(v, 1, 4096) for v in blocks)):
         raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: block_out_channels {_short(blocks)} is not "
@@ -96,6 +115,11 @@ def _check_scheduler(path: Path) -> None:
         value = config.get(key)
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
             raise ModelConfigError(f"{path}: {key} {_short(value)} is not inside (0, 1); {_FIX}")
+    for key, choices in SCHEDULER_CHOICES.items():
+        if key in config and config[key] not in choices:
+            raise ModelConfigError(f"{path}: {key} {_short(config[key])} is not one of {sorted(choices)}; {_FIX}")
+    for key, bounds in SCHEDULER_RANGES.items():
+        _in_range(path, key, config.get(key), bounds, optional=True)
     betas = config.get("trained_betas")
     if betas is not None and not (isinstance(betas, list) and len(betas) == steps and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 < b < 1 for b in betas)):
@@ -112,7 +136,9 @@ def _check_weights_header(path: Path) -> None:
         try:
             header = json.loads(handle.read(length))
         except (ValueError, RecursionError):
-            raise ModelConfigError(f"{path}: not a safetensors file (unreadable header); {_FIX}") from None
+            header = None
+        if not isinstance(header, dict):
+            raise ModelConfigError(f"{path}: not a safetensors file (unreadable header); {_FIX}")
         data_start = 8 + length
         for name, entry in header.items():
             if name == "__metadata__":
@@ -120,8 +146,13 @@ def _check_weights_header(path: Path) -> None:
             dtype = entry.get("dtype") if isinstance(entry, dict) else None
             if dtype not in FLOAT_DTYPES:
                 raise ModelConfigError(f"{path}: tensor {_short(name)} is {_short(dtype)}, not floating point; {_FIX}")
+            offsets = entry.get("data_offsets")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(v, 0, 2**62) for v in offsets)
+                    and offsets[0] <= offsets[1]):
+                raise ModelConfigError(f"{path}: tensor {_short(name)} has data_offsets {_short(offsets)}, not "
+                                       f"[start, end]; {_FIX}")
         output = header.get("conv_out.weight") if path.parent.name == "unet" else None
-        if isinstance(output, dict) and isinstance(output.get("data_offsets"), list):
+        if isinstance(output, dict):
             start, end = output["data_offsets"]
             handle.seek(data_start + start)
             if not any(handle.read(min(end - start, 1 << 24))):

@@ -14,17 +14,19 @@ listed with a reason ``<code>: <detail>``, the code one of ``REJECT_CODES``: als
 object (JSON readers keep the last silently), a symbolic link (it may point anywhere), a hidden file, and
 any other file in the folder but its own README (``FOLDER_FILES``).
 
-A reader id is text a person can read and tell apart: no invisible or control characters, no blank
-letters, one script (Latin, Cyrillic, Greek, ...; Japanese kana with kanji count as one). Two files of the
-same reader are both rejected (which one is the reader's last word is for a person to decide: keep one
-and rerun); ids are compared as ``same_reader`` folds them: Unicode NFKC, case folding, inner whitespace
-as one space, and look-alike Cyrillic and Greek letters as their Latin twins, so "Alice", "alice " and
-"Аlice" (a Cyrillic A) are one reader.
+A reader id is a name a person can read and that no other id can imitate: Latin letters (accents
+allowed), digits, spaces and ``. _ - ' @ ( ) / , +``. Look-alike letters of other scripts (a Cyrillic "а", a Greek
+capital "Ν", a Cherokee "Ꭺ", a Latin alpha "ɑ" or dotless "ı") would let one person count as two readers,
+so ids are kept to what is unambiguous on screen; a study coordinator gives readers codes when names do not
+fit. Two files of the same reader are both rejected (which one is the reader's last word is for a person
+to decide: keep one and rerun); ids are compared as ``same_reader`` folds them: accents dropped, case
+folded, inner whitespace as one space, so "José", "jose " and "JOSE" are one reader.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
@@ -43,14 +45,7 @@ MAX_FILE_BYTES = 16 * 2**20  # an export of thousands of items with long notes i
 REJECT_CODES = ("not_json", "bad_format", "other_study", "other_kit", "unknown_item", "out_of_range",
                 "duplicate_reader", "bad_reader_id", "not_a_response")
 FOLDER_FILES = frozenset({"readme", "readme.md", "readme.txt", ".gitkeep"})  # the folder's own, never scored
-# Cyrillic and Greek letters drawn like a Latin one (after case folding): one reader whatever the keyboard.
-LOOK_ALIKES = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "ё": "e", "һ": "h", "і": "i", "ї": "i", "ј": "j", "к": "k", "м": "m", "н": "h",
-    "о": "o", "р": "p", "с": "c", "ѕ": "s", "т": "t", "у": "y", "х": "x", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ӏ": "l",
-    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "μ": "u", "ν": "v", "ο": "o", "ρ": "p", "τ": "t",
-    "υ": "u", "χ": "x", "ω": "w",
-})
-_ONE_SCRIPT = {"HIRAGANA": "JAPANESE", "KATAKANA": "JAPANESE", "CJK": "JAPANESE"}
+READER_ID = re.compile(r"[A-Za-z0-9 ._'@()/,+-]+")  # after accents are dropped (``_plain``); page/app.js agrees
 _KEY_FIX = "rebuild the reader-study kit: its answer key is written with it"
 
 
@@ -127,6 +122,9 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
     rejects: list[dict] = []
     for path in paths:
         try:
+            if not _is_text(path.name):  # os gives undecodable bytes as lone surrogates, which no JSON can hold
+                raise Rejected("not_a_response", "its name is not valid UTF-8 text; rename it "
+                                                 "<study_id>__<reader>.json")
             if path.name.startswith("."):
                 raise Rejected("not_a_response", "a hidden file; if it holds answers, name it "
                                                  "<study_id>__<reader>.json")
@@ -140,6 +138,8 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
             rejects.append({"file": path.name, "reason": str(rejected)})
         except OSError as error:  # unreadable (permissions, a link to a device): listed, never fatal
             rejects.append({"file": path.name, "reason": f"not_json: cannot be read ({error.strerror or error})"})
+    for reject in rejects:  # the metrics file is JSON text: a name's undecodable bytes are shown escaped
+        reject["file"] = reject["file"] if _is_text(reject["file"]) else visible_text(reject["file"], 200)
     by_reader: dict[str, list[ReaderResponse]] = defaultdict(list)
     for response in accepted:
         by_reader[same_reader(response.reader_id)].append(response)
@@ -157,8 +157,12 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
 
 def same_reader(reader_id: str) -> str:
     """The form two reader ids are compared in (see the module docstring)."""
-    folded = unicodedata.normalize("NFKC", reader_id).casefold()
-    return " ".join(folded.translate(LOOK_ALIKES).split())
+    return " ".join(_plain(reader_id).casefold().split())
+
+
+def _plain(text: str) -> str:
+    """``text`` in compatibility form with its accents (combining marks) dropped: "Ｊosé" -> "Jose"."""
+    return "".join(char for char in unicodedata.normalize("NFKD", text) if not unicodedata.combining(char))
 
 
 def reader_id_problem(reader_id: object) -> str | None:
@@ -170,15 +174,11 @@ def reader_id_problem(reader_id: object) -> str | None:
         return f"holds invisible or control characters ({', '.join(f'U+{ord(char):04X}' for char in hidden)})"
     if not reader_id.strip():
         return "is blank"
-    scripts = {_script(char) for char in unicodedata.normalize("NFKC", reader_id) if char.isalpha()}
-    if len(scripts) > 1:
-        return f"mixes scripts ({', '.join(sorted(scripts))}), so it can pass for another reader's id"
+    others = sorted({char for char in _plain(reader_id) if not READER_ID.fullmatch(char)})
+    if others:
+        return (f"holds {', '.join(f'{char!r} (U+{ord(char):04X})' for char in others[:3])}: reader ids are Latin "
+                f"letters (accents allowed), digits, spaces and . _ - ' @ ( ) / , +, so that no id can imitate another")
     return None
-
-
-def _script(letter: str) -> str:
-    first = unicodedata.name(letter, "UNKNOWN").split()[0]
-    return _ONE_SCRIPT.get(first, first)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -226,6 +226,14 @@ def read_response(path: Path, key: StudyKey) -> ReaderResponse:
     if not answers:
         raise Rejected("bad_format", "no answers (exported before any item was answered); export again at the end")
     return ReaderResponse(file=path.name, reader_id=" ".join(reader.split()), answers=answers)
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_iso_time(value: object) -> bool:

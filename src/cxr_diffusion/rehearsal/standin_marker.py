@@ -92,7 +92,21 @@ def _content_label(folder: Path) -> dict | None:
         label = _metadata_label(weights)
         if label is not None:
             return label
+    if index.is_file():  # a published index over stand-in shards (e.g. a partial re-download): the shards say so
+        shard = next(iter(sorted(folder.rglob("*.h5"))), None)
+        if shard is not None and _hdf5_label(shard):
+            return {"standin": True, "warning": WARNING}
     return None
+
+
+def _hdf5_label(path: Path) -> bool:
+    import h5py  # only for a folder with an ELIXR index: keeps this module light for everything else
+
+    try:
+        with h5py.File(path, "r") as handle:
+            return bool(handle.attrs.get("standin"))
+    except OSError:
+        return False
 
 
 def read_standin(target: Path) -> dict | None:

@@ -84,7 +84,9 @@ def _check_every_weight_loaded(pipeline: CXRDiffusionPipeline, model_dir: Path) 
 _COMPONENTS: dict[str, tuple[str, str]] = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "condition_adapter": ("cxr_diffusion.diffusion.condition", "ConditionAdapter"),
-    "scheduler": ("diffusers", r"\w+Scheduler"),  # the saved one; sampling_scheduler picks the sampler
+    # The saved one (sampling_scheduler picks the sampler): only the discrete-time schedulers this project uses.
+    "scheduler": ("diffusers", r"(DDPM|DDIM|DPMSolverMultistep|EulerDiscrete|EulerAncestralDiscrete|UniPCMultistep"
+                               r"|PNDM)Scheduler"),
     "tokenizer": ("transformers", r"CLIPTokenizer(Fast)?"),
     "text_encoder": ("transformers", r"CLIP\w+"),
     "image_processor": ("transformers", r"CLIP\w+"),

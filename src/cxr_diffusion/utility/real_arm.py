@@ -83,6 +83,13 @@ def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str]) 
         raise UtilityError(f"{real_dir}: scored classes {facts.get('classes')}, this run's are {classes}; {fix}")
     if table.column("image_index").to_pylist() != image_indices:
         raise UtilityError(f"{real_dir / SCORES}: scored other test images than this run's real test split; {fix}")
+    if set(table.column("arm").to_pylist()) != {REAL}:
+        raise UtilityError(f"{real_dir / SCORES}: rows of arms {sorted(map(str, set(table.column('arm').to_pylist())))}"
+                           f", expected only {REAL!r}; {fix}")
+    not_float = [name for name in classes if not pa.types.is_floating(table.schema.field(name).type)]
+    if not_float:  # strings, bools or decimals would be cast silently; lists would fail later
+        raise UtilityError(f"{real_dir / SCORES}: class columns {not_float} are not floating-point probabilities "
+                           f"({table.schema.field(not_float[0]).type}); {fix}")
     scores = np.column_stack([table.column(name).to_numpy(zero_copy_only=False) for name in classes]).astype(np.float64)
     # Checked here, before a synthetic image is made: a NaN found after the arms were trained wastes the run.
     outside = ~(np.isfinite(scores) & (scores >= 0.0) & (scores <= 1.0))

@@ -351,6 +351,12 @@
       event.preventDefault();
       // Invisible and control characters would make one reader two (scoring refuses them): typed ids lose them.
       var reader = $("reader-id").value.replace(HIDDEN_CHARACTERS, "").replace(/\s+/g, " ").trim();
+      // As scoring requires: Latin letters (accents allowed), digits and a few signs, so no id imitates another.
+      var plain = reader.normalize("NFKD").replace(/\p{M}/gu, "");
+      if (reader && !/^[A-Za-z0-9 ._'@()\/,+-]+$/.test(plain)) {
+        window.alert("Please use Latin letters, digits, spaces and . _ - ' @ ( ) / , + in your reader id.");
+        return;
+      }
       if (reader) begin(reader);
     });
     $("switch-reader").addEventListener("click", function () {
