@@ -244,4 +244,42 @@ def test_an_elixr_index_without_the_selected_dataset_or_its_shards_is_not_record
     assert "offers ['other'], not elixrb/img_emb" in record_present(tmp_path)
     (snapshot / "datasets.json").write_text(json.dumps(
         {"datasets": {"elixrb": {"img_emb": {"type": "dataset", "features": {"img_emb": {"shape": [32, 768]}}}}}}))
-    assert "no HDF5 shards in elixrb/img_emb/" in record_present(tmp_path)
+    assert "the folder of dataset 'elixrb/img_emb' is missing from the snapshot" in record_present(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["a link out", "not hdf5"])
+def test_an_elixr_shard_that_is_a_link_out_or_not_hdf5_is_not_recorded(tmp_path, shard):
+    raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
+    raw["clip"]["model"], raw["train"]["space"] = "demo", "pixel"
+    for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
+        raw["evaluate"][key] = None
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    snapshot = tmp_path / raw["elixr"]["path"]
+    (snapshot / "elixrb" / "img_emb").mkdir(parents=True)
+    (snapshot / "datasets.json").write_text(json.dumps(
+        {"datasets": {"elixrb": {"img_emb": {"type": "dataset", "features": {"img_emb": {"shape": [32, 768]}}}}}}))
+    path = snapshot / "elixrb" / "img_emb" / "img_emb_1.h5"
+    if shard == "a link out":
+        (tmp_path / "passwd").write_text("root:x:0:0\n")
+        path.symlink_to(tmp_path / "passwd")
+        assert "lies outside the snapshot" in record_present(tmp_path)
+    else:
+        path.write_text("not hdf5")
+        assert "img_emb_1.h5: not an HDF5 file" in record_present(tmp_path)
+
+
+def test_a_partly_redownloaded_standin_snapshot_is_still_a_standin(tmp_path):
+    """Index and one shard replaced by published-looking files; the other shards still carry the label."""
+    import h5py
+
+    from cxr_diffusion.rehearsal.standin_marker import read_standin
+
+    folder = tmp_path / "snap" / "elixrb" / "img_emb"
+    folder.mkdir(parents=True)
+    (tmp_path / "snap" / "datasets.json").write_text(json.dumps({"info": {}, "datasets": {}}))
+    for number in (1, 2):
+        with h5py.File(folder / f"img_emb_{number}.h5", "w") as handle:
+            handle["img_emb"] = np.ones((1, 2), np.float32)
+            if number == 2:
+                handle.attrs["standin"] = "NOT ELIXR"
+    assert read_standin(tmp_path / "snap")["standin"] is True

@@ -278,3 +278,14 @@ def test_a_published_index_over_standin_shards_is_still_a_standin(tmp_path):
         handle.attrs["standin"] = "NOT ELIXR"
     assert read_standin(tmp_path / "snap")["standin"] is True
     assert build(tmp_path)["source"] == "elixr_standin"
+
+
+def test_ids_wider_than_any_image_id_are_refused_before_they_are_read(tmp_path):
+    """50 ids of 4 MB each, gzipped into 200 KB: the whole column would be read at scan time."""
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        ids = handle.create_dataset("Image Index", shape=(len(NAMES),), dtype="S4000000", chunks=(1,),
+                                    compression="gzip")
+        ids[:] = [name.encode() for name in NAMES]
+        handle[FEATURE] = embeddings()
+    refused(tmp_path, "holds ids 4,000,000 bytes wide")

@@ -39,8 +39,8 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         if dataset is not None and dataset not in offered:
             raise AssetError(f"{asset.target}: its datasets.json offers {sorted(offered)}, not {dataset} "
                              f"(elixr.dataset); download the snapshot again")
-        if dataset is not None and not any((folder / dataset).glob("*.h5")):
-            raise AssetError(f"{asset.target}: no HDF5 shards in {dataset}/; download the snapshot again")
+        if dataset is not None:
+            _check_shards(asset, folder, dataset)
         return
     key, expected = CONFIG_CLASS[asset.name]
     config_path = folder / "config.json"
@@ -62,6 +62,24 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
     for path in weights:
         if not path.is_file() or tensor_count(path) == 0:
             raise AssetError(f"{path}: not a safetensors file holding tensors; download it again ({fix})")
+
+
+def _check_shards(asset: Asset, folder: Path, dataset: str) -> None:
+    """The dataset's shards lie inside the snapshot (the reader's own rule) and each opens as HDF5."""
+    import h5py
+
+    from cxr_diffusion.conditioning.elixr_files import find_snapshot_shards
+    from cxr_diffusion.data.nih import DataError
+
+    try:
+        shards = find_snapshot_shards(folder, dataset)
+    except DataError as error:
+        raise AssetError(f"{asset.target}: {error}") from None
+    for shard in shards:
+        try:
+            h5py.File(shard, "r").close()
+        except OSError:
+            raise AssetError(f"{shard}: not an HDF5 file; download the snapshot again") from None
 
 
 def tensor_count(path: Path) -> int:

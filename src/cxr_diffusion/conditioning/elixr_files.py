@@ -50,6 +50,7 @@ SNAPSHOT_INDEX = "datasets.json"
 MAX_TOKENS, MAX_DIM = 1024, 8192
 MAX_SIZE = MAX_TOKENS * MAX_DIM  # any one declared axis
 MAX_ROWS = 10_000_000  # per file: NIH ChestX-ray14 has 112,120 images; ids are read whole at scan time
+MAX_ID_BYTES = 256  # a fixed-width id ("00000001_000.png" is 16 bytes)
 # A dataset or feature name with one of these words (split on '/' and '_') is a text-tower output.
 TEXT_WORDS: frozenset[str] = frozenset({"txt", "text"})
 
@@ -453,6 +454,9 @@ def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, 
                         f"for those rows); the shard is incomplete: download it again")
     if dataset.dtype.kind not in kinds or dataset.dtype.names is not None:
         raise DataError(f"{path}: '{name}' holds {dataset.dtype}, expected {what}; is this an ELIXR shard?")
+    if dataset.dtype.kind in "SU" and dataset.dtype.itemsize > MAX_ID_BYTES:  # read whole at scan time
+        raise DataError(f"{path}: '{name}' holds ids {dataset.dtype.itemsize:,} bytes wide (an NIH id is 16); "
+                        f"is this an ELIXR shard?")
 
 
 def _unwritten_chunks(dataset: h5py.Dataset) -> bool:

@@ -92,9 +92,8 @@ def _content_label(folder: Path) -> dict | None:
         label = _metadata_label(weights)
         if label is not None:
             return label
-    if index.is_file():  # a published index over stand-in shards (e.g. a partial re-download): the shards say so
-        shard = next(iter(sorted(folder.rglob("*.h5"))), None)
-        if shard is not None and _hdf5_label(shard):
+    if index.is_file():  # a published index over stand-in shards (e.g. a partial re-download): any shard says so
+        if any(_hdf5_label(shard) for shard in sorted(folder.rglob("*.h5"))):
             return {"standin": True, "warning": WARNING}
     return None
 
@@ -105,7 +104,7 @@ def _hdf5_label(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as handle:
             return bool(handle.attrs.get("standin"))
-    except OSError:
+    except (OSError, RuntimeError, KeyError):  # not HDF5, or damaged: no label to read
         return False
 
 
