@@ -480,7 +480,7 @@ def test_metrics_are_plain_json_and_render_as_a_report_section(study, tmp_path):
     text = "\n".join(report_lines(json.loads((tmp_path / "metrics.json").read_text())))
     assert text.startswith("## Expert reader study")
     assert "| a | 40 | 1.00 [0.91, 1.00] |" in text and "| b \\(c\\) | 40 |" in text
-    assert "Cohen's kappa" in text and "- x.json: `not_json`: " in text
+    assert "Cohen's kappa" in text and "- x&#46;json: `not_json`: " in text
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| real images") or
             any(line.startswith(f"| {branch} |") for branch in BRANCHES)]
     assert rows == ["| real images", "| clip_text", "| clip_vision"]  # real first, whatever the JSON order

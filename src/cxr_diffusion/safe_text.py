@@ -11,7 +11,8 @@ become one space. Nothing is dropped silently: what was there stays readable.
 ``>``, ``"`` and ``'`` as entities, and the ASCII punctuation Markdown gives a meaning (links, images,
 emphasis, code spans, strikethrough, table cells, headings, bullet and numbered lists) behind a backslash,
 but for ``_`` inside a word, which CommonMark never reads as emphasis. The result is
-plain text in any position of a line or a table cell: no tag, comment, link, image or autolink can start.
+plain text in any position of a line or a table cell: no tag, comment, link, image or autolink can start
+(``@``, ``://`` and a dot inside a name, which GitHub's and linkify's autolinks need, become entities).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def markdown_text(text: object, limit: int = 200) -> str:
             escaped.append(char)  # inside a word "_" cannot open or close emphasis: clip_text stays readable
         elif char in _MARKDOWN or at == list_mark:
             escaped.append("\\" + char)
+        elif _starts_autolink(line, at):
+            escaped.append(f"&#{ord(char)};")
         else:
             escaped.append(char)
     return "".join(escaped)
+
+
+def _starts_autolink(line: str, at: int) -> bool:
+    """A character GFM's and linkify's autolinks need where it stands: ``@`` (e-mail), ``://`` (URL), and a
+    ``.`` between a name and a letter or digit (``www.x``, ``evil.com``). As an entity it renders the same
+    and no link starts."""
+    char, after = line[at], line[at + 1:at + 3]
+    return char == "@" or (char == ":" and after == "//") or \
+        (char == "." and at > 0 and line[at - 1].isalnum() and after[:1].isalnum())

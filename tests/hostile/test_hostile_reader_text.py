@@ -35,12 +35,14 @@ PAYLOADS = [
     "nul\x00byte", "left\u202eright", "zero\u200bwidth", "soft\u00adhyphen", "join\u2060ed", "\u3164", "line\nbreak",
     "para\u2029graph", "&lt;already&gt;", "\\<escaped\\>", "<style>body{display:none}</style>", "<a href='x'>y</a>",
     "<https://example.org>", "\ue000private", "<iframe src=//evil>", "javascript:alert(1)", "'\"quotes\"'",
-    "7. a numbered list", "12) another",
+    "7. a numbered list", "12) another", "www.tracker.example", "alice@evil.example", "https://evil.example/x",
+    "evil.com", "see ftp://files.example",
 ]
 
 
 def rendered(markdown: str) -> str:
-    return MarkdownIt("commonmark").enable("table").render(markdown)
+    """HTML as a CommonMark viewer that passes raw HTML and autolinks bare URLs, domains and e-mails shows it."""
+    return MarkdownIt("commonmark", {"linkify": True}).enable(["table", "linkify"]).render(markdown)
 
 
 def inert(html: str) -> bool:
