@@ -232,13 +232,18 @@ def test_a_safetensors_name_without_tensors_behind_it_is_not_recorded(tmp_path, 
         assert f"{name}: could not place it: " in output and "not a safetensors file holding tensors" in output
 
 
-def test_an_elixr_index_without_the_selected_dataset_or_its_shards_is_not_recorded(tmp_path):
+def elixr_only_root(root: Path) -> Path:
+    """The nih-512 profile needing only its ELIXR snapshot; returns the (not yet made) snapshot folder."""
     raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
     raw["clip"]["model"], raw["train"]["space"] = "demo", "pixel"
     for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
         raw["evaluate"][key] = None
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    snapshot = tmp_path / raw["elixr"]["path"]
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root / raw["elixr"]["path"]
+
+
+def test_an_elixr_index_without_the_selected_dataset_or_its_shards_is_not_recorded(tmp_path):
+    snapshot = elixr_only_root(tmp_path)
     snapshot.mkdir(parents=True)
     (snapshot / "datasets.json").write_text(json.dumps({"datasets": {"other": {"type": "dataset", "features": {}}}}))
     assert "offers ['other'], not elixrb/img_emb" in record_present(tmp_path)
@@ -249,12 +254,7 @@ def test_an_elixr_index_without_the_selected_dataset_or_its_shards_is_not_record
 
 @pytest.mark.parametrize("shard", ["a link out", "not hdf5"])
 def test_an_elixr_shard_that_is_a_link_out_or_not_hdf5_is_not_recorded(tmp_path, shard):
-    raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
-    raw["clip"]["model"], raw["train"]["space"] = "demo", "pixel"
-    for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
-        raw["evaluate"][key] = None
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    snapshot = tmp_path / raw["elixr"]["path"]
+    snapshot = elixr_only_root(tmp_path)
     (snapshot / "elixrb" / "img_emb").mkdir(parents=True)
     (snapshot / "datasets.json").write_text(json.dumps(
         {"datasets": {"elixrb": {"img_emb": {"type": "dataset", "features": {"img_emb": {"shape": [32, 768]}}}}}}))
