@@ -33,7 +33,7 @@ from cxr_diffusion.config import ClipConfig, ElixrConfig, load_params, profile_s
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3, load_inception
 from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121, load_xrv_densenet
 from cxr_diffusion.rehearsal import nih_folder, standin_elixr, standin_models, standin_weights
-from cxr_diffusion.rehearsal.standin_marker import read_standin, sidecar_path
+from cxr_diffusion.assets.standin_marker import read_standin, sidecar_path
 from cxr_diffusion.rehearsal.standins import Overrides, StandinError, make_standins
 from test_fetch import ALL, FakeHub, FakeUrl, write_params
 

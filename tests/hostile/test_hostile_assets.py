@@ -167,7 +167,7 @@ def test_a_standin_folder_without_its_marker_is_still_a_standin(tmp_path, damage
     """STANDIN.json removed, renamed, turned into a folder or a dangling link: the weights still say so."""
     from safetensors.torch import save_file
 
-    from cxr_diffusion.rehearsal.standin_marker import MARKER_NAME, label_safetensors, read_standin
+    from cxr_diffusion.assets.standin_marker import MARKER_NAME, label_safetensors, read_standin
 
     root, assets = hub_root(tmp_path)
     vae = next(asset for asset in assets if asset.name == "vae").path(root)
@@ -272,7 +272,7 @@ def test_a_partly_redownloaded_standin_snapshot_is_still_a_standin(tmp_path):
     """Index and one shard replaced by published-looking files; the other shards still carry the label."""
     import h5py
 
-    from cxr_diffusion.rehearsal.standin_marker import read_standin
+    from cxr_diffusion.assets.standin_marker import read_standin
 
     folder = tmp_path / "snap" / "elixrb" / "img_emb"
     folder.mkdir(parents=True)

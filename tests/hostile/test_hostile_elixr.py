@@ -269,7 +269,7 @@ def test_parquet_embeddings_that_are_not_floats_are_refused(tmp_path, values):
 
 def test_a_published_index_over_standin_shards_is_still_a_standin(tmp_path):
     """STANDIN.json gone and datasets.json replaced by a published one: the shards still say stand-in."""
-    from cxr_diffusion.rehearsal.standin_marker import read_standin
+    from cxr_diffusion.assets.standin_marker import read_standin
 
     shard = snapshot(tmp_path / "snap")
     with h5py.File(shard, "w") as handle:

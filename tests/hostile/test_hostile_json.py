@@ -138,7 +138,7 @@ def test_a_hostile_metrics_file_read_by_compare_is_one_line(tmp_path, content):
 
 @pytest.mark.parametrize("content", [DEEP], ids=["deep"])  # bad bytes and huge integers were caught already
 def test_an_unreadable_standin_marker_still_marks_a_stand_in(tmp_path, content):
-    from cxr_diffusion.rehearsal.standin_marker import MARKER_NAME, read_standin
+    from cxr_diffusion.assets.standin_marker import MARKER_NAME, read_standin
 
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / MARKER_NAME).write_bytes(content)
@@ -149,7 +149,7 @@ def test_an_unreadable_standin_marker_still_marks_a_stand_in(tmp_path, content):
 def test_an_unreadable_label_in_safetensors_metadata_still_marks_a_stand_in(tmp_path, text):
     from safetensors.torch import save_file
 
-    from cxr_diffusion.rehearsal.standin_marker import METADATA_KEY, read_standin
+    from cxr_diffusion.assets.standin_marker import METADATA_KEY, read_standin
 
     save_file({"w": torch.zeros(1)}, str(tmp_path / "w.safetensors"), metadata={METADATA_KEY: text})
     assert read_standin(tmp_path / "w.safetensors") == {"standin": True, "unreadable": True, "complete": False}

@@ -129,12 +129,27 @@ def test_generate_refuses_a_model_missing_a_recorded_file(model, embedding, tmp_
     assert f"{model / 'scheduler' / 'scheduler_config.json'}: missing from the saved model" in line
 
 
+def test_generate_refuses_a_model_folder_too_large_to_be_ours_before_hashing_it(model, embedding, tmp_path,
+                                                                               monkeypatch):
+    huge = model / "unet" / "more_weights.safetensors"
+    with open(huge, "wb") as handle:
+        handle.truncate(41 << 30)  # sparse: 41 GiB to read, no disk used
+    manifest = json.loads((model / MODEL_FILES).read_text())
+    manifest["files"]["unet/more_weights.safetensors"] = {"bytes": 41 << 30, "sha256": "0" * 64}
+    (model / MODEL_FILES).write_text(json.dumps(manifest))
+    monkeypatch.setattr("cxr_diffusion.diffusion.model_files.sha256_file", lambda path: pytest.fail(f"hashed {path}"))
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert f"error: {model}: its files hold 41.0 GiB, more than the 40 GiB of any model" in line, line
+
+
 @pytest.mark.parametrize("content, fragment", [
     ("{\"files\": ", "not valid JSON"),
     (json.dumps({"algorithm": "md5", "files": {"model_index.json": {"bytes": 1, "sha256": "0" * 64}}}),
      "expected {\"algorithm\": \"sha256\""),
     (json.dumps({"algorithm": "sha256", "files": {"../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}}),
      "lists '../../etc/passwd', which is not a path inside the model folder"),
+    (json.dumps({"algorithm": "sha256", "files": {"\u3164/../x": {"bytes": 1, "sha256": "0" * 64}}}),
+     "lists '\\u3164/../x', which is not a path"),  # a letter that renders blank is shown escaped
 ])
 def test_a_broken_hash_manifest_is_refused_naming_it(model, embedding, tmp_path, content, fragment):
     (model / MODEL_FILES).write_text(content)
@@ -607,7 +622,7 @@ def test_convert_weights_refuses_emptied_or_non_float_weights(inception_state, t
 
 def test_convert_weights_keeps_the_standin_label(inception_state, tmp_path):
     """A stand-in converted once lost its label and passed for the published weights."""
-    from cxr_diffusion.rehearsal.standin_marker import METADATA_KEY, read_standin
+    from cxr_diffusion.assets.standin_marker import METADATA_KEY, read_standin
 
     source = tmp_path / "inception.safetensors"
     save_file(dict(inception_state), str(source), metadata={METADATA_KEY: json.dumps({"standin": True, "build": "b"})})

@@ -10,14 +10,13 @@ refused before a file in it is hashed.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 from cxr_diffusion.assets.catalog import Asset
 from cxr_diffusion.assets.download import AssetError
 from cxr_diffusion.io import JsonFileError, read_json
 from cxr_diffusion.safe_text import visible_text
+from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 
 CONFIG_CLASS = {"clip": ("model_type", "clip"), "vae": ("_class_name", "AutoencoderKL")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -84,16 +83,10 @@ def _check_shards(asset: Asset, folder: Path, dataset: str) -> None:
 
 def tensor_count(path: Path) -> int:
     """How many tensors a safetensors file's header lists (0 for anything that is not one): read, not loaded."""
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-        if not 2 <= length <= 100 << 20:
-            return 0
-        try:
-            header = json.loads(handle.read(length))
-        except (ValueError, RecursionError):
-            return 0
-    return sum(1 for name in header if name != "__metadata__") if isinstance(header, dict) else 0
+    try:
+        return len(read_safetensors_header(path).tensors)
+    except SafetensorsHeaderError:
+        return 0
 
 
 def _selected_dataset(asset: Asset) -> str | None:

@@ -11,7 +11,7 @@ from cxr_diffusion.assets.catalog import (
 from cxr_diffusion.assets.manifest import read_manifest
 from cxr_diffusion.assets.status import Check, check_asset
 from cxr_diffusion.config import Params
-from cxr_diffusion.rehearsal.standin_marker import MARKER_NAME, REPLACE_HINT
+from cxr_diffusion.assets.standin_marker import MARKER_NAME, REPLACE_HINT
 
 LABELS = {"stand-in": "stand-in (random weights)"}  # how a state is printed, where its name alone says too little
 

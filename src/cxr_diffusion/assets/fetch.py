@@ -23,7 +23,7 @@ from cxr_diffusion.assets.download import AssetError
 from cxr_diffusion.assets.manifest import read_manifest, record, snapshot
 from cxr_diffusion.assets.status import Check, check_asset, source_record
 from cxr_diffusion.config import Params
-from cxr_diffusion.rehearsal.standin_marker import stale_sidecar
+from cxr_diffusion.assets.standin_marker import stale_sidecar
 
 # What a failed download or check raises: huggingface_hub's and urllib's errors are OSErrors, the weight
 # checks raise ValueError (wrong keys or shapes), ours raise AssetError.

@@ -9,7 +9,7 @@ from typing import Literal
 from cxr_diffusion.assets import download
 from cxr_diffusion.assets.catalog import Asset, HandSource, HubSource
 from cxr_diffusion.assets.manifest import differences
-from cxr_diffusion.rehearsal.standin_marker import describe, read_standin
+from cxr_diffusion.assets.standin_marker import describe, read_standin
 
 State = Literal["present", "missing", "stand-in", "partial", "unrecorded", "stale", "mismatch"]
 

@@ -12,8 +12,13 @@ from pathlib import Path, PurePosixPath
 
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import JsonFileError, read_json, sha256_file, write_json
+from cxr_diffusion.safe_text import visible_text
 
 MODEL_FILES = "model_files.sha256.json"
+# The largest model folder read: an SD-1.5-sized pipeline in fp32 is ~4.3 GB, an SDXL-sized UNet ~10 GB. A folder
+# beyond this (a sparse file of terabytes, a config of billions of parameters with weights to match) is refused
+# before a byte of it is hashed or loaded.
+MAX_MODEL_BYTES = 40 << 30
 
 _FIX = "re-fetch the whole folder (`dvc checkout` / `dvc pull`) or retrain it (`dvc repro`, stage train@<branch>)"
 
@@ -52,6 +57,13 @@ def verify_model_files(folder: str | Path) -> None:
         if size != record["bytes"]:
             raise ModelFilesError(f"{path}: {size} bytes, but {record['bytes']} were saved (truncated or "
                                   f"replaced): {_FIX}")
+    total = sum(record["bytes"] for record in files.values())
+    if total > MAX_MODEL_BYTES:
+        raise ModelFilesError(f"{folder}: its files hold {total / 2**30:.1f} GiB, more than the "
+                              f"{MAX_MODEL_BYTES >> 30} GiB of any model this project saves; check that it is "
+                              f"the model you meant: {_FIX}")
+    for name, record in files.items():
+        path = folder / name
         digest = sha256_file(path)
         if digest != record["sha256"]:
             raise ModelFilesError(f"{path}: changed since the model was saved (sha256 {digest[:12]}, saved "
@@ -72,9 +84,9 @@ def _recorded_files(manifest: Path) -> dict[str, dict]:
     for name, record in files.items():
         parts = PurePosixPath(name).parts
         if PurePosixPath(name).is_absolute() or not parts or ".." in parts or "\\" in name:
-            raise ModelFilesError(f"{manifest}: lists {name!r}, which is not a path inside the model folder: {_FIX}")
+            raise ModelFilesError(f"{manifest}: lists {visible_text(repr(name), 80)}, which is not a path inside the model folder: {_FIX}")
         if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
                 and isinstance(record.get("sha256"), str) and len(record["sha256"]) == 64):
-            raise ModelFilesError(f"{manifest}: the entry for {name!r} needs an integer 'bytes' and a 64-digit "
+            raise ModelFilesError(f"{manifest}: the entry for {visible_text(repr(name), 80)} needs an integer 'bytes' and a 64-digit "
                                   f"'sha256': {_FIX}")
     return files

@@ -17,16 +17,15 @@ are sane, and a hand-made folder can carry its own hashes. Read before diffusers
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import JsonFileError, read_json
+from cxr_diffusion.safe_text import visible_text
+from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 UNET_RANGES = {"in_channels": (1, 64), "out_channels": (1, 64), "cross_attention_dim": (1, 8192),
                "layers_per_block": (1, 16), "norm_num_groups": (1, 128)}
 # Keys that may be one number or one per block, and their range; None (absent) is diffusers' default.
@@ -89,8 +88,7 @@ def _whole(value: object, low: int, high: int) -> bool:
 
 
 def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return visible_text(repr(value), 60)
 
 
 def _in_range(path: Path, key: str, value: object, bounds: tuple[int, int], optional: bool = False) -> None:
@@ -128,33 +126,24 @@ def _check_scheduler(path: Path) -> None:
 
 def _check_weights_header(path: Path) -> None:
     """Every tensor floating point; the UNet's output layer not all zeros (read from the file, not loaded)."""
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        (length,) = struct.unpack("<Q", raw) if len(raw) == 8 else (0,)
-        if not 2 <= length <= MAX_HEADER_BYTES:
-            raise ModelConfigError(f"{path}: not a safetensors file (header of {length} bytes); {_FIX}")
-        try:
-            header = json.loads(handle.read(length))
-        except (ValueError, RecursionError):
-            header = None
-        if not isinstance(header, dict):
-            raise ModelConfigError(f"{path}: not a safetensors file (unreadable header); {_FIX}")
-        data_start = 8 + length
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = entry.get("dtype") if isinstance(entry, dict) else None
-            if dtype not in FLOAT_DTYPES:
-                raise ModelConfigError(f"{path}: tensor {_short(name)} is {_short(dtype)}, not floating point; {_FIX}")
-            offsets = entry.get("data_offsets")
-            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(v, 0, 2**62) for v in offsets)
-                    and offsets[0] <= offsets[1]):
-                raise ModelConfigError(f"{path}: tensor {_short(name)} has data_offsets {_short(offsets)}, not "
-                                       f"[start, end]; {_FIX}")
-        output = header.get("conv_out.weight") if path.parent.name == "unet" else None
-        if isinstance(output, dict):
-            start, end = output["data_offsets"]
-            handle.seek(data_start + start)
+    try:
+        header = read_safetensors_header(path)
+    except SafetensorsHeaderError as error:
+        raise ModelConfigError(f"{path}: not a safetensors file ({error}); {_FIX}") from None
+    for name, entry in header.tensors.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in FLOAT_DTYPES:
+            raise ModelConfigError(f"{path}: tensor {_short(name)} is {_short(dtype)}, not floating point; {_FIX}")
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(v, 0, 2**62) for v in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ModelConfigError(f"{path}: tensor {_short(name)} has data_offsets {_short(offsets)}, not "
+                                   f"[start, end]; {_FIX}")
+    output = header.tensors.get("conv_out.weight") if path.parent.name == "unet" else None
+    if isinstance(output, dict):
+        start, end = output["data_offsets"]
+        with open(path, "rb") as handle:
+            handle.seek(header.data_start + start)
             if not any(handle.read(min(end - start, 1 << 24))):
                 raise ModelConfigError(f"{path}: the UNet's output layer (conv_out.weight) is all zeros, so it "
                                        f"predicts nothing; {_FIX}")

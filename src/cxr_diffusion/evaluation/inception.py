@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr_diffusion.evaluation.weights import checked_state, load_safetensors_into
-from cxr_diffusion.rehearsal.standin_marker import METADATA_KEY as STANDIN_KEY
+from cxr_diffusion.assets.standin_marker import METADATA_KEY as STANDIN_KEY
 
 Flavour = Literal["fid", "torchvision"]
 Output = Literal["pool", "logits"]

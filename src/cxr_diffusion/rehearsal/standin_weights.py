@@ -26,7 +26,7 @@ from cxr_diffusion.evaluation.inception import (
     ConvBNReLU, InceptionSpec, InceptionV3, convert_inception_weights, load_inception,
 )
 from cxr_diffusion.evaluation.xrv_densenet import PATHOLOGIES, XRVDenseNet121, load_xrv_densenet
-from cxr_diffusion.rehearsal.standin_marker import METADATA_KEY
+from cxr_diffusion.assets.standin_marker import METADATA_KEY
 
 PUBLISHED = {"fid": FID_INCEPTION, "torchvision": TORCHVISION_INCEPTION}
 

@@ -35,7 +35,7 @@ from cxr_diffusion.errors import UserError
 from cxr_diffusion.assets.catalog import Asset, HandSource, HubSource, UrlSource, how_to_place, needed_assets
 from cxr_diffusion.config import Params, changed
 from cxr_diffusion.io import sha256_file, write_json
-from cxr_diffusion.rehearsal.standin_marker import (
+from cxr_diffusion.assets.standin_marker import (
     MARKER_NAME, REPLACE_HINT, WARNING, label_safetensors, read_standin, sidecar_path,
 )
 

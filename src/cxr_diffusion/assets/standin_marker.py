@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 
 from cxr_diffusion.io import JsonFileError, read_json, sha256_file
+from cxr_diffusion.safetensors_header import (
+    METADATA, SafetensorsHeaderError, encode_header, read_safetensors_header,
+)
 
 MARKER_NAME = "STANDIN.json"
 SIDECAR_SUFFIX = ".standin.json"
@@ -44,40 +46,31 @@ def _read_json(path: Path) -> dict | None:
 
 def _metadata_label(path: Path) -> dict | None:
     """The label in a safetensors file's header metadata, or None (also for files that are not safetensors)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(path), "pt") as handle:
-            text = (handle.metadata() or {}).get(METADATA_KEY)
-    except (SafetensorError, OSError, ValueError):
+        text = read_safetensors_header(path).metadata.get(METADATA_KEY)
+    except (SafetensorsHeaderError, OSError):
         return None
     if text is None:
         return None
     try:
         label = json.loads(text)
-    except (ValueError, RecursionError):  # bad syntax, a huge integer, deep nesting: still a stand-in
+    except (TypeError, ValueError, RecursionError):  # not text, bad syntax, a huge integer, deep nesting
         label = None
     return label if isinstance(label, dict) else {"standin": True, "unreadable": True}
 
 
 def label_safetensors(path: Path, label: dict) -> None:
-    """Add ``label`` to a safetensors file's metadata in place of its header; the tensor bytes are not read.
-
-    The header is JSON after an 8-byte little-endian length, padded with spaces; tensor offsets are relative
-    to the end of the header, so the data is copied as it is behind the new one.
-    """
+    """Add ``label`` to a safetensors file's metadata; the tensor bytes are copied behind the new header as they
+    are (their offsets count from the end of the header), and the file is replaced in one step."""
     path = Path(path)
+    header = read_safetensors_header(path)
+    entries = {**header.entries, METADATA: {**header.metadata, METADATA_KEY: json.dumps(label)}}
     tmp = path.with_name(f".{path.name}.label.tmp")
-    with open(path, "rb") as source:
-        (length,) = struct.unpack("<Q", source.read(8))
-        header = json.loads(source.read(length))
-        header["__metadata__"] = {**header.get("__metadata__", {}), METADATA_KEY: json.dumps(label)}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        with open(tmp, "wb") as out:
-            out.write(struct.pack("<Q", len(text)) + text)
-            while chunk := source.read(1 << 24):
-                out.write(chunk)
+    with open(path, "rb") as source, open(tmp, "wb") as out:
+        out.write(encode_header(entries))
+        source.seek(header.data_start)
+        while chunk := source.read(1 << 24):
+            out.write(chunk)
     os.replace(tmp, path)
 
 
