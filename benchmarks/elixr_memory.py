@@ -31,7 +31,8 @@ from _measure import PeakSampler, PeakTreeRss, anon_rss_bytes, markdown_table
 from cxr_diffusion.conditioning.elixr import build_elixr_store
 from cxr_diffusion.conditioning.elixr_files import write_elixr_hdf5_shard
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import ElixrConfig, profile_section
+from cxr_diffusion.config import ElixrConfig
+from cxr_diffusion.profiles import profile_section
 
 FULL_ROWS = 48_311          # images in NIH ChestX-ray14 with published ELIXR-B embeddings
 ELIXR_SHAPE = (32, 768)     # ELIXR-B tokens x dim

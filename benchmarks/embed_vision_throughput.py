@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 
-from cxr_diffusion.config import ClipConfig, profile_section
+from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.conditioning.clip import load_vision_encoder
 from cxr_diffusion.conditioning.embed import embed_clip_vision, iter_prepared_images
 

@@ -22,13 +22,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 
-from cxr_diffusion.config import UNetConfig, load_params
+from cxr_diffusion.config import UNetConfig
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.diffusion.memory_plan import (
     BUDGET_HEADROOM, GIB, MemoryPlanError, measure_activations, plan_memory, predict_parts, unet_parameters,
 )
 from cxr_diffusion.diffusion.unet import build_unet, sd15_unet_config
 
-REPO = Path(__file__).resolve().parents[1]
 SD_VAE_PARAMETERS = 83_653_863  # AutoencoderKL of stabilityai/sd-vae-ft-mse (128/256/512/512, 2 layers)
 # Total memory as torch.cuda reports it (GiB), roughly: what a plan is made for.
 CARDS = {"80 GB (H100 / A100 80GB)": 79.6, "48 GB (RTX A6000)": 47.5, "40 GB (A100 40GB)": 39.6,
@@ -103,7 +103,7 @@ def check_rows() -> list[list[object]]:
 
 def card_plans(condition_tokens: int = 77) -> str:
     """The nih-512 profile's plans (bf16, the clip_text branch's 77 tokens: the largest condition)."""
-    params = load_params(REPO / "profiles" / "nih-512.yaml")
+    params = params_with(profile="nih-512")
     blocks = []
     for card, total_gib in CARDS.items():
         budget = int(total_gib * GIB * BUDGET_HEADROOM)

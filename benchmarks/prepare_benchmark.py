@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import PeakTreeRss, markdown_table
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.data.decode import DecodeBudget, encode_png, preprocess
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.data.nih import NIH_HEADER

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _measure import markdown_table
 from oracle_weights import seeded_state
 
-from cxr_diffusion.config import EvaluateConfig, profile_section
+from cxr_diffusion.config import EvaluateConfig
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.evaluation.inception import INPUT_SIZE, InceptionSpec, InceptionV3
 from cxr_diffusion.evaluation.weights import full_fp32
 from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121

@@ -21,11 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 
-from cxr_diffusion.config import load_params
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.diffusion.precision import choose_mixed_precision, describe_machine
 from cxr_diffusion.diffusion.unet import build_unet
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def matmul_tflops(device: torch.device, size: int, repeats: int = 10) -> float:
@@ -75,14 +74,14 @@ def time_steps(unet, batch, steps: int, warmup: int, autocast: str | None, devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="default", help="profiles/<name>.yaml whose train.unet is measured")
+    parser.add_argument("--profile", default="default", help="shipped profile whose train.unet is measured (src/cxr_diffusion/profiles/<name>.yaml)")
     parser.add_argument("--batch", type=int, default=None, help="default: the profile's train.batch_size")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=None, help="condition tokens (default: 77 for nih-512, 32 else)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     args = parser.parse_args()
     print(f"$ python {' '.join(sys.argv)}")
-    params = load_params(REPO / "profiles" / f"{args.profile}.yaml")
+    params = params_with(profile=args.profile)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latent = params.train.space == "latent"
     size = params.image_size // 8 if latent else params.image_size

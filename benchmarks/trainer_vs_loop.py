@@ -28,7 +28,7 @@ from _measure import markdown_table
 from synthetic_data import CONDITION_DIM, build_training_set, write_condition_store, write_prepared
 from train_throughput import time_steps
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.diffusion.precision import describe_machine
 from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 from cxr_diffusion.diffusion.unet import build_unet

@@ -15,6 +15,22 @@ from cxr_diffusion.data.nih import NIH_HEADER
 REPO = Path(__file__).resolve().parents[1]
 
 
+def write_profile(name: str, folder: Path) -> Path:
+    """``folder/params.yaml``: a shipped profile merged over the default, as `cxr-diffusion profile` writes it."""
+    from cxr_diffusion.profiles import validated_profile_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(validated_profile_text(name))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_params_file(tmp_path_factory) -> Path:
+    """The tiny profile as a complete params file (read-only for tests: copy it to change it)."""
+    return write_profile("tiny", tmp_path_factory.mktemp("tiny-profile"))
+
+
 def nih_row(image_index: str, labels: str = "No Finding", patient: int = 1, follow_up: int = 0,
             age: int = 50, view: str = "PA", gender: str = "M") -> dict:
     return {"Image Index": image_index, "Finding Labels": labels, "Follow-up #": follow_up, "Patient ID": patient,
@@ -56,7 +72,7 @@ def repo() -> Path:
 def make_training_data(root: Path, n_images: int = 48, image_size: int = 16, tokens: int = 4, dim: int = 8) -> dict:
     """Prepared shards (real stages) plus an ELIXR-like condition store whose conditions encode the labels."""
     from cxr_diffusion.conditioning.store import ConditionStoreWriter
-    from cxr_diffusion.config import params_with
+    from cxr_diffusion.profiles import params_with
     from cxr_diffusion.data.filter import run_filter
     from cxr_diffusion.data.prepare import prepare_shards
     from cxr_diffusion.data.sources import build_dataset
@@ -92,7 +108,8 @@ def tiny_clip_dir(tmp_path_factory):
     from cxr_diffusion.conditioning.demo_clip import build_demo_clip, build_image_processor
     from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
     from cxr_diffusion.conditioning.prompts import prompt_for
-    from cxr_diffusion.config import ClipConfig, DemoClipConfig, profile_section
+    from cxr_diffusion.config import ClipConfig, DemoClipConfig
+    from cxr_diffusion.profiles import profile_section
 
     directory = tmp_path_factory.mktemp("clip")
     prompts = [prompt_for(x, profile_section(ClipConfig)) for x in ("No Finding", "Effusion", "Effusion|Infiltration", "Mass")]

@@ -7,7 +7,8 @@ import inspect
 import pytest
 
 from cxr_diffusion.branches import BRANCH_SPECS, BRANCHES, branch_spec
-from cxr_diffusion.config import BranchRates, ParamsError, params_with
+from cxr_diffusion.config import BranchRates, ParamsError
+from cxr_diffusion.profiles import params_with
 
 
 def test_every_branch_has_its_own_learning_rate_key():

@@ -63,6 +63,24 @@ def test_inspect_describes_a_model(model_dir):
 
 
 def test_profile_switch_rejects_an_unknown_profile(tmp_path):
-    (tmp_path / "profiles").mkdir()
     result = runner.invoke(app, ["profile", "huge", "--root", str(tmp_path)])
-    assert result.exit_code == 2 and "no profile 'huge'" in result.output
+    assert result.exit_code == 2 and "no profile 'huge'" in result.output and "available: default, nih-512" in result.output
+    assert not (tmp_path / "params.yaml").exists()
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "nih-512", "rehearsal"])
+def test_profile_writes_the_merged_params_with_comments(tmp_path, name):
+    import yaml
+
+    from cxr_diffusion.profiles import FOLDER, profile_data
+
+    result = runner.invoke(app, ["profile", name, "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "params.yaml").read_text()
+    assert yaml.safe_load(text) == profile_data(name)
+    if name == "default":
+        assert text == (FOLDER / "default.yaml").read_text()
+    else:
+        assert text.startswith((FOLDER / f"{name}.yaml").read_text().splitlines()[0])
+        assert f"written by `cxr-diffusion profile {name}`" in text
+        assert "# one seed for sampling, splits, caps and training" in text  # the default's comments stay

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_diffusion.config import ClipConfig, profile_section
+from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.conditioning.clip import encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError

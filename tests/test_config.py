@@ -4,7 +4,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr_diffusion.config import Params, ParamsError, Section, load_params, params_from_dict, params_with, to_dict
+from cxr_diffusion.config import (
+    Params, ParamsError, Section, load_params, params_from_dict, read_params_file, to_dict,
+)
+from cxr_diffusion.profiles import FOLDER, params_with, profile_data, profile_names
+
+from conftest import write_profile
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def test_exp_run_style_float_string_is_read_as_float(tmp_path):
@@ -93,23 +100,49 @@ def test_the_typed_layer_holds_no_second_default():
     assert with_default == []
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "profiles/default.yaml", "profiles/tiny.yaml", "profiles/nih-512.yaml",
-                                  "profiles/rehearsal.yaml"])
-def test_shipped_params_load_and_list_every_key(repo, name):
-    # DVC tracks only keys present in the file, so every key is written out there, the same in every profile.
-    raw = yaml.safe_load((repo / name).read_text())
-    load_params(repo / name)
+@pytest.mark.parametrize("name", profile_names())
+def test_every_profile_merges_to_params_that_load_and_list_every_key(repo, tmp_path, name):
+    # DVC tracks only keys present in the file, so every key is written out in the merged params.yaml.
+    path = write_profile(name, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    assert raw == profile_data(name)
+    load_params(path)
     expected = _keys(to_dict(load_params(repo / "params.yaml")))
     assert {k for k in _keys(raw) if not k.startswith("filter.merges.")} == \
         {k for k in expected if not k.startswith("filter.merges.")}
 
 
+@pytest.mark.parametrize("name", ["tiny", "nih-512", "rehearsal"])
+def test_each_overlay_merges_to_the_complete_profile_it_replaced(name):
+    # tests/fixtures/full_profiles holds the complete files these overlays were cut from: same keys, same values.
+    assert profile_data(name) == read_params_file(FIXTURES / "full_profiles" / f"{name}.yaml")
+
+
+def test_the_default_profile_is_complete_and_overlays_hold_only_what_they_change():
+    default = read_params_file(FOLDER / "default.yaml")
+    params_from_dict(default)
+    for name in set(profile_names()) - {"default"}:
+        overlay = read_params_file(FOLDER / f"{name}.yaml")
+        base = profile_data(overlay.pop("extends", "default"))
+        assert _unchanged(overlay, base) == [], f"{name}.yaml repeats its base's values"
+
+
+def _unchanged(overlay: dict, base: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "merges":
+            found += _unchanged(value, base[key], f"{prefix}{key}.")
+        elif base.get(key, object()) == value:
+            found.append(prefix + key)
+    return found
+
+
 def test_params_yaml_is_the_default_profile(repo):
-    assert load_params(repo / "params.yaml") == load_params(repo / "profiles" / "default.yaml")
+    assert (repo / "params.yaml").read_text() == (FOLDER / "default.yaml").read_text()
 
 
 def test_nih_512_profile_is_the_reference_subset(repo):
-    raw = yaml.safe_load((repo / "profiles" / "nih-512.yaml").read_text())
+    raw = profile_data("nih-512")
     params = params_from_dict(raw)
     assert params.image_size == 512 and params.dataset.source == "nih"
     assert params.filter.classes == ("Infiltration", "No Finding", "Effusion", "Nodule/Mass", "Atelectasis")

@@ -25,6 +25,7 @@ import yaml
 
 from conftest import REPO
 from test_pipeline import sh
+from cxr_diffusion.profiles import profile_data, profile_names
 
 PACKAGE = "cxr_diffusion"
 SOURCE_ROOT = Path("src")  # the package lives at src/cxr_diffusion
@@ -123,10 +124,11 @@ def _listed(entries) -> list[str]:
     return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries or []]
 
 
-def expanded_stages(repo: Path, params_file: str = "params.yaml") -> dict[str, dict]:
-    """dvc.yaml's stages with `foreach`/`do` expanded (`name@item`) and `${...}` filled from the params file."""
+def expanded_stages(repo: Path, params_file: str = "params.yaml", params: dict | None = None) -> dict[str, dict]:
+    """dvc.yaml's stages with `foreach`/`do` expanded (`name@item`) and `${...}` filled from the params file
+    (or from ``params``, a profile's merged mapping)."""
     pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
-    params = yaml.safe_load((repo / params_file).read_text())
+    params = params if params is not None else yaml.safe_load((repo / params_file).read_text())
     stages = {}
     for name, stage in pipeline["stages"].items():
         if "foreach" in stage:
@@ -335,13 +337,14 @@ def test_stages_depend_on_the_package_data_their_modules_read(name):
 
 # Params that name a file inside the repository, and the stage that reads it.
 PARAM_FILES = {("filter", "include_list"): "filter", ("train", "launch_config"): "train"}
-PARAMS_FILES = ["params.yaml"] + sorted(str(p.relative_to(REPO)) for p in (REPO / "profiles").glob("*.yaml"))
+PARAMS_FILES = ["params.yaml"] + [f"profile {name}" for name in profile_names()]
 
 
 @pytest.mark.parametrize("params_file", PARAMS_FILES)
 def test_files_named_by_params_are_deps_of_the_stage_that_reads_them(params_file):
-    params = yaml.safe_load((REPO / params_file).read_text())
-    stages = expanded_stages(REPO, params_file)
+    params = profile_data(params_file.removeprefix("profile ")) if params_file.startswith("profile ") else \
+        yaml.safe_load((REPO / params_file).read_text())
+    stages = expanded_stages(REPO, params=params)
     for (section, key), stage_name in PARAM_FILES.items():
         named = (params.get(section) or {}).get(key)
         if named is None:
@@ -496,7 +499,7 @@ def test_editing_any_module_makes_exactly_the_stages_that_import_it_stale(locked
 
 
 def test_editing_an_include_list_under_reference_makes_only_the_filter_stale(locked_copy):
-    include_list = Path(yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())["filter"]["include_list"])
+    include_list = Path(profile_data("nih-512")["filter"]["include_list"])
     originals = appended(locked_copy, [include_list], "00000000_000.png" + ",0" * 5 + "\n")
     try:
         assert set(changed_deps(locked_copy)) == {"filter"}

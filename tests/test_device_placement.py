@@ -17,7 +17,8 @@ from torch import nn
 from cxr_diffusion.conditioning.clip import encode_images, encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.embed import standin_tokens
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import EvaluatorConfig, profile_section
+from cxr_diffusion.config import EvaluatorConfig
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.data import ConditionedImages, collate
 from cxr_diffusion.diffusion.latents import encode_batch

@@ -29,6 +29,7 @@ from cxr_diffusion.cli import app
 from cxr_diffusion.config import load_params
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3, load_inception
 from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121
+from cxr_diffusion.profiles import profile_data, params_with
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -40,7 +41,7 @@ ALL = ["clip", "vae", "elixr", "inception_fid", "inception_torchvision", "xrv_de
 
 def write_params(root: Path, overrides: dict | None = None) -> Path:
     """The nih-512 profile as root/params.yaml, with dotted-key overrides."""
-    raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
+    raw = profile_data("nih-512")
     for dotted, value in (overrides or {}).items():
         *parents, leaf = dotted.split(".")
         node = raw
@@ -151,15 +152,15 @@ def fetched(tmp_path_factory, published) -> tuple[Path, str]:
 def test_the_default_profile_needs_no_asset_and_doctor_says_so(monkeypatch):
     monkeypatch.setattr(download, "hub_snapshot", refuse)
     monkeypatch.setattr(download, "url_download", refuse)
-    assert needed_assets(load_params(REPO / "profiles" / "default.yaml"), REPO) == []
+    assert needed_assets(params_with(profile="default"), REPO) == []
     for command in ("doctor", "fetch"):
-        result = runner.invoke(app, [command, "--params", str(REPO / "profiles" / "default.yaml"), "--root", str(REPO)])
+        result = runner.invoke(app, [command, "--params", str(REPO / "params.yaml"), "--root", str(REPO)])
         assert result.exit_code == 0, result.output
         assert "need no external asset" in result.output
 
 
 def test_nih_512_names_local_folders_under_external_for_every_asset():
-    assets = needed_assets(load_params(REPO / "profiles" / "nih-512.yaml"), "/nonexistent-root")
+    assets = needed_assets(params_with(profile="nih-512"), "/nonexistent-root")
     assert [a.name for a in assets] == ALL
     assert all(a.target.startswith("external/") for a in assets)
     assert [a.source.repo_id for a in assets[:3]] == ["openai/clip-vit-large-patch14", "stabilityai/sd-vae-ft-mse",

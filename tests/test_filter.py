@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
 
-from cxr_diffusion.config import FilterConfig, SplitConfig, profile_section
+from cxr_diffusion.config import FilterConfig, SplitConfig
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.data.filter import REJECT_REASONS, filter_metadata, read_include_list
 from cxr_diffusion.data.nih import DataError
 

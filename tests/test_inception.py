@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cxr_diffusion.cli import app
-from cxr_diffusion.config import EvaluateConfig, changed, profile_section
+from cxr_diffusion.config import EvaluateConfig, changed
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.evaluation.inception import (
     InceptionSpec, InceptionV3, convert_inception_weights, load_inception, resize_like_tensorflow1,
 )

@@ -11,7 +11,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import EvaluatorConfig, params_with, profile_section
+from cxr_diffusion.config import EvaluatorConfig
+from cxr_diffusion.profiles import params_with, profile_section
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.diffusion import latents as latents_module
 from cxr_diffusion.diffusion.latents import encode_latents

@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 from typer.testing import CliRunner
 
 from cxr_diffusion.cli import app
-from cxr_diffusion.config import UNetConfig, load_params
+from cxr_diffusion.config import UNetConfig
 from cxr_diffusion.diffusion import trainer as trainer_module
 from cxr_diffusion.diffusion.memory_plan import (
     BUDGET_HEADROOM, GIB, MemoryPlanError, measure_activations, plan_memory, predict_parts, unet_parameters,
@@ -20,6 +20,7 @@ from cxr_diffusion.diffusion.unet import build_unet, sd15_unet_config
 
 from conftest import make_training_data
 from test_trainer import assert_same_weights, final_unet, paths_in, tiny_params
+from cxr_diffusion.profiles import params_with
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -73,9 +74,8 @@ def test_the_sd15_prediction_matches_the_h200_measurement(precision):
 
 @pytest.fixture(scope="module")
 def nih512():
-    from pathlib import Path
 
-    return load_params(Path(__file__).resolve().parents[1] / "profiles" / "nih-512.yaml")
+    return params_with(profile="nih-512")
 
 
 @pytest.mark.parametrize("card_gib", [79.6, 47.5, 23.6])  # what torch reports for 80, 48 and 24 GB cards
@@ -158,15 +158,15 @@ def test_the_trainer_trains_the_planned_micro_batch_with_the_same_images_per_ste
     assert result["steps"] == 2 and result["images_seen"] == 16
 
 
-def test_memory_plan_command_shows_each_branch_for_a_card(tmp_path):
-    result = CliRunner().invoke(app, ["memory-plan", "--params", "profiles/tiny.yaml", "--memory-gib", "24"])
+def test_memory_plan_command_shows_each_branch_for_a_card(tiny_params_file):
+    result = CliRunner().invoke(app, ["memory-plan", "--params", str(tiny_params_file), "--memory-gib", "24"])
     assert result.exit_code == 0, result.output
     for branch in ("clip_text", "clip_vision", "elixr"):
         assert f"\n{branch}: condition " in result.output
     assert "images per optimizer step" in result.output and "predicted (budget 22.1 GiB)" in result.output
 
 
-def test_memory_plan_command_without_a_gpu_or_card_size_says_what_to_pass():
-    result = CliRunner().invoke(app, ["memory-plan", "--params", "profiles/tiny.yaml"])
+def test_memory_plan_command_without_a_gpu_or_card_size_says_what_to_pass(tiny_params_file):
+    result = CliRunner().invoke(app, ["memory-plan", "--params", str(tiny_params_file)])
     assert result.exit_code == 2
     assert "pass --memory-gib" in result.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.data.nih import DataError, index_nih_root
 from cxr_diffusion.data.prepare import prepare_shards

@@ -21,6 +21,7 @@ from cxr_diffusion.reader_study.labels import answer_findings, study_findings
 from cxr_diffusion.reader_study.report import report_lines
 from cxr_diffusion.reader_study.scoring import fleiss_kappa, score_responses
 from scripted_readers import guesser, response_file, truthful
+from cxr_diffusion.profiles import profile_data
 
 FINDINGS = ["Effusion", "Nodule/Mass"]
 CLASSES = ("Effusion", "No Finding", "Nodule/Mass")
@@ -267,10 +268,8 @@ def test_a_branch_whose_generations_are_one_flat_gray_is_refused(tmp_path):
 def test_the_rehearsal_profiles_study_fits_its_three_test_images(tmp_path, seed):
     """The rehearsal's 32 images leave 3 in the test split, and each branch samples the first 2 of them: its
     study must draw distinct origins from that (a count of 4 at half real once failed the rehearsal here)."""
-    import yaml
 
-    from conftest import REPO
-    profile = yaml.safe_load((REPO / "profiles" / "rehearsal.yaml").read_text())
+    profile = profile_data("rehearsal")
     study, sampled = profile["reader_study"], profile["sample"]["count"]
     origins = [f"{i:08d}_000.png" for i in range(3)]
     real = PreparedImages(write_prepared(tmp_path / "prepared", origins), "test", channels=1)

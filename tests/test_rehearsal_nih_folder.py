@@ -7,10 +7,9 @@ import json
 
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.data.nih import NIH_HEADER, index_nih_root, read_metadata_csv
 from cxr_diffusion.data.phantom.assets import nih_metadata_csv
@@ -20,6 +19,7 @@ from cxr_diffusion.rehearsal.nih_folder import (
 )
 
 from conftest import REPO
+from cxr_diffusion.profiles import profile_data
 
 INCLUDE_LIST = REPO / "reference/nih-512/filtered_nihcxr14.csv"
 COUNT, SIZE = 12, 64
@@ -127,7 +127,7 @@ def test_dataset_and_filter_stages_keep_the_rendered_ids_and_reject_the_rest_as_
                                                                                          monkeypatch):
     root, summary = folder
     monkeypatch.chdir(REPO)  # the profile names its include list relative to the repository, as DVC runs it
-    profile = yaml.safe_load((REPO / "profiles/nih-512.yaml").read_text())
+    profile = profile_data("nih-512")
     profile["dataset"]["nih_root"] = str(root)
     params = params_with(profile)
     assert params.dataset.source == "nih" and params.filter.include_list

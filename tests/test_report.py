@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.evaluation.report import ReportInputs, compare
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.diffusion import trainer as trainer_module
 from cxr_diffusion.diffusion.checkpoints import TrainingState, list_checkpoints
 from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, maths_settings, train_branch
@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data, uninterrupted):
     params_file.write_text(json.dumps({"image_size": 16, "filter": {"classes": ["Effusion", "No Finding"], "merges": {}},
                                        "train": TINY_TRAIN}))
     code = (
-        "import json, sys; from pathlib import Path; from cxr_diffusion.config import params_with;"
+        "import json, sys; from pathlib import Path; from cxr_diffusion.profiles import params_with;"
         "from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch;"
         "root, prepared, store = map(Path, sys.argv[1:4]);"
         "p = params_with(json.loads((root / 'params.json').read_text()));"
@@ -224,7 +224,7 @@ def test_branch_rate_is_used_without_override():
 DRIVER = """
 import json, sys
 from pathlib import Path
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 root, prepared, store = map(Path, sys.argv[1:4])
 params = params_with(json.loads((root / "params.json").read_text()))

@@ -142,7 +142,8 @@ def test_resnet50_arm_trains_and_predicts_at_a_small_width():
 
 
 def test_a_resnet50_whose_features_are_not_32_times_its_width_is_refused():
-    from cxr_diffusion.config import ParamsError, params_with
+    from cxr_diffusion.config import ParamsError
+    from cxr_diffusion.profiles import params_with
 
     with pytest.raises(ParamsError, match=r"utility\.classifier\.feature_dim.*32 x width \(2048\)"):
         params_with({"utility": {"classifier": {"architecture": "resnet50", "width": 64, "feature_dim": 128}}})

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cxr_diffusion.config import EvaluateConfig, profile_section
+from cxr_diffusion.config import EvaluateConfig
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.evaluation.xrv_densenet import PATHOLOGIES, XRVDenseNet121, class_scores, load_xrv_densenet
 from cxr_diffusion.evaluation.xrv_metrics import _auroc, xrv_metrics
 from oracle_weights import seeded_state

@@ -1,6 +1,6 @@
 """What the GPU check's parts share: the sizes they run at, device helpers, result files, tables.
 
-On CUDA the parts run at nih-512's sizes (the SD-1.5-sized UNet of profiles/nih-512.yaml, 512-px images,
+On CUDA the parts run at nih-512's sizes (the SD-1.5-sized UNet of the nih-512 profile, 512-px images,
 the SD VAE). On a CPU they shrink to something that finishes in minutes (the tiny profile's UNet, 64-px
 images) and say so: a CPU run rehearses the scripts, it measures nothing about a GPU.
 """
@@ -28,7 +28,7 @@ NA = "n/a"
 class Sizes:
     """What one part runs at on this device, and why."""
 
-    profile: str                 # profiles/<name>.yaml whose train.unet is used
+    profile: str                 # shipped profile whose train.unet is used
     image_size: int              # pixels; latents are image_size / 8
     train_batch: int             # per optimizer micro-step
     train_accumulation: int

@@ -18,7 +18,7 @@ import torch
 from common import check_device, markdown_table, peak_memory_gib, reset_peak_memory, shown, sizes_for, write_result
 from train_throughput import synchronize
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.noise import sampling_scheduler, training_scheduler
 from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline

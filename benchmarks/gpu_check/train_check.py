@@ -28,7 +28,7 @@ from common import (
 )
 from train_throughput import matmul_tflops, step_flops
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.diffusion.unet import build_unet
 from cxr_diffusion.rehearsal.standin_models import write_vae
 from synthetic_data import CONDITION_DIM, build_training_set

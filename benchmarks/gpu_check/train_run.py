@@ -26,7 +26,7 @@ import torch
 
 from common import check_device, peak_memory_gib, reset_peak_memory, write_result
 
-from cxr_diffusion.config import params_with
+from cxr_diffusion.profiles import params_with
 from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 
 TRAINER_KEYS = ("first_step_seconds", "compilations", "recompilations", "img_per_s", "data_wait_fraction",

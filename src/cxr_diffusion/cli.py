@@ -3,39 +3,32 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import typer
 
-from cxr_diffusion.config import ParamsError, load_params, params_from_dict, read_params_file
+from cxr_diffusion.config import ParamsError, load_params, params_from_dict
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="cxr-diffusion: synthetic chest X-ray research.")
 
 
 @app.command()
 def profile(
-    name: str = typer.Argument(..., help="Profile in profiles/: default, tiny, nih-512 or rehearsal."),
-    root: Path = typer.Option(Path("."), help="Repository root."),
+    name: str = typer.Argument(..., help="A shipped profile (default, tiny, nih-512, rehearsal) or an overlay file of "
+                                         "your own (a .yaml path)."),
+    root: Path = typer.Option(Path("."), help="Repository root: params.yaml is written there."),
 ) -> None:
-    """Make profiles/<name>.yaml the active params.yaml (checked before it replaces anything)."""
+    """Write params.yaml: the default profile with profile NAME laid over it (checked before it replaces anything)."""
     from cxr_diffusion.io import atomic_path
+    from cxr_diffusion.profiles import profile_source, validated_profile_text
 
-    folder = root / "profiles"
-    available = sorted(p.stem for p in folder.glob("*.yaml") if p.is_file()) if folder.is_dir() else []
-    if name not in available:  # only a file's own name: `../x` or `a/b` never reaches outside profiles/
-        _fail(f"no profile '{name}' in {folder}; available: {', '.join(available) or 'none'}")
-    source = folder / f"{name}.yaml"
     try:
-        data = read_params_file(source)
-    except ParamsError as error:  # names the file already
-        _fail(str(error))
-    try:
-        params_from_dict(_with_placeholder_nih_root(data))
-    except ParamsError as error:
-        _fail(f"{error} (in {source})")
+        source = profile_source(name)
+        text = validated_profile_text(name, check=lambda data: params_from_dict(_with_placeholder_nih_root(data)))
+    except ParamsError as error:  # an unknown name or a missing file says so itself; a bad key names the file
+        _fail(str(error) if str(error).startswith(("no profile", "profile ")) else f"{error} (in {source})")
     with atomic_path(root / "params.yaml") as temporary:
-        shutil.copyfile(source, temporary)
+        temporary.write_text(text, encoding="utf-8")
     typer.echo(f"params.yaml is now profile '{name}'. Run `dvc repro` to rebuild what it changes.")
 
 
@@ -157,7 +150,8 @@ def _reference_image(pipeline, reference: Path):
     the size the model was trained on: the UNet's, times the VAE's downsampling in latent space."""
     from PIL import Image
 
-    from cxr_diffusion.config import PrepareConfig, profile_section
+    from cxr_diffusion.config import PrepareConfig
+    from cxr_diffusion.profiles import profile_section
     from cxr_diffusion.data.decode import DecodeBudget, DecodeError, preprocess, read_image_file
 
     prepare = profile_section(PrepareConfig)  # the default profile's prepare section
@@ -228,6 +222,9 @@ def _sample(pipeline, condition, model: Path, num_images: int, guidance_scale: f
     from cxr_diffusion.errors import UserError
     from cxr_diffusion.sampling.sample import check_generated
 
+    timesteps = pipeline.scheduler.config.num_train_timesteps
+    if steps > timesteps:
+        _fail(f"--steps {steps}: more than the {timesteps} timesteps {model} was trained with; give at most {timesteps}")
     result = pipeline(condition=condition, num_images_per_condition=num_images, guidance_scale=guidance_scale,
                       num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
     try:

@@ -520,6 +520,13 @@ def _section(annotation: Any) -> type[Section] | None:
     return None
 
 
+def section_of(model: type[Section], key: str) -> type[Section] | None:
+    """The section class of ``model``'s key ``key`` (None for a plain value or an unknown key)."""
+    info = model.model_fields.get(key)
+    annotation = info.annotation if info is not None else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
 def _model_at(location: tuple) -> type[Section] | None:
     model: type[Section] | None = Params
     for part in location:
@@ -634,48 +641,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return params_from_dict(data)
     except ParamsError as error:
         raise ParamsError(f"{error} (in {path})") from None
-
-
-def merged(base: dict, overrides: dict, model: type[Section] = Params) -> dict:
-    """``base`` with ``overrides`` laid over it, section by section (a value that is itself a mapping, such
-    as ``filter.merges``, is replaced whole). For tests and benchmarks: a profile plus the keys they vary."""
-    result = dict(base)
-    for key, value in overrides.items():
-        info = model.model_fields.get(key)
-        section = getattr(info, "annotation", None)
-        if isinstance(value, dict) and isinstance(section, type) and issubclass(section, Section) \
-                and isinstance(result.get(key), dict):
-            result[key] = merged(result[key], value, section)
-        else:
-            result[key] = value
-    return result
-
-
-def params_with(overrides: dict | None = None, profile: str | Path = "default") -> Params:
-    """A profile (``profiles/<name>.yaml`` or a path) with ``overrides`` laid over it, validated."""
-    path = Path(profile)
-    if path.suffix not in (".yaml", ".yml"):
-        path = Path(__file__).resolve().parents[2] / "profiles" / f"{profile}.yaml"
-    return params_from_dict(merged(read_params_file(path), overrides or {}))
-
-
-def _path_of(cls: type[Section], model: type[Section] = Params, prefix: tuple = ()) -> tuple | None:
-    if cls is model:
-        return prefix
-    for name, info in model.model_fields.items():
-        inner = _section(info.annotation)
-        found = _path_of(cls, inner, prefix + (name,)) if inner else None
-        if found is not None:
-            return found
-    return None
-
-
-def profile_section(cls: type[S], profile: str | Path = "default", **changes: Any) -> S:
-    """Section ``cls`` as ``profile`` sets it, with ``changes`` (validated): tests and benchmarks vary a few keys."""
-    section: Any = params_with(profile=profile)
-    for name in _path_of(cls):
-        section = getattr(section, name)
-    return changed(section, **changes)
 
 
 def changed(config: S, **changes: Any) -> S:

@@ -20,6 +20,7 @@ from cxr_diffusion.assets.manifest import record, snapshot
 from cxr_diffusion.assets.status import source_record
 from cxr_diffusion.cli import app
 from cxr_diffusion.config import load_params
+from cxr_diffusion.profiles import profile_data
 
 REPO = Path(__file__).resolve().parents[2]
 FIX = "move it away and rerun `cxr-diffusion fetch` (it re-checks what is in place)"
@@ -28,7 +29,7 @@ runner = CliRunner()
 
 def hub_root(root: Path) -> tuple[Path, list]:
     """The nih-512 profile needing only its clip and vae folders, nothing placed yet."""
-    raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
+    raw = profile_data("nih-512")
     raw["elixr"]["path"] = None
     for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
         raw["evaluate"][key] = None
@@ -198,7 +199,8 @@ def test_an_elixr_standin_named_by_elixr_path_is_labelled_a_standin(tmp_path):
 
     from cxr_diffusion.conditioning.elixr import build_elixr_store
     from cxr_diffusion.conditioning.elixr_files import FeatureSpec, write_snapshot_index, write_snapshot_shard
-    from cxr_diffusion.config import ElixrConfig, profile_section
+    from cxr_diffusion.config import ElixrConfig
+    from cxr_diffusion.profiles import profile_section
 
     names = [f"{n:08d}_000.png" for n in (1, 2)]
     snapshot = tmp_path / "snap"
@@ -234,7 +236,7 @@ def test_a_safetensors_name_without_tensors_behind_it_is_not_recorded(tmp_path, 
 
 def elixr_only_root(root: Path) -> Path:
     """The nih-512 profile needing only its ELIXR snapshot; returns the (not yet made) snapshot folder."""
-    raw = yaml.safe_load((REPO / "profiles" / "nih-512.yaml").read_text())
+    raw = profile_data("nih-512")
     raw["clip"]["model"], raw["train"]["space"] = "demo", "pixel"
     for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
         raw["evaluate"][key] = None

@@ -14,9 +14,10 @@ import cxr_diffusion.cli as cli
 from cxr_diffusion.config import read_params_file
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.errors import user_error_line
+from cxr_diffusion.profiles import FOLDER, profile_data
 from cxr_diffusion.stage import run_stage
 
-from conftest import cli_refusal as refusal
+from conftest import cli_refusal as refusal, write_profile
 
 runner = CliRunner()
 
@@ -73,7 +74,7 @@ def test_a_missing_file_under_a_command_is_the_same_line_as_under_a_stage(monkey
         cli.main()
     assert stopped.value.code == 2
     command_line = capsys.readouterr().err
-    (tmp_path / "params.yaml").write_text(json.dumps(read_params_file(PROFILES / "default.yaml")))
+    (tmp_path / "params.yaml").write_text(json.dumps(read_params_file(FOLDER / "default.yaml")))
     with pytest.raises(SystemExit):
         run_stage("sample", tmp_path / "params.yaml", _raising_body(missing))
     stage_line = capsys.readouterr().err
@@ -87,27 +88,18 @@ def _raising_body(error: Exception):
     return body
 
 
-# --- `cxr-diffusion profile`: every key checked, only the profiles in profiles/ ------------------------------------
+# --- `cxr-diffusion profile`: every key of the merged params checked, names only among the shipped profiles ---------
 
 
-PROFILES = Path(__file__).resolve().parents[2] / "profiles"
+PROFILES = FOLDER  # the shipped profiles
 
 
-def profile_root(tmp_path: Path, **sections) -> Path:
-    """A repository root whose profiles/bad.yaml is the default profile with ``sections`` laid over it (JSON is YAML)."""
-    data = read_params_file(PROFILES / "default.yaml")
-    for section, values in sections.items():
-        data[section] = {**data[section], **values} if isinstance(values, dict) else values
-    for key, value in sections.get("dataset", {}).items():
-        if value is _DROP:
-            del data["dataset"][key]
-    (tmp_path / "profiles").mkdir()
-    (tmp_path / "profiles" / "bad.yaml").write_text(json.dumps(data))
+def overlay_root(tmp_path: Path, **sections) -> tuple[Path, Path]:
+    """A repository root and an overlay file of the user's own holding ``sections`` (JSON is YAML)."""
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text(json.dumps(sections))
     (tmp_path / "params.yaml").write_text("# the active params, untouched by a refused profile\n")
-    return tmp_path
-
-
-_DROP = object()
+    return tmp_path, overlay
 
 
 @pytest.mark.parametrize("sections, fragment", [
@@ -115,32 +107,38 @@ _DROP = object()
      "params: 'prepare.shard_size' is -1"),
     ({"dataset": {"source": "nih", "nih_root": ""}, "sample": {"steps": 0}}, "params: 'sample.steps' is 0"),
     ({"dataset": {"source": "nih", "nih_root": ["a"]}}, "params: 'dataset.nih_root' is ['a']; expected a string"),
-    ({"dataset": {"source": "nih", "nih_root": _DROP}}, "params: 'dataset.nih_root' is missing"),
+    ({"dataset": {"source": "nih", "nih_rot": "/data"}}, "params: unknown key 'dataset.nih_rot'"),
+    ({"extends": "nowhere"}, "params: 'extends' is 'nowhere'; it must name a shipped profile"),
+    ({"extends": ["tiny"]}, "params: 'extends' is ['tiny']; it must name a shipped profile"),
 ])
-def test_profile_checks_every_key_of_a_profile_for_the_nih_download(tmp_path, sections, fragment):
-    root = profile_root(tmp_path, **sections)
-    line = refusal(runner.invoke(cli.app, ["profile", "bad", "--root", str(root)]))
-    assert line.startswith(f"error: {fragment}") and line.endswith(f"(in {root / 'profiles' / 'bad.yaml'})")
+def test_profile_checks_every_key_of_a_users_overlay(tmp_path, sections, fragment):
+    root, overlay = overlay_root(tmp_path, **sections)
+    line = refusal(runner.invoke(cli.app, ["profile", str(overlay), "--root", str(root)]))
+    assert line.startswith(f"error: {fragment}") and line.endswith(f"(in {overlay})"), line
     assert (root / "params.yaml").read_text().startswith("# the active params")
 
 
-def test_profile_installs_a_profile_whose_nih_root_is_left_to_fill_in(tmp_path):
-    root = profile_root(tmp_path, dataset={"source": "nih", "nih_root": None})
-    result = runner.invoke(cli.app, ["profile", "bad", "--root", str(root)])
+def test_profile_installs_an_overlay_whose_nih_root_is_left_to_fill_in(tmp_path):
+    root, overlay = overlay_root(tmp_path, extends="nih-512", dataset={"nih_root": None})
+    result = runner.invoke(cli.app, ["profile", str(overlay), "--root", str(root)])
     assert result.exit_code == 0, result.output
-    assert (root / "params.yaml").read_text() == (root / "profiles" / "bad.yaml").read_text()
+    merged = read_params_file(root / "params.yaml")
+    assert merged["dataset"] == {**profile_data("nih-512")["dataset"], "nih_root": None}
+    assert merged["train"] == profile_data("nih-512")["train"]
 
 
-@pytest.mark.parametrize("name", ["../outside", "{root}/outside", "sub/inner"])
-def test_profile_accepts_only_the_names_of_files_in_profiles(tmp_path, name):
-    (tmp_path / "profiles" / "sub").mkdir(parents=True)
-    shutil.copyfile(PROFILES / "default.yaml", tmp_path / "profiles" / "default.yaml")
-    shutil.copyfile(PROFILES / "default.yaml", tmp_path / "outside.yaml")  # valid, but not a profile
-    shutil.copyfile(PROFILES / "default.yaml", tmp_path / "profiles" / "sub" / "inner.yaml")
+@pytest.mark.parametrize("name", ["../outside", "{root}/outside", "sub/inner", "default.yaml.bak"])
+def test_profile_takes_a_shipped_name_or_an_existing_yaml_file(tmp_path, name):
+    shutil.copyfile(PROFILES / "default.yaml", tmp_path / "outside")  # valid, but neither a name nor a .yaml path
     name = name.format(root=tmp_path)
     line = refusal(runner.invoke(cli.app, ["profile", name, "--root", str(tmp_path)]))
-    assert line == f"error: no profile '{name}' in {tmp_path / 'profiles'}; available: default"
+    assert line == f"error: no profile '{name}' among {PROFILES}; available: default, nih-512, rehearsal, tiny"
     assert not (tmp_path / "params.yaml").exists()
+
+
+def test_profile_refuses_a_missing_yaml_path(tmp_path):
+    line = refusal(runner.invoke(cli.app, ["profile", str(tmp_path / "gone.yaml"), "--root", str(tmp_path)]))
+    assert line == f"error: profile {tmp_path / 'gone.yaml'} does not exist"
 
 
 # --- `cxr-diffusion standins --seed`: the params' range --------------------------------------------------------
@@ -148,7 +146,7 @@ def test_profile_accepts_only_the_names_of_files_in_profiles(tmp_path, name):
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
 def test_standins_bounds_the_seed_as_the_params_do(tmp_path, seed):
-    shutil.copyfile(PROFILES / "tiny.yaml", tmp_path / "params.yaml")
+    write_profile("tiny", tmp_path)
     line = refusal(runner.invoke(cli.app, ["standins", "--root", str(tmp_path), "--seed", str(seed)]))
     assert line == f"error: --seed {seed}: must be at least 0 and below 2**32 (4294967296), as the params' seed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from cxr_diffusion.conditioning.elixr import build_elixr_store
-from cxr_diffusion.config import ElixrConfig, profile_section
+from cxr_diffusion.config import ElixrConfig
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.data.nih import DataError
 
 DATASET, FEATURE = "elixrb/img_emb", "img_emb"
@@ -289,3 +290,25 @@ def test_ids_wider_than_any_image_id_are_refused_before_they_are_read(tmp_path):
         ids[:] = [name.encode() for name in NAMES]
         handle[FEATURE] = embeddings()
     refused(tmp_path, "holds ids 4,000,000 bytes wide")
+
+
+def test_embeddings_stored_in_chunks_far_larger_than_the_data_are_refused_before_reading(tmp_path):
+    """3 rows in one gzip chunk of 2**20 rows (128 MB decompressed on every read) from a file of a few KB."""
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        values = handle.create_dataset(FEATURE, shape=(len(NAMES), *ROW), maxshape=(None, *ROW), dtype="float32",
+                                       chunks=(2**20, *ROW), compression="gzip")
+        values[:] = embeddings()
+    assert shard.stat().st_size < 1 << 20
+    refused(tmp_path, r"stored in chunks of 134,217,728 bytes \(shape \(1048576, 4, 8\)\), more than 64 MB")
+
+
+def test_an_id_column_too_large_to_read_whole_is_refused(tmp_path):
+    """300,000 ids of 256 bytes (77 MB, gzipped to little): NIH's 112,120 ids take 1.8 MB."""
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        handle.create_dataset("Image Index", data=np.zeros(300_000, dtype="S256"), chunks=(4096,),
+                              compression="gzip")
+        handle[FEATURE] = embeddings()
+    refused(tmp_path, "holds 76,800,000 bytes of ids, more than 64 MB")

@@ -23,7 +23,8 @@ from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
 from cxr_diffusion.cli import app
-from cxr_diffusion.config import PrepareConfig, params_with, profile_section
+from cxr_diffusion.config import PrepareConfig
+from cxr_diffusion.profiles import params_with, profile_section
 from cxr_diffusion.data import decode, prepare
 from cxr_diffusion.data.decode import DecodeBudget, DecodeError, decode_grayscale, preprocess, read_image_file
 from cxr_diffusion.data.filter import run_filter

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cxr_diffusion.config import FilterConfig, SplitConfig, params_with, profile_section
+from cxr_diffusion.config import FilterConfig, SplitConfig
+from cxr_diffusion.profiles import params_with, profile_section
 from cxr_diffusion.data.filter import REJECT_REASONS, filter_metadata, read_include_list, run_filter
 from cxr_diffusion.data.nih import NIH_HEADER, DataError, index_nih_root, read_metadata_csv
 from cxr_diffusion.data.prepare import prepare_shards

@@ -381,6 +381,14 @@ def relabel_first_tensor(model: Path, dtype: str) -> None:
     rewrite_header(model, relabel)
 
 
+def fill_output_layer(model: Path, value: float, dtype: torch.dtype = torch.float32) -> None:
+    """The output layer's weights all ``value`` (-0.0: zero with the sign bit set; 1e-40: a denormal), its bias 0."""
+    weights = load_file(model / UNET_WEIGHTS)
+    weights["conv_out.weight"] = torch.full_like(weights["conv_out.weight"], value, dtype=dtype)
+    weights["conv_out.bias"] = torch.zeros_like(weights["conv_out.bias"])
+    save_file(weights, str(model / UNET_WEIGHTS))
+
+
 def zero_output_layer(model: Path) -> None:
     weights = load_file(model / UNET_WEIGHTS)
     weights["conv_out.weight"] = torch.zeros_like(weights["conv_out.weight"])
@@ -388,9 +396,9 @@ def zero_output_layer(model: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, where, fragment", [
-    (lambda m: edit_config(m, "unet", sample_size=10**6), "unet/config.json", "sample_size 1000000 is not 1-1024"),
-    (lambda m: edit_config(m, "unet", sample_size=0), "unet/config.json", "sample_size 0 is not 1-1024"),
-    (lambda m: edit_config(m, "unet", sample_size=-8), "unet/config.json", "sample_size -8 is not 1-1024"),
+    (lambda m: edit_config(m, "unet", sample_size=10**6), "unet/config.json", "sample_size 1000000 is not a whole number 1-1024"),
+    (lambda m: edit_config(m, "unet", sample_size=0), "unet/config.json", "sample_size 0 is not a whole number 1-1024"),
+    (lambda m: edit_config(m, "unet", sample_size=-8), "unet/config.json", "sample_size -8 is not a whole number 1-1024"),
     (lambda m: edit_config(m, "unet", block_out_channels=[10**6, 10**6]), "unet/config.json",
      "block_out_channels [1000000, 1000000] is not 1-8 sizes"),
     (lambda m: edit_config(m, "unet", in_channels=True), "unet/config.json", "in_channels True is not a whole number"),
@@ -406,7 +414,36 @@ def zero_output_layer(model: Path) -> None:
      "transformer_layers_per_block 1000000 is not 1-16"),
     (lambda m: edit_config(m, "unet", attention_head_dim=0), "unet/config.json", "attention_head_dim 0 is not 1-512"),
     (lambda m: edit_config(m, "unet", norm_num_groups=0), "unet/config.json", "norm_num_groups 0 is not"),
-    (lambda m: edit_config(m, "unet", class_embed_type="identity"), "unet/config.json", "class or addition embeddings"),
+    (lambda m: edit_config(m, "unet", class_embed_type="identity"), "unet/config.json",
+     "class_embed_type is 'identity', not diffusers' default None; this project never sets it"),
+    (lambda m: edit_config(m, "unet", num_class_embeds=10**9), "unet/config.json",
+     "num_class_embeds is 1000000000, not diffusers' default None"),
+    (lambda m: edit_config(m, "unet", time_embedding_dim=10**9), "unet/config.json",
+     "time_embedding_dim is 1000000000, not diffusers' default None"),
+    (lambda m: edit_config(m, "unet", encoder_hid_dim=10**9, encoder_hid_dim_type="text_proj"), "unet/config.json",
+     "encoder_hid_dim is 1000000000, not diffusers' default None"),
+    (lambda m: edit_config(m, "unet", time_cond_proj_dim=10**9), "unet/config.json",
+     "time_cond_proj_dim is 1000000000, not diffusers' default None"),
+    (lambda m: edit_config(m, "unet", conv_in_kernel=10**5), "unet/config.json",
+     "conv_in_kernel is 100000, not diffusers' default 3"),
+    (lambda m: edit_config(m, "unet", conv_out_kernel=4), "unet/config.json", "conv_out_kernel is 4, not diffusers'"),
+    (lambda m: edit_config(m, "unet", norm_eps=1e30), "unet/config.json", "norm_eps is 1e+30, not diffusers' default"),
+    (lambda m: edit_config(m, "unet", sample_size=[16, 16]), "unet/config.json",
+     "sample_size [16, 16] is not a whole number 1-1024"),
+    (lambda m: edit_config(m, "unet", out_channels=1), "unet/config.json", "in_channels 3 and out_channels 1 differ"),
+    (lambda m: edit_config(m, "unet", in_channels=1, out_channels=1), "unet/config.json",
+     "in_channels 1 is not the model's image channels 3 (model_index.json)"),
+    (lambda m: edit_config(m, "unet", cross_attention_dim=16), "unet/config.json",
+     f"cross_attention_dim 16 is not the condition adapter's output width {DIM}"),
+    (lambda m: edit_config(m, "unet", down_block_types=["DownBlock2D", "SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+     "unet/config.json", "down_block_types ['DownBlock2D', 'SimpleCrossAttnDownBlock2D', 'DownBlock2D'] is not 3 of"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", solver_type="bogus"),
+     "scheduler/scheduler_config.json", "solver_type 'bogus' is not one of"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", beta_start=0.9, beta_end=0.0001),
+     "scheduler/scheduler_config.json", "beta_start 0.9 is not below beta_end 0.0001"),
+    (lambda m: fill_output_layer(m, -0.0), UNET_WEIGHTS, "output layer (conv_out.weight) is all zeros"),
+    (lambda m: fill_output_layer(m, 1e-40), UNET_WEIGHTS, "output layer (conv_out.weight) is all zeros"),
+    (lambda m: fill_output_layer(m, -0.0, torch.bfloat16), UNET_WEIGHTS, "output layer (conv_out.weight) is all zeros"),
     (lambda m: edit_config(m, "scheduler", "scheduler_config.json", beta_schedule="bogus"),
      "scheduler/scheduler_config.json", "beta_schedule 'bogus' is not one of"),
     (lambda m: edit_config(m, "scheduler", "scheduler_config.json", timestep_spacing="bogus"),
@@ -427,6 +464,13 @@ def test_a_model_config_out_of_range_is_refused_before_anything_is_allocated(mod
     write_model_files(model)  # a hand-made folder carries its own hashes
     line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
     assert line.startswith(f"error: {model / where}: ") and fragment in line, line
+
+
+def test_generate_refuses_more_steps_than_the_model_has_timesteps(model, embedding, tmp_path, no_sampling):
+    edit_config(model, "scheduler", "scheduler_config.json", num_train_timesteps=4, trained_betas=None)
+    write_model_files(model)
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out", "--steps", "5")))
+    assert line == f"error: --steps 5: more than the 4 timesteps {model} was trained with; give at most 4"
 
 
 def saved_embedding(path: Path, array: np.ndarray) -> Path:

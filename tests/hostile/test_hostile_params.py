@@ -150,5 +150,7 @@ def test_launch_config_that_could_reach_the_shell_is_refused(value):
 
 
 def test_every_profile_launch_config_exists():
-    for profile in sorted((REPO / "profiles").glob("*.yaml")):
-        assert (REPO / load_params(profile).train.launch_config).is_file(), profile.name
+    from cxr_diffusion.profiles import params_with, profile_names
+
+    for name in profile_names():
+        assert (REPO / params_with(profile=name).train.launch_config).is_file(), name

@@ -18,6 +18,7 @@ from markdown_it import MarkdownIt
 
 from cxr_diffusion.evaluation.report import write_report
 from cxr_diffusion.io import JsonFileError, read_json
+from cxr_diffusion.reader_study.errors import ReaderStudyError
 from cxr_diffusion.reader_study.items import StudyItem
 from cxr_diffusion.reader_study.kit import build_kit
 from cxr_diffusion.reader_study.report import POOLED_ROW, report_lines
@@ -117,9 +118,41 @@ def test_reader_ids_with_hidden_characters_or_mixed_scripts_are_rejected(tmp_pat
 
 
 @pytest.mark.parametrize(("one", "other"), [("Alice", "alice "), ("dr  smith", "Dr Smith"), ("Jos\u00e9", "JOSE"),
-                                            ("\uff42\uff4f\uff42", "bob")])
+                                            ("\uff42\uff4f\uff42", "bob"), ("Alice", "AIice"), ("Ian", "lan"),
+                                            ("willow", "wiIIow"), ("Bob", "B0b"), ("Kim", "Kirn"),
+                                            ("Dr. Smith", "Dr Smith"), ("J.Doe", "J. Doe"), ("alice", "alice."),
+                                            ("Ann", "Ann ,"), ("wera", "vvera"), ("Wu", "VVu")])
 def test_ids_that_only_look_different_are_one_reader(one, other):
     assert same_reader(one) == same_reader(other)
+
+
+@pytest.mark.parametrize(("one", "other"), [("Reader 1", "Reader 2"), ("Ann", "Anna"), ("Bob", "Rob"), ("Kim", "Kin")])
+def test_ids_that_read_differently_stay_two_readers(one, other):
+    assert same_reader(one) != same_reader(other)
+
+
+def test_two_files_under_look_alike_ids_are_both_listed_as_one_reader(tmp_path, key_path):
+    responses = tmp_path / "responses"
+    response_file(responses, key_path, "Alice", truthful, name="pilot-1__a.json")
+    response_file(responses, key_path, "AIice", truthful, name="pilot-1__b.json")
+    metrics = score_responses(responses, key_path)
+    assert metrics["readers"] == 0
+    assert [reject["reason"].split(":")[0] for reject in metrics["rejects"]] == ["duplicate_reader"] * 2
+
+
+@pytest.mark.parametrize("study_id", ["<!-- ![t](https://tracker.example/p.png) <script>alert(1)</script>",
+                                      "pilot 1", "", 7])
+def test_an_answer_key_whose_study_id_the_kit_never_writes_is_refused(tmp_path, key_path, study_id):
+    key = json.loads(key_path.read_text())
+    key_path.write_text(json.dumps({**key, "study_id": study_id}))
+    with pytest.raises(ReaderStudyError, match="not an answer key of a reader-study kit"):
+        score_responses(tmp_path / "responses", key_path)
+
+
+def test_the_no_responses_text_reaches_the_report_as_text(tmp_path, key_path):
+    metrics = score_responses(tmp_path / "nothing <script>alert(1)</script>", key_path, kit_dir=tmp_path / "kit <b>")
+    html = rendered(report_of(metrics))
+    assert inert(html) and "<b>" not in html and "&lt;reader&gt;" in html, html
 
 
 @pytest.mark.parametrize("look_alike", ["\u0430\u04cf\u0456\u0441\u0435", "\u039d\u0399\u039d\u0391",
@@ -177,7 +210,7 @@ def test_a_lone_surrogate_anywhere_in_a_json_file_is_refused_when_read(tmp_path)
 
 def test_the_comparison_report_escapes_input_strings(tmp_path):
     """The main report quotes reasons and class names from inputs: the same escaping applies."""
-    from cxr_diffusion.config import params_with
+    from cxr_diffusion.profiles import params_with
 
     params = params_with({})
     summary = {}

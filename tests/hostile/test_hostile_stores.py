@@ -19,14 +19,14 @@ import pandas as pd
 import pytest
 
 from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError
-from cxr_diffusion.config import ClipConfig, ElixrConfig, profile_section
+from cxr_diffusion.config import ClipConfig, ElixrConfig
+from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import atomic_directory, atomic_path, write_json
 from cxr_diffusion.stage import run_stage
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "profiles" / "tiny.yaml"
 
 
 def write_store(path: Path, rows: int = 3, tokens: int = 2, dim: int = 4) -> Path:
@@ -454,11 +454,11 @@ def one_line(capsys) -> str:
     return err
 
 
-def test_full_disk_during_a_stage_write_is_one_line_and_keeps_the_old_output(tmp_path, capsys, monkeypatch):
+def test_full_disk_during_a_stage_write_is_one_line_and_keeps_the_old_output(tmp_path, capsys, monkeypatch, tiny_params_file):
     from cxr_diffusion.conditioning.demo_clip import train_demo_clip
 
     params = tmp_path / "params.yaml"
-    text = TINY.read_text()
+    text = tiny_params_file.read_text()
     assert "  model: demo " in text
     params.write_text(text.replace("  model: demo ", "  model: someone/pretrained-clip ", 1))
     out, metrics = tmp_path / "models" / "clip", tmp_path / "metrics" / "clip.json"
@@ -491,7 +491,7 @@ def test_full_disk_during_a_stage_write_is_one_line_and_keeps_the_old_output(tmp
     assert sorted(p.name for p in metrics.parent.iterdir()) == ["clip.json"]
 
 
-def test_full_disk_writing_a_new_file_leaves_no_file(tmp_path, capsys, monkeypatch):
+def test_full_disk_writing_a_new_file_leaves_no_file(tmp_path, capsys, monkeypatch, tiny_params_file):
     target = tmp_path / "metrics" / "new.json"
 
     def full_disk(self: Path, data: str, *args, **kwargs) -> int:
@@ -499,20 +499,20 @@ def test_full_disk_writing_a_new_file_leaves_no_file(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(SystemExit) as exit_info:
-        run_stage("evaluate", TINY, lambda p: write_json(target, {"fid": 1.0}))
+        run_stage("evaluate", tiny_params_file, lambda p: write_json(target, {"fid": 1.0}))
     monkeypatch.undo()
     assert exit_info.value.code == 2
     assert "no space left on the device" in one_line(capsys)
     assert list(target.parent.iterdir()) == []
 
 
-def test_full_disk_while_writing_a_condition_store_leaves_no_store(tmp_path, capsys, monkeypatch):
+def test_full_disk_while_writing_a_condition_store_leaves_no_store(tmp_path, capsys, monkeypatch, tiny_params_file):
     def full_disk(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full_disk)
     with pytest.raises(SystemExit) as exit_info:
-        run_stage("embed_clip_text", TINY, lambda p: write_store(tmp_path / "store"))
+        run_stage("embed_clip_text", tiny_params_file, lambda p: write_store(tmp_path / "store"))
     monkeypatch.undo()
     assert exit_info.value.code == 2
     assert one_line(capsys) == ("stage embed_clip_text failed: no space left on the device; free some space and rerun "
@@ -520,71 +520,71 @@ def test_full_disk_while_writing_a_condition_store_leaves_no_store(tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unreadable_input_in_a_stage_is_one_line_saying_permission_denied_on_it(tmp_path, capsys):
+def test_unreadable_input_in_a_stage_is_one_line_saying_permission_denied_on_it(tmp_path, capsys, tiny_params_file):
     def body(p):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "filtered.csv"))
 
     with pytest.raises(SystemExit):
-        run_stage("embed_clip_text", TINY, body)
+        run_stage("embed_clip_text", tiny_params_file, body)
     assert one_line(capsys) == (f"stage embed_clip_text failed: permission denied on {tmp_path / 'filtered.csv'}: "
                                 f"Permission denied; check the permissions of that file or folder and rerun\n")
 
 
-def test_user_error_in_a_stage_is_one_line_exit_2(capsys):
+def test_user_error_in_a_stage_is_one_line_exit_2(capsys, tiny_params_file):
     def body(p):
         raise StoreError("data/embeddings/clip_text: not a condition store (index.csv missing); rerun its embed stage")
 
     with pytest.raises(SystemExit) as exit_info:
-        run_stage("train", TINY, body)
+        run_stage("train", tiny_params_file, body)
     assert exit_info.value.code == 2
     assert one_line(capsys) == ("stage train failed: data/embeddings/clip_text: not a condition store "
                                 "(index.csv missing); rerun its embed stage\n")
 
 
-def test_user_error_quoting_a_multi_line_library_message_is_still_one_line(capsys):
+def test_user_error_quoting_a_multi_line_library_message_is_still_one_line(capsys, tiny_params_file):
     def body(p):
         raise StoreError("x.h5: not a readable HDF5 file (Unable to open file\n  truncated file: eof = 96)")
 
     with pytest.raises(SystemExit):
-        run_stage("embed_elixr", TINY, body)
+        run_stage("embed_elixr", tiny_params_file, body)
     assert one_line(capsys) == ("stage embed_elixr failed: x.h5: not a readable HDF5 file (Unable to open file "
                                 "truncated file: eof = 96)\n")
 
 
-def test_missing_input_file_in_a_stage_is_one_line_naming_it(tmp_path, capsys):
+def test_missing_input_file_in_a_stage_is_one_line_naming_it(tmp_path, capsys, tiny_params_file):
     def body(p):
         open(tmp_path / "filtered.csv").close()
 
     with pytest.raises(SystemExit) as exit_info:
-        run_stage("embed_clip_text", TINY, body)
+        run_stage("embed_clip_text", tiny_params_file, body)
     assert exit_info.value.code == 2
     assert one_line(capsys) == (f"stage embed_clip_text failed: {tmp_path / 'filtered.csv'}: no such file; "
                                 f"run the stages before this one (dvc repro)\n")
 
 
-def test_missing_file_error_without_a_file_name_keeps_its_own_message(tmp_path, capsys):
+def test_missing_file_error_without_a_file_name_keeps_its_own_message(tmp_path, capsys, tiny_params_file):
     from cxr_diffusion.data.shards import read_manifest
 
     with pytest.raises(SystemExit):
-        run_stage("train_clip", TINY, lambda p: read_manifest(tmp_path))
+        run_stage("train_clip", tiny_params_file, lambda p: read_manifest(tmp_path))
     assert one_line(capsys) == (f"stage train_clip failed: {tmp_path / 'manifest.json'} not found: "
                                 f"run `dvc repro prepare` first\n")
 
 
-def test_a_bug_in_a_stage_keeps_its_traceback():
+def test_a_bug_in_a_stage_keeps_its_traceback(tiny_params_file):
     def body(p):
         return {}["Finding Labels"]
 
     with pytest.raises(KeyError, match="Finding Labels"):
-        run_stage("train_clip", TINY, body)
+        run_stage("train_clip", tiny_params_file, body)
 
 
-def test_an_os_error_a_user_cannot_fix_keeps_its_traceback():
+def test_an_os_error_a_user_cannot_fix_keeps_its_traceback(tiny_params_file):
     def body(p):
         raise OSError(errno.EIO, "Input/output error", "disk")
 
     with pytest.raises(OSError, match="Input/output error"):
-        run_stage("train", TINY, body)
+        run_stage("train", tiny_params_file, body)
 
 
 # ----------------------------------------------------------------------------- ELIXR files
@@ -884,11 +884,11 @@ def test_a_damaged_generated_folder_names_its_sample_stage(tmp_path):
         PreparedImages(prepared, "test")
 
 
-def test_a_corrupt_shard_in_the_train_clip_stage_is_one_line_exit_2(tmp_path, capsys):
+def test_a_corrupt_shard_in_the_train_clip_stage_is_one_line_exit_2(tmp_path, capsys, tiny_params_file):
     prepared = write_prepared(tmp_path / "prepared", {"train": 2})
     (prepared / "train-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(SystemExit) as exit_:
-        run_stage("train_clip", TINY, lambda params: _train_clip_split(prepared))
+        run_stage("train_clip", tiny_params_file, lambda params: _train_clip_split(prepared))
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f"stage train_clip failed: {prepared / 'train-00000.parquet'}: its sha256 is "
                                        f"not the one manifest.json records (the file was changed or damaged after "

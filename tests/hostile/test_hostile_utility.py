@@ -47,7 +47,7 @@ def test_probabilities_outside_0_1_are_refused_naming_the_image_and_class(tmp_pa
 def test_a_store_of_another_branch_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     """utility@elixr given the clip_vision store once generated from it and called the result elixr."""
     from cxr_diffusion.conditioning.store import ConditionStoreWriter
-    from cxr_diffusion.config import params_with
+    from cxr_diffusion.profiles import params_with
     from cxr_diffusion.utility import study
 
     store = tmp_path / "store"

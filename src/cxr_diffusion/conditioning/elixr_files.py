@@ -51,6 +51,8 @@ MAX_TOKENS, MAX_DIM = 1024, 8192
 MAX_SIZE = MAX_TOKENS * MAX_DIM  # any one declared axis
 MAX_ROWS = 10_000_000  # per file: NIH ChestX-ray14 has 112,120 images; ids are read whole at scan time
 MAX_ID_BYTES = 256  # a fixed-width id ("00000001_000.png" is 16 bytes)
+MAX_ID_COLUMN_BYTES = 64 << 20  # ids are read whole at scan time: 112,120 NIH ids of 16 bytes are 1.8 MB
+MAX_CHUNK_BYTES = 64 << 20  # HDF5 decompresses a whole chunk per read: a 4 MB file may declare 4 GB chunks
 # A dataset or feature name with one of these words (split on '/' and '_') is a text-tower output.
 TEXT_WORDS: frozenset[str] = frozenset({"txt", "text"})
 
@@ -457,6 +459,14 @@ def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, 
     if dataset.dtype.kind in "SU" and dataset.dtype.itemsize > MAX_ID_BYTES:  # read whole at scan time
         raise DataError(f"{path}: '{name}' holds ids {dataset.dtype.itemsize:,} bytes wide (an NIH id is 16); "
                         f"is this an ELIXR shard?")
+    if dataset.dtype.kind in "SU" and dataset.shape[0] * dataset.dtype.itemsize > MAX_ID_COLUMN_BYTES:
+        raise DataError(f"{path}: '{name}' holds {dataset.shape[0] * dataset.dtype.itemsize:,} bytes of ids, more "
+                        f"than {MAX_ID_COLUMN_BYTES >> 20} MB (all 112,120 NIH ids take 1.8 MB); is this an ELIXR shard?")
+    chunk = math.prod(dataset.chunks) * dataset.dtype.itemsize if dataset.chunks else 0
+    if chunk > MAX_CHUNK_BYTES:
+        raise DataError(f"{path}: '{name}' is stored in chunks of {chunk:,} bytes (shape {dataset.chunks}), more "
+                        f"than {MAX_CHUNK_BYTES >> 20} MB, each decompressed whole on every read; is this an ELIXR "
+                        f"shard?")
 
 
 def _unwritten_chunks(dataset: h5py.Dataset) -> bool:

@@ -3,16 +3,19 @@
 The hashes in ``model_files.sha256.json`` say the files are the ones saved; they do not say the saved values
 are sane, and a hand-made folder can carry its own hashes. Read before diffusers builds a module:
 
-- ``unet/config.json``: ``sample_size`` 1-1024 (an int or [height, width]), channels 1-64, at most 8 blocks of
-  1-4096 channels, 1-16 layers per block, 1-16 transformer layers, 1-64 heads, head dims 1-512, 1-128 norm
-  groups, ``cross_attention_dim`` 1-8192, no class embedding: a huge, zero or negative value would try to
-  allocate tens of GB, divide by zero or fail deep inside torch;
+- ``unet/config.json``: ``sample_size`` 1-1024, channels 1-64, at most 8 blocks of 1-4096 channels (plain or
+  cross-attention blocks, one per level), 1-16 layers per block, 1-16 transformer layers, 1-64 heads, head dims
+  1-512, 1-128 norm groups, ``cross_attention_dim`` 1-8192; every other key at diffusers' default (no class
+  embedding, no other kernel, time embedding or norm_eps): a huge, zero or negative value would try to
+  allocate tens of GB, divide by zero or fail deep inside torch. The parts fit: as many channels out as in,
+  the VAE's latent channels (or the model's image channels), the adapter's output width;
 - ``condition_adapter/config.json``: tokens 1-1024, dims 1-8192;
 - ``scheduler/scheduler_config.json``: 1-100000 training timesteps (10^9 would hang sampling), betas inside
-  (0, 1), ``trained_betas`` one per timestep, a known ``beta_schedule``, ``timestep_spacing`` and
-  ``prediction_type``, ``solver_order`` 1-3;
+  (0, 1) with ``beta_start`` below ``beta_end``, ``trained_betas`` one per timestep, a known ``beta_schedule``,
+  ``timestep_spacing``, ``prediction_type``, ``solver_type`` and ``algorithm_type``, ``solver_order`` 1-3;
 - every weights file's safetensors header: floating-point tensors only (an F32 tensor relabelled I32 loads as
-  garbage that is still "finite"), and the UNet's output layer not all zeros (a model that predicts nothing).
+  garbage that is still "finite"), and the UNet's output layer not all zeros, as values (-0.0 and denormals
+  included): a model that predicts nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,17 @@ UNET_PER_BLOCK = {"transformer_layers_per_block": (1, 16), "num_attention_heads"
                   "attention_head_dim": (1, 512)}
 SCHEDULER_CHOICES = {"beta_schedule": {"linear", "scaled_linear", "squaredcos_cap_v2"},
                      "timestep_spacing": {"leading", "trailing", "linspace"},
-                     "prediction_type": {"epsilon", "v_prediction", "sample"}}
+                     "prediction_type": {"epsilon", "v_prediction", "sample"},
+                     "solver_type": {"midpoint", "heun"},
+                     "algorithm_type": {"dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"}}
+# The UNet keys this project sets (build_unet), checked by range above; every other key diffusers' UNet takes must
+# keep diffusers' default: a saved config that sets one (a class embedding of 10^9 rows, a 10^9-wide time
+# embedding, a 10^5 kernel, norm_eps 1e30) is not a model this project trains, and several allocate before
+# any weight is read.
+UNET_SET_KEYS = frozenset({"sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
+                           "block_out_channels", "layers_per_block", "attention_head_dim", "norm_num_groups",
+                           "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads"})
+DOWN_BLOCKS, UP_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
 SCHEDULER_RANGES = {"solver_order": (1, 3), "steps_offset": (0, 1000)}
 ADAPTER_RANGES = {"tokens": (1, 1024), "dim": (1, 8192), "out_tokens": (1, 1024), "out_dim": (1, 8192)}
 MAX_TIMESTEPS = 100_000
@@ -57,21 +70,77 @@ def check_model_limits(model_dir: Path) -> None:
         if value is not None and not (1 <= len(values) <= 8 and all(_whole(v, low, high) for v in values)):
             raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: {key} {_short(value)} is not {low}-{high} "
                                    f"(or one such number per block); {_FIX}")
-    if unet.get("class_embed_type") is not None or unet.get("addition_embed_type") is not None:
-        raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: class or addition embeddings "
-                               f"({_short(unet.get('class_embed_type') or unet.get('addition_embed_type'))}) are "
-                               f"not part of this project's UNet; {_FIX}")
     blocks = unet.get("block_out_channels")
     if not (isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(_whole(v, 1, 4096) for v in blocks)):
         raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: block_out_channels {_short(blocks)} is not "
                                f"1-8 sizes of 1-4096 channels; {_FIX}")
+    _check_block_types(model_dir / "unet" / "config.json", unet, len(blocks))
+    _check_diffusers_defaults(model_dir / "unet" / "config.json", unet)
     adapter_path = model_dir / "condition_adapter" / "config.json"
     adapter = _config(adapter_path)
     for key, bounds in ADAPTER_RANGES.items():
         _in_range(adapter_path, key, adapter.get(key), bounds, optional=key.startswith("out_"))
+    _check_parts_fit(model_dir, unet, adapter)
     _check_scheduler(model_dir / "scheduler" / "scheduler_config.json")
     for weights in sorted(model_dir.glob("*/*.safetensors")):
         _check_weights_header(weights)
+
+
+def _check_block_types(path: Path, unet: dict, levels: int) -> None:
+    """One down and one up block per level, each a plain or a cross-attention block (what build_unet writes)."""
+    for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        value = unet.get(key)
+        if not (isinstance(value, list) and len(value) == levels and all(v in allowed for v in value)):
+            raise ModelConfigError(f"{path}: {key} {_short(value)} is not {levels} of {sorted(allowed)} (one per "
+                                   f"block_out_channels level); {_FIX}")
+
+
+def _check_diffusers_defaults(path: Path, unet: dict) -> None:
+    """Every UNet key this project does not set holds diffusers' default (see UNET_SET_KEYS)."""
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    defaults = {name: parameter.default for name, parameter in
+                inspect.signature(UNet2DConditionModel.__init__).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    for key, value in unet.items():
+        if key in UNET_SET_KEYS or key not in defaults:  # ``_class_name`` and other bookkeeping are not arguments
+            continue
+        default = defaults[key]
+        if _as_json(value) != _as_json(default):
+            raise ModelConfigError(f"{path}: {key} is {_short(value)}, not diffusers' default {_short(default)}; this "
+                                   f"project never sets it; {_FIX}")
+
+
+def _as_json(value: object) -> object:
+    """Tuples as lists, as a saved config.json holds them."""
+    return [_as_json(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _check_parts_fit(model_dir: Path, unet: dict, adapter: dict) -> None:
+    """The UNet denoises what it is given: as many channels out as in, those of the VAE's latents (latent
+    space) or of the images (pixel space), and a cross-attention width equal to the adapter's output."""
+    path = model_dir / "unet" / "config.json"
+    if unet["in_channels"] != unet["out_channels"]:
+        raise ModelConfigError(f"{path}: in_channels {unet['in_channels']} and out_channels {unet['out_channels']} "
+                               f"differ; a denoiser predicts what it is given; {_FIX}")
+    vae_path = model_dir / "vae" / "config.json"
+    if vae_path.is_file():
+        latent = _config(vae_path).get("latent_channels", 4)
+        if unet["in_channels"] != latent:
+            raise ModelConfigError(f"{path}: in_channels {unet['in_channels']} is not the VAE's latent_channels "
+                                   f"{_short(latent)} ({vae_path}); {_FIX}")
+    else:
+        channels = _config(model_dir / "model_index.json").get("channels")
+        if unet["in_channels"] != channels:
+            raise ModelConfigError(f"{path}: in_channels {unet['in_channels']} is not the model's image channels "
+                                   f"{_short(channels)} (model_index.json); {_FIX}")
+    width = adapter.get("out_dim") or adapter.get("dim")
+    attention = unet.get("cross_attention_dim")
+    if attention is not None and attention != width:
+        raise ModelConfigError(f"{path}: cross_attention_dim {attention} is not the condition adapter's output width "
+                               f"{_short(width)} (condition_adapter/config.json); {_FIX}")
 
 
 def _config(path: Path) -> dict:
@@ -99,10 +168,8 @@ def _in_range(path: Path, key: str, value: object, bounds: tuple[int, int], opti
 
 
 def _sample_size(path: Path, value: object) -> None:
-    sizes = value if isinstance(value, list) else [value]
-    if not (1 <= len(sizes) <= 2 and all(_whole(size, 1, 1024) for size in sizes)):
-        raise ModelConfigError(f"{path}: sample_size {_short(value)} is not 1-1024 (or [height, width] of 1-1024); "
-                               f"{_FIX}")
+    if not _whole(value, 1, 1024):  # square images only: the pipeline samples size x size
+        raise ModelConfigError(f"{path}: sample_size {_short(value)} is not a whole number 1-1024; {_FIX}")
 
 
 def _check_scheduler(path: Path) -> None:
@@ -113,6 +180,10 @@ def _check_scheduler(path: Path) -> None:
         value = config.get(key)
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
             raise ModelConfigError(f"{path}: {key} {_short(value)} is not inside (0, 1); {_FIX}")
+    if isinstance(config.get("beta_start"), (int, float)) and isinstance(config.get("beta_end"), (int, float)) \
+            and config["beta_start"] >= config["beta_end"]:
+        raise ModelConfigError(f"{path}: beta_start {_short(config['beta_start'])} is not below beta_end "
+                               f"{_short(config['beta_end'])}; {_FIX}")
     for key, choices in SCHEDULER_CHOICES.items():
         if key in config and config[key] not in choices:
             raise ModelConfigError(f"{path}: {key} {_short(config[key])} is not one of {sorted(choices)}; {_FIX}")
@@ -140,10 +211,25 @@ def _check_weights_header(path: Path) -> None:
             raise ModelConfigError(f"{path}: tensor {_short(name)} has data_offsets {_short(offsets)}, not "
                                    f"[start, end]; {_FIX}")
     output = header.tensors.get("conv_out.weight") if path.parent.name == "unet" else None
-    if isinstance(output, dict):
-        start, end = output["data_offsets"]
-        with open(path, "rb") as handle:
-            handle.seek(header.data_start + start)
-            if not any(handle.read(min(end - start, 1 << 24))):
-                raise ModelConfigError(f"{path}: the UNet's output layer (conv_out.weight) is all zeros, so it "
-                                       f"predicts nothing; {_FIX}")
+    if isinstance(output, dict) and _all_zero(path, header.data_start, output):
+        raise ModelConfigError(f"{path}: the UNet's output layer (conv_out.weight) is all zeros, so it "
+                               f"predicts nothing; {_FIX}")
+
+
+def _all_zero(path: Path, data_start: int, entry: dict) -> bool:
+    """Whether a float tensor's values are all zero, read from its bytes (up to 16 MB): +0 and -0 alike, and
+    magnitudes below 1e-20 (denormals) count as zero; a trained layer's weights are about 1e-2."""
+    import numpy as np
+
+    start, end = entry["data_offsets"]
+    with open(path, "rb") as handle:
+        handle.seek(data_start + start)
+        raw = handle.read(min(end - start, 1 << 24))
+    if entry["dtype"] == "BF16":  # bf16 is the top half of a float32
+        raw = raw[: len(raw) // 2 * 2]
+        values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        dtype = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[entry["dtype"]]
+        size = np.dtype(dtype).itemsize
+        values = np.frombuffer(raw[: len(raw) // size * size], dtype=dtype)
+    return values.size == 0 or not bool(np.any(np.abs(values.astype(np.float64)) >= 1e-20))

@@ -292,7 +292,7 @@ def load_inception(weights: str | Path, spec: InceptionSpec, device: str | torch
             if "fc.weight" in handle.keys():
                 _check_classes(handle.get_slice("fc.weight").get_shape()[0], spec, path)
     model = load_safetensors_into(InceptionV3(spec), path, f"Inception-v3 ({spec.flavour} flavour)",
-                                  "see README 'Standard and reference-compatible FID' for how to get and convert them",
+                                  "see docs/evaluation.md, 'Standard and reference-compatible FID' for how to get and convert them",
                                   ignored_prefixes=("AuxLogits.",))
     return model.to(device)  # type: ignore[return-value]
 

@@ -25,7 +25,7 @@ from cxr_diffusion.evaluation.weights import evaluation_device, full_fp32
 from cxr_diffusion.io import sha256_file
 
 HOW_TO_ENABLE = ("get the weights once on a machine with internet and convert them to safetensors with "
-                 "`cxr-diffusion convert-weights` (README, 'Standard and reference-compatible FID'), then set "
+                 "`cxr-diffusion convert-weights` (docs/evaluation.md, 'Standard and reference-compatible FID'), then set "
                  "params evaluate.{param}")
 
 

@@ -12,7 +12,7 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
     """Markdown lines: headline accuracy, a table per reader, per source, per finding; agreement; rejects."""
     lines = [f"{'#' * level} Expert reader study", ""]
     if metrics["readers"] == 0:
-        lines += [metrics["how_to"], ""]
+        lines += [markdown_text(metrics["how_to"], 2000), ""]
         return lines + _rejects(metrics["rejects"])
     pooled = metrics["pooled"]
     call = pooled["call"]

@@ -20,7 +20,9 @@ capital "Ν", a Cherokee "Ꭺ", a Latin alpha "ɑ" or dotless "ı") would let on
 so ids are kept to what is unambiguous on screen; a study coordinator gives readers codes when names do not
 fit. Two files of the same reader are both rejected (which one is the reader's last word is for a person
 to decide: keep one and rerun); ids are compared as ``same_reader`` folds them: accents dropped, case
-folded, inner whitespace as one space, so "José", "jose " and "JOSE" are one reader.
+folded, spaces and punctuation ignored, and the Latin look-alikes folded to one form (I, l, 1 and i as l, 0 as o,
+rn as m, vv as w), so "José", "jose ", "JOSE", "Dr. Smith" and "Dr Smith", "Alice" and "AIice", "Bob" and "B0b"
+are each one reader. Two different people whose ids fold alike are told so and pick ids apart.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from cxr_diffusion.config import STUDY_ID
 from cxr_diffusion.io import JsonFileError, read_json
 from cxr_diffusion.reader_study.errors import ReaderStudyError
 from cxr_diffusion.reader_study.labels import NONE
@@ -100,6 +103,8 @@ def read_key(key_path: Path) -> StudyKey:
         if not isinstance(key.study_id, str) or not isinstance(key.kit_id, str) or \
                 not all(isinstance(name, str) for name in key.findings) or not items:
             raise TypeError
+        if not STUDY_ID.fullmatch(key.study_id) or not re.fullmatch(r"[0-9a-f]{1,128}", key.kit_id):
+            raise TypeError  # the kit writes a params-checked study id and a hex fingerprint: anything else is not ours
     except (KeyError, TypeError, AttributeError):
         raise ReaderStudyError(f"{key_path}: not an answer key of a reader-study kit; {_KEY_FIX}") from None
     return key
@@ -155,9 +160,17 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
     return kept, sorted(rejects, key=lambda reject: reject["file"])
 
 
+# Letters and digits that read alike in the fonts a reader id is shown in; applied after case folding.
+_LOOK_ALIKES = (("rn", "m"), ("vv", "w"))
+_LOOK_ALIKE_CHARS = str.maketrans({"i": "l", "1": "l", "0": "o"})
+
+
 def same_reader(reader_id: str) -> str:
     """The form two reader ids are compared in (see the module docstring)."""
-    return " ".join(_plain(reader_id).casefold().split())
+    folded = "".join(char for char in _plain(reader_id).casefold() if char.isalnum())
+    for pair, single in _LOOK_ALIKES:
+        folded = folded.replace(pair, single)
+    return folded.translate(_LOOK_ALIKE_CHARS)
 
 
 def _plain(text: str) -> str:

@@ -180,6 +180,10 @@ def generate(pipeline: CXRDiffusionPipeline, conditions: torch.Tensor, params: P
     steps, guidance and batch size (default: the sample section's; ``batch_size`` overrides its batch size)."""
     settings = settings or SamplerSettings(params.sample.steps, params.sample.guidance_scale, params.sample.batch_size)
     batch_size = batch_size or settings.batch_size
+    timesteps = pipeline.scheduler.config.num_train_timesteps
+    if settings.steps > timesteps:
+        raise SamplingError(f"params: '{settings.section}.steps' is {settings.steps}, more than the {timesteps} timesteps "
+                            f"{pipeline.name_or_path or 'the model'} was trained with; lower it")
     images = []
     for i, start in enumerate(range(0, len(conditions), batch_size)):
         out = pipeline(condition=conditions[start:start + batch_size], guidance_scale=settings.guidance_scale,
