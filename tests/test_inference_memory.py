@@ -266,10 +266,10 @@ def test_sampling_writes_each_batch_as_it_is_generated_and_keeps_only_the_figure
                         lambda writer, record: events.append("write") or original_write(writer, record))
     monkeypatch.setattr(sample_module, "FIGURE_PAIRS", 4)
     kept = []
-    original_grid = sample_module.original_vs_generated
-    monkeypatch.setattr(sample_module, "original_vs_generated",
-                        lambda originals, generated, per_row=6: kept.append(len(generated)) or original_grid(
-                            originals, generated, per_row))
+    original_grid = sample_module.originals_vs_generated
+    monkeypatch.setattr(sample_module, "originals_vs_generated",
+                        lambda originals, generated, findings, per_row=6: kept.append(len(generated)) or original_grid(
+                            originals, generated, findings, per_row))
     metrics = sample_module.sample_branch(sample_params(2), "elixr", model_dir, data["prepared"], data["store"],
                                           tmp_path / "samples", tmp_path / "figures")
     written = PreparedImages(tmp_path / "samples", "test", channels=1)

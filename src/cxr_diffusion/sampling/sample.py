@@ -26,13 +26,14 @@ from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.decode import encode_png
 from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, close_writers, shard_schema
 from cxr_diffusion.diffusion.data import ConditionedImages
-from cxr_diffusion.diffusion.grid import image_grid, tensor_to_pil
+from cxr_diffusion.diffusion.grid import tensor_to_pil
 from cxr_diffusion.diffusion.noise import sampling_scheduler
 from cxr_diffusion.diffusion.model_files import verify_model_files
 from cxr_diffusion.diffusion.model_limits import check_model_limits
 from cxr_diffusion.diffusion.pipeline import SATURATED_FRACTION, CXRDiffusionPipeline, to_pil, unusable_images
 from cxr_diffusion.device import describe_device, half_dtype, resolve_device
 from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, write_json
+from cxr_diffusion.sampling.figures import one_row_per_finding, originals_vs_generated
 
 
 # Originals and generations kept for the figures: original_vs_generated_24.png shows this many pairs.
@@ -208,23 +209,16 @@ def check_generated(images: torch.Tensor, model: str, settings: str) -> None:
             f"training ones (scale or file), or corrupted model weights (retrain or re-fetch the model)")
 
 
-def original_vs_generated(originals: list[Image.Image], generated: list[Image.Image], per_row: int = 6) -> Image.Image:
-    """Rows of ``per_row`` originals, each followed by the row of their generations."""
-    tiles = []
-    for start in range(0, len(originals), per_row):
-        tiles += originals[start:start + per_row] + generated[start:start + per_row]
-    return image_grid(tiles, rows=2 * ((len(originals) + per_row - 1) // per_row))
-
-
 def findings_grid(pipeline: CXRDiffusionPipeline, params: Params, seed: int) -> tuple[Image.Image, list[str]]:
-    """clip_text only: one row per class, ``per_finding`` images of its prompt."""
-    prompts = []
+    """clip_text only: one row per class, ``per_finding`` images of its prompt, labelled with the class."""
+    prompts, names = [], []
     for name, members in params.filter.class_members().items():
         label = NO_FINDING if name == NO_FINDING else members[0]
         prompts.append(prompt_for(label, params.clip))
+        names.append(name)
     condition = pipeline.make_condition(prompt=prompts).repeat_interleave(params.sample.per_finding, 0)
     images = generate(pipeline, condition, params, seed + 10_000)
-    return image_grid(images, rows=len(prompts)), prompts
+    return one_row_per_finding(images, names), prompts
 
 
 def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Path, store_dir: Path,
@@ -242,6 +236,7 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
     classes, size = tuple(params.filter.classes), params.sample.batch_size
     originals: list[Image.Image] = []
     generated: list[Image.Image] = []
+    findings: list[str] = []
     seconds = 0.0
     with atomic_directory(out_dir) as tmp:
         writer = SplitShardWriter(tmp, "test", shard_schema(classes), shard_size=10_000, row_group_size=64)
@@ -260,6 +255,7 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
                     if len(generated) < FIGURE_PAIRS:
                         originals.append(tensor_to_pil(item["pixel_values"]))
                         generated.append(image)
+                        findings.append(item["finding_labels"])
                 progress.update(len(batch))
         shards = close_writers(tmp, {"test": writer})
         write_json(tmp / MANIFEST, {
@@ -272,8 +268,8 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
         })
 
     with atomic_directory(figures_dir) as tmp:
-        original_vs_generated(originals[:6], generated[:6]).save(tmp / "original_vs_generated_6.png")
-        original_vs_generated(originals[:24], generated[:24]).save(tmp / "original_vs_generated_24.png")
+        originals_vs_generated(originals[:6], generated[:6], findings[:6]).save(tmp / "original_vs_generated_6.png")
+        originals_vs_generated(originals[:24], generated[:24], findings[:24]).save(tmp / "original_vs_generated_24.png")
         if branch == "clip_text" and params.sample.per_finding > 0:
             grid, prompts = findings_grid(pipeline, params, params.seed)
             grid.save(tmp / "one_row_per_finding.png")
