@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import PeakSampler, PeakTreeRss, anon_rss_bytes, markdown_table
 
 from cxr_diffusion.conditioning.elixr import build_elixr_store
-from cxr_diffusion.conditioning.elixr_files import write_elixr_hdf5_shard
+from cxr_diffusion.conditioning.elixr_writers import write_elixr_hdf5_shard
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.profiles import profile_section

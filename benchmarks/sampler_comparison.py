@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 
-from cxr_diffusion.config import load_params
+from cxr_diffusion.params_file import load_params
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.diffusion.data import ConditionedImages

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 from train_throughput import time_steps
 
-from cxr_diffusion.config import UNetConfig, load_params
+from cxr_diffusion.config import UNetConfig
+from cxr_diffusion.params_file import load_params
 from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.diffusion.precision import describe_machine
 from cxr_diffusion.diffusion.unet import build_unet

@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table
 
-from cxr_diffusion.config import changed, load_params
+from cxr_diffusion.config import changed
+from cxr_diffusion.params_file import load_params
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.evaluation.distances import frechet_distance

@@ -6,7 +6,8 @@ import typer
 
 from cxr_diffusion.branches import BRANCH_HELP
 from cxr_diffusion.conditioning.clip import clip_source
-from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, train_branch
+from cxr_diffusion.diffusion.run_plan import TrainingError
+from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 from cxr_diffusion.stage import run_stage
 
 

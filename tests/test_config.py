@@ -4,9 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr_diffusion.config import (
-    Params, ParamsError, Section, load_params, params_from_dict, read_params_file, to_dict,
-)
+from cxr_diffusion.config import Params, ParamsError, Section, params_from_dict, to_dict
+from cxr_diffusion.params_file import load_params, read_params_file
 from cxr_diffusion.profiles import FOLDER, params_with, profile_data, profile_names
 
 from conftest import write_profile

@@ -24,7 +24,8 @@ from cxr_diffusion.diffusion.data import ConditionedImages, collate
 from cxr_diffusion.diffusion.latents import encode_batch
 from cxr_diffusion.diffusion.noise import sampling_scheduler, training_scheduler
 from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
-from cxr_diffusion.diffusion.trainer import Validator, build_denoiser, diffusion_loss, training_loss
+from cxr_diffusion.diffusion.denoiser import build_denoiser
+from cxr_diffusion.diffusion.loss import Validator, diffusion_loss, training_loss
 from cxr_diffusion.evaluation.evaluator import ClassifierSpec, CXRClassifier, evaluator_loss, predict_batch
 from cxr_diffusion.sampling.sample import place_pipeline
 

@@ -22,7 +22,8 @@ from conftest import REPO
 from cxr_diffusion.conditioning import elixr_standin
 from cxr_diffusion.conditioning.elixr import build_elixr_store
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.config import ClipConfig, ElixrConfig, load_params
+from cxr_diffusion.config import ClipConfig, ElixrConfig
+from cxr_diffusion.params_file import load_params
 from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.data.nih import DataError
 

@@ -26,7 +26,7 @@ from cxr_diffusion.assets import catalog, download
 from cxr_diffusion.assets.catalog import needed_assets
 from cxr_diffusion.assets.download import AssetError, url_download
 from cxr_diffusion.cli import app
-from cxr_diffusion.config import load_params
+from cxr_diffusion.params_file import load_params
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3, load_inception
 from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121
 from cxr_diffusion.profiles import profile_data, params_with

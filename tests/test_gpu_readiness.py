@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from cxr_diffusion.data import shards
-from cxr_diffusion.diffusion import trainer as trainer_module
+from cxr_diffusion.diffusion.denoiser import Denoiser
 from cxr_diffusion.diffusion.step import LaggedReadings, StepTensors, backward, optimizer_step
 from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 
@@ -172,7 +172,7 @@ def test_the_recompile_count_sees_a_recompile(tmp_path, data, monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(trainer_module.Denoiser, "compile_for_training", lambda self: self.unet.compile(backend="eager"))
+    monkeypatch.setattr(Denoiser, "compile_for_training", lambda self: self.unet.compile(backend="eager"))
     params = tiny_params(train={"compile": "always", "max_steps": 4, "val_every_steps": 2, "sample_every_steps": 2,
                                 "sample_grid_images": 2})
     result = train_branch(params, "elixr", paths_in(tmp_path, data))

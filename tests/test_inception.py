@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from cxr_diffusion.cli import app
 from cxr_diffusion.config import EvaluateConfig, changed
 from cxr_diffusion.profiles import profile_section
+from cxr_diffusion.evaluation.inception_conversion import convert_inception_weights
 from cxr_diffusion.evaluation.inception import (
-    InceptionSpec, InceptionV3, convert_inception_weights, load_inception, resize_like_tensorflow1,
+    InceptionSpec, InceptionV3, load_inception, resize_like_tensorflow1,
 )
 from cxr_diffusion.evaluation.inception_fid import frechet_inception_distance, reference_compatible_fid, standard_fid
 from oracle_weights import seeded_state

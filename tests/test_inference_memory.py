@@ -226,7 +226,7 @@ def test_ms_ssim_scores_at_most_pairs_per_batch_pairs_at_once_and_the_mean_does_
 def model_dir(tmp_path_factory, data):
     from cxr_diffusion.diffusion.noise import sampling_scheduler, training_scheduler
     from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
-    from cxr_diffusion.diffusion.trainer import build_denoiser
+    from cxr_diffusion.diffusion.denoiser import build_denoiser
 
     params = sample_params(3)
     torch.manual_seed(0)

@@ -17,7 +17,9 @@ from PIL import Image
 
 from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.noise import training_scheduler
-from cxr_diffusion.diffusion.trainer import Denoiser, TrainPaths, save_pipeline
+from cxr_diffusion.diffusion.denoiser import Denoiser
+from cxr_diffusion.diffusion.export import save_pipeline
+from cxr_diffusion.diffusion.trainer import TrainPaths
 from cxr_diffusion.diffusion.unet import build_unet
 
 from conftest import REPO, gradient_image
@@ -72,7 +74,7 @@ def vision_model(tmp_path_factory, tiny_clip_dir) -> Path:
     root = tmp_path_factory.mktemp("vision-model")
     paths = TrainPaths(prepared=root, store=root, clip=tiny_clip_dir, model_out=root / "model",
                        checkpoints=root / "checkpoints", live=root / "live")
-    return save_pipeline(params, "clip_vision", model, training_scheduler(params.train), paths)
+    return save_pipeline(params, "clip_vision", model, training_scheduler(params.train), paths.model_out, paths.clip)
 
 
 def test_generate_with_a_reference_image_runs_from_outside_the_checkout(installed, vision_model, tmp_path):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cxr_diffusion.cli import app
 from cxr_diffusion.config import UNetConfig
-from cxr_diffusion.diffusion import trainer as trainer_module
+from cxr_diffusion.diffusion import machine as machine_module
 from cxr_diffusion.diffusion.memory_plan import (
     BUDGET_HEADROOM, GIB, MemoryPlanError, measure_activations, plan_memory, predict_parts, unet_parameters,
 )
@@ -129,10 +129,10 @@ def test_the_trainer_follows_a_plan_with_the_ema_in_host_memory(tmp_path, data, 
     params = tiny_params()
     configured = plan_memory(params.train, 16, 1, 8, 4, "no", None, device_type="cpu")
     budget = configured.predicted_peak_bytes - configured.parts["ema"] // 2  # fits once the EMA leaves the device
-    monkeypatch.setattr(trainer_module, "device_memory_budget", lambda device: budget)
+    monkeypatch.setattr(machine_module, "device_memory_budget", lambda device: budget)
 
     planned = train_branch(params, "elixr", paths_in(tmp_path / "planned", data))
-    monkeypatch.setattr(trainer_module, "device_memory_budget", lambda device: None)
+    monkeypatch.setattr(machine_module, "device_memory_budget", lambda device: None)
     plain = train_branch(params, "elixr", paths_in(tmp_path / "plain", data))
 
     assert planned["memory_plan"]["memory/ema_on_device"] is False and plain["memory_plan"] is None
@@ -148,7 +148,7 @@ def test_the_trainer_trains_the_planned_micro_batch_with_the_same_images_per_ste
                                                            "gradient_checkpointing": True}),
                            16, 1, 8, 4, "no", None, device_type="cpu")
     budget = smallest.predicted_peak_bytes - smallest.parts["ema"]
-    monkeypatch.setattr(trainer_module, "device_memory_budget", lambda device: budget)
+    monkeypatch.setattr(machine_module, "device_memory_budget", lambda device: budget)
 
     result = train_branch(params, "elixr", paths_in(tmp_path, data))
 

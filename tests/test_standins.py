@@ -29,7 +29,8 @@ from conftest import make_nih_download, nih_row
 from cxr_diffusion.assets import catalog, download
 from cxr_diffusion.cli import app
 from cxr_diffusion.conditioning.elixr_files import scan_elixr_source
-from cxr_diffusion.config import ClipConfig, ElixrConfig, load_params
+from cxr_diffusion.config import ClipConfig, ElixrConfig
+from cxr_diffusion.params_file import load_params
 from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3, load_inception
 from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121, load_xrv_densenet

@@ -16,9 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from cxr_diffusion.profiles import params_with
+from cxr_diffusion.diffusion import denoiser as denoiser_module
+from cxr_diffusion.diffusion import live_log
+from cxr_diffusion.diffusion import loss as loss_module
 from cxr_diffusion.diffusion import trainer as trainer_module
 from cxr_diffusion.diffusion.checkpoints import TrainingState, list_checkpoints
-from cxr_diffusion.diffusion.trainer import TrainingError, TrainPaths, maths_settings, train_branch
+from cxr_diffusion.diffusion.resume import maths_settings
+from cxr_diffusion.diffusion.run_plan import TrainingError
+from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 
 from conftest import REPO, make_training_data
 
@@ -192,7 +197,7 @@ def test_a_run_that_fails_before_its_first_step_leaves_the_last_logs_as_they_wer
 
 
 def test_non_finite_losses_stop_with_a_clear_error_and_keep_the_last_checkpoint(tmp_path, data, monkeypatch):
-    real_loss = trainer_module.diffusion_loss
+    real_loss = loss_module.diffusion_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -200,7 +205,7 @@ def test_non_finite_losses_stop_with_a_clear_error_and_keep_the_last_checkpoint(
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 3 and kwargs.get("drop") is not None else loss
 
-    monkeypatch.setattr(trainer_module, "diffusion_loss", poisoned)
+    monkeypatch.setattr(loss_module, "diffusion_loss", poisoned)
     paths = paths_in(tmp_path, data)
     with pytest.raises(TrainingError, match="consecutive non-finite losses.*last good checkpoint"):
         train_branch(tiny_params(train={"max_steps": 20, "max_nonfinite": 3}), "elixr", paths)
@@ -320,7 +325,7 @@ def test_no_checkpoints_when_checkpoint_every_steps_is_null(tmp_path, data, unin
 @pytest.mark.parametrize(("setting", "device", "expected"), [
     ("auto", "cuda", True), ("auto", "cpu", False), ("always", "cpu", True), ("never", "cuda", False)])
 def test_unet_is_compiled_on_cuda_by_default_and_never_on_a_cpu_unless_asked(setting, device, expected):
-    assert trainer_module.compiles(setting, torch.device(device)) is expected
+    assert denoiser_module.compiles(setting, torch.device(device)) is expected
 
 
 @pytest.mark.parametrize("name, cut_short", [("metrics.json", '{"step": 3, "train": {"lo'),
@@ -332,7 +337,7 @@ def test_resume_drops_a_live_summary_cut_short_by_a_kill(tmp_path, name, cut_sho
     (live_dir / "plots" / "metrics" / "train").mkdir(parents=True)
     (live_dir / "plots" / "metrics" / "train" / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t0.5\n1\t1\t0.4\n")
     (live_dir / name).write_text(cut_short)
-    live = trainer_module.open_live(live_dir, TrainingState(step=1), {"lr": 0.001})
+    live = live_log.open_live(live_dir, TrainingState(step=1), {"lr": 0.001})
     live.step = 2
     live.log_metric("train/loss", 0.3)
     live.make_summary()
@@ -345,6 +350,6 @@ def test_resume_keeps_a_readable_live_summary(tmp_path):
     live_dir = tmp_path / "live"
     live_dir.mkdir()
     (live_dir / "metrics.json").write_text('{"step": 1, "val": {"loss": 0.2}}')
-    live = trainer_module.open_live(live_dir, TrainingState(step=1), {"lr": 0.001})
+    live = live_log.open_live(live_dir, TrainingState(step=1), {"lr": 0.001})
     live.make_summary()
     assert json.loads((live_dir / "metrics.json").read_text())["val"]["loss"] == 0.2

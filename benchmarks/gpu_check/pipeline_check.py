@@ -34,7 +34,7 @@ MAX_RECORD_BYTES = 1 << 20  # a metrics or settings file; larger JSON files are 
 
 def set_device(params_file: Path, device: str) -> None:
     """The one top-level ``device:`` line of params.yaml set to ``device``, checked through the typed params."""
-    from cxr_diffusion.config import load_params
+    from cxr_diffusion.params_file import load_params
 
     text, count = re.subn(r"^device: .*$", f"device: {device}  # gpu_check: every model stage must run there",
                           params_file.read_text(), count=1, flags=re.MULTILINE)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-from cxr_diffusion.config import ParamsError, load_params, params_from_dict
+from cxr_diffusion.config import ParamsError, params_from_dict
+from cxr_diffusion.params_file import load_params
+from cxr_diffusion.sampling.generate import MAX_GUIDANCE_SCALE, MAX_IMAGES, SEED_LIMIT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="cxr-diffusion: synthetic chest X-ray research.")
 
@@ -47,15 +49,6 @@ def _with_placeholder_nih_root(data: dict) -> dict:
     return {**data, "dataset": {**dataset, "nih_root": _PLACEHOLDER_NIH_ROOT}}
 
 
-# Classifier-free guidance is used at 1-10 (3-7 usually); far beyond, it extrapolates past anything the
-# model learned and samples wash out to black and white (a scale of 1e30 gives NaN).
-MAX_GUIDANCE_SCALE = 30.0
-# One run's images: --num-images, and an --embedding file of n rows times --num-images, all sampled in one batch.
-MAX_IMAGES = 256
-# Seeds lie in [0, 2**32), as the params' seed does (numpy's range); torch.Generator refuses 2**64.
-SEED_LIMIT = 2**32
-
-
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -64,188 +57,6 @@ def _fail(message: str) -> None:
 def _check_seed(seed: int) -> None:
     if not 0 <= seed < SEED_LIMIT:
         _fail(f"--seed {seed}: must be at least 0 and below 2**32 ({SEED_LIMIT}), as the params' seed")
-
-
-def _read_embedding(path: Path):
-    """A (tokens, dim) or (n, tokens, dim) float array from .npy (no pickles) or .safetensors (one tensor)."""
-    import numpy as np
-    import torch
-
-    if not path.is_file():
-        _fail(f"--embedding {path} does not exist")
-    if path.suffix == ".npy":
-        try:  # a truncated or foreign file raises ValueError, EOFError (empty) or OSError, by where it breaks
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, EOFError, OSError) as error:
-            _fail(f"--embedding {path}: not a plain numeric .npy array ({error or type(error).__name__}); "
-                  f"save it with numpy.save")
-        if not isinstance(array, np.ndarray) or array.dtype.kind != "f":  # bool and integers are no embedding
-            what = f"dtype {array.dtype}" if isinstance(array, np.ndarray) else "an .npz archive"
-            _fail(f"--embedding {path}: not a plain numeric .npy array of floats ({what}); save a float array "
-                  f"with numpy.save")
-        return torch.from_numpy(array.astype(np.float32))
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError) as error:
-            _fail(f"--embedding {path}: not a readable safetensors file ({error}); is it truncated?")
-        if len(tensors) != 1:
-            _fail(f"--embedding {path}: holds {len(tensors)} tensors ({', '.join(tensors)}); expected exactly one")
-        (name, tensor), = tensors.items()
-        if not tensor.is_floating_point():
-            _fail(f"--embedding {path}: tensor '{name}' is {str(tensor.dtype).removeprefix('torch.')}; an embedding "
-                  f"is floating point (save it as float32)")
-        return tensor.float()
-    _fail(f"--embedding {path}: use a .npy or .safetensors file")
-
-
-def _sampling_device(requested: str):
-    """``auto``, or a device this machine has: cpu, cuda and cuda:N when CUDA is present, mps when present."""
-    import torch
-
-    from cxr_diffusion.device import resolve_device
-
-    available = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        available.append("mps")
-    if requested not in available:
-        _fail(f"--device {requested!r} is not a device of this machine; use one of: {', '.join(available)}")
-    return resolve_device(requested)
-
-
-def _load_model(model: Path, sampler: str, device):
-    """The checked pipeline of a saved model folder, its scheduler set to ``sampler``, on ``device``."""
-    from cxr_diffusion.diffusion.noise import SAMPLERS
-    from cxr_diffusion.errors import UserError
-    from cxr_diffusion.sampling.sample import load_pipeline
-
-    if not (model / "model_index.json").is_file():
-        _fail(f"{model} is not a saved model (no model_index.json); train one with `dvc repro` (models/<branch>)")
-    if sampler not in SAMPLERS:
-        _fail(f"--sampler {sampler!r} is not one of {sorted(SAMPLERS)}")
-    try:
-        return load_pipeline(model, sampler, device)
-    except UserError as error:
-        _fail(str(error))
-
-
-def _branch_input(model: Path, branch: str, inputs: dict[str, object]) -> str:
-    """The one option of ``inputs`` that the model's branch takes; giving any other, or none, is refused."""
-    from cxr_diffusion.branches import branch_spec
-
-    given = [name for name, value in inputs.items() if value is not None]
-    needed = branch_spec(branch).generate_option
-    if given != [needed]:
-        _fail(f"{model} holds a model of branch '{branch}': give {needed} (got {', '.join(given) or 'nothing'})")
-    return needed
-
-
-def _reference_image(pipeline, reference: Path):
-    """``reference`` read by the decoder prepare ran on the training images (16-bit kept, the same budget), at
-    the size the model was trained on: the UNet's, times the VAE's downsampling in latent space."""
-    from PIL import Image
-
-    from cxr_diffusion.config import PrepareConfig
-    from cxr_diffusion.profiles import profile_section
-    from cxr_diffusion.data.decode import DecodeBudget, DecodeError, preprocess, read_image_file
-
-    prepare = profile_section(PrepareConfig)  # the default profile's prepare section
-    budget = DecodeBudget.from_config(prepare)
-    vae = getattr(pipeline, "vae", None)
-    size = pipeline.unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae else 1)
-    try:
-        pixels = preprocess(read_image_file(reference, budget), size, prepare.square, budget)
-    except DecodeError as error:
-        _fail(f"--reference {reference}: {error}")
-    return Image.fromarray(pixels)  # uint8 (size, size): mode "L"
-
-
-def _build_condition(pipeline, model: Path, inputs: dict[str, object]):
-    """The raw condition (n, tokens, dim) from the one input the model's branch takes."""
-    option = _branch_input(model, pipeline.config.branch, inputs)
-    value = inputs[option]
-    if option == "--prompt":
-        if not value.strip():
-            _fail("--prompt is empty")
-        kwargs = {"prompt": value}
-    elif option == "--reference":
-        kwargs = {"image": _reference_image(pipeline, value)}
-    else:
-        kwargs = {"embedding": _read_embedding(value)}
-    try:
-        return pipeline.make_condition(**kwargs)
-    except ValueError as error:
-        _fail(f"{option} {value}: {error}")
-
-
-def _check_image_count(conditions: int, num_images: int, embedding: Path | None) -> None:
-    """At most MAX_IMAGES in one run: an --embedding of n rows gives n x --num-images images."""
-    if conditions * num_images > MAX_IMAGES:
-        _fail(f"--embedding {embedding}: {conditions} embeddings x --num-images {num_images} = "
-              f"{conditions * num_images} images, more than the {MAX_IMAGES} of one run; split the file or "
-              f"lower --num-images")
-
-
-def _check_out(out: Path) -> None:
-    """Refuse, before any sampling, an --out that cannot take the images: a file, a folder that already
-    holds files (never overwritten), a path through a file, or a place we cannot write."""
-    import os
-    import secrets
-
-    try:
-        if out.is_symlink() and not out.exists():
-            _fail(f"--out {out} is a broken link; give a new folder for the images")
-        if out.exists() and not out.is_dir():
-            _fail(f"--out {out} is a file, not a folder; give a new folder for the images")
-        if out.is_dir() and any(out.iterdir()):
-            _fail(f"--out {out} already holds files; give a new folder or empty this one (nothing is overwritten)")
-        nearest = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-        if not nearest.is_dir():
-            _fail(f"--out {out}: {nearest} is a file, not a folder; give a folder for the images")
-        # A probe file, not os.access: that misses read-only mounts, filesystems refusing new files and ACLs.
-        probe = nearest / f".cxr-diffusion-probe.{secrets.token_hex(4)}.tmp"
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        probe.unlink()
-    except OSError as error:
-        _fail(f"--out {out}: cannot write there ({error.strerror or error}); give a folder you can write to")
-
-
-def _sample(pipeline, condition, model: Path, num_images: int, guidance_scale: float, steps: int, seed: int):
-    """The images (n, channels, H, W) in [0, 1], refused when any is non-finite or saturated."""
-    import torch
-
-    from cxr_diffusion.errors import UserError
-    from cxr_diffusion.sampling.sample import check_generated
-
-    timesteps = pipeline.scheduler.config.num_train_timesteps
-    if steps > timesteps:
-        _fail(f"--steps {steps}: more than the {timesteps} timesteps {model} was trained with; give at most {timesteps}")
-    result = pipeline(condition=condition, num_images_per_condition=num_images, guidance_scale=guidance_scale,
-                      num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
-    try:
-        check_generated(result.images, str(model), f"--guidance-scale {guidance_scale:g}")
-    except UserError as error:
-        _fail(str(error))
-    return result.images
-
-
-def _write_outputs(out: Path, images, settings: dict) -> list[str]:
-    """The PNGs and settings.json (``settings`` plus the file names), swapped into ``out`` whole: a killed
-    run leaves nothing half-written."""
-    from cxr_diffusion.diffusion.pipeline import to_pil
-    from cxr_diffusion.io import atomic_directory, write_json
-
-    files = [f"{settings['branch']}_{settings['seed']}_{i:03d}.png" for i in range(len(images))]
-    with atomic_directory(out) as tmp:
-        for name, image in zip(files, to_pil(images)):
-            image.save(tmp / name, format="PNG")
-        write_json(tmp / "settings.json", {**settings, "files": files})
-    return files
 
 
 @app.command()
@@ -266,21 +77,15 @@ def generate(
     device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Generate chest X-rays from a saved model; writes PNGs and a JSON sidecar of the settings."""
-    from cxr_diffusion.device import describe_device
+    from cxr_diffusion.errors import UserError
+    from cxr_diffusion.sampling.generate import generate_images
 
     _check_seed(seed)
-    target = _sampling_device(device)
-    pipeline = _load_model(model, sampler, target)
-    condition = _build_condition(pipeline, model, {"--prompt": prompt, "--reference": reference,
-                                                   "--embedding": embedding})
-    _check_image_count(len(condition), num_images, embedding)
-    _check_out(out)
-    images = _sample(pipeline, condition, model, num_images, guidance_scale, steps, seed)
-    settings = {"model": str(model), "branch": pipeline.config.branch, "prompt": prompt,
-                "reference": str(reference) if reference else None, "embedding": str(embedding) if embedding else None,
-                "num_images": num_images, "guidance_scale": guidance_scale, "steps": steps, "sampler": sampler,
-                "seed": seed, "device": describe_device(target)}
-    files = _write_outputs(out, images, settings)
+    try:
+        files = generate_images(model, {"--prompt": prompt, "--reference": reference, "--embedding": embedding},
+                                num_images, guidance_scale, steps, sampler, seed, out, device)
+    except UserError as error:
+        _fail(str(error))
     typer.echo(f"wrote {len(files)} images and settings.json to {out}")
 
 
@@ -350,7 +155,7 @@ def convert_weights(
                                           "torchvision (inception_v3 ImageNet, 1000 classes: reference-compatible FID)."),
 ) -> None:
     """Convert Inception-v3 weights once to safetensors for evaluate.inception_weights / reference_inception_weights."""
-    from cxr_diffusion.evaluation.inception import convert_inception_weights
+    from cxr_diffusion.evaluation.inception_conversion import convert_inception_weights
     from cxr_diffusion.io import atomic_path, give_plain_modes
 
     if flavour not in ("fid", "torchvision"):

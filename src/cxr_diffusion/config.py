@@ -1,15 +1,11 @@
-"""Typed parameters: the only reader of ``params.yaml``.
+"""The params schema: every key of ``params.yaml``, its type, its range and how keys must agree.
 
 Each section of ``params.yaml`` is a frozen pydantic model that declares every key's type, its allowed
-range and one comment. The values themselves live only in ``params.yaml`` and ``profiles/*.yaml``: there
+range and one comment. The values themselves live only in ``params.yaml`` and the profiles: there
 is no default here that could drift from them, so a missing key is an error, like an unknown one, a
-wrong type or a value out of range. Every error names the key, the value and what is allowed.
-
-The file is read as YAML 1.2, exactly as DVC reads it for ``dvc.lock`` and ``dvc params diff``:
-``dvc exp run -S lr=1e-5`` writes ``lr: 1e-05``, a float in YAML 1.2 (YAML 1.1 readers return the
-string ``'1e-05'``), and ``seed: 010`` is 10 for both. Types are strict: ``true`` is not the integer 1,
-and ``"3"`` is not a number. YAML aliases are refused (``-S`` does not follow them, and a few hundred
-bytes of nested aliases expand to gigabytes).
+wrong type or a value out of range. Every error names the key, the value and what is allowed
+(``params_errors``). Types are strict: ``true`` is not the integer 1, and ``"3"`` is not a number.
+Reading a file (YAML 1.2 as DVC reads it, no aliases) is ``params_file``'s job.
 """
 
 from __future__ import annotations
@@ -18,22 +14,13 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-import annotated_types
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from ruamel.yaml import YAML, YAMLError
-from ruamel.yaml.events import AliasEvent
 
 from cxr_diffusion.branches import Branch
 from cxr_diffusion.errors import UserError
+from cxr_diffusion.nih_labels import NIH_LABELS
+from cxr_diffusion.params_errors import KeyProblem, describe
 
-NIH_FINDINGS: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
-    "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
-)
-NO_FINDING = "No Finding"
-NIH_LABELS: tuple[str, ...] = NIH_FINDINGS + (NO_FINDING,)
-
-MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; far larger is not one
 _LAUNCH_CONFIG = re.compile(r"accelerate/[A-Za-z0-9][A-Za-z0-9_.-]*\.(yaml|yml|json)")
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
 MAX_ARM_BYTES = 32 * 2**30  # a utility arm's images, held in memory as uint8 at the classifier's side
@@ -44,17 +31,9 @@ class ParamsError(UserError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range (the message names it)."""
 
 
-class _KeyProblem(ValueError):
-    """Raised by the cross-key checks below: names the key (relative to its section) that is wrong."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-
-
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
-        raise _KeyProblem(key, message)
+        raise KeyProblem(key, message)
 
 
 def _listed(value: Any) -> Any:
@@ -498,105 +477,6 @@ class Params(Section):
         return self.lr if self.lr is not None else getattr(self.train.lr, branch)
 
 
-# ----------------------------------------------------------------------------- errors as one line
-
-_BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
-           (annotated_types.Le, "le", "<="), (annotated_types.Lt, "lt", "<"))
-_TYPE_WORDS = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
-               "bool_type": "true or false", "string_type": "a string", "dict_type": "a mapping",
-               "tuple_type": "a list", "model_type": "a mapping", "model_attributes_type": "a mapping"}
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _section(annotation: Any) -> type[Section] | None:
-    """The section model an annotation holds (``X`` or ``X | None``), else None."""
-    for candidate in (annotation, *getattr(annotation, "__args__", ())):
-        if isinstance(candidate, type) and issubclass(candidate, Section):
-            return candidate
-    return None
-
-
-def section_of(model: type[Section], key: str) -> type[Section] | None:
-    """The section class of ``model``'s key ``key`` (None for a plain value or an unknown key)."""
-    info = model.model_fields.get(key)
-    annotation = info.annotation if info is not None else None
-    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
-
-
-def _model_at(location: tuple) -> type[Section] | None:
-    model: type[Section] | None = Params
-    for part in location:
-        if model is None or part not in model.model_fields:
-            return None
-        model = _section(model.model_fields[part].annotation)
-    return model
-
-
-def _allowed_range(location: tuple) -> str:
-    """'in [1, 65536]', '>= 0', ... from the Field(ge=, le=) constraints of the key at ``location``."""
-    model = _model_at(location[:-1])
-    info = model.model_fields.get(location[-1]) if model else None
-    if info is None:
-        return ""
-    constraints = list(info.metadata)
-    for arg in getattr(info.annotation, "__args__", ()):  # `Annotated[int, Field(...)] | None`
-        for item in getattr(arg, "__metadata__", ()):
-            constraints.extend(getattr(item, "metadata", [item]))
-    bounds = {symbol: getattr(item, name) for item in constraints
-              for kind, name, symbol in _BOUNDS if isinstance(item, kind)}
-    low = next(((s, bounds[s]) for s in (">=", ">") if s in bounds), None)
-    high = next(((s, bounds[s]) for s in ("<=", "<") if s in bounds), None)
-    if low and high:
-        return f"in {'[' if low[0] == '>=' else '('}{low[1]}, {high[1]}{']' if high[0] == '<=' else ')'}"
-    bound = low or high
-    return f"{bound[0]} {bound[1]}" if bound else ""
-
-
-def _key(location: tuple) -> str:
-    return "".join(f"[{part}]" if isinstance(part, int) else (f".{part}" if index else str(part))
-                   for index, part in enumerate(location))
-
-
-def _describe(error: dict) -> str:
-    """One pydantic error as ``params: 'key' is VALUE; what is allowed``."""
-    location = tuple(error["loc"])
-    kind = error["type"]
-    problem = (error.get("ctx") or {}).get("error")
-    if isinstance(problem, _KeyProblem):
-        return f"params: '{_key(location + tuple(problem.key.split('.')))}' {problem}"
-    key = _key(location)
-    if kind == "extra_forbidden":
-        model = _model_at(location[:-1])
-        under = f" under {_key(location[:-1])}" if len(location) > 1 else ""
-        known = f" Known keys{under}: {', '.join(model.model_fields)}." if model else ""
-        return f"params: unknown key '{key}'.{known} Check the spelling (dvc exp run -S uses the same names)."
-    if kind == "missing":
-        return (f"params: '{key}' is missing; every key must be set in params.yaml "
-                f"(profiles/default.yaml lists them all)")
-    value = _shown(error.get("input"))
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        context = error.get("ctx") or {}
-        allowed = _allowed_range(location) or " ".join(f"{symbol} {context[name]}" for _, name, symbol in _BOUNDS
-                                                       if name in context)
-        return f"params: '{key}' is {value}; must be {allowed}"
-    if kind == "finite_number":
-        return f"params: '{key}' is {value}; expected a finite number (no param takes inf or nan)"
-    if kind == "literal_error":
-        return f"params: '{key}' is {value}; expected one of {error['ctx']['expected']}"
-    if kind == "too_short":
-        return f"params: '{key}' is {value}; must have at least {error['ctx']['min_length']} entries"
-    if kind == "too_long":
-        return f"params: '{key}' is {value}; must have at most {error['ctx']['max_length']} entries"
-    if kind in _TYPE_WORDS:
-        return f"params: '{key}' is {value}; expected {_TYPE_WORDS[kind]}"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"params: '{key}' is {value}; {message}"
-
-
 # ----------------------------------------------------------------------------- reading
 
 def params_from_dict(data: Any) -> Params:
@@ -608,39 +488,14 @@ def params_from_dict(data: Any) -> Params:
     except ValidationError as error:
         problems = error.errors()
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
-        raise ParamsError(_describe(problems[0]) + more) from None
+        raise ParamsError(describe(problems[0], Params) + more) from None
 
 
-def read_params_file(path: str | Path) -> dict:
-    """The mapping in a params file, read as YAML 1.2 like DVC; no aliases, no duplicate keys, a few KB at most."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"params: {path} does not exist; run from the repository root or pass --params")
-    size = path.stat().st_size
-    if size > MAX_PARAMS_BYTES:
-        raise ParamsError(f"params: {path} is {size} bytes; a params file is a few KB (at most {MAX_PARAMS_BYTES})")
-    try:
-        text = path.read_bytes().decode("utf-8")
-        yaml = YAML(typ="safe", pure=True)  # YAML 1.2, as DVC reads it
-        for event in yaml.parse(text):
-            if isinstance(event, AliasEvent):
-                raise ParamsError(f"params: {path} line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
-                                  "are not supported (dvc exp run -S does not follow them); write the value out")
-        data = YAML(typ="safe", pure=True).load(text)
-    except (YAMLError, UnicodeDecodeError) as error:
-        raise ParamsError(f"params: {path} is not valid YAML: {' '.join(str(error).split())}") from None
-    if not isinstance(data, dict):
-        raise ParamsError(f"params: {path} must hold a mapping of keys to values")
-    return data
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml`` (or a profile)."""
-    data = read_params_file(path)
-    try:
-        return params_from_dict(data)
-    except ParamsError as error:
-        raise ParamsError(f"{error} (in {path})") from None
+def section_of(model: type[Section], key: str) -> type[Section] | None:
+    """The section class of ``model``'s key ``key`` (None for a plain value or an unknown key)."""
+    info = model.model_fields.get(key)
+    annotation = info.annotation if info is not None else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
 
 
 def changed(config: S, **changes: Any) -> S:
@@ -648,7 +503,7 @@ def changed(config: S, **changes: Any) -> S:
     try:
         return type(config).model_validate({**dict(config), **changes})
     except ValidationError as error:
-        raise ParamsError(_describe(error.errors()[0])) from None
+        raise ParamsError(describe(error.errors()[0], type(config))) from None
 
 
 def to_dict(config: Any) -> Any:

@@ -6,7 +6,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cxr_diffusion.config import Params, load_params
+from cxr_diffusion.config import Params
+from cxr_diffusion.params_file import load_params
 from cxr_diffusion.errors import UserError, user_error_line
 
 

@@ -19,7 +19,7 @@ from cxr_diffusion.assets.catalog import needed_assets
 from cxr_diffusion.assets.manifest import record, snapshot
 from cxr_diffusion.assets.status import source_record
 from cxr_diffusion.cli import app
-from cxr_diffusion.config import load_params
+from cxr_diffusion.params_file import load_params
 from cxr_diffusion.profiles import profile_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -198,7 +198,8 @@ def test_an_elixr_standin_named_by_elixr_path_is_labelled_a_standin(tmp_path):
     import pandas as pd
 
     from cxr_diffusion.conditioning.elixr import build_elixr_store
-    from cxr_diffusion.conditioning.elixr_files import FeatureSpec, write_snapshot_index, write_snapshot_shard
+    from cxr_diffusion.conditioning.elixr_files import FeatureSpec
+    from cxr_diffusion.conditioning.elixr_writers import write_snapshot_index, write_snapshot_shard
     from cxr_diffusion.config import ElixrConfig
     from cxr_diffusion.profiles import profile_section
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cxr_diffusion.cli as cli
-from cxr_diffusion.config import read_params_file
+from cxr_diffusion.params_file import read_params_file
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.errors import user_error_line
 from cxr_diffusion.profiles import FOLDER, profile_data

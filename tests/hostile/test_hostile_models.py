@@ -24,7 +24,9 @@ from cxr_diffusion.diffusion.condition import ConditionAdapter
 from cxr_diffusion.diffusion.model_files import MODEL_FILES, write_model_files
 from cxr_diffusion.diffusion.noise import training_scheduler
 from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
-from cxr_diffusion.diffusion.trainer import Denoiser, TrainPaths, save_pipeline
+from cxr_diffusion.diffusion.denoiser import Denoiser
+from cxr_diffusion.diffusion.export import save_pipeline
+from cxr_diffusion.diffusion.trainer import TrainPaths
 from cxr_diffusion.diffusion.unet import build_unet
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3
@@ -48,7 +50,7 @@ def saved_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hostile-model")
     paths = TrainPaths(prepared=root, store=root, clip=None, model_out=root / "model", checkpoints=root / "checkpoints",
                        live=root / "live")
-    return save_pipeline(params, "elixr", model, training_scheduler(params.train), paths)
+    return save_pipeline(params, "elixr", model, training_scheduler(params.train), paths.model_out, paths.clip)
 
 
 @pytest.fixture

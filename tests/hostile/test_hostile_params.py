@@ -11,7 +11,8 @@ import pytest
 from dvc.utils.serialize import parse_yaml
 from ruamel.yaml import YAML
 
-from cxr_diffusion.config import Params, ParamsError, Section, load_params, params_from_dict
+from cxr_diffusion.config import Params, ParamsError, Section, params_from_dict
+from cxr_diffusion.params_file import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())

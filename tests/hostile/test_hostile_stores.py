@@ -598,7 +598,7 @@ def elixr_inputs(tmp_path: Path, names: list[str]) -> tuple[Path, ElixrConfig]:
 
 def test_elixr_hdf5_shard_with_a_broken_object_header_names_the_file(tmp_path):
     from cxr_diffusion.conditioning.elixr import build_elixr_store
-    from cxr_diffusion.conditioning.elixr_files import write_elixr_hdf5_shard
+    from cxr_diffusion.conditioning.elixr_writers import write_elixr_hdf5_shard
 
     filtered, config = elixr_inputs(tmp_path, ["00000001_000.png"])
     shard = write_elixr_hdf5_shard(tmp_path / "elixr" / "a.h5", ["00000001_000"], np.ones((1, 2, 4), np.float32))

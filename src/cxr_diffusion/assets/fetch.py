@@ -78,7 +78,7 @@ def _converted_from(path: Path) -> str | None:
 
 
 def _place_weights(asset: Asset, source: UrlSource, check: Check, manifest_path: Path, root: Path) -> str:
-    from cxr_diffusion.evaluation.inception import convert_inception_weights
+    from cxr_diffusion.evaluation.inception_conversion import convert_inception_weights
 
     target = asset.path(root)
     if check.state == "unrecorded":

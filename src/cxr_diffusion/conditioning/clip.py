@@ -44,6 +44,10 @@ class TextEncoder:
         return self
 
     @property
+    def preprocessor(self) -> object:
+        return self.tokenizer
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(tokens, dim) of the condition: the tokenizer's max length x the text hidden size."""
         return int(self.tokenizer.model_max_length), int(self.model.config.hidden_size)
@@ -57,6 +61,10 @@ class VisionEncoder:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "VisionEncoder":
         self.model.to(device, dtype)
         return self
+
+    @property
+    def preprocessor(self) -> object:
+        return self.processor
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -21,7 +21,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from cxr_diffusion.config import NO_FINDING, ClipConfig, DemoClipConfig, ParamsError
+from cxr_diffusion.config import ClipConfig, DemoClipConfig, ParamsError
+from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.data.nih import DataError

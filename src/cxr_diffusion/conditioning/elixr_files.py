@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.data.nih import DataError
-from cxr_diffusion.io import atomic_path, read_json, write_json
+from cxr_diffusion.io import read_json
 from cxr_diffusion.safe_text import visible_text
 
 HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
@@ -282,33 +282,6 @@ def _declared_shape(shape: object) -> tuple[tuple[int, ...] | None, str | None]:
     return None, f"shape {visible_text(repr(shape), 60)}, not a list of sizes 1 to {MAX_SIZE}"
 
 
-def write_snapshot_index(root: str | Path, datasets: dict[str, list[FeatureSpec]], info: dict) -> Path:
-    """Write ``root/datasets.json`` in the published layout (nested names; ``Image Index`` listed per dataset)."""
-    nested: dict = {}
-    for name, features in datasets.items():
-        node = nested
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        listed = {f.name: {"dtype": f.dtype, "shape": list(f.shape) if f.shape is not None else None} for f in features}
-        node.update({"type": "dataset", "features": {**listed, ID_COLUMN: {"dtype": "bytes", "shape": []}}})
-    return write_json(Path(root) / SNAPSHOT_INDEX, {"info": info, "datasets": nested})
-
-
-def write_snapshot_shard(path: str | Path, image_ids: list[str], feature: str, embeddings: np.ndarray,
-                         attrs: dict | None = None) -> Path:
-    """Write one snapshot shard, atomically: ``Image Index`` (``b"....png"``) and float32 ``feature``."""
-    path = Path(path)
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    if len(image_ids) != len(embeddings):
-        raise DataError(f"{path}: {len(image_ids)} image ids for {len(embeddings)} embeddings")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset(ID_COLUMN, data=_bytes_array([normalize_image_id(i) for i in image_ids]))
-            handle.create_dataset(feature, data=embeddings)
-            handle.attrs.update(attrs or {})
-    return path
-
-
 # ----------------------------------------------------------------------------- scanning and reading
 
 def scan_elixr_file(path: Path, expected: tuple[int, int] | None, feature: str | None = None) -> ElixrFile:
@@ -331,30 +304,6 @@ def iter_embedding_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndar
     reader = _hdf5_blocks if file.is_hdf5 else _parquet_blocks
     with _damaged_file_errors(file.path, "HDF5" if file.is_hdf5 else "Parquet"):
         yield from reader(file, shape, np.asarray(rows, dtype=np.int64), chunk_rows)
-
-
-def write_elixr_hdf5_shard(path: str | Path, image_ids: list[str], embeddings: np.ndarray) -> Path:
-    """Write a shard in the older layout, atomically: float32 (N, tokens, dim) and ids without ``.png``."""
-    path = Path(path)
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    if embeddings.ndim != 3:
-        raise DataError(f"{path}: embeddings must be (N, tokens, dim), got shape {embeddings.shape}")
-    if len(image_ids) != len(embeddings):
-        raise DataError(f"{path}: {len(image_ids)} image ids for {len(embeddings)} embeddings")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset(HDF5_EMBEDDINGS, data=embeddings)
-            handle.create_dataset(HDF5_IDS, data=_bytes_array([_strip_png(normalize_image_id(i)) for i in image_ids]))
-    return path
-
-
-def _bytes_array(texts: list[str]) -> np.ndarray:
-    width = max((len(t.encode("utf-8")) for t in texts), default=1)
-    return np.array([t.encode("utf-8") for t in texts], dtype=f"S{width}")
-
-
-def _strip_png(image_id: str) -> str:
-    return image_id[:-4] if image_id.lower().endswith(".png") else image_id
 
 
 @contextlib.contextmanager

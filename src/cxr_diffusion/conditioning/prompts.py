@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from cxr_diffusion.config import NO_FINDING, ClipConfig
+from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.data.nih import DataError, split_labels
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_diffusion.config import NO_FINDING, FilterConfig
+from cxr_diffusion.config import FilterConfig
+from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.data.nih import (
     OFFICIAL_SPLIT_FILES, DataError, canonical_patient_ids, is_safe_image_index, patient_id_problem, patient_sort_key, read_csv_text,
     read_image_list, read_metadata_csv, split_labels, unknown_labels, whole_numbers,
@@ -99,13 +100,41 @@ def filter_metadata(
     include_list: pd.DataFrame | None = None,
     official_lists: dict[str, set[str]] | None = None,
 ) -> FilterResult:
-    """Apply the rules of ``config`` to NIH-format ``metadata``; return table, rejects and counts."""
+    """Apply the rules of ``config`` to NIH-format ``metadata``; return table, rejects and counts. Each row keeps
+    the first reason it is rejected for, in the order the rules run here."""
     members = config.class_members()
     label_to_classes: dict[str, list[str]] = {}
     for name, labels in members.items():
         for label in labels:
             label_to_classes.setdefault(label, []).append(name)
+    rows = _annotated(metadata, label_to_classes)
+    reject = _Rejects(len(rows))
+    _reject_unusable_rows(rows, reject, images_present, config)
 
+    include_issues = pd.DataFrame(columns=["Image Index", "issue", "detail"])
+    if include_list is not None:
+        include_issues = _check_include_list(include_list, rows, members, images_present)
+        reject(~rows["Image Index"].isin(set(include_list["Image Index"])), "not_in_include_list")
+    reject(rows["_classes"].map(len) == 0, "no_class_of_interest", rows["Finding Labels"])
+    if not config.allow_other_labels:
+        outside = rows["_labels"].map(lambda labels: "|".join(label for label in labels if label not in label_to_classes))
+        reject(outside != "", "labels_outside_classes", outside)
+    if config.follow_up != "all":
+        alive = rows[reject.reason.isna()]
+        pick = alive.groupby("Patient ID")["_follow_up"].transform("min" if config.follow_up == "first" else "max")
+        reject(rows.index.isin(alive.index[alive["_follow_up"] != pick]), "follow_up_policy")
+    split = _split(rows, reject, config, seed, official_lists)
+
+    table = _kept_table(rows, reject.reason.isna(), split, config)
+    rejects = pd.DataFrame({"Image Index": rows["Image Index"], "reason": reject.reason, "detail": reject.detail})
+    rejects = rejects[reject.reason.notna()].reset_index(drop=True)
+    _assert_patient_disjoint(table)
+    return FilterResult(table, rejects, include_issues, _metrics(len(rows), table, rejects, include_issues, config,
+                                                                 0 if include_list is None else len(include_list)))
+
+
+def _annotated(metadata: pd.DataFrame, label_to_classes: dict[str, list[str]]) -> pd.DataFrame:
+    """The rows with canonical patient ids and parsed follow-up, age, labels and classes of interest."""
     rows = metadata.reset_index(drop=True).copy()
     rows["Patient ID"] = canonical_patient_ids(rows["Patient ID"])
     rows["_follow_up"] = whole_numbers(rows["Follow-up #"])
@@ -114,14 +143,24 @@ def filter_metadata(
     rows["_classes"] = rows["_labels"].map(
         lambda labels: tuple(sorted({c for label in labels for c in label_to_classes.get(label, ())}))
     )
-    reason = pd.Series([None] * len(rows), dtype=object)
-    detail = pd.Series([""] * len(rows), dtype=object)
+    return rows
 
-    def reject(mask: pd.Series, name: str, why: pd.Series | str = "") -> None:
-        mask = mask & reason.isna()
-        reason[mask] = name
-        detail[mask] = why[mask] if isinstance(why, pd.Series) else why
 
+class _Rejects:
+    """Each row's first reject reason and its detail: a later rule never overwrites an earlier one."""
+
+    def __init__(self, rows: int):
+        self.reason = pd.Series([None] * rows, dtype=object)
+        self.detail = pd.Series([""] * rows, dtype=object)
+
+    def __call__(self, mask: pd.Series, name: str, why: pd.Series | str = "") -> None:
+        mask = mask & self.reason.isna()
+        self.reason[mask] = name
+        self.detail[mask] = why[mask] if isinstance(why, pd.Series) else why
+
+
+def _reject_unusable_rows(rows: pd.DataFrame, reject: _Rejects, images_present: set[str], config: FilterConfig) -> None:
+    """Rows that cannot be used whatever the study: bad ids, values or labels, no image, another view or age."""
     reject(rows["Image Index"].duplicated(keep="first"), "duplicate_image_index", "earlier row kept")
     reject(~rows["Image Index"].map(is_safe_image_index), "unsafe_image_index",
            "Image Index must be a bare file name")
@@ -141,19 +180,10 @@ def filter_metadata(
     reject(((age < config.age_min) | (age > config.age_max)).fillna(False).astype(bool), "age_out_of_range",
            age.astype(str))
 
-    include_issues = pd.DataFrame(columns=["Image Index", "issue", "detail"])
-    if include_list is not None:
-        include_issues = _check_include_list(include_list, rows, members, images_present)
-        reject(~rows["Image Index"].isin(set(include_list["Image Index"])), "not_in_include_list")
-    reject(rows["_classes"].map(len) == 0, "no_class_of_interest", rows["Finding Labels"])
-    if not config.allow_other_labels:
-        outside = rows["_labels"].map(lambda labels: "|".join(label for label in labels if label not in label_to_classes))
-        reject(outside != "", "labels_outside_classes", outside)
-    if config.follow_up != "all":
-        alive = rows[reason.isna()]
-        pick = alive.groupby("Patient ID")["_follow_up"].transform("min" if config.follow_up == "first" else "max")
-        reject(rows.index.isin(alive.index[alive["_follow_up"] != pick]), "follow_up_policy")
 
+def _split(rows: pd.DataFrame, reject: _Rejects, config: FilterConfig, seed: int,
+           official_lists: dict[str, set[str]] | None) -> pd.Series:
+    """Each row's split: NIH's official lists, or a patient-level random split after the class cap."""
     split = pd.Series([None] * len(rows), dtype=object)
     if config.split.method == "official":
         if not official_lists:
@@ -164,22 +194,21 @@ def filter_metadata(
         reject(in_both, "in_both_official_splits", "named by test_list.txt and train_val_list.txt")
         reject(split.isna(), "not_in_official_split")
     if config.max_per_class is not None:
-        reject(_over_cap(rows, reason, config.max_per_class, seed), "class_cap", f"cap {config.max_per_class}")
+        reject(_over_cap(rows, reject.reason, config.max_per_class, seed), "class_cap", f"cap {config.max_per_class}")
     if config.split.method == "random":
-        split = _random_split(rows, reason.isna(), config.split.val_fraction, config.split.test_fraction, seed)
+        split = _random_split(rows, reject.reason.isna(), config.split.val_fraction, config.split.test_fraction, seed)
+    return split
 
-    kept = rows[reason.isna()].copy()
-    kept["split"] = split[reason.isna()]
+
+def _kept_table(rows: pd.DataFrame, kept_mask: pd.Series, split: pd.Series, config: FilterConfig) -> pd.DataFrame:
+    """The filtered table: the kept rows with their split and one 0/1 column per class, sorted by image."""
+    kept = rows[kept_mask].copy()
+    kept["split"] = split[kept_mask]
     kept["Follow-up #"] = kept["_follow_up"].astype("int64")
     kept["Patient Age"] = kept["_age"].astype("int64")
     for name in config.classes:
         kept[name] = kept["_classes"].map(lambda classes, n=name: int(n in classes))
-    table = kept[list(TABLE_COLUMNS) + list(config.classes)].sort_values("Image Index").reset_index(drop=True)
-    rejects = pd.DataFrame({"Image Index": rows["Image Index"], "reason": reason, "detail": detail})
-    rejects = rejects[reason.notna()].reset_index(drop=True)
-    _assert_patient_disjoint(table)
-    return FilterResult(table, rejects, include_issues, _metrics(len(rows), table, rejects, include_issues, config,
-                                                                 0 if include_list is None else len(include_list)))
+    return kept[list(TABLE_COLUMNS) + list(config.classes)].sort_values("Image Index").reset_index(drop=True)
 
 
 def _check_include_list(include_list: pd.DataFrame, rows: pd.DataFrame,

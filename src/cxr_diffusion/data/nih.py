@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.config import NIH_LABELS, NO_FINDING
+from cxr_diffusion.nih_labels import NIH_LABELS, NO_FINDING
 
 # Columns the pipeline needs, as spelled in Data_Entry_2017.csv and Data_Entry_2017_v2020.csv.
 REQUIRED_COLUMNS: tuple[str, ...] = (

@@ -13,7 +13,7 @@ Two flavours of the same network, because the field uses two:
   mean = std = 0.5). ``transform_input`` reproduces torchvision's default for pretrained weights.
 
 Layer names follow torchvision's, so both published checkpoints load after a one-time conversion to
-safetensors (see ``cxr-diffusion convert-weights``).
+safetensors (``inception_conversion``, ``cxr-diffusion convert-weights``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_diffusion.evaluation.weights import checked_state, load_safetensors_into
-from cxr_diffusion.assets.standin_marker import METADATA_KEY as STANDIN_KEY
+from cxr_diffusion.evaluation.weights import load_safetensors_into
 
 Flavour = Literal["fid", "torchvision"]
 Output = Literal["pool", "logits"]
@@ -270,7 +269,7 @@ class InceptionV3(nn.Module):
         return features if self.spec.output == "pool" else self.fc(features)
 
 
-def _check_classes(rows: int | None, spec: InceptionSpec, source: Path) -> None:
+def check_classes(rows: int | None, spec: InceptionSpec, source: Path) -> None:
     """A clearer error than a shape mismatch for the common mistake: the other flavour's weights."""
     if rows is not None and rows != spec.num_classes:
         raise ValueError(f"{source}: classifier has {rows} classes but flavour '{spec.flavour}' needs "
@@ -290,78 +289,8 @@ def load_inception(weights: str | Path, spec: InceptionSpec, device: str | torch
     if path.is_file():
         with safe_open(str(path), "pt") as handle:
             if "fc.weight" in handle.keys():
-                _check_classes(handle.get_slice("fc.weight").get_shape()[0], spec, path)
+                check_classes(handle.get_slice("fc.weight").get_shape()[0], spec, path)
     model = load_safetensors_into(InceptionV3(spec), path, f"Inception-v3 ({spec.flavour} flavour)",
                                   "see docs/evaluation.md, 'Standard and reference-compatible FID' for how to get and convert them",
                                   ignored_prefixes=("AuxLogits.",))
     return model.to(device)  # type: ignore[return-value]
-
-
-def _read_checkpoint(source: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a PyTorch .pth/.pt read with ``weights_only=True``.
-
-    The weights-only loader accepts tensors and plain containers only and refuses anything that would run
-    code, so a published checkpoint can be converted once without trusting it; the project itself only
-    ever reads the safetensors result.
-    """
-    if source.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(source))
-    try:
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:  # the weights-only unpickler raises several types; all mean "not plain weights"
-        raise ValueError(f"{source}: not a plain PyTorch state dict ({type(error).__name__}: {error}); "
-                         "only tensor checkpoints can be converted") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
-            loaded = loaded[wrapper]
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{source}: expected a dict of tensors, got {type(loaded).__name__}")
-    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
-
-
-def _standin_label(source: Path) -> str | None:
-    """The stand-in label in a safetensors source's metadata, as written there; None for any other file."""
-    if source.suffix != ".safetensors":
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(source), "pt") as handle:
-            return (handle.metadata() or {}).get(STANDIN_KEY)
-    except (SafetensorError, OSError):
-        return None
-
-
-def convert_inception_weights(source: str | Path, target: str | Path, flavour: Flavour) -> dict:
-    """Check a published Inception-v3 checkpoint against ``flavour`` and write it as float32 safetensors.
-
-    Returns the source and target sha256 and the tensor count. The target is written atomically and only
-    after the weights loaded into the network, so a wrong file never leaves a usable-looking output.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from cxr_diffusion.io import atomic_path, sha256_file
-
-    source, target = Path(source), Path(target)
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} does not exist")
-    spec = InceptionSpec(flavour, "pool")
-    try:
-        state = _read_checkpoint(source)
-    except SafetensorError as error:  # a truncated or foreign .safetensors file
-        raise ValueError(f"{source}: not a readable safetensors file ({error}); download it again") from None
-    _check_classes(state["fc.weight"].shape[0] if "fc.weight" in state else None, spec, source)
-    state = checked_state(state, InceptionV3(spec), source, f"Inception-v3 ({flavour} flavour)",
-                          ignored_prefixes=("AuxLogits.",))
-    state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
-    source_sha256 = sha256_file(source)
-    metadata = {"source_sha256": source_sha256, "flavour": flavour}
-    label = _standin_label(source)
-    if label is not None:  # a stand-in converted stays a stand-in: the label goes with the weights
-        metadata[STANDIN_KEY] = label
-    with atomic_path(target) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    return {"source_sha256": source_sha256, "target_sha256": sha256_file(target), "tensors": len(state)}

@@ -18,7 +18,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
-from cxr_diffusion.config import Params, ParamsError, Section, changed, params_from_dict, read_params_file
+from cxr_diffusion.config import Params, ParamsError, Section, changed, params_from_dict
+from cxr_diffusion.params_file import read_params_file
 from cxr_diffusion.config import section_of as _section_of
 from cxr_diffusion.safe_text import visible_text
 

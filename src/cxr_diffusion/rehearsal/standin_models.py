@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from cxr_diffusion.config import NIH_FINDINGS, NO_FINDING, ClipConfig
+from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.nih_labels import NIH_FINDINGS, NO_FINDING
 
 # openai/clip-vit-large-patch14's config.json (the values that define the architecture and the token ids).
 CLIP_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from cxr_diffusion.assets.catalog import FID_INCEPTION, TORCHVISION_INCEPTION
-from cxr_diffusion.evaluation.inception import (
-    ConvBNReLU, InceptionSpec, InceptionV3, convert_inception_weights, load_inception,
-)
+from cxr_diffusion.evaluation.inception import ConvBNReLU, InceptionSpec, InceptionV3, load_inception
+from cxr_diffusion.evaluation.inception_conversion import convert_inception_weights
 from cxr_diffusion.evaluation.xrv_densenet import PATHOLOGIES, XRVDenseNet121, load_xrv_densenet
 from cxr_diffusion.assets.standin_marker import METADATA_KEY
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.branches import BRANCHES, branch_spec
-from cxr_diffusion.config import NO_FINDING, Params
+from cxr_diffusion.config import Params
+from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.decode import encode_png

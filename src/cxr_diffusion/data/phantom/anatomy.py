@@ -443,14 +443,69 @@ def _vessel_tree(anatomy: PatientAnatomy, hila: list[tuple[float, float]], grid:
 
 def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup, changes: AnatomyChanges,
                 grid: Grid) -> ChestLayers:
-    """All normal-anatomy density layers of one study, on the study's pixel grid."""
+    """All normal-anatomy density layers of one study, on the study's pixel grid, section by section."""
     X, Y = grid.X, grid.Y
     pixel = grid.pixel_size
     edge = 1.2 * pixel  # anti-aliasing width for analytic edges
+    lungs = _lungs(anatomy, lung_mask, view, changes, grid)
+    half_width = (anatomy.lung_x1 - anatomy.lung_x0) / 2
+    wall_half = half_width + 0.015  # inner rib margin
+    lung_left_box = (anatomy.lung_x0, MIDLINE, anatomy.lung_apex, lungs.bases[0])
+    lung_right_box = (MIDLINE, anatomy.lung_x1, anatomy.lung_apex, lungs.bases[1])
+
+    # Lungs hold most air centrally; little at the apex, the angles and along the mediastinum.
+    depth = blur(lungs.lung, 0.05, pixel)
+    air = lungs.lung * (0.3 + 0.95 * depth) * LUNG_AIR * (1.0 + changes.lucency)
+
+    torso, body, tissue = _body(anatomy, grid, lungs.bases, half_width + anatomy.chest_wall, edge)
+    heart = _heart(anatomy, view, changes, grid, lung_mask, lungs, wall_half, edge)
+    # Below the dome the heart merges with the equally dense abdomen.
+    tissue = tissue + HEART_EXTRA * np.maximum(heart.depth, 0.4 * heart.silhouette) * _step(
+        heart.bottom + 0.01 - Y, 0.03)
+    tissue = _airways_and_stomach(tissue, anatomy, grid, lungs, body, edge)
+
+    # Ribs read faintly outside the lungs: against soft tissue they have little contrast.
+    near_lung = np.clip(blur(lungs.lung * (1 - heart.shadow), 0.02, pixel) * 1.5, 0, 1)
+    rib_stretch = view.inspiration * changes.inflation
+    bones = anatomy.bone_density * (
+        _ribs(X, Y, anatomy, wall_half, anatomy.lung_apex, rib_stretch, edge) * torso * (0.3 + 0.7 * near_lung)
+        + _clavicles(X, Y, anatomy.lung_apex, view, edge)
+        + _spine(X, Y, edge) * body
+        + _scapulae(X, Y, anatomy.lung_apex, wall_half, view, edge) * torso
+    )
+    hila = [(MIDLINE - 0.085, anatomy.lung_apex + 0.3 * lungs.height / 0.62),
+            (MIDLINE + 0.09, anatomy.lung_apex + 0.28 * lungs.height / 0.62)]
+    vessels = _lung_vessels(anatomy, changes, grid, hila)
+
+    geometry = ChestGeometry(
+        grid=grid, lung=lungs.lung.astype(np.float32), heart=heart.shadow.astype(np.float32),
+        left_side=lungs.left_side, lung_box_left=lung_left_box, lung_box_right=lung_right_box,
+        hilum_left=hila[0], hilum_right=hila[1], heart_box=heart.box,
+        thorax=(MIDLINE - wall_half, MIDLINE + wall_half),
+        midline=MIDLINE,
+    )
+    return ChestLayers(tissue=tissue.astype(np.float32), bone=bones.astype(np.float32),
+                       air=air.astype(np.float32), vessels=vessels, heart=heart.shadow.astype(np.float32),
+                       geometry=geometry)
+
+
+@dataclass(frozen=True)
+class _Lungs:
+    lung: np.ndarray            # the warped lung masks, smoothed
+    bases: list[float]          # each hemidiaphragm's height
+    height: float               # apex to base, after inspiration and inflation
+    box: tuple                  # the source mask's bounding box
+    right: np.ndarray           # the patient's left lung (image right), unwarped: the heart rests on its dome
+    left_side: np.ndarray       # image-left half of the grid
+
+
+def _lungs(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup, changes: AnatomyChanges,
+           grid: Grid) -> _Lungs:
+    """Each real lung warped on its own, so each hemidiaphragm can move independently."""
+    X, Y = grid.X, grid.Y
+    pixel = grid.pixel_size
     d_abs = np.abs(X - MIDLINE)
     left_side = X < MIDLINE
-
-    # Lungs: each real lung is warped on its own so each hemidiaphragm can move independently.
     box = _mask_box(lung_mask)
     height = (anatomy.lung_base - anatomy.lung_apex) * view.inspiration * changes.inflation
     bases = [anatomy.lung_apex + height * (1.0 - raise_) for raise_ in changes.diaphragm_raise]
@@ -462,24 +517,19 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
         flat = np.where(left_side, bases[0], bases[1]) - 0.06 * height + 0.01 * d_abs
         lung = lung * _step(flat - Y, 3 * pixel)
     lung = ndimage.gaussian_filter(np.clip(lung, 0, 1), 0.0035 / pixel)
+    return _Lungs(lung, bases, height, box, lung_right, left_side)
 
-    half_width = (anatomy.lung_x1 - anatomy.lung_x0) / 2
-    wall_half = half_width + 0.015  # inner rib margin
-    body_half = half_width + anatomy.chest_wall
-    lung_left_box = (anatomy.lung_x0, MIDLINE, anatomy.lung_apex, bases[0])
-    lung_right_box = (MIDLINE, anatomy.lung_x1, anatomy.lung_apex, bases[1])
 
-    # Lungs hold most air centrally; little at the apex, the angles and along the mediastinum.
-    depth = blur(lung, 0.05, pixel)
-    air = lung * (0.3 + 0.95 * depth) * LUNG_AIR * (1.0 + changes.lucency)
-
-    # Body: a rounded torso under sloping shoulders, the neck above, the arms at the sides.
+def _body(anatomy: PatientAnatomy, grid: Grid, bases: list[float], body_half: float, edge: float):
+    """A rounded torso under sloping shoulders, the neck above, the arms at the sides: (torso, body, tissue)."""
+    X, Y = grid.X, grid.Y
+    d_abs = np.abs(X - MIDLINE)
     shoulder_top = anatomy.lung_apex - 0.12 + 0.13 * np.clip((d_abs - 0.09) / 0.38, 0, 1) ** 1.4
     # The flanks widen from the axillae to the lower ribs, then narrow to the waist.
     flank = body_half + 0.06 * np.clip((anatomy.lung_apex + 0.1 - Y) / 0.25, 0, 1) \
         - 0.025 * np.clip((anatomy.lung_base - Y) / 0.4, 0, 1) - 0.03 * np.clip((Y - anatomy.lung_base - 0.05) / 0.3, 0, 1)
     torso = _step(flank - d_abs, 3 * edge) * _step(Y - shoulder_top, 3 * edge)
-    torso = blur(torso, 0.012, pixel)  # rounds the shoulders, softens the skin line
+    torso = blur(torso, 0.012, grid.pixel_size)  # rounds the shoulders, softens the skin line
     neck = _step(0.085 - d_abs, 3 * edge)
     body = np.maximum(torso, neck)
     thickness = np.sqrt(np.clip(1.0 - (d_abs / (body_half + 0.05)) ** 2, 0.0, 1.0))
@@ -493,10 +543,25 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     base_here = bases[0] + (bases[1] - bases[0]) * np.clip((X - MIDLINE) / 0.2 + 0.5, 0, 1)
     below = np.clip((Y - base_here + 0.03) / 0.06, 0, 1)
     tissue = tissue + 0.06 * torso * below
+    return torso, body, tissue
 
-    # Heart: an ellipse whose long axis runs from the right atrium (upper image-left) down to the
-    # apex (lower image-right), sized by its cardiothoracic ratio with about a third of it right
-    # of the midline. It hides the lung behind it. AP magnification and findings enlarge it.
+
+@dataclass(frozen=True)
+class _Heart:
+    shadow: np.ndarray          # the cardiomediastinal silhouette with the aortic knob
+    depth: np.ndarray           # thickest in the middle
+    silhouette: np.ndarray
+    bottom: float
+    box: tuple                  # (x0, x1, top, bottom) of the heart above the dome
+
+
+def _heart(anatomy: PatientAnatomy, view: ViewSetup, changes: AnatomyChanges, grid: Grid, lung_mask: np.ndarray,
+           lungs: _Lungs, wall_half: float, edge: float) -> _Heart:
+    """An ellipse whose long axis runs from the right atrium (upper image-left) down to the apex (lower
+    image-right), sized by its cardiothoracic ratio with about a third of it right of the midline, joined to
+    the vascular pedicle. It hides the lung behind it. AP magnification and findings enlarge it."""
+    X, Y = grid.X, grid.Y
+    bases, height = lungs.bases, lungs.height
     span = anatomy.lung_x1 - anatomy.lung_x0
     pa_ratio = max(anatomy.heart_ratio * changes.heart_scale, changes.heart_ratio_floor)
     # Even a huge heart leaves the costophrenic angles clear on these films.
@@ -508,7 +573,7 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     short_axis = aspect * long_axis
     half_height = np.sqrt(long_axis**2 * sin**2 + short_axis**2 * cos**2)
     # The heart rests on the medial part of the left dome, well above the lateral angle.
-    heart_bottom = anatomy.lung_apex + _medial_dome(lung_right) * (bases[1] - anatomy.lung_apex)
+    heart_bottom = anatomy.lung_apex + _medial_dome(lungs.right) * (bases[1] - anatomy.lung_apex)
     heart_y = heart_bottom - 0.6 * half_height
     along = ((X - heart_x) * cos + (Y - heart_y) * sin) / long_axis
     across = (-(X - heart_x) * sin + (Y - heart_y) * cos) / short_axis
@@ -516,7 +581,7 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     heart_depth = np.sqrt(np.clip(1.0 - (along**2 + across**2), 0.0, 1.0))
 
     # Upper mediastinum: the aortic knob bulges to the patient's left, the SVC border to the right.
-    upper_left, upper_right = _medial_borders(lung_mask, box, 0.2, 0.35)
+    upper_left, upper_right = _medial_borders(lung_mask, lungs.box, 0.2, 0.35)
     knob_x = anatomy.lung_x0 + np.clip(upper_right, 0.5, 0.65) * span - 0.5 * anatomy.aortic_knob
     knob_y = anatomy.lung_apex + 0.17 * height / 0.62
     svc_x = anatomy.lung_x0 + np.clip(upper_left, 0.35, 0.5) * span + 0.01
@@ -531,12 +596,17 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     pedicle = np.array([[svc_x, knob_y - 0.06], [knob_x, knob_y - 0.06], [knob_x + 0.01, heart_y],
                         [svc_x - 0.01, heart_y]])
     silhouette = _fill_polygons(grid, [outline, pedicle])
-    heart = np.maximum(silhouette, knob)
-    # Below the dome the heart merges with the equally dense abdomen.
-    tissue = tissue + HEART_EXTRA * np.maximum(heart_depth, 0.4 * silhouette) * _step(heart_bottom + 0.01 - Y, 0.03)
+    box = (float(ellipse_x[ellipse_y <= heart_bottom].min()), float(ellipse_x[ellipse_y <= heart_bottom].max()),
+           heart_y - half_height, heart_bottom)
+    return _Heart(np.maximum(silhouette, knob), heart_depth, silhouette, heart_bottom, box)
 
+
+def _airways_and_stomach(tissue: np.ndarray, anatomy: PatientAnatomy, grid: Grid, lungs: _Lungs, body: np.ndarray,
+                         edge: float) -> np.ndarray:
+    """``tissue`` less the air of the trachea and main bronchi, then of the stomach bubble."""
+    X, Y = grid.X, grid.Y
     # Trachea and main bronchi: an air column down the midline to the carina.
-    carina_y = anatomy.lung_apex + 0.19 * height / 0.62
+    carina_y = anatomy.lung_apex + 0.19 * lungs.height / 0.62
     trachea = _smooth_band(X - MIDLINE, 0.017, 2 * edge) * np.clip((carina_y - Y) / 0.02, 0, 1)
     for sign in (-1, 1):
         centre = MIDLINE + sign * 0.75 * (Y - carina_y)
@@ -544,39 +614,18 @@ def build_chest(anatomy: PatientAnatomy, lung_mask: np.ndarray, view: ViewSetup,
     tissue = tissue - 0.11 * np.clip(trachea, 0, 1) * body
 
     # Gas in the stomach fundus under the left (image-right) dome.
-    bubble_y = bases[1] + 0.035
+    bubble_y = lungs.bases[1] + 0.035
     bubble = _step(1 - np.hypot((X - (MIDLINE + 0.17)) / 0.055, (Y - bubble_y) / 0.03), 0.15)
-    tissue = tissue - 0.12 * bubble * _step(bubble_y + 0.008 - Y, edge)
+    return tissue - 0.12 * bubble * _step(bubble_y + 0.008 - Y, edge)
 
-    # Ribs read faintly outside the lungs: against soft tissue they have little contrast.
-    near_lung = np.clip(blur(lung * (1 - heart), 0.02, pixel) * 1.5, 0, 1)
-    rib_stretch = view.inspiration * changes.inflation
-    bones = anatomy.bone_density * (
-        _ribs(X, Y, anatomy, wall_half, anatomy.lung_apex, rib_stretch, edge) * torso * (0.3 + 0.7 * near_lung)
-        + _clavicles(X, Y, anatomy.lung_apex, view, edge)
-        + _spine(X, Y, edge) * body
-        + _scapulae(X, Y, anatomy.lung_apex, wall_half, view, edge) * torso
-    )
 
-    hila = [(MIDLINE - 0.085, anatomy.lung_apex + 0.3 * height / 0.62),
-            (MIDLINE + 0.09, anatomy.lung_apex + 0.28 * height / 0.62)]
+def _lung_vessels(anatomy: PatientAnatomy, changes: AnatomyChanges, grid: Grid, hila: list) -> np.ndarray:
+    """The vessel tree from both hila, the hilar shadows, and a fine mottle of the lung texture."""
+    X = grid.X
     vessels = _vessel_tree(anatomy, hila, grid)
     for hx_, hy_ in hila:  # the hilar shadows themselves: pulmonary arteries and nodes
-        vessels = vessels + 0.6 * np.exp(-(((X - hx_) / 0.03) ** 2 + ((Y - hy_) / 0.055) ** 2))
+        vessels = vessels + 0.6 * np.exp(-(((X - hx_) / 0.03) ** 2 + ((grid.Y - hy_) / 0.055) ** 2))
     texture_rng = np.random.default_rng(anatomy.texture_seed)
     mottle = ndimage.gaussian_filter(texture_rng.standard_normal((96, 96)).astype(np.float32), 1.2)
     mottle = np.asarray(Image.fromarray(mottle / (mottle.std() + 1e-6), "F").resize(X.shape[::-1], Image.Resampling.BILINEAR))
-    vessels = (0.13 * changes.vessel_scale * vessels + 0.018 * mottle).astype(np.float32)
-
-    geometry = ChestGeometry(
-        grid=grid, lung=lung.astype(np.float32), heart=heart.astype(np.float32), left_side=left_side,
-        lung_box_left=lung_left_box, lung_box_right=lung_right_box,
-        hilum_left=hila[0], hilum_right=hila[1],
-        heart_box=(float(ellipse_x[ellipse_y <= heart_bottom].min()), float(ellipse_x[ellipse_y <= heart_bottom].max()),
-                   heart_y - half_height, heart_bottom),
-        thorax=(MIDLINE - wall_half, MIDLINE + wall_half),
-        midline=MIDLINE,
-    )
-    return ChestLayers(tissue=tissue.astype(np.float32), bone=bones.astype(np.float32),
-                       air=air.astype(np.float32), vessels=vessels, heart=heart.astype(np.float32),
-                       geometry=geometry)
+    return (0.13 * changes.vessel_scale * vessels + 0.018 * mottle).astype(np.float32)

@@ -1,0 +1,61 @@
+"""DVCLive upkeep for a training run: a fresh or resumed log folder, repaired after an interrupted write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from cxr_diffusion.diffusion.checkpoints import TrainingState
+
+
+def open_live(directory: Path, resumed: TrainingState | None, logged_params: dict):
+    """DVCLive for this run: a fresh run's folder starts empty, a resumed run's keeps its rows up to the checkpoint."""
+    from dvclive import Live
+
+    if resumed is None:
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        _drop_unreadable_live_summaries(directory)
+    live = Live(dir=str(directory), resume=resumed is not None, save_dvc_exp=False, dvcyaml=False)
+    if resumed is not None:
+        _log_truncated_live(directory, resumed.step)
+    live.log_params(logged_params)
+    return live
+
+
+def _drop_unreadable_live_summaries(live_dir: Path) -> None:
+    """DVCLive rewrites metrics.json and params.yaml in place, so a run killed mid-write leaves one cut short,
+    and ``Live(resume=True)`` would fail on it. Both are summaries it writes again (the step is set from the
+    checkpoint, params are logged at once); a cut-short one is dropped, a readable one kept."""
+    for name, parse in (("metrics.json", json.loads), ("params.yaml", yaml.safe_load)):
+        path = live_dir / name
+        try:
+            if path.is_file():
+                parse(path.read_text(encoding="utf-8"))
+        except (ValueError, yaml.YAMLError):
+            print(f"{path}: cut short by an interrupted run; dropped (DVCLive writes it again)")
+            path.unlink()
+
+
+def _log_truncated_live(live_dir: Path, keep_until_step: int) -> None:
+    """Drop DVCLive rows logged after the checkpoint we resume from (they will be logged again)."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        step_column = lines[0].split("\t").index("step")
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split("\t")[step_column]) <= keep_until_step]
+        tsv.write_text("\n".join(kept) + "\n")
+
+
+def log_metrics(live, metrics: dict[str, float]) -> None:
+    if live is not None:
+        for name, value in metrics.items():
+            live.log_metric(name, value)
+
+
+def live_step_restore(live, step: int) -> None:
+    """Lagged rows set ``live.step`` to their own step; put it back to the current one for what follows."""
+    if live is not None:
+        live.step = step

@@ -1,0 +1,44 @@
+"""Reading a params file: YAML 1.2 as DVC reads it, no aliases, a few KB at most; then validated (``config``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.events import AliasEvent
+
+from cxr_diffusion.config import Params, ParamsError, params_from_dict
+
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; far larger is not one
+
+
+def read_params_file(path: str | Path) -> dict:
+    """The mapping in a params file, read as YAML 1.2 like DVC; no aliases, no duplicate keys, a few KB at most."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params: {path} does not exist; run from the repository root or pass --params")
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ParamsError(f"params: {path} is {size} bytes; a params file is a few KB (at most {MAX_PARAMS_BYTES})")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        yaml = YAML(typ="safe", pure=True)  # YAML 1.2, as DVC reads it
+        for event in yaml.parse(text):
+            if isinstance(event, AliasEvent):
+                raise ParamsError(f"params: {path} line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
+                                  "are not supported (dvc exp run -S does not follow them); write the value out")
+        data = YAML(typ="safe", pure=True).load(text)
+    except (YAMLError, UnicodeDecodeError) as error:
+        raise ParamsError(f"params: {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"params: {path} must hold a mapping of keys to values")
+    return data
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml`` (or a profile)."""
+    data = read_params_file(path)
+    try:
+        return params_from_dict(data)
+    except ParamsError as error:
+        raise ParamsError(f"{error} (in {path})") from None
