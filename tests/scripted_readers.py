@@ -23,7 +23,7 @@ def response_file(folder: Path, key_path: Path, reader: str, call: Call, study_i
                             "findings": answer_findings(truth["labels"], key["findings"]), "note": ""}
     payload = {"study_id": study_id or key["study_id"], "kit_id": key["kit_id"], "reader_id": reader,
                "exported_at": "2025-01-01T00:00:00.000Z", "answers": answers, **overrides}
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / (name or f"{payload['study_id']}__{reader}.json")
     path.write_text(json.dumps(payload))
     return path

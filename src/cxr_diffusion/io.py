@@ -111,19 +111,37 @@ class JsonFileError(UserError, ValueError):
     """A JSON file we read is not valid JSON of the expected shape."""
 
 
-def read_json(path: str | os.PathLike, fix: str, kind: type = dict) -> Any:
+def lies_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path``, links followed, is inside the folder ``root``. A Hugging Face cache snapshot
+    (``.../snapshots/<revision>``) links its files to the repository's ``blobs/``: that counts as inside too."""
+    inside = Path(root).resolve()
+    allowed = [inside, inside.parent.parent / "blobs"] if inside.parent.name == "snapshots" else [inside]
+    return any(place in Path(path).resolve().parents for place in allowed)
+
+
+MAX_JSON_BYTES = 64 << 20  # the largest JSON the pipeline writes (a manifest, metrics, an answer key) is far below
+
+
+def read_json(path: str | os.PathLike, fix: str, kind: type = dict, object_pairs_hook=None,
+              max_bytes: int = MAX_JSON_BYTES) -> Any:
     """Read a JSON file the pipeline or a user wrote; anything malformed is one line naming the file and ``fix``.
 
     Covers what ``json.loads`` raises on hostile input: bad syntax, non-UTF-8 bytes, nesting deep enough
     for a ``RecursionError``, integers past Python's digit limit (a ``ValueError``) and strings that are not
-    Unicode text (a lone surrogate escaped as ``\\ud800``). ``kind`` is the
-    type the top level must have (an object by default).
+    Unicode text (a lone surrogate escaped as ``\\ud800``); a file larger than ``max_bytes`` is refused before
+    it is read (a sparse file of gigabytes costs no disk). ``kind`` is the type the top level must have (an
+    object by default); ``object_pairs_hook`` is json's, run in the same parse (a ``ValueError`` it raises is
+    reported like bad syntax).
     """
     path = Path(path)
-    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever; a missing file raises
+    status = path.stat()
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read forever; a missing file raises
         raise JsonFileError(f"{path}: not a regular file (a folder, FIFO or device); {fix}")
+    if status.st_size > max_bytes:
+        raise JsonFileError(f"{path}: {status.st_size:,} bytes, more than the {max_bytes:,} a JSON file here can be; "
+                            f"{fix}")
     try:
-        payload = json.loads(path.read_bytes().decode("utf-8"))
+        payload = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=object_pairs_hook)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).splitlines()[0][:200]
         raise JsonFileError(f"{path}: not valid JSON ({reason}); {fix}") from None

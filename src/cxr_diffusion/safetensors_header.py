@@ -10,6 +10,8 @@ whole file.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,17 @@ class SafetensorsHeader:
         return {name: entry for name, entry in self.entries.items() if name != METADATA}
 
     @property
+    def data_end(self) -> int:
+        """Where the last tensor's bytes end, counted from ``data_start`` (0 for no tensor or bad offsets)."""
+        ends = [entry.get("data_offsets", [0, 0])[-1] for entry in self.tensors.values() if isinstance(entry, dict)]
+        return max((end for end in ends if isinstance(end, int) and not isinstance(end, bool)), default=0)
+
+    def covers(self, file_size: int) -> bool:
+        """Whether the tensors end exactly where the file does, as safetensors writes them (a cut or padded
+        file does not)."""
+        return self.data_start + self.data_end == file_size
+
+    @property
     def metadata(self) -> dict:
         value = self.entries.get(METADATA)
         return value if isinstance(value, dict) else {}
@@ -42,6 +55,8 @@ class SafetensorsHeader:
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
     """Read ``path``'s header; raise ``SafetensorsHeaderError`` if it is not one (``OSError`` if unreadable)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+        raise SafetensorsHeaderError("not a regular file")
     with open(path, "rb") as handle:
         raw = handle.read(8)
         (length,) = struct.unpack("<Q", raw) if len(raw) == 8 else (0,)

@@ -7,6 +7,7 @@ Each test places the assets by hand, records them with the real writer, then bre
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,7 @@ def test_an_elixr_shard_that_is_a_link_out_or_not_hdf5_is_not_recorded(tmp_path,
     if shard == "a link out":
         (tmp_path / "passwd").write_text("root:x:0:0\n")
         path.symlink_to(tmp_path / "passwd")
-        assert "lies outside the snapshot" in record_present(tmp_path)
+        assert "img_emb_1.h5: lies outside" in record_present(tmp_path)
     else:
         path.write_text("not hdf5")
         assert "img_emb_1.h5: not an HDF5 file" in record_present(tmp_path)
@@ -286,3 +287,67 @@ def test_a_partly_redownloaded_standin_snapshot_is_still_a_standin(tmp_path):
             if number == 2:
                 handle.attrs["standin"] = "NOT ELIXR"
     assert read_standin(tmp_path / "snap")["standin"] is True
+
+
+def hub_folders(root: Path, weights_name: str = "model.safetensors") -> list[Path]:
+    """The clip and vae folders of ``hub_root`` with their configs and one sound weights file each."""
+    root, assets = hub_root(root)
+    folders = []
+    for asset in assets:
+        folder = asset.path(root)
+        folder.mkdir(parents=True)
+        kind = {"model_type": "clip"} if asset.name == "clip" else {"_class_name": "AutoencoderKL"}
+        (folder / "config.json").write_text(json.dumps(kind))
+        save_numpy({"w": np.arange(4096, dtype=np.float32)}, str(folder / weights_name))
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("command", ["doctor", "fetch --record-present", "standins"])
+def test_a_fifo_named_like_weights_or_a_shard_never_blocks(tmp_path, command):
+    """A FIFO is opened by nothing: the label scan and the content checks see only regular files."""
+    clip, vae = hub_folders(tmp_path)
+    os.mkfifo(clip / "extra.safetensors")
+    os.mkfifo(vae / "sub.safetensors")
+    result = runner.invoke(app, [*command.split(), "--root", str(tmp_path)])  # a FIFO read would hang the test
+    assert "Traceback" not in result.output and result.exit_code in (0, 2), result.output
+
+
+def test_a_fifo_named_like_a_shard_in_an_elixr_snapshot_never_blocks(tmp_path):
+    from cxr_diffusion.conditioning.elixr_files import FeatureSpec
+    from cxr_diffusion.conditioning.elixr_writers import write_snapshot_index, write_snapshot_shard
+
+    snapshot = elixr_only_root(tmp_path)
+    names = [f"{n:08d}_000.png" for n in (1, 2)]
+    write_snapshot_shard(snapshot / "elixrb" / "img_emb" / "img_emb_1.h5", names, "img_emb",
+                         np.random.default_rng(0).normal(size=(2, 4, 8)))
+    write_snapshot_index(snapshot, {"elixrb/img_emb": [FeatureSpec("img_emb", "float32", (4, 8))]}, {})
+    (snapshot / "notes").mkdir()
+    os.mkfifo(snapshot / "notes" / "old.h5")
+    for command in ("doctor", "fetch --record-present"):
+        result = runner.invoke(app, [*command.split(), "--root", str(tmp_path)])
+        assert "Traceback" not in result.output and result.exit_code in (0, 2), result.output
+
+
+def test_a_truncated_weights_file_is_not_recorded(tmp_path):
+    """Cut as an interrupted copy leaves it: the header is whole, the tensors are not."""
+    for folder in hub_folders(tmp_path):
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:200])
+    output = record_present(tmp_path)
+    assert "model.safetensors: its tensors do not fill the file (200 bytes; the header says 16," in output
+    assert "truncated or damaged; download it again" in output
+
+
+def test_a_file_linked_from_outside_a_hub_folder_is_not_read_or_recorded(tmp_path, monkeypatch):
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("not the model's")
+    clip, vae = hub_folders(tmp_path / "root")
+    (clip / "notes.txt").symlink_to(secret)
+    (vae / "notes.txt").symlink_to(secret)
+    hashed = []
+    monkeypatch.setattr("cxr_diffusion.assets.manifest.sha256_file", lambda path: hashed.append(path) or "0" * 64)
+    output = record_present(tmp_path / "root")
+    assert f"notes.txt: lies outside external/clip-vit-large-patch14 (it links to {secret})" in output
+    assert not any(path.resolve() == secret for path in hashed)

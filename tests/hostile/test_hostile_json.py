@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import JsonFileError, read_json
 
 from conftest import one_line_message
 
@@ -169,3 +170,21 @@ def test_a_folder_whose_standin_record_is_unreadable_is_left_alone(tmp_path, con
     assert str(error.value) == (f"{root} exists and has no {MANIFEST_NAME}, so it was not made by build_nih_folder; "
                                 f"it is left alone. Pick an empty or new folder for the stand-in.")
     assert (root / MANIFEST_NAME).read_bytes() == content
+
+
+def test_a_json_file_of_gigabytes_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A sparse 3 GiB file costs no disk; read whole it took the memory of twice its size."""
+    path = tmp_path / "config.json"
+    with open(path, "wb") as handle:
+        handle.truncate(3 << 30)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
+    with pytest.raises(JsonFileError, match=r"config.json: 3,221,225,472 bytes, more than the 67,108,864"):
+        read_json(path, "download it again")
+
+
+def test_a_standin_marker_of_gigabytes_still_marks_a_standin_without_being_read(tmp_path):
+    from cxr_diffusion.assets.standin_marker import MARKER_NAME, read_standin
+
+    with open(tmp_path / MARKER_NAME, "wb") as handle:
+        handle.truncate(3 << 30)
+    assert read_standin(tmp_path) == {"standin": True, "unreadable": True, "complete": True}

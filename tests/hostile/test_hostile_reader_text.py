@@ -232,3 +232,47 @@ def test_a_file_name_that_is_not_utf8_is_listed_and_the_metrics_stay_json(tmp_pa
     assert metrics["readers"] == 0 and metrics["rejects"][0]["reason"].startswith("not_a_response: its name")
     write_json(tmp_path / "metrics.json", metrics)
     assert read_json(tmp_path / "metrics.json", "unused")["rejects"][0]["file"] == "pilot-1__\\udcff.json"
+
+
+@pytest.mark.parametrize(("one", "other"), [("clan", "dan"), ("Dave", "cIave")])
+def test_cl_reads_as_d(one, other):
+    assert same_reader(one) == same_reader(other)
+
+
+@pytest.mark.parametrize("value", ["2026-05-01", "2026-W01-1", "0001-01-01T00:00:00", "9999-12-31T23:59:59",
+                                   "2026-05-01 10:00:00"])
+def test_exported_at_must_be_a_date_and_time_as_the_page_writes_it(tmp_path, key_path, value):
+    response_file(tmp_path / "responses", key_path, "r1", truthful, exported_at=value)
+    reason = score_responses(tmp_path / "responses", key_path)["rejects"][0]["reason"]
+    assert reason.startswith("bad_format: exported_at"), reason
+
+
+@pytest.mark.parametrize("value", ["2026-05-01T10:00:00.000Z", "2026-05-01T10:00:00+02:00", "2026-05-01T10:00"])
+def test_exported_at_as_browsers_write_it_is_accepted(tmp_path, key_path, value):
+    response_file(tmp_path / "responses", key_path, "r1", truthful, exported_at=value)
+    assert score_responses(tmp_path / "responses", key_path)["readers"] == 1
+
+
+@pytest.mark.parametrize("reader", ["...", "\u00b4\u00b4", "- ( )"])
+def test_a_reader_id_without_a_letter_or_digit_is_refused(tmp_path, key_path, reader):
+    response_file(tmp_path / "responses", key_path, reader, truthful, name="pilot-1__r.json")
+    reason = score_responses(tmp_path / "responses", key_path)["rejects"][0]["reason"]
+    assert reason.startswith("bad_reader_id: ") and "no letter or digit" in reason, reason
+
+
+def test_a_folder_named_readme_is_listed_not_skipped(tmp_path, key_path):
+    responses = tmp_path / "responses"
+    response_file(responses / "README", key_path, "r1", truthful)
+    metrics = score_responses(responses, key_path)
+    assert [reject["file"] for reject in metrics["rejects"]] == ["README"] and metrics["files"] == 1
+
+
+def test_objects_nested_to_the_parsers_limit_are_a_listed_reject_not_a_traceback(tmp_path, key_path):
+    """One nesting depth passed the first parse and overflowed the duplicate-key parse: scoring stopped."""
+    responses = tmp_path / "responses"
+    responses.mkdir()
+    for depth in range(900, 1020):
+        (responses / f"pilot-1__d{depth}.json").write_text('{"a":' * depth + "1" + "}" * depth)
+    metrics = score_responses(responses, key_path)
+    assert metrics["readers"] == 0 and metrics["files"] == 120
+    assert {reject["reason"].split(":")[0] for reject in metrics["rejects"]} <= {"not_json", "bad_format"}

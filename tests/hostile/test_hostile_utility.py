@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import one_line_message
@@ -83,3 +85,24 @@ def test_rows_of_another_arm_or_scores_that_are_not_floats_are_refused(tmp_path)
     pq.write_table(table.set_column(2, "Effusion", pa.array([" 0.7 ", "0.1", "0.2"])), folder / SCORES)
     message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
     assert "class columns ['Effusion'] are not floating-point probabilities (string)" in message
+
+
+def test_a_small_scores_file_declaring_millions_of_rows_is_refused_from_its_footer(tmp_path, monkeypatch):
+    """Millions of rows of one repeated value compress to a few hundred KB; 20 million read whole took a minute."""
+    folder = real_arm(tmp_path, np.full((3, 2), 0.25))
+    rows = 2_000_000
+    table = pa.table({"arm": pa.array([REAL] * 1, pa.string()).take(pa.array(np.zeros(rows, np.int64))),
+                      "image_index": pa.array([TEST[0]]).take(pa.array(np.zeros(rows, np.int64))),
+                      **{name: pa.array(np.full(rows, 0.5)) for name in CLASSES}})
+    pq.write_table(table, folder / SCORES, compression="zstd")
+    monkeypatch.setattr(pq, "read_table", lambda *args, **kwargs: pytest.fail("read the whole table"))
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    assert f"{SCORES}: 2,000,000 rows, this run's real test split has 3 images" in message
+
+
+def test_an_extra_class_column_is_named_in_the_reason(tmp_path):
+    folder = real_arm(tmp_path, np.full((3, 2), 0.25))
+    table = pq.read_table(folder / SCORES)
+    pq.write_table(table.append_column("Mass", pa.array([0.1, 0.2, 0.3])), folder / SCORES)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    assert f"{SCORES}: class columns {CLASSES + ['Mass']}, this run's classes are {CLASSES}" in message

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from cxr_diffusion.assets.catalog import Asset
 from cxr_diffusion.assets.download import AssetError
-from cxr_diffusion.io import JsonFileError, read_json
+from cxr_diffusion.assets.manifest import visible_files
+from cxr_diffusion.io import JsonFileError, lies_inside, read_json
 from cxr_diffusion.safe_text import visible_text
 from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 
@@ -26,6 +27,10 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
     """Raise ``AssetError`` unless ``folder`` holds ``asset`` (see the module docstring)."""
     if not folder.is_dir():
         raise AssetError(f"{asset.target} is not a folder; {asset.param} must name the downloaded folder")
+    for path in visible_files(folder):  # everything recorded is hashed: nothing may be read from elsewhere
+        if not lies_inside(path, folder):
+            raise AssetError(f"{path}: lies outside {asset.target} (it links to {path.resolve()}); copy the file itself "
+                             f"in")
     if asset.name == "elixr":
         from cxr_diffusion.conditioning.elixr_files import read_snapshot_index
         from cxr_diffusion.data.nih import DataError
@@ -61,6 +66,11 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
     for path in weights:
         if not path.is_file() or tensor_count(path) == 0:
             raise AssetError(f"{path}: not a safetensors file holding tensors; download it again ({fix})")
+        header = read_safetensors_header(path)
+        if not header.covers(path.stat().st_size):
+            raise AssetError(f"{path}: its tensors do not fill the file ({path.stat().st_size:,} bytes; the header "
+                             f"says {header.data_start + header.data_end:,}): truncated or damaged; download it "
+                             f"again ({fix})")
 
 
 def _check_shards(asset: Asset, folder: Path, dataset: str) -> None:

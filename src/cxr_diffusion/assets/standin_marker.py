@@ -86,7 +86,7 @@ def _content_label(folder: Path) -> dict | None:
         if label is not None:
             return label
     if index.is_file():  # a published index over stand-in shards (e.g. a partial re-download): any shard says so
-        if any(_hdf5_label(shard) for shard in sorted(folder.rglob("*.h5"))):
+        if any(_hdf5_label(shard) for shard in sorted(folder.rglob("*.h5")) if shard.is_file()):
             return {"standin": True, "warning": WARNING}
     return None
 

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.data.nih import DataError
-from cxr_diffusion.io import read_json
+from cxr_diffusion.io import lies_inside, read_json
 from cxr_diffusion.safe_text import visible_text
 
 HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
@@ -160,11 +160,8 @@ def find_snapshot_shards(root: Path, dataset: str) -> list[Path]:
                         f"is the download complete?")
     shards = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in HDF5_SUFFIXES
                      and not p.name.startswith(".")), key=shard_sort_key)
-    inside = Path(root).resolve()
-    # A Hugging Face cache snapshot links its files to the repository's blobs/: that is inside it too.
-    allowed = [inside, inside.parent.parent / "blobs"] if inside.parent.name == "snapshots" else [inside]
     for shard in shards:  # a link may point anywhere: what is read must lie in the snapshot
-        if not any(place in shard.resolve().parents for place in allowed):
+        if not lies_inside(shard, root):
             raise DataError(f"{shard}: lies outside the snapshot at {root} (it links to {shard.resolve()}); "
                             f"copy the shard itself into the snapshot")
     if not shards:

@@ -21,13 +21,12 @@ so ids are kept to what is unambiguous on screen; a study coordinator gives read
 fit. Two files of the same reader are both rejected (which one is the reader's last word is for a person
 to decide: keep one and rerun); ids are compared as ``same_reader`` folds them: accents dropped, case
 folded, spaces and punctuation ignored, and the Latin look-alikes folded to one form (I, l, 1 and i as l, 0 as o,
-rn as m, vv as w), so "José", "jose ", "JOSE", "Dr. Smith" and "Dr Smith", "Alice" and "AIice", "Bob" and "B0b"
+rn as m, vv as w, cl as d), so "José", "jose ", "JOSE", "Dr. Smith" and "Dr Smith", "Alice" and "AIice", "Bob" and "B0b"
 are each one reader. Two different people whose ids fold alike are told so and pick ids apart.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections import defaultdict
@@ -121,8 +120,8 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
     """Every file in ``responses_dir`` but hidden ones and READMEs (sorted by name; a missing folder holds
     none): the accepted responses, and the rejected files as ``{"file": name, "reason": "<code>: <detail>"}``."""
     responses_dir = Path(responses_dir)
-    paths = sorted(path for path in responses_dir.iterdir() if path.name.lower() not in FOLDER_FILES) \
-        if responses_dir.is_dir() else []
+    paths = sorted(path for path in responses_dir.iterdir()
+                   if not (path.name.lower() in FOLDER_FILES and path.is_file())) if responses_dir.is_dir() else []
     accepted: list[ReaderResponse] = []
     rejects: list[dict] = []
     for path in paths:
@@ -161,16 +160,16 @@ def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderRespo
 
 
 # Letters and digits that read alike in the fonts a reader id is shown in; applied after case folding.
-_LOOK_ALIKES = (("rn", "m"), ("vv", "w"))
+_LOOK_ALIKES = (("rn", "m"), ("vv", "w"), ("cl", "d"))
 _LOOK_ALIKE_CHARS = str.maketrans({"i": "l", "1": "l", "0": "o"})
 
 
 def same_reader(reader_id: str) -> str:
     """The form two reader ids are compared in (see the module docstring)."""
-    folded = "".join(char for char in _plain(reader_id).casefold() if char.isalnum())
+    folded = "".join(char for char in _plain(reader_id).casefold() if char.isalnum()).translate(_LOOK_ALIKE_CHARS)
     for pair, single in _LOOK_ALIKES:
         folded = folded.replace(pair, single)
-    return folded.translate(_LOOK_ALIKE_CHARS)
+    return folded
 
 
 def _plain(text: str) -> str:
@@ -187,6 +186,8 @@ def reader_id_problem(reader_id: object) -> str | None:
         return f"holds invisible or control characters ({', '.join(f'U+{ord(char):04X}' for char in hidden)})"
     if not reader_id.strip():
         return "is blank"
+    if not any(char.isalnum() for char in _plain(reader_id)):
+        return "holds no letter or digit"
     others = sorted({char for char in _plain(reader_id) if not READER_ID.fullmatch(char)})
     if others:
         return (f"holds {', '.join(f'{char!r} (U+{ord(char):04X})' for char in others[:3])}: reader ids are Latin "
@@ -209,11 +210,10 @@ def read_response(path: Path, key: StudyKey) -> ReaderResponse:
         raise Rejected("not_json", "not a regular file")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise Rejected("bad_format", f"{path.stat().st_size} bytes, more than an export can be ({MAX_FILE_BYTES})")
-    try:
-        payload = read_json(path, "export the answers again from the study page")
+    try:  # one parse: twin keys in one object (JSON readers keep the last silently) are refused inside it
+        payload = read_json(path, "export the answers again from the study page", object_pairs_hook=_unique_keys)
     except JsonFileError as error:
         raise Rejected("not_json", str(error).removeprefix(f"{path}: ")) from None
-    json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)  # valid JSON: now no twin keys
     _exact_keys(payload, {"study_id", "kit_id", "reader_id", "exported_at", "answers"}, set(), "the file")
     if payload["study_id"] != key.study_id:
         raise Rejected("other_study", f"study_id {_shown(payload['study_id'])}, this study is {key.study_id!r}")
@@ -249,11 +249,15 @@ def _is_text(name: str) -> bool:
     return True
 
 
+# A date and a time as the page writes them (toISOString: 2026-05-01T10:00:00.000Z), or with an offset.
+_ISO_TIME = re.compile(r"(2\d{3})-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?", re.ASCII)
+
+
 def _is_iso_time(value: object) -> bool:
-    if not isinstance(value, str) or not 10 <= len(value) <= 40:
+    if not isinstance(value, str) or not _ISO_TIME.fullmatch(value):
         return False
     try:
-        datetime.fromisoformat(value)
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return False
     return True

@@ -73,14 +73,22 @@ def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str]) 
     if facts["train_images"] != len(facts["train_image_indices"]):
         raise UtilityError(f"{real_dir / REAL_ARM}: 'train_images' is {facts['train_images']} but its list holds "
                            f"{len(facts['train_image_indices'])} images; {fix}")
-    try:
+    try:  # the row count from the footer first: a small file can declare millions of rows
+        rows = pq.ParquetFile(real_dir / SCORES).metadata.num_rows
+        if rows != len(image_indices):
+            raise UtilityError(f"{real_dir / SCORES}: {rows:,} rows, this run's real test split has "
+                               f"{len(image_indices):,} images; {fix}")
         table = pq.read_table(real_dir / SCORES)
     except (OSError, pa.ArrowException) as error:
         raise UtilityError(f"{real_dir / SCORES}: unreadable ({str(error).splitlines()[0]}); {fix}") from None
     if table.column_names[:2] != ["arm", "image_index"]:
         raise UtilityError(f"{real_dir / SCORES}: columns {table.column_names[:2]}, expected arm, image_index; {fix}")
-    if facts.get("classes") != classes or table.column_names[2:] != classes:
-        raise UtilityError(f"{real_dir}: scored classes {facts.get('classes')}, this run's are {classes}; {fix}")
+    if facts.get("classes") != classes:
+        raise UtilityError(f"{real_dir / REAL_ARM}: scored classes {facts.get('classes')}, this run's are {classes}; "
+                           f"{fix}")
+    if table.column_names[2:] != classes:
+        raise UtilityError(f"{real_dir / SCORES}: class columns {table.column_names[2:]}, this run's classes are "
+                           f"{classes}; {fix}")
     if table.column("image_index").to_pylist() != image_indices:
         raise UtilityError(f"{real_dir / SCORES}: scored other test images than this run's real test split; {fix}")
     if set(table.column("arm").to_pylist()) != {REAL}:
