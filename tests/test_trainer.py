@@ -353,3 +353,16 @@ def test_resume_keeps_a_readable_live_summary(tmp_path):
     live = live_log.open_live(live_dir, TrainingState(step=1), {"lr": 0.001})
     live.make_summary()
     assert json.loads((live_dir / "metrics.json").read_text())["val"]["loss"] == 0.2
+
+
+def test_the_precision_probe_leaves_the_models_initial_weights_alone(tmp_path, data, monkeypatch):
+    """The CPU probe builds a layer from the global generator; a run's weights must not depend on whether it ran."""
+    from cxr_diffusion.diffusion import machine
+
+    monkeypatch.setattr(machine, "choose_mixed_precision", lambda requested, device, cpu_speedup=None: "no")
+    drawn = {}
+    for setting in ("auto", "no"):
+        params = tiny_params(train={"mixed_precision": setting})
+        machine.set_up_machine(params, data["store"], None)
+        drawn[setting] = torch.rand(4)
+    torch.testing.assert_close(drawn["auto"], drawn["no"], rtol=0, atol=0)

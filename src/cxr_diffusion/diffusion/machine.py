@@ -75,11 +75,15 @@ def set_up_machine(params: Params, store_dir: Path, latents_dir: Path | None) ->
 
 
 def pick_precision(train, device: torch.device, feature_size: int) -> tuple[str, dict]:
-    """accelerate's mixed precision for this machine, and the bf16 probe's result when it ran (it is logged)."""
+    """accelerate's mixed precision for this machine, and the bf16 probe's result when it ran (it is logged).
+
+    The probe builds a layer, which draws from the global random generator: it runs on a fork of it, so the
+    model's initial weights are the same whether the probe ran (``auto`` on a CPU) or not (``no``, a GPU)."""
     if train.mixed_precision != "auto" or device.type != "cpu":
         return choose_mixed_precision(train.mixed_precision, device), {}
-    speedup = round(unet_block_speedup(train.unet.block_out_channels[0], train.unet.norm_num_groups, feature_size,
-                                       train.batch_size), 3)
+    with torch.random.fork_rng(devices=[]):
+        speedup = round(unet_block_speedup(train.unet.block_out_channels[0], train.unet.norm_num_groups,
+                                           feature_size, train.batch_size), 3)
     return choose_mixed_precision("auto", device, cpu_speedup=lambda: speedup), {"bf16_speedup": speedup}
 
 
