@@ -10,6 +10,7 @@ whole file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
@@ -18,6 +19,8 @@ from pathlib import Path
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 METADATA = "__metadata__"
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class SafetensorsHeaderError(ValueError):
@@ -36,16 +39,29 @@ class SafetensorsHeader:
         """Tensor name -> entry, without the metadata."""
         return {name: entry for name, entry in self.entries.items() if name != METADATA}
 
-    @property
-    def data_end(self) -> int:
-        """Where the last tensor's bytes end, counted from ``data_start`` (0 for no tensor or bad offsets)."""
-        ends = [entry.get("data_offsets", [0, 0])[-1] for entry in self.tensors.values() if isinstance(entry, dict)]
-        return max((end for end in ends if isinstance(end, int) and not isinstance(end, bool)), default=0)
-
-    def covers(self, file_size: int) -> bool:
-        """Whether the tensors end exactly where the file does, as safetensors writes them (a cut or padded
-        file does not)."""
-        return self.data_start + self.data_end == file_size
+    def problem(self, file_size: int) -> str | None:
+        """Why the header does not describe the file as safetensors writes one, or None: every entry a known
+        dtype, a shape of whole numbers and offsets whose span is exactly dtype x shape, the tensors back to back
+        from the start of the data to the end of the file (a cut, padded, overlapping or gapped file does not)."""
+        spans = []
+        for name, entry in self.tensors.items():
+            if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+                return f"tensor {name!r} has no known dtype"
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            if not (isinstance(shape, list) and all(_whole(size) for size in shape) and isinstance(offsets, list)
+                    and len(offsets) == 2 and all(_whole(offset) for offset in offsets)):
+                return f"tensor {name!r} has no valid shape and offsets"
+            if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[entry["dtype"]]:
+                return f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, not its dtype x shape"
+            spans.append(tuple(offsets))
+        position = 0
+        for start, end in sorted(spans):
+            if start != position:
+                return "its tensors overlap or leave gaps"
+            position = end
+        if self.data_start + position != file_size:
+            return f"its tensors end at byte {self.data_start + position:,} of {file_size:,}"
+        return None
 
     @property
     def metadata(self) -> dict:
@@ -70,6 +86,10 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     if not isinstance(entries, dict):
         raise SafetensorsHeaderError("unreadable header")
     return SafetensorsHeader(entries, 8 + length)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def encode_header(entries: dict) -> bytes:

@@ -335,7 +335,7 @@ def test_a_truncated_weights_file_is_not_recorded(tmp_path):
         weights = folder / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:200])
     output = record_present(tmp_path)
-    assert "model.safetensors: its tensors do not fill the file (200 bytes; the header says 16," in output
+    assert "model.safetensors: its tensors end at byte 16," in output and " of 200: truncated or damaged" in output
     assert "truncated or damaged; download it again" in output
 
 
@@ -351,3 +351,58 @@ def test_a_file_linked_from_outside_a_hub_folder_is_not_read_or_recorded(tmp_pat
     output = record_present(tmp_path / "root")
     assert f"notes.txt: lies outside external/clip-vit-large-patch14 (it links to {secret})" in output
     assert not any(path.resolve() == secret for path in hashed)
+
+
+def rewrite_weights_header(path: Path, change) -> None:
+    """Replace a safetensors file's header by ``change(header)``; the data bytes stay as they are."""
+    import struct
+
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    text = json.dumps(change(json.loads(data[8:8 + length]))).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda h: {**h, "w": {**h["w"], "shape": [4096, 4096]}}, "tensor 'w' spans 16384 bytes, not its dtype x shape"),
+    (lambda h: {**h, "w": {**h["w"], "dtype": "X99"}}, "tensor 'w' has no known dtype"),
+    (lambda h: {**h, "w": "hello"}, "tensor 'w' has no known dtype"),
+    (lambda h: {**h, "w": {**h["w"], "shape": [2048], "data_offsets": [0, 8192]},
+                "v": {"dtype": "F32", "shape": [2048], "data_offsets": [4096, 12288]}}, "its tensors overlap or leave gaps"),
+    (lambda h: {**h, "w": {**h["w"], "shape": [1024], "data_offsets": [0, 4096]},
+                "v": {"dtype": "F32", "shape": [2048], "data_offsets": [8192, 16384]}}, "its tensors overlap or leave gaps"),
+])
+def test_a_weights_file_whose_header_does_not_describe_it_is_not_recorded(tmp_path, change, fragment):
+    """Each of these ends where the file ends, so a size check alone passed them; safetensors refuses them all."""
+    for folder in hub_folders(tmp_path):
+        rewrite_weights_header(folder / "model.safetensors", change)
+    output = record_present(tmp_path)
+    assert f"model.safetensors: {fragment}: truncated or damaged" in output, output
+
+
+def test_an_asset_of_a_terabyte_is_refused_before_it_is_hashed(tmp_path, monkeypatch):
+    for folder in hub_folders(tmp_path):
+        with open(folder / "huge.bin", "wb") as handle:
+            handle.truncate(1 << 40)  # sparse: no disk used
+    monkeypatch.setattr("cxr_diffusion.assets.manifest.sha256_file", lambda path: pytest.fail(f"hashed {path}"))
+    output = record_present(tmp_path)
+    assert "external/sd-vae-ft-mse holds 1,024.0 GiB, more than the 64 GiB of any asset" in output
+
+
+@pytest.mark.parametrize("value", [np.array([1, 2]), np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f4")])])
+def test_a_shard_whose_standin_attribute_is_not_a_scalar_still_marks_a_standin(tmp_path, value):
+    import h5py
+
+    from cxr_diffusion.assets.standin_marker import read_standin
+    from cxr_diffusion.conditioning.elixr_files import FeatureSpec, scan_elixr_file
+    from cxr_diffusion.conditioning.elixr_writers import write_snapshot_index, write_snapshot_shard
+
+    snapshot = tmp_path / "snap"
+    shard = write_snapshot_shard(snapshot / "elixrb" / "img_emb" / "img_emb_1.h5", ["00000001_000.png"], "img_emb",
+                                 np.ones((1, 4, 8)))
+    with h5py.File(shard, "a") as handle:
+        handle.attrs["standin"] = value
+    write_snapshot_index(snapshot, {"elixrb/img_emb": [FeatureSpec("img_emb", "float32", (4, 8))]}, {})
+    assert read_standin(snapshot)["standin"] is True
+    assert scan_elixr_file(shard, (4, 8), "img_emb").standin is True

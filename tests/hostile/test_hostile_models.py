@@ -443,6 +443,16 @@ def zero_output_layer(model: Path) -> None:
      "scheduler/scheduler_config.json", "solver_type 'bogus' is not one of"),
     (lambda m: edit_config(m, "scheduler", "scheduler_config.json", beta_start=0.9, beta_end=0.0001),
      "scheduler/scheduler_config.json", "beta_start 0.9 is not below beta_end 0.0001"),
+    (lambda m: edit_config(m, "unet", cross_attention_dim=None), "unet/config.json",
+     "cross_attention_dim None is not a whole number 1-8192"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", use_flow_sigmas=True, flow_shift=1e9),
+     "scheduler/scheduler_config.json", "flow_shift is 1000000000.0, not 1.0 as this project saves it"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", lambda_min_clipped=float("nan")),
+     "scheduler/scheduler_config.json", "lambda_min_clipped is nan, not -inf as this project saves it"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", use_exponential_sigmas=True),
+     "scheduler/scheduler_config.json", "use_exponential_sigmas is True, not False as this project saves it"),
+    (lambda m: edit_config(m, "scheduler", "scheduler_config.json", _class_name="LMSDiscreteScheduler"),
+     "scheduler/scheduler_config.json", "_class_name 'LMSDiscreteScheduler' is not one of"),
     (lambda m: fill_output_layer(m, -0.0), UNET_WEIGHTS, "output layer (conv_out.weight) is all zeros"),
     (lambda m: fill_output_layer(m, 1e-40), UNET_WEIGHTS, "output layer (conv_out.weight) is all zeros"),
     (lambda m: fill_output_layer(m, -0.0, torch.bfloat16), UNET_WEIGHTS, "output layer (conv_out.weight) is all zeros"),
@@ -466,6 +476,34 @@ def test_a_model_config_out_of_range_is_refused_before_anything_is_allocated(mod
     write_model_files(model)  # a hand-made folder carries its own hashes
     line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
     assert line.startswith(f"error: {model / where}: ") and fragment in line, line
+
+
+def add_vae(model: Path, **changes) -> None:
+    """A tiny AutoencoderKL (latent channels = the UNet's) saved as the model's vae/ component, then ``changes``."""
+    from diffusers import AutoencoderKL
+
+    config = {"block_out_channels": [8, 8], "down_block_types": ["DownEncoderBlock2D"] * 2,
+              "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 4, "layers_per_block": 1,
+              "latent_channels": 3}
+    AutoencoderKL(**config).save_pretrained(model / "vae")
+    edit_index(model, vae=["diffusers", "AutoencoderKL"])
+    edit_config(model, "vae", **changes)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"norm_num_groups": 0}, "norm_num_groups 0 is not a whole number 1-128"),
+    ({"block_out_channels": [10**8, 10**8]}, "block_out_channels [100000000, 100000000] is not 1-8 sizes"),
+    ({"layers_per_block": 10**5}, "layers_per_block 100000 is not a whole number 1-16"),
+    ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}, "down_block_types"),
+    ({"scaling_factor": float("nan")}, "scaling_factor nan is not a finite number"),
+    ({"mid_block_add_attention": False}, "mid_block_add_attention is False, not diffusers' default True"),
+])
+def test_a_vae_config_out_of_range_is_refused_before_it_is_built(model, embedding, tmp_path, no_sampling, changes,
+                                                                  fragment):
+    add_vae(model, **changes)
+    write_model_files(model)
+    line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
+    assert line.startswith(f"error: {model / 'vae' / 'config.json'}: ") and fragment in line, line
 
 
 def test_generate_refuses_more_steps_than_the_model_has_timesteps(model, embedding, tmp_path, no_sampling):

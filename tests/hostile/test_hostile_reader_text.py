@@ -240,6 +240,7 @@ def test_cl_reads_as_d(one, other):
 
 
 @pytest.mark.parametrize("value", ["2026-05-01", "2026-W01-1", "0001-01-01T00:00:00", "9999-12-31T23:59:59",
+                                   "2999-12-31T23:59:59.000Z",
                                    "2026-05-01 10:00:00"])
 def test_exported_at_must_be_a_date_and_time_as_the_page_writes_it(tmp_path, key_path, value):
     response_file(tmp_path / "responses", key_path, "r1", truthful, exported_at=value)

@@ -21,16 +21,24 @@ from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safete
 
 CONFIG_CLASS = {"clip": ("model_type", "clip"), "vae": ("_class_name", "AutoencoderKL")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The largest asset: the ELIXR-B snapshot's img_emb for all 112,120 NIH images (32 x 768 floats each) is ~11 GB;
+# CLIP ViT-L/14 is 1.7 GB, the SD VAE 0.3 GB.
+MAX_ASSET_BYTES = 64 << 30
 
 
 def check_hub_folder(asset: Asset, folder: Path) -> None:
     """Raise ``AssetError`` unless ``folder`` holds ``asset`` (see the module docstring)."""
     if not folder.is_dir():
         raise AssetError(f"{asset.target} is not a folder; {asset.param} must name the downloaded folder")
-    for path in visible_files(folder):  # everything recorded is hashed: nothing may be read from elsewhere
+    files = visible_files(folder)
+    for path in files:  # everything recorded is hashed: nothing may be read from elsewhere
         if not lies_inside(path, folder):
             raise AssetError(f"{path}: lies outside {asset.target} (it links to {path.resolve()}); copy the file itself "
                              f"in")
+    total = sum(path.stat().st_size for path in files)
+    if total > MAX_ASSET_BYTES:  # checked before a byte is hashed: a sparse file of terabytes costs no disk
+        raise AssetError(f"{asset.target} holds {total / 2**30:,.1f} GiB, more than the {MAX_ASSET_BYTES >> 30} GiB of "
+                         f"any asset this project reads; is it the right folder?")
     if asset.name == "elixr":
         from cxr_diffusion.conditioning.elixr_files import read_snapshot_index
         from cxr_diffusion.data.nih import DataError
@@ -66,11 +74,9 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
     for path in weights:
         if not path.is_file() or tensor_count(path) == 0:
             raise AssetError(f"{path}: not a safetensors file holding tensors; download it again ({fix})")
-        header = read_safetensors_header(path)
-        if not header.covers(path.stat().st_size):
-            raise AssetError(f"{path}: its tensors do not fill the file ({path.stat().st_size:,} bytes; the header "
-                             f"says {header.data_start + header.data_end:,}): truncated or damaged; download it "
-                             f"again ({fix})")
+        problem = read_safetensors_header(path).problem(path.stat().st_size)
+        if problem:
+            raise AssetError(f"{path}: {problem}: truncated or damaged; download it again ({fix})")
 
 
 def _check_shards(asset: Asset, folder: Path, dataset: str) -> None:

@@ -96,9 +96,24 @@ def _hdf5_label(path: Path) -> bool:
 
     try:
         with h5py.File(path, "r") as handle:
-            return bool(handle.attrs.get("standin"))
+            return "standin" in handle.attrs and standin_attribute(handle.attrs, path)
     except (OSError, RuntimeError, KeyError):  # not HDF5, or damaged: no label to read
         return False
+
+
+def standin_attribute(attrs, path: Path) -> bool:
+    """An HDF5 shard's ``standin`` attribute as a flag: a scalar true or nonzero value marks a stand-in, a scalar
+    false or 0 does not, and anything else (an array, a compound, a value that cannot be read) marks one too,
+    the safe direction."""
+    import numpy as np
+
+    if "standin" not in attrs:
+        return False
+    try:
+        value = np.asarray(attrs["standin"])
+    except (OSError, RuntimeError, TypeError, ValueError):
+        return True
+    return bool(value) if value.ndim == 0 and value.dtype.kind in "biuf" else True
 
 
 def read_standin(target: Path) -> dict | None:

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cxr_diffusion.assets.standin_marker import standin_attribute
 from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.io import lies_inside, read_json
@@ -370,7 +371,7 @@ def _scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None
         row = _declared_row(path, column, tuple(values.shape[1:]), declared)
         shape = _checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
         image_ids = tuple(_normalized(path, number, value) for number, value in enumerate(raw_ids))
-        standin = bool(handle.attrs.get("standin"))
+        standin = standin_attribute(handle.attrs, path)
     return ElixrFile(path, image_ids, shape, column, standin)
 
 

@@ -48,6 +48,9 @@ UNET_SET_KEYS = frozenset({"sample_size", "in_channels", "out_channels", "down_b
                            "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads"})
 DOWN_BLOCKS, UP_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
 SCHEDULER_RANGES = {"solver_order": (1, 3), "steps_offset": (0, 1000)}
+# The scheduler keys the params set (noise.training_scheduler); the rest follow from them (sampling_scheduler).
+SCHEDULER_SET_KEYS = ("num_train_timesteps", "beta_schedule", "prediction_type", "rescale_betas_zero_snr",
+                      "timestep_spacing", "beta_start", "beta_end", "trained_betas")
 ADAPTER_RANGES = {"tokens": (1, 1024), "dim": (1, 8192), "out_tokens": (1, 1024), "out_dim": (1, 8192)}
 MAX_TIMESTEPS = 100_000
 _FIX = "retrain it (`dvc repro`, stage train@<branch>) or re-fetch the folder"
@@ -62,7 +65,7 @@ def check_model_limits(model_dir: Path) -> None:
     model_dir = Path(model_dir)
     unet = _config(model_dir / "unet" / "config.json")
     for key, bounds in UNET_RANGES.items():
-        _in_range(model_dir / "unet" / "config.json", key, unet.get(key), bounds, optional=key == "cross_attention_dim")
+        _in_range(model_dir / "unet" / "config.json", key, unet.get(key), bounds)  # the mid block always attends
     _sample_size(model_dir / "unet" / "config.json", unet.get("sample_size"))
     for key, (low, high) in UNET_PER_BLOCK.items():
         value = unet.get(key)
@@ -82,8 +85,37 @@ def check_model_limits(model_dir: Path) -> None:
         _in_range(adapter_path, key, adapter.get(key), bounds, optional=key.startswith("out_"))
     _check_parts_fit(model_dir, unet, adapter)
     _check_scheduler(model_dir / "scheduler" / "scheduler_config.json")
+    if (model_dir / "vae" / "config.json").is_file():
+        _check_vae(model_dir / "vae" / "config.json")
     for weights in sorted(model_dir.glob("*/*.safetensors")):
         _check_weights_header(weights)
+
+
+VAE_RANGES = {"in_channels": (1, 64), "out_channels": (1, 64), "latent_channels": (1, 64), "layers_per_block": (1, 16),
+              "norm_num_groups": (1, 128), "sample_size": (1, 4096)}
+VAE_SET_KEYS = frozenset(VAE_RANGES) | {"block_out_channels", "down_block_types", "up_block_types", "scaling_factor",
+                                        "force_upcast"}
+
+
+def _check_vae(path: Path) -> None:
+    """An SD-style AutoencoderKL: channels, levels, layers and groups in range, encoder and decoder blocks of
+    its own kind, a finite positive scaling factor, every other key at diffusers' default."""
+    vae = _config(path)
+    for key, bounds in VAE_RANGES.items():
+        _in_range(path, key, vae.get(key), bounds, optional=key == "sample_size")
+    blocks = vae.get("block_out_channels")
+    if not (isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(_whole(v, 1, 4096) for v in blocks)):
+        raise ModelConfigError(f"{path}: block_out_channels {_short(blocks)} is not 1-8 sizes of 1-4096 channels; {_FIX}")
+    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if vae.get(key) != [block] * len(blocks):
+            raise ModelConfigError(f"{path}: {key} {_short(vae.get(key))} is not {len(blocks)} x {block}; {_FIX}")
+    factor = vae.get("scaling_factor", 0.18215)
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
+            and 0 < factor < 100):
+        raise ModelConfigError(f"{path}: scaling_factor {_short(factor)} is not a finite number in (0, 100); {_FIX}")
+    from diffusers import AutoencoderKL
+
+    _check_diffusers_defaults(path, vae, AutoencoderKL, VAE_SET_KEYS)
 
 
 def _check_block_types(path: Path, unet: dict, levels: int) -> None:
@@ -95,17 +127,18 @@ def _check_block_types(path: Path, unet: dict, levels: int) -> None:
                                    f"block_out_channels level); {_FIX}")
 
 
-def _check_diffusers_defaults(path: Path, unet: dict) -> None:
-    """Every UNet key this project does not set holds diffusers' default (see UNET_SET_KEYS)."""
+def _check_diffusers_defaults(path: Path, config: dict, model_class=None, set_keys: frozenset = UNET_SET_KEYS) -> None:
+    """Every key of ``model_class`` (the UNet's by default) this project does not set holds diffusers' default."""
     import inspect
 
-    from diffusers import UNet2DConditionModel
+    if model_class is None:
+        from diffusers import UNet2DConditionModel as model_class
 
     defaults = {name: parameter.default for name, parameter in
-                inspect.signature(UNet2DConditionModel.__init__).parameters.items()
+                inspect.signature(model_class.__init__).parameters.items()
                 if parameter.default is not inspect.Parameter.empty}
-    for key, value in unet.items():
-        if key in UNET_SET_KEYS or key not in defaults:  # ``_class_name`` and other bookkeeping are not arguments
+    for key, value in config.items():
+        if key in set_keys or key not in defaults:  # ``_class_name`` and other bookkeeping are not arguments
             continue
         default = defaults[key]
         if _as_json(value) != _as_json(default):
@@ -193,6 +226,28 @@ def _check_scheduler(path: Path) -> None:
     if betas is not None and not (isinstance(betas, list) and len(betas) == steps and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 < b < 1 for b in betas)):
         raise ModelConfigError(f"{path}: trained_betas must be {steps} values inside (0, 1), one per timestep; {_FIX}")
+    _check_scheduler_defaults(path, config)
+
+
+def _check_scheduler_defaults(path: Path, config: dict) -> None:
+    """Every key but the few the params set holds what ``sampling_scheduler`` writes for them (flow sigmas, a
+    NaN ``lambda_min_clipped`` or exponential sigmas would change every image or fail mid-sampling)."""
+    from diffusers import DDPMScheduler
+
+    from cxr_diffusion.diffusion.noise import SAMPLERS, sampling_scheduler
+
+    names = {cls.__name__: name for name, cls in SAMPLERS.items()}
+    if config.get("_class_name") not in names:
+        raise ModelConfigError(f"{path}: _class_name {_short(config.get('_class_name'))} is not one of "
+                               f"{sorted(names)}; {_FIX}")
+    train = DDPMScheduler(clip_sample=False, **{key: config[key] for key in SCHEDULER_SET_KEYS if key in config})
+    expected = dict(sampling_scheduler(train, names[config["_class_name"]]).config)
+    for key, value in config.items():
+        if key.startswith("_") or key in SCHEDULER_SET_KEYS or key in SCHEDULER_CHOICES or key in SCHEDULER_RANGES:
+            continue
+        if key not in expected or _as_json(value) != _as_json(expected[key]):
+            shown = _short(expected[key]) if key in expected else "absent"
+            raise ModelConfigError(f"{path}: {key} is {_short(value)}, not {shown} as this project saves it; {_FIX}")
 
 
 def _check_weights_header(path: Path) -> None:

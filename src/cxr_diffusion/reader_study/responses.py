@@ -31,7 +31,7 @@ import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cxr_diffusion.config import STUDY_ID
@@ -254,13 +254,15 @@ _ISO_TIME = re.compile(r"(2\d{3})-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z
 
 
 def _is_iso_time(value: object) -> bool:
+    """A date and time as the page writes it, and not later than a day from now (clocks differ, not by years)."""
     if not isinstance(value, str) or not _ISO_TIME.fullmatch(value):
         return False
     try:
-        datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return False
-    return True
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment <= datetime.now(timezone.utc) + timedelta(days=1)
 
 
 def _answer(item_id: str, answer: object, findings: tuple[str, ...]) -> Answer:

@@ -53,7 +53,8 @@ def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device = to
     The folder's files are checked against the hashes written when it was saved, its
     ``model_index.json`` against what our pipeline is made of, and its configs and weight headers against
     sane ranges (``model_limits``), before diffusers reads anything; only
-    safetensors weights are read, from this folder only."""
+    safetensors weights are read, and only files whose size and sha256 match the folder's record (a file may be a
+    link, as DVC's symlink cache makes them; its content is what is checked)."""
     model_dir = Path(model_dir)
     verify_model_files(model_dir)
     _check_model_index(model_dir)
