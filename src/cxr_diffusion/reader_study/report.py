@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cxr_diffusion.reader_study.labels import REAL
-from cxr_diffusion.safe_text import markdown_text
+from cxr_diffusion.safe_text import markdown_text, visible_text
 
 POOLED_ROW = "**All readers, pooled**"  # bold: no reader id can look like it (their text is escaped)
+
+
+def _how_to(metrics: dict) -> str:
+    """What to do when no reader has answered yet, with the kit, the file names and the folder as code spans."""
+    kit = metrics.get("kit")
+    given = (f"the kit's zip, {_code(kit + '.zip')} (never a zip of your own: compressed sizes tell images apart); "
+             f"they unzip it and open {_code(Path(kit).name + '/index.html')}") if kit else \
+        "the reader-study kit's zip; they unzip it and open `index.html`"
+    responses = _code(metrics["responses"]) if metrics.get("responses") else "the responses folder"
+    return (f"No reader responses yet. Give each reader {given} in Chromium or Firefox (no server needed), answer "
+            f"the {metrics['items']} items and press Export answers. Put the downloaded "
+            f"{_code(metrics['study_id'] + '__<reader>.json')} files into {responses}, then run `dvc repro`: only "
+            f"this stage and compare rerun.")
+
+
+def _code(value: str) -> str:
+    """``value`` as an inline code span (inert in Markdown: no tag, link or emphasis), or escaped text when it
+    holds what a code span cannot (a backtick, a line break, a hidden character)."""
+    if visible_text(value, 400) == value and "`" not in value:
+        return f"`{value}`"
+    return markdown_text(value, 400)
 
 
 def report_lines(metrics: dict, level: int = 2) -> list[str]:
     """Markdown lines: headline accuracy, a table per reader, per source, per finding; agreement; rejects."""
     lines = [f"{'#' * level} Expert reader study", ""]
     if metrics["readers"] == 0:
-        lines += [markdown_text(metrics["how_to"], 2000), ""]
+        lines += [_how_to(metrics), ""]
         return lines + _rejects(metrics["rejects"])
     pooled = metrics["pooled"]
     call = pooled["call"]

@@ -54,6 +54,8 @@ def score_responses(responses_dir: Path, key_path: Path, kit_dir: Path | None = 
                              f"Chromium or Firefox (no server needed), answer the {len(key.items)} items and press "
                              f"Export answers. Put the downloaded {key.study_id}__<reader>.json files into "
                              f"{responses_dir}, then run `dvc repro`: only this stage and compare rerun.")
+        metrics["kit"] = str(kit_dir) if kit_dir is not None else None
+        metrics["responses"] = str(responses_dir)
         return metrics
     per_reader = {}
     for response in sorted(responses, key=lambda response: response.reader_id):
