@@ -7,6 +7,8 @@ from typing import Any
 import annotated_types
 from pydantic import BaseModel
 
+from cxr_diffusion.safe_text import shown_value
+
 
 class KeyProblem(ValueError):
     """Raised by the cross-key checks of the params: names the key (relative to its section) that is wrong."""
@@ -21,11 +23,6 @@ _BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
 _TYPE_WORDS = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
                "bool_type": "true or false", "string_type": "a string", "dict_type": "a mapping",
                "tuple_type": "a list", "model_type": "a mapping", "model_attributes_type": "a mapping"}
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
@@ -86,7 +83,7 @@ def describe(error: dict, root: type[BaseModel]) -> str:
     if kind == "missing":
         return (f"params: '{key}' is missing; every key must be set in params.yaml "
                 f"(the default profile, src/cxr_diffusion/profiles/default.yaml, lists them all)")
-    value = _shown(error.get("input"))
+    value = shown_value(error.get("input"), 80)
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         context = error.get("ctx") or {}
         allowed = _allowed_range(location, root) or " ".join(f"{symbol} {context[name]}" for _, name, symbol in _BOUNDS

@@ -47,6 +47,11 @@ def visible_text(text: object, limit: int = 200) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def shown_value(value: object, limit: int = 60) -> str:
+    """A value read from a file, as Python writes it (strings quoted), on one line for an error message."""
+    return visible_text(repr(value), limit)
+
+
 def markdown_text(text: object, limit: int = 200) -> str:
     """``visible_text(text, limit)`` as inert Markdown/HTML text (see the module docstring)."""
     line = visible_text(text, limit)

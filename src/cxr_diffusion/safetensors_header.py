@@ -17,6 +17,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr_diffusion.safe_text import shown_value
+from cxr_diffusion.whole_number import is_whole_number
+
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 METADATA = "__metadata__"
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -45,14 +48,16 @@ class SafetensorsHeader:
         from the start of the data to the end of the file (a cut, padded, overlapping or gapped file does not)."""
         spans = []
         for name, entry in self.tensors.items():
+            tensor = f"tensor {shown_value(name)}"
             if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
-                return f"tensor {name!r} has no known dtype"
+                return f"{tensor} has no known dtype"
             shape, offsets = entry.get("shape"), entry.get("data_offsets")
-            if not (isinstance(shape, list) and all(_whole(size) for size in shape) and isinstance(offsets, list)
-                    and len(offsets) == 2 and all(_whole(offset) for offset in offsets)):
-                return f"tensor {name!r} has no valid shape and offsets"
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_whole_number(offset) for offset in offsets)):
+                return f"{tensor} has data_offsets {shown_value(offsets)}, not [start, end]"
+            if not (isinstance(shape, list) and all(is_whole_number(size) for size in shape)):
+                return f"{tensor} has shape {shown_value(shape)}, not a list of sizes"
             if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[entry["dtype"]]:
-                return f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, not its dtype x shape"
+                return f"{tensor} spans {offsets[1] - offsets[0]} bytes, not its dtype x shape"
             spans.append(tuple(offsets))
         position = 0
         for start, end in sorted(spans):
@@ -86,10 +91,6 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     if not isinstance(entries, dict):
         raise SafetensorsHeaderError("unreadable header")
     return SafetensorsHeader(entries, 8 + length)
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def encode_header(entries: dict) -> bytes:

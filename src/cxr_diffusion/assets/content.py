@@ -17,7 +17,7 @@ from cxr_diffusion.assets.download import AssetError
 from cxr_diffusion.assets.manifest import visible_files
 from cxr_diffusion.io import JsonFileError, lies_inside, read_json
 from cxr_diffusion.safe_text import visible_text
-from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+from cxr_diffusion.safetensors_header import SafetensorsHeader, SafetensorsHeaderError, read_safetensors_header
 
 CONFIG_CLASS = {"clip": ("model_type", "clip"), "vae": ("_class_name", "AutoencoderKL")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -72,9 +72,10 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
             "no weights"
         raise AssetError(f"{asset.target} holds {why}; download its .safetensors files ({fix})")
     for path in weights:
-        if not path.is_file() or tensor_count(path) == 0:
+        header = _header_or_none(path)
+        if header is None or not header.tensors:
             raise AssetError(f"{path}: not a safetensors file holding tensors; download it again ({fix})")
-        problem = read_safetensors_header(path).problem(path.stat().st_size)
+        problem = header.problem(path.stat().st_size)
         if problem:
             raise AssetError(f"{path}: {problem}: truncated or damaged; download it again ({fix})")
 
@@ -97,12 +98,12 @@ def _check_shards(asset: Asset, folder: Path, dataset: str) -> None:
             raise AssetError(f"{shard}: not an HDF5 file; download the snapshot again") from None
 
 
-def tensor_count(path: Path) -> int:
-    """How many tensors a safetensors file's header lists (0 for anything that is not one): read, not loaded."""
+def _header_or_none(path: Path) -> SafetensorsHeader | None:
+    """``path``'s safetensors header, or None for anything that is not one (a folder, a FIFO, other bytes)."""
     try:
-        return len(read_safetensors_header(path).tensors)
+        return read_safetensors_header(path) if path.is_file() else None
     except SafetensorsHeaderError:
-        return 0
+        return None
 
 
 def _selected_dataset(asset: Asset) -> str | None:

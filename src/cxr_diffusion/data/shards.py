@@ -32,6 +32,8 @@ from torch.utils.data import Dataset
 from cxr_diffusion.data.decode import DecodeBudget, DecodeError, decode_grayscale, to_uint8
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import read_json, sha256_file
+from cxr_diffusion.whole_number import is_whole_number
+from cxr_diffusion.safe_text import shown_value
 
 MANIFEST = "manifest.json"
 _SHARD_FILE = re.compile(r"([a-z]+)-[0-9]{5}\.parquet")  # what SplitShardWriter names them: train-00000.parquet
@@ -154,20 +156,11 @@ def rebuild_hint(manifest: dict) -> str:
     return "rebuild it with `dvc repro -f prepare`" if generated is None else _REBUILD
 
 
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _whole(value: object, low: int, high: int | None = None) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-
-
 def _check_manifest(path: Path, manifest: dict) -> None:
     fix = rebuild_hint(manifest)
 
     def refuse(key: str, value: object, expected: str) -> None:
-        raise PreparedDataError(f"{path}: {key} is {_shown(value)}, expected {expected}; {fix}")
+        raise PreparedDataError(f"{path}: {key} is {shown_value(value)}, expected {expected}; {fix}")
 
     for key in ("classes", "image_size", "written", "shards"):
         if key not in manifest:
@@ -175,9 +168,9 @@ def _check_manifest(path: Path, manifest: dict) -> None:
     classes = manifest["classes"]
     if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
         refuse("'classes'", classes, "a list of class names")
-    if not _whole(manifest["image_size"], 1, _MAX_IMAGE_SIZE):
+    if not is_whole_number(manifest["image_size"], 1, _MAX_IMAGE_SIZE):
         refuse("'image_size'", manifest["image_size"], f"a whole number of pixels from 1 to {_MAX_IMAGE_SIZE}")
-    if not _whole(manifest["written"], 0):
+    if not is_whole_number(manifest["written"], 0):
         refuse("'written'", manifest["written"], "a whole number of images, 0 or more")
     shards = manifest["shards"]
     if not isinstance(shards, list):
@@ -199,7 +192,7 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         if name in seen:
             raise PreparedDataError(f"{path}: {where}.file '{name}' is listed twice; {fix}")
         seen.add(name)
-        if not _whole(shard["rows"], 0):
+        if not is_whole_number(shard["rows"], 0):
             refuse(f"{where}.rows", shard["rows"], "a whole number of rows, 0 or more")
         if not isinstance(shard["sha256"], str) or not _SHA256.fullmatch(shard["sha256"]):
             refuse(f"{where}.sha256", shard["sha256"], "64 lowercase hex digits")

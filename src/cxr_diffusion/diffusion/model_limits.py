@@ -25,8 +25,9 @@ from pathlib import Path
 
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import JsonFileError, read_json
-from cxr_diffusion.safe_text import visible_text
+from cxr_diffusion.safe_text import shown_value
 from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+from cxr_diffusion.whole_number import is_whole_number
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 UNET_RANGES = {"in_channels": (1, 64), "out_channels": (1, 64), "cross_attention_dim": (1, 8192),
@@ -60,8 +61,9 @@ class ModelConfigError(UserError, ValueError):
     """A saved model's config or weights header is outside what this project saves; the message names it."""
 
 
-def check_model_limits(model_dir: Path) -> None:
-    """Raise ``ModelConfigError`` naming the file and key of the first value out of range (module docstring)."""
+def check_model_limits(model_dir: Path, index: dict) -> None:
+    """Raise ``ModelConfigError`` naming the file and key of the first value out of range (module docstring);
+    ``index`` is the folder's ``model_index.json``, already read and checked by the caller."""
     model_dir = Path(model_dir)
     unet = _config(model_dir / "unet" / "config.json")
     for key, bounds in UNET_RANGES.items():
@@ -70,12 +72,12 @@ def check_model_limits(model_dir: Path) -> None:
     for key, (low, high) in UNET_PER_BLOCK.items():
         value = unet.get(key)
         values = value if isinstance(value, list) else [value]
-        if value is not None and not (1 <= len(values) <= 8 and all(_whole(v, low, high) for v in values)):
-            raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: {key} {_short(value)} is not {low}-{high} "
+        if value is not None and not (1 <= len(values) <= 8 and all(is_whole_number(v, low, high) for v in values)):
+            raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: {key} {shown_value(value)} is not {low}-{high} "
                                    f"(or one such number per block); {_FIX}")
     blocks = unet.get("block_out_channels")
-    if not (isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(_whole(v, 1, 4096) for v in blocks)):
-        raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: block_out_channels {_short(blocks)} is not "
+    if not (isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(is_whole_number(v, 1, 4096) for v in blocks)):
+        raise ModelConfigError(f"{model_dir / 'unet' / 'config.json'}: block_out_channels {shown_value(blocks)} is not "
                                f"1-8 sizes of 1-4096 channels; {_FIX}")
     _check_block_types(model_dir / "unet" / "config.json", unet, len(blocks))
     _check_diffusers_defaults(model_dir / "unet" / "config.json", unet)
@@ -83,10 +85,12 @@ def check_model_limits(model_dir: Path) -> None:
     adapter = _config(adapter_path)
     for key, bounds in ADAPTER_RANGES.items():
         _in_range(adapter_path, key, adapter.get(key), bounds, optional=key.startswith("out_"))
-    _check_parts_fit(model_dir, unet, adapter)
+    vae_path = model_dir / "vae" / "config.json"
+    vae = _config(vae_path) if vae_path.is_file() else None
+    _check_parts_fit(model_dir, unet, adapter, vae, index.get("channels"))
     _check_scheduler(model_dir / "scheduler" / "scheduler_config.json")
-    if (model_dir / "vae" / "config.json").is_file():
-        _check_vae(model_dir / "vae" / "config.json")
+    if vae is not None:
+        _check_vae(vae_path, vae)
     for weights in sorted(model_dir.glob("*/*.safetensors")):
         _check_weights_header(weights)
 
@@ -97,22 +101,21 @@ VAE_SET_KEYS = frozenset(VAE_RANGES) | {"block_out_channels", "down_block_types"
                                         "force_upcast"}
 
 
-def _check_vae(path: Path) -> None:
+def _check_vae(path: Path, vae: dict) -> None:
     """An SD-style AutoencoderKL: channels, levels, layers and groups in range, encoder and decoder blocks of
     its own kind, a finite positive scaling factor, every other key at diffusers' default."""
-    vae = _config(path)
     for key, bounds in VAE_RANGES.items():
         _in_range(path, key, vae.get(key), bounds, optional=key == "sample_size")
     blocks = vae.get("block_out_channels")
-    if not (isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(_whole(v, 1, 4096) for v in blocks)):
-        raise ModelConfigError(f"{path}: block_out_channels {_short(blocks)} is not 1-8 sizes of 1-4096 channels; {_FIX}")
+    if not (isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(is_whole_number(v, 1, 4096) for v in blocks)):
+        raise ModelConfigError(f"{path}: block_out_channels {shown_value(blocks)} is not 1-8 sizes of 1-4096 channels; {_FIX}")
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         if vae.get(key) != [block] * len(blocks):
-            raise ModelConfigError(f"{path}: {key} {_short(vae.get(key))} is not {len(blocks)} x {block}; {_FIX}")
+            raise ModelConfigError(f"{path}: {key} {shown_value(vae.get(key))} is not {len(blocks)} x {block}; {_FIX}")
     factor = vae.get("scaling_factor", 0.18215)
     if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
             and 0 < factor < 100):
-        raise ModelConfigError(f"{path}: scaling_factor {_short(factor)} is not a finite number in (0, 100); {_FIX}")
+        raise ModelConfigError(f"{path}: scaling_factor {shown_value(factor)} is not a finite number in (0, 100); {_FIX}")
     from diffusers import AutoencoderKL
 
     _check_diffusers_defaults(path, vae, AutoencoderKL, VAE_SET_KEYS)
@@ -123,7 +126,7 @@ def _check_block_types(path: Path, unet: dict, levels: int) -> None:
     for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
         value = unet.get(key)
         if not (isinstance(value, list) and len(value) == levels and all(v in allowed for v in value)):
-            raise ModelConfigError(f"{path}: {key} {_short(value)} is not {levels} of {sorted(allowed)} (one per "
+            raise ModelConfigError(f"{path}: {key} {shown_value(value)} is not {levels} of {sorted(allowed)} (one per "
                                    f"block_out_channels level); {_FIX}")
 
 
@@ -142,7 +145,7 @@ def _check_diffusers_defaults(path: Path, config: dict, model_class=None, set_ke
             continue
         default = defaults[key]
         if _as_json(value) != _as_json(default):
-            raise ModelConfigError(f"{path}: {key} is {_short(value)}, not diffusers' default {_short(default)}; this "
+            raise ModelConfigError(f"{path}: {key} is {shown_value(value)}, not diffusers' default {shown_value(default)}; this "
                                    f"project never sets it; {_FIX}")
 
 
@@ -151,29 +154,27 @@ def _as_json(value: object) -> object:
     return [_as_json(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def _check_parts_fit(model_dir: Path, unet: dict, adapter: dict) -> None:
+def _check_parts_fit(model_dir: Path, unet: dict, adapter: dict, vae: dict | None, channels: object) -> None:
     """The UNet denoises what it is given: as many channels out as in, those of the VAE's latents (latent
     space) or of the images (pixel space), and a cross-attention width equal to the adapter's output."""
     path = model_dir / "unet" / "config.json"
     if unet["in_channels"] != unet["out_channels"]:
         raise ModelConfigError(f"{path}: in_channels {unet['in_channels']} and out_channels {unet['out_channels']} "
                                f"differ; a denoiser predicts what it is given; {_FIX}")
-    vae_path = model_dir / "vae" / "config.json"
-    if vae_path.is_file():
-        latent = _config(vae_path).get("latent_channels", 4)
+    if vae is not None:
+        latent = vae.get("latent_channels", 4)
         if unet["in_channels"] != latent:
             raise ModelConfigError(f"{path}: in_channels {unet['in_channels']} is not the VAE's latent_channels "
-                                   f"{_short(latent)} ({vae_path}); {_FIX}")
+                                   f"{shown_value(latent)} ({model_dir / 'vae' / 'config.json'}); {_FIX}")
     else:
-        channels = _config(model_dir / "model_index.json").get("channels")
         if unet["in_channels"] != channels:
             raise ModelConfigError(f"{path}: in_channels {unet['in_channels']} is not the model's image channels "
-                                   f"{_short(channels)} (model_index.json); {_FIX}")
+                                   f"{shown_value(channels)} (model_index.json); {_FIX}")
     width = adapter.get("out_dim") or adapter.get("dim")
     attention = unet.get("cross_attention_dim")
     if attention is not None and attention != width:
         raise ModelConfigError(f"{path}: cross_attention_dim {attention} is not the condition adapter's output width "
-                               f"{_short(width)} (condition_adapter/config.json); {_FIX}")
+                               f"{shown_value(width)} (condition_adapter/config.json); {_FIX}")
 
 
 def _config(path: Path) -> dict:
@@ -185,24 +186,16 @@ def _config(path: Path) -> dict:
         raise ModelConfigError(str(error)) from None
 
 
-def _whole(value: object, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _short(value: object) -> str:
-    return visible_text(repr(value), 60)
-
-
 def _in_range(path: Path, key: str, value: object, bounds: tuple[int, int], optional: bool = False) -> None:
     if value is None and optional:
         return
-    if not _whole(value, *bounds):
-        raise ModelConfigError(f"{path}: {key} {_short(value)} is not a whole number {bounds[0]}-{bounds[1]}; {_FIX}")
+    if not is_whole_number(value, *bounds):
+        raise ModelConfigError(f"{path}: {key} {shown_value(value)} is not a whole number {bounds[0]}-{bounds[1]}; {_FIX}")
 
 
 def _sample_size(path: Path, value: object) -> None:
-    if not _whole(value, 1, 1024):  # square images only: the pipeline samples size x size
-        raise ModelConfigError(f"{path}: sample_size {_short(value)} is not a whole number 1-1024; {_FIX}")
+    if not is_whole_number(value, 1, 1024):  # square images only: the pipeline samples size x size
+        raise ModelConfigError(f"{path}: sample_size {shown_value(value)} is not a whole number 1-1024; {_FIX}")
 
 
 def _check_scheduler(path: Path) -> None:
@@ -212,14 +205,14 @@ def _check_scheduler(path: Path) -> None:
     for key in ("beta_start", "beta_end"):
         value = config.get(key)
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
-            raise ModelConfigError(f"{path}: {key} {_short(value)} is not inside (0, 1); {_FIX}")
+            raise ModelConfigError(f"{path}: {key} {shown_value(value)} is not inside (0, 1); {_FIX}")
     if isinstance(config.get("beta_start"), (int, float)) and isinstance(config.get("beta_end"), (int, float)) \
             and config["beta_start"] >= config["beta_end"]:
-        raise ModelConfigError(f"{path}: beta_start {_short(config['beta_start'])} is not below beta_end "
-                               f"{_short(config['beta_end'])}; {_FIX}")
+        raise ModelConfigError(f"{path}: beta_start {shown_value(config['beta_start'])} is not below beta_end "
+                               f"{shown_value(config['beta_end'])}; {_FIX}")
     for key, choices in SCHEDULER_CHOICES.items():
         if key in config and config[key] not in choices:
-            raise ModelConfigError(f"{path}: {key} {_short(config[key])} is not one of {sorted(choices)}; {_FIX}")
+            raise ModelConfigError(f"{path}: {key} {shown_value(config[key])} is not one of {sorted(choices)}; {_FIX}")
     for key, bounds in SCHEDULER_RANGES.items():
         _in_range(path, key, config.get(key), bounds, optional=True)
     betas = config.get("trained_betas")
@@ -238,7 +231,7 @@ def _check_scheduler_defaults(path: Path, config: dict) -> None:
 
     names = {cls.__name__: name for name, cls in SAMPLERS.items()}
     if config.get("_class_name") not in names:
-        raise ModelConfigError(f"{path}: _class_name {_short(config.get('_class_name'))} is not one of "
+        raise ModelConfigError(f"{path}: _class_name {shown_value(config.get('_class_name'))} is not one of "
                                f"{sorted(names)}; {_FIX}")
     train = DDPMScheduler(clip_sample=False, **{key: config[key] for key in SCHEDULER_SET_KEYS if key in config})
     expected = dict(sampling_scheduler(train, names[config["_class_name"]]).config)
@@ -246,8 +239,8 @@ def _check_scheduler_defaults(path: Path, config: dict) -> None:
         if key.startswith("_") or key in SCHEDULER_SET_KEYS or key in SCHEDULER_CHOICES or key in SCHEDULER_RANGES:
             continue
         if key not in expected or _as_json(value) != _as_json(expected[key]):
-            shown = _short(expected[key]) if key in expected else "absent"
-            raise ModelConfigError(f"{path}: {key} is {_short(value)}, not {shown} as this project saves it; {_FIX}")
+            shown = shown_value(expected[key]) if key in expected else "absent"
+            raise ModelConfigError(f"{path}: {key} is {shown_value(value)}, not {shown} as this project saves it; {_FIX}")
 
 
 def _check_weights_header(path: Path) -> None:
@@ -259,12 +252,10 @@ def _check_weights_header(path: Path) -> None:
     for name, entry in header.tensors.items():
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
         if dtype not in FLOAT_DTYPES:
-            raise ModelConfigError(f"{path}: tensor {_short(name)} is {_short(dtype)}, not floating point; {_FIX}")
-        offsets = entry.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(v, 0, 2**62) for v in offsets)
-                and offsets[0] <= offsets[1]):
-            raise ModelConfigError(f"{path}: tensor {_short(name)} has data_offsets {_short(offsets)}, not "
-                                   f"[start, end]; {_FIX}")
+            raise ModelConfigError(f"{path}: tensor {shown_value(name)} is {shown_value(dtype)}, not floating point; {_FIX}")
+    problem = header.problem(path.stat().st_size)
+    if problem:
+        raise ModelConfigError(f"{path}: {problem}; {_FIX}")
     output = header.tensors.get("conv_out.weight") if path.parent.name == "unet" else None
     if isinstance(output, dict) and _all_zero(path, header.data_start, output):
         raise ModelConfigError(f"{path}: the UNet's output layer (conv_out.weight) is all zeros, so it "

@@ -25,6 +25,7 @@ from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
 from cxr_diffusion.device import decode_workers, describe_device, module_device
 from cxr_diffusion.io import atomic_directory, give_plain_modes, read_json, write_json
+from cxr_diffusion.whole_number import is_whole_number
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,6 @@ def save_classifier(model: CXRClassifier, out_dir: Path, metrics: dict) -> None:
         (tmp / "config.json").write_text(json.dumps({**asdict(model.spec), "metrics": kept}, indent=2) + "\n")
 
 
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def read_classifier_spec(path: Path) -> ClassifierSpec:
     """The evaluator's ``config.json``, checked: bad JSON, a missing key or a wrong type is one line."""
     fix = "retrain it with `dvc repro -f evaluator`"
@@ -97,10 +94,10 @@ def read_classifier_spec(path: Path) -> ClassifierSpec:
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{path}: 'classes' is {classes!r:.60}, expected a list of class names; {fix}")
     for key in ("width", "feature_dim", "image_size"):
-        if not _whole(config.get(key)):
+        if not is_whole_number(config.get(key), 1):
             raise DataError(f"{path}: '{key}' is {config.get(key)!r:.60}, expected a whole number above 0; {fix}")
     input_size = config.get("input_size")  # saved before input_size existed: the network saw image_size
-    if input_size is not None and not _whole(input_size):
+    if input_size is not None and not is_whole_number(input_size, 1):
         raise DataError(f"{path}: 'input_size' is {input_size!r:.60}, expected a whole number above 0 or null; {fix}")
     return ClassifierSpec(tuple(classes), config["width"], config["feature_dim"], config["image_size"], input_size)
 

@@ -84,7 +84,10 @@ def merged(base: dict, overrides: dict, model: type[Section] = Params) -> dict:
 
 def profile_data(source: str | Path) -> dict:
     """The merged mapping of a profile (a shipped name or a YAML path), not yet validated."""
-    chain = _chain(source)
+    return _merged_chain(_chain(source))
+
+
+def _merged_chain(chain: list[tuple[Path, dict]]) -> dict:
     data = chain[0][1]
     for _, overlay in chain[1:]:
         data = merged(data, overlay)
@@ -120,7 +123,10 @@ def _path_of(cls: type[Section], model: type[Section] = Params, prefix: tuple = 
 def profile_text(source: str | Path) -> str:
     """``params.yaml`` for a profile: the base file's text and comments with each overlay's values (and their
     comments) laid over it. A profile with no overlay is its file, byte for byte."""
-    chain = _chain(source)
+    return _chain_text(_chain(source))
+
+
+def _chain_text(chain: list[tuple[Path, dict]]) -> str:
     if len(chain) == 1:
         return chain[0][0].read_text(encoding="utf-8")
     yaml = YAML()  # round trip: comments, quotes and flow styles are kept
@@ -189,9 +195,10 @@ def _retitle(document, chain: list[Path]) -> None:
 
 def validated_profile_text(source: str | Path, check=params_from_dict) -> str:
     """``profile_text(source)`` after its merged data passed ``check`` (which raises ``ParamsError``)."""
-    data = profile_data(source)
+    chain = _chain(source)
+    data = _merged_chain(chain)
     check(data)
-    text = profile_text(source)
+    text = _chain_text(chain)
     reread = YAML(typ="safe", pure=True).load(text)
     if reread != data:  # the text must say exactly what was validated
         raise ParamsError(f"params: profile {source} did not round-trip through YAML; report this as a bug")

@@ -57,8 +57,7 @@ def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device = to
     link, as DVC's symlink cache makes them; its content is what is checked)."""
     model_dir = Path(model_dir)
     verify_model_files(model_dir)
-    _check_model_index(model_dir)
-    check_model_limits(model_dir)
+    check_model_limits(model_dir, _check_model_index(model_dir))
     try:
         pipeline = CXRDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as error:  # diffusers' errors for unreadable configs, weights and components
@@ -101,9 +100,9 @@ _WEIGHTED = {"unet", "condition_adapter", "vae", "text_encoder", "image_encoder"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _check_model_index(model_dir: Path) -> None:
+def _check_model_index(model_dir: Path) -> dict:
     """Refuse a model_index.json that is not one of ours (class, branch, components, their folders), with
-    one line naming the file and the entry, before diffusers turns it into a traceback."""
+    one line naming the file and the entry, before diffusers turns it into a traceback; return it."""
     path = model_dir / "model_index.json"
     fix = "retrain it (`dvc repro`, stage train@<branch>) or re-fetch the folder"
     try:
@@ -140,6 +139,7 @@ def _check_model_index(model_dir: Path) -> None:
             raise SamplingError(f"{folder}: missing (model_index.json names the component {name!r}); {fix}")
         if name in _WEIGHTED:
             _check_safetensors(folder, fix)
+    return index
 
 
 def _check_safetensors(folder: Path, fix: str) -> None:
