@@ -136,11 +136,11 @@ def main() -> None:
                                      reference_inception_weights=str(paths["torchvision"]), xrv_weights=str(paths["xrv"]),
                                      inception_batch_size=args.batch, bootstrap=50)
         started = time.perf_counter()
-        standard = standard_fid(config, fake, real, args.size)
-        reference = reference_compatible_fid(config, fake, real, args.size)
+        standard = standard_fid(config, fake, real, args.size, device)
+        reference = reference_compatible_fid(config, fake, real, args.size, device)
         labels = (torch.arange(len(fake))[:, None] % 2 == torch.tensor([0, 1])).int().numpy()
         judge = xrv_metrics(config, {"Effusion": ("Effusion",), "Nodule/Mass": ("Nodule", "Mass")}, fake, labels,
-                            real, labels[: len(real)], real, seed=0)
+                            real, labels[: len(real)], real, seed=0, device=device)
         print(f"evaluate-stage functions on {device}: standard FID {standard['value']:.4f}, reference-compatible "
               f"FID {reference['value']:.4f}, DenseNet FD {judge['fd']:.4f} ({time.perf_counter() - started:.1f} s)")
 

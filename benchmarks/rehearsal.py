@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGET_SECONDS = 30 * 60
 BUDGET_RSS_GB = 20.0
 BRANCHES = ("clip_text", "clip_vision", "elixr")
+RESNET_ARMS = ("real", "synthetic", "real_plus_synthetic", "synthetic_then_real")
 # Must be numbers in every branch's metrics/evaluate/<branch>.json (dotted paths): each stands for a code path.
 REQUIRED_METRICS = ("closeness.inception_fid", "closeness.reference_compatible_fid", "xrv_densenet.fd",
                     "closeness.domain_fd", "closeness.kid", "closeness.untrained_fd_matched", "prdc.precision",
@@ -97,9 +98,9 @@ def check_outputs(work: Path) -> dict:
         if missing:
             raise SystemExit(f"rehearsal: metrics/evaluate/{branch}.json did not compute {missing}")
         utility = json.loads((work / "metrics" / "utility" / f"{branch}.json").read_text())
-        if utility["classifier"] != "resnet50" or not {"real", "synthetic", "real_plus_synthetic"} <= set(utility["arms"]):
-            raise SystemExit(f"rehearsal: metrics/utility/{branch}.json: expected the resnet50 arms real, synthetic "
-                             f"and real_plus_synthetic, got {utility['classifier']} {sorted(utility['arms'])}")
+        if utility["classifier"] != "resnet50" or not set(RESNET_ARMS) <= set(utility["arms"]):
+            raise SystemExit(f"rehearsal: metrics/utility/{branch}.json: expected the resnet50 arms "
+                             f"{', '.join(RESNET_ARMS)}, got {utility['classifier']} {sorted(utility['arms'])}")
         live = (work / "dvclive" / branch / "params.yaml").read_text().splitlines()
         precision = next((line.split(":", 1)[1].strip() for line in live if line.startswith("precision:")), "?")
         undefined = sorted(key for key, value in flat.items() if value is None or value != value)

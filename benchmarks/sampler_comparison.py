@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"$ python {' '.join(sys.argv)}")
     params = load_params("params.yaml")
-    branch = load_pipeline(args.model, "dpm++").config.branch
+    branch = load_pipeline(args.model, "dpm++", torch.device("cpu")).config.branch
     test = ConditionedImages("data/prepared", "test", ConditionStore(Path("data/embeddings") / branch),
                              params.channels, limit=args.count)
     conditions = torch.stack([test[i]["condition"] for i in range(len(test))])
@@ -55,7 +55,7 @@ def main() -> None:
     runs = [("dpm++", steps) for steps in args.dpm_steps or [params.sample.steps]]
     runs += [("ddpm", args.ddpm_steps)] if args.ddpm_steps > 0 else []
     for name, steps in runs:
-        pipeline = load_pipeline(args.model, name)
+        pipeline = load_pipeline(args.model, name, torch.device("cpu"))
         started = time.perf_counter()
         images = []
         for start in range(0, len(conditions), params.sample.batch_size):

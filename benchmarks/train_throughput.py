@@ -105,7 +105,7 @@ def main() -> None:
     parameters = sum(p.numel() for p in unet.parameters())
     flops_per_image = step_flops(unet, batch) / batch_size
     peak = matmul_tflops(device, 8192 if device.type == "cuda" else 2048)
-    precision = choose_mixed_precision(params.train.mixed_precision)
+    precision = choose_mixed_precision(params.train.mixed_precision, device)
     variants = [("plain fp32 loop", None, False)]
     variants.append((f"our step (mixed_precision auto -> {precision})", None if precision == "no" else precision, False))
     variants.append(("fp32 + channels_last", None, True))

@@ -27,6 +27,7 @@ from cxr_diffusion.config import changed
 from cxr_diffusion.params_file import load_params
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.device import resolve_device
 from cxr_diffusion.evaluation.distances import frechet_distance
 from cxr_diffusion.evaluation.evaluator import embed_and_predict, load_classifier
 from cxr_diffusion.sampling.sample import load_pipeline
@@ -49,16 +50,17 @@ def main() -> None:
     command = f"$ python {' '.join(sys.argv)}"
     print(command)
     params = load_params("params.yaml")
+    device = resolve_device(params.device)
     prepared = Path("data/prepared")
     train = PreparedImages(prepared, "train", channels=1)
     positions = train_subset(train, params.utility.train_images, params.seed)
     test_set = test_split(params, prepared)
     test, test_names, groups = test_set.images, test_set.image_indices, test_set.patients
     classes = list(train.classes)
-    _, real_scores = read_real_arm(Path("data/utility/real"), classes, test_names)
+    _, real_scores = read_real_arm(Path("data/utility/real"), classes, test_names, params.utility.seeds)
     classifier = load_classifier("models/evaluator")
     real_features = embed_and_predict(classifier, PreparedImages(prepared, "test"), params.evaluate.batch_size)["features"]
-    pipeline = load_pipeline(Path("models") / args.branch, params.sample.sampler)
+    pipeline = load_pipeline(Path("models") / args.branch, params.sample.sampler, device)
     store = ConditionStore(Path("data/embeddings") / args.branch)
     side = classifier_side(train.image_size, params.utility.classifier.max_image_size)
     baseline = (params.sample.steps, params.sample.guidance_scale)
@@ -72,7 +74,7 @@ def main() -> None:
             synthetic = PreparedImages(folder, "train", channels=1)
             features = embed_and_predict(classifier, PreparedImages(folder, "train"), params.evaluate.batch_size)["features"]
             images = read_arm_images(synthetic, range(len(synthetic)), side, f"steps {steps}, guidance {guidance}")
-        model = train_arm(images, classes, params.utility.classifier, params.seed, name=f"steps {steps} g {guidance}")
+        model = train_arm(images, classes, params.utility.classifier, params.seed, device, name=f"steps {steps} g {guidance}")
         scores = predict(model, test, params.utility.classifier.batch_size)
         auroc = auroc_with_intervals(test.labels, scores, classes, groups, params.utility.bootstrap, params.seed)["macro"]
         difference = paired_difference(test.labels, scores, real_scores, classes, groups, params.utility.bootstrap,

@@ -14,6 +14,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
     model: Path = typer.Option(..., help="The branch's trained pipeline, which generates the synthetic set."),
     prepared: Path = typer.Option(..., help="The prepare stage's shards: the real train subset and test split."),
+    filtered: Path = typer.Option(..., help="The filter stage's table: each test image's sex and age (subgroups)."),
     store: Path = typer.Option(..., help="The branch's condition store: the conditions of the train subset."),
     real: Path = typer.Option(..., help="The real-only arm (output of utility_real)."),
     out: Path = typer.Option(..., help="The synthetic training set (shards) and every arm's test probabilities."),
@@ -21,7 +22,7 @@ def main(
     metrics: Path = typer.Option(..., help="Every arm's AUROC with intervals and its difference to the real arm."),
 ) -> None:
     run_stage("utility", params,
-              lambda p: print(branch_utility(p, branch, model, prepared, store, real, out, figures, metrics)))
+              lambda p: print(branch_utility(p, branch, model, prepared, filtered, store, real, out, figures, metrics)))
 
 
 if __name__ == "__main__":

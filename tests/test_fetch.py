@@ -203,7 +203,7 @@ def test_fetch_places_every_asset_and_records_it(fetched):
     assert "All 6 assets are in place" in output
     for name, flavour in (("pt_inception-2015-12-05", "fid"), ("inception_v3_torchvision", "torchvision")):
         target = root / "external" / "weights" / f"{name}.safetensors"
-        assert isinstance(load_inception(target, InceptionSpec(flavour, "pool")), InceptionV3)
+        assert isinstance(load_inception(target, InceptionSpec(flavour, "pool"), torch.device("cpu")), InceptionV3)
         recorded = manifest[f"inception_{flavour}"]["files"]["."]["sha256"]
         assert recorded == hashlib.sha256(target.read_bytes()).hexdigest()
 

@@ -104,15 +104,15 @@ def weight_files(tmp_path_factory) -> dict[str, Path]:
 
 def test_load_errors_name_the_file(weight_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="convert"):
-        load_inception(tmp_path / "missing.safetensors", InceptionSpec("fid", "pool"))
+        load_inception(tmp_path / "missing.safetensors", InceptionSpec("fid", "pool"), torch.device("cpu"))
     with pytest.raises(ValueError, match="1000 classes but flavour 'fid' needs 1008"):
-        load_inception(weight_files["torchvision"], InceptionSpec("fid", "pool"))
+        load_inception(weight_files["torchvision"], InceptionSpec("fid", "pool"), torch.device("cpu"))
     state = load_file(str(weight_files["fid"]))
     del state["Mixed_7c.branch_pool.conv.weight"]
     broken = tmp_path / "broken.safetensors"
     save_file(state, str(broken))
     with pytest.raises(ValueError, match=r"broken\.safetensors.*1 missing keys"):
-        load_inception(broken, InceptionSpec("fid", "pool"))
+        load_inception(broken, InceptionSpec("fid", "pool"), torch.device("cpu"))
 
 
 def test_convert_weights_from_pth_round_trips(weight_files, tmp_path):
@@ -156,7 +156,7 @@ class _Images(torch.utils.data.Dataset):
 
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift(weight_files):
-    model = load_inception(weight_files["fid"], InceptionSpec("fid", "pool"))
+    model = load_inception(weight_files["fid"], InceptionSpec("fid", "pool"), torch.device("cpu"))
     real = _Images(12, seed=0)
     same = frechet_inception_distance(model, real, real, 6, torch.device("cpu"), "test")
     shifted = frechet_inception_distance(model, _Images(12, seed=0, brightness=0.4), real, 6,
@@ -166,15 +166,15 @@ def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift(weight_files):
 
 def test_fid_results_record_settings_or_the_reason(weight_files):
     offline = profile_section(EvaluateConfig)
-    missing = standard_fid(offline, _Images(4, 0), _Images(4, 1), 32)
+    missing = standard_fid(offline, _Images(4, 0), _Images(4, 1), 32, torch.device("cpu"))
     assert missing["value"] is None and "evaluate.inception_weights" in missing["reason"]
-    assert "reference_inception_weights" in reference_compatible_fid(offline, _Images(4, 0), _Images(4, 1), 32)["reason"]
+    assert "reference_inception_weights" in reference_compatible_fid(offline, _Images(4, 0), _Images(4, 1), 32, torch.device("cpu"))["reason"]
 
     config = changed(offline, inception_weights=str(weight_files["fid"]),
                                  reference_inception_weights=str(weight_files["torchvision"]),
                                  reference_fid_train_images=5, inception_batch_size=4)
-    standard = standard_fid(config, _Images(6, 0), _Images(7, 1), 32)
+    standard = standard_fid(config, _Images(6, 0), _Images(7, 1), 32, torch.device("cpu"))
     assert standard["value"] > 0 and standard["n_real"] == 7 and standard["n_generated"] == 6
     assert "2048" in standard["features"] and len(standard["weights_sha256"]) == 64
-    reference = reference_compatible_fid(config, _Images(6, 0), _Images(9, 2), 32)
+    reference = reference_compatible_fid(config, _Images(6, 0), _Images(9, 2), 32, torch.device("cpu"))
     assert reference["value"] > 0 and reference["n_real"] == 5 and "1000-class logits" in reference["features"]

@@ -103,7 +103,7 @@ def test_utility_arms_are_scored_on_the_same_real_test_images(tiny_repo):
     summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
     for branch in ("clip_text", "clip_vision", "elixr"):
         metrics = json.loads((tiny_repo / "metrics" / "utility" / f"{branch}.json").read_text())
-        assert set(metrics["arms"]) == {"real", "synthetic", "real_plus_synthetic", "synthetic_x2"}
+        assert set(metrics["arms"]) == {"real", "synthetic", "real_plus_synthetic", "synthetic_then_real", "synthetic_x2"}
         assert set(summary[branch]["utility"]) == set(metrics["arms"])
         assert metrics["test_images"] == len(test)
         scores = pq.read_table(tiny_repo / "data" / "utility" / branch / "test_scores.parquet").to_pydict()
@@ -111,7 +111,15 @@ def test_utility_arms_are_scored_on_the_same_real_test_images(tiny_repo):
             rows = [name for name, of in zip(scores["image_index"], scores["arm"]) if of == arm]
             assert rows == test.image_indices, (branch, arm)
         assert (tiny_repo / "reports" / "utility" / branch / "auroc.png").is_file()
-    assert "Downstream utility (train on synthetic, test on real)" in (tiny_repo / "reports" / "report.md").read_text()
+        for arm, result in metrics["arms"].items():  # every arm by sex and age band, on the same test films
+            assert set(result["subgroups"]) == {"sex", "age"}, (branch, arm)
+            for attribute, entry in result["subgroups"].items():
+                assert sum(group["images"] for group in entry["groups"].values()) == len(test), (branch, arm)
+            assert set(summary[branch]["utility"][arm]["subgroups"]) == {"sex", "age"}
+    report = (tiny_repo / "reports" / "report.md").read_text()
+    assert "Downstream utility (train on synthetic, test on real)" in report
+    assert "### Utility by sex and age" in report
+    assert report.index("By sex (test films: F: ") < report.index("By age band (test films: &lt;40: ")
 
 
 def test_utility_synthetic_images_carry_the_labels_they_were_generated_for(tiny_repo):
@@ -135,7 +143,7 @@ def test_utility_refuses_a_real_arm_of_another_subset_in_one_line(tiny_repo, tmp
     (real / "real_arm.json").write_text(json.dumps({**facts, "train_image_indices": facts["train_image_indices"][1:],
                                                     "train_images": facts["train_images"] - 1}))
     result = sh(sys.executable, "stages/utility.py", "--branch", "elixr", "--model", "models/elixr", "--prepared",
-                "data/prepared", "--store", "data/embeddings/elixr", "--real", str(real), "--out", str(tmp_path / "o"),
+                "data/prepared", "--filtered", "data/filtered/filtered.csv", "--store", "data/embeddings/elixr", "--real", str(real), "--out", str(tmp_path / "o"),
                 "--figures", str(tmp_path / "f"), "--metrics", str(tmp_path / "m.json"), cwd=tiny_repo, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
@@ -374,7 +382,7 @@ def test_exp_with_pretrained_weights_reruns_only_evaluation_and_reports_every_fi
         assert details["reference_compatible_fid_details"]["n_real"] == 64
         assert details["inception_fid_details"]["real"] == "test split"
     report = (tiny_repo / "reports" / "report.md").read_text()
-    assert "Reference-compatible FID: torchvision Inception-v3" in report and "not computed" not in report
+    assert "Reference-compatible FID: torchvision Inception\\-v3" in report and "not computed" not in report
 
 
 def test_training_stage_runs_as_two_processes_through_the_accelerate_config(tiny_repo):

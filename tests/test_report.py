@@ -40,7 +40,9 @@ def test_compare_reads_the_inputs_it_is_given_and_links_figures_beside_the_repor
     assert utility["real"]["macro_auroc"] == 0.9 and "vs_real" not in utility["real"]
     assert utility["synthetic"]["vs_real"] == -0.1 and utility["synthetic"]["gap_fraction"] == 0.1 / 0.9
     assert utility["synthetic"]["per_class"]["Effusion"] == {"auroc": 0.75, "ci_low": 0.6, "ci_high": 0.85}
-    assert "| elixr | synthetic | 64 | 0.800 [0.700, 0.880] | -0.100 [-0.180, -0.020] | 0.111 |" in text
+    assert "| elixr | synthetic | 64 | 0.800 [0.700, 0.880] | 0.025 (0.780-0.830) | -0.100 [-0.180, -0.020] | 0.111 |" \
+        in text
+    assert "| elixr | real | 64 | 0.900 [0.840, 0.950] | n/a (1 seed) | (baseline) | |" in text
     assert "| real | 0.90 [0.80, 0.95] | 0.90 [0.85, 0.95] |" in text
     assert "variations of the training images" in text and "(utility/elixr/auroc.png)" in text
 
@@ -68,7 +70,9 @@ def utility_metrics() -> dict:
             "classifier": "cnn", "conditions": "variations of the training images: ...",
             "synthetic_set": {"sampler": "dpm++", "steps": 10, "guidance_scale": 1.0},
             "arms": {"real": {"train_images": 64, **real},
-                     "synthetic": {"train_images": 64, **synthetic, "vs_real": difference}}}
+                     "synthetic": {"train_images": 64, **synthetic, "vs_real": difference,
+                                   "seeds": {"macro_auroc": [0.8, 0.78, 0.83], "count": 3, "mean": 0.803, "sd": 0.025,
+                                             "min": 0.78, "max": 0.83}}}}
 
 
 def test_the_elixr_column_is_labelled_by_what_embed_elixr_read_not_by_the_param(tmp_path):

@@ -228,7 +228,7 @@ def test_inception_published_state_is_what_the_published_file_holds(flavour, cla
 @pytest.mark.parametrize("name, flavour", [("inception_fid", "fid"), ("inception_torchvision", "torchvision")])
 def test_inception_standins_are_converted_by_convert_weights_and_load(standins_root, name, flavour):
     target = standins_root[0] / FILES[name]
-    assert isinstance(load_inception(target, InceptionSpec(flavour, "pool")), InceptionV3)
+    assert isinstance(load_inception(target, InceptionSpec(flavour, "pool"), torch.device("cpu")), InceptionV3)
     with safe_open(str(target), "pt") as handle:
         metadata = handle.metadata()
         assert not any(key.startswith("AuxLogits.") for key in handle.keys())
@@ -244,7 +244,7 @@ def test_the_xrv_standin_is_a_torchxrayvision_state_dict_that_loads(standins_roo
         keys = set(handle.keys())
         assert handle.get_tensor("op_threshs").shape == (18,)
     assert keys >= set(XRVDenseNet121().state_dict())  # with its BN counters, as state_dict() saves them
-    assert isinstance(load_xrv_densenet(target), XRVDenseNet121)
+    assert isinstance(load_xrv_densenet(target, torch.device("cpu")), XRVDenseNet121)
 
 
 def test_random_weights_are_seeded_and_give_non_degenerate_features():

@@ -9,9 +9,12 @@ import torch
 
 from cxr_diffusion.config import UtilityClassifierConfig
 from cxr_diffusion.utility.arms import ArmImages, predict, to_uint8, train_arm
-from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference
+from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference, patient_draws
+from cxr_diffusion.utility.subgroups import age_band, group_order, subgroup_results
+from conftest import one_line_message
 
 CLASSES = ("Effusion", "Nodule/Mass")
+CPU = torch.device("cpu")
 def patients(n: int) -> list[str]:
     """One patient per image: the bootstrap then resamples images."""
     return [f"p{i}" for i in range(n)]
@@ -47,7 +50,7 @@ def split():
 
 
 def scores_of(images: ArmImages, test: ArmImages, seed: int = 0) -> np.ndarray:
-    return predict(train_arm(images, CLASSES, CONFIG, seed), test, batch_size=64)
+    return predict(train_arm(images, CLASSES, CONFIG, seed, CPU), test, batch_size=64)
 
 
 def test_real_arm_learns_the_findings(split):
@@ -135,7 +138,7 @@ def test_resnet50_arm_trains_and_predicts_at_a_small_width():
     config = UtilityClassifierConfig(architecture="resnet50", width=4, feature_dim=128, epochs=1, batch_size=8,
                                      lr=1e-3, max_image_size=32)
     images = toy_cxrs(16, seed=5)
-    model = train_arm(images, CLASSES, config, seed=0)
+    model = train_arm(images, CLASSES, config, 0, CPU)
     assert model.features(images.pixel_values(slice(0, 2))).shape == (2, 128)
     scores = predict(model, images, batch_size=5)
     assert scores.shape == (16, 2) and np.isfinite(scores).all() and ((0 <= scores) & (scores <= 1)).all()
@@ -184,7 +187,7 @@ def test_draws_missing_a_class_are_dropped_and_counted():
 def test_a_diverged_arm_is_refused_by_name_before_any_statistic():
     from cxr_diffusion.utility.arms import ArmTrainingError
 
-    model = train_arm(toy_cxrs(16, seed=6), CLASSES, CONFIG, seed=0)
+    model = train_arm(toy_cxrs(16, seed=6), CLASSES, CONFIG, 0, CPU)
     with torch.no_grad():
         model.head.bias.fill_(float("nan"))
     with pytest.raises(ArmTrainingError, match="'elixr synthetic'.*lower utility.classifier.lr"):
@@ -197,6 +200,124 @@ def test_a_real_arm_file_without_its_subset_is_refused_in_one_line(tmp_path):
     from conftest import one_line_message
     from cxr_diffusion.utility.real_arm import UtilityError, read_real_arm
 
-    (tmp_path / "real_arm.json").write_text(json.dumps({"classes": list(CLASSES), "train_images": 4}))
+    (tmp_path / "real_arm.json").write_text(json.dumps({"classes": list(CLASSES), "train_images": 4, "seed_macro_auroc": [0.5]}))
     message = one_line_message(lambda: read_real_arm(tmp_path, list(CLASSES), ["a", "b"]), UtilityError)
     assert "real_arm.json" in message and "train_image_indices" in message and "dvc repro utility_real" in message
+
+
+# Subgroups: sex and age band, each arm's AUROC and underdiagnosis per group and the gaps between groups.
+
+def subgroup_split(seed: int = 0, n: int = 240):
+    """Test films with three findings (No Finding when neither other is present), a patient per 3 films,
+    alternating sex by patient, and ages spread over 20-79."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 3)) < 0.35).astype(np.int64)
+    labels[:, 2] = labels[:, :2].sum(axis=1) == 0
+    patients = [f"p{i // 3}" for i in range(n)]
+    sex = ["F" if (i // 3) % 2 else "M" for i in range(n)]
+    ages = [age_band(int(age), [40, 60]) for age in rng.integers(20, 80, n)]
+    return labels, patients, {"sex": sex, "age": ages}
+
+
+SUB_CLASSES = ("Effusion", "Nodule/Mass", "No Finding")
+
+
+def subgroups_of(labels, scores, patients, groups, resamples: int = 100):
+    return subgroup_results(labels, scores, SUB_CLASSES, patients, groups, group_order([40, 60]),
+                            patient_draws(patients, resamples, 0))
+
+
+def test_a_classifier_blind_for_one_sex_shows_a_gap_whose_interval_excludes_zero():
+    labels, patients, groups = subgroup_split()
+    rng = np.random.default_rng(1)
+    scores = np.clip(labels + rng.normal(0, 0.3, labels.shape), 0, 1)
+    women = np.array(groups["sex"]) == "F"
+    scores[women] = rng.random((women.sum(), 3))  # guesses for women
+    sex = subgroups_of(labels, scores, patients, groups)["sex"]
+    assert sex["groups"]["M"]["macro_auroc"] > 0.9 and abs(sex["groups"]["F"]["macro_auroc"] - 0.5) < 0.15
+    gap = sex["auroc_gap"]
+    assert gap["worst"] == "F" and gap["best"] == "M" and gap["ci_low"] > 0.2
+    assert gap["gap"] == pytest.approx(sex["groups"]["M"]["macro_auroc"] - sex["groups"]["F"]["macro_auroc"])
+    assert sex["underdiagnosis_gap"]["worst"] == "F" and sex["underdiagnosis_gap"]["ci_low"] > 0
+
+
+def test_a_perfect_classifier_has_no_gap_and_no_underdiagnosis():
+    labels, patients, groups = subgroup_split()
+    result = subgroups_of(labels, labels.astype(float), patients, groups)
+    for attribute in ("sex", "age"):
+        assert result[attribute]["auroc_gap"]["gap"] == 0 and result[attribute]["auroc_gap"]["ci_high"] == 0
+        assert all(group["underdiagnosis"] == 0 for group in result[attribute]["groups"].values())
+
+
+def test_the_subgroup_auroc_is_sklearns_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from cxr_diffusion.utility.subgroups import _auroc
+
+    rng = np.random.default_rng(3)
+    truth, scores = rng.random(500) < 0.3, np.round(rng.random(500), 1)  # many ties
+    assert _auroc(truth, scores) == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+
+
+def test_a_group_of_few_films_gets_no_estimate_and_stays_out_of_the_gap():
+    labels, patients, groups = subgroup_split()
+    groups["sex"][:6] = ["X"] * 6  # six films of an unknown sex: "other"
+    groups["sex"] = [value if value in ("F", "M") else "other" for value in groups["sex"]]
+    sex = subgroups_of(labels, labels.astype(float), patients, groups)["sex"]
+    assert sex["groups"]["other"] == {"images": 6, "patients": 2, "note": "fewer than 10 test films: no estimate"}
+    assert {sex["auroc_gap"]["best"], sex["auroc_gap"]["worst"]} == {"F", "M"}
+
+
+def test_age_bands_are_cut_where_the_param_says():
+    assert [age_band(age, [40, 60]) for age in (0, 39, 40, 59, 60, 99)] == ["<40", "<40", "40-59", "40-59", "60+", "60+"]
+    assert group_order([18, 40, 65])["age"] == ["<18", "18-39", "40-64", "65+"]
+
+
+def test_test_films_missing_from_the_filter_table_are_one_line(tmp_path):
+    from cxr_diffusion.utility.subgroups import SubgroupError, test_subgroups
+
+    table = tmp_path / "filtered.csv"
+    table.write_text("Image Index,Patient Age,Patient Gender\na.png,30,F\nb.png,70,M\n")
+    assert test_subgroups(table, ["b.png", "a.png"], [40, 60]) == {"sex": ["M", "F"], "age": ["60+", "<40"]}
+    message = one_line_message(lambda: test_subgroups(table, ["a.png", "c.png"], [40, 60]), SubgroupError)
+    assert message.startswith(f"{table}: 1 test image(s) are not in it (first: 'c.png'); rerun the filter stage")
+    table.write_text("Image Index,Patient Gender\na.png,F\n")
+    assert "Patient Age" in one_line_message(lambda: test_subgroups(table, ["a.png"], [40, 60]), SubgroupError)
+    message = one_line_message(lambda: test_subgroups(tmp_path / "none.csv", ["a.png"], [40, 60]), SubgroupError)
+    assert message.startswith(f"{tmp_path / 'none.csv'}: ")
+
+
+def test_age_bands_must_increase():
+    from cxr_diffusion.config import ParamsError
+    from cxr_diffusion.profiles import params_with
+
+    with pytest.raises(ParamsError, match=r"utility.age_bands.*increasing"):
+        params_with({"utility": {"age_bands": [60, 40]}})
+
+
+def test_pretraining_on_noise_then_fine_tuning_on_real_recovers_the_real_arm(split):
+    """The synthetic-then-real arm continues the given classifier: pretrained on noise (which teaches nothing),
+    then fine-tuned on the real images, it scores close to the real arm; the same object is trained on."""
+    pretrained = train_arm(noise_like(split["real"], seed=4), CLASSES, CONFIG, 0, CPU)
+    tuned = train_arm(split["real"], CLASSES, CONFIG, 0, CPU, start=pretrained)
+    assert tuned is pretrained
+    real = auroc_with_intervals(split["test"].labels, scores_of(split["real"], split["test"]), CLASSES, ONE_EACH, 50, 0)
+    after = auroc_with_intervals(split["test"].labels, predict(tuned, split["test"], 64), CLASSES, ONE_EACH, 50, 0)
+    assert after["macro"]["auroc"] > 0.85 and abs(after["macro"]["auroc"] - real["macro"]["auroc"]) < 0.08
+
+
+def test_the_seed_spread_is_over_the_seeds_given_and_needs_two_for_an_sd():
+    from cxr_diffusion.utility.statistics import seed_spread
+
+    assert seed_spread([0.8]) == {"macro_auroc": [0.8], "count": 1, "mean": 0.8, "sd": None, "min": 0.8, "max": 0.8}
+    spread = seed_spread([0.8, 0.9, None])
+    assert spread["count"] == 3 and spread["mean"] == pytest.approx(0.85) and spread["sd"] == pytest.approx(0.0707, abs=1e-4)
+    assert (spread["min"], spread["max"]) == (0.8, 0.9)
+
+
+def test_arms_trained_with_other_seeds_differ_but_learn_the_same_findings(split):
+    """The seed changes the initial weights and the batch order: a spread the test bootstrap cannot show."""
+    first, second = (predict(train_arm(split["real"], CLASSES, CONFIG, seed, CPU), split["test"], 64) for seed in (0, 1))
+    assert not np.allclose(first, second)
+    for scores in (first, second):
+        assert auroc_with_intervals(split["test"].labels, scores, CLASSES, ONE_EACH, 20, 0)["macro"]["auroc"] > 0.9

@@ -67,15 +67,15 @@ def weights(tmp_path_factory) -> Path:
 
 
 def test_load_ignores_operating_points_and_rejects_other_networks(weights, tmp_path):
-    assert isinstance(load_xrv_densenet(weights), XRVDenseNet121)
+    assert isinstance(load_xrv_densenet(weights, torch.device("cpu")), XRVDenseNet121)
     state = load_file(str(weights))
     state["classifier.weight"] = state["classifier.weight"][:14]
     wrong = tmp_path / "wrong.safetensors"
     save_file(state, str(wrong))
     with pytest.raises(ValueError, match=r"wrong\.safetensors.*wrong shape"):
-        load_xrv_densenet(wrong)
+        load_xrv_densenet(wrong, torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="torchxrayvision"):
-        load_xrv_densenet(tmp_path / "missing.safetensors")
+        load_xrv_densenet(tmp_path / "missing.safetensors", torch.device("cpu"))
 
 
 class _Images(torch.utils.data.Dataset):
@@ -92,10 +92,10 @@ class _Images(torch.utils.data.Dataset):
 def test_metrics_null_with_reason_offline_and_complete_with_weights(weights):
     labels = np.tile(np.array([[1, 0, 0], [0, 1, 1], [1, 0, 1], [0, 0, 0]]), (2, 1))
     args = (MEMBERS, _Images(8, 0), labels, _Images(8, 1), labels, _Images(6, 2), 0)
-    offline = xrv_metrics(profile_section(EvaluateConfig), *args)
+    offline = xrv_metrics(profile_section(EvaluateConfig), *args, torch.device("cpu"))
     assert offline["fd"] is None and "evaluate.xrv_weights" in offline["reason"]
     config = profile_section(EvaluateConfig, xrv_weights=str(weights), bootstrap=10, inception_batch_size=4)
-    result = xrv_metrics(config, *args)
+    result = xrv_metrics(config, *args, torch.device("cpu"))
     assert result["fd"] > 0 and result["matched_size"] == 7 and result["classes_not_covered"] == ["No Finding"]
     assert set(result["auroc_vs_requested_labels"]) == {"Infiltration", "Nodule/Mass"}
     assert result["fd_95ci"][0] <= result["fd_95ci"][1]

@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 
 from cxr_diffusion.config import ParamsError, params_from_dict
+from cxr_diffusion.errors import LINE_LIMIT
 from cxr_diffusion.params_file import load_params
+from cxr_diffusion.safe_text import visible_text
 from cxr_diffusion.sampling.generate import MAX_GUIDANCE_SCALE, MAX_IMAGES, SEED_LIMIT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="cxr-diffusion: synthetic chest X-ray research.")
@@ -50,7 +52,8 @@ def _with_placeholder_nih_root(data: dict) -> dict:
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    """The one ``error:`` line, hidden characters escaped (a message can quote a downloaded file's name)."""
+    typer.echo(f"error: {visible_text(message, LINE_LIMIT)}", err=True)
     raise typer.Exit(2)
 
 

@@ -118,6 +118,10 @@ class FilterConfig(Section):
                      f"nor defined in filter.merges")
         for target, sources in self.merges.items():
             _require(target in self.classes, f"merges.{target}", "is not one of filter.classes")
+            _require(_usable_class_name(target), f"merges.{target if _usable_class_name(target) else repr(target)}",
+                     f"names a class {target!r}; a class becomes a column of the filtered table, the shards and the "
+                     f"scores, so use a visible name without control characters, $ or a newline, not one of "
+                     f"{', '.join(RESERVED_COLUMNS)} and not an NIH label (give it a new name)")
             for source in sources:
                 _require(source in NIH_LABELS, f"merges.{target}",
                          f"names '{source}', which is not an NIH label ({', '.join(NIH_LABELS)})")
@@ -131,6 +135,22 @@ class FilterConfig(Section):
     def class_members(self) -> dict[str, tuple[str, ...]]:
         """Output class -> the NIH labels it stands for."""
         return {name: tuple(self.merges.get(name, (name,))) for name in self.classes}
+
+
+# Columns the filtered table, the prepared shards, the scores and the reject lists already have: a merged
+# class of one of these names would clash with them.
+RESERVED_COLUMNS: tuple[str, ...] = (
+    "Image Index", "Patient ID", "Follow-up #", "View Position", "Patient Age", "Patient Gender", "Finding Labels",
+    "split", "image", "image_index", "patient_id", "view", "finding_labels", "labels", "arm", "reason", "detail",
+    "issue",
+)
+
+
+def _usable_class_name(name: str) -> bool:
+    """A merged class's name: visible text on one line, no $ (matplotlib reads $...$ as math), no column's name."""
+    return (bool(name.strip()) and name == name.strip() and name.isprintable() and "$" not in name
+            and name.casefold() not in {column.casefold() for column in RESERVED_COLUMNS}
+            and name not in NIH_LABELS)
 
 
 class PrepareConfig(Section):
@@ -353,11 +373,15 @@ class UtilityConfig(Section):
     steps: Annotated[int, Field(ge=1)]  # sampler steps (sample.sampler) of the synthetic sets
     guidance_scale: Annotated[float, Field(ge=1, le=30)]  # classifier-free guidance of the synthetic sets; 1 = off
     bootstrap: Annotated[int, Field(ge=10, le=100_000)]  # resamples of the test images for the 95% intervals
+    age_bands: Annotated[tuple[Annotated[int, Field(ge=1, le=120)], ...], Listed, Field(min_length=1, max_length=8)]
+    seeds: Annotated[int, Field(ge=1, le=10)]  # each arm trained with seed, seed + 1, ...: the seed-to-seed spread
     classifier: UtilityClassifierConfig
 
     @model_validator(mode="after")
     def _distinct_scaling(self) -> UtilityConfig:
         _require(len(set(self.scaling)) == len(self.scaling), "scaling", "has duplicates")
+        _require(list(self.age_bands) == sorted(set(self.age_bands)), "age_bands",
+                 f"is {list(self.age_bands)}; give the ages where bands start, increasing (e.g. [40, 60])")
         return self
 
 

@@ -3,11 +3,21 @@
 Entry points catch ``UserError`` and print its message on one line with exit code 2; anything else
 that escapes is a bug and keeps its traceback. Each module still raises its own subclass, whose
 message names the file, row or key and says what to do.
+
+Messages quote what the user's files hold (ids, dataset names, file names of a download), so the line is
+shown through ``safe_text.visible_text``: a terminal escape in a downloaded file cannot retitle, clear or
+recolour the terminal when a stage fails.
 """
 
 from __future__ import annotations
 
 import errno
+
+from cxr_diffusion.safe_text import visible_text
+
+# Long enough for any message with its paths (the CLI's `inspect` lines use the same bound); a file's
+# strings quoted whole (a datasets.json listing thousands of names) still cannot make the line endless.
+LINE_LIMIT = 4000
 
 
 class UserError(Exception):
@@ -33,7 +43,8 @@ def user_error_line(error: BaseException) -> str | None:
 
     User errors are every ``UserError``, a missing input file, and the OS errors ``describe_os_error``
     describes. The line is joined onto one line even when it quotes a library's multi-line message
-    (h5py, pyarrow, transformers).
+    (h5py, pyarrow, transformers), and every hidden character in it (ESC, BEL, a bidi override) is shown
+    as a ``\\u....`` escape: one place for every stage and command, so no message can forget it.
     """
     if isinstance(error, UserError):
         message: str | None = str(error)
@@ -45,4 +56,4 @@ def user_error_line(error: BaseException) -> str | None:
         message = describe_os_error(error)
     else:
         message = None
-    return None if message is None else " ".join(message.split())
+    return None if message is None else visible_text(message, LINE_LIMIT)

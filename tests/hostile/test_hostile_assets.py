@@ -353,6 +353,18 @@ def test_a_file_linked_from_outside_a_hub_folder_is_not_read_or_recorded(tmp_pat
     assert not any(path.resolve() == secret for path in hashed)
 
 
+def test_fetch_shows_a_refused_file_name_with_terminal_escapes_escaped(tmp_path):
+    """The refusal quotes the file's name; `fetch` printed it as it was, title sequence and all."""
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("not the model's")
+    for folder in hub_folders(tmp_path / "root"):  # both refused: nothing is recorded
+        (folder / "evil\x1b]0;pwned\x07.json").symlink_to(secret)
+    output = record_present(tmp_path / "root")
+    assert "\x1b" not in output and "\x07" not in output
+    assert "evil\\u001b]0;pwned\\u0007.json: lies outside" in output
+
+
 def rewrite_weights_header(path: Path, change) -> None:
     """Replace a safetensors file's header by ``change(header)``; the data bytes stay as they are."""
     import struct
@@ -406,3 +418,68 @@ def test_a_shard_whose_standin_attribute_is_not_a_scalar_still_marks_a_standin(t
     write_snapshot_index(snapshot, {"elixrb/img_emb": [FeatureSpec("img_emb", "float32", (4, 8))]}, {})
     assert read_standin(snapshot)["standin"] is True
     assert scan_elixr_file(shard, (4, 8), "img_emb").standin is True
+
+
+# --- strings of an asset folder and of the fetch record are shown escaped ------------------------------------------
+# `doctor` quotes file names and a stand-in's STANDIN.json; anyone can write those, so they must not reach the
+# terminal as they are (as `inspect` shows a folder's strings: hidden characters as \u.... escapes).
+ESC = "\x1b]0;pwned\x07\x1b[2J\x1b[31m"  # sets the terminal title, clears the screen, turns the text red
+SHOWN = "\\u001b]0;pwned\\u0007\\u001b[2J\\u001b[31m"
+
+
+def doctor_lines(root: Path) -> list[str]:
+    result = runner.invoke(app, ["doctor", "--root", str(root)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "\x1b" not in result.output and "\x07" not in result.output, repr(result.output)
+    return result.output.splitlines()
+
+
+def labelled_standins(root: Path, **label) -> Path:
+    """Both hub folders of ``hub_root`` as stand-ins whose STANDIN.json holds ``label``."""
+    root, assets = hub_root(root)
+    for asset in assets:
+        folder = asset.path(root)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "STANDIN.json").write_text(json.dumps({"standin": True, **label}))
+    return root
+
+
+def test_a_file_added_to_a_recorded_asset_is_listed_escaped(tmp_path):
+    root = recorded_root(tmp_path)
+    (root / "external" / "clip-vit-large-patch14" / f"extra{ESC}.json").write_text("{}")
+    assert ("clip (clip.model): mismatch: external/clip-vit-large-patch14 changed since fetch recorded it: "
+            f"added extra{SHOWN}.json") in doctor_lines(root)
+
+
+def test_a_file_name_in_the_fetch_record_is_listed_escaped(tmp_path):
+    root = recorded_root(tmp_path)
+    break_record(root, lambda d: d["assets"]["clip"]["files"].update({f"gone{ESC}.json": {"sha256": "0" * 64,
+                                                                                         "size": 1}}))
+    assert ("clip (clip.model): mismatch: external/clip-vit-large-patch14 changed since fetch recorded it: "
+            f"removed gone{SHOWN}.json") in doctor_lines(root)
+
+
+def test_a_standin_label_is_shown_escaped(tmp_path):
+    root = labelled_standins(tmp_path, made_by=f"x{ESC}", warning=f"w{ESC}")
+    assert (f"vae (train.vae): stand-in (random weights): external/sd-vae-ft-mse was made by `x{SHOWN}`: "
+            f"w{SHOWN}") in doctor_lines(root)
+
+
+def test_a_standin_label_cannot_forge_a_status_line(tmp_path):
+    """A newline in made_by once printed a line of its own: `clip (clip.model): present ...` under a stand-in."""
+    forged = "clip (clip.model): present: external/clip-vit-large-patch14 matches the fetch record (1 file)"
+    root = labelled_standins(tmp_path, made_by=f"x\n{forged}\n")
+    lines = doctor_lines(root)
+    assert [line for line in lines if line.startswith("clip (")] == [
+        f"clip (clip.model): stand-in (random weights): external/clip-vit-large-patch14 was made by `x {forged}`: "
+        "random weights, NOT the real model"], lines
+
+
+def test_fetch_record_present_shows_a_standin_label_escaped(tmp_path):
+    """`fetch` refuses to record a stand-in quoting the same label: escaped where it is read (``describe``)."""
+    root = labelled_standins(tmp_path, made_by=f"x{ESC}\nclip: recorded", warning=f"w{ESC}")
+    output = record_present(root)
+    assert "\x1b" not in output and "\x07" not in output and "\nclip: recorded" not in output, repr(output)
+    assert f"clip: could not place it: external/clip-vit-large-patch14 was made by `x{SHOWN} clip: recorded`: " \
+           f"w{SHOWN}; --record-present records only real assets" in output

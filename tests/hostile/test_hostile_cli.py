@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+import h5py
+import numpy as np
+import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 import cxr_diffusion.cli as cli
@@ -17,7 +22,7 @@ from cxr_diffusion.errors import user_error_line
 from cxr_diffusion.profiles import FOLDER, profile_data
 from cxr_diffusion.stage import run_stage
 
-from conftest import cli_refusal as refusal, write_profile
+from conftest import REPO, cli_refusal as refusal, write_profile
 
 runner = CliRunner()
 
@@ -86,6 +91,98 @@ def _raising_body(error: Exception):
     def body(params) -> None:
         raise error
     return body
+
+
+# --- strings from the user's files reach the error line escaped -------------------------------------------------
+# A message quotes ids, names and file names of a download; printed as they are, a terminal sequence in them
+# retitles, clears or recolours the terminal of whoever runs the stage. Shown as \u.... escapes instead.
+
+ESC = "\x1b]0;pwned\x07\x1b[2J\x1b[31m"  # sets the terminal title, clears the screen, turns the text red
+SHOWN = "\\u001b]0;pwned\\u0007\\u001b[2J\\u001b[31m"
+
+
+@pytest.mark.parametrize("hidden, shown", [
+    (ESC, SHOWN),
+    ("\x9b2J", "\\u009b2J"),  # the one-byte (C1) form of ESC [
+    ("\u202egp.", "\\u202egp."),  # a right-to-left override: what follows displays reversed, as another name
+    ("\x00", "\\u0000"),
+], ids=["osc_csi", "c1_csi", "bidi_override", "nul"])
+def test_hidden_characters_in_a_user_error_are_shown_escaped(hidden, shown):
+    error = DataError(f"snap/img_emb_1{hidden}.h5: not a readable HDF5 file; remove it")
+    assert user_error_line(error) == f"snap/img_emb_1{shown}.h5: not a readable HDF5 file; remove it"
+
+
+def test_a_command_and_a_stage_show_a_missing_files_escapes_escaped(monkeypatch, capsys, tmp_path):
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory", f"snap/img_emb_1{ESC}.h5")
+    monkeypatch.setattr(cli, "app", _raising(missing))
+    with pytest.raises(SystemExit):
+        cli.main()
+    (tmp_path / "params.yaml").write_text(json.dumps(read_params_file(FOLDER / "default.yaml")))
+    with pytest.raises(SystemExit):
+        run_stage("embed_elixr", tmp_path / "params.yaml", _raising_body(missing))
+    line = f"snap/img_emb_1{SHOWN}.h5: no such file; run the stages before this one (dvc repro)\n"
+    assert capsys.readouterr().err == f"error: {line}stage embed_elixr failed: {line}"
+
+
+IMAGES = ["00000001_000.png", "00000002_000.png"]
+ROW = [4, 8]
+IDS_FEATURE = {"Image Index": {"dtype": "bytes", "shape": []}}
+
+
+def elixr_snapshot(root: Path, ids: list[str], datasets: dict | None = None) -> Path:
+    """An ELIXR snapshot at ``root``: datasets.json (``datasets`` or the one the params read) and one shard."""
+    datasets = datasets or {"elixrb": {"img_emb": {"type": "dataset", "features": {
+        "img_emb": {"dtype": "float32", "shape": ROW}, **IDS_FEATURE}}}}
+    root.mkdir(parents=True)
+    (root / "datasets.json").write_text(json.dumps({"info": {}, "datasets": datasets}))
+    shard = root / "elixrb" / "img_emb" / "img_emb_1.h5"
+    shard.parent.mkdir(parents=True)
+    with h5py.File(shard, "w") as handle:
+        handle["Image Index"] = np.array([name.encode() for name in ids])
+        handle["img_emb"] = np.random.default_rng(0).normal(size=(len(ids), *ROW)).astype(np.float32)
+    return root
+
+
+def embed_elixr_error(tmp_path: Path, capsys) -> str:
+    """The one stderr line of the real `embed_elixr` stage refusing the snapshot at tmp_path/snap."""
+    params = write_profile("tiny", tmp_path / "params")
+    raw = yaml.safe_load(params.read_text())
+    raw["elixr"]["path"] = str(tmp_path / "snap")
+    params.write_text(yaml.safe_dump(raw))
+    pd.DataFrame({"Image Index": IMAGES}).to_csv(tmp_path / "filtered.csv", index=False)
+    spec = importlib.util.spec_from_file_location("embed_elixr_stage", REPO / "stages" / "embed_elixr.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    with pytest.raises(SystemExit) as stopped:
+        stage.main(params=params, filtered=tmp_path / "filtered.csv", standin=tmp_path / "none",
+                   out=tmp_path / "store", rejects=tmp_path / "rejects.csv", metrics=tmp_path / "metrics.json")
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and err.startswith("stage embed_elixr failed: "), err
+    return err
+
+
+TWICE = f"00000009_000{ESC}.png"
+SNAPSHOTS = {
+    "duplicated_id": (lambda root: elixr_snapshot(root, [IMAGES[0], TWICE, TWICE]),
+                      f"image id 00000009_000{SHOWN}.png appears twice"),
+    "dataset_names": (lambda root: elixr_snapshot(root, IMAGES, {f"elixr{ESC}b": {"type": "dataset", "features": {
+        f"img{ESC}emb": {"dtype": "float32", "shape": ROW}, **IDS_FEATURE}}}),
+                      f"it offers elixr{SHOWN}b: img{SHOWN}emb [4, 8]"),
+    "feature_name": (lambda root: elixr_snapshot(root, IMAGES, {"elixrb": {"img_emb": {"type": "dataset", "features": {
+        f"x{ESC}": 5, "img_emb": {"dtype": "float32", "shape": ROW}, **IDS_FEATURE}}}}),
+                     f"feature 'x{SHOWN}' of dataset 'elixrb/img_emb' is 5"),
+    "shard_file_name": (lambda root: (elixr_snapshot(root, IMAGES) / "elixrb" / "img_emb" /
+                                      f"img_emb_2{ESC}.h5").write_bytes(b"not hdf5 at all"),
+                        f"img_emb_2{SHOWN}.h5: not a readable HDF5 file"),
+}
+
+
+@pytest.mark.parametrize("case", SNAPSHOTS)
+def test_a_stage_shows_the_terminal_escapes_of_a_downloaded_snapshot_escaped(tmp_path, capsys, case):
+    make, fragment = SNAPSHOTS[case]
+    make(tmp_path / "snap")
+    err = embed_elixr_error(tmp_path, capsys)
+    assert "\x1b" not in err and "\x07" not in err and fragment in err, repr(err)
 
 
 # --- `cxr-diffusion profile`: every key of the merged params checked, names only among the shipped profiles ---------

@@ -6,11 +6,16 @@ own entry point (``build_elixr_store``) reads it.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cxr_diffusion.conditioning.elixr import build_elixr_store
@@ -44,11 +49,11 @@ def embeddings(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(len(NAMES), *ROW)).astype(np.float32)
 
 
-def build(tmp_path: Path, **config) -> dict:
+def build(tmp_path: Path, metrics: Path | None = None, **config) -> dict:
     pd.DataFrame({"Image Index": NAMES}).to_csv(tmp_path / "filtered.csv", index=False)
     return build_elixr_store(tmp_path / "filtered.csv", profile_section(ElixrConfig, path=str(tmp_path / "snap"),
                                                                         **config),
-                             tmp_path / "store", tmp_path / "rejects.csv", None, "elixr")
+                             tmp_path / "store", tmp_path / "rejects.csv", metrics, "elixr")
 
 
 def refused(tmp_path: Path, fragment: str, **config) -> str:
@@ -252,6 +257,9 @@ def test_a_hugging_face_cache_snapshot_whose_files_link_to_its_blobs_is_read(tmp
         write_ids(handle)
         handle[FEATURE] = embeddings()
     shard.symlink_to(repo / "blobs" / "0f0f")
+    (repo / "blobs" / "1a1a").write_bytes((snap / "datasets.json").read_bytes())
+    (snap / "datasets.json").unlink()
+    (snap / "datasets.json").symlink_to(Path("..", "..", "blobs", "1a1a"))
     (tmp_path / "snap").symlink_to(snap)
     assert build(tmp_path)["written"] == 3
 
@@ -259,9 +267,6 @@ def test_a_hugging_face_cache_snapshot_whose_files_link_to_its_blobs_is_read(tmp
 @pytest.mark.parametrize("values", [
     [["0.5"] * 32] * 3, [[1] * 32] * 3, [[True] * 32] * 3, [[[[0.5] * 8] * 4]] * 3])
 def test_parquet_embeddings_that_are_not_floats_are_refused(tmp_path, values):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     folder = tmp_path / "snap"
     folder.mkdir()
     pq.write_table(pa.table({"Image Index": NAMES, "embedding": values}), folder / "elixr.parquet")
@@ -312,3 +317,132 @@ def test_an_id_column_too_large_to_read_whole_is_refused(tmp_path):
                               compression="gzip")
         handle[FEATURE] = embeddings()
     refused(tmp_path, "holds 76,800,000 bytes of ids, more than 64 MB")
+
+
+# ---- a seventh hostile pass ----------------------------------------------------------------------------------
+def parquet_shard(path: Path, ids: pa.Array, values: pa.Array | None = None, **options) -> Path:
+    """A Parquet file of ``ids`` and an ``embedding`` column (empty lists unless given), in the 'files' layout."""
+    values = pa.nulls(len(ids), pa.list_(pa.float32())) if values is None else values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"Image Index": ids, "embedding": values}), path, compression="zstd", **options)
+    return path
+
+
+def repeated(text: str, rows: int) -> pa.DictionaryArray:
+    """``text`` on each of ``rows`` rows, stored once: a dictionary of one entry (4 bytes a row)."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([text]))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "hdf5"])
+def test_a_file_linked_from_outside_the_elixr_folder_is_refused(tmp_path, kind):
+    """The snapshot refused links out of itself; the older 'files' layout (a folder of shards) read any."""
+    outside = tmp_path / "elsewhere" / f"private.{'parquet' if kind == 'parquet' else 'h5'}"
+    if kind == "parquet":
+        parquet_shard(outside, pa.array(NAMES), pa.array(embeddings().reshape(len(NAMES), -1).tolist()))
+    else:
+        outside.parent.mkdir()
+        with h5py.File(outside, "w") as handle:
+            handle["embeddings"] = embeddings()
+            handle["image_ids"] = np.array([name[:-4].encode() for name in NAMES])
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / f"part_1{outside.suffix}").symlink_to(outside)
+    line = refused(tmp_path, "lies outside the ELIXR folder", shape=list(ROW))
+    assert f"it links to {outside}" in line
+
+
+def test_a_datasets_json_linked_from_outside_the_snapshot_is_refused_unread(tmp_path, monkeypatch):
+    """The shards had to lie in the snapshot, its index was read wherever its link pointed."""
+    from cxr_diffusion.conditioning import elixr_files
+
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = embeddings()
+    (tmp_path / "outside.json").write_bytes((tmp_path / "snap" / "datasets.json").read_bytes())
+    (tmp_path / "snap" / "datasets.json").unlink()
+    (tmp_path / "snap" / "datasets.json").symlink_to(tmp_path / "outside.json")
+    monkeypatch.setattr(elixr_files, "read_json", lambda *args, **kwargs: pytest.fail("read the linked index"))
+    refused(tmp_path, "datasets.json: lies outside the snapshot")
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".h5"])
+def test_a_fifo_named_like_a_shard_is_refused_without_blocking(tmp_path, suffix):
+    """Opening a FIFO waits for a writer that never comes: the scan hung until it was killed."""
+    fifo = tmp_path / f"shard_1{suffix}"
+    os.mkfifo(fifo)
+    code = ("import sys; from pathlib import Path; from cxr_diffusion.data.nih import DataError\n"
+            "from cxr_diffusion.conditioning.elixr_files import scan_elixr_file\n"
+            "try:\n    scan_elixr_file(Path(sys.argv[1]), (4, 8))\nexcept DataError as error:\n    print(error)")
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"scanning a FIFO named {fifo.name} still blocked after 60 s")
+    assert f"{fifo}: not a regular file (a folder, FIFO or device)" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_parquet_shard_declaring_more_rows_than_a_shard_holds_is_refused_from_its_footer(tmp_path, monkeypatch):
+    """10,000,001 copies of one id in 70 KB: HDF5 refuses over 10 million rows from its header, Parquet's rows
+    were read and normalised one by one."""
+    parquet_shard(tmp_path / "snap" / "e.parquet", repeated(NAMES[0], 10_000_001), row_group_size=10_000_001)
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *args, **kwargs: pytest.fail("read a row"))
+    refused(tmp_path, "declares 10,000,001 rows, more than a shard holds", shape=list(ROW))
+
+
+def test_a_parquet_id_column_too_large_to_read_whole_is_refused_from_its_footer(tmp_path, monkeypatch):
+    """Three ids of 22 MB (zstd: a few KB) were read whole at scan time; HDF5 refuses over 64 MB of ids unread."""
+    size = 22 << 20
+    ids = pa.StringArray.from_buffers(3, pa.array([0, size, 2 * size, 3 * size], pa.int32()).buffers()[1],
+                                      pa.py_buffer(bytes(3 * size)))
+    shard = parquet_shard(tmp_path / "snap" / "e.parquet", ids, use_dictionary=False)
+    assert shard.stat().st_size < 1 << 20
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *args, **kwargs: pytest.fail("read the ids"))
+    refused(tmp_path, r"column 'Image Index' holds 69,\d{3},\d{3} bytes of ids, more than 64 MB", shape=list(ROW))
+
+
+@pytest.mark.parametrize("rows", [1, 10_000])
+def test_parquet_ids_wider_than_any_image_id_are_refused_before_they_are_expanded(tmp_path, rows, monkeypatch):
+    """An id of 2,000 bytes, once or stored once for 10,000 rows (20 MB once read): HDF5 refuses ids over 256."""
+    from cxr_diffusion.conditioning import elixr_files
+
+    parquet_shard(tmp_path / "snap" / "e.parquet", repeated("0" * 2000, rows))
+    monkeypatch.setattr(elixr_files, "_normalized", lambda *args: pytest.fail("normalised a 2,000-byte id"))
+    refused(tmp_path, "column 'Image Index' holds ids 2,000 bytes wide", shape=list(ROW))
+
+
+def test_parquet_ids_that_expand_past_the_id_limit_are_refused_before_they_are_expanded(tmp_path, monkeypatch):
+    """One 16-byte id stored once for 5 million rows is 80 MB of ids once read: HDF5 refuses over 64 MB."""
+    from cxr_diffusion.conditioning import elixr_files
+
+    parquet_shard(tmp_path / "snap" / "e.parquet", repeated(NAMES[0], 5_000_000), row_group_size=5_000_000)
+    monkeypatch.setattr(elixr_files, "_normalized", lambda *args: pytest.fail("normalised 5 million ids"))
+    refused(tmp_path, "column 'Image Index' holds 80,000,000 bytes of ids, more than 64 MB", shape=list(ROW))
+
+
+@pytest.mark.parametrize("case", ["every row NaN", "no id in the files"])
+def test_no_usable_embedding_leaves_the_last_good_store_rejects_and_metrics_in_place(tmp_path, case):
+    """The run failed, but only after writing a 0-row store (and its rejects and metrics) over the last good
+    ones: the refusal destroyed the output it should have kept."""
+    from cxr_diffusion.conditioning.store import ConditionStore
+
+    shard = snapshot(tmp_path / "snap")
+    with h5py.File(shard, "w") as handle:
+        write_ids(handle)
+        handle[FEATURE] = embeddings()
+    assert build(tmp_path, metrics=tmp_path / "metrics.json")["written"] == 3
+    outputs = sorted([*(tmp_path / "store").iterdir(), tmp_path / "rejects.csv", tmp_path / "metrics.json"])
+    before = {path: path.read_bytes() for path in outputs}
+    with h5py.File(shard, "w") as handle:
+        if case == "every row NaN":
+            write_ids(handle)
+            handle[FEATURE] = np.full((len(NAMES), *ROW), np.nan, np.float32)
+        else:
+            handle["Image Index"] = np.array([b"00000009_000.png"])
+            handle[FEATURE] = embeddings()[:1]
+    with pytest.raises(DataError, match=r"none of its 3 image\(s\) has a usable ELIXR embedding") as raised:
+        build(tmp_path, metrics=tmp_path / "metrics.json", on_missing="drop")
+    assert sorted([*(tmp_path / "store").iterdir(), tmp_path / "rejects.csv", tmp_path / "metrics.json"]) == outputs
+    assert {path: path.read_bytes() for path in outputs} == before
+    assert len(ConditionStore(tmp_path / "store")) == 3
+    reason = "3 non_finite" if case == "every row NaN" else "3 missing_embedding"
+    assert f"({reason})" in str(raised.value)  # the rejects it names are not written: the line counts them

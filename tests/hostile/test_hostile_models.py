@@ -162,7 +162,7 @@ def test_a_broken_hash_manifest_is_refused_naming_it(model, embedding, tmp_path,
 def test_the_sample_stage_loader_refuses_changed_weights_as_a_user_error(model):
     flip_4_kb(model / UNET_WEIGHTS)
     with pytest.raises(UserError, match="changed since the model was saved"):
-        load_pipeline(model, "dpm++")
+        load_pipeline(model, "dpm++", torch.device("cpu"))
 
 
 # --- non-finite or saturated generations are refused --------------------------------------------------------
@@ -199,7 +199,7 @@ def test_generate_refuses_collapsed_generations_naming_the_count_and_causes(mode
 
 
 def test_the_sample_stage_refuses_collapsed_generations(model):
-    pipeline = load_pipeline(blown_up(model), "dpm++")
+    pipeline = load_pipeline(blown_up(model), "dpm++", torch.device("cpu"))
     params = tiny_params(sample={"steps": 2, "batch_size": 3})
     expected = rf"^{re.escape(str(model))}: 3 of 3 generated images are unusable .*sample.guidance_scale"
     with pytest.raises(SamplingError, match=expected):
@@ -563,7 +563,7 @@ def test_generate_refuses_an_embedding_that_is_not_floating_point(model, tmp_pat
 @pytest.mark.parametrize("embedding", [torch.ones(TOKENS, DIM, dtype=torch.bool), np.ones((1, TOKENS, DIM), dtype=np.int64)],
                          ids=["bool tensor", "int64 array"])
 def test_the_pipeline_refuses_an_embedding_that_is_not_floating_point(saved_model, embedding):
-    pipeline = load_pipeline(saved_model, "dpm++")
+    pipeline = load_pipeline(saved_model, "dpm++", torch.device("cpu"))
     name = "bool" if isinstance(embedding, torch.Tensor) else "int64"
     with pytest.raises(ValueError, match=f"^embedding has dtype {name}; embeddings are floating point$"):
         pipeline.make_condition(embedding=embedding)

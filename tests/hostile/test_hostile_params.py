@@ -13,6 +13,7 @@ from ruamel.yaml import YAML
 
 from cxr_diffusion.config import Params, ParamsError, Section, params_from_dict
 from cxr_diffusion.params_file import load_params
+from cxr_diffusion.profiles import params_with
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
@@ -155,3 +156,22 @@ def test_every_profile_launch_config_exists():
 
     for name in profile_names():
         assert (REPO / params_with(profile=name).train.launch_config).is_file(), name
+
+
+@pytest.mark.parametrize("name", ["Image Index", "split", "Finding Labels", "Patient ID", "image_index", "arm",
+                                  "", "   ", " Fluid", "a\nb", "Fluid $\\undefinedmacro$", "No Finding"])
+def test_a_merged_class_that_would_clash_with_a_column_or_break_a_figure_is_refused(name):
+    """A merged class becomes a column beside the filtered table's own ('Image Index' made the filter stage fail
+    with a pandas traceback, 'split' with an assertion), must be visible on one line ('' reached prepare, which
+    could only say to rerun the filter), and must not hold $ (matplotlib parses $...$ as math: the utility chart
+    raised after every arm had trained); an NIH label as a merge target would silently redefine that label."""
+    with pytest.raises(ParamsError) as raised:
+        params_with({"filter": {"classes": ["Effusion", name], "merges": {name: ["Mass"]}}})
+    message = str(raised.value)
+    assert "\n" not in message and "filter.merges." in message and "use a visible name" in message, message
+
+
+def test_a_merged_class_with_a_new_visible_name_is_accepted():
+    params = params_with({"filter": {"classes": ["Effusion", "Fluid or mass (merged)"],
+                                     "merges": {"Fluid or mass (merged)": ["Mass", "Nodule"]}}})
+    assert params.filter.class_members()["Fluid or mass (merged)"] == ("Mass", "Nodule")

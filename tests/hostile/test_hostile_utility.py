@@ -22,7 +22,7 @@ TEST = ["00000001_000.png", "00000002_000.png", "00000003_000.png"]
 def real_arm(folder: Path, scores: np.ndarray, train_images: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / REAL_ARM).write_text(json.dumps({"classes": CLASSES, "train_images": train_images,
-                                               "train_image_indices": ["a.png", "b.png"]}))
+                                               "train_image_indices": ["a.png", "b.png"], "seed_macro_auroc": [0.5]}))
     write_scores(folder / SCORES, {REAL: scores}, TEST, CLASSES)
     return folder
 
@@ -65,7 +65,7 @@ def test_a_store_of_another_branch_is_refused_before_the_model_loads(tmp_path, m
     monkeypatch.setattr(study, "train_subset", lambda *_args: [0, 1])
     real = real_arm(tmp_path / "real", np.full((3, 2), 0.25))
     message = one_line_message(lambda: study.branch_utility(
-        params_with({}), "elixr", tmp_path / "no-model", tmp_path / "prepared", store, real, tmp_path / "out",
+        params_with({}), "elixr", tmp_path / "no-model", tmp_path / "prepared", tmp_path / "filtered.csv", store, real, tmp_path / "out",
         tmp_path / "figures", tmp_path / "m.json"), UtilityError)
     assert "holds 'clip_vision' conditions, not elixr's" in message
     assert not (tmp_path / "out").exists()
@@ -106,3 +106,65 @@ def test_an_extra_class_column_is_named_in_the_reason(tmp_path):
     pq.write_table(table.append_column("Mass", pa.array([0.1, 0.2, 0.3])), folder / SCORES)
     message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
     assert f"{SCORES}: class columns {CLASSES + ['Mass']}, this run's classes are {CLASSES}" in message
+
+
+def test_a_fifo_named_as_the_scores_file_is_refused_instead_of_blocking(tmp_path):
+    """pyarrow opens a FIFO and waits for a writer: the utility stage hung with no output."""
+    import os
+    import subprocess
+    import sys
+
+    folder = real_arm(tmp_path, np.full((3, 2), 0.25))
+    (folder / SCORES).unlink()
+    os.mkfifo(folder / SCORES)
+    code = ("from pathlib import Path\nfrom cxr_diffusion.utility.real_arm import read_real_arm\n"
+            f"read_real_arm(Path({str(folder)!r}), {CLASSES!r}, {TEST!r})")
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("read_real_arm blocked on a FIFO named test_scores.parquet")
+    assert f"{folder / SCORES}: not a regular file" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_scores_file_of_kilobytes_declaring_gigabytes_is_refused_from_its_footer(tmp_path):
+    """Three rows whose image ids are 8 MB of one letter each, a few KB of zstd (the pass that found it used
+    64 MB ids: 4 KB that read_table inflated to hundreds of MB before the ids were compared)."""
+    folder = real_arm(tmp_path, np.full((3, 2), 0.25))
+    table = pa.table({"arm": [REAL] * 3, "image_index": ["x" * (8 << 20)] * 3,
+                      "Effusion": [0.1, 0.2, 0.3], "No Finding": [0.4, 0.5, 0.6]})
+    pq.write_table(table, folder / SCORES, compression="zstd")
+    assert (folder / SCORES).stat().st_size < 100_000
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    assert f"{folder / SCORES}: declares " in message and "more than 3 rows of scores can hold" in message
+
+
+def test_a_train_count_of_true_is_not_one_image(tmp_path):
+    folder = real_arm(tmp_path, np.full((3, 2), 0.25))
+    facts = json.loads((folder / REAL_ARM).read_text())
+    (folder / REAL_ARM).write_text(json.dumps({**facts, "train_images": True, "train_image_indices": ["a.png"]}))
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    assert "no 'train_images' count" in message
+
+
+@pytest.mark.parametrize("per_seed", [None, [], [0.5, 0.6], ["0.5"], [1.5], [True]])
+def test_a_real_arm_without_one_auroc_per_seed_is_refused(tmp_path, per_seed):
+    """utility.seeds: 1 here; a file written for other seeds (or by hand) is refused before anything trains."""
+    folder = real_arm(tmp_path, np.full((3, 2), 0.25))
+    facts = json.loads((folder / REAL_ARM).read_text())
+    (folder / REAL_ARM).write_text(json.dumps({**facts, "seed_macro_auroc": per_seed}))
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    assert "'seed_macro_auroc' is not 1 AUROC(s), one per training seed (utility.seeds)" in message
+
+
+def test_dollar_signs_in_names_are_drawn_as_text_in_the_utility_chart(tmp_path):
+    """matplotlib reads $...$ as math: a class named `Fluid $\\undefinedmacro$` raised when the chart was saved,
+    after every arm had trained. The params refuse such merged names now; the chart draws any name literally."""
+    from PIL import Image
+
+    from cxr_diffusion.utility.chart import auroc_bars
+
+    result = {"per_class": {"Fluid $\\undefinedmacro$": {"auroc": 0.7, "ci_low": 0.6, "ci_high": 0.8},
+                            "a$^$b": {"auroc": 0.6, "ci_low": 0.5, "ci_high": 0.7}},
+              "macro": {"auroc": 0.65, "ci_low": 0.55, "ci_high": 0.75}}
+    path = auroc_bars({"real $x$": result}, ["Fluid $\\undefinedmacro$", "a$^$b"], "N = $1$", tmp_path / "a.png")
+    assert Image.open(path).size[0] >= 800

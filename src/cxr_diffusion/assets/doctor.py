@@ -12,6 +12,7 @@ from cxr_diffusion.assets.manifest import read_manifest
 from cxr_diffusion.assets.status import Check, check_asset
 from cxr_diffusion.config import Params
 from cxr_diffusion.assets.standin_marker import MARKER_NAME, REPLACE_HINT
+from cxr_diffusion.safe_text import visible_text
 
 LABELS = {"stand-in": "stand-in (random weights)"}  # how a state is printed, where its name alone says too little
 
@@ -50,13 +51,19 @@ def fix(asset: Asset, check: Check) -> str:
 
 
 def run_doctor(params: Params, root: str | Path = ".", echo: Callable[[str], None] = print) -> int:
-    """Print every needed asset's state and fix; 0 when all are present and verified, else 2."""
+    """Print every needed asset's state and fix; 0 when all are present and verified, else 2.
+
+    A state's detail quotes the asset folder and the fetch record (file names, a stand-in's label, the
+    recorded source), so its line is shown through ``visible_text``, as `inspect` shows a folder's strings:
+    one line per asset whatever those files hold, with no terminal sequence let through.
+    """
     results = diagnose(params, root)
     if not results:
         echo(NOTHING_NEEDED)
         return 0
     for asset, check in results:
-        echo(f"{asset.name} ({asset.param}): {LABELS.get(check.state, check.state)}: {check.detail}")
+        state = LABELS.get(check.state, check.state)
+        echo(visible_text(f"{asset.name} ({asset.param}): {state}: {check.detail}", limit=4000))
         echo(f"    read by: {', '.join(asset.stages)}")
         if check.state != "present":
             first, *rest = fix(asset, check).splitlines()

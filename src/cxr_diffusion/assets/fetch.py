@@ -24,6 +24,7 @@ from cxr_diffusion.assets.manifest import read_manifest, record, snapshot
 from cxr_diffusion.assets.status import Check, check_asset, source_record
 from cxr_diffusion.config import Params
 from cxr_diffusion.assets.standin_marker import stale_sidecar
+from cxr_diffusion.safe_text import visible_text
 
 # What a failed download or check raises: huggingface_hub's and urllib's errors are OSErrors, the weight
 # checks raise ValueError (wrong keys or shapes), ours raise AssetError.
@@ -50,18 +51,20 @@ def _record(asset: Asset, manifest_path: Path, root: Path, what: str) -> str:
 
 
 def _check_loads(asset: Asset, path: Path) -> None:
-    """Load a weights file into its network (keys, shapes, class count), so that a wrong file is never recorded."""
+    """Load a weights file into its network (keys, shapes, class count) on the CPU, so that a wrong file is
+    never recorded."""
+    import torch
     from safetensors import SafetensorError
 
     try:
         if isinstance(asset.source, UrlSource):
             from cxr_diffusion.evaluation.inception import InceptionSpec, load_inception
 
-            load_inception(path, InceptionSpec(asset.source.flavour, "pool"))
+            load_inception(path, InceptionSpec(asset.source.flavour, "pool"), torch.device("cpu"))
         elif isinstance(asset.source, HandSource):
             from cxr_diffusion.evaluation.xrv_densenet import load_xrv_densenet
 
-            load_xrv_densenet(path)
+            load_xrv_densenet(path, torch.device("cpu"))
     except SafetensorError as error:
         raise AssetError(f"{path}: not a readable safetensors file ({error})") from None
 
@@ -167,8 +170,8 @@ def fetch_assets(params: Params, root: str | Path = ".", *, record_present: bool
             else:
                 what = _place(asset, check, manifest_path, root, echo)
         except FETCH_ERRORS as error:
-            reason = " ".join(str(error).split()) or type(error).__name__  # hub errors span several lines
-            reason = reason if len(reason) <= 300 else reason[:297] + "..."
+            # Hub errors span several lines, and a refusal can quote a downloaded file's name: one escaped line.
+            reason = visible_text(error, 300) or type(error).__name__
             report.missing.append((asset, reason))
             echo(f"{asset.name}: could not place it: {reason}")
             continue

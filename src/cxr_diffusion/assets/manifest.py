@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cxr_diffusion.assets.download import AssetError
 from cxr_diffusion.io import JsonFileError, read_json, sha256_file, write_json
+from cxr_diffusion.safe_text import visible_text
 
 VERSION = 1
 
@@ -30,7 +31,11 @@ def snapshot(path: Path) -> dict:
 
 
 def differences(recorded: dict, path: Path, limit: int = 5) -> list[str]:
-    """How ``path`` differs from its record (empty when it matches): changed, added and removed files."""
+    """How ``path`` differs from its record (empty when it matches): changed, added and removed files.
+
+    The names come from a download's folder and from the record, so each is shown through ``visible_text``:
+    a file named with a terminal escape or a newline is listed escaped, on the one line `doctor` prints.
+    """
     if not path.exists():
         return ["it is gone"]
     if (recorded["kind"] == "file") != path.is_file():
@@ -38,15 +43,20 @@ def differences(recorded: dict, path: Path, limit: int = 5) -> list[str]:
     files = [path] if path.is_file() else visible_files(path)
     now = {("." if f == path else f.relative_to(path).as_posix()): f for f in files}
     before = recorded["files"]
-    found = [f"added {name}" for name in sorted(now.keys() - before.keys())]
-    found += [f"removed {name}" for name in sorted(before.keys() - now.keys())]
+    found = [f"added {_shown(name)}" for name in sorted(now.keys() - before.keys())]
+    found += [f"removed {_shown(name)}" for name in sorted(before.keys() - now.keys())]
     for name in sorted(now.keys() & before.keys()):
         if len(found) >= limit:
             break
         file = now[name]  # the size first: most edits change it, and it costs no hashing
         if file.stat().st_size != before[name]["size"] or sha256_file(file) != before[name]["sha256"]:
-            found.append(f"changed {path.name if name == '.' else name}")
+            found.append(f"changed {_shown(path.name if name == '.' else name)}")
     return found[:limit]
+
+
+def _shown(name: str) -> str:
+    """A file name as listed by ``differences``: hidden characters escaped, cut if absurdly long."""
+    return visible_text(name, limit=200)
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from cxr_diffusion.io import JsonFileError, read_json, sha256_file
+from cxr_diffusion.safe_text import visible_text
 from cxr_diffusion.safetensors_header import (
     METADATA, SafetensorsHeaderError, encode_header, read_safetensors_header,
 )
@@ -155,7 +156,12 @@ def stale_sidecar(target: Path) -> Path | None:
 
 
 def describe(label: dict) -> str:
-    """One line for people: what made it and that it is not the real asset."""
-    made_by = label.get("made_by") or "cxr-diffusion standins"
+    """One line for people: what made it and that it is not the real asset.
+
+    ``made_by`` and ``warning`` are read from the stand-in's own files, which anyone can edit, so both are
+    shown through ``visible_text``: a terminal escape stays visible text, and a newline cannot start a line
+    that `doctor` would seem to print (a forged "present").
+    """
+    made_by = visible_text(label.get("made_by") or "cxr-diffusion standins", limit=200)
     unfinished = "" if label.get("complete", True) else " (interrupted before its label was complete)"
-    return f"made by `{made_by}`{unfinished}: {label.get('warning', WARNING)}"
+    return f"made by `{made_by}`{unfinished}: {visible_text(label.get('warning', WARNING), limit=200)}"

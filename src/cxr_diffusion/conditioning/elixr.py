@@ -35,7 +35,8 @@ def build_elixr_store(filtered_csv: Path, config: ElixrConfig, out_dir: Path, re
 
     One store row per kept image, in the order of the filtered table. Images without an embedding or
     with non-finite values are dropped (listed in ``rejects_csv``) or, with ``on_missing: error``, fail
-    the stage. Returns the metrics, also written to ``metrics_path`` when given.
+    the stage. Returns the metrics, also written to ``metrics_path`` when given. A run that fails writes
+    none of its outputs, so the last good store, rejects and metrics stay in place.
     """
     if config.path is None:
         raise DataError("elixr.path is null: set it to the ELIXR snapshot root (or use the stand-in stage)")
@@ -66,26 +67,38 @@ def build_elixr_store(filtered_csv: Path, config: ElixrConfig, out_dir: Path, re
     if candidates:
         non_finite, all_zero = _unusable(files, located, candidates, shape, config.dtype,
                                          strict=config.on_missing == "error")
-        unusable = {*non_finite, *all_zero}
-        kept = [n for n in candidates if n not in unusable]
-        _check_disk_space(out_dir, len(kept) * shape[0] * shape[1] * np.dtype(config.dtype).itemsize)
-        _write_store(out_dir, files, located, kept, shape, config.dtype, meta)
-
+    unusable = {*non_finite, *all_zero}
+    kept = [n for n in candidates if n not in unusable]
     rejects = [(n, "missing_embedding") for n in missing] + [(n, "non_finite") for n in non_finite] + \
         [(n, "all_zero") for n in all_zero]
+    dropped = {reason: sum(1 for _, r in rejects if r == reason) for reason in REJECT_REASONS}
+    _refuse_empty_store(filtered_csv, config, len(names), kept, dropped)
+
+    _check_disk_space(out_dir, len(kept) * shape[0] * shape[1] * np.dtype(config.dtype).itemsize)
+    _write_store(out_dir, files, located, kept, shape, config.dtype, meta)
     order = {n: i for i, n in enumerate(names)}
     rejects.sort(key=lambda item: order[item[0]])
     write_csv(rejects_csv, pd.DataFrame(rejects, columns=["Image Index", "reason"]))
-    dropped = {reason: sum(1 for _, r in rejects if r == reason) for reason in REJECT_REASONS}
-    metrics = {"images_in": len(names), "written": len(candidates) - len(non_finite) - len(all_zero),
+    metrics = {"images_in": len(names), "written": len(kept),
                "dropped_by_reason": dropped, "unused_embeddings": sum(1 for i in located if i not in wanted),
                "files": len(files), "shape": list(shape) if shape else None, "source": source_label, **what}
     if metrics_path is not None:
         write_json(metrics_path, metrics)
-    if metrics["written"] == 0:
-        raise DataError(f"{filtered_csv}: none of its {len(names)} image(s) has a usable ELIXR embedding in "
-                        f"{config.path} (see {rejects_csv}); check that elixr.path holds this dataset")
     return metrics
+
+
+def _refuse_empty_store(filtered_csv: Path, config: ElixrConfig, images: int, kept: list[str],
+                        dropped: dict[str, int]) -> None:
+    """No usable embedding at all is an error raised before anything is written.
+
+    A failed run leaves the previous output as it was: writing first would replace the last good store (and
+    its rejects and metrics) with an empty one, which then fails every stage that opens it.
+    """
+    if kept:
+        return
+    reasons = ", ".join(f"{count} {reason}" for reason, count in dropped.items() if count)
+    raise DataError(f"{filtered_csv}: none of its {images} image(s) has a usable ELIXR embedding in "
+                    f"{config.path} ({reasons}); check that elixr.path holds this dataset")
 
 
 # ----------------------------------------------------------------------------- joining and copying

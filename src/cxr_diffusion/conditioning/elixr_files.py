@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,8 @@ def find_elixr_files(path: str | Path) -> list[Path]:
         raise DataError(f"{path}: no ELIXR files found; expected HDF5 shards ({', '.join(HDF5_SUFFIXES)}) with "
                         f"'{HDF5_EMBEDDINGS}' and '{HDF5_IDS}', Parquet files with '{ID_COLUMN}' and one of "
                         f"{list(PARQUET_EMBEDDING_COLUMNS)}, or the published snapshot ({SNAPSHOT_INDEX} at its root)")
+    for file in files:
+        _check_inside(file, path, "the ELIXR folder", "copy the file itself into the folder")
     return files
 
 
@@ -161,14 +164,22 @@ def find_snapshot_shards(root: Path, dataset: str) -> list[Path]:
                         f"is the download complete?")
     shards = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in HDF5_SUFFIXES
                      and not p.name.startswith(".")), key=shard_sort_key)
-    for shard in shards:  # a link may point anywhere: what is read must lie in the snapshot
-        if not lies_inside(shard, root):
-            raise DataError(f"{shard}: lies outside the snapshot at {root} (it links to {shard.resolve()}); "
-                            f"copy the shard itself into the snapshot")
+    for shard in shards:
+        _check_inside(shard, root, "the snapshot", "copy the shard itself into the snapshot")
     if not shards:
         raise DataError(f"{folder}: no HDF5 shards ({', '.join(HDF5_SUFFIXES)}) for dataset '{dataset}'; "
                         f"is the download complete?")
     return shards
+
+
+def _check_inside(path: Path, root: Path, where: str, fix: str) -> None:
+    """``path``, links followed, must lie in ``root`` (or its Hugging Face cache's ``blobs/``).
+
+    A link may point anywhere (another user's files, a private export): what elixr.path names is the
+    only place a run may read, so a file reached through a link out of it is refused before it is opened.
+    """
+    if not lies_inside(path, root):
+        raise DataError(f"{path}: lies outside {where} at {root} (it links to {path.resolve()}); {fix}")
 
 
 # ----------------------------------------------------------------------------- datasets.json
@@ -176,6 +187,7 @@ def find_snapshot_shards(root: Path, dataset: str) -> list[Path]:
 def read_snapshot_index(root: Path) -> tuple[dict[str, dict[str, FeatureSpec]], dict]:
     """``({dataset name: {feature name: spec}}, info)`` from ``root/datasets.json``, at any nesting depth."""
     path = root / SNAPSHOT_INDEX
+    _check_inside(path, root, "the snapshot", f"copy {SNAPSHOT_INDEX} itself into the snapshot")
     try:
         index = read_json(path, "download the ELIXR snapshot's datasets.json again (or rerun `dvc repro -f "
                                 "elixr_standin` for the stand-in)", kind=object)
@@ -327,6 +339,7 @@ def _damaged_file_errors(path: Path, kind: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------- HDF5
 
 def _open_hdf5(path: Path) -> h5py.File:
+    _check_regular_file(path, "HDF5")
     try:
         return h5py.File(path, "r")
     except OSError as error:
@@ -451,9 +464,10 @@ def _hdf5_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
 
 # ----------------------------------------------------------------------------- Parquet
 
-def _open_parquet(path: Path) -> pq.ParquetFile:
+def _open_parquet(path: Path, read_dictionary: list[str] | None = None) -> pq.ParquetFile:
+    _check_regular_file(path, "Parquet")
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, read_dictionary=read_dictionary)
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: not a readable Parquet file ({error})") from error
 
@@ -466,7 +480,8 @@ def _scan_parquet(path: Path, expected: tuple[int, int] | None) -> ElixrFile:
         raise DataError(f"{path}: expected columns '{ID_COLUMN}' and exactly one of "
                         f"{list(PARQUET_EMBEDDING_COLUMNS)}, found {columns}")
     column = found[0]
-    raw_ids = parquet.read(columns=[ID_COLUMN]).column(0).to_pylist()
+    _check_parquet_footer(path, parquet)
+    raw_ids = _read_parquet_ids(path)
     image_ids = tuple(_normalized(path, row, value) for row, value in enumerate(raw_ids))
     shape = None
     if raw_ids:
@@ -475,6 +490,60 @@ def _scan_parquet(path: Path, expected: tuple[int, int] | None) -> ElixrFile:
     elif expected is not None:
         shape = expected
     return ElixrFile(path, image_ids, shape, column)
+
+
+def _check_parquet_footer(path: Path, parquet: pq.ParquetFile) -> None:
+    """The HDF5 shard bounds, from the footer before a row is read.
+
+    Ids are read whole at scan time, and a few KB of zstd can hold millions of rows or ids of many MB
+    each: arrow would allocate all of it. So the rows declared and the id column's uncompressed size
+    must be what a shard can hold, and the ids must be text (a nested column would be read whole too).
+    """
+    metadata = parquet.metadata
+    rows = metadata.num_rows
+    if rows > MAX_ROWS:
+        raise DataError(f"{path}: declares {rows:,} rows, more than a shard holds (NIH ChestX-ray14 has 112,120 "
+                        f"images in all); is this an ELIXR shard?")
+    id_type = parquet.schema_arrow.field(ID_COLUMN).type
+    id_type = id_type.value_type if pa.types.is_dictionary(id_type) else id_type
+    if not any(test(id_type) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                          pa.types.is_large_binary)):
+        raise DataError(f"{path}: column '{ID_COLUMN}' holds {id_type}, expected image ids (text); is this an "
+                        f"ELIXR shard?")
+    stored = sum(metadata.row_group(group).column(number).total_uncompressed_size
+                 for group in range(metadata.num_row_groups) for number in range(metadata.num_columns)
+                 if metadata.row_group(group).column(number).path_in_schema == ID_COLUMN)
+    _check_id_bytes(path, stored)
+
+
+def _read_parquet_ids(path: Path) -> list:
+    """The id column as Python values, after checking each id's width and their total size as HDF5's are.
+
+    The column is read dictionary-encoded, as it is stored: one wide id repeated over every row costs its
+    width once, not once per row, until the checks have passed.
+    """
+    ids = _open_parquet(path, read_dictionary=[ID_COLUMN]).read(columns=[ID_COLUMN]).column(0)
+    widest, total = 0, 0
+    for chunk in ids.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            lengths = pc.binary_length(chunk.dictionary)
+            total += pc.sum(lengths.take(chunk.indices)).as_py() or 0
+        else:
+            lengths = pc.binary_length(chunk)
+            total += pc.sum(lengths).as_py() or 0
+        widest = max(widest, pc.max(lengths).as_py() or 0)
+    if widest > MAX_ID_BYTES:
+        raise DataError(f"{path}: column '{ID_COLUMN}' holds ids {widest:,} bytes wide (an NIH id is 16); is this "
+                        f"an ELIXR shard?")
+    _check_id_bytes(path, total)
+    return ids.to_pylist()
+
+
+def _check_id_bytes(path: Path, size: int) -> None:
+    """HDF5's bound on a whole id column, for Parquet: ids are read whole at scan time."""
+    if size > MAX_ID_COLUMN_BYTES:
+        raise DataError(f"{path}: column '{ID_COLUMN}' holds {size:,} bytes of ids, more than "
+                        f"{MAX_ID_COLUMN_BYTES >> 20} MB (all 112,120 NIH ids take 1.8 MB); is this an ELIXR shard?")
 
 
 def _list_shape(path: Path, column: str, values: pa.Array) -> tuple[int, ...]:
@@ -538,6 +607,16 @@ def _parquet_batch_array(file: ElixrFile, shape: tuple[int, int], values: pa.Arr
 
 
 # ----------------------------------------------------------------------------- shared checks
+
+def _check_regular_file(path: Path, kind: str) -> None:
+    """Refuse a FIFO, device or folder under a shard's name unopened: opening a FIFO waits forever for a writer."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise DataError(f"{path}: not a readable {kind} file ({error})") from error
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a folder, FIFO or device); an ELIXR shard is a plain {kind} "
+                        f"file: point elixr.path at the downloaded files")
 
 def _checked_shape(path: Path, what: str, found: tuple[int, ...], expected: tuple[int, int] | None,
                    flat_is_one_token: bool = False) -> tuple[int, int]:

@@ -34,14 +34,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def choose_mixed_precision(requested: str, device: torch.device | None = None,
+def choose_mixed_precision(requested: str, device: torch.device,
                            cpu_speedup: Callable[[], float] | None = None) -> str:
     """'no', 'bf16' or 'fp16' for accelerate; ``requested`` 'auto' picks per device, and on a CPU by
     ``cpu_speedup()`` (fp32 time / bf16 time of the model's own layers, e.g. ``unet_block_speedup``)."""
     if requested != "auto":
         return requested
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # fp16 trains with loss scaling (accelerate's GradScaler) where bf16 is emulated
         return "bf16" if native_bf16(device) else "fp16"
     if device.type != "cpu" or cpu_speedup is None:

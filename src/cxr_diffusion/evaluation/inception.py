@@ -277,7 +277,7 @@ def check_classes(rows: int | None, spec: InceptionSpec, source: Path) -> None:
                          "torchvision's inception_v3 has 1000")
 
 
-def load_inception(weights: str | Path, spec: InceptionSpec, device: str | torch.device = "cpu") -> InceptionV3:
+def load_inception(weights: str | Path, spec: InceptionSpec, device: torch.device) -> InceptionV3:
     """Build the network for ``spec`` and load a safetensors state dict with torchvision layer names.
 
     torchvision's auxiliary classifier (``AuxLogits.*``) is ignored; any other missing or unexpected key is

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3, load_inception
-from cxr_diffusion.evaluation.weights import evaluation_device, full_fp32
+from cxr_diffusion.evaluation.weights import full_fp32
 from cxr_diffusion.io import sha256_file
 
 HOW_TO_ENABLE = ("get the weights once on a machine with internet and convert them to safetensors with "
@@ -56,12 +56,11 @@ def _unavailable(param: str, why: str) -> dict:
 
 
 def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset, image_size: int,
-                 device: str | torch.device = "auto") -> dict:
+                 device: torch.device) -> dict:
     """Standard FID (FID-Inception pool3, 2048-d) of generated vs real test images, with its settings."""
     if config.inception_weights is None:
         return _unavailable("inception_weights", "no FID-Inception weights configured (offline default)")
     path = Path(config.inception_weights)
-    device = evaluation_device(device)
     model = load_inception(path, InceptionSpec("fid", "pool"), device)
     value = frechet_inception_distance(model, generated, real_test, config.inception_batch_size, device, "standard FID")
     return {
@@ -73,14 +72,13 @@ def standard_fid(config: EvaluateConfig, generated: Dataset, real_test: Dataset,
 
 
 def reference_compatible_fid(config: EvaluateConfig, generated: Dataset, real_train: Dataset,
-                             image_size: int, device: str | torch.device = "auto") -> dict:
+                             image_size: int, device: torch.device) -> dict:
     """FID on torchvision Inception-v3 1000-class logits vs the real training images (the reference's recipe)."""
     if config.reference_inception_weights is None:
         return _unavailable("reference_inception_weights",
                             "no torchvision Inception-v3 weights configured (offline default)")
     path = Path(config.reference_inception_weights)
     spec = InceptionSpec("torchvision", "logits", transform_input=config.reference_transform_input)
-    device = evaluation_device(device)
     model = load_inception(path, spec, device)
     count = len(real_train)  # type: ignore[arg-type]
     if config.reference_fid_train_images is not None:

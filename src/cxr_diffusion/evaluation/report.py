@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from cxr_diffusion.config import Params
+from cxr_diffusion.evaluation.report_numbers import number, signed_with_interval, with_interval
 from cxr_diffusion.io import atomic_path, read_json, write_json
 from cxr_diffusion.reader_study.labels import REAL
 from cxr_diffusion.reader_study.report import report_lines
-from cxr_diffusion.safe_text import markdown_text
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.safe_text import markdown_text, visible_text
+from cxr_diffusion.utility.subgroup_report import subgroup_lines, subgroup_summary
 
 
 @dataclass(frozen=True)
@@ -25,16 +29,26 @@ class ReportInputs:
     elixr_embedding: Path | None = None  # metrics/embed_elixr.json: its "source" says real ELIXR or a stand-in
 
 
+class MetricsFileError(UserError, ValueError):
+    """A metrics file lacks a key or holds a wrong type: hand-edited, or damaged on a DVC remote."""
+
+
+@contextmanager
+def _reading(*paths: Path):
+    """Turn a missing key or a wrong type in what ``paths`` hold into one line naming them (a bug in this module
+    would read the same way, with the error's own words kept in the line)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as error:
+        where = " or ".join(str(path) for path in paths)
+        raise MetricsFileError(f"{where}: not the metrics its stage writes ({type(error).__name__}: "
+                               f"{visible_text(error, 120)}); rerun that stage (`dvc repro -f <stage>`)") from None
+
+
 def _read(path: Path) -> dict:
     return read_json(path, "rerun the stage that writes it (`dvc repro`)") if path.is_file() else {}
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def read_evaluations(branches: list[str], folder: Path) -> dict[str, dict]:
@@ -43,12 +57,13 @@ def read_evaluations(branches: list[str], folder: Path) -> dict[str, dict]:
 
 
 def _arm_order(arm: str) -> tuple[int, int]:
-    """real, synthetic, real_plus_synthetic, then synthetic_x<k> by k (JSON files hold them sorted by name)."""
-    fixed = {"real": 0, "synthetic": 1, "real_plus_synthetic": 2}
+    """real, synthetic, real_plus_synthetic, synthetic_then_real, then synthetic_x<k> by k (JSON files hold
+    them sorted by name)."""
+    fixed = {"real": 0, "synthetic": 1, "real_plus_synthetic": 2, "synthetic_then_real": 3}
     if arm in fixed:
         return fixed[arm], 0
     scale = arm.removeprefix("synthetic_x")
-    return 3, int(scale) if scale.isdigit() else 0
+    return 4, int(scale) if scale.isascii() and scale.isdigit() else 0  # '²' is a digit to isdigit
 
 
 def utility_summary(utility: dict) -> dict:
@@ -61,6 +76,11 @@ def utility_summary(utility: dict) -> dict:
         entry = {"train_images": result["train_images"], "macro_auroc": macro["auroc"],
                  "macro_ci_low": macro["ci_low"], "macro_ci_high": macro["ci_high"],
                  "per_class": {name: dict(value) for name, value in result["per_class"].items()}}
+        if "seeds" in result:
+            entry.update({"seeds": result["seeds"]["count"], "seed_sd": result["seeds"]["sd"],
+                          "seed_min": result["seeds"]["min"], "seed_max": result["seeds"]["max"]})
+        if "subgroups" in result:
+            entry["subgroups"] = subgroup_summary(result["subgroups"])
         if "vs_real" in result:
             difference = result["vs_real"]
             entry.update({"vs_real": difference["macro"]["difference"], "vs_real_ci_low": difference["macro"]["ci_low"],
@@ -76,42 +96,49 @@ def summarize(params: Params, evaluations: dict[str, dict], inputs: ReportInputs
     readers = _read(inputs.reader_study)
     elixr_source = _read(inputs.elixr_embedding).get("source") if inputs.elixr_embedding is not None else None
     for branch in params.branches:
-        evaluation = evaluations[branch]
-        training = _read(inputs.training / branch / "metrics.json")
-        sampling = _read(inputs.sampling / f"{branch}.json")
-        closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
-        summary[branch] = {
-            # From what embed_elixr read (a stand-in snapshot says so in its files), not from which param named it.
-            "condition_source": (elixr_source or ("elixr_standin" if params.elixr.path is None else branch))
-            if branch == "elixr" else branch,
-            "domain_fd": closeness.get("domain_fd"),
-            "domain_fd_ci_low": (closeness.get("domain_fd_95ci") or [None, None])[0],
-            "domain_fd_ci_high": (closeness.get("domain_fd_95ci") or [None, None])[1],
-            "domain_fd_ratio_to_floor": closeness.get("domain_fd_ratio_to_floor"),
-            "untrained_fd_matched": closeness.get("untrained_fd_matched"),
-            "trained_fd_same_size": closeness.get("trained_fd_same_size"),
-            "kid": closeness.get("kid"),
-            "inception_fid": closeness.get("inception_fid"),
-            "reference_compatible_fid": closeness.get("reference_compatible_fid"),
-            "xrv_fd": evaluation.get("xrv_densenet", {}).get("fd"),
-            "xrv_fd_ratio_to_floor": evaluation.get("xrv_densenet", {}).get("fd_ratio_to_floor"),
-            "xrv_macro_auroc_vs_requested": evaluation.get("xrv_densenet", {}).get("macro_auroc_vs_requested_labels"),
-            **{k: v for k, v in evaluation.get("prdc", {}).items() if k != "k"},
-            "macro_auroc_vs_requested": faith.get("macro_auroc_vs_requested_labels"),
-            "label_exact_match": (faith.get("label_agreement") or {}).get("exact_match"),
-            "feature_cosine_to_reference": faith.get("feature_cosine_to_reference"),
-            "ms_ssim_generated": evaluation.get("diversity", {}).get("ms_ssim_same_labels_generated"),
-            "ms_ssim_real": evaluation.get("diversity", {}).get("ms_ssim_same_labels_real"),
-            "memorized_fraction_pixels": evaluation.get("memorization", {}).get("pixels", {}).get("fraction_at_or_below_threshold"),
-            "memorized_fraction_features": evaluation.get("memorization", {}).get("features", {}).get("fraction_at_or_below_threshold"),
-            "val_loss": (training.get("val") or {}).get("loss"),
-            "conditioning_gap": (training.get("val") or {}).get("conditioning_gap"),
-            "train_steps": (training.get("final") or {}).get("steps"),
-            "sampling_img_per_s": sampling.get("images_per_second"),
-            "utility": utility_summary(_read(inputs.utility / f"{branch}.json")),
-            "reader_study": reader_study_summary(readers, branch),
-        }
+        with _reading(inputs.evaluations / f"{branch}.json", inputs.training / branch / "metrics.json",
+                      inputs.sampling / f"{branch}.json", inputs.utility / f"{branch}.json", inputs.reader_study):
+            summary[branch] = _branch_summary(params, branch, evaluations[branch], inputs, readers, elixr_source)
     return summary
+
+
+def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: ReportInputs, readers: dict,
+                    elixr_source: str | None) -> dict:
+    """One branch's row of the summary."""
+    training = _read(inputs.training / branch / "metrics.json")
+    sampling = _read(inputs.sampling / f"{branch}.json")
+    closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
+    return {
+        # From what embed_elixr read (a stand-in snapshot says so in its files), not from which param named it.
+        "condition_source": (elixr_source or ("elixr_standin" if params.elixr.path is None else branch))
+        if branch == "elixr" else branch,
+        "domain_fd": closeness.get("domain_fd"),
+        "domain_fd_ci_low": (closeness.get("domain_fd_95ci") or [None, None])[0],
+        "domain_fd_ci_high": (closeness.get("domain_fd_95ci") or [None, None])[1],
+        "domain_fd_ratio_to_floor": closeness.get("domain_fd_ratio_to_floor"),
+        "untrained_fd_matched": closeness.get("untrained_fd_matched"),
+        "trained_fd_same_size": closeness.get("trained_fd_same_size"),
+        "kid": closeness.get("kid"),
+        "inception_fid": closeness.get("inception_fid"),
+        "reference_compatible_fid": closeness.get("reference_compatible_fid"),
+        "xrv_fd": evaluation.get("xrv_densenet", {}).get("fd"),
+        "xrv_fd_ratio_to_floor": evaluation.get("xrv_densenet", {}).get("fd_ratio_to_floor"),
+        "xrv_macro_auroc_vs_requested": evaluation.get("xrv_densenet", {}).get("macro_auroc_vs_requested_labels"),
+        **{k: v for k, v in evaluation.get("prdc", {}).items() if k != "k"},
+        "macro_auroc_vs_requested": faith.get("macro_auroc_vs_requested_labels"),
+        "label_exact_match": (faith.get("label_agreement") or {}).get("exact_match"),
+        "feature_cosine_to_reference": faith.get("feature_cosine_to_reference"),
+        "ms_ssim_generated": evaluation.get("diversity", {}).get("ms_ssim_same_labels_generated"),
+        "ms_ssim_real": evaluation.get("diversity", {}).get("ms_ssim_same_labels_real"),
+        "memorized_fraction_pixels": evaluation.get("memorization", {}).get("pixels", {}).get("fraction_at_or_below_threshold"),
+        "memorized_fraction_features": evaluation.get("memorization", {}).get("features", {}).get("fraction_at_or_below_threshold"),
+        "val_loss": (training.get("val") or {}).get("loss"),
+        "conditioning_gap": (training.get("val") or {}).get("conditioning_gap"),
+        "train_steps": (training.get("final") or {}).get("steps"),
+        "sampling_img_per_s": sampling.get("images_per_second"),
+        "utility": utility_summary(_read(inputs.utility / f"{branch}.json")),
+        "reader_study": reader_study_summary(readers, branch),
+    }
 
 
 def reader_study_summary(metrics: dict, branch: str) -> dict | None:
@@ -136,27 +163,23 @@ def _pretrained_notes(evaluations: dict[str, dict]) -> list[str]:
         if "reason" in first:
             notes.append(f"- {label}: not computed: {markdown_text(first['reason'], 400)}")
         else:
-            notes.append(f"- {label}: {first['features']}; real = {first['real']} (n = {first['n_real']}), "
-                         f"generated n = {first['n_generated']}; {first['resolution']}; weights sha256 "
-                         f"{first['weights_sha256'][:12]}")
+            notes.append(f"- {label}: {markdown_text(first['features'])}; real = {markdown_text(first['real'])} "
+                         f"(n = {number(first['n_real'])}), generated n = {number(first['n_generated'])}; "
+                         f"{markdown_text(first['resolution'])}; weights sha256 {markdown_text(first['weights_sha256'], 12)}")
     judges = [e.get("xrv_densenet") for e in evaluations.values()]
     judge = next((j for j in judges if j), None)
     if judge and judge.get("fd") is None:
         notes.append(f"- DenseNet (torchxrayvision): not computed: {markdown_text(judge['reason'], 400)}")
     elif judge:
         notes.append(f"- DenseNet (torchxrayvision): 1024-d features, 224x224 inputs; classes it does not cover: "
-                     f"{', '.join(map(markdown_text, judge['classes_not_covered'])) or 'none'}; weights sha256 {judge['weights_sha256'][:12]}")
+                     f"{', '.join(map(markdown_text, judge['classes_not_covered'])) or 'none'}; weights sha256 {markdown_text(judge['weights_sha256'], 12)}")
     return notes + ([""] if notes else [])
 
 
-def _interval(value, low, high, digits: int = 3) -> str:
-    return f"{_fmt(value, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
-
-
-def _signed(value, low, high) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value + 0.0:+.3f} [{_fmt(low)}, {_fmt(high)}]"  # + 0.0: no "-0.000"
+def _seed_cell(entry: dict) -> str:
+    if entry.get("seed_sd") is None:
+        return "n/a (1 seed)" if entry.get("seeds", 1) == 1 else "n/a"
+    return f"{number(entry['seed_sd'])} ({number(entry['seed_min'])}-{number(entry['seed_max'])})"
 
 
 def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -> list[str]:
@@ -167,38 +190,44 @@ def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -
                 "Not computed yet: run `dvc repro` (stages utility_real and utility@<branch>).", ""]
     first = next(iter(done.values()))
     synthetic = first["synthetic_set"]
-    patients = f" of {first['test_patients']} patients" if "test_patients" in first else ""
+    patients = f" of {number(first['test_patients'])} patients" if "test_patients" in first else ""
     lines = [
         "## Downstream utility (train on synthetic, test on real)", "",
-        f"One classifier per arm ({first['classifier']}, {params.utility.classifier.epochs} epochs, the same "
-        f"augmentation and seed for every arm), each scored on the same {first['test_images']} real test images"
+        f"One classifier per arm ({markdown_text(first['classifier'], 40)}, {params.utility.classifier.epochs} epochs, "
+        f"the same augmentation and seed for every arm), each scored on the same {number(first['test_images'])} real "
+        "test images"
         f"{patients}. "
-        f"N = {first['train_images']} real train images (a seeded subset); synthetic sets: {synthetic['sampler']}, "
-        f"{synthetic['steps']} steps, guidance {synthetic['guidance_scale']}, the labels each image was generated for. "
+        f"N = {number(first['train_images'])} real train images (a seeded subset); synthetic sets: "
+        f"{markdown_text(synthetic['sampler'], 40)}, {number(synthetic['steps'])} steps, guidance "
+        f"{number(synthetic['guidance_scale'], 1)}, the labels each image was generated for. "
         "Intervals: 95% bootstrap over test patients (all films of each drawn patient); differences to the real-only "
         "arm are paired (same resamples); gap = (real - arm) / real, as Packhaeuser et al. report it. Read the "
         "differences with two caveats: each branch's diffusion model was trained on the whole train split, so a "
         "synthetic arm can carry information from more than its N real images; and an arm of 2N images takes twice "
-        "the optimizer steps (the same epochs). One training seed per arm: seed-to-seed spread is not in the "
-        "intervals.", "",
-        "| branch | arm | train images | macro AUROC [95% CI] | vs real-only [95% CI] | gap |", "|---|---|---:|---|---|---:|",
+        "the optimizer steps (the same epochs). The intervals resample test patients; the seed column is the "
+        f"spread of training itself: the sd of the macro AUROC over {params.utility.seeds} training seed(s) "
+        "(utility.seeds; the table's values are the first seed's).", "",
+        "| branch | arm | train images | macro AUROC [95% CI] | seed sd (min-max) | vs real-only [95% CI] | gap |",
+        "|---|---|---:|---|---|---|---:|",
     ]
     for branch, utility in done.items():
         for arm, entry in summary[branch]["utility"].items():
-            lines.append(f"| {branch} | {arm} | {entry['train_images']} | "
-                         f"{_interval(entry['macro_auroc'], entry['macro_ci_low'], entry['macro_ci_high'])} | "
-                         + (f"{_signed(entry['vs_real'], entry['vs_real_ci_low'], entry['vs_real_ci_high'])} | "
-                            f"{_fmt(None if entry['gap_fraction'] is None else entry['gap_fraction'] + 0.0)} |" if "vs_real" in entry else "(baseline) | |"))
+            lines.append(f"| {branch} | {markdown_text(arm, 40)} | {number(entry['train_images'])} | "
+                         f"{with_interval(entry['macro_auroc'], entry['macro_ci_low'], entry['macro_ci_high'])} | "
+                         f"{_seed_cell(entry)} | "
+                         + (f"{signed_with_interval(entry['vs_real'], entry['vs_real_ci_low'], entry['vs_real_ci_high'])} | "
+                            f"{number(None if entry['gap_fraction'] is None else entry['gap_fraction'] + 0.0)} |" if "vs_real" in entry else "(baseline) | |"))
     lines.append("")
     for branch, utility in done.items():
         classes = utility["classes"]
         lines += [f"### Utility per class: {branch}", "", f"Synthetic set: {markdown_text(utility['conditions'], 400)}.", "",
                   "| arm | " + " | ".join(map(markdown_text, classes)) + " |", "|---|" + "---|" * len(classes)]
         for arm, entry in summary[branch]["utility"].items():
-            cells = [_interval(entry["per_class"][c]["auroc"], entry["per_class"][c]["ci_low"],
+            cells = [with_interval(entry["per_class"][c]["auroc"], entry["per_class"][c]["ci_low"],
                                entry["per_class"][c]["ci_high"], 2) for c in classes]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+            lines.append(f"| {markdown_text(arm, 40)} | " + " | ".join(cells) + " |")
         lines += ["", f"![{branch} utility](utility/{branch}/auroc.png)", ""]
+    lines += subgroup_lines(done, _arm_order, params.utility.age_bands)
     if params.dataset.source == "phantom":
         lines += ["On the phantom these numbers test the method, not the models' clinical value: findings are drawn "
                   f"shapes at {params.image_size}x{params.image_size} that a small CNN learns from a few hundred real "
@@ -212,22 +241,22 @@ def write_report(params: Params, summary: dict, evaluations: dict[str, dict], ev
                  utilities: dict[str, dict] | None = None, readers: dict | None = None) -> Path:
     """The markdown report; its figures are linked relative to it (reports/samples, reports/evaluate)."""
     rows = [
-        ("Domain FD (evaluator features) [95% CI]", lambda s: f"{_fmt(s['domain_fd'], 2)} [{_fmt(s['domain_fd_ci_low'], 2)}, {_fmt(s['domain_fd_ci_high'], 2)}]"),
-        ("FD / real-vs-real floor (same n)", lambda s: _fmt(s["domain_fd_ratio_to_floor"], 2)),
-        ("FD trained vs untrained (same n)", lambda s: f"{_fmt(s['trained_fd_same_size'], 2)} vs {_fmt(s['untrained_fd_matched'], 2)}"),
-        ("KID", lambda s: _fmt(s["kid"], 4)),
-        ("Inception FID (standard: pool3 vs real test)", lambda s: _fmt(s["inception_fid"], 2)),
-        ("Reference-compatible FID (logits vs train)", lambda s: _fmt(s["reference_compatible_fid"], 2)),
-        ("DenseNet (torchxrayvision) FD / floor ratio", lambda s: f"{_fmt(s['xrv_fd'], 2)} / {_fmt(s['xrv_fd_ratio_to_floor'], 2)}"),
-        ("DenseNet (torchxrayvision) macro AUROC vs requested", lambda s: _fmt(s["xrv_macro_auroc_vs_requested"])),
-        ("Precision / recall", lambda s: f"{_fmt(s.get('precision'), 2)} / {_fmt(s.get('recall'), 2)}"),
-        ("Density / coverage", lambda s: f"{_fmt(s.get('density'), 2)} / {_fmt(s.get('coverage'), 2)}"),
-        ("Macro AUROC vs requested labels", lambda s: _fmt(s["macro_auroc_vs_requested"])),
-        ("Label exact match", lambda s: _fmt(s["label_exact_match"])),
-        ("Feature cosine to reference", lambda s: _fmt(s["feature_cosine_to_reference"])),
-        ("MS-SSIM same labels, generated (real)", lambda s: f"{_fmt(s['ms_ssim_generated'])} ({_fmt(s['ms_ssim_real'])})"),
-        ("Memorized fraction, pixels / features", lambda s: f"{_fmt(s['memorized_fraction_pixels'])} / {_fmt(s['memorized_fraction_features'])}"),
-        ("Val loss / conditioning gap", lambda s: f"{_fmt(s['val_loss'], 4)} / {_fmt(s['conditioning_gap'], 4)}"),
+        ("Domain FD (evaluator features) [95% CI]", lambda s: f"{number(s['domain_fd'], 2)} [{number(s['domain_fd_ci_low'], 2)}, {number(s['domain_fd_ci_high'], 2)}]"),
+        ("FD / real-vs-real floor (same n)", lambda s: number(s["domain_fd_ratio_to_floor"], 2)),
+        ("FD trained vs untrained (same n)", lambda s: f"{number(s['trained_fd_same_size'], 2)} vs {number(s['untrained_fd_matched'], 2)}"),
+        ("KID", lambda s: number(s["kid"], 4)),
+        ("Inception FID (standard: pool3 vs real test)", lambda s: number(s["inception_fid"], 2)),
+        ("Reference-compatible FID (logits vs train)", lambda s: number(s["reference_compatible_fid"], 2)),
+        ("DenseNet (torchxrayvision) FD / floor ratio", lambda s: f"{number(s['xrv_fd'], 2)} / {number(s['xrv_fd_ratio_to_floor'], 2)}"),
+        ("DenseNet (torchxrayvision) macro AUROC vs requested", lambda s: number(s["xrv_macro_auroc_vs_requested"])),
+        ("Precision / recall", lambda s: f"{number(s.get('precision'), 2)} / {number(s.get('recall'), 2)}"),
+        ("Density / coverage", lambda s: f"{number(s.get('density'), 2)} / {number(s.get('coverage'), 2)}"),
+        ("Macro AUROC vs requested labels", lambda s: number(s["macro_auroc_vs_requested"])),
+        ("Label exact match", lambda s: number(s["label_exact_match"])),
+        ("Feature cosine to reference", lambda s: number(s["feature_cosine_to_reference"])),
+        ("MS-SSIM same labels, generated (real)", lambda s: f"{number(s['ms_ssim_generated'])} ({number(s['ms_ssim_real'])})"),
+        ("Memorized fraction, pixels / features", lambda s: f"{number(s['memorized_fraction_pixels'])} / {number(s['memorized_fraction_features'])}"),
+        ("Val loss / conditioning gap", lambda s: f"{number(s['val_loss'], 4)} / {number(s['conditioning_gap'], 4)}"),
     ]
     branches = list(summary)
     names = [f"{b} (stand-in)" if summary[b]["condition_source"] == "elixr_standin" else b for b in branches]
@@ -238,7 +267,7 @@ def write_report(params: Params, summary: dict, evaluations: dict[str, dict], ev
         f"Sampler: {params.sample.sampler}, {params.sample.steps} steps, guidance {params.sample.guidance_scale}, "
         f"{params.sample.count} test conditions per branch, seed {params.seed}.",
         f"Evaluator (CXR classifier trained on the real train split): test macro AUROC "
-        f"{_fmt(evaluator.get('test_macro_auroc'))}. All distances are in its feature space.", "",
+        f"{number(evaluator.get('test_macro_auroc'))}. All distances are in its feature space.", "",
         "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(branches),
     ]
     lines += ["| " + label + " | " + " | ".join(render(summary[b]) for b in branches) + " |" for label, render in rows]
@@ -263,10 +292,13 @@ def write_report(params: Params, summary: dict, evaluations: dict[str, dict], ev
 
 
 def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_path: Path) -> dict:
+    """The summary and the report, each written only when both could be built (one line naming the metrics
+    files when one of them is not what its stage writes)."""
     evaluations = read_evaluations(params.branches, inputs.evaluations)
     summary = summarize(params, evaluations, inputs)
-    write_json(summary_path, summary)
     utilities = {branch: _read(inputs.utility / f"{branch}.json") for branch in params.branches}
-    write_report(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
-                 _read(inputs.reader_study))
+    with _reading(inputs.evaluations, inputs.evaluator, inputs.utility, inputs.reader_study):
+        write_report(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
+                     _read(inputs.reader_study))
+    write_json(summary_path, summary)
     return summary

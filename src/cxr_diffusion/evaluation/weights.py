@@ -52,14 +52,6 @@ def load_safetensors_into(model: nn.Module, path: str | Path, what: str, how_to_
     return model.eval().requires_grad_(False)
 
 
-def evaluation_device(requested: str | torch.device = "auto") -> torch.device:
-    """Where the pretrained feature networks run: params' ``device`` or one already resolved (auto: the
-    GPU when there is one); values are fp32 either way."""
-    from cxr_diffusion.device import resolve_device
-
-    return resolve_device(requested)
-
-
 @contextlib.contextmanager
 def full_fp32() -> Iterator[None]:
     """Disallow TF32 in cuDNN convolutions and CUDA matmuls for the block (PyTorch allows it for convolutions

@@ -97,7 +97,7 @@ class XRVDenseNet121(nn.Module):
         return features, self.classifier(features)
 
 
-def load_xrv_densenet(weights: str | Path, device: str | torch.device = "cpu") -> XRVDenseNet121:
+def load_xrv_densenet(weights: str | Path, device: torch.device) -> XRVDenseNet121:
     # op_threshs (per-pathology operating points) only rescale outputs monotonically; AUROC does not need them.
     model = load_safetensors_into(XRVDenseNet121(), weights, "torchxrayvision DenseNet-121", HOW_TO_GET,
                                   ignored_prefixes=("op_threshs",))

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.evaluation.distances import bootstrap_interval, frechet_distance, real_vs_real_floor
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
-from cxr_diffusion.evaluation.weights import evaluation_device, full_fp32
+from cxr_diffusion.evaluation.weights import full_fp32
 from cxr_diffusion.evaluation.xrv_densenet import HOW_TO_GET, XRVDenseNet121, class_scores, load_xrv_densenet
 from cxr_diffusion.io import sha256_file
 
@@ -41,13 +41,12 @@ def _auroc(labels: np.ndarray, logits: np.ndarray, class_members: dict[str, tupl
 
 def xrv_metrics(config: EvaluateConfig, class_members: dict[str, tuple[str, ...]], generated: Dataset,
                 generated_labels: np.ndarray, real_test: Dataset, real_test_labels: np.ndarray,
-                real_val: Dataset, seed: int, device: str | torch.device = "auto") -> dict:
+                real_val: Dataset, seed: int, device: torch.device) -> dict:
     """FD (with bootstrap CI and the real-vs-real floor at matched n) in DenseNet features, and per-class
     AUROC of its pathology logits against the requested labels (next to the same AUROC on real test images)."""
     if config.xrv_weights is None:
         return {"fd": None, "reason": "no torchxrayvision DenseNet weights configured (offline default); to enable "
                                       f"it, {HOW_TO_GET}, then set params evaluate.xrv_weights"}
-    device = evaluation_device(device)
     model = load_xrv_densenet(config.xrv_weights, device)
     size = config.inception_batch_size
     g, g_logits = _embed(model, generated, size, device)

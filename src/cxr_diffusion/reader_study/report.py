@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cxr_diffusion.evaluation.report_numbers import number
 from cxr_diffusion.reader_study.labels import REAL
 from cxr_diffusion.safe_text import markdown_text, visible_text
 
@@ -18,7 +19,7 @@ def _how_to(metrics: dict) -> str:
         "the reader-study kit's zip; they unzip it and open `index.html`"
     responses = _code(metrics["responses"]) if metrics.get("responses") else "the responses folder"
     return (f"No reader responses yet. Give each reader {given} in Chromium or Firefox (no server needed), answer "
-            f"the {metrics['items']} items and press Export answers. Put the downloaded "
+            f"the {number(metrics['items'])} items and press Export answers. Put the downloaded "
             f"{_code(metrics['study_id'] + '__<reader>.json')} files into {responses}, then run `dvc repro`: only "
             f"this stage and compare rerun.")
 
@@ -40,7 +41,7 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
     pooled = metrics["pooled"]
     call = pooled["call"]
     lines += [
-        f"{metrics['readers']} reader(s), {metrics['items']} blinded items, {pooled['answered']} answers. "
+        f"{number(metrics['readers'])} reader(s), {number(metrics['items'])} blinded items, {number(pooled['answered'])} answers. "
         f"Real-vs-synthetic accuracy, pooled: **{_interval(call['accuracy'], call['ci95'])}** (exact "
         f"Clopper-Pearson 95% interval; two-sided binomial test against 50%: p = {_p(call['p_value'])}); "
         f"balanced accuracy {_number(pooled['balanced_accuracy'])}. Chance (50%) means readers cannot tell the "
@@ -57,14 +58,14 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
     for reader, summary in [*((_cell(reader), summary) for reader, summary in metrics["per_reader"].items()),
                             (POOLED_ROW, pooled)]:
         result = summary["call"]
-        lines.append(f"| {reader} | {summary['answered']} | {_interval(result['accuracy'], result['ci95'])} "
+        lines.append(f"| {reader} | {number(summary['answered'])} | {_interval(result['accuracy'], result['ci95'])} "
                      f"| {_p(result['p_value'])} | {_number(summary['balanced_accuracy'])} | {_number(summary['auc'])} |")
     lines += ["", "| Source | Answers | Called real | Realism 1-5, mean [95% t-interval] |", "|---|---:|---:|---|"]
     sources = sorted(pooled["called_real"], key=lambda source: (source != REAL, source))  # JSON keeps them sorted
     for source in sources:
         called, realism = pooled["called_real"][source], pooled["realism"][source]
         name = "real images" if source == REAL else _cell(source)
-        lines.append(f"| {name} | {called['n']} | {_number(called['fraction'])} | "
+        lines.append(f"| {name} | {number(called['n'])} | {_number(called['fraction'])} | "
                      f"{_interval(realism['mean'], realism['ci95'])} |")
     lines += ["", "Findings the readers ticked, F1 against the true labels (real images) or the requested ones "
               "(generated), pooled:", "",
@@ -78,7 +79,7 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
         method = "Cohen's" if agreement["method"] == "cohen" else "Fleiss'"
         left_out = agreement.get("left_out") or []
         lines += ["", f"Inter-reader agreement on the call: {method} kappa = {_number(agreement['kappa'])} over the "
-                      f"{agreement['items']} items all {agreement['readers']} readers answered"
+                      f"{number(agreement['items'])} items all {number(agreement['readers'])} readers answered"
                       + (f" (left out, not having answered every item: {', '.join(map(_cell, left_out))})."
                          if left_out else ".")]
     return lines + [""] + _rejects(metrics["rejects"])

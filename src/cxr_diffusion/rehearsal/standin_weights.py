@@ -91,7 +91,7 @@ def write_inception(target: Path, flavour: str, seed: int, workdir: Path, label:
     published.unlink()
     _add_metadata(target, label)
     spec = InceptionSpec(flavour, "pool")  # type: ignore[arg-type]
-    model = load_inception(target, spec)
+    model = load_inception(target, spec, torch.device("cpu"))
     with torch.no_grad():
         features = model(_check_images().to(torch.uint8))
     if features.shape != (1, 2048) or not torch.isfinite(features).all() or features.std() == 0:
@@ -111,7 +111,7 @@ def write_xrv_densenet(target: Path, seed: int, label: dict) -> dict:
     state = random_state(model, seed)
     state["op_threshs"] = torch.rand(len(PATHOLOGIES), generator=torch.Generator().manual_seed(seed + 2)) * 0.5
     save_file({k: v.contiguous() for k, v in state.items()}, str(target), metadata={METADATA_KEY: json.dumps(label)})
-    loaded = load_xrv_densenet(target)
+    loaded = load_xrv_densenet(target, torch.device("cpu"))
     with torch.no_grad():
         features, logits = loaded(_check_images()[:, :1] / 127.5 - 1.0)
     if features.shape != (1, 1024) or logits.shape != (1, len(PATHOLOGIES)) or not torch.isfinite(logits).all() \

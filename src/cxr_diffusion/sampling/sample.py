@@ -45,7 +45,7 @@ class SamplingError(UserError, ValueError):
     """The model or the data cannot be sampled as asked; the message says why."""
 
 
-def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device = torch.device("cpu")) -> CXRDiffusionPipeline:
+def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device) -> CXRDiffusionPipeline:
     """A saved model on ``device``: UNet, adapter and CLIP towers in bf16/fp16 on a GPU (fp32 on the CPU);
     the VAE in fp32 (SD VAEs can overflow in fp16), decoding one image at a time so that memory does
     not grow with ``sample.batch_size`` (50 decoded 512px images take ~36 GB on a CPU otherwise).

@@ -1,5 +1,6 @@
 """Classifier arms of the utility study: the same network, epochs, augmentation and seed for every arm
-(real only, synthetic only, real + synthetic, synthetic at k x N); only the training images differ.
+(real only, synthetic only, real + synthetic, synthetic then real, synthetic at k x N); only the training
+images differ, and for synthetic then real their order (pretrained on one, fine-tuned on the other).
 
 The loss and the optimizer step are the evaluator's (weighted multi-label BCE with small shifts and
 exposure changes, AdamW with a one-cycle schedule), so an arm differs from the evaluator only in its
@@ -59,12 +60,13 @@ def build_classifier(config: UtilityClassifierConfig, classes: Sequence[str], im
 
 
 def train_arm(images: ArmImages, classes: Sequence[str], config: UtilityClassifierConfig, seed: int,
-              device: torch.device = torch.device("cpu"), name: str = "arm") -> nn.Module:
+              device: torch.device, name: str = "arm", start: nn.Module | None = None) -> nn.Module:
     """One arm's classifier. The number of optimizer steps follows the arm's size (``config.epochs`` passes
-    over its images), as the reference protocols train every arm for the same epochs."""
+    over its images), as the reference protocols train every arm for the same epochs. ``start``: a trained
+    classifier to fine-tune (with a fresh optimizer and schedule) instead of a new one."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_classifier(config, classes, images.pixels.shape[-1]).to(device)
+    model = (start if start is not None else build_classifier(config, classes, images.pixels.shape[-1])).to(device)
     batch_size = min(config.batch_size, len(images))
     steps = config.epochs * (len(images) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)

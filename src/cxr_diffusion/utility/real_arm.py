@@ -5,6 +5,8 @@ differences). Also what the branch stages share with it: the test images and the
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,11 @@ from cxr_diffusion.config import Params
 from cxr_diffusion.data.shards import PreparedImages, iter_row_groups
 from cxr_diffusion.device import describe_device, resolve_device
 from cxr_diffusion.errors import UserError
+from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
 from cxr_diffusion.io import atomic_directory, atomic_path, read_json, write_json
 from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
 from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
+from cxr_diffusion.whole_number import is_whole_number
 
 SCORES = "test_scores.parquet"
 REAL_ARM = "real_arm.json"
@@ -53,6 +57,11 @@ def test_split(params: Params, prepared_dir: Path) -> TestSplit:
     return TestSplit(read_arm_images(test, range(len(test)), side, "real test split"), names, patients)
 
 
+def test_macro_auroc(test: TestSplit, scores: np.ndarray) -> float | None:
+    """An arm's macro AUROC on the test split (the point estimate, without an interval)."""
+    return macro_auroc(per_label_auroc(test.images.labels, scores, [str(i) for i in range(scores.shape[1])]))
+
+
 def write_scores(path: Path, arms: dict[str, np.ndarray], image_indices: list[str], classes: list[str]) -> None:
     """One row per (arm, test image): the arm's probability for every class."""
     rows = len(image_indices)
@@ -64,20 +73,24 @@ def write_scores(path: Path, arms: dict[str, np.ndarray], image_indices: list[st
         pq.write_table(pa.table(columns), tmp)
 
 
-def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str]) -> tuple[dict, np.ndarray]:
-    """The real-only arm's facts and test probabilities, checked against this run's test split and classes."""
+def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str], seeds: int = 1
+                  ) -> tuple[dict, np.ndarray]:
+    """The real-only arm's facts and test probabilities, checked against this run's test split, classes and
+    number of training seeds."""
     fix = "rerun it with `dvc repro utility_real`"
     facts = read_json(real_dir / REAL_ARM, fix)
-    if not isinstance(facts.get("train_images"), int) or not isinstance(facts.get("train_image_indices"), list):
+    per_seed = facts.get("seed_macro_auroc")
+    if not (isinstance(per_seed, list) and len(per_seed) == seeds and all(
+            value is None or (isinstance(value, float) and 0.0 <= value <= 1.0) for value in per_seed)):
+        raise UtilityError(f"{real_dir / REAL_ARM}: 'seed_macro_auroc' is not {seeds} AUROC(s), one per training seed "
+                           f"(utility.seeds); {fix}")
+    if not is_whole_number(facts.get("train_images")) or not isinstance(facts.get("train_image_indices"), list):
         raise UtilityError(f"{real_dir / REAL_ARM}: no 'train_images' count or 'train_image_indices' list; {fix}")
     if facts["train_images"] != len(facts["train_image_indices"]):
         raise UtilityError(f"{real_dir / REAL_ARM}: 'train_images' is {facts['train_images']} but its list holds "
                            f"{len(facts['train_image_indices'])} images; {fix}")
-    try:  # the row count from the footer first: a small file can declare millions of rows
-        rows = pq.ParquetFile(real_dir / SCORES).metadata.num_rows
-        if rows != len(image_indices):
-            raise UtilityError(f"{real_dir / SCORES}: {rows:,} rows, this run's real test split has "
-                               f"{len(image_indices):,} images; {fix}")
+    try:
+        _check_scores_footer(real_dir / SCORES, len(image_indices), len(classes), fix)
         table = pq.read_table(real_dir / SCORES)
     except (OSError, pa.ArrowException) as error:
         raise UtilityError(f"{real_dir / SCORES}: unreadable ({str(error).splitlines()[0]}); {fix}") from None
@@ -108,6 +121,28 @@ def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str]) 
     return facts, scores
 
 
+# What one row of the scores file can hold: an image id (NIH's are 16 bytes; 256 at most, as the ELIXR ids),
+# an arm name and one float per class, with generous room for Parquet's own bookkeeping.
+_MAX_ROW_BYTES = 512
+_MAX_CLASS_BYTES = 16
+
+
+def _check_scores_footer(path: Path, images: int, classes: int, fix: str) -> None:
+    """Refuse, from the footer and before a value is decompressed, a scores file that is not a regular file (a
+    FIFO would block the read), has another row count than the test split, or declares more bytes than such
+    rows can hold (a few KB of zstd can declare gigabytes of ids)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UtilityError(f"{path}: not a regular file; {fix}")
+    metadata = pq.ParquetFile(path).metadata
+    if metadata.num_rows != images:
+        raise UtilityError(f"{path}: {metadata.num_rows:,} rows, this run's real test split has {images:,} images; {fix}")
+    declared = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    allowed = images * (_MAX_ROW_BYTES + _MAX_CLASS_BYTES * classes) + (1 << 20)
+    if declared > allowed:
+        raise UtilityError(f"{path}: declares {declared:,} bytes of values, more than {images:,} rows of scores "
+                           f"can hold ({allowed:,}); {fix}")
+
+
 def train_real_arm(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
     """Stage `utility_real`: the real-only arm (N real train images), its test probabilities and its subset."""
     started = time.perf_counter()
@@ -119,13 +154,14 @@ def train_real_arm(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
     positions = train_subset(train, params.utility.train_images, params.seed)
     real = read_arm_images(train, positions, classifier_side(train.image_size, config.max_image_size), "real arm")
     test = test_split(params, prepared_dir)
-    model = train_arm(real, train.classes, config, params.seed, device, name=REAL)
+    per_seed = [predict(train_arm(real, train.classes, config, params.seed + extra, device, name=f"{REAL} seed {extra}"),
+                        test.images, config.batch_size, REAL) for extra in range(params.utility.seeds)]
     facts = {"classes": list(train.classes), "train_images": len(positions), "train_split_images": len(train),
              "test_images": len(test.image_indices), "architecture": config.architecture, "device": describe_device(device),
-             "train_image_indices": [train.image_indices[p] for p in positions]}
+             "train_image_indices": [train.image_indices[p] for p in positions],
+             "seed_macro_auroc": [test_macro_auroc(test, scores) for scores in per_seed]}
     with atomic_directory(out_dir) as tmp:
-        write_scores(tmp / SCORES, {REAL: predict(model, test.images, config.batch_size, REAL)}, test.image_indices,
-                     list(train.classes))
+        write_scores(tmp / SCORES, {REAL: per_seed[0]}, test.image_indices, list(train.classes))
         write_json(tmp / REAL_ARM, facts)  # no wall-clock time in a cached output: the same run, the same bytes
     return {**{k: v for k, v in facts.items() if k != "train_image_indices"},
             "seconds": round(time.perf_counter() - started, 1)}

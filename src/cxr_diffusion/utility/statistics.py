@@ -30,7 +30,7 @@ def _auroc_columns(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return values
 
 
-def _draws(groups: Sequence[str], resamples: int, seed: int) -> list[np.ndarray]:
+def patient_draws(groups: Sequence[str], resamples: int, seed: int) -> list[np.ndarray]:
     """Row indices of each bootstrap draw: ``len(set(groups))`` groups drawn with replacement, all rows of each."""
     names, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     rows_of = [np.flatnonzero(inverse == g) for g in range(len(names))]
@@ -62,7 +62,7 @@ def auroc_with_intervals(labels: np.ndarray, scores: np.ndarray, classes: Sequen
     truth, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
     _check_groups(groups, len(truth))
     defined = np.array([per_class[name] is not None for name in classes])
-    boot = _complete(np.array([_auroc_columns(truth[rows], scores[rows]) for rows in _draws(groups, resamples, seed)]),
+    boot = _complete(np.array([_auroc_columns(truth[rows], scores[rows]) for rows in patient_draws(groups, resamples, seed)]),
                      defined)
     result = {"per_class": {}, "macro": {}, "bootstrap_draws": len(boot)}
     for column, name in enumerate(classes):
@@ -85,7 +85,7 @@ def paired_difference(labels: np.ndarray, scores: np.ndarray, baseline_scores: n
     scores, baseline_scores = np.asarray(scores, dtype=np.float64), np.asarray(baseline_scores, dtype=np.float64)
     defined = np.array([arm[name] is not None for name in classes])  # the same labels: defined for both or neither
     deltas = _complete(np.array([_auroc_columns(truth[rows], scores[rows]) - _auroc_columns(truth[rows], baseline_scores[rows])
-                                 for rows in _draws(groups, resamples, seed)]), defined)
+                                 for rows in patient_draws(groups, resamples, seed)]), defined)
     per_class = {}
     for column, name in enumerate(classes):
         low, high = _interval(deltas[:, column]) if defined[column] else (None, None)
@@ -97,3 +97,13 @@ def paired_difference(labels: np.ndarray, scores: np.ndarray, baseline_scores: n
     gap = None if difference is None or not macro_base else -difference / macro_base
     return {"per_class": per_class, "macro": {"difference": difference, "ci_low": low, "ci_high": high},
             "gap_fraction": gap, "bootstrap_draws": len(deltas)}
+
+
+def seed_spread(values: Sequence[float | None]) -> dict:
+    """The macro AUROC of one arm trained with each seed (``utility.seeds``): the spread that training itself
+    adds, which a bootstrap over the test images cannot show. ``sd`` needs two seeds."""
+    finite = [float(value) for value in values if value is not None]
+    return {"macro_auroc": [None if value is None else float(value) for value in values], "count": len(values),
+            "mean": float(np.mean(finite)) if finite else None,
+            "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+            "min": min(finite) if finite else None, "max": max(finite) if finite else None}

@@ -4,8 +4,10 @@ ones? Train on synthetic, test on real, as Packhaeuser et al. 2023 and CheXGenBe
 `utility_real` (real_arm.py) trains the real-only arm once, on a seeded subset of N real train images, and keeps its
 probabilities on the real test split. `utility@<branch>` generates the branch's synthetic training set
 from the conditions of those same N images, trains the synthetic-only arm (N), the real + synthetic arm
-(N + N) and the scaled synthetic-only arms (k x N), scores every arm on the same real test images, and
-reports per-class and macro AUROC with bootstrap intervals and the paired difference to the real-only arm.
+(N + N, mixed), the synthetic-then-real arm (pretrained on the N synthetic, fine-tuned on the N real, as
+RoentGen-v2 measures it) and the scaled synthetic-only arms (k x N), scores every arm on the same real test images, and
+reports per-class and macro AUROC with bootstrap intervals and the paired difference to the real-only arm,
+and every arm's results by sex and age band (``subgroups``: AUROC, underdiagnosis and the gaps between groups).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cxr_diffusion.config import Params
@@ -24,8 +27,10 @@ from cxr_diffusion.sampling.sample import load_pipeline
 from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
 from cxr_diffusion.utility.chart import auroc_bars
 from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
-from cxr_diffusion.utility.real_arm import REAL, REAL_ARM, SCORES, UtilityError, read_real_arm, test_split, write_scores
-from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference
+from cxr_diffusion.utility.real_arm import (REAL, REAL_ARM, SCORES, UtilityError, read_real_arm, test_macro_auroc,
+                                            test_split, write_scores)
+from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference, patient_draws, seed_spread
+from cxr_diffusion.utility.subgroups import group_order, subgroup_results, test_subgroups
 from cxr_diffusion.utility.synthetic import write_synthetic_set
 
 
@@ -38,12 +43,29 @@ def _conditions_note(branch: str) -> str:
             "text-only generation")
 
 
+PRETRAINED = "synthetic_then_real"
+
+
 def _scaled_arm(k: int) -> str:
     return f"synthetic_x{k}"
 
 
-def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: Path, store_dir: Path,
-                   real_dir: Path, out_dir: Path, figures_dir: Path, metrics_path: Path) -> dict:
+def _score_arms(training_sets: dict[str, ArmImages], real: ArmImages, test: ArmImages, classes: list[str],
+                config, seed: int, device: torch.device, branch: str) -> dict[str, np.ndarray]:
+    """Every arm but the real one trained with ``seed``, and its probabilities on the test images. The
+    synthetic arm's classifier is then fine-tuned on the real images: RoentGen-v2's synthetic-then-real arm."""
+    scores = {}
+    for arm, images in training_sets.items():
+        model = train_arm(images, classes, config, seed, device, name=f"{branch} {arm}")
+        scores[arm] = predict(model, test, config.batch_size, f"{branch} {arm}")
+        if arm == "synthetic":
+            model = train_arm(real, classes, config, seed, device, name=f"{branch} {PRETRAINED}", start=model)
+            scores[PRETRAINED] = predict(model, test, config.batch_size, f"{branch} {PRETRAINED}")
+    return scores
+
+
+def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: Path, filtered_csv: Path,
+                   store_dir: Path, real_dir: Path, out_dir: Path, figures_dir: Path, metrics_path: Path) -> dict:
     """Stage `utility@<branch>`: the synthetic set, the arms that use it, and every arm's AUROC on real test images."""
     started = time.perf_counter()
     torch.manual_seed(params.seed)
@@ -52,7 +74,7 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
     train = PreparedImages(prepared_dir, "train", channels=1)
     test_names = PreparedImages(prepared_dir, "test", channels=1).image_indices
     classes = list(train.classes)
-    real_facts, real_scores = read_real_arm(real_dir, classes, test_names)
+    real_facts, real_scores = read_real_arm(real_dir, classes, test_names, utility.seeds)
     positions = train_subset(train, utility.train_images, params.seed)
     if [train.image_indices[p] for p in positions] != real_facts.get("train_image_indices"):
         raise UtilityError(f"{real_dir / REAL_ARM}: the real arm was trained on another subset of the train split "
@@ -61,6 +83,7 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
     if store.meta.get("branch") != branch:
         raise UtilityError(f"{store_dir} holds {store.meta.get('branch')!r} conditions, not {branch}'s; pass "
                            f"data/embeddings/{branch} (the output of embed_{branch})")
+    subgroups = test_subgroups(filtered_csv, test_names, utility.age_bands)  # read before hours of generation
     pipeline = load_pipeline(model_dir, params.sample.sampler, device)
     if pipeline.config.branch != branch:
         raise UtilityError(f"{model_dir} holds a {pipeline.config.branch} model, not {branch}")
@@ -83,12 +106,20 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
 
         training_sets = {"synthetic": first(1), "real_plus_synthetic": real + first(1)}
         training_sets.update({_scaled_arm(k): first(k) for k in sorted(utility.scaling)})
-        scores = {REAL: real_scores}
-        for arm, images in training_sets.items():
-            model = train_arm(images, classes, config, params.seed, device, name=f"{branch} {arm}")
-            scores[arm] = predict(model, test.images, config.batch_size, f"{branch} {arm}")
-        write_scores(tmp / SCORES, scores, test_names, classes)
 
+        def arm_scores(seed: int) -> dict[str, np.ndarray]:
+            return _score_arms(training_sets, real, test.images, classes, config, seed, device, branch)
+
+        scores = {REAL: real_scores, **arm_scores(params.seed)}
+        write_scores(tmp / SCORES, scores, test_names, classes)
+        seed_aurocs = {arm: [test_macro_auroc(test, arm_result)] for arm, arm_result in scores.items()}
+        seed_aurocs[REAL] = real_facts["seed_macro_auroc"]
+        for extra in range(1, utility.seeds):  # the spread of training itself, next to the test bootstrap's
+            for arm, arm_result in arm_scores(params.seed + extra).items():
+                seed_aurocs[arm].append(test_macro_auroc(test, arm_result))
+        training_sets[PRETRAINED] = first(1) + real  # N synthetic, then the N real
+
+    draws = patient_draws(test.patients, utility.bootstrap, params.seed)
     arms = {}
     for arm, arm_scores in scores.items():
         images = real_facts["train_images"] if arm == REAL else len(training_sets[arm])
@@ -97,6 +128,9 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
         if arm != REAL:
             arms[arm]["vs_real"] = paired_difference(test.images.labels, arm_scores, real_scores, classes,
                                                      test.patients, utility.bootstrap, params.seed)
+        arms[arm]["seeds"] = seed_spread(seed_aurocs[arm])
+        arms[arm]["subgroups"] = subgroup_results(test.images.labels, arm_scores, classes, test.patients, subgroups,
+                                                  group_order(utility.age_bands), draws)
     with atomic_directory(figures_dir) as tmp:
         auroc_bars(arms, classes, f"{branch}: train on synthetic, test on real (N = {real_facts['train_images']})",
                    tmp / "auroc.png")

@@ -1,0 +1,137 @@
+"""The comparison report built from metrics files edited by hand (or damaged on a DVC remote): a string where a
+number belongs is inert text, and a file missing a key or holding a list for a mapping is one line naming it.
+Found by the seventh hostile pass: numbers were written with str(), so an edited metric became raw HTML or a
+table cell of its own, and a damaged file ended compare in a KeyError, TypeError or AttributeError traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from cxr_diffusion.evaluation.report import MetricsFileError, ReportInputs, compare
+from cxr_diffusion.profiles import params_with
+from test_report import utility_metrics
+
+PAYLOAD = "<img src=x onerror=alert(1)>"
+
+
+def inputs(tmp_path: Path) -> ReportInputs:
+    return ReportInputs(*(tmp_path / "in" / name for name in ("evaluate", "evaluator.json", "sample", "live",
+                                                             "utility", "reader_study.json", "embed_elixr.json")))
+
+
+def write(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def report_of(tmp_path: Path) -> str:
+    compare(params_with({"branches": ["elixr"]}), inputs(tmp_path), tmp_path / "summary.json", tmp_path / "report.md")
+    return (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("key", ["domain_fd", "kid", "inception_fid"])
+def test_a_metric_edited_to_text_is_written_as_text(tmp_path, key):
+    write(inputs(tmp_path).evaluations / "elixr.json", {"closeness": {key: PAYLOAD}})
+    text = report_of(tmp_path)
+    assert "<img" not in text and "&lt;img" in text
+
+
+def test_a_pipe_in_a_metric_cannot_add_a_table_cell(tmp_path):
+    write(inputs(tmp_path).evaluations / "elixr.json", {"closeness": {"kid": "1 | injected | 3"}})
+    row = next(line for line in report_of(tmp_path).splitlines() if line.startswith("| KID |"))
+    assert row.count("|") - row.count("\\|") == 3, row
+
+
+def test_the_evaluator_auroc_edited_to_markup_is_text(tmp_path):
+    write(inputs(tmp_path).evaluator, {"test_macro_auroc": PAYLOAD})
+    assert "<img" not in report_of(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["arm", "classifier", "sampler", "train_images"])
+def test_utility_strings_are_text(tmp_path, where):
+    metrics = utility_metrics()
+    if where == "arm":
+        metrics["arms"][PAYLOAD] = metrics["arms"].pop("synthetic")
+    elif where == "classifier":
+        metrics["classifier"] = PAYLOAD
+    elif where == "sampler":
+        metrics["synthetic_set"]["sampler"] = PAYLOAD
+    else:
+        metrics["arms"]["synthetic"]["train_images"] = PAYLOAD
+    write(inputs(tmp_path).utility / "elixr.json", metrics)
+    assert "<img" not in report_of(tmp_path)
+
+
+def test_the_pretrained_network_notes_are_text(tmp_path):
+    details = {"features": PAYLOAD, "real": "test split", "n_real": 3, "n_generated": 3, "resolution": "16x16",
+               "weights_sha256": "<b>bold</b>0123456789"}
+    write(inputs(tmp_path).evaluations / "elixr.json", {"closeness": {"inception_fid": 1.0,
+                                                                        "inception_fid_details": details}})
+    text = report_of(tmp_path)
+    assert "<img" not in text and "<b>" not in text
+
+
+def test_the_reader_study_item_count_edited_to_markup_is_text(tmp_path):
+    write(inputs(tmp_path).reader_study, {"readers": 0, "items": PAYLOAD, "study_id": "cxr-study", "rejects": []})
+    assert "<img" not in report_of(tmp_path)
+
+
+def test_an_arm_scaled_by_a_superscript_digit_is_reported_not_a_traceback(tmp_path):
+    """'²'.isdigit() is True and int('²') raised ValueError when the arms were ordered."""
+    metrics = utility_metrics()
+    metrics["arms"]["synthetic_x\u00b2"] = metrics["arms"]["synthetic"]
+    write(inputs(tmp_path).utility / "elixr.json", metrics)
+    assert "| elixr | synthetic_x\u00b2 |" in report_of(tmp_path)
+
+
+def damage(folder: ReportInputs, how: str) -> Path:
+    metrics = utility_metrics()
+    if how == "no_synthetic_set":
+        del metrics["synthetic_set"]
+    elif how == "arm_without_macro":
+        del metrics["arms"]["synthetic"]["macro"]
+    elif how == "closeness_list":
+        write(folder.evaluations / "elixr.json", {"closeness": [1, 2]})
+        return folder.evaluations / "elixr.json"
+    elif how == "prdc_list":
+        write(folder.evaluations / "elixr.json", {"prdc": [0.5]})
+        return folder.evaluations / "elixr.json"
+    elif how == "pooled_list":
+        write(folder.reader_study, {"readers": 1, "pooled": []})
+        return folder.reader_study
+    write(folder.utility / "elixr.json", metrics)
+    return folder.utility / "elixr.json"
+
+
+@pytest.mark.parametrize("how", ["no_synthetic_set", "arm_without_macro", "closeness_list", "prdc_list",
+                                 "pooled_list"])
+def test_a_damaged_metrics_file_is_one_line_naming_it_and_nothing_is_written(tmp_path, how):
+    folder = inputs(tmp_path)
+    damaged = damage(folder, how)
+    with pytest.raises(MetricsFileError) as raised:
+        report_of(tmp_path)
+    message = str(raised.value)
+    assert "\n" not in message and "not the metrics its stage writes" in message
+    assert str(damaged) in message or str(damaged.parent) in message, message
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_the_compare_stage_exits_2_with_one_line_on_a_damaged_utility_file(tmp_path, capsys, tiny_params_file):
+    folder = inputs(tmp_path)
+    damage(folder, "no_synthetic_set")
+    spec = importlib.util.spec_from_file_location("compare_stage", REPO / "stages" / "compare.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main(params=tiny_params_file, evaluations=folder.evaluations, evaluator=folder.evaluator,
+                   sampling=folder.sampling, training=folder.training, utility=folder.utility,
+                   reader_study=folder.reader_study, elixr_embedding=folder.elixr_embedding,
+                   summary=tmp_path / "summary.json", report=tmp_path / "report.md")
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1 and error[0].startswith("stage compare failed: ")
