@@ -201,7 +201,7 @@ def test_a_real_arm_file_without_its_subset_is_refused_in_one_line(tmp_path):
     from cxr_diffusion.utility.real_arm import UtilityError, read_real_arm
 
     (tmp_path / "real_arm.json").write_text(json.dumps({"classes": list(CLASSES), "train_images": 4, "seed_macro_auroc": [0.5]}))
-    message = one_line_message(lambda: read_real_arm(tmp_path, list(CLASSES), ["a", "b"]), UtilityError)
+    message = one_line_message(lambda: read_real_arm(tmp_path, list(CLASSES), ["a", "b"], 1), UtilityError)
     assert "real_arm.json" in message and "train_image_indices" in message and "dvc repro utility_real" in message
 
 
@@ -264,8 +264,11 @@ def test_a_group_of_few_films_gets_no_estimate_and_stays_out_of_the_gap():
     groups["sex"][:6] = ["X"] * 6  # six films of an unknown sex: "other"
     groups["sex"] = [value if value in ("F", "M") else "other" for value in groups["sex"]]
     sex = subgroups_of(labels, labels.astype(float), patients, groups)["sex"]
-    assert sex["groups"]["other"] == {"images": 6, "patients": 2, "note": "fewer than 10 test films: no estimate"}
+    other = sex["groups"]["other"]
+    assert (other["images"], other["patients"], other["macro_auroc"], other["underdiagnosis"]) == (6, 2, None, None)
+    assert other["note"] == "fewer than 10 test films: no AUROC; fewer than 10 films with a finding: no underdiagnosis rate"
     assert {sex["auroc_gap"]["best"], sex["auroc_gap"]["worst"]} == {"F", "M"}
+    assert sex["auroc_gap"]["draws"] == 100
 
 
 def test_age_bands_are_cut_where_the_param_says():
@@ -274,16 +277,16 @@ def test_age_bands_are_cut_where_the_param_says():
 
 
 def test_test_films_missing_from_the_filter_table_are_one_line(tmp_path):
-    from cxr_diffusion.utility.subgroups import SubgroupError, test_subgroups
+    from cxr_diffusion.utility.subgroups import SubgroupError, subgroups_of_films
 
     table = tmp_path / "filtered.csv"
     table.write_text("Image Index,Patient Age,Patient Gender\na.png,30,F\nb.png,70,M\n")
-    assert test_subgroups(table, ["b.png", "a.png"], [40, 60]) == {"sex": ["M", "F"], "age": ["60+", "<40"]}
-    message = one_line_message(lambda: test_subgroups(table, ["a.png", "c.png"], [40, 60]), SubgroupError)
+    assert subgroups_of_films(table, ["b.png", "a.png"], [40, 60]) == {"sex": ["M", "F"], "age": ["60+", "<40"]}
+    message = one_line_message(lambda: subgroups_of_films(table, ["a.png", "c.png"], [40, 60]), SubgroupError)
     assert message.startswith(f"{table}: 1 test image(s) are not in it (first: 'c.png'); rerun the filter stage")
     table.write_text("Image Index,Patient Gender\na.png,F\n")
-    assert "Patient Age" in one_line_message(lambda: test_subgroups(table, ["a.png"], [40, 60]), SubgroupError)
-    message = one_line_message(lambda: test_subgroups(tmp_path / "none.csv", ["a.png"], [40, 60]), SubgroupError)
+    assert "Patient Age" in one_line_message(lambda: subgroups_of_films(table, ["a.png"], [40, 60]), SubgroupError)
+    message = one_line_message(lambda: subgroups_of_films(tmp_path / "none.csv", ["a.png"], [40, 60]), SubgroupError)
     assert message.startswith(f"{tmp_path / 'none.csv'}: ")
 
 
@@ -299,7 +302,7 @@ def test_pretraining_on_noise_then_fine_tuning_on_real_recovers_the_real_arm(spl
     """The synthetic-then-real arm continues the given classifier: pretrained on noise (which teaches nothing),
     then fine-tuned on the real images, it scores close to the real arm; the same object is trained on."""
     pretrained = train_arm(noise_like(split["real"], seed=4), CLASSES, CONFIG, 0, CPU)
-    tuned = train_arm(split["real"], CLASSES, CONFIG, 0, CPU, start=pretrained)
+    tuned = train_arm(split["real"], CLASSES, CONFIG, 0, CPU, pretrained=pretrained)
     assert tuned is pretrained
     real = auroc_with_intervals(split["test"].labels, scores_of(split["real"], split["test"]), CLASSES, ONE_EACH, 50, 0)
     after = auroc_with_intervals(split["test"].labels, predict(tuned, split["test"], 64), CLASSES, ONE_EACH, 50, 0)
@@ -321,3 +324,20 @@ def test_arms_trained_with_other_seeds_differ_but_learn_the_same_findings(split)
     assert not np.allclose(first, second)
     for scores in (first, second):
         assert auroc_with_intervals(split["test"].labels, scores, CLASSES, ONE_EACH, 20, 0)["macro"]["auroc"] > 0.9
+
+
+def test_an_underdiagnosis_rate_needs_ten_films_with_a_finding_not_ten_films():
+    """A band of 12 films, one of them with a finding, once showed an underdiagnosis gap of 0.79 [0.57, 0.94]
+    from that single film."""
+    labels, patients, groups = subgroup_split()
+    young = [i for i, band in enumerate(groups["age"]) if band == "<40"]
+    for i in young[12:]:
+        groups["age"][i] = "40-59"  # 12 films under 40 ...
+    for i in young[:12]:
+        labels[i] = [0, 0, 1]  # ... all without a finding but one
+    labels[young[0]] = [1, 0, 0]
+    age = subgroups_of(labels, np.clip(labels + 0.2, 0, 1), patients, groups)["age"]
+    under_40 = age["groups"]["<40"]
+    assert under_40["with_finding"] == 1 and under_40["underdiagnosis"] is None
+    assert under_40["note"] == "fewer than 10 films with a finding: no underdiagnosis rate"
+    assert "<40" not in (age["underdiagnosis_gap"]["best"], age["underdiagnosis_gap"]["worst"])

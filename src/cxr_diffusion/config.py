@@ -118,7 +118,8 @@ class FilterConfig(Section):
                      f"nor defined in filter.merges")
         for target, sources in self.merges.items():
             _require(target in self.classes, f"merges.{target}", "is not one of filter.classes")
-            _require(_usable_class_name(target), f"merges.{target if _usable_class_name(target) else repr(target)}",
+            usable = _usable_class_name(target)
+            _require(usable, f"merges.{target if usable else repr(target)}",
                      f"names a class {target!r}; a class becomes a column of the filtered table, the shards and the "
                      f"scores, so use a visible name without control characters, $ or a newline, not one of "
                      f"{', '.join(RESERVED_COLUMNS)} and not an NIH label (give it a new name)")
@@ -149,8 +150,7 @@ RESERVED_COLUMNS: tuple[str, ...] = (
 def _usable_class_name(name: str) -> bool:
     """A merged class's name: visible text on one line, no $ (matplotlib reads $...$ as math), no column's name."""
     return (bool(name.strip()) and name == name.strip() and name.isprintable() and "$" not in name
-            and name.casefold() not in {column.casefold() for column in RESERVED_COLUMNS}
-            and name not in NIH_LABELS)
+            and name.casefold() not in {known.casefold() for known in (*RESERVED_COLUMNS, *NIH_LABELS)})
 
 
 class PrepareConfig(Section):

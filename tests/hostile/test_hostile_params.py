@@ -159,7 +159,7 @@ def test_every_profile_launch_config_exists():
 
 
 @pytest.mark.parametrize("name", ["Image Index", "split", "Finding Labels", "Patient ID", "image_index", "arm",
-                                  "", "   ", " Fluid", "a\nb", "Fluid $\\undefinedmacro$", "No Finding"])
+                                  "", "   ", " Fluid", "a\nb", "Fluid $\\undefinedmacro$", "No Finding", "no finding"])
 def test_a_merged_class_that_would_clash_with_a_column_or_break_a_figure_is_refused(name):
     """A merged class becomes a column beside the filtered table's own ('Image Index' made the filter stage fail
     with a pandas traceback, 'split' with an assertion), must be visible on one line ('' reached prepare, which

@@ -28,13 +28,13 @@ def real_arm(folder: Path, scores: np.ndarray, train_images: int = 2) -> Path:
 
 
 def test_a_sound_real_arm_is_read(tmp_path):
-    facts, scores = read_real_arm(real_arm(tmp_path, np.full((3, 2), 0.25)), CLASSES, TEST)
+    facts, scores = read_real_arm(real_arm(tmp_path, np.full((3, 2), 0.25)), CLASSES, TEST, 1)
     assert facts["train_images"] == 2 and scores.shape == (3, 2)
 
 
 def test_a_train_count_its_list_does_not_hold_is_refused(tmp_path):
     folder = real_arm(tmp_path, np.full((3, 2), 0.25), train_images=999_999)
-    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST, 1), UtilityError)
     assert "'train_images' is 999999 but its list holds 2" in message
 
 
@@ -42,7 +42,7 @@ def test_a_train_count_its_list_does_not_hold_is_refused(tmp_path):
 def test_probabilities_outside_0_1_are_refused_naming_the_image_and_class(tmp_path, bad):
     scores = np.full((3, 2), 0.25)
     scores[2, 1] = bad
-    message = one_line_message(lambda: read_real_arm(real_arm(tmp_path, scores), CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(real_arm(tmp_path, scores), CLASSES, TEST, 1), UtilityError)
     assert f"{SCORES}: 1 probabilities are not in [0, 1]" in message and "00000003_000.png, No Finding" in message
 
 
@@ -78,12 +78,12 @@ def test_rows_of_another_arm_or_scores_that_are_not_floats_are_refused(tmp_path)
     folder = real_arm(tmp_path / "a", np.full((3, 2), 0.25))
     table = pq.read_table(folder / SCORES)
     pq.write_table(table.set_column(0, "arm", pa.array(["real", "synthetic", "real"])), folder / SCORES)
-    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST, 1), UtilityError)
     assert "rows of arms ['real', 'synthetic'], expected only 'real'" in message
     folder = real_arm(tmp_path / "b", np.full((3, 2), 0.25))
     table = pq.read_table(folder / SCORES)
     pq.write_table(table.set_column(2, "Effusion", pa.array([" 0.7 ", "0.1", "0.2"])), folder / SCORES)
-    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST, 1), UtilityError)
     assert "class columns ['Effusion'] are not floating-point probabilities (string)" in message
 
 
@@ -96,7 +96,7 @@ def test_a_small_scores_file_declaring_millions_of_rows_is_refused_from_its_foot
                       **{name: pa.array(np.full(rows, 0.5)) for name in CLASSES}})
     pq.write_table(table, folder / SCORES, compression="zstd")
     monkeypatch.setattr(pq, "read_table", lambda *args, **kwargs: pytest.fail("read the whole table"))
-    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST, 1), UtilityError)
     assert f"{SCORES}: 2,000,000 rows, this run's real test split has 3 images" in message
 
 
@@ -104,7 +104,7 @@ def test_an_extra_class_column_is_named_in_the_reason(tmp_path):
     folder = real_arm(tmp_path, np.full((3, 2), 0.25))
     table = pq.read_table(folder / SCORES)
     pq.write_table(table.append_column("Mass", pa.array([0.1, 0.2, 0.3])), folder / SCORES)
-    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST, 1), UtilityError)
     assert f"{SCORES}: class columns {CLASSES + ['Mass']}, this run's classes are {CLASSES}" in message
 
 
@@ -118,7 +118,7 @@ def test_a_fifo_named_as_the_scores_file_is_refused_instead_of_blocking(tmp_path
     (folder / SCORES).unlink()
     os.mkfifo(folder / SCORES)
     code = ("from pathlib import Path\nfrom cxr_diffusion.utility.real_arm import read_real_arm\n"
-            f"read_real_arm(Path({str(folder)!r}), {CLASSES!r}, {TEST!r})")
+            f"read_real_arm(Path({str(folder)!r}), {CLASSES!r}, {TEST!r}, 1)")
     try:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
@@ -134,7 +134,7 @@ def test_a_scores_file_of_kilobytes_declaring_gigabytes_is_refused_from_its_foot
                       "Effusion": [0.1, 0.2, 0.3], "No Finding": [0.4, 0.5, 0.6]})
     pq.write_table(table, folder / SCORES, compression="zstd")
     assert (folder / SCORES).stat().st_size < 100_000
-    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST, 1), UtilityError)
     assert f"{folder / SCORES}: declares " in message and "more than 3 rows of scores can hold" in message
 
 
@@ -142,7 +142,7 @@ def test_a_train_count_of_true_is_not_one_image(tmp_path):
     folder = real_arm(tmp_path, np.full((3, 2), 0.25))
     facts = json.loads((folder / REAL_ARM).read_text())
     (folder / REAL_ARM).write_text(json.dumps({**facts, "train_images": True, "train_image_indices": ["a.png"]}))
-    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST, 1), UtilityError)
     assert "no 'train_images' count" in message
 
 
@@ -152,7 +152,7 @@ def test_a_real_arm_without_one_auroc_per_seed_is_refused(tmp_path, per_seed):
     folder = real_arm(tmp_path, np.full((3, 2), 0.25))
     facts = json.loads((folder / REAL_ARM).read_text())
     (folder / REAL_ARM).write_text(json.dumps({**facts, "seed_macro_auroc": per_seed}))
-    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST), UtilityError)
+    message = one_line_message(lambda: read_real_arm(folder, CLASSES, TEST, 1), UtilityError)
     assert "'seed_macro_auroc' is not 1 AUROC(s), one per training seed (utility.seeds)" in message
 
 

@@ -77,8 +77,9 @@ def utility_summary(utility: dict) -> dict:
                  "macro_ci_low": macro["ci_low"], "macro_ci_high": macro["ci_high"],
                  "per_class": {name: dict(value) for name, value in result["per_class"].items()}}
         if "seeds" in result:
-            entry.update({"seeds": result["seeds"]["count"], "seed_sd": result["seeds"]["sd"],
-                          "seed_min": result["seeds"]["min"], "seed_max": result["seeds"]["max"]})
+            entry.update({"seeds": result["seeds"]["count"], "seed_mean": result["seeds"]["mean"],
+                          "seed_sd": result["seeds"]["sd"], "seed_min": result["seeds"]["min"],
+                          "seed_max": result["seeds"]["max"]})
         if "subgroups" in result:
             entry["subgroups"] = subgroup_summary(result["subgroups"])
         if "vs_real" in result:
@@ -176,6 +177,12 @@ def _pretrained_notes(evaluations: dict[str, dict]) -> list[str]:
     return notes + ([""] if notes else [])
 
 
+def _seed_count(utilities: dict[str, dict]) -> object:
+    """How many seeds the utility stages trained each arm with, from their metrics (the params may have moved on)."""
+    counts = {arm.get("seeds", {}).get("count", 1) for u in utilities.values() for arm in u["arms"].values()}
+    return counts.pop() if len(counts) == 1 else "several"
+
+
 def _seed_cell(entry: dict) -> str:
     if entry.get("seed_sd") is None:
         return "n/a (1 seed)" if entry.get("seeds", 1) == 1 else "n/a"
@@ -205,7 +212,7 @@ def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -
         "differences with two caveats: each branch's diffusion model was trained on the whole train split, so a "
         "synthetic arm can carry information from more than its N real images; and an arm of 2N images takes twice "
         "the optimizer steps (the same epochs). The intervals resample test patients; the seed column is the "
-        f"spread of training itself: the sd of the macro AUROC over {params.utility.seeds} training seed(s) "
+        f"spread of training itself: the sd of the macro AUROC over {number(_seed_count(done))} training seed(s) "
         "(utility.seeds; the table's values are the first seed's).", "",
         "| branch | arm | train images | macro AUROC [95% CI] | seed sd (min-max) | vs real-only [95% CI] | gap |",
         "|---|---|---:|---|---|---|---:|",

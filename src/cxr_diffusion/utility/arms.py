@@ -60,13 +60,13 @@ def build_classifier(config: UtilityClassifierConfig, classes: Sequence[str], im
 
 
 def train_arm(images: ArmImages, classes: Sequence[str], config: UtilityClassifierConfig, seed: int,
-              device: torch.device, name: str = "arm", start: nn.Module | None = None) -> nn.Module:
+              device: torch.device, name: str = "arm", pretrained: nn.Module | None = None) -> nn.Module:
     """One arm's classifier. The number of optimizer steps follows the arm's size (``config.epochs`` passes
-    over its images), as the reference protocols train every arm for the same epochs. ``start``: a trained
+    over its images), as the reference protocols train every arm for the same epochs. ``pretrained``: a trained
     classifier to fine-tune (with a fresh optimizer and schedule) instead of a new one."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = (start if start is not None else build_classifier(config, classes, images.pixels.shape[-1])).to(device)
+    model = (pretrained if pretrained is not None else build_classifier(config, classes, images.pixels.shape[-1])).to(device)
     batch_size = min(config.batch_size, len(images))
     steps = config.epochs * (len(images) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
@@ -77,8 +77,8 @@ def train_arm(images: ArmImages, classes: Sequence[str], config: UtilityClassifi
     with tqdm(total=steps, desc=f"utility {name}", unit="step") as progress:
         for _ in range(config.epochs):
             order = torch.randperm(len(images), generator=generator)
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                rows = order[start:start + batch_size]
+            for offset in range(0, len(order) - batch_size + 1, batch_size):
+                rows = order[offset:offset + batch_size]
                 batch = {"pixel_values": images.pixel_values(rows), "labels": labels[rows]}
                 loss = classifier_step(model, optimizer, schedule, batch, generator, pos_weight, device)
                 progress.update()

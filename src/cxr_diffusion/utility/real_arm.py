@@ -57,7 +57,7 @@ def test_split(params: Params, prepared_dir: Path) -> TestSplit:
     return TestSplit(read_arm_images(test, range(len(test)), side, "real test split"), names, patients)
 
 
-def test_macro_auroc(test: TestSplit, scores: np.ndarray) -> float | None:
+def macro_auroc_on_test(test: TestSplit, scores: np.ndarray) -> float | None:
     """An arm's macro AUROC on the test split (the point estimate, without an interval)."""
     return macro_auroc(per_label_auroc(test.images.labels, scores, [str(i) for i in range(scores.shape[1])]))
 
@@ -73,8 +73,7 @@ def write_scores(path: Path, arms: dict[str, np.ndarray], image_indices: list[st
         pq.write_table(pa.table(columns), tmp)
 
 
-def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str], seeds: int = 1
-                  ) -> tuple[dict, np.ndarray]:
+def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str], seeds: int) -> tuple[dict, np.ndarray]:
     """The real-only arm's facts and test probabilities, checked against this run's test split, classes and
     number of training seeds."""
     fix = "rerun it with `dvc repro utility_real`"
@@ -159,7 +158,7 @@ def train_real_arm(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
     facts = {"classes": list(train.classes), "train_images": len(positions), "train_split_images": len(train),
              "test_images": len(test.image_indices), "architecture": config.architecture, "device": describe_device(device),
              "train_image_indices": [train.image_indices[p] for p in positions],
-             "seed_macro_auroc": [test_macro_auroc(test, scores) for scores in per_seed]}
+             "seed_macro_auroc": [macro_auroc_on_test(test, scores) for scores in per_seed]}
     with atomic_directory(out_dir) as tmp:
         write_scores(tmp / SCORES, {REAL: per_seed[0]}, test.image_indices, list(train.classes))
         write_json(tmp / REAL_ARM, facts)  # no wall-clock time in a cached output: the same run, the same bytes

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_diffusion.config import Params
+from cxr_diffusion.config import Params, UtilityClassifierConfig
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.device import describe_device, resolve_device
@@ -27,10 +27,10 @@ from cxr_diffusion.sampling.sample import load_pipeline
 from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
 from cxr_diffusion.utility.chart import auroc_bars
 from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
-from cxr_diffusion.utility.real_arm import (REAL, REAL_ARM, SCORES, UtilityError, read_real_arm, test_macro_auroc,
+from cxr_diffusion.utility.real_arm import (REAL, REAL_ARM, SCORES, UtilityError, read_real_arm, macro_auroc_on_test,
                                             test_split, write_scores)
 from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference, patient_draws, seed_spread
-from cxr_diffusion.utility.subgroups import group_order, subgroup_results, test_subgroups
+from cxr_diffusion.utility.subgroups import group_order, subgroup_results, subgroups_of_films
 from cxr_diffusion.utility.synthetic import write_synthetic_set
 
 
@@ -51,7 +51,7 @@ def _scaled_arm(k: int) -> str:
 
 
 def _score_arms(training_sets: dict[str, ArmImages], real: ArmImages, test: ArmImages, classes: list[str],
-                config, seed: int, device: torch.device, branch: str) -> dict[str, np.ndarray]:
+                config: UtilityClassifierConfig, seed: int, device: torch.device, branch: str) -> dict[str, np.ndarray]:
     """Every arm but the real one trained with ``seed``, and its probabilities on the test images. The
     synthetic arm's classifier is then fine-tuned on the real images: RoentGen-v2's synthetic-then-real arm."""
     scores = {}
@@ -59,7 +59,7 @@ def _score_arms(training_sets: dict[str, ArmImages], real: ArmImages, test: ArmI
         model = train_arm(images, classes, config, seed, device, name=f"{branch} {arm}")
         scores[arm] = predict(model, test, config.batch_size, f"{branch} {arm}")
         if arm == "synthetic":
-            model = train_arm(real, classes, config, seed, device, name=f"{branch} {PRETRAINED}", start=model)
+            model = train_arm(real, classes, config, seed, device, name=f"{branch} {PRETRAINED}", pretrained=model)
             scores[PRETRAINED] = predict(model, test, config.batch_size, f"{branch} {PRETRAINED}")
     return scores
 
@@ -83,7 +83,7 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
     if store.meta.get("branch") != branch:
         raise UtilityError(f"{store_dir} holds {store.meta.get('branch')!r} conditions, not {branch}'s; pass "
                            f"data/embeddings/{branch} (the output of embed_{branch})")
-    subgroups = test_subgroups(filtered_csv, test_names, utility.age_bands)  # read before hours of generation
+    subgroups = subgroups_of_films(filtered_csv, test_names, utility.age_bands)  # read before hours of generation
     pipeline = load_pipeline(model_dir, params.sample.sampler, device)
     if pipeline.config.branch != branch:
         raise UtilityError(f"{model_dir} holds a {pipeline.config.branch} model, not {branch}")
@@ -107,23 +107,23 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
         training_sets = {"synthetic": first(1), "real_plus_synthetic": real + first(1)}
         training_sets.update({_scaled_arm(k): first(k) for k in sorted(utility.scaling)})
 
-        def arm_scores(seed: int) -> dict[str, np.ndarray]:
+        def scores_with_seed(seed: int) -> dict[str, np.ndarray]:
             return _score_arms(training_sets, real, test.images, classes, config, seed, device, branch)
 
-        scores = {REAL: real_scores, **arm_scores(params.seed)}
+        scores = {REAL: real_scores, **scores_with_seed(params.seed)}
         write_scores(tmp / SCORES, scores, test_names, classes)
-        seed_aurocs = {arm: [test_macro_auroc(test, arm_result)] for arm, arm_result in scores.items()}
+        seed_aurocs = {arm: [macro_auroc_on_test(test, arm_result)] for arm, arm_result in scores.items()}
         seed_aurocs[REAL] = real_facts["seed_macro_auroc"]
         for extra in range(1, utility.seeds):  # the spread of training itself, next to the test bootstrap's
-            for arm, arm_result in arm_scores(params.seed + extra).items():
-                seed_aurocs[arm].append(test_macro_auroc(test, arm_result))
-        training_sets[PRETRAINED] = first(1) + real  # N synthetic, then the N real
+            for arm, arm_result in scores_with_seed(params.seed + extra).items():
+                seed_aurocs[arm].append(macro_auroc_on_test(test, arm_result))
+        train_counts = {REAL: real_facts["train_images"], PRETRAINED: len(real) + per_variation,  # N synthetic, then N real
+                        **{arm: len(images) for arm, images in training_sets.items()}}
 
     draws = patient_draws(test.patients, utility.bootstrap, params.seed)
     arms = {}
     for arm, arm_scores in scores.items():
-        images = real_facts["train_images"] if arm == REAL else len(training_sets[arm])
-        arms[arm] = {"train_images": images, **auroc_with_intervals(test.images.labels, arm_scores, classes,
+        arms[arm] = {"train_images": train_counts[arm], **auroc_with_intervals(test.images.labels, arm_scores, classes,
                                                                      test.patients, utility.bootstrap, params.seed)}
         if arm != REAL:
             arms[arm]["vs_real"] = paired_difference(test.images.labels, arm_scores, real_scores, classes,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cxr_diffusion.evaluation.report_numbers import number, with_interval
 from cxr_diffusion.safe_text import markdown_text
@@ -12,15 +12,14 @@ ATTRIBUTE_TITLES = {"sex": "sex", "age": "age band"}
 
 
 def subgroup_summary(subgroups: dict) -> dict:
-    """Per attribute: each group's macro AUROC and underdiagnosis rate, and both gaps with their intervals
-    and worst group (flat numbers that `dvc metrics diff` compares)."""
+    """Per attribute: each group's macro AUROC and underdiagnosis rate, and both gaps with their intervals:
+    numbers only, which `dvc metrics diff` compares (which group fares worst is in metrics/utility)."""
     summary = {}
     for attribute, entry in subgroups.items():
         flat = {}
         for measure in ("auroc_gap", "underdiagnosis_gap"):
             gap = entry[measure]
-            flat.update({measure: gap["gap"], f"{measure}_ci_low": gap["ci_low"], f"{measure}_ci_high": gap["ci_high"],
-                         f"{measure}_worst": gap["worst"]})
+            flat.update({measure: gap["gap"], f"{measure}_ci_low": gap["ci_low"], f"{measure}_ci_high": gap["ci_high"]})
         flat["groups"] = {group: {"images": values["images"], "macro_auroc": values.get("macro_auroc"),
                                   "underdiagnosis": values.get("underdiagnosis")}
                           for group, values in entry["groups"].items()}
@@ -34,7 +33,7 @@ def _gap_cell(gap: dict) -> str:
     return f"{with_interval(gap['gap'], gap['ci_low'], gap['ci_high'])} ({markdown_text(gap['worst'], 40)} worst)"
 
 
-def subgroup_lines(utilities: dict[str, dict], arm_order, age_bands: Sequence[int]) -> list[str]:
+def subgroup_lines(utilities: dict[str, dict], arm_order: Callable[[str], tuple], age_bands: Sequence[int]) -> list[str]:
     """One table per attribute: every branch's arms (sorted by ``arm_order``), each group's macro AUROC, and
     the two gaps. Groups in reading order (``age_bands`` as the utility stage cut them): metrics files hold
     them sorted by name."""
@@ -44,11 +43,14 @@ def subgroup_lines(utilities: dict[str, dict], arm_order, age_bands: Sequence[in
         return []
     lines = ["### Utility by sex and age", "",
              "Each arm's macro AUROC per group (over the classes defined in every group of the attribute), the gap "
-             "between its highest and lowest group, and the underdiagnosis gap: the spread of the share of films "
-             "with a finding that the arm calls No Finding, read at the threshold that calls as many test films "
-             "No Finding as there are (Seyyed-Kalantari et al.). Intervals: 95% bootstrap over test patients, the "
-             "same draws for every arm. A group under 10 test films has no estimate. Groups from NIH's Patient "
-             "Gender and Patient Age.", ""]
+             "between its highest and lowest group, and the underdiagnosis gap: the spread, between groups, of the "
+             "share of films with a finding that the arm calls No Finding (Seyyed-Kalantari et al.'s measure). Each "
+             "arm calls No Finding on as many test films as have it, a threshold fixed per arm (not the paper's "
+             "F1-maximising one on validation data), so the intervals leave out its uncertainty, and the rates "
+             "follow this split's capped No Finding share: compare them within this report only. Intervals: 95% "
+             "bootstrap over test patients, the same draws for every arm; with three age bands the compared pair is "
+             "picked after seeing the estimates, so that interval is optimistic. A group under 10 test films (or 10 "
+             "films with a finding) has no estimate. Groups from NIH's Patient Gender and Patient Age.", ""]
     order = group_order(age_bands)
     for attribute in sorted(real["subgroups"], key=lambda name: list(order).index(name) if name in order else 99):
         entry = real["subgroups"][attribute]

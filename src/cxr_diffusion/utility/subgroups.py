@@ -2,22 +2,27 @@
 young, and does training on synthetic images widen or narrow the gap (RoentGen-v2 reports its synthetic
 pretraining narrowing the underdiagnosis gap)?
 
-Two attributes from NIH's metadata, per test image: ``sex`` (``Patient Gender``: M, F; anything else is
+Two attributes from NIH's metadata, per test film: ``sex`` (``Patient Gender``: M, F; anything else is
 ``other``) and ``age`` in bands cut at ``utility.age_bands`` (``[40, 60]``: ``<40``, ``40-59``, ``60+``). For
 each group and arm:
 
 - **macro AUROC**, over the classes defined (both label values present) in *every* group of the attribute,
-  so the groups are compared on the same classes;
-- **underdiagnosis rate** (Seyyed-Kalantari et al. 2021), when ``No Finding`` is a class: of the group's
-  images that have a finding, the share the arm calls "No Finding". The arm calls it at the threshold at
-  which it calls as many test images "No Finding" as the test split has (its prevalence), so every arm is
-  read at the same operating point without a validation split.
+  so the groups are compared on the same classes; a group of fewer than ``MIN_GROUP_FILMS`` films gets none;
+- **underdiagnosis rate**, when ``No Finding`` is a class: of the group's films that have a finding, the
+  share the arm calls "No Finding" (Seyyed-Kalantari et al. 2021's definition); a group with fewer than
+  ``MIN_GROUP_FILMS`` films with a finding gets none. The arm calls "No Finding" on the films it scores
+  highest for it, as many as the test split has (its prevalence), so every arm is read at one operating
+  point without a validation split. That is not the paper's threshold (the F1-maximising one on validation
+  data), the threshold is held fixed in every bootstrap draw (the intervals leave out its uncertainty), and
+  the prevalence is that of the filtered split (``filter.max_per_class`` caps No Finding): compare rates
+  between arms and groups of one run, not with published ones.
 
 The **gap** of an attribute is its highest group's value minus its lowest's (by the point estimate), taken
 between the same two groups in every bootstrap draw, so its interval can include 0; the result names the
-group that fares best and worst (for underdiagnosis, the lowest rate is best). Intervals resample test patients as ``statistics`` does; a draw in which a
-group loses a class is dropped and the kept draws are counted. A group of fewer than ``MIN_GROUP_IMAGES``
-images gets no estimate and stays out of the gap (named, with its count).
+group that fares best and worst (for underdiagnosis, the lowest rate is best). With more than two groups
+the pair is picked after seeing the estimates, so the interval (conditional on the pair) is optimistic.
+Intervals resample test patients as ``statistics`` does; a draw in which a group loses a class (or every
+film with a finding) gives that group no value, and each interval counts the draws it used.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from scipy.stats import rankdata
 
 from cxr_diffusion.errors import UserError
 
-MIN_GROUP_IMAGES = 10
+MIN_GROUP_FILMS = 10
 NO_FINDING = "No Finding"
 SEXES = ("F", "M")  # NIH's Patient Gender; any other value is the group "other"
 
@@ -56,7 +61,7 @@ def group_order(edges: Sequence[int]) -> dict[str, list[str]]:
     return {"sex": [*SEXES, "other"], "age": bands}
 
 
-def test_subgroups(filtered_csv: Path, image_indices: Sequence[str], edges: Sequence[int]) -> dict[str, list[str]]:
+def subgroups_of_films(filtered_csv: Path, image_indices: Sequence[str], edges: Sequence[int]) -> dict[str, list[str]]:
     """Each test image's sex and age band (attribute -> one label per image, in ``image_indices`` order)."""
     fix = "rerun the filter stage (`dvc repro filter`)"
     try:
@@ -123,16 +128,18 @@ def _interval(values: np.ndarray) -> tuple[float | None, float | None]:
 
 
 def _gap(point: dict[str, float], draws: dict[str, np.ndarray], higher_is_better: bool) -> dict:
-    """The highest minus the lowest group (by point estimate), with the paired bootstrap interval of the same
-    difference, and which group fares best and worst."""
+    """The highest minus the lowest group (by point estimate), with the bootstrap interval of the same
+    difference over the draws in which both have a value, and which group fares best and worst."""
     named = {group: value for group, value in point.items() if np.isfinite(value)}
     if len(named) < 2:
-        return {"gap": None, "ci_low": None, "ci_high": None, "best": None, "worst": None}
+        return {"gap": None, "ci_low": None, "ci_high": None, "draws": 0, "best": None, "worst": None}
     ordered = sorted(named, key=named.get)  # stable: tied groups keep their reading order, still two groups
     low, high = ordered[0], ordered[-1]
-    ci_low, ci_high = _interval(draws[high] - draws[low])
+    differences = draws[high] - draws[low]
+    ci_low, ci_high = _interval(differences)
     best, worst = (high, low) if higher_is_better else (low, high)
-    return {"gap": named[high] - named[low], "ci_low": ci_low, "ci_high": ci_high, "best": best, "worst": worst}
+    return {"gap": named[high] - named[low], "ci_low": ci_low, "ci_high": ci_high,
+            "draws": int(np.isfinite(differences).sum()), "best": best, "worst": worst}
 
 
 def subgroup_results(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str], patients: Sequence[str],
@@ -143,44 +150,47 @@ def subgroup_results(labels: np.ndarray, scores: np.ndarray, classes: Sequence[s
     truth, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
     column = list(classes).index(NO_FINDING) if NO_FINDING in classes else None
     underdiagnosis = _Underdiagnosis(truth, scores, column) if column is not None else None
+    patients = np.asarray(patients)
     results = {}
     for attribute, labels_of in subgroups.items():
         members = np.asarray(labels_of)
         groups = [g for g in order[attribute] if (members == g).any()] + sorted(set(labels_of) - set(order[attribute]))
         rows = {g: np.flatnonzero(members == g) for g in groups}
-        estimated = [g for g in groups if len(rows[g]) >= MIN_GROUP_IMAGES]
-        shared = np.flatnonzero(np.all([_defined(truth[rows[g]]) for g in estimated], axis=0)) if estimated \
+        ranked = [g for g in groups if len(rows[g]) >= MIN_GROUP_FILMS]
+        shared = np.flatnonzero(np.all([_defined(truth[rows[g]]) for g in ranked], axis=0)) if ranked \
             else np.array([], dtype=int)
-        point_auroc = {g: _macro(truth[rows[g]], scores[rows[g]], shared) if len(shared) else np.nan for g in estimated}
-        point_under = {g: underdiagnosis.rate(truth[rows[g]], scores[rows[g]]) if underdiagnosis else np.nan
-                       for g in estimated}
-        boot_auroc = {g: np.full(len(draws), np.nan) for g in estimated}
-        boot_under = {g: np.full(len(draws), np.nan) for g in estimated}
+        sick = {g: int((~truth[rows[g], column]).sum()) if column is not None else 0 for g in groups}
+        rated = [g for g in groups if underdiagnosis and sick[g] >= MIN_GROUP_FILMS]
+
+        def measure(group_rows: np.ndarray, group: str) -> tuple[float, float]:
+            auroc = _macro(truth[group_rows], scores[group_rows], shared) if group in ranked and len(shared) else np.nan
+            rate = underdiagnosis.rate(truth[group_rows], scores[group_rows]) if group in rated else np.nan
+            return auroc, rate
+
+        point = {g: measure(rows[g], g) for g in groups}
+        boot = {g: np.full((len(draws), 2), np.nan) for g in groups}
         for d, draw in enumerate(draws):
             drawn = members[draw]
-            for g in estimated:
-                picked = draw[drawn == g]
-                if len(shared):
-                    boot_auroc[g][d] = _macro(truth[picked], scores[picked], shared)
-                if underdiagnosis:
-                    boot_under[g][d] = underdiagnosis.rate(truth[picked], scores[picked])
-        complete = np.all([np.isfinite(boot_auroc[g]) for g in estimated], axis=0) if estimated else np.zeros(0, bool)
-        for g in estimated:
-            boot_auroc[g] = np.where(complete, boot_auroc[g], np.nan)
-        entry = {"groups": {}, "classes": [classes[c] for c in shared], "bootstrap_draws": int(complete.sum())}
+            for g in set(ranked) | set(rated):
+                boot[g][d] = measure(draw[drawn == g], g)
+        entry = {"groups": {}, "classes": [classes[c] for c in shared]}
         for g in groups:
-            group = {"images": int(len(rows[g])), "patients": int(len(set(np.asarray(patients)[rows[g]])))}
-            if g in estimated:
-                low, high = _interval(boot_auroc[g])
-                under_low, under_high = _interval(boot_under[g])
-                group.update({"macro_auroc": _finite(point_auroc[g]), "ci_low": low, "ci_high": high,
-                              "underdiagnosis": _finite(point_under[g]), "underdiagnosis_ci_low": under_low,
-                              "underdiagnosis_ci_high": under_high})
-            else:
-                group["note"] = f"fewer than {MIN_GROUP_IMAGES} test films: no estimate"
+            group = {"images": int(len(rows[g])), "patients": int(len(set(patients[rows[g]])))}
+            if column is not None:
+                group["with_finding"] = sick[g]
+            auroc_low, auroc_high = _interval(boot[g][:, 0])
+            rate_low, rate_high = _interval(boot[g][:, 1])
+            group.update({"macro_auroc": _finite(point[g][0]), "ci_low": auroc_low, "ci_high": auroc_high,
+                          "underdiagnosis": _finite(point[g][1]), "underdiagnosis_ci_low": rate_low,
+                          "underdiagnosis_ci_high": rate_high})
+            notes = ([f"fewer than {MIN_GROUP_FILMS} test films: no AUROC"] if g not in ranked else []) + \
+                ([f"fewer than {MIN_GROUP_FILMS} films with a finding: no underdiagnosis rate"]
+                 if underdiagnosis and g not in rated else [])
+            if notes:
+                group["note"] = "; ".join(notes)
             entry["groups"][g] = group
-        entry["auroc_gap"] = _gap(point_auroc, boot_auroc, higher_is_better=True)
-        entry["underdiagnosis_gap"] = _gap(point_under, boot_under, higher_is_better=False)
+        entry["auroc_gap"] = _gap({g: point[g][0] for g in groups}, {g: boot[g][:, 0] for g in groups}, True)
+        entry["underdiagnosis_gap"] = _gap({g: point[g][1] for g in groups}, {g: boot[g][:, 1] for g in groups}, False)
         results[attribute] = entry
     return results
 
