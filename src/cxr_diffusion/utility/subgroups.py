@@ -35,9 +35,9 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from cxr_diffusion.errors import UserError
+from cxr_diffusion.nih_labels import NO_FINDING
 
 MIN_GROUP_FILMS = 10
-NO_FINDING = "No Finding"
 SEXES = ("F", "M")  # NIH's Patient Gender; any other value is the group "other"
 
 
