@@ -249,14 +249,19 @@ def test_a_perfect_classifier_has_no_gap_and_no_underdiagnosis():
         assert all(group["underdiagnosis"] == 0 for group in result[attribute]["groups"].values())
 
 
-def test_the_subgroup_auroc_is_sklearns_with_ties():
+def test_the_rank_auroc_is_sklearns_with_ties_and_undefined_on_one_class():
     from sklearn.metrics import roc_auc_score
 
-    from cxr_diffusion.utility.subgroups import _auroc
+    from cxr_diffusion.utility.statistics import auroc_columns, macro_auroc_of
 
     rng = np.random.default_rng(3)
-    truth, scores = rng.random(500) < 0.3, np.round(rng.random(500), 1)  # many ties
-    assert _auroc(truth, scores) == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+    truth, scores = rng.random((500, 2)) < 0.3, np.round(rng.random((500, 2)), 1)  # many ties
+    truth[:, 1] = False  # one class only: undefined
+    values = auroc_columns(truth, scores)
+    assert values[0] == pytest.approx(roc_auc_score(truth[:, 0], scores[:, 0]), abs=1e-12)
+    assert np.isnan(values[1])
+    assert macro_auroc_of(truth, scores) == pytest.approx(values[0], abs=1e-12)
+    assert macro_auroc_of(truth[:, 1:], scores[:, 1:]) is None
 
 
 def test_a_group_of_few_films_gets_no_estimate_and_stays_out_of_the_gap():

@@ -122,6 +122,15 @@ def lies_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
 MAX_JSON_BYTES = 64 << 20  # the largest JSON the pipeline writes (a manifest, metrics, an answer key) is far below
 
 
+def require_regular_file(path: str | os.PathLike, error: type[Exception], fix: str) -> os.stat_result:
+    """The file's status, after refusing (``error``, one line naming it and ``fix``) a folder, FIFO or device
+    under a file's name: opening a FIFO blocks forever waiting for a writer. A missing file raises OSError."""
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise error(f"{path}: not a regular file (a folder, FIFO or device); {fix}")
+    return status
+
+
 def read_json(path: str | os.PathLike, fix: str, kind: type = dict, object_pairs_hook=None,
               max_bytes: int = MAX_JSON_BYTES) -> Any:
     """Read a JSON file the pipeline or a user wrote; anything malformed is one line naming the file and ``fix``.
@@ -134,9 +143,7 @@ def read_json(path: str | os.PathLike, fix: str, kind: type = dict, object_pairs
     reported like bad syntax).
     """
     path = Path(path)
-    status = path.stat()
-    if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read forever; a missing file raises
-        raise JsonFileError(f"{path}: not a regular file (a folder, FIFO or device); {fix}")
+    status = require_regular_file(path, JsonFileError, fix)
     if status.st_size > max_bytes:
         raise JsonFileError(f"{path}: {status.st_size:,} bytes, more than the {max_bytes:,} a JSON file here can be; "
                             f"{fix}")

@@ -168,3 +168,57 @@ def test_dollar_signs_in_names_are_drawn_as_text_in_the_utility_chart(tmp_path):
               "macro": {"auroc": 0.65, "ci_low": 0.55, "ci_high": 0.75}}
     path = auroc_bars({"real $x$": result}, ["Fluid $\\undefinedmacro$", "a$^$b"], "N = $1$", tmp_path / "a.png")
     assert Image.open(path).size[0] >= 800
+
+
+# The subgroups read data/filtered/filtered.csv as the filter stage wrote it: each image once, ages whole numbers
+# of years within 0-150. An edited table is one line naming the image, not a traceback or a silent band.
+SUBGROUP_NAMES = ["00000001_000.png", "00000002_000.png"]
+
+
+def filtered_table(path: Path, ages, genders=("M", "F"), names=SUBGROUP_NAMES) -> Path:
+    import pandas as pd
+
+    pd.DataFrame({"Image Index": list(names), "Patient ID": ["1", "2"][:len(names)], "Patient Age": list(ages),
+                  "Patient Gender": list(genders), "split": "test"}).to_csv(path, index=False)
+    return path
+
+
+def subgroup_refusal(path: Path) -> str:
+    from cxr_diffusion.utility.subgroups import SubgroupError, subgroups_of_films
+
+    message = one_line_message(lambda: subgroups_of_films(path, SUBGROUP_NAMES, [40, 60]), SubgroupError)
+    assert str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("age", ["-5", "200", "1e20", "7.9", "inf", "-inf", "1e400", "NaN", "", "abc"])
+def test_an_age_the_filter_never_writes_is_refused_naming_the_image(tmp_path, age):
+    """inf and 1e400 ended in an OverflowError; -5, 200 and 7.9 were put in a band without a word."""
+    message = subgroup_refusal(filtered_table(tmp_path / "filtered.csv", [age, "50"]))
+    assert SUBGROUP_NAMES[0] in message and "not a whole number of years in 0-150" in message
+
+
+def test_an_image_listed_twice_in_the_filtered_table_is_refused_naming_both_rows(tmp_path):
+    """The first of two rows with other ages and sexes was used silently."""
+    import pandas as pd
+
+    path = tmp_path / "filtered.csv"
+    pd.DataFrame({"Image Index": [SUBGROUP_NAMES[0], SUBGROUP_NAMES[0], SUBGROUP_NAMES[1]],
+                  "Patient Age": ["30", "75", "50"], "Patient Gender": ["M", "F", "F"]}).to_csv(path, index=False)
+    assert f"'{SUBGROUP_NAMES[0]}' appears on rows 2 and 3" in subgroup_refusal(path)
+
+
+def test_a_fifo_named_as_the_filtered_table_is_refused_instead_of_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "filtered.csv"
+    os.mkfifo(fifo)
+    assert "not a regular file" in subgroup_refusal(fifo)
+
+
+def test_a_sound_filtered_table_gives_each_film_its_sex_and_age_band(tmp_path):
+    from cxr_diffusion.utility.subgroups import subgroups_of_films
+
+    groups = subgroups_of_films(filtered_table(tmp_path / "filtered.csv", ["39", "60"], ["M", "U"]),
+                                SUBGROUP_NAMES, [40, 60])
+    assert groups == {"sex": ["M", "other"], "age": ["<40", "60+"]}

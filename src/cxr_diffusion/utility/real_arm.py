@@ -5,8 +5,6 @@ differences). Also what the branch stages share with it: the test images and the
 
 from __future__ import annotations
 
-import os
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +17,8 @@ from cxr_diffusion.config import Params
 from cxr_diffusion.data.shards import PreparedImages, iter_row_groups
 from cxr_diffusion.device import describe_device, resolve_device
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
-from cxr_diffusion.io import atomic_directory, atomic_path, read_json, write_json
+from cxr_diffusion.utility.statistics import macro_auroc_of
+from cxr_diffusion.io import atomic_directory, atomic_path, read_json, require_regular_file, write_json
 from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
 from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
 from cxr_diffusion.whole_number import is_whole_number
@@ -59,7 +57,7 @@ def test_split(params: Params, prepared_dir: Path) -> TestSplit:
 
 def macro_auroc_on_test(test: TestSplit, scores: np.ndarray) -> float | None:
     """An arm's macro AUROC on the test split (the point estimate, without an interval)."""
-    return macro_auroc(per_label_auroc(test.images.labels, scores, [str(i) for i in range(scores.shape[1])]))
+    return macro_auroc_of(test.images.labels, scores)
 
 
 def write_scores(path: Path, arms: dict[str, np.ndarray], image_indices: list[str], classes: list[str]) -> None:
@@ -130,8 +128,7 @@ def _check_scores_footer(path: Path, images: int, classes: int, fix: str) -> Non
     """Refuse, from the footer and before a value is decompressed, a scores file that is not a regular file (a
     FIFO would block the read), has another row count than the test split, or declares more bytes than such
     rows can hold (a few KB of zstd can declare gigabytes of ids)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise UtilityError(f"{path}: not a regular file; {fix}")
+    require_regular_file(path, UtilityError, fix)
     metadata = pq.ParquetFile(path).metadata
     if metadata.num_rows != images:
         raise UtilityError(f"{path}: {metadata.num_rows:,} rows, this run's real test split has {images:,} images; {fix}")

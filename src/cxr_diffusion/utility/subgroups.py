@@ -32,12 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
+from cxr_diffusion.data.nih import whole_numbers
 from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import require_regular_file
 from cxr_diffusion.nih_labels import NO_FINDING
+from cxr_diffusion.safe_text import shown_value, visible_text
+from cxr_diffusion.utility.statistics import auroc_columns, percentile_interval
 
 MIN_GROUP_FILMS = 10
+MAX_AGE = 150  # the filter keeps ages in [filter.age_min, filter.age_max], both within 0-150
 SEXES = ("F", "M")  # NIH's Patient Gender; any other value is the group "other"
 
 
@@ -65,40 +69,40 @@ def subgroups_of_films(filtered_csv: Path, image_indices: Sequence[str], edges: 
     """Each test image's sex and age band (attribute -> one label per image, in ``image_indices`` order)."""
     fix = "rerun the filter stage (`dvc repro filter`)"
     try:
+        require_regular_file(filtered_csv, SubgroupError, fix)  # a FIFO would block the read forever
         table = pd.read_csv(filtered_csv, dtype=str, keep_default_na=False,
                             usecols=["Image Index", "Patient Age", "Patient Gender"])
+    except SubgroupError:
+        raise
     except (OSError, ValueError) as error:  # missing, unreadable, or without one of the columns
         raise SubgroupError(f"{filtered_csv}: {str(error).splitlines()[0]}; {fix}") from None
-    table = table.drop_duplicates("Image Index").set_index("Image Index")
+    repeated = table["Image Index"].duplicated(keep=False)
+    if repeated.any():
+        name = table["Image Index"][repeated].iloc[0]
+        rows = [int(row) + 2 for row in np.flatnonzero(table["Image Index"] == name)[:2]]  # 1-based, after the header
+        raise SubgroupError(f"{filtered_csv}: {visible_text(name)!r} appears on rows {rows[0]} and {rows[1]}; the "
+                            f"filtered table lists each image once; {fix}")
+    table = table.set_index("Image Index")
     missing = [name for name in image_indices if name not in table.index]
     if missing:
-        raise SubgroupError(f"{filtered_csv}: {len(missing)} test image(s) are not in it (first: {missing[0]!r}); "
-                            f"{fix}, then prepare")
+        raise SubgroupError(f"{filtered_csv}: {len(missing)} test image(s) are not in it (first: "
+                            f"{visible_text(missing[0])!r}); {fix}, then prepare")
     rows = table.loc[list(image_indices)]
-    ages = pd.to_numeric(rows["Patient Age"], errors="coerce")
-    if ages.isna().any():
-        name = rows.index[int(np.flatnonzero(ages.isna())[0])]
-        raise SubgroupError(f"{filtered_csv}: Patient Age of {name!r} is not a number; {fix}")
+    ages = whole_numbers(rows["Patient Age"])
+    impossible = ages.isna() | (ages < 0) | (ages > MAX_AGE)
+    if impossible.any():
+        position = int(np.flatnonzero(impossible.to_numpy(dtype=bool))[0])
+        raise SubgroupError(f"{filtered_csv}: Patient Age of {visible_text(rows.index[position])!r} is "
+                            f"{shown_value(rows['Patient Age'].iloc[position])}, not a whole number of years in "
+                            f"0-{MAX_AGE}; {fix}")
     return {"sex": [value if value in SEXES else "other" for value in rows["Patient Gender"]],
             "age": [age_band(int(age), edges) for age in ages]}
 
 
-def _auroc(positives: np.ndarray, scores: np.ndarray) -> float:
-    """AUROC from ranks (Mann-Whitney U; ties share their rank, as sklearn's roc_auc_score counts them)."""
-    ranks = rankdata(scores)
-    count = int(positives.sum())
-    return float((ranks[positives].sum() - count * (count + 1) / 2) / (count * (len(positives) - count)))
-
-
 def _macro(truth: np.ndarray, scores: np.ndarray, columns: np.ndarray) -> float:
     """Mean AUROC over ``columns``; NaN when any of them holds a single label value in these rows."""
-    values = []
-    for column in columns:
-        positives = truth[:, column]
-        if not positives.any() or positives.all():
-            return np.nan
-        values.append(_auroc(positives, scores[:, column]))
-    return float(np.mean(values)) if values else np.nan
+    values = auroc_columns(truth[:, columns], scores[:, columns])
+    return float(values.mean()) if len(values) else np.nan
 
 
 def _defined(truth: np.ndarray) -> np.ndarray:
@@ -119,14 +123,6 @@ class _Underdiagnosis:
         return float(np.mean(scores[sick, self.column] >= self.threshold)) if sick.any() else np.nan
 
 
-def _interval(values: np.ndarray) -> tuple[float | None, float | None]:
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return None, None
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
-
-
 def _gap(point: dict[str, float], draws: dict[str, np.ndarray], higher_is_better: bool) -> dict:
     """The highest minus the lowest group (by point estimate), with the bootstrap interval of the same
     difference over the draws in which both have a value, and which group fares best and worst."""
@@ -136,7 +132,7 @@ def _gap(point: dict[str, float], draws: dict[str, np.ndarray], higher_is_better
     ordered = sorted(named, key=named.get)  # stable: tied groups keep their reading order, still two groups
     low, high = ordered[0], ordered[-1]
     differences = draws[high] - draws[low]
-    ci_low, ci_high = _interval(differences)
+    ci_low, ci_high = percentile_interval(differences)
     best, worst = (high, low) if higher_is_better else (low, high)
     return {"gap": named[high] - named[low], "ci_low": ci_low, "ci_high": ci_high,
             "draws": int(np.isfinite(differences).sum()), "best": best, "worst": worst}
@@ -178,8 +174,8 @@ def subgroup_results(labels: np.ndarray, scores: np.ndarray, classes: Sequence[s
             group = {"images": int(len(rows[g])), "patients": int(len(set(patients[rows[g]])))}
             if column is not None:
                 group["with_finding"] = sick[g]
-            auroc_low, auroc_high = _interval(boot[g][:, 0])
-            rate_low, rate_high = _interval(boot[g][:, 1])
+            auroc_low, auroc_high = percentile_interval(boot[g][:, 0])
+            rate_low, rate_high = percentile_interval(boot[g][:, 1])
             group.update({"macro_auroc": _finite(point[g][0]), "ci_low": auroc_low, "ci_high": auroc_high,
                           "underdiagnosis": _finite(point[g][1]), "underdiagnosis_ci_low": rate_low,
                           "underdiagnosis_ci_high": rate_high})
