@@ -35,9 +35,9 @@ CARDS = {"80 GB (H100 / A100 80GB)": 79.6, "48 GB (RTX A6000)": 47.5, "40 GB (A1
          "24 GB (RTX 4090)": 23.6}
 H200_PEAKS_GIB = {"bf16": 89.7, "no": 126.3}  # gpu_nih512_h200_memory.txt: batch 64, no EMA, no VAE
 TINY = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, cross_attention=(False, True),
-                  attention_head_dim=8, norm_num_groups=8, cross_attention_dim=32)
+                  attention_head_dim=8, norm_num_groups=8, cross_attention_dim=32, timestep_condition=False)
 SMALL = UNetConfig(block_out_channels=(64, 128, 128), layers_per_block=2, cross_attention=(True, True, False),
-                   attention_head_dim=8, norm_num_groups=32, cross_attention_dim=64)
+                   attention_head_dim=8, norm_num_groups=32, cross_attention_dim=64, timestep_condition=False)
 CHANNELS, TOKENS = 4, 8
 
 

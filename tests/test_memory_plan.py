@@ -25,7 +25,8 @@ from cxr_diffusion.profiles import params_with
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 SMALL = UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention=(False, True, True),
-                   attention_head_dim=8, norm_num_groups=8, cross_attention_dim=32)
+                   attention_head_dim=8, norm_num_groups=8, cross_attention_dim=32,
+                   timestep_condition=False)
 SD_VAE_PARAMETERS = 83_653_863
 H200_PEAK_GIB = {"bf16": 89.7, "no": 126.3}  # benchmarks/results/gpu_nih512_h200_memory.txt: batch 64, no EMA, no VAE
 

@@ -366,3 +366,37 @@ def test_the_precision_probe_leaves_the_models_initial_weights_alone(tmp_path, d
         machine.set_up_machine(params, data["store"], None)
         drawn[setting] = torch.rand(4)
     torch.testing.assert_close(drawn["auto"], drawn["no"], rtol=0, atol=0)
+
+
+def test_timestep_condition_trains_saves_and_generates_through_the_checked_loader(tmp_path, data):
+    """train.unet.timestep_condition: the pooled condition reaches every ResNet block through diffusers'
+    projection class embedding; the saved model passes the model checks and generates in a new process."""
+    unet = {**TINY_TRAIN["unet"], "timestep_condition": True, "cross_attention": [False, False, False]}
+    train_branch(tiny_params(train={"unet": unet}), "elixr", paths_in(tmp_path, data))
+    weights = final_unet(tmp_path)
+    assert weights["class_embedding.linear_1.weight"].shape == (weights["time_embedding.linear_2.weight"].shape[0], 8)
+    code = (
+        "import sys, torch; from cxr_diffusion.sampling.sample import load_pipeline;"
+        "p = load_pipeline(sys.argv[1], 'ddpm', torch.device('cpu'));"
+        "g = lambda e: p(embedding=e, num_inference_steps=3, generator=torch.Generator().manual_seed(0), progress=False,"
+        " output_type='np').images;"
+        "e = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(1));"
+        "a, b = g(e[0]), g(e[1]);"
+        "print(p.unet.config.class_embed_type, a.shape, float(abs(a - b).max()) > 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["projection", "(1,", "16,", "16)", "True"], result.stdout
+
+
+def test_condition_inputs_add_the_pooled_tokens_only_for_a_timestep_conditioned_unet():
+    from cxr_diffusion.config import changed
+    from cxr_diffusion.diffusion.condition import condition_inputs
+    from cxr_diffusion.diffusion.unet import build_unet
+
+    base = tiny_params().train.unet
+    hidden = torch.randn(2, 4, 8)
+    plain = condition_inputs(build_unet(base, 16, 3, 8), hidden)
+    assert set(plain) == {"encoder_hidden_states"}
+    pooled = condition_inputs(build_unet(changed(base, timestep_condition=True), 16, 3, 8), hidden)
+    torch.testing.assert_close(pooled["class_labels"], hidden.mean(1))

@@ -250,6 +250,8 @@ class UNetConfig(Section):
     attention_head_dim: Annotated[int, Field(ge=1, le=1024)]  # diffusers' (legacy) name: heads per attention layer
     norm_num_groups: Annotated[int, Field(ge=1, le=1024)]  # GroupNorm groups; must divide every block's channels
     cross_attention_dim: Annotated[int, Field(ge=1, le=16384)] | None  # null: the branch's condition dim
+    # true: the pooled condition is also added to the timestep embedding, so every ResNet block sees it
+    timestep_condition: bool
 
     @model_validator(mode="after")
     def _levels(self) -> UNetConfig:
@@ -257,8 +259,9 @@ class UNetConfig(Section):
                  "needs one entry per block_out_channels level")
         _require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
                  "must divide every entry of block_out_channels")
-        _require(any(self.cross_attention), "cross_attention",
-                 "must enable cross-attention on at least one level (the condition enters there)")
+        _require(any(self.cross_attention) or self.timestep_condition, "cross_attention",
+                 "must enable cross-attention on at least one level, or set timestep_condition: true "
+                 "(the condition enters there)")
         return self
 
 

@@ -1,4 +1,4 @@
-"""The condition adapter: what turns a branch's stored condition into the UNet's cross-attention input.
+"""The condition adapter: what turns a branch's stored condition into the UNet's input.
 
 It is the one place the branches differ inside the model: it holds the learned null condition
 for classifier-free guidance, expands a single-vector condition (CLIP vision, 1 x dim) to a few
@@ -37,3 +37,13 @@ class ConditionAdapter(ModelMixin, ConfigMixin):
     def null(self, batch: int) -> torch.Tensor:
         """The (batch, out_tokens, out_dim) unconditional input for guidance."""
         return self.forward(self.null_condition[None].expand(batch, -1, -1))
+
+
+def condition_inputs(unet: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The UNet's keyword inputs for the adapter's (batch, tokens, dim) output: the tokens for cross-attention,
+    and their mean for the timestep embedding when the UNet was built with one (``timestep_condition``)."""
+    inputs = {"encoder_hidden_states": hidden}
+    if unet.config.class_embed_type == "projection":
+        inputs["class_labels"] = hidden.mean(1)
+    return inputs
+

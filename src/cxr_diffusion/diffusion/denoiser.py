@@ -7,7 +7,7 @@ from torch import nn
 
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.config import Params
-from cxr_diffusion.diffusion.condition import ConditionAdapter
+from cxr_diffusion.diffusion.condition import ConditionAdapter, condition_inputs
 from cxr_diffusion.diffusion.unet import build_unet
 
 
@@ -28,7 +28,7 @@ class Denoiser(nn.Module):
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         unet = self.__dict__.get("_training_unet", self.unet) if self.training else self.unet
-        return unet(noisy, timesteps, encoder_hidden_states=self.adapter(condition, drop)).sample
+        return unet(noisy, timesteps, **condition_inputs(self.unet, self.adapter(condition, drop))).sample
 
 
 def build_denoiser(params: Params, store: ConditionStore, latents: ConditionStore | None = None) -> Denoiser:

@@ -117,6 +117,7 @@ def _step_working_bytes(unet_config: UNetConfig, sample_size: int, channels: int
     first: backward's new gradients are then temporaries added into them."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from cxr_diffusion.diffusion.condition import condition_inputs
     from cxr_diffusion.diffusion.unet import build_unet
 
     with FakeTensorMode():
@@ -132,7 +133,7 @@ def _step_working_bytes(unet_config: UNetConfig, sample_size: int, channels: int
             images = torch.randn(batch, channels, sample_size, sample_size)
             condition = torch.randn(batch, condition_tokens, cross_attention_dim)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                prediction = unet(images, torch.randint(0, 1000, (batch,)), encoder_hidden_states=condition).sample
+                prediction = unet(images, torch.randint(0, 1000, (batch,)), **condition_inputs(unet, condition)).sample
                 loss = F.mse_loss(prediction.float(), images)
             loss.backward()
     return tracker.peak

@@ -5,10 +5,11 @@ are sane, and a hand-made folder can carry its own hashes. Read before diffusers
 
 - ``unet/config.json``: ``sample_size`` 1-1024, channels 1-64, at most 8 blocks of 1-4096 channels (plain or
   cross-attention blocks, one per level), 1-16 layers per block, 1-16 transformer layers, 1-64 heads, head dims
-  1-512, 1-128 norm groups, ``cross_attention_dim`` 1-8192; every other key at diffusers' default (no class
-  embedding, no other kernel, time embedding or norm_eps): a huge, zero or negative value would try to
-  allocate tens of GB, divide by zero or fail deep inside torch. The parts fit: as many channels out as in,
-  the VAE's latent channels (or the model's image channels), the adapter's output width;
+  1-512, 1-128 norm groups, ``cross_attention_dim`` 1-8192; a class embedding only as ``train.unet.timestep_condition``
+  builds it (a projection of the adapter's output width); every other key at diffusers' default (no other kernel,
+  time embedding or norm_eps): a huge, zero or negative value would try to allocate tens of GB, divide by zero or
+  fail deep inside torch. The parts fit: as many channels out as in, the VAE's latent channels (or the model's
+  image channels), the adapter's output width;
 - ``condition_adapter/config.json``: tokens 1-1024, dims 1-8192;
 - ``scheduler/scheduler_config.json``: 1-100000 training timesteps (10^9 would hang sampling), betas inside
   (0, 1) with ``beta_start`` below ``beta_end``, ``trained_betas`` one per timestep, a known ``beta_schedule``,
@@ -46,7 +47,8 @@ SCHEDULER_CHOICES = {"beta_schedule": {"linear", "scaled_linear", "squaredcos_ca
 # any weight is read.
 UNET_SET_KEYS = frozenset({"sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
                            "block_out_channels", "layers_per_block", "attention_head_dim", "norm_num_groups",
-                           "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads"})
+                           "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads",
+                           "class_embed_type", "projection_class_embeddings_input_dim"})
 DOWN_BLOCKS, UP_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
 SCHEDULER_RANGES = {"solver_order": (1, 3), "steps_offset": (0, 1000)}
 # The scheduler keys the params set (noise.training_scheduler); the rest follow from them (sampling_scheduler).
@@ -175,6 +177,21 @@ def _check_parts_fit(model_dir: Path, unet: dict, adapter: dict, vae: dict | Non
     if attention is not None and attention != width:
         raise ModelConfigError(f"{path}: cross_attention_dim {attention} is not the condition adapter's output width "
                                f"{shown_value(width)} (condition_adapter/config.json); {_FIX}")
+    _check_timestep_condition(path, unet, width)
+
+
+def _check_timestep_condition(path: Path, unet: dict, width: object) -> None:
+    """No class embedding, or the one ``timestep_condition`` builds: a projection of the adapter's pooled output."""
+    kind, projected = unet.get("class_embed_type"), unet.get("projection_class_embeddings_input_dim")
+    if kind is None and projected is None:
+        return
+    if kind != "projection":
+        raise ModelConfigError(f"{path}: class_embed_type is {shown_value(kind)}; this project builds none or "
+                               f"'projection' (train.unet.timestep_condition); {_FIX}")
+    if projected != width:
+        raise ModelConfigError(f"{path}: projection_class_embeddings_input_dim {shown_value(projected)} is not the "
+                               f"condition adapter's output width {shown_value(width)} "
+                               f"(condition_adapter/config.json); {_FIX}")
 
 
 def _config(path: Path) -> dict:

@@ -20,7 +20,7 @@ from cxr_diffusion.conditioning.clip import TextEncoder, VisionEncoder, encode_i
 # model_index.json names the adapter's module; diffusers loads components only from modules that are
 # already imported (it never imports what a repository names), so importing it here is what lets
 # `CXRDiffusionPipeline.from_pretrained` load it, with no remote code involved.
-from cxr_diffusion.diffusion.condition import ConditionAdapter  # noqa: F401
+from cxr_diffusion.diffusion.condition import ConditionAdapter, condition_inputs  # noqa: F401
 from cxr_diffusion.branches import branch_spec
 from cxr_diffusion.diffusion.model_files import write_model_files
 from cxr_diffusion.io import give_plain_modes
@@ -134,6 +134,7 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         hidden = self.condition_adapter(condition)
         if guidance_scale != 1.0:
             hidden = torch.cat([self.condition_adapter.null(batch).to(hidden.dtype), hidden])
+        inputs = condition_inputs(self.unet, hidden)
         size = self.unet.config.sample_size
         shape = (batch, self.unet.config.in_channels, size, size)
         sample = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
@@ -142,7 +143,7 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             model_input = torch.cat([sample] * 2) if guidance_scale != 1.0 else sample
             model_input = self.scheduler.scale_model_input(model_input, t)
-            output = self.unet(model_input, t, encoder_hidden_states=hidden).sample
+            output = self.unet(model_input, t, **inputs).sample
             if guidance_scale != 1.0:
                 unconditional, conditional = output.chunk(2)
                 output = unconditional + guidance_scale * (conditional - unconditional)

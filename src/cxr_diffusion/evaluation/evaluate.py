@@ -29,6 +29,7 @@ from cxr_diffusion.evaluation.closeness import (
 from cxr_diffusion.evaluation.evaluator import CXRClassifier, embed_and_predict, load_classifier
 from cxr_diffusion.evaluation.diversity import pairwise_ms_ssim, same_condition_pairs
 from cxr_diffusion.evaluation.faithfulness import label_agreement, macro_auroc, per_label_auroc
+from cxr_diffusion.utility.statistics import auroc_with_intervals
 from cxr_diffusion.evaluation.memorization import memorization_report
 from cxr_diffusion.evaluation.pca_plot import pca_scatter
 from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
@@ -139,11 +140,15 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1)
 
 
-def faithfulness_metrics(generated: SplitEmbedding, test: SplitEmbedding, classes: list[str], seed: int) -> dict:
-    """Does a generation show what its condition asked for? The evaluator's AUROC against the requested labels
-    (beside its own AUROC on real test images), and the feature cosine to the real image the condition came from."""
+def faithfulness_metrics(generated: SplitEmbedding, test: SplitEmbedding, classes: list[str], resamples: int,
+                         seed: int) -> dict:
+    """Does a generation show what its condition asked for? The evaluator's AUROC against the requested labels,
+    with a bootstrap 95% interval over the generations (beside its own AUROC on real test images), and the
+    feature cosine to the real image the condition came from."""
     requested = generated.labels.astype(int)
     per_class = per_label_auroc(requested, generated.probabilities, classes)
+    macro = auroc_with_intervals(requested, generated.probabilities, classes, generated.image_index, resamples,
+                                 seed)["macro"]
     real_per_class = per_label_auroc(test.labels.astype(int), test.probabilities, classes)
     test_row = {name: row for row, name in enumerate(test.image_index)}
     source_rows = np.array([test_row[name] for name in generated.image_index])
@@ -151,6 +156,7 @@ def faithfulness_metrics(generated: SplitEmbedding, test: SplitEmbedding, classe
     return {
         "auroc_vs_requested_labels": per_class,
         "macro_auroc_vs_requested_labels": macro_auroc(per_class),
+        "macro_auroc_vs_requested_labels_95ci": [macro["ci_low"], macro["ci_high"]],
         "evaluator_macro_auroc_on_real_test": macro_auroc(real_per_class),
         "label_agreement": label_agreement(requested, generated.probabilities),
         "feature_cosine_to_reference": float(_cosine(generated.features, test.features[source_rows]).mean()),
@@ -231,7 +237,8 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     prdc = prdc_metrics(test_features, generated_features, config.prdc_k)
     pretrained_judge = xrv_metrics(config, params.filter.class_members(), images.generated, splits.generated.labels,
                                    images.test, splits.test.labels, images.val, seed, device)
-    faithfulness = faithfulness_metrics(splits.generated, splits.test, list(classifier.spec.classes), seed)
+    faithfulness = faithfulness_metrics(splits.generated, splits.test, list(classifier.spec.classes), config.bootstrap,
+                                        seed)
     diversity = diversity_metrics(splits.generated, splits.test, config.diversity_pairs, config.batch_size, seed)
     memorization, closest_pairs = memorization_metrics(splits, config.memorization_percentile)
     write_figures(paths.figures, branch, splits, closest_pairs)
