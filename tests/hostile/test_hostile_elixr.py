@@ -446,3 +446,64 @@ def test_no_usable_embedding_leaves_the_last_good_store_rejects_and_metrics_in_p
     assert len(ConditionStore(tmp_path / "store")) == 3
     reason = "3 non_finite" if case == "every row NaN" else "3 missing_embedding"
     assert f"({reason})" in str(raised.value)  # the rejects it names are not written: the line counts them
+
+
+# ---- an eighth hostile pass ---------------------------------------------------------------------------------
+NESTED = pa.list_(pa.list_(pa.float32()))
+
+
+def with_long_row(row: int, values: int) -> pa.ListArray:
+    """Flat rows of 32 values, except ``row``: ``values`` zeros (zstd stores 4 million of them in about 1 KB)."""
+    parts = [pa.array(np.zeros(values, np.float32)) if i == row else pa.array(embeddings()[i].reshape(-1))
+             for i in range(len(NAMES))]
+    offsets = np.cumsum([0] + [len(part) for part in parts]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.concat_arrays(parts))
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_a_row_of_millions_of_values_is_refused_from_the_footer_before_a_row_is_decoded(tmp_path, row, monkeypatch):
+    """A 1 KB file whose row holds 4,000,000 values: row 0 became ~125 MB of Python floats at scan time, a later
+    row a 16 MB Arrow block, both growing with what the file declares, before the length was checked."""
+    shard = parquet_shard(tmp_path / "snap" / "e.parquet", pa.array(NAMES), with_long_row(row, 4_000_000))
+    assert shard.stat().st_size < 64 << 10
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda *args, **kwargs: pytest.fail("decoded a row"))
+    refused(tmp_path, "row group 0 declares 4,000,064 values in column 'embedding' for 3 rows, more than 32 a row",
+            shape=list(ROW))
+
+
+def test_without_elixr_shape_a_later_row_longer_than_the_first_is_refused_from_the_footer(tmp_path, monkeypatch):
+    """With elixr.shape null the first row gives the shape (4, 8); a later row of 100,000 tokens is refused from
+    the footer, not decoded."""
+    rows = embeddings().tolist()
+    rows[2] = [[0.0] * ROW[1]] * 100_000
+    parquet_shard(tmp_path / "snap" / "e.parquet", pa.array(NAMES), pa.array(rows, NESTED))
+    from cxr_diffusion.conditioning import elixr_files
+
+    monkeypatch.setattr(elixr_files, "_parquet_batch_array", lambda *args: pytest.fail("decoded a block"))
+    refused(tmp_path, "declares 800,064 values in column 'embedding' for 3 rows, more than 32 a row", shape=None)
+
+
+@pytest.mark.parametrize("names", [["Image Index", "embedding", "embedding"], ["Image Index", "Image Index",
+                                                                                "embedding"]])
+def test_a_parquet_column_name_given_twice_is_refused(tmp_path, names):
+    """Two 'embedding' columns (E and -E) were read silently, whichever Arrow picked; two 'Image Index' columns
+    were 'a damaged Parquet file'."""
+    flat = embeddings().reshape(len(NAMES), -1)
+    columns = {"Image Index": [pa.array(NAMES), pa.array(NAMES)], "embedding": [pa.array(flat.tolist()),
+                                                                                 pa.array((-flat).tolist())]}
+    arrays = [columns[name].pop(0) for name in names]
+    (tmp_path / "snap").mkdir()
+    pq.write_table(pa.Table.from_arrays(arrays, names=names), tmp_path / "snap" / "e.parquet")
+    line = refused(tmp_path, "expected columns 'Image Index' and exactly one of", shape=list(ROW))
+    assert line.endswith(f"found {names}")
+
+
+@pytest.mark.parametrize("row, shape", [(0, list(ROW)), (0, None), (1, list(ROW))])
+def test_a_null_token_is_named_as_a_null_token(tmp_path, row, shape):
+    """Row 0 = [null, 3 tokens] was read as a flat row of 4 values ('set elixr.shape', 'not elixr.shape'); a null
+    token in a later row was 'a token of length nan'."""
+    rows = embeddings().tolist()
+    rows[row][2] = None
+    parquet_shard(tmp_path / "snap" / "e.parquet", pa.array(NAMES), pa.array(rows, NESTED))
+    refused(tmp_path, f"e.parquet: row {row} of column 'embedding' has a null token; every token needs its dim values",
+            shape=shape)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pyarrow as pa
@@ -373,3 +376,94 @@ def test_formula_in_metadata_never_reaches_written_csvs_as_a_formula(tmp_path):
         cells = [cell for row in read_cells(tmp_path / name) for cell in row]
         assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in cells), name
     assert json.loads((tmp_path / "filter.json").read_text())["kept"] == 2
+
+
+# ----------------------------------------------------------------------------- the filtered table after the filter
+PREPARE_OVERRIDES = {"image_size": 16, "prepare": {"shard_size": 64, "row_group_size": 16},
+                     "filter": {"classes": ["Effusion", "No Finding"], "merges": {},
+                                "split": {"val_fraction": 0.2, "test_fraction": 0.2}}}
+
+
+@pytest.fixture(scope="module")
+def filtered_run(tmp_path_factory):
+    """(params, dataset folder, filtered table as text) for 20 patients, one film each, as the filter wrote it."""
+    root = tmp_path_factory.mktemp("filtered_run")
+    rows = [nih_row(f"{p:08d}_000.png", "Effusion" if p % 2 else "No Finding", patient=p) for p in range(1, 21)]
+    download = make_nih_download(root / "nih", rows)
+    params = params_with({**PREPARE_OVERRIDES, "dataset": {"source": "nih", "nih_root": str(download)}})
+    build_dataset(params, root / "dataset")
+    run_filter(root / "dataset", params.filter, params.seed, root / "filtered", root / "filter.json")
+    return params, root / "dataset", pd.read_csv(root / "filtered" / "filtered.csv", dtype=str, keep_default_na=False)
+
+
+def prepare_refusal(tmp_path, filtered_run, table: pd.DataFrame) -> str:
+    """The one-line DataError of prepare on ``table``; nothing may have been written."""
+    params, dataset, _ = filtered_run
+    table.to_csv(tmp_path / "filtered.csv", index=False)
+    line = one_line_error(lambda: prepare_shards(params, dataset, tmp_path / "filtered.csv", tmp_path / "prepared",
+                                                 workers=1))
+    assert not (tmp_path / "prepared").exists()
+    return line
+
+
+@pytest.mark.parametrize("column, value, shown", [("Effusion", "abc", "'abc'"), ("Effusion", "", "''"),
+                                                  ("Effusion", "2", "'2'"), ("Effusion", "-1", "'-1'"),
+                                                  ("split", "bogus", "'bogus'")])
+def test_prepare_refuses_a_filtered_cell_the_filter_never_writes_naming_line_and_column(tmp_path, filtered_run,
+                                                                                         column, value, shown):
+    """'abc' and '' were a ValueError traceback from int(), 'bogus' a KeyError, both after the workers started;
+    2 and -1 were written into the shards as labels."""
+    table = filtered_run[2].copy()
+    table.loc[3, column] = value
+    line = prepare_refusal(tmp_path, filtered_run, table)
+    assert line.startswith(f"{tmp_path / 'filtered.csv'}: line 5, column '{column}': {shown} is not ")
+    assert line.endswith("rerun the filter stage (`dvc repro filter`)")
+
+
+@pytest.mark.parametrize("split", ["same", "test"])
+def test_prepare_refuses_an_image_listed_twice_naming_both_lines(tmp_path, filtered_run, split):
+    """A repeated row wrote 21 images from 20; repeated with split=test, a train film was scored as a test film."""
+    table = filtered_run[2]
+    train = table.index[table["split"] == "train"][0]
+    again = table.loc[[train]] if split == "same" else table.loc[[train]].assign(split="test")
+    line = prepare_refusal(tmp_path, filtered_run, pd.concat([table, again], ignore_index=True))
+    assert f"image '{table.at[train, 'Image Index']}' is on lines {train + 2} and 22" in line
+
+
+def test_prepare_refuses_a_patient_in_two_splits_naming_both_lines(tmp_path, filtered_run):
+    """A test film given a train patient's id was prepared: that patient's films were in both splits."""
+    table = filtered_run[2].copy()
+    train, test = (table.index[table["split"] == split][0] for split in ("train", "test"))
+    table.loc[test, "Patient ID"] = table.loc[train, "Patient ID"]
+    line = prepare_refusal(tmp_path, filtered_run, table)
+    first, second = sorted([(train, "train"), (test, "test")])
+    assert (f"patient '{table.at[train, 'Patient ID']}' is in split '{first[1]}' (line {first[0] + 2}) and "
+            f"'{second[1]}' (line {second[0] + 2})") in line
+
+
+FIFO_READERS = {  # (imports, the call), run in a fresh interpreter with `table` the FIFO's path
+    "prepare": ("from cxr_diffusion.profiles import params_with\nfrom cxr_diffusion.data.prepare import prepare_shards",
+                "prepare_shards(params_with({}), table.parent / 'dataset', table, table.parent / 'out', workers=1)"),
+    "embed_clip_text": ("from cxr_diffusion.conditioning.embed import read_filtered_table", "read_filtered_table(table)"),
+    "embed_elixr": ("from cxr_diffusion.conditioning.elixr import build_elixr_store\n"
+                    "from cxr_diffusion.config import ElixrConfig\nfrom cxr_diffusion.profiles import profile_section",
+                    "build_elixr_store(table, profile_section(ElixrConfig, path=str(table.parent)), table.parent / 's', "
+                    "table.parent / 'r.csv', None, 'elixr')"),
+}
+
+
+@pytest.mark.parametrize("reader", sorted(FIFO_READERS))
+def test_a_fifo_named_filtered_csv_is_refused_without_blocking(tmp_path, reader):
+    """pd.read_csv opened the FIFO and waited for a writer forever (embed_elixr said 'not found')."""
+    fifo = tmp_path / "filtered.csv"
+    os.mkfifo(fifo)
+    imports, call = FIFO_READERS[reader]
+    code = (f"import sys\nfrom pathlib import Path\nfrom cxr_diffusion.data.nih import DataError\n{imports}\n"
+            f"table = Path(sys.argv[1])\ntry:\n    {call}\nexcept DataError as error:\n    print(error)\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{reader} still blocked on a FIFO named filtered.csv after 60 s")
+    assert result.stdout == (f"{fifo}: not a regular file (a folder, FIFO or device); rerun the filter stage "
+                             f"(`dvc repro filter`)\n"), result.stdout + result.stderr

@@ -135,3 +135,77 @@ def test_the_compare_stage_exits_2_with_one_line_on_a_damaged_utility_file(tmp_p
                    summary=tmp_path / "summary.json", report=tmp_path / "report.md")
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(error) == 1 and error[0].startswith("stage compare failed: ")
+
+
+# ---- an eighth hostile pass ----------------------------------------------------------------------------------
+def with_subgroups(metrics: dict) -> dict:
+    """``metrics`` with a by-sex subgroup result on every arm, as the utility stage writes it."""
+    groups = {"F": {"images": 20, "macro_auroc": 0.8, "underdiagnosis": 0.1},
+              "M": {"images": 20, "macro_auroc": 0.75, "underdiagnosis": 0.2}}
+    for arm in metrics["arms"].values():
+        arm["subgroups"] = {"sex": {"classes": ["Effusion"], "groups": json.loads(json.dumps(groups)),
+                                    "auroc_gap": {"gap": 0.05, "ci_low": 0.0, "ci_high": 0.1, "worst": "M"},
+                                    "underdiagnosis_gap": {"gap": None, "ci_low": None, "ci_high": None}}}
+    return metrics
+
+
+def test_subgroups_as_the_utility_stage_writes_them_are_reported(tmp_path):
+    write(inputs(tmp_path).utility / "elixr.json", with_subgroups(utility_metrics()))
+    assert "By sex (test films: F: 20, M: 20; classes: Effusion):" in report_of(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["group size", "attribute name"])
+def test_subgroup_sizes_and_attribute_names_edited_to_markup_are_text(tmp_path, where):
+    """A group's 'images' and the attribute (a key of 'subgroups') reached report.md as raw HTML:
+    'By sex (test films: F: <img ...>' and 'By <img ...> (test films: ...'."""
+    metrics = with_subgroups(utility_metrics())
+    for arm in metrics["arms"].values():
+        if where == "group size":
+            arm["subgroups"]["sex"]["groups"]["F"]["images"] = PAYLOAD
+        else:
+            arm["subgroups"][PAYLOAD] = arm["subgroups"].pop("sex")
+    write(inputs(tmp_path).utility / "elixr.json", metrics)
+    text = report_of(tmp_path)
+    assert "<img" not in text and "&lt;img" in text
+
+
+def utility_with_a_nan_interval() -> dict:
+    metrics = utility_metrics()
+    metrics["arms"]["real"]["per_class"]["Effusion"]["ci_low"] = float("nan")
+    return metrics
+
+
+NON_FINITE = {  # the folder (a ReportInputs field), the file in it, the key as the message names it, the constant
+    # as JSON spells it, and the file's content
+    "evaluate": ("evaluations", "elixr.json", "closeness.domain_fd", "NaN",
+                 lambda: {"closeness": {"domain_fd": float("nan"), "domain_fd_95ci": [1.0, 2.0]}}),
+    "sample": ("sampling", "elixr.json", "images_per_second", "Infinity", lambda: {"images_per_second": float("inf")}),
+    "training": ("training", "elixr/metrics.json", "val.loss", "-Infinity", lambda: {"val": {"loss": float("-inf")}}),
+    "utility": ("utility", "elixr.json", "arms.real.per_class.Effusion.ci_low", "NaN", utility_with_a_nan_interval),
+}
+
+
+@pytest.mark.parametrize("where", sorted(NON_FINITE))
+def test_a_nan_or_infinity_in_a_metrics_file_is_one_line_naming_file_and_key_and_replaces_nothing(tmp_path, where):
+    """json reads NaN and Infinity; compare wrote report.md (a 'nan' in its table), then failed writing the summary
+    with a ValueError traceback, leaving the old summary beside the new report."""
+    folder, name, key, constant, metrics = NON_FINITE[where]
+    path = getattr(inputs(tmp_path), folder) / name
+    write(path, metrics())
+    assert constant in path.read_text()
+    for output in ("summary.json", "report.md"):
+        (tmp_path / output).write_text("the last good one")
+    with pytest.raises(MetricsFileError) as raised:
+        report_of(tmp_path)
+    assert str(raised.value) == (f"{path}: {key} is {constant}, not a number; rerun the stage that writes it "
+                                 f"(`dvc repro`)")
+    for output in ("summary.json", "report.md"):
+        assert (tmp_path / output).read_text() == "the last good one"
+
+
+def test_a_nan_in_a_training_log_compare_does_not_read_is_left_alone(tmp_path):
+    """DVCLive logs training as it goes (a skipped step's loss can be NaN); only val.loss, val.conditioning_gap and
+    final.steps reach the summary."""
+    write(inputs(tmp_path).training / "elixr" / "metrics.json", {"train": {"loss": float("nan")}, "val": {"loss": 0.5},
+                                                                 "final": {"steps": 10}})
+    assert "| Val loss / conditioning gap | 0.5000 / n/a |" in report_of(tmp_path)

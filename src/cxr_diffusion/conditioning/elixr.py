@@ -20,6 +20,7 @@ from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.conditioning.elixr_files import (ID_COLUMN, ElixrFile, iter_embedding_blocks,
                                                     normalize_image_id, scan_elixr_source)
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
+from cxr_diffusion.data.filtered_table import read_filtered_csv
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.io import write_csv, write_json
 
@@ -104,16 +105,10 @@ def _refuse_empty_store(filtered_csv: Path, config: ElixrConfig, images: int, ke
 # ----------------------------------------------------------------------------- joining and copying
 
 def _read_filtered_names(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"{path}: filtered table not found; run the filter stage first")
-    try:
-        columns = list(pd.read_csv(path, nrows=0).columns)
-        if ID_COLUMN not in columns:
-            raise DataError(f"{path}: no '{ID_COLUMN}' column (found {columns}); pass the filter stage's output")
-        names = pd.read_csv(path, usecols=[ID_COLUMN], dtype=str, keep_default_na=False)[ID_COLUMN]
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not a readable CSV file ({' '.join(str(error).split())}); rerun the filter "
-                        f"stage") from None
+    columns = list(read_filtered_csv(path, nrows=0).columns)
+    if ID_COLUMN not in columns:
+        raise DataError(f"{path}: no '{ID_COLUMN}' column (found {columns}); pass the filter stage's output")
+    names = read_filtered_csv(path, usecols=[ID_COLUMN], dtype=str, keep_default_na=False)[ID_COLUMN]
     if names.empty:
         raise DataError(f"{path}: no images (0 rows); nothing to embed. Check that the filter stage keeps images "
                         f"(filter.* params) and rerun it")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import pyarrow.parquet as pq
 from cxr_diffusion.assets.standin_marker import standin_attribute
 from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.data.nih import DataError
-from cxr_diffusion.io import lies_inside, read_json
+from cxr_diffusion.io import lies_inside, read_json, require_regular_file
 from cxr_diffusion.safe_text import visible_text
 
 HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
@@ -475,21 +474,39 @@ def _open_parquet(path: Path, read_dictionary: list[str] | None = None) -> pq.Pa
 def _scan_parquet(path: Path, expected: tuple[int, int] | None) -> ElixrFile:
     parquet = _open_parquet(path)
     columns = parquet.schema_arrow.names
-    found = [c for c in PARQUET_EMBEDDING_COLUMNS if c in columns]
-    if ID_COLUMN not in columns or len(found) != 1:
+    found = [c for c in columns if c in PARQUET_EMBEDDING_COLUMNS]  # a name twice is two columns: which is meant?
+    if columns.count(ID_COLUMN) != 1 or len(found) != 1:
         raise DataError(f"{path}: expected columns '{ID_COLUMN}' and exactly one of "
                         f"{list(PARQUET_EMBEDDING_COLUMNS)}, found {columns}")
     column = found[0]
     _check_parquet_footer(path, parquet)
+    _check_declared_values(path, parquet.metadata, column, math.prod(expected) if expected else MAX_SIZE)
     raw_ids = _read_parquet_ids(path)
     image_ids = tuple(_normalized(path, row, value) for row, value in enumerate(raw_ids))
     shape = None
     if raw_ids:
         first = next(parquet.iter_batches(batch_size=1, columns=[column])).column(0)
         shape = _checked_shape(path, f"column '{column}'", _list_shape(path, column, first), expected)
+        if expected is None:  # now the row size is known: no later row may be larger
+            _check_declared_values(path, parquet.metadata, column, math.prod(shape))
     elif expected is not None:
         shape = expected
     return ElixrFile(path, image_ids, shape, column)
+
+
+def _check_declared_values(path: Path, metadata: pq.FileMetaData, column: str, values_per_row: int) -> None:
+    """Each row group's embedding values, as the footer declares them, before one is decoded: at most
+    ``values_per_row`` a row. Arrow decodes a row whole, so a few KB of zstd holding millions of zeros in one
+    row would be allocated in full (and a scan turns row 0 into Python floats) before its length is checked.
+    The footer counts a null or empty list as one value, so a row never needs fewer than one."""
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        declared = sum(row_group.column(number).num_values for number in range(row_group.num_columns)
+                       if row_group.column(number).path_in_schema.split(".")[0] == column)
+        if declared > row_group.num_rows * max(values_per_row, 1):
+            raise DataError(f"{path}: row group {group} declares {declared:,} values in column '{column}' for "
+                            f"{row_group.num_rows:,} rows, more than {values_per_row:,} a row (elixr.shape, or the "
+                            f"first row's, or at most {MAX_TOKENS} x {MAX_DIM}); is this an ELIXR shard?")
 
 
 def _check_parquet_footer(path: Path, parquet: pq.ParquetFile) -> None:
@@ -546,23 +563,35 @@ def _check_id_bytes(path: Path, size: int) -> None:
                         f"{MAX_ID_COLUMN_BYTES >> 20} MB (all 112,120 NIH ids take 1.8 MB); is this an ELIXR shard?")
 
 
-def _list_shape(path: Path, column: str, values: pa.Array) -> tuple[int, ...]:
-    """The nesting of the first row: (tokens * dim,) for a flat list, (tokens, dim) for a list of lists."""
-    if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type) \
-            and not pa.types.is_fixed_size_list(values.type):
-        raise DataError(f"{path}: column '{column}' is {values.type}, expected a list of floats (or of lists)")
-    inner = values.type.value_type
-    nested = pa.types.is_list(inner) or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner)
+def _is_list_type(data_type: pa.DataType) -> bool:
+    return pa.types.is_list(data_type) or pa.types.is_large_list(data_type) or pa.types.is_fixed_size_list(data_type)
+
+
+def _list_shape(path: Path, column: str, first_row: pa.Array) -> tuple[int, ...]:
+    """The shape of the first row, from the column's type (its nesting) and list lengths, never as Python values:
+    (tokens * dim,) for a flat list, (tokens, dim) for a list of lists (dim: the first token's)."""
+    if not _is_list_type(first_row.type):
+        raise DataError(f"{path}: column '{column}' is {first_row.type}, expected a list of floats (or of lists)")
+    inner = first_row.type.value_type
+    nested = _is_list_type(inner)
     leaf = inner.value_type if nested else inner
     if not pa.types.is_floating(leaf):  # strings, ints, bools or deeper lists would be cast or fail on read
-        raise DataError(f"{path}: column '{column}' is {values.type}, expected a list of floats (or of lists of "
+        raise DataError(f"{path}: column '{column}' is {first_row.type}, expected a list of floats (or of lists of "
                         f"floats)")
-    row = values[0].as_py()
-    if row is None:
+    if first_row.null_count:
         raise DataError(f"{path}: row 0 of column '{column}' is empty (null); every row needs an embedding")
-    if row and isinstance(row[0], list):
-        return (len(row), len(row[0]))
-    return (len(row),)
+    length = pc.list_value_length(first_row)[0].as_py()
+    if not nested:
+        return (length,)
+    tokens = pc.list_flatten(first_row)
+    if tokens.null_count:
+        raise _null_token(path, column, 0)
+    return (length, pc.list_value_length(tokens)[0].as_py() if length else 0)
+
+
+def _null_token(path: Path, column: str, row: int) -> DataError:
+    return DataError(f"{path}: row {row} of column '{column}' has a null token; every token needs its dim values "
+                     f"(a list of floats)")
 
 
 def _parquet_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
@@ -586,15 +615,18 @@ def _parquet_batch_array(file: ElixrFile, shape: tuple[int, int], values: pa.Arr
         raise DataError(f"{file.path}: row {row} of column '{file.column}' is null; every row needs an embedding")
     # A flat row holds tokens * dim floats; a nested one holds `tokens` lists of `dim`.
     lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-    flat = values.type.value_type
-    nested = pa.types.is_list(flat) or pa.types.is_large_list(flat) or pa.types.is_fixed_size_list(flat)
+    nested = _is_list_type(values.type.value_type)
     want = tokens if nested else tokens * dim
     inner = pc.list_flatten(values)
     if nested:
+        row_of_token = np.cumsum(lengths)  # the row holding token t is searchsorted(row_of_token, t, "right")
+        if inner.null_count:
+            token = int(np.flatnonzero(inner.is_null().to_numpy(zero_copy_only=False))[0])
+            raise _null_token(file.path, file.column, first + int(np.searchsorted(row_of_token, token, "right")))
         inner_lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
         bad_inner = np.flatnonzero(inner_lengths != dim)
         if len(bad_inner):
-            bad_row = int(np.searchsorted(np.cumsum(lengths), bad_inner[0], side="right"))
+            bad_row = int(np.searchsorted(row_of_token, bad_inner[0], side="right"))
             raise DataError(f"{file.path}: row {first + bad_row} of column '{file.column}' has a token of length "
                             f"{inner_lengths[bad_inner[0]]}, expected {dim} (shape {shape})")
         inner = pc.list_flatten(inner)
@@ -611,12 +643,11 @@ def _parquet_batch_array(file: ElixrFile, shape: tuple[int, int], values: pa.Arr
 def _check_regular_file(path: Path, kind: str) -> None:
     """Refuse a FIFO, device or folder under a shard's name unopened: opening a FIFO waits forever for a writer."""
     try:
-        mode = path.stat().st_mode
+        require_regular_file(path, DataError, f"an ELIXR shard is a plain {kind} file: point elixr.path at the "
+                                              f"downloaded files")
     except OSError as error:
         raise DataError(f"{path}: not a readable {kind} file ({error})") from error
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path}: not a regular file (a folder, FIFO or device); an ELIXR shard is a plain {kind} "
-                        f"file: point elixr.path at the downloaded files")
+
 
 def _checked_shape(path: Path, what: str, found: tuple[int, ...], expected: tuple[int, int] | None,
                    flat_is_one_token: bool = False) -> tuple[int, int]:

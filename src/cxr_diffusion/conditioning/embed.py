@@ -20,6 +20,7 @@ from cxr_diffusion.config import ClipConfig
 from cxr_diffusion.conditioning.clip import clip_source, encode_images, encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
+from cxr_diffusion.data.filtered_table import read_filtered_csv
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import MANIFEST, iter_row_groups, read_manifest
 from cxr_diffusion.device import describe_device, half_dtype
@@ -63,7 +64,7 @@ def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str 
 
 def read_filtered_table(path: Path) -> pd.DataFrame:
     """The filter stage's table (``Image Index``, ``Finding Labels``, as text), refused when it lists no image."""
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_filtered_csv(path, dtype=str, keep_default_na=False)
     for column in ("Image Index", "Finding Labels"):
         if column not in table.columns:
             raise DataError(f"{path}: no '{column}' column (found {list(table.columns)}); pass the filter stage's output")

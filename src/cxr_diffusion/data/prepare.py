@@ -28,6 +28,7 @@ from tqdm import tqdm
 from cxr_diffusion.config import Params, to_dict
 from cxr_diffusion.data.decode import DecodeBudget, DecodeError, encode_png, preprocess, read_image_file
 from cxr_diffusion.data.filter import SPLITS
+from cxr_diffusion.data.filtered_table import check_split_table, read_filtered_csv
 from cxr_diffusion.data.nih import DataError, is_safe_image_index
 from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, close_writers, shard_schema
 from cxr_diffusion.data.sources import default_workers
@@ -122,14 +123,14 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
                    metrics_path: str | Path | None = None, workers: int | None = None) -> dict:
     """Write the prepared shards, ``manifest.json`` and ``rejects.csv``; return the manifest."""
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    table = pd.read_csv(filtered_csv, dtype={"Image Index": str, "Patient ID": str, "View Position": str,
-                                            "Finding Labels": str, "split": str}, keep_default_na=False)
+    table = read_filtered_csv(filtered_csv, dtype=str, keep_default_na=False)  # labels: ints once checked
     classes = tuple(params.filter.classes)
     missing_columns = [c for c in ("Image Index", "Patient ID", "View Position", "Finding Labels", "split") + classes
                        if c not in table.columns]
     if missing_columns:
         raise DataError(f"{filtered_csv}: missing column(s) {missing_columns}; rerun the filter stage "
                         f"(the filter params and this table disagree)")
+    table = check_split_table(filtered_csv, table, classes, SPLITS)  # before a worker starts or a shard is made
     paths = pd.read_csv(dataset_dir / "image_paths.csv", dtype=str)
     path_of = dict(zip(paths["Image Index"], paths["path"]))
     roots, budget = image_roots(params, dataset_dir), DecodeBudget.from_config(params.prepare)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ class ReportInputs:
     elixr_embedding: Path | None = None  # metrics/embed_elixr.json: its "source" says real ELIXR or a stand-in
 
 
+_RERUN = "rerun the stage that writes it (`dvc repro`)"
+
+
 class MetricsFileError(UserError, ValueError):
     """A metrics file lacks a key or holds a wrong type: hand-edited, or damaged on a DVC remote."""
 
@@ -47,8 +51,41 @@ def _reading(*paths: Path):
                                f"{visible_text(error, 120)}); rerun that stage (`dvc repro -f <stage>`)") from None
 
 
-def _read(path: Path) -> dict:
-    return read_json(path, "rerun the stage that writes it (`dvc repro`)") if path.is_file() else {}
+def _read(path: Path, checked: tuple[str, ...] = ("",)) -> dict:
+    """A metrics file ({} before its stage ran), refused when a number at one of the ``checked`` keys (dotted;
+    "": the whole file) is NaN or Infinity. JSON parsers read those, but no stage writes them (``write_json``
+    refuses them), so the summary could not hold them and the report would show "nan": one line naming the
+    file and the key instead, before either output is touched."""
+    if not path.is_file():
+        return {}
+    metrics = read_json(path, _RERUN)
+    for key in checked:
+        _refuse_non_finite(path, _at(metrics, key), key)
+    return metrics
+
+
+def _at(metrics: dict, key: str) -> object:
+    """The value at a dotted ``key`` ("" is ``metrics`` itself); None where the path does not exist."""
+    value: object = metrics
+    for name in filter(None, key.split(".")):
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
+
+
+def _refuse_non_finite(path: Path, value: object, key: str) -> None:
+    """A ``MetricsFileError`` naming ``path`` and the first NaN or Infinity in ``value`` (walked without recursion:
+    a metrics file may nest as deep as JSON allows)."""
+    pending = [(key, value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            written = "NaN" if math.isnan(item) else ("Infinity" if item > 0 else "-Infinity")
+            raise MetricsFileError(f"{path}: {visible_text(where, 120)} is {written}, not a "
+                                   f"number; {_RERUN}")
+        if isinstance(item, dict):
+            pending += [(f"{where}.{name}" if where else str(name), child) for name, child in reversed(item.items())]
+        elif isinstance(item, list):
+            pending += [(f"{where}[{index}]", child) for index, child in reversed(list(enumerate(item)))]
 
 
 def read_evaluations(branches: list[str], folder: Path) -> dict[str, dict]:
@@ -106,7 +143,9 @@ def summarize(params: Params, evaluations: dict[str, dict], inputs: ReportInputs
 def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: ReportInputs, readers: dict,
                     elixr_source: str | None) -> dict:
     """One branch's row of the summary."""
-    training = _read(inputs.training / branch / "metrics.json")
+    # DVCLive logs training as it goes (a skipped step's loss may be NaN): only the numbers used here are checked.
+    training = _read(inputs.training / branch / "metrics.json", checked=("val.loss", "val.conditioning_gap",
+                                                                        "final.steps"))
     sampling = _read(inputs.sampling / f"{branch}.json")
     closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
     return {
@@ -246,7 +285,20 @@ def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -
 
 def write_report(params: Params, summary: dict, evaluations: dict[str, dict], evaluator: dict, out: Path,
                  utilities: dict[str, dict] | None = None, readers: dict | None = None) -> Path:
-    """The markdown report; its figures are linked relative to it (reports/samples, reports/evaluate)."""
+    """The markdown report (``report_text``), written atomically to ``out``."""
+    return _write_text(out, report_text(params, summary, evaluations, evaluator, out, utilities, readers))
+
+
+def _write_text(out: Path, text: str) -> Path:
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    return out
+
+
+def report_text(params: Params, summary: dict, evaluations: dict[str, dict], evaluator: dict, out: Path,
+                utilities: dict[str, dict] | None = None, readers: dict | None = None) -> str:
+    """The markdown report to be written at ``out``; its figures are linked relative to it (reports/samples,
+    reports/evaluate), a sample figure only when it is already there."""
     rows = [
         ("Domain FD (evaluator features) [95% CI]", lambda s: f"{number(s['domain_fd'], 2)} [{number(s['domain_fd_ci_low'], 2)}, {number(s['domain_fd_ci_high'], 2)}]"),
         ("FD / real-vs-real floor (same n)", lambda s: number(s["domain_fd_ratio_to_floor"], 2)),
@@ -293,9 +345,7 @@ def write_report(params: Params, summary: dict, evaluations: dict[str, dict], ev
                 lines.append(f"![{branch} {figure}](samples/{branch}/{figure})")
         lines += [f"![{branch} PCA](evaluate/{branch}/pca.png)",
                   f"![{branch} closest to train](evaluate/{branch}/closest_to_train.png)", ""]
-    with atomic_path(out) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    return out
+    return "\n".join(lines) + "\n"
 
 
 def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_path: Path) -> dict:
@@ -305,7 +355,8 @@ def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_pat
     summary = summarize(params, evaluations, inputs)
     utilities = {branch: _read(inputs.utility / f"{branch}.json") for branch in params.branches}
     with _reading(inputs.evaluations, inputs.evaluator, inputs.utility, inputs.reader_study):
-        write_report(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
-                     _read(inputs.reader_study))
-    write_json(summary_path, summary)
+        report = report_text(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
+                             _read(inputs.reader_study))
+    write_json(summary_path, summary)  # refuses a value JSON cannot hold before the report is replaced
+    _write_text(report_path, report)
     return summary

@@ -56,8 +56,8 @@ def subgroup_lines(utilities: dict[str, dict], arm_order: Callable[[str], tuple]
         entry = real["subgroups"][attribute]
         known = order.get(attribute, [])
         groups = sorted(entry["groups"], key=lambda g: (known.index(g) if g in known else len(known), g))
-        sizes = ", ".join(f"{markdown_text(g, 40)}: {entry['groups'][g]['images']}" for g in groups)
-        lines += [f"By {ATTRIBUTE_TITLES.get(attribute, attribute)} (test films: {sizes}; classes: "
+        sizes = ", ".join(f"{markdown_text(g, 40)}: {number(entry['groups'][g]['images'])}" for g in groups)
+        lines += [f"By {markdown_text(ATTRIBUTE_TITLES.get(attribute, attribute), 40)} (test films: {sizes}; classes: "
                   f"{', '.join(markdown_text(c, 40) for c in entry['classes']) or 'none in every group'}):", "",
                   "| branch | arm | " + " | ".join(markdown_text(g, 40) for g in groups)
                   + " | AUROC gap [95% CI] | underdiagnosis gap [95% CI] |",

@@ -31,11 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from cxr_diffusion.data.filtered_table import FILTER_FIX, read_filtered_csv
 from cxr_diffusion.data.nih import whole_numbers
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.io import require_regular_file
 from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.safe_text import shown_value, visible_text
 from cxr_diffusion.utility.statistics import auroc_columns, percentile_interval
@@ -67,14 +66,11 @@ def group_order(edges: Sequence[int]) -> dict[str, list[str]]:
 
 def subgroups_of_films(filtered_csv: Path, image_indices: Sequence[str], edges: Sequence[int]) -> dict[str, list[str]]:
     """Each test image's sex and age band (attribute -> one label per image, in ``image_indices`` order)."""
-    fix = "rerun the filter stage (`dvc repro filter`)"
+    fix = FILTER_FIX
     try:
-        require_regular_file(filtered_csv, SubgroupError, fix)  # a FIFO would block the read forever
-        table = pd.read_csv(filtered_csv, dtype=str, keep_default_na=False,
-                            usecols=["Image Index", "Patient Age", "Patient Gender"])
-    except SubgroupError:
-        raise
-    except (OSError, ValueError) as error:  # missing, unreadable, or without one of the columns
+        table = read_filtered_csv(filtered_csv, SubgroupError, dtype=str, keep_default_na=False,
+                                  usecols=["Image Index", "Patient Age", "Patient Gender"])
+    except OSError as error:  # missing or unreadable
         raise SubgroupError(f"{filtered_csv}: {str(error).splitlines()[0]}; {fix}") from None
     repeated = table["Image Index"].duplicated(keep=False)
     if repeated.any():
