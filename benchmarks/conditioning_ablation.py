@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import markdown_table
+from _measure import machine_line, markdown_table
 
 from cxr_diffusion.params_file import load_params, read_params_file
 
@@ -140,9 +139,8 @@ def main() -> None:
     header = ["variant", "branch", "seed", "macro AUROC vs requested [95% CI]", "vs first", "conditioning gap",
               "FD / floor", "coverage", "train time (ratio)"]
     legend = "\n".join(f"- `{name}`: {VARIANTS[name][1]}" for name in args.variants)
-    text = (f"# Conditioning ablation\n\n{command}\n\nMachine: {platform.processor() or platform.machine()}, "
-            f"{platform.system()}; params.yaml with only each variant's keys changed, train.mixed_precision "
-            f"{args.mixed_precision} in every arm.\n\n{legend}\n\n"
+    text = (f"# Conditioning ablation\n\n{command}\n\nMachine: {machine_line()}; params.yaml with only each variant's "
+            f"keys changed, train.mixed_precision {args.mixed_precision} in every arm.\n\n{legend}\n\n"
             f"{markdown_table(header, rows)}\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

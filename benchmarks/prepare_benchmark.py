@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import PeakTreeRss, markdown_table
+from _measure import PeakTreeRss, machine_line, markdown_table
 
 from cxr_diffusion.profiles import params_with
 from cxr_diffusion.data.decode import DecodeBudget, encode_png, preprocess
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--rss-source-size", type=int, default=256)
     args = parser.parse_args()
     print(f"$ python {' '.join(sys.argv)}")
-    print(f"cpu: {_cpu_name()}, {default_workers()} cores\n")
+    print(f"cpu: {machine_line()}; {default_workers()} workers\n")
     row = throughput(args.throughput_images, args.source_size, args.image_size)
     print(markdown_table(["images", "workers", "bound img/s", "prepare img/s", "ratio", ">= 0.7"], [row]))
     small, large = (peak_rss_of_prepare(n, args.rss_source_size, args.image_size) for n in args.rss_sizes)
@@ -125,13 +125,6 @@ def main() -> None:
         [[args.rss_sizes[0], f"{small / 2**20:.0f}", "1.00", ""],
          [args.rss_sizes[1], f"{large / 2**20:.0f}", f"{ratio:.2f}", "yes" if ratio <= 1.3 else "NO"]],
     ))
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_SECONDS = 30 * 60
@@ -131,21 +133,12 @@ def _flatten(metrics: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("model name")), model)
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
-
-
 def write_table(steps: list[Step], summary: dict, images: int, out: Path) -> str:
     total = sum(step.seconds for step in steps)
     peak = max(step.peak_rss_gb for step in steps)
     lines = [
         "# nih-512 rehearsal (`python benchmarks/rehearsal.py`)", "",
-        f"Machine: {machine()}. {images} phantom images at 1024 px, nih-512's architectures with random-weight stand-ins.",
+        f"Machine: {machine_line()}. {images} phantom images at 1024 px, nih-512's architectures with random-weight stand-ins.",
         "", "| step | seconds | peak RSS (GB) |", "|---|---:|---:|",
         *[f"| {step.name} | {step.seconds:.1f} | {step.peak_rss_gb:.2f} |" for step in steps],
         f"| **total** | **{total:.1f}** ({total / 60:.1f} min) | **{peak:.2f}** (largest step) |", "",

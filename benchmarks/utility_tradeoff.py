@@ -14,14 +14,13 @@ setting (sample.steps, sample.guidance_scale), and each row's time is a ratio to
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import markdown_table
+from _measure import machine_line, markdown_table
 
 from cxr_diffusion.config import changed
 from cxr_diffusion.params_file import load_params
@@ -91,7 +90,7 @@ def main() -> None:
                      f"{difference['difference']:+.3f} [{difference['ci_low']:.3f}, {difference['ci_high']:.3f}]"])
     real = auroc_with_intervals(test.labels, real_scores, classes, groups, params.utility.bootstrap, params.seed)["macro"]
     header = (f"{args.branch}: N = {len(positions)} conditions, {params.sample.sampler}, batch {params.sample.batch_size}, "
-              f"{platform.processor() or platform.machine()}; real-only arm macro AUROC {real['auroc']:.3f} "
+              f"{machine_line()}; real-only arm macro AUROC {real['auroc']:.3f} "
               f"[{real['ci_low']:.3f}, {real['ci_high']:.3f}] on {len(test)} real test images")
     table = markdown_table(["steps", "guidance", "img/s", "seconds", "time / sample-stage setting",
                             f"FD vs real test (n={len(real_features)})", "synthetic-only macro AUROC [95% CI]",
