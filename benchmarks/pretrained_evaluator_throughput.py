@@ -1,7 +1,7 @@
-"""Throughput of the pretrained evaluators (Inception for FID, torchxrayvision DenseNet) and what TF32 does to FID.
+"""Throughput of the pretrained evaluators (Inception for FID, torchxrayvision DenseNet, RadDINO) and what TF32 does to FID.
 
 For each network: images per second of the full path the evaluate stage runs (uint8 / [-1, 1] images at the
-prepared resolution -> resize -> network) against a bare forward pass on inputs already at the network's size,
+prepared resolution -> resize (RadDINO: CheXGenBench's bytes and its image processor) -> network) against a bare forward pass on inputs already at the network's size,
 measured in the same run (ratio = how much the preprocessing costs). On a GPU it also computes the standard FID
 of two fixed image sets with TF32 convolutions allowed (PyTorch's default) and disallowed, and runs the
 evaluate stage's functions (standard FID, reference-compatible FID, DenseNet metrics) end to end on the device.
@@ -30,6 +30,7 @@ from oracle_weights import seeded_state
 from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.evaluation.inception import INPUT_SIZE, InceptionSpec, InceptionV3
+from cxr_diffusion.evaluation.raddino import chexgenbench_bytes
 from cxr_diffusion.evaluation.weights import full_fp32
 from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121
 
@@ -61,6 +62,15 @@ class _Images(torch.utils.data.Dataset):
         return {"pixel_values": self.pixels[index]}
 
 
+def _raddino(folder: Path, device: torch.device):
+    """RadDINO's architecture and image processor with seeded random weights, loaded as the evaluate stage does."""
+    from cxr_diffusion.evaluation.raddino import load_raddino
+    from cxr_diffusion.rehearsal.standin_models import write_raddino
+
+    write_raddino(folder, seed=0)
+    return load_raddino(str(folder), device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="prepared image size")
@@ -87,10 +97,20 @@ def main() -> None:
     inception, densenet = inception.eval().to(device), densenet.eval().to(device)
     at_299 = [torch.randn(args.batch, 3, INPUT_SIZE, INPUT_SIZE, device=device) for _ in range(count)]
     at_224 = [torch.randn(args.batch, 1, 224, 224, device=device) for _ in range(count)]
+    raddino_dir = tempfile.TemporaryDirectory()
+    raddino = _raddino(Path(raddino_dir.name), device)
+    at_518 = [torch.randn(args.batch, 3, 518, 518, device=device) for _ in range(count)]
+
+    def raddino_path(batch: torch.Tensor) -> torch.Tensor:
+        inputs = raddino.processor(images=chexgenbench_bytes(batch.cpu()), return_tensors="pt")
+        return raddino.model(pixel_values=inputs["pixel_values"].to(device)).pooler_output
+
     rows = []
     for label, full, bare in (
         ("Inception-v3 (FID flavour)", (inception, uint8), (inception.pool_features, at_299)),
         ("torchxrayvision DenseNet-121", (densenet, signed), (densenet.pooled_features, at_224)),
+        ("RadDINO (DINOv2 ViT-B/14, 518 px)", (raddino_path, signed),
+         (lambda batch: raddino.model(pixel_values=batch).pooler_output, at_518)),
     ):
         with full_fp32():  # as the evaluate stage runs them
             full_rate = images_per_second(full[0], full[1], device)
@@ -98,6 +118,7 @@ def main() -> None:
         rows.append([label, f"{full_rate:.1f}", f"{bare_rate:.1f}", f"{full_rate / bare_rate:.2f}"])
     print(markdown_table(["network (fp32, no TF32)", f"evaluate path img/s ({args.size}px in)",
                           "bare forward img/s", "ratio"], rows))
+    raddino_dir.cleanup()
 
     if device.type != "cuda" and not args.functions:
         return

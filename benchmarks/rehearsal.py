@@ -35,11 +35,12 @@ BRANCHES = ("clip_text", "clip_vision", "elixr")
 RESNET_ARMS = ("real", "synthetic", "real_plus_synthetic", "synthetic_then_real")
 # Must be numbers in every branch's metrics/evaluate/<branch>.json (dotted paths): each stands for a code path.
 REQUIRED_METRICS = ("closeness.inception_fid", "closeness.reference_compatible_fid", "xrv_densenet.fd",
+                    "raddino.fd", "raddino.kid", "raddino.coverage",
                     "closeness.domain_fd", "closeness.kid", "closeness.untrained_fd_matched", "prdc.precision",
                     "memorization.features.fraction_at_or_below_threshold", "diversity.ms_ssim_same_labels_generated")
 # Shown in the table per branch.
 SHOWN_METRICS = {"FID": "closeness.inception_fid", "reference FID": "closeness.reference_compatible_fid",
-                 "FD (DenseNet)": "xrv_densenet.fd", "domain FD": "closeness.domain_fd"}
+                 "FD (DenseNet)": "xrv_densenet.fd", "FD (RadDINO)": "raddino.fd", "domain FD": "closeness.domain_fd"}
 
 
 @dataclass

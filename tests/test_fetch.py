@@ -33,10 +33,10 @@ from cxr_diffusion.profiles import profile_data, params_with
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-NO_WEIGHTS = {"evaluate.inception_weights": None, "evaluate.reference_inception_weights": None,
+NO_WEIGHTS = {"evaluate.inception_weights": None, "evaluate.reference_inception_weights": None, "evaluate.raddino": None,
               "evaluate.xrv_weights": None}
 HUB_ONLY = {"elixr.path": None, **NO_WEIGHTS}  # clip and vae: cheap to fake
-ALL = ["clip", "vae", "elixr", "inception_fid", "inception_torchvision", "xrv_densenet"]  # nih-512's assets
+ALL = ["clip", "vae", "elixr", "raddino", "inception_fid", "inception_torchvision", "xrv_densenet"]  # nih-512's assets
 
 
 def write_params(root: Path, overrides: dict | None = None) -> Path:
@@ -71,7 +71,8 @@ class FakeHub:
         if self.fail is not None:
             raise self.fail
         folder.mkdir(parents=True, exist_ok=True)
-        kind = {"model_type": "clip"} if "clip" in repo_id else {"_class_name": "AutoencoderKL"}
+        kind = ({"model_type": "clip"} if "clip" in repo_id else {"model_type": "dinov2"} if "rad-dino" in repo_id
+                else {"_class_name": "AutoencoderKL"})
         (folder / "config.json").write_text(json.dumps({"repo": repo_id, "revision": revision, **kind}))
         (folder / ".cache" / "huggingface").mkdir(parents=True, exist_ok=True)
         (folder / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
@@ -200,7 +201,9 @@ def test_fetch_places_every_asset_and_records_it(fetched):
     assert set(manifest["clip"]["files"]) == {"config.json"}  # the hub's hidden .cache/ is not part of the asset
     assert set(manifest["elixr"]["files"]) == {"config.json", "datasets.json", "elixrb/img_emb/img_emb_0.h5"}
     assert manifest["vae"]["source"]["repo_id"] == "stabilityai/sd-vae-ft-mse"
-    assert "All 6 assets are in place" in output
+    assert manifest["raddino"]["source"]["allow_patterns"] == ["config.json", "preprocessor_config.json",
+                                                                 "model.safetensors"]  # not the DINO head
+    assert "All 7 assets are in place" in output
     for name, flavour in (("pt_inception-2015-12-05", "fid"), ("inception_v3_torchvision", "torchvision")):
         target = root / "external" / "weights" / f"{name}.safetensors"
         assert isinstance(load_inception(target, InceptionSpec(flavour, "pool"), torch.device("cpu")), InceptionV3)
@@ -215,7 +218,7 @@ def test_a_second_fetch_downloads_nothing(fetched, published, monkeypatch):
     monkeypatch.setattr(download, "url_download", refuse)
     result = runner.invoke(app, ["fetch", "--root", str(root)])
     assert result.exit_code == 0, result.output
-    assert result.output.count("already in place") == 6
+    assert result.output.count("already in place") == 7
 
 
 def test_doctor_passes_on_a_fetched_root(fetched, published, monkeypatch):
@@ -223,14 +226,14 @@ def test_doctor_passes_on_a_fetched_root(fetched, published, monkeypatch):
     pin_to(monkeypatch, published)
     result = runner.invoke(app, ["doctor", "--root", str(root)])
     assert result.exit_code == 0, result.output
-    assert result.output.count(": present:") == 6 and "All 6 assets are present" in result.output
+    assert result.output.count(": present:") == 7 and "All 7 assets are present" in result.output
 
 
 def test_weights_converted_from_the_pinned_file_before_are_recorded_without_a_download(fetched, published, tmp_path,
                                                                                        monkeypatch):
     root, _ = fetched
     write_params(tmp_path, {"clip.model": "demo", "train.space": "pixel", "elixr.path": None,
-                            "evaluate.reference_inception_weights": None, "evaluate.xrv_weights": None})
+                            "evaluate.reference_inception_weights": None, "evaluate.raddino": None, "evaluate.xrv_weights": None})
     (tmp_path / "external" / "weights").mkdir(parents=True)
     shutil.copyfile(root / "external/weights/pt_inception-2015-12-05.safetensors",  # as `convert-weights` wrote it
                     tmp_path / "external/weights/pt_inception-2015-12-05.safetensors")
@@ -248,7 +251,7 @@ def test_offline_fetch_goes_on_and_lists_how_to_place_each_asset(tmp_path, monke
     monkeypatch.setattr(download, "url_download", FakeUrl({}, fail=urllib.error.URLError("Name or service not known")))
     result = runner.invoke(app, ["fetch", "--root", str(tmp_path)])
     assert result.exit_code == 2
-    assert "Could not place 6 of 6 assets" in result.output
+    assert "Could not place 7 of 7 assets" in result.output
     for expected in (
             ("hf download openai/clip-vit-large-patch14 --include '*.json' --include '*.txt' "
              "--include '*.safetensors' --local-dir external/clip-vit-large-patch14"),
@@ -286,7 +289,7 @@ def test_an_interrupted_hub_download_is_never_recorded(tmp_path, monkeypatch):
 
 def test_fetch_refuses_weights_that_fail_the_pinned_sha256(tmp_path, monkeypatch):
     write_params(tmp_path, {"clip.model": "demo", "train.space": "pixel", "elixr.path": None,
-                            "evaluate.reference_inception_weights": None, "evaluate.xrv_weights": None})
+                            "evaluate.reference_inception_weights": None, "evaluate.raddino": None, "evaluate.xrv_weights": None})
     monkeypatch.setattr(download, "_open", lambda url, offset: (io.BytesIO(b"<html>a login page</html>"), 25, False))
     result = runner.invoke(app, ["fetch", "--root", str(tmp_path)])
     assert result.exit_code == 2
@@ -296,7 +299,8 @@ def test_fetch_refuses_weights_that_fail_the_pinned_sha256(tmp_path, monkeypatch
 
 def test_hand_placed_xrv_weights_are_checked_before_they_are_recorded(tmp_path):
     write_params(tmp_path, {"clip.model": "demo", "train.space": "pixel", "elixr.path": None,
-                            "evaluate.inception_weights": None, "evaluate.reference_inception_weights": None})
+                            "evaluate.inception_weights": None, "evaluate.reference_inception_weights": None,
+                            "evaluate.raddino": None})
     target = tmp_path / "external" / "weights" / "xrv-densenet121-res224-all.safetensors"
     target.parent.mkdir(parents=True)
     save_file({"classifier.weight": torch.zeros(18, 1024)}, str(target))

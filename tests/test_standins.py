@@ -42,15 +42,17 @@ from test_fetch import ALL, FakeHub, FakeUrl, write_params
 runner = CliRunner()
 TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 TINY = Overrides(clip_config=standin_models.clip_config(text=TINY_TOWER, vision=TINY_TOWER, projection_dim=16),
-                 vae_config={**standin_models.SD_VAE, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1})
+                 vae_config={**standin_models.SD_VAE, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1},
+                 raddino_config={**standin_models.RADDINO, "hidden_size": 32, "num_hidden_layers": 2,
+                                 "num_attention_heads": 2, "image_size": 28})
 FOLDERS = {"clip": "external/clip-vit-large-patch14", "vae": "external/sd-vae-ft-mse",
-           "elixr": "external/nih-cxr14-elixr"}
+           "elixr": "external/nih-cxr14-elixr", "raddino": "external/rad-dino"}
 FILES = {"inception_fid": "external/weights/pt_inception-2015-12-05.safetensors",
          "inception_torchvision": "external/weights/inception_v3_torchvision.safetensors",
          "xrv_densenet": "external/weights/xrv-densenet121-res224-all.safetensors"}
 NIH_IDS = [f"{n:08d}_000.png" for n in range(1, 21)]  # the fake NIH metadata; the first four have images
 ONLY_XRV = {"clip.model": "demo", "train.space": "pixel", "elixr.path": None, "evaluate.inception_weights": None,
-            "evaluate.reference_inception_weights": None, "dataset.source": "phantom"}
+            "evaluate.reference_inception_weights": None, "evaluate.raddino": None, "dataset.source": "phantom"}
 
 
 def fake_nih_folder(root, include_list, count=32, seed=0, image_size=1024, progress=True) -> dict:
@@ -358,12 +360,12 @@ def test_the_command_refuses_a_real_asset_in_one_line_with_exit_2(tmp_path):
 def test_doctor_reports_every_standin_with_the_fix(standins_root):
     result = runner.invoke(app, ["doctor", "--root", str(standins_root[0])])
     assert result.exit_code == 2
-    assert result.output.count(": stand-in (random weights): ") == 6
+    assert result.output.count(": stand-in (random weights): ") == 7
     assert "clip (clip.model): stand-in (random weights): external/clip-vit-large-patch14 was made by " \
            "`cxr-diffusion standins --images 4 --seed 0`: random weights, NOT the real model" in result.output
-    assert result.output.count("fix: run `cxr-diffusion fetch` for the real one") == 5
+    assert result.output.count("fix: run `cxr-diffusion fetch` for the real one") == 6
     assert "fix: place the real one by hand over it" in result.output  # the DenseNet: fetch cannot download it
-    assert "6 of them are stand-ins with random weights" in result.output
+    assert "7 of them are stand-ins with random weights" in result.output
 
 
 def published_files(tmp_path: Path, monkeypatch) -> dict[str, Path]:
@@ -397,7 +399,7 @@ def test_fetch_replaces_standins_with_the_real_assets(fresh_root, tmp_path, monk
         assert read_standin(target) is None and not sidecar_path(target).exists(), name
     assert sorted(p.name for p in (fresh_root / "external").iterdir() if p.name.startswith(".")) == []
     doctor = runner.invoke(app, ["doctor", "--root", str(fresh_root)])
-    assert doctor.output.count(": present:") == 5 and "xrv_densenet (evaluate.xrv_weights): stand-in" in doctor.output
+    assert doctor.output.count(": present:") == 6 and "xrv_densenet (evaluate.xrv_weights): stand-in" in doctor.output
 
 
 def test_offline_fetch_leaves_the_standins_in_place(fresh_root, monkeypatch):
@@ -405,7 +407,7 @@ def test_offline_fetch_leaves_the_standins_in_place(fresh_root, monkeypatch):
         "Got: ConnectError: [Errno -2] Name or service not known")))
     monkeypatch.setattr(download, "url_download", FakeUrl({}, fail=OSError("Name or service not known")))
     result = runner.invoke(app, ["fetch", "--root", str(fresh_root)])
-    assert result.exit_code == 2 and "Could not place 6 of 6 assets" in result.output
+    assert result.exit_code == 2 and "Could not place 7 of 7 assets" in result.output
     for path in [*FOLDERS.values(), *FILES.values()]:
         assert read_standin(fresh_root / path)["complete"], path
 
@@ -414,7 +416,7 @@ def test_record_present_never_records_a_standin(fresh_root):
     result = runner.invoke(app, ["fetch", "--record-present", "--root", str(fresh_root)])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if ": could not place it: " in line]
-    assert len(lines) == 6 and all("NOT the real" in line and "records only real assets" in line for line in lines)
+    assert len(lines) == 7 and all("NOT the real" in line and "records only real assets" in line for line in lines)
     assert not (fresh_root / "external" / "assets.json").exists()
 
 

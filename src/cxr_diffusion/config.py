@@ -426,6 +426,7 @@ class EvaluateConfig(Section):
     reference_fid_train_images: Annotated[int, Field(ge=2, le=10_000_000)] | None  # training images it uses (null: all)
     inception_batch_size: BatchSize          # batch size of the pretrained evaluators (Inception, DenseNet)
     xrv_weights: str | None                  # torchxrayvision DenseNet-121 state dict as safetensors
+    raddino: str | None                      # microsoft/rad-dino: a folder or the hub id -> CheXGenBench's distances
 
     @model_validator(mode="after")
     def _baseline(self) -> EvaluateConfig:
@@ -435,7 +436,7 @@ class EvaluateConfig(Section):
 
 
 class FetchConfig(Section):
-    """Where `cxr-diffusion fetch` gets the assets that clip.model, train.vae and elixr.path name (when they
+    """Where `cxr-diffusion fetch` gets the assets that clip.model, train.vae, elixr.path and evaluate.raddino name (when they
     are local folders it fills; a param equal to the hub id itself means the Hugging Face cache)."""
 
     manifest: str  # hashes recorded at fetch time; `cxr-diffusion doctor` checks against them
@@ -445,11 +446,13 @@ class FetchConfig(Section):
     vae_revision: str | None
     elixr_repo: str  # hub dataset fetched into elixr.path (elixr.dataset's files only)
     elixr_revision: str | None
+    raddino_repo: str  # hub model fetched into evaluate.raddino (config, image processor, model.safetensors)
+    raddino_revision: str | None
 
     @model_validator(mode="after")
     def _hub_names(self) -> FetchConfig:
         _require(self.manifest.endswith(".json"), "manifest", "must be a .json file, e.g. external/assets.json")
-        for name in ("clip", "vae", "elixr"):
+        for name in ("clip", "vae", "elixr", "raddino"):
             parts = getattr(self, f"{name}_repo").split("/")
             _require(len(parts) == 2 and all(p.strip() == p and p not in ("", ".", "..") for p in parts),
                      f"{name}_repo", "must be a hub id owner/name, e.g. openai/clip-vit-large-patch14")

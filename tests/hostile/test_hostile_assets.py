@@ -32,7 +32,7 @@ def hub_root(root: Path) -> tuple[Path, list]:
     """The nih-512 profile needing only its clip and vae folders, nothing placed yet."""
     raw = profile_data("nih-512")
     raw["elixr"]["path"] = None
-    for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
+    for key in ("inception_weights", "reference_inception_weights", "xrv_weights", "raddino"):
         raw["evaluate"][key] = None
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -240,7 +240,7 @@ def elixr_only_root(root: Path) -> Path:
     """The nih-512 profile needing only its ELIXR snapshot; returns the (not yet made) snapshot folder."""
     raw = profile_data("nih-512")
     raw["clip"]["model"], raw["train"]["space"] = "demo", "pixel"
-    for key in ("inception_weights", "reference_inception_weights", "xrv_weights"):
+    for key in ("inception_weights", "reference_inception_weights", "xrv_weights", "raddino"):
         raw["evaluate"][key] = None
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return root / raw["elixr"]["path"]

@@ -1,6 +1,6 @@
 """Which external assets the active params need: where each goes, where it comes from, who reads it.
 
-A hub asset goes to the local folder its param names (clip.model, train.vae, elixr.path), filled from the
+A hub asset goes to the local folder its param names (clip.model, train.vae, elixr.path, evaluate.raddino), filled from the
 hub id in the `fetch` section. A param that *is* that hub id keeps the files in the Hugging Face cache,
 where the loaders find them by id. The evaluation weights are published files with pinned hashes, converted
 once to safetensors; the torchxrayvision DenseNet can only be read by unpickling, so it is placed by hand.
@@ -82,11 +82,14 @@ XRV_DENSENET = HandSource(
     "torchxrayvision's densenet121-res224-all, published only as a pickled whole model: unpickle it once in a "
     "throwaway environment with torchxrayvision and save its state dict as safetensors (this project never unpickles)"
 )
-NOTHING_NEEDED = ("The active params need no external asset (clip.model: demo, train.space: pixel, elixr.path and the "
-                  "evaluate weights: null): everything is made in the pipeline, offline.")
+NOTHING_NEEDED = ("The active params need no external asset (clip.model: demo, train.space: pixel, elixr.path, "
+                  "evaluate.raddino and the evaluate weights: null): everything is made in the pipeline, offline.")
 # What the loaders read (they load safetensors only): the rest of a hub repository is never downloaded.
 CLIP_PATTERNS = ("*.json", "*.txt", "*.safetensors")  # config, tokenizer (vocab.json, merges.txt), processor, weights
 VAE_PATTERNS = ("*.json", "*.safetensors")
+# RadDINO's repository also holds a DINO head, a backbone for the DINOv2 code and its training image list: only the
+# transformers checkpoint is read.
+RADDINO_PATTERNS = ("config.json", "preprocessor_config.json", "model.safetensors")
 
 
 def _per_branch(stage: str, params: Params) -> tuple[str, ...]:
@@ -116,6 +119,10 @@ def needed_assets(params: Params, root: str | Path = ".") -> list[Asset]:
                            allow_patterns=("datasets.json", f"{params.elixr.dataset}/*"))
         assets.append(Asset("elixr", "elixr.path", params.elixr.path, source, ("embed_elixr",)))
     evaluate = _per_branch("evaluate", params)
+    if params.evaluate.raddino is not None:
+        target, source = _hub(params.evaluate.raddino, fetch.raddino_repo, fetch.raddino_revision, root,
+                              allow_patterns=RADDINO_PATTERNS)
+        assets.append(Asset("raddino", "evaluate.raddino", target, source, evaluate))
     for name, param, value, source in (
             ("inception_fid", "evaluate.inception_weights", params.evaluate.inception_weights, FID_INCEPTION),
             ("inception_torchvision", "evaluate.reference_inception_weights",

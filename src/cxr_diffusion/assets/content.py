@@ -1,8 +1,8 @@
 """What a hand-placed hub folder must hold to be recorded as its asset, checked from its content.
 
 `fetch --record-present` records what a person placed. A folder passes only if it is the asset: CLIP's
-``config.json`` says ``"model_type": "clip"``, the VAE's says ``"_class_name": "AutoencoderKL"``, and both
-hold safetensors files that list tensors (a pickled ``.bin`` alone is refused: this project never
+``config.json`` says ``"model_type": "clip"``, the VAE's says ``"_class_name": "AutoencoderKL"``, RadDINO's
+``"model_type": "dinov2"``, and each holds safetensors files that list tensors (a pickled ``.bin`` alone is refused: this project never
 unpickles); an ELIXR snapshot has a readable ``datasets.json`` offering the dataset ``elixr.dataset`` names,
 and HDF5 shards in its folder. Anything else, such as ``/etc``, is
 refused before a file in it is hashed.
@@ -19,7 +19,8 @@ from cxr_diffusion.io import JsonFileError, lies_inside, read_json
 from cxr_diffusion.safe_text import visible_text
 from cxr_diffusion.safetensors_header import SafetensorsHeader, SafetensorsHeaderError, read_safetensors_header
 
-CONFIG_CLASS = {"clip": ("model_type", "clip"), "vae": ("_class_name", "AutoencoderKL")}
+CONFIG_CLASS = {"clip": ("model_type", "clip"), "vae": ("_class_name", "AutoencoderKL"),
+                "raddino": ("model_type", "dinov2")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # The largest asset: the ELIXR-B snapshot's img_emb for all 112,120 NIH images (32 x 768 floats each) is ~11 GB;
 # CLIP ViT-L/14 is 1.7 GB, the SD VAE 0.3 GB.

@@ -2,8 +2,9 @@
 
 Every distance is computed in the shared evaluator's feature space (a CXR classifier trained on the
 real train split) and reported beside its real-vs-real floor at the same sample size; intervals are
-percentile bootstraps. Standard and reference-compatible Inception FID run when their weights are
-configured (evaluation/inception_fid.py); otherwise they are recorded as null with the reason.
+percentile bootstraps. Standard and reference-compatible Inception FID (evaluation/inception_fid.py) and
+CheXGenBench's RadDINO distances (evaluation/raddino.py) run when their weights are configured; otherwise
+they are recorded as null with the reason.
 
 `evaluate_branch` reads top to bottom: load the evaluator, embed every set, then one function per section
 (closeness in evaluation/closeness.py; faithfulness, diversity, memorization and figures below), then write.
@@ -32,6 +33,7 @@ from cxr_diffusion.evaluation.faithfulness import label_agreement, macro_auroc, 
 from cxr_diffusion.utility.statistics import auroc_with_intervals
 from cxr_diffusion.evaluation.memorization import memorization_report
 from cxr_diffusion.evaluation.pca_plot import pca_scatter
+from cxr_diffusion.evaluation.raddino import raddino_metrics
 from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
 from cxr_diffusion.device import describe_device, module_device, resolve_device
 from cxr_diffusion.diffusion.grid import image_grid
@@ -235,6 +237,7 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
         baseline = untrained_features(params, paths, classifier, names, device)
         closeness.update(untrained_closeness(baseline, generated_features, floor))
     prdc = prdc_metrics(test_features, generated_features, config.prdc_k)
+    raddino = raddino_metrics(config, images.generated, images.test, seed, device)
     pretrained_judge = xrv_metrics(config, params.filter.class_members(), images.generated, splits.generated.labels,
                                    images.test, splits.test.labels, images.val, seed, device)
     faithfulness = faithfulness_metrics(splits.generated, splits.test, list(classifier.spec.classes), config.bootstrap,
@@ -245,7 +248,7 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
 
     metrics = {
         "branch": branch, "generated": len(generated_features), "real_test": len(test_features),
-        "closeness": closeness, "prdc": prdc, "faithfulness": faithfulness, "diversity": diversity,
+        "closeness": closeness, "prdc": prdc, "raddino": raddino, "faithfulness": faithfulness, "diversity": diversity,
         "xrv_densenet": pretrained_judge, "memorization": memorization,
         "seconds": round(time.perf_counter() - started, 1), "device": describe_device(device),
     }

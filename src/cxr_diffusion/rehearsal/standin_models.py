@@ -1,4 +1,4 @@
-"""Random-weight stand-ins of the two hub models nih-512 reads: CLIP ViT-L/14 and the SD VAE (ft-MSE).
+"""Random-weight stand-ins of the hub models nih-512 reads: CLIP ViT-L/14, the SD VAE (ft-MSE) and RadDINO.
 
 Each is the published architecture with random weights, saved the way the hub repository holds it
 (``save_pretrained`` files: config, safetensors weights; CLIP also its tokenizer and image processor), and
@@ -50,6 +50,16 @@ SD_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoder
           "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 256,
           "scaling_factor": 0.18215}
 MERGES_HEADER = "#version: 0.2"  # the first line of CLIP's merges.txt
+# microsoft/rad-dino's config.json (DINOv2 ViT-B/14) and preprocessor_config.json: 518-px inputs, which its model
+# card's 37 x 37 patch grid shows, normalised with its chest X-ray mean and std.
+RADDINO = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4, "patch_size": 14,
+           "image_size": 518, "num_channels": 3, "hidden_act": "gelu", "layer_norm_eps": 1e-6, "layerscale_value": 1.0,
+           "qkv_bias": True, "use_swiglu_ffn": False, "drop_path_rate": 0.0}
+RADDINO_PREPROCESSOR = {"crop_size": {"height": 518, "width": 518}, "do_center_crop": True, "do_convert_rgb": True,
+                        "do_normalize": True, "do_rescale": True, "do_resize": True,
+                        "image_mean": [0.5307, 0.5307, 0.5307], "image_std": [0.2583, 0.2583, 0.2583],
+                        "image_processor_type": "BitImageProcessor", "resample": 3,
+                        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 518}}
 
 
 def clip_config(text: dict | None = None, vision: dict | None = None, projection_dim: int = CLIP_PROJECTION_DIM):
@@ -201,3 +211,35 @@ def check_vae(folder: Path, image_size: int) -> dict:
     if not torch.isfinite(latent).all():
         raise ValueError(f"{folder}: the stand-in VAE's latents are not finite")
     return {"latent_shape": list(latent.shape[1:]), "image_size": image_size}
+
+
+def write_raddino(folder: Path, seed: int, config: dict | None = None) -> dict:
+    """A random-weight ``Dinov2Model`` of ``config`` (default rad-dino's) in ``folder``, with its image processor."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = config if config is not None else RADDINO
+    size = config["image_size"]
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {**RADDINO_PREPROCESSOR, "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size}},
+        indent=2) + "\n")
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(**config)).eval()
+    parameters = parameter_count(model)
+    model.save_pretrained(folder, max_shard_size="20GB")  # config.json + one model.safetensors, as the hub holds it
+    del model
+    return {"parameters": parameters, "architecture": {"model": "Dinov2Model", **config}}
+
+
+def check_raddino(folder: Path, image_size: int) -> dict:
+    """Load ``folder`` with ``evaluation.raddino.load_raddino`` and embed one ``image_size`` image the way the
+    evaluate stage does; the feature's width."""
+    from cxr_diffusion.evaluation.raddino import chexgenbench_bytes, load_raddino
+
+    raddino = load_raddino(str(folder), torch.device("cpu"))
+    with torch.no_grad():
+        inputs = raddino.processor(images=chexgenbench_bytes(torch.zeros(1, 3, image_size, image_size)),
+                                   return_tensors="pt")
+        feature = raddino.model(pixel_values=inputs["pixel_values"]).pooler_output
+    if not torch.isfinite(feature).all():
+        raise ValueError(f"{folder}: the stand-in RadDINO's features are not finite")
+    return {"feature": list(feature.shape[1:]), "input": list(inputs["pixel_values"].shape[1:])}

@@ -8,6 +8,7 @@ made up. What it makes (each only if the params need it, see ``assets.catalog.ne
 - ``clip.model``: CLIP ViT-L/14 with a prompt tokenizer and CLIP's image processor (``standin_models``)
 - ``train.vae``: the SD VAE ft-MSE (``standin_models``)
 - ``elixr.path``: an ELIXR-B snapshot for the NIH folder's images plus a few others (``standin_elixr``)
+- ``evaluate.raddino``: RadDINO, a DINOv2 ViT-B/14 with its image processor (``standin_models``)
 - ``evaluate.*_weights``: FID-Inception, torchvision Inception-v3, torchxrayvision DenseNet-121
   (``standin_weights``; the Inceptions go through the project's own conversion)
 
@@ -47,6 +48,7 @@ WHAT = {
     "vae": "SD VAE (as stabilityai/sd-vae-ft-mse): AutoencoderKL config, random weights",
     "elixr": "ELIXR-B img_emb snapshot (as Yasintuncer/nih-cxr14-elixr): datasets.json and 12 HDF5 shards of "
              "deterministic random [32, 768] embeddings, NOT ELIXR",
+    "raddino": "RadDINO (as microsoft/rad-dino): Dinov2Model config, random weights, its image processor",
     "inception_fid": "FID-Inception (pt_inception-2015-12-05), random weights, converted by convert-weights",
     "inception_torchvision": "torchvision Inception-v3 (inception_v3_google), random weights, converted by "
                              "convert-weights",
@@ -73,6 +75,7 @@ class Overrides:
     """Smaller architectures, for tests only: the command always makes the real ones."""
     clip_config: object | None = None   # a transformers CLIPConfig
     vae_config: dict | None = None      # AutoencoderKL keyword arguments
+    raddino_config: dict | None = None  # Dinov2Config keyword arguments
 
 
 def _one_line(error: BaseException) -> str:
@@ -218,6 +221,15 @@ def _recipe(asset: Asset, params: Params, seed: int, nih_root: Path | None, over
             return {**info, "check": standin_models.check_vae(tmp, params.image_size)}
 
         return _Recipe({**settings, "architecture": standin_models.vae_architecture(config)}, vae, True)
+    if asset.name == "raddino":
+        config = overrides.raddino_config or standin_models.RADDINO
+
+        def raddino(tmp: Path) -> dict:
+            info = standin_models.write_raddino(tmp, seed, config)
+            echo(f"    loading it with evaluation.raddino.load_raddino, embedding a {params.image_size}-px image")
+            return {**info, "check": standin_models.check_raddino(tmp, params.image_size)}
+
+        return _Recipe({**settings, "architecture": {"model": "Dinov2Model", **config}}, raddino, True)
     if asset.name == "elixr":
         try:
             present, others = _image_ids(nih_root, seed)

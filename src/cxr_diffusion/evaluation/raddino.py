@@ -1,0 +1,144 @@
+"""RadDINO distances: the feature space CheXGenBench ranks synthetic chest X-rays by.
+
+``microsoft/rad-dino`` is a DINOv2 ViT-B/14 trained self-supervised on chest X-rays (transformers'
+``Dinov2Model``). The numbers follow CheXGenBench's ``metrics/fid.py``, step by step, so a run can be placed
+beside its leaderboard (on other data: it uses MIMIC-CXR):
+
+1. each image as RGB, resized to 299x299 by PIL's bilinear filter, as ``ToTensor()`` floats in [0, 1], then
+   ``(x * 255).to(torch.uint8)`` (truncated, not rounded: the bytes its extractor sees);
+2. the model's own image processor from its ``preprocessor_config.json`` (for rad-dino: bicubic resize of the
+   shortest edge to 518, centre crop 518, rescale, normalise);
+3. the CLS token after the final layer norm (``pooler_output``, 768-d), computed in fp32;
+4. FD between Gaussians fitted to generated and real test features (float64, unbiased covariances: what
+   torchmetrics' ``FrechetInceptionDistance`` with this extractor computes); KID with the cubic polynomial
+   kernel over 100 subsets of min(n_generated, n_real) images each; precision, recall, density and coverage
+   with k = 5 neighbours.
+
+Without ``evaluate.raddino`` each value is null with the reason and how to enable it, never estimated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cxr_diffusion.config import EvaluateConfig
+from cxr_diffusion.data.nih import DataError
+from cxr_diffusion.evaluation.distances import frechet_distance, kernel_inception_distance
+from cxr_diffusion.evaluation.prdc import precision_recall_density_coverage
+from cxr_diffusion.evaluation.weights import full_fp32
+
+RESIZE = 299       # CheXGenBench's loader: transforms.Resize((299, 299)) before its extractors
+KID_SUBSETS = 100  # torchmetrics' KernelInceptionDistance default, which CheXGenBench keeps
+PRDC_K = 5         # CheXGenBench's nearest_k
+HOW_TO_ENABLE = ("fetch microsoft/rad-dino where there is internet (`cxr-diffusion fetch` with evaluate.raddino "
+                 "set to a folder such as external/rad-dino, or `hf download microsoft/rad-dino`) and set "
+                 "params evaluate.raddino (docs/evaluation.md, 'RadDINO distances')")
+
+
+@dataclass
+class RadDino:
+    processor: object      # transformers' image processor of the checkpoint
+    model: torch.nn.Module  # transformers' Dinov2Model
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def load_raddino(source: str, device: torch.device) -> RadDino:
+    """The checkpoint at ``source`` (a folder, or a hub id in the Hugging Face cache) and its image processor,
+    from safetensors only, in fp32 on ``device``."""
+    from safetensors import SafetensorError
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    try:
+        # The PIL-based processor, which CheXGenBench's pinned transformers (4.50.3) gave by default; with
+        # torchvision installed, transformers 5 would otherwise pick its torch-based one, which resizes differently.
+        processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        model = Dinov2Model.from_pretrained(source, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise DataError(f"evaluate.raddino: {source} could not be loaded as microsoft/rad-dino "
+                        f"({' '.join(str(error).split())[:300]}); point it at a folder holding its config.json, "
+                        f"preprocessor_config.json and model.safetensors, or set it to null") from None
+    return RadDino(processor, model.to(device=device, dtype=torch.float32).eval())
+
+
+def chexgenbench_bytes(pixel_values: torch.Tensor) -> torch.Tensor:
+    """PreparedImages pixels ((n, c, s, s) in [-1, 1]) as the uint8 (n, 3, 299, 299) batch CheXGenBench's
+    extractors receive: PIL RGB, bilinear resize to 299x299, ToTensor, then ``(x * 255).to(torch.uint8)``."""
+    batch = []
+    for image in pixel_values:
+        gray = ((image[0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        rgb = Image.fromarray(gray).convert("RGB").resize((RESIZE, RESIZE), Image.BILINEAR)
+        as_float = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).to(torch.float32).div(255)  # ToTensor's value
+        batch.append((as_float * 255).to(torch.uint8))
+    return torch.stack(batch)
+
+
+@torch.no_grad()
+def raddino_features(raddino: RadDino, images: Dataset, batch_size: int, description: str) -> np.ndarray:
+    """The (n, 768) CLS features of every image of ``images`` (a PreparedImages split), in order."""
+    device, parts = raddino.model.device, []
+    with full_fp32():
+        for batch in tqdm(_batches(images, batch_size), total=-(-len(images) // batch_size),  # type: ignore[arg-type]
+                          desc=description, leave=False):
+            inputs = raddino.processor(images=chexgenbench_bytes(batch), return_tensors="pt")
+            output = raddino.model(pixel_values=inputs["pixel_values"].to(device, torch.float32))
+            parts.append(output.pooler_output.float().cpu().numpy())
+    return np.concatenate(parts).astype(np.float64)
+
+
+def _batches(images: Dataset, batch_size: int) -> Iterator[torch.Tensor]:
+    for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
+        yield batch["pixel_values"]
+
+
+def raddino_distances(generated: np.ndarray, real: np.ndarray, seed: int) -> dict:
+    """FD, KID (mean and std over subsets) and PRDC of generated vs real RadDINO features, as CheXGenBench
+    computes them (see the module docstring); k is capped by the set sizes on tiny runs."""
+    subset = min(len(generated), len(real))
+    kid, kid_std = kernel_inception_distance(generated, real, subset_size=subset, subsets=KID_SUBSETS, seed=seed)
+    k = max(1, min(PRDC_K, len(real) - 1, len(generated) - 1))
+    return {"fd": frechet_distance(generated, real), "kid": kid, "kid_std": kid_std,
+            **precision_recall_density_coverage(real, generated, k=k), "prdc_k": k, "kid_subset": subset}
+
+
+def raddino_metrics(config: EvaluateConfig, generated: Dataset, real_test: Dataset, seed: int,
+                    device: torch.device) -> dict:
+    """RadDINO FD, KID and PRDC of the generations against the real test split, with their settings; every
+    value null with the reason when ``evaluate.raddino`` is not set."""
+    if config.raddino is None:
+        reason = f"no RadDINO configured (offline default); to enable it, {HOW_TO_ENABLE}"
+        return {key: None for key in ("fd", "kid", "precision", "recall", "density", "coverage")} | {
+            "details": {"reason": reason}}
+    raddino = load_raddino(config.raddino, device)
+    generated_features = raddino_features(raddino, generated, config.inception_batch_size, "RadDINO (generated)")
+    real_features = raddino_features(raddino, real_test, config.inception_batch_size, "RadDINO (real test)")
+    distances = raddino_distances(generated_features, real_features, seed)
+    details = {
+        "features": f"RadDINO CLS token after the final layer norm (pooler_output), {raddino.width}-d",
+        "preprocessing": f"RGB, bilinear resize to {RESIZE}x{RESIZE}, uint8, then the checkpoint's image processor "
+                         f"(CheXGenBench's recipe)",
+        "real": "test split", "n_real": len(real_features), "n_generated": len(generated_features),
+        "kid_subsets": KID_SUBSETS, "kid_subset": distances.pop("kid_subset"), "prdc_k": distances.pop("prdc_k"),
+        "kid_std": distances.pop("kid_std"), "precision": "fp32, no TF32", "model": _described(config.raddino),
+    }
+    return {**distances, "details": details}
+
+
+def _described(source: str) -> str:
+    """The checkpoint as the report should name it: a folder's path (and a stand-in's label), or a hub id."""
+    from cxr_diffusion.assets.standin_marker import read_standin
+
+    path = Path(source)
+    if path.is_dir() and read_standin(path) is not None:
+        return f"{source} (a random-weight stand-in, NOT RadDINO)"
+    return source
