@@ -346,3 +346,18 @@ def test_an_underdiagnosis_rate_needs_ten_films_with_a_finding_not_ten_films():
     assert under_40["with_finding"] == 1 and under_40["underdiagnosis"] is None
     assert under_40["note"] == "fewer than 10 films with a finding: no underdiagnosis rate"
     assert "<40" not in (age["underdiagnosis_gap"]["best"], age["underdiagnosis_gap"]["worst"])
+
+
+def test_underdiagnosis_is_undefined_when_no_test_film_is_no_finding():
+    """With every test film showing a finding there is no prevalence-matched threshold: the rates were 0.0 and
+    the gap 0.0 [0, 0] over 20 draws, a measurement of nothing reported as a result (hostile pass 9)."""
+    n = 40
+    labels = np.column_stack([np.ones(n, int), np.zeros(n, int)])  # Effusion, No Finding
+    patients = [str(i) for i in range(n)]
+    results = subgroup_results(labels, np.random.default_rng(0).random((n, 2)), ["Effusion", "No Finding"], patients,
+                               {"sex": ["M", "F"] * (n // 2), "age": ["<40"] * n}, group_order([40, 60]),
+                               patient_draws(patients, 20, 0))
+    assert results["sex"]["underdiagnosis_gap"]["gap"] is None
+    for group in results["sex"]["groups"].values():
+        assert group["underdiagnosis"] is None and "no No Finding film in the test split" in group["note"]
+        assert group["macro_auroc"] is None or np.isfinite(group["macro_auroc"])

@@ -467,3 +467,77 @@ def test_a_fifo_named_filtered_csv_is_refused_without_blocking(tmp_path, reader)
         pytest.fail(f"{reader} still blocked on a FIFO named filtered.csv after 60 s")
     assert result.stdout == (f"{fifo}: not a regular file (a folder, FIFO or device); rerun the filter stage "
                              f"(`dvc repro filter`)\n"), result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- pass 9: filtered.csv as the filter writes it
+
+def _train_and_test_rows(table: pd.DataFrame) -> tuple[int, int]:
+    return tuple(int(table.index[table["split"] == split][0]) for split in ("train", "test"))
+
+
+@pytest.mark.parametrize("written", ["000{}", " {} "])
+def test_a_patient_written_another_way_in_another_split_is_still_one_patient(tmp_path, filtered_run, written):
+    """The filter reads '0005' and ' 5 ' as patient 5: an edit that puts patient 5's test film under '0005' still
+    leaks patient 5 into two splits."""
+    table = filtered_run[2].copy()
+    train, test = _train_and_test_rows(table)
+    table.loc[test, "Patient ID"] = written.format(table.loc[train, "Patient ID"])
+    line = prepare_refusal(tmp_path, filtered_run, table)
+    assert f"patient '{table.loc[train, 'Patient ID']}' is in split" in line
+
+
+def test_a_patient_id_the_filter_rejects_is_refused_by_prepare(tmp_path, filtered_run):
+    table = filtered_run[2].copy()
+    table.loc[3, "Patient ID"] = "=1+1"
+    assert "line 5, column 'Patient ID': '=1+1' is not an id the filter writes" in prepare_refusal(
+        tmp_path, filtered_run, table)
+
+
+@pytest.mark.parametrize("effusion, no_finding, expected", [
+    ("0", "0", "column 'Effusion': 0, but its Finding Labels"),    # a row with no class at all
+    ("1", "1", "column "),                                         # No Finding beside a finding
+])
+def test_class_columns_must_be_what_the_finding_labels_say(tmp_path, filtered_run, effusion, no_finding, expected):
+    table = filtered_run[2].copy()
+    row = int(table.index[table["Finding Labels"] == "Effusion"][0])
+    table.loc[row, "Effusion"], table.loc[row, "No Finding"] = effusion, no_finding
+    line = prepare_refusal(tmp_path, filtered_run, table)
+    assert expected in line and "make it" in line
+
+
+def test_a_no_finding_film_labelled_effusion_is_refused(tmp_path, filtered_run):
+    """The label would train Effusion while the clip_text prompt says No Finding."""
+    table = filtered_run[2].copy()
+    row = int(table.index[table["Finding Labels"] == "No Finding"][0])
+    table.loc[row, "Effusion"], table.loc[row, "No Finding"] = "1", "0"
+    assert "column 'Effusion': 1, but its Finding Labels 'No Finding' make it 0" in prepare_refusal(
+        tmp_path, filtered_run, table)
+
+
+def test_finding_labels_that_put_no_finding_beside_a_finding_are_refused(tmp_path, filtered_run):
+    table = filtered_run[2].copy()
+    row = int(table.index[table["Finding Labels"] == "Effusion"][0])
+    table.loc[row, "Finding Labels"], table.loc[row, "No Finding"] = "No Finding|Effusion", "1"
+    assert "puts No Finding beside a finding" in prepare_refusal(tmp_path, filtered_run, table)
+
+
+def test_finding_labels_with_none_of_the_classes_are_refused(tmp_path, filtered_run):
+    table = filtered_run[2].copy()
+    row = int(table.index[table["Finding Labels"] == "Effusion"][0])
+    table.loc[row, "Finding Labels"], table.loc[row, "Effusion"] = "Hernia", "0"
+    assert "give none of the classes" in prepare_refusal(tmp_path, filtered_run, table)
+
+
+def test_a_header_only_table_does_not_replace_the_prepared_images_with_nothing(tmp_path, filtered_run):
+    assert "no images (a header and no rows)" in prepare_refusal(tmp_path, filtered_run, filtered_run[2].iloc[:0])
+
+
+def test_a_filtered_table_larger_than_any_the_filter_writes_is_refused_unread(tmp_path):
+    """A sparse 1 GB file (no disk used) took 15 s and 4.3 GB of memory in pandas before it was refused."""
+    from cxr_diffusion.data.filtered_table import read_filtered_csv
+
+    path = tmp_path / "filtered.csv"
+    with open(path, "wb") as handle:
+        handle.write(b"Image Index,Patient Age,Patient Gender\n")
+        handle.truncate(1 << 30)
+    assert "more than the 64 MB of any table the filter writes" in one_line_error(lambda: read_filtered_csv(path))

@@ -733,3 +733,57 @@ def test_a_unet_missing_a_tensor_is_refused_in_one_line(model, embedding, tmp_pa
     write_model_files(model)
     line = refusal(runner.invoke(app, generate_args(model, embedding, tmp_path / "out")))
     assert line.startswith(f"error: {model}: not a loadable saved model") and "conv_out.bias" in line, line
+
+
+# ----------------------------------------------------------------------------- pass 9: a timestep-conditioned model
+
+@pytest.fixture(scope="module")
+def saved_timestep_model(tmp_path_factory) -> Path:
+    """An elixr model built with train.unet.timestep_condition: true (a projection class embedding)."""
+    from test_trainer import TINY_TRAIN
+
+    params = tiny_params(train={"unet": {**TINY_TRAIN["unet"], "timestep_condition": True}})
+    torch.manual_seed(0)
+    unet = build_unet(params.train.unet, params.image_size, params.channels, DIM)
+    denoiser = Denoiser(unet, ConditionAdapter(tokens=TOKENS, dim=DIM, out_tokens=TOKENS, out_dim=DIM))
+    return save_pipeline(params, "elixr", denoiser, training_scheduler(params.train),
+                         tmp_path_factory.mktemp("timestep-model") / "model", None)
+
+
+@pytest.fixture
+def timestep_model(saved_timestep_model, tmp_path) -> Path:
+    return Path(shutil.copytree(saved_timestep_model, tmp_path / "timestep_model"))
+
+
+def hashed_refusal(model_dir: Path, embedding: Path, tmp_path: Path) -> str:
+    write_model_files(model_dir)  # past the hash check: what diffusers itself would be handed
+    return refusal(runner.invoke(app, generate_args(model_dir, embedding, tmp_path / "out")))
+
+
+def test_a_projection_width_written_as_a_float_is_refused(timestep_model, embedding, tmp_path, no_sampling):
+    """8.0 == 8 in Python, but diffusers builds nn.Linear(8.0, ...) and generate ended in a TypeError."""
+    edit_config(timestep_model, "unet", projection_class_embeddings_input_dim=float(DIM))
+    line = hashed_refusal(timestep_model, embedding, tmp_path)
+    assert f"projection_class_embeddings_input_dim {float(DIM)} is not the condition adapter's output width" in line
+
+
+def test_a_timestep_model_whose_config_lost_its_class_embedding_is_refused(timestep_model, embedding, tmp_path,
+                                                                           no_sampling):
+    """diffusers dropped the class embedding's tensors with a warning, and the model sampled without the
+    condition it was trained with."""
+    edit_config(timestep_model, "unet", class_embed_type=None, projection_class_embeddings_input_dim=None)
+    line = hashed_refusal(timestep_model, embedding, tmp_path)
+    assert "unet weights hold 4 tensors its config has no place for, e.g. 'class_embedding." in line
+
+
+def test_a_plain_model_given_extra_tensors_is_refused(model, embedding, tmp_path, no_sampling):
+    weights = load_file(model / UNET_WEIGHTS)
+    weights["class_embedding.linear_1.weight"] = torch.randn(32, DIM)
+    save_file(weights, str(model / UNET_WEIGHTS))
+    assert "tensors its config has no place for, e.g. 'class_embedding.linear_1.weight'" in hashed_refusal(
+        model, embedding, tmp_path)
+
+
+def test_an_untouched_timestep_model_generates(timestep_model, embedding, tmp_path):
+    result = runner.invoke(app, generate_args(timestep_model, embedding, tmp_path / "out"))
+    assert result.exit_code == 0, result.output

@@ -175,3 +175,25 @@ def test_a_merged_class_with_a_new_visible_name_is_accepted():
     params = params_with({"filter": {"classes": ["Effusion", "Fluid or mass (merged)"],
                                      "merges": {"Fluid or mass (merged)": ["Mass", "Nodule"]}}})
     assert params.filter.class_members()["Fluid or mass (merged)"] == ("Mass", "Nodule")
+
+
+# ----------------------------------------------------------------------------- pass 9: what the YAML parser raises
+
+@pytest.mark.parametrize("text, expected", [
+    ((REPO / "params.yaml").read_text().replace("seed: ", "seed: " + "1" * 5000 + "  # ", 1), "cannot be read"),
+    ("x: " + "[" * 100_000 + "]" * 100_000 + "\n", "values nested more than 16 deep"),
+], ids=["5000-digit int", "nested 100000 deep"])
+def test_what_python_cannot_hold_is_one_line_naming_the_file(tmp_path, text, expected):
+    """A 5000-digit int (past Python's digit limit) and brackets nested 100,000 deep (a RecursionError), each
+    well under the size cap, ended the stage and `cxr-diffusion profile` in a traceback."""
+    from typer.testing import CliRunner
+
+    from cxr_diffusion.cli import app
+
+    path = tmp_path / "overlay.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=expected) as refused:
+        load_params(path)
+    assert "\n" not in str(refused.value) and str(path) in str(refused.value) and len(str(refused.value)) < 600
+    result = CliRunner().invoke(app, ["profile", str(path), "--root", str(tmp_path)])
+    assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output

@@ -209,3 +209,22 @@ def test_a_nan_in_a_training_log_compare_does_not_read_is_left_alone(tmp_path):
     write(inputs(tmp_path).training / "elixr" / "metrics.json", {"train": {"loss": float("nan")}, "val": {"loss": 0.5},
                                                                  "final": {"steps": 10}})
     assert "| Val loss / conditioning gap | 0.5000 / n/a |" in report_of(tmp_path)
+
+
+# ----------------------------------------------------------------------------- pass 9: JSON true where a number belongs
+
+def test_a_gap_fraction_of_true_is_shown_as_text_not_as_a_hundred_percent(tmp_path):
+    """true + 0.0 is 1.0: the report said the arm lost all of the real arm's AUROC."""
+    metrics = utility_metrics()
+    metrics["arms"]["synthetic"]["vs_real"]["gap_fraction"] = True
+    write(inputs(tmp_path).utility / "elixr.json", metrics)
+    row = next(line for line in report_of(tmp_path).splitlines() if line.startswith("| elixr | synthetic |"))
+    assert row.rstrip(" |").endswith("True") and "1.000 |" not in row
+
+
+def test_a_macro_difference_of_true_is_shown_as_text_not_as_plus_one(tmp_path):
+    metrics = utility_metrics()
+    metrics["arms"]["synthetic"]["vs_real"]["macro"]["difference"] = True
+    write(inputs(tmp_path).utility / "elixr.json", metrics)
+    text = report_of(tmp_path)
+    assert "+1.000" not in text and "True [" in text

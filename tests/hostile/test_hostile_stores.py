@@ -86,8 +86,8 @@ def write_prepared(prepared: Path, per_split: dict[str, int], size: int = 16, ro
 def test_store_index_row_of_minus_one_is_refused_naming_the_row(tmp_path):
     store = write_store(tmp_path / "s")
     edit_index(store, [0, -1, 2])
-    with pytest.raises(StoreError, match=r"index.csv: line 3 \(00000001_000.png\): row -1 is outside "
-                                         r"the 3 rows of embeddings.npy"):
+    with pytest.raises(StoreError, match=r"index.csv: line 3 \(00000001_000.png\): row '-1' is not a whole "
+                                         r"number"):  # the writer never writes a sign
         ConditionStore(store)
 
 
@@ -893,3 +893,15 @@ def test_a_corrupt_shard_in_the_train_clip_stage_is_one_line_exit_2(tmp_path, ca
     assert capsys.readouterr().err == (f"stage train_clip failed: {prepared / 'train-00000.parquet'}: its sha256 is "
                                        f"not the one manifest.json records (the file was changed or damaged after "
                                        f"prepare wrote it); {PREPARE_FIX}\n")
+
+
+@pytest.mark.parametrize("bad", ["1_0", "\u0661", "0x1", " 1", "1" * 5000])
+def test_a_store_row_in_a_form_the_writer_never_writes_is_refused(tmp_path, bad):
+    """int() read '1_0' as row 10 and an Arabic-Indic one as row 1; 5000 digits passed its digit limit."""
+    store = write_store(tmp_path / "s", rows=12)
+    rows = [str(i) for i in range(12)]
+    rows[1] = bad
+    edit_index(store, rows)
+    with pytest.raises(StoreError, match="is not a whole number") as refused_store:
+        ConditionStore(store)
+    assert "\n" not in str(refused_store.value)

@@ -209,10 +209,9 @@ class ConditionStore:
             if name in line_of:
                 raise StoreError(f"{path}: {name!r} is on lines {line_of[name]} and {line}; each image has one "
                                  f"row; rerun its embed stage")
-            try:
-                row = int(value)
-            except ValueError:
-                raise StoreError(f"{where}: row {value!r} is not a whole number; rerun its embed stage") from None
+            if not (value.isascii() and value.isdigit() and len(value) <= 12):  # int() also reads 1_0, " 1", Arabic digits
+                raise StoreError(f"{where}: row {value!r} is not a whole number; rerun its embed stage")
+            row = int(value)
             if not 0 <= row < rows:
                 raise StoreError(f"{where}: row {row} is outside the {rows} rows of {EMBEDDINGS}; "
                                  f"rerun its embed stage")

@@ -130,7 +130,8 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
     if missing_columns:
         raise DataError(f"{filtered_csv}: missing column(s) {missing_columns}; rerun the filter stage "
                         f"(the filter params and this table disagree)")
-    table = check_split_table(filtered_csv, table, classes, SPLITS)  # before a worker starts or a shard is made
+    # Before a worker starts or a shard is made.
+    table = check_split_table(filtered_csv, table, params.filter.class_members(), SPLITS)
     paths = pd.read_csv(dataset_dir / "image_paths.csv", dtype=str)
     path_of = dict(zip(paths["Image Index"], paths["path"]))
     roots, budget = image_roots(params, dataset_dir), DecodeBudget.from_config(params.prepare)

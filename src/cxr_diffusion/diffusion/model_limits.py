@@ -188,7 +188,7 @@ def _check_timestep_condition(path: Path, unet: dict, width: object) -> None:
     if kind != "projection":
         raise ModelConfigError(f"{path}: class_embed_type is {shown_value(kind)}; this project builds none or "
                                f"'projection' (train.unet.timestep_condition); {_FIX}")
-    if projected != width:
+    if not (is_whole_number(projected, 1, 1 << 20) and projected == width):  # 8.0 == 8, but nn.Linear(8.0) raises
         raise ModelConfigError(f"{path}: projection_class_embeddings_input_dim {shown_value(projected)} is not the "
                                f"condition adapter's output width {shown_value(width)} "
                                f"(condition_adapter/config.json); {_FIX}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr_diffusion.config import Params
-from cxr_diffusion.evaluation.report_numbers import number, signed_with_interval, with_interval
+from cxr_diffusion.evaluation.report_numbers import number, signed_with_interval, with_interval, without_negative_zero
 from cxr_diffusion.io import atomic_path, read_json, write_json
 from cxr_diffusion.reader_study.labels import REAL
 from cxr_diffusion.reader_study.report import report_lines
@@ -275,7 +275,7 @@ def utility_section(params: Params, summary: dict, utilities: dict[str, dict]) -
                          f"{with_interval(entry['macro_auroc'], entry['macro_ci_low'], entry['macro_ci_high'])} | "
                          f"{_seed_cell(entry)} | "
                          + (f"{signed_with_interval(entry['vs_real'], entry['vs_real_ci_low'], entry['vs_real_ci_high'])} | "
-                            f"{number(None if entry['gap_fraction'] is None else entry['gap_fraction'] + 0.0)} |" if "vs_real" in entry else "(baseline) | |"))
+                            f"{number(without_negative_zero(entry['gap_fraction']))} |" if "vs_real" in entry else "(baseline) | |"))
     lines.append("")
     for branch, utility in done.items():
         classes = utility["classes"]

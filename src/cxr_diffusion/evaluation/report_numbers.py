@@ -10,6 +10,16 @@ from __future__ import annotations
 from cxr_diffusion.safe_text import markdown_text
 
 
+def is_number(value) -> bool:
+    """An int or float from a metrics file; JSON's true and false are bools, which Python would add as 1 and 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def without_negative_zero(value):
+    """``value + 0.0`` for a number (so -0.0 prints as 0.000), anything else as it is, for ``number`` to show."""
+    return value + 0.0 if is_number(value) else value
+
+
 def number(value, digits: int = 3) -> str:
     if value is None:
         return "n/a"
@@ -27,4 +37,5 @@ def with_interval(value, low, high, digits: int = 3) -> str:
 def signed_with_interval(value, low, high) -> str:
     if value is None:
         return "n/a"
-    return f"{value + 0.0:+.3f} [{number(low)}, {number(high)}]"  # + 0.0: no "-0.000"
+    shown = f"{value + 0.0:+.3f}" if is_number(value) else number(value)  # + 0.0: no "-0.000"
+    return f"{shown} [{number(low)}, {number(high)}]"

@@ -22,6 +22,7 @@ from cxr_diffusion.errors import UserError
 from cxr_diffusion.branches import BRANCHES, branch_spec
 from cxr_diffusion.config import Params
 from cxr_diffusion.nih_labels import NO_FINDING
+from cxr_diffusion.safe_text import shown_value
 from cxr_diffusion.conditioning.prompts import prompt_for
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.decode import encode_png
@@ -71,15 +72,26 @@ def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device) -> 
 
 
 def _check_every_weight_loaded(pipeline: CXRDiffusionPipeline, model_dir: Path) -> None:
-    """diffusers leaves a tensor missing from the weights file on the meta device (no data); refuse that here
-    rather than fail at the first use."""
+    """Every tensor of each component's weights files went into its module, and every tensor of the module came
+    from them. diffusers leaves a tensor missing from the file on the meta device (no data), and drops one the
+    config has no place for with a warning: a model whose config lost its class embedding would sample without
+    the condition it was trained with. Refuse either here rather than fail at the first use, or never."""
+    from cxr_diffusion.safetensors_header import read_safetensors_header
+
     for name in ("unet", "condition_adapter", "vae", "text_encoder", "image_encoder"):
         module = getattr(pipeline, name, None)
-        missing = [key for key, tensor in (module.state_dict().items() if module is not None else ()) if tensor.is_meta]
-        if missing:
-            raise SamplingError(f"{model_dir}: not a loadable saved model ({name} weights lack {len(missing)} "
-                                f"tensors, e.g. {', '.join(missing[:3])}); retrain it (`dvc repro`, stage "
-                                f"train@<branch>) or re-fetch the folder")
+        if module is None:
+            continue
+        state = module.state_dict()
+        missing = [key for key, tensor in state.items() if tensor.is_meta]
+        stored = {key for path in sorted((model_dir / name).glob("*.safetensors"))
+                  for key in read_safetensors_header(path).tensors}
+        unused = sorted(stored - set(state))
+        if missing or unused:
+            what = (f"lack {len(missing)} tensors, e.g. {', '.join(missing[:3])}" if missing else
+                    f"hold {len(unused)} tensors its config has no place for, e.g. {shown_value(', '.join(unused[:3]), 160)}")
+            raise SamplingError(f"{model_dir}: not a loadable saved model ({name} weights {what}); retrain it (`dvc "
+                                f"repro`, stage train@<branch>) or re-fetch the folder")
 
 
 # What model_index.json may name for each component: [library, class], the class as a pattern.

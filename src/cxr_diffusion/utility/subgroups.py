@@ -111,8 +111,9 @@ class _Underdiagnosis:
     def __init__(self, truth: np.ndarray, scores: np.ndarray, column: int):
         self.column = column
         normal = truth[:, column]
-        # Call the top `prevalence` share of images "No Finding": as many as the test split has.
-        self.threshold = float(np.quantile(scores[:, column], 1 - normal.mean())) if normal.any() else np.inf
+        # Call the top `prevalence` share of images "No Finding": as many as the test split has (at least one:
+        # without a No Finding film there is no threshold, and the caller reports no rate).
+        self.threshold = float(np.quantile(scores[:, column], 1 - normal.mean()))
 
     def rate(self, truth: np.ndarray, scores: np.ndarray) -> float:
         sick = ~truth[:, self.column]
@@ -141,7 +142,8 @@ def subgroup_results(labels: np.ndarray, scores: np.ndarray, classes: Sequence[s
     every arm so that arms can be compared draw by draw."""
     truth, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
     column = list(classes).index(NO_FINDING) if NO_FINDING in classes else None
-    underdiagnosis = _Underdiagnosis(truth, scores, column) if column is not None else None
+    no_normal_film = column is not None and not truth[:, column].any()
+    underdiagnosis = _Underdiagnosis(truth, scores, column) if column is not None and not no_normal_film else None
     patients = np.asarray(patients)
     results = {}
     for attribute, labels_of in subgroups.items():
@@ -177,7 +179,8 @@ def subgroup_results(labels: np.ndarray, scores: np.ndarray, classes: Sequence[s
                           "underdiagnosis_ci_high": rate_high})
             notes = ([f"fewer than {MIN_GROUP_FILMS} test films: no AUROC"] if g not in ranked else []) + \
                 ([f"fewer than {MIN_GROUP_FILMS} films with a finding: no underdiagnosis rate"]
-                 if underdiagnosis and g not in rated else [])
+                 if underdiagnosis and g not in rated else []) + \
+                (["no No Finding film in the test split: no threshold, no underdiagnosis rate"] if no_normal_film else [])
             if notes:
                 group["note"] = "; ".join(notes)
             entry["groups"][g] = group
