@@ -214,22 +214,16 @@ def _recipe(asset: Asset, params: Params, seed: int, nih_root: Path | None, over
                         "corpus_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}, clip, True)
     if asset.name == "vae":
         config = overrides.vae_config or standin_models.SD_VAE
-
-        def vae(tmp: Path) -> dict:
-            info = standin_models.write_vae(tmp, seed, config)
-            echo(f"    loading it with diffusion.latents.load_vae, encoding a {params.image_size}-px image")
-            return {**info, "check": standin_models.check_vae(tmp, params.image_size)}
-
-        return _Recipe({**settings, "architecture": standin_models.vae_architecture(config)}, vae, True)
+        return _hub_model(settings, standin_models.vae_architecture(config),
+                          lambda tmp: standin_models.write_vae(tmp, seed, config),
+                          lambda tmp: standin_models.check_vae(tmp, params.image_size),
+                          f"diffusion.latents.load_vae, encoding a {params.image_size}-px image", echo)
     if asset.name == "raddino":
         config = overrides.raddino_config or standin_models.RADDINO
-
-        def raddino(tmp: Path) -> dict:
-            info = standin_models.write_raddino(tmp, seed, config)
-            echo(f"    loading it with evaluation.raddino.load_raddino, embedding a {params.image_size}-px image")
-            return {**info, "check": standin_models.check_raddino(tmp, params.image_size)}
-
-        return _Recipe({**settings, "architecture": {"model": "Dinov2Model", **config}}, raddino, True)
+        return _hub_model(settings, {"model": "Dinov2Model", **config},
+                          lambda tmp: standin_models.write_raddino(tmp, seed, config),
+                          lambda tmp: standin_models.check_raddino(tmp, params.image_size),
+                          f"evaluation.raddino.load_raddino, embedding a {params.image_size}-px image", echo)
     if asset.name == "elixr":
         try:
             present, others = _image_ids(nih_root, seed)
@@ -249,6 +243,17 @@ def _recipe(asset: Asset, params: Params, seed: int, nih_root: Path | None, over
         return _Recipe({**settings, "flavour": flavour}, lambda out, workdir, label: standin_weights.write_inception(
             out, flavour, seed, workdir, label), False)
     return _Recipe(settings, lambda out, workdir, label: standin_weights.write_xrv_densenet(out, seed, label), False)
+
+
+def _hub_model(settings: dict, architecture: dict, write: Callable[[Path], dict], check: Callable[[Path], dict],
+               loaded_with: str, echo: Callable[[str], None]) -> _Recipe:
+    """A hub model folder: written with random weights, then loaded back by the pipeline's own loader."""
+    def build(tmp: Path) -> dict:
+        info = write(tmp)
+        echo(f"    loading it with {loaded_with}")
+        return {**info, "check": check(tmp)}
+
+    return _Recipe({**settings, "architecture": architecture}, build, True)
 
 
 def make_standins(params: Params, root: str | Path = ".", *, images: int = 32, seed: int = 0,
