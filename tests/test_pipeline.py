@@ -353,12 +353,13 @@ def test_back_at_the_commit_after_an_experiment_nothing_is_stale(tiny_repo):
 
 
 def test_exp_with_pretrained_weights_reruns_only_evaluation_and_reports_every_fid(tiny_repo):
-    """With (seeded stand-in) weights configured, evaluate computes standard FID, reference-compatible FID and
-    the DenseNet metrics for every branch, and nothing upstream of evaluation reruns."""
+    """With (seeded stand-in) weights configured, evaluate computes standard FID, reference-compatible FID, the
+    DenseNet metrics and the RadDINO distances for every branch, and nothing upstream of evaluation reruns."""
     from safetensors.torch import save_file
 
     from cxr_diffusion.evaluation.inception import InceptionSpec, InceptionV3
     from cxr_diffusion.evaluation.xrv_densenet import XRVDenseNet121
+    from cxr_diffusion.rehearsal import standin_models
     from oracle_weights import seeded_state
 
     weights = tiny_repo / "external" / "weights"
@@ -366,9 +367,13 @@ def test_exp_with_pretrained_weights_reruns_only_evaluation_and_reports_every_fi
     for name, model in (("fid", InceptionV3(InceptionSpec("fid", "pool"))),
                         ("torchvision", InceptionV3(InceptionSpec("torchvision", "pool"))), ("xrv", XRVDenseNet121())):
         save_file({k: v.float() for k, v in seeded_state(model).items()}, str(weights / f"{name}.safetensors"))
+    tiny_raddino = {**standin_models.RADDINO, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "image_size": 28}  # the real preprocessing and features, a small network
+    standin_models.write_raddino(tiny_repo / "external" / "rad-dino", seed=0, config=tiny_raddino)
     result = sh("dvc", "exp", "run", "-S", "evaluate.inception_weights=external/weights/fid.safetensors",
                 "-S", "evaluate.reference_inception_weights=external/weights/torchvision.safetensors",
                 "-S", "evaluate.xrv_weights=external/weights/xrv.safetensors",
+                "-S", "evaluate.raddino=external/rad-dino",
                 "-S", "evaluate.reference_fid_train_images=64", cwd=tiny_repo)
     output = result.stdout + result.stderr
     for branch in ("clip_text", "clip_vision", "elixr"):
@@ -378,6 +383,7 @@ def test_exp_with_pretrained_weights_reruns_only_evaluation_and_reports_every_fi
     summary = json.loads((tiny_repo / "metrics" / "summary.json").read_text())
     for branch, row in summary.items():
         assert row["inception_fid"] > 0 and row["reference_compatible_fid"] > 0 and row["xrv_fd"] > 0, branch
+        assert row["raddino_fd"] > 0 and 0 <= row["raddino_coverage"] <= 1, branch
         details = json.loads((tiny_repo / "metrics" / "evaluate" / f"{branch}.json").read_text())["closeness"]
         assert details["reference_compatible_fid_details"]["n_real"] == 64
         assert details["inception_fid_details"]["real"] == "test split"

@@ -219,6 +219,7 @@ def write_raddino(folder: Path, seed: int, config: dict | None = None) -> dict:
 
     config = config if config is not None else RADDINO
     size = config["image_size"]
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {**RADDINO_PREPROCESSOR, "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size}},
         indent=2) + "\n")
