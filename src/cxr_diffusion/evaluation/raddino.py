@@ -32,7 +32,7 @@ from tqdm import tqdm
 from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.evaluation.distances import frechet_distance, kernel_inception_distance
-from cxr_diffusion.evaluation.prdc import precision_recall_density_coverage
+from cxr_diffusion.evaluation.closeness import prdc_metrics
 from cxr_diffusion.evaluation.weights import full_fp32
 
 RESIZE = 299       # CheXGenBench's loader: transforms.Resize((299, 299)) before its extractors
@@ -106,9 +106,10 @@ def raddino_distances(generated: np.ndarray, real: np.ndarray, seed: int) -> dic
     computes them (see the module docstring); k is capped by the set sizes on tiny runs."""
     subset = min(len(generated), len(real))
     kid, kid_std = kernel_inception_distance(generated, real, subset_size=subset, subsets=KID_SUBSETS, seed=seed)
-    k = max(1, min(PRDC_K, len(real) - 1, len(generated) - 1))
-    return {"fd": frechet_distance(generated, real), "kid": kid, "kid_std": kid_std,
-            **precision_recall_density_coverage(real, generated, k=k), "prdc_k": k, "kid_subset": subset}
+    prdc = prdc_metrics(real, generated, PRDC_K)  # k capped by the set sizes on tiny runs
+    k = prdc.pop("k")
+    return {"fd": frechet_distance(generated, real), "kid": kid, "kid_std": kid_std, **prdc, "prdc_k": k,
+            "kid_subset": subset}
 
 
 def raddino_metrics(config: EvaluateConfig, generated: Dataset, real_test: Dataset, seed: int,
