@@ -41,6 +41,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "timestep_levels": ({"train.unet.timestep_condition": True, "train.unet.cross_attention": [False, True, True]},
                         "timestep embedding + cross-attention at 16x16 and 8x8"),
     "tokens16": ({"train.condition_tokens": 16}, "a single vector expanded to 16 learned tokens instead of 4"),
+    # Not an adapter change: whether the image conditions are learned later than the prompt, not never.
+    "steps4x": ({"train.max_steps": 1600, "train.val_every_steps": 800, "train.sample_every_steps": 800},
+                "today's adapter trained 4x longer (1600 steps instead of 400), same schedule shape"),
 }
 
 

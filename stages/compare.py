@@ -19,9 +19,10 @@ def main(
     elixr_embedding: Path = typer.Option(..., help="The embed_elixr stage's metrics (real ELIXR or a stand-in)."),
     summary: Path = typer.Option(..., help="One entry per branch."),
     report: Path = typer.Option(..., help="Table and figures."),
+    training_curves: Path = typer.Option(..., help="The figure of every branch's losses and conditioning gap."),
 ) -> None:
     inputs = ReportInputs(evaluations, evaluator, sampling, training, utility, reader_study, elixr_embedding)
-    run_stage("compare", params, lambda p: print(compare(p, inputs, summary, report)))
+    run_stage("compare", params, lambda p: print(compare(p, inputs, summary, report, training_curves)))
 
 
 if __name__ == "__main__":

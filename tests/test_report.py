@@ -45,6 +45,7 @@ def test_compare_reads_the_inputs_it_is_given_and_links_figures_beside_the_repor
     assert "| elixr | real | 64 | 0.900 [0.840, 0.950] | n/a (1 seed) | (baseline) | |" in text
     assert "| real | 0.90 [0.80, 0.95] | 0.90 [0.85, 0.95] |" in text
     assert "variations of the training images" in text and "(utility/elixr/auroc.png)" in text
+    assert "(<training_curves.png>)" in text and (report.parent / "training_curves.png").stat().st_size > 10_000
 
 
 def test_report_says_how_to_get_the_utility_tables_before_they_exist(tmp_path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from cxr_diffusion.config import Params
+from cxr_diffusion.evaluation.training_curves import training_curves
 from cxr_diffusion.evaluation.report_numbers import number, signed_with_interval, with_interval, without_negative_zero
 from cxr_diffusion.io import atomic_path, read_json, write_json
 from cxr_diffusion.reader_study.labels import REAL
@@ -30,6 +32,7 @@ class ReportInputs:
     elixr_embedding: Path | None = None  # metrics/embed_elixr.json: its "source" says real ELIXR or a stand-in
 
 
+TRAINING_CURVES = "training_curves.png"  # written next to the report
 _RERUN = "rerun the stage that writes it (`dvc repro`)"
 
 
@@ -309,9 +312,10 @@ def _write_text(out: Path, text: str) -> Path:
 
 
 def report_text(params: Params, summary: dict, evaluations: dict[str, dict], evaluator: dict, out: Path,
-                utilities: dict[str, dict] | None = None, readers: dict | None = None) -> str:
+                utilities: dict[str, dict] | None = None, readers: dict | None = None,
+                curves_link: str = TRAINING_CURVES) -> str:
     """The markdown report to be written at ``out``; its figures are linked relative to it (reports/samples,
-    reports/evaluate), a sample figure only when it is already there."""
+    reports/evaluate, the training curves at ``curves_link``), a sample figure only when it is already there."""
     rows = [
         ("Domain FD (evaluator features) [95% CI]", lambda s: f"{number(s['domain_fd'], 2)} [{number(s['domain_fd_ci_low'], 2)}, {number(s['domain_fd_ci_high'], 2)}]"),
         ("FD / real-vs-real floor (same n)", lambda s: number(s["domain_fd_ratio_to_floor"], 2)),
@@ -350,6 +354,7 @@ def report_text(params: Params, summary: dict, evaluations: dict[str, dict], eva
               "Inception logits against its own training images: compare those with the reference-compatible FID "
               "row only; they are not comparable to the standard FID or the domain FD (different features, "
               "different reference set).", ""]
+    lines += [f"![training loss, validation loss and conditioning gap per branch](<{curves_link}>)", ""]
     lines += _pretrained_notes(evaluations)
     lines += utility_section(params, summary, utilities or {})
     lines += report_lines(readers) if readers else \
@@ -364,15 +369,26 @@ def report_text(params: Params, summary: dict, evaluations: dict[str, dict], eva
     return "\n".join(lines) + "\n"
 
 
-def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_path: Path) -> dict:
-    """The summary and the report, each written only when both could be built (one line naming the metrics
-    files when one of them is not what its stage writes)."""
+def _relative_link(target: Path, start: Path) -> str:
+    """``target`` as a Markdown link from the folder ``start`` (forward slashes, angle brackets escaped)."""
+    link = Path(os.path.relpath(Path(target).resolve(), Path(start).resolve())).as_posix()
+    return link.replace("<", "%3C").replace(">", "%3E")
+
+
+def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_path: Path,
+            curves_path: Path | None = None) -> dict:
+    """The summary, the report and the training-curves figure (``curves_path``, by default beside the report,
+    which links it by its path from there), each written only when all could be built (one line naming the
+    metrics files when one of them is not what its stage writes)."""
+    curves_path = report_path.parent / TRAINING_CURVES if curves_path is None else Path(curves_path)
     evaluations = read_evaluations(params.branches, inputs.evaluations)
     summary = summarize(params, evaluations, inputs)
     utilities = {branch: _read(inputs.utility / f"{branch}.json") for branch in params.branches}
     with _reading(inputs.evaluations, inputs.evaluator, inputs.utility, inputs.reader_study):
         report = report_text(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
-                             _read(inputs.reader_study))
+                             _read(inputs.reader_study), _relative_link(curves_path, report_path.parent))
+    # Drawn first: a damaged DVCLive series stops the stage before the summary or the report is replaced.
+    training_curves(inputs.training, list(params.branches), curves_path)
     write_json(summary_path, summary)  # refuses a value JSON cannot hold before the report is replaced
     _write_text(report_path, report)
     return summary
