@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint unit rehearsal benchmarks
+.PHONY: install run test lint unit rehearsal benchmarks figures
 install: $(VENV)/.installed
 
 # torch==2.13.0 is the CPU build (the plain name would pull a multi-GB CUDA build);
@@ -31,6 +31,15 @@ unit: install
 
 rehearsal: install
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/rehearsal.py
+
+# The documentation's figures, copied from the last run's reports/ (after `make run`).
+figures:
+	for branch in clip_text clip_vision elixr; do \
+	  cp reports/samples/$$branch/original_vs_generated_6.png docs/figures/$${branch}_original_vs_generated_6.png; done
+	cp reports/samples/clip_text/one_row_per_finding.png docs/figures/clip_text_one_row_per_finding.png
+	cp reports/evaluate/clip_text/pca.png docs/figures/clip_text_pca.png
+	cp reports/utility/clip_text/auroc.png docs/figures/clip_text_utility_auroc.png
+	cp reports/training_curves.png docs/figures/training_curves.png
 
 benchmarks: install
 	PATH="$(abspath $(BIN)):$$PATH" python benchmarks/prepare_benchmark.py
