@@ -14,7 +14,8 @@ import pytest
 
 from cxr_diffusion.conditioning import elixr
 from cxr_diffusion.conditioning.elixr import build_elixr_store
-from cxr_diffusion.conditioning.elixr_files import find_elixr_files, normalize_image_id
+from cxr_diffusion.conditioning.elixr_files import find_elixr_files
+from cxr_diffusion.conditioning.elixr_format import normalize_image_id
 from cxr_diffusion.conditioning.elixr_writers import write_elixr_hdf5_shard
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.config import ElixrConfig

@@ -199,7 +199,7 @@ def test_an_elixr_standin_named_by_elixr_path_is_labelled_a_standin(tmp_path):
     import pandas as pd
 
     from cxr_diffusion.conditioning.elixr import build_elixr_store
-    from cxr_diffusion.conditioning.elixr_files import FeatureSpec
+    from cxr_diffusion.conditioning.elixr_format import FeatureSpec
     from cxr_diffusion.conditioning.elixr_writers import write_snapshot_index, write_snapshot_shard
     from cxr_diffusion.config import ElixrConfig
     from cxr_diffusion.profiles import profile_section
@@ -314,7 +314,7 @@ def test_a_fifo_named_like_weights_or_a_shard_never_blocks(tmp_path, command):
 
 
 def test_a_fifo_named_like_a_shard_in_an_elixr_snapshot_never_blocks(tmp_path):
-    from cxr_diffusion.conditioning.elixr_files import FeatureSpec
+    from cxr_diffusion.conditioning.elixr_format import FeatureSpec
     from cxr_diffusion.conditioning.elixr_writers import write_snapshot_index, write_snapshot_shard
 
     snapshot = elixr_only_root(tmp_path)
@@ -407,7 +407,8 @@ def test_a_shard_whose_standin_attribute_is_not_a_scalar_still_marks_a_standin(t
     import h5py
 
     from cxr_diffusion.assets.standin_marker import read_standin
-    from cxr_diffusion.conditioning.elixr_files import FeatureSpec, scan_elixr_file
+    from cxr_diffusion.conditioning.elixr_files import scan_elixr_file
+    from cxr_diffusion.conditioning.elixr_format import FeatureSpec
     from cxr_diffusion.conditioning.elixr_writers import write_snapshot_index, write_snapshot_shard
 
     snapshot = tmp_path / "snap"

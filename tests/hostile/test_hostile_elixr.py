@@ -352,7 +352,7 @@ def test_a_file_linked_from_outside_the_elixr_folder_is_refused(tmp_path, kind):
 
 def test_a_datasets_json_linked_from_outside_the_snapshot_is_refused_unread(tmp_path, monkeypatch):
     """The shards had to lie in the snapshot, its index was read wherever its link pointed."""
-    from cxr_diffusion.conditioning import elixr_files
+    from cxr_diffusion.conditioning import elixr_index
 
     shard = snapshot(tmp_path / "snap")
     with h5py.File(shard, "w") as handle:
@@ -361,7 +361,7 @@ def test_a_datasets_json_linked_from_outside_the_snapshot_is_refused_unread(tmp_
     (tmp_path / "outside.json").write_bytes((tmp_path / "snap" / "datasets.json").read_bytes())
     (tmp_path / "snap" / "datasets.json").unlink()
     (tmp_path / "snap" / "datasets.json").symlink_to(tmp_path / "outside.json")
-    monkeypatch.setattr(elixr_files, "read_json", lambda *args, **kwargs: pytest.fail("read the linked index"))
+    monkeypatch.setattr(elixr_index, "read_json", lambda *args, **kwargs: pytest.fail("read the linked index"))
     refused(tmp_path, "datasets.json: lies outside the snapshot")
 
 
@@ -403,19 +403,19 @@ def test_a_parquet_id_column_too_large_to_read_whole_is_refused_from_its_footer(
 @pytest.mark.parametrize("rows", [1, 10_000])
 def test_parquet_ids_wider_than_any_image_id_are_refused_before_they_are_expanded(tmp_path, rows, monkeypatch):
     """An id of 2,000 bytes, once or stored once for 10,000 rows (20 MB once read): HDF5 refuses ids over 256."""
-    from cxr_diffusion.conditioning import elixr_files
+    from cxr_diffusion.conditioning import elixr_parquet
 
     parquet_shard(tmp_path / "snap" / "e.parquet", repeated("0" * 2000, rows))
-    monkeypatch.setattr(elixr_files, "_normalized", lambda *args: pytest.fail("normalised a 2,000-byte id"))
+    monkeypatch.setattr(elixr_parquet, "normalized_id", lambda *args: pytest.fail("normalised a 2,000-byte id"))
     refused(tmp_path, "column 'Image Index' holds ids 2,000 bytes wide", shape=list(ROW))
 
 
 def test_parquet_ids_that_expand_past_the_id_limit_are_refused_before_they_are_expanded(tmp_path, monkeypatch):
     """One 16-byte id stored once for 5 million rows is 80 MB of ids once read: HDF5 refuses over 64 MB."""
-    from cxr_diffusion.conditioning import elixr_files
+    from cxr_diffusion.conditioning import elixr_parquet
 
     parquet_shard(tmp_path / "snap" / "e.parquet", repeated(NAMES[0], 5_000_000), row_group_size=5_000_000)
-    monkeypatch.setattr(elixr_files, "_normalized", lambda *args: pytest.fail("normalised 5 million ids"))
+    monkeypatch.setattr(elixr_parquet, "normalized_id", lambda *args: pytest.fail("normalised 5 million ids"))
     refused(tmp_path, "column 'Image Index' holds 80,000,000 bytes of ids, more than 64 MB", shape=list(ROW))
 
 
@@ -477,9 +477,9 @@ def test_without_elixr_shape_a_later_row_longer_than_the_first_is_refused_from_t
     rows = embeddings().tolist()
     rows[2] = [[0.0] * ROW[1]] * 100_000
     parquet_shard(tmp_path / "snap" / "e.parquet", pa.array(NAMES), pa.array(rows, NESTED))
-    from cxr_diffusion.conditioning import elixr_files
+    from cxr_diffusion.conditioning import elixr_parquet
 
-    monkeypatch.setattr(elixr_files, "_parquet_batch_array", lambda *args: pytest.fail("decoded a block"))
+    monkeypatch.setattr(elixr_parquet, "_parquet_batch_array", lambda *args: pytest.fail("decoded a block"))
     refused(tmp_path, "declares 800,064 values in column 'embedding' for 3 rows, more than 32 a row", shape=None)
 
 

@@ -57,7 +57,7 @@ def test_a_hostile_store_json_is_one_line(tmp_path, content):
 
 @pytest.mark.parametrize("content", HOSTILE, ids=HOSTILE_IDS)
 def test_a_hostile_elixr_datasets_json_is_one_line(tmp_path, content):
-    from cxr_diffusion.conditioning.elixr_files import SNAPSHOT_INDEX, read_snapshot_index
+    from cxr_diffusion.conditioning.elixr_index import SNAPSHOT_INDEX, read_snapshot_index
 
     (tmp_path / SNAPSHOT_INDEX).write_bytes(content)
     assert one_line(lambda: read_snapshot_index(tmp_path)) == (

@@ -41,7 +41,7 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         raise AssetError(f"{asset.target} holds {total / 2**30:,.1f} GiB, more than the {MAX_ASSET_BYTES >> 30} GiB of "
                          f"any asset this project reads; is it the right folder?")
     if asset.name == "elixr":
-        from cxr_diffusion.conditioning.elixr_files import read_snapshot_index
+        from cxr_diffusion.conditioning.elixr_index import read_snapshot_index
         from cxr_diffusion.data.nih import DataError
 
         try:

@@ -1,8 +1,8 @@
 """ELIXR embeddings -> condition store: join the published files to the filtered table by image id.
 
 The files themselves (the published snapshot with its ``datasets.json``, older HDF5 shards, Parquet)
-are found, scanned and read by ``conditioning/elixr_files.py``. A full NIH set is GBs of float32, so
-nothing here holds it at once: ids are scanned first (they are small), then the embeddings are streamed
+are found by ``conditioning/elixr_files.py`` and read by its format readers. A full NIH set is GBs of
+float32, so nothing here holds it at once: ids are scanned first (they are small), then the embeddings are streamed
 block by block twice, cast to the store's dtype: once to find the rows that are not finite there, once
 to copy the others into a store of exactly that many rows.
 """
@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from cxr_diffusion.config import ElixrConfig
-from cxr_diffusion.conditioning.elixr_files import (ID_COLUMN, ElixrFile, iter_embedding_blocks,
-                                                    normalize_image_id, scan_elixr_source)
+from cxr_diffusion.conditioning.elixr_files import iter_embedding_blocks, scan_elixr_source
+from cxr_diffusion.conditioning.elixr_format import ID_COLUMN, ElixrFile, normalize_image_id
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
 from cxr_diffusion.data.filtered_table import read_filtered_csv
 from cxr_diffusion.data.nih import DataError

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from cxr_diffusion.config import ClipConfig, ElixrConfig
 from cxr_diffusion.conditioning.clip import clip_source, load_vision_encoder
-from cxr_diffusion.conditioning.elixr_files import FeatureSpec
+from cxr_diffusion.conditioning.elixr_format import FeatureSpec
 from cxr_diffusion.conditioning.elixr_writers import write_snapshot_index, write_snapshot_shard
 from cxr_diffusion.conditioning.embed import iter_prepared_images, standin_tokens
 from cxr_diffusion.data.shards import read_manifest

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cxr_diffusion.conditioning.elixr_files import (
+from cxr_diffusion.conditioning.elixr_format import (
     HDF5_EMBEDDINGS, HDF5_IDS, ID_COLUMN, SNAPSHOT_INDEX, FeatureSpec, normalize_image_id,
 )
 from cxr_diffusion.data.nih import DataError

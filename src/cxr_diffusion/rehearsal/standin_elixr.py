@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cxr_diffusion.conditioning.elixr_files import FeatureSpec, normalize_image_id, read_snapshot_index
+from cxr_diffusion.conditioning.elixr_format import FeatureSpec, normalize_image_id
+from cxr_diffusion.conditioning.elixr_index import read_snapshot_index
 from cxr_diffusion.conditioning.elixr_writers import write_snapshot_index, write_snapshot_shard
 
 DATASET, FEATURE, ROW_SHAPE = "elixrb/img_emb", "img_emb", (32, 768)

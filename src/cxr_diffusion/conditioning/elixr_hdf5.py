@@ -1,0 +1,143 @@
+"""HDF5 shards (the snapshot's and the older layout's): their ids and row shape at scan time, then their
+embeddings block by block, with nothing read from outside the file and nothing allocated past the bounds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cxr_diffusion.assets.standin_marker import standin_attribute
+from cxr_diffusion.conditioning.elixr_format import (HDF5_EMBEDDINGS, HDF5_IDS, ID_COLUMN, MAX_CHUNK_BYTES,
+                                                     MAX_ID_BYTES, MAX_ID_COLUMN_BYTES, MAX_ROWS, SNAPSHOT_INDEX,
+                                                     ElixrFile, check_regular_file, checked_shape,
+                                                     damaged_file_errors, normalized_id)
+from cxr_diffusion.conditioning.elixr_index import refuse_text
+from cxr_diffusion.data.nih import DataError
+
+
+def _open_hdf5(path: Path) -> h5py.File:
+    check_regular_file(path, "HDF5")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise DataError(f"{path}: not a readable HDF5 file ({error})") from error
+
+
+def _hdf5_datasets(handle: h5py.File) -> list[str]:
+    found: list[str] = []
+    handle.visititems(lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None,
+               declared: tuple[int, ...] | None, dataset: str | None) -> ElixrFile:
+    """Ids and (tokens, dim) of one shard; a shard of snapshot ``dataset`` must hold ``Image Index`` + ``feature``."""
+    snapshot = dataset is not None
+    with damaged_file_errors(path, "HDF5"), _open_hdf5(path) as handle:
+        def has(name: str | None) -> bool:
+            return name is not None and isinstance(handle.get(name), h5py.Dataset)
+
+        if not snapshot and has(HDF5_EMBEDDINGS) and has(HDF5_IDS):
+            column, id_column = HDF5_EMBEDDINGS, HDF5_IDS
+        elif has(ID_COLUMN) and has(feature) and feature != ID_COLUMN:
+            refuse_text(f"{path}: elixr.feature '{feature}'", dataset or "", feature,
+                         "an image feature of the same files (e.g. img_emb)")
+            column, id_column = feature, ID_COLUMN
+        elif snapshot:
+            raise DataError(f"{path}: expected datasets '{ID_COLUMN}' and '{feature}' (elixr.feature), found "
+                            f"{_hdf5_datasets(handle)}; is this shard from the same snapshot?")
+        else:
+            raise DataError(f"{path}: expected datasets '{HDF5_EMBEDDINGS}' and '{HDF5_IDS}' (older layout), or "
+                            f"'{ID_COLUMN}' and '{feature}' (elixr.feature), found {_hdf5_datasets(handle)}; "
+                            f"is this an ELIXR embedding shard?")
+        _check_stored_in_file(path, handle, id_column, kinds="SOU", what="image ids (text)")
+        _check_stored_in_file(path, handle, column, kinds="f", what="floating-point embeddings")
+        values, raw_ids = handle[column], handle[id_column][()]
+        if raw_ids.ndim == 2 and raw_ids.shape[1] == 1:
+            raw_ids = raw_ids[:, 0]
+        if raw_ids.ndim != 1 or not values.shape or len(raw_ids) != values.shape[0]:
+            raise DataError(f"{path}: '{id_column}' has shape {raw_ids.shape} but '{column}' has shape "
+                            f"{values.shape}; each embedding row needs one id")
+        row = _declared_row(path, column, tuple(values.shape[1:]), declared)
+        shape = checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
+        image_ids = tuple(normalized_id(path, number, value) for number, value in enumerate(raw_ids))
+        standin = standin_attribute(handle.attrs, path)
+    return ElixrFile(path, image_ids, shape, column, standin)
+
+
+def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, what: str) -> None:
+    """``name`` must be a dataset stored in this file, written, of a dtype kind in ``kinds``.
+
+    HDF5 can make a dataset read from elsewhere: an external link (another file), external raw storage
+    (any file, e.g. /etc/passwd read as floats) or a virtual dataset (a map over other files). A snapshot
+    shard holds its data itself, so each is refused; so is a dataset never written (HDF5 answers its fill
+    value for every row) and one of another dtype (ints, bools, complex or strings would be cast silently).
+    """
+    parts = name.strip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        link = handle.get("/".join(parts[:depth]), getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise DataError(f"{path}: '{name}' is {kind}; a shard must hold its data itself (download it again)")
+    dataset = handle[name]
+    if dataset.shape is None or not dataset.shape:  # a NULL dataspace (h5py.Empty) or a scalar holds no rows
+        raise DataError(f"{path}: '{name}' holds no rows (shape {dataset.shape}); is this an ELIXR shard?")
+    if dataset.shape[0] > MAX_ROWS:
+        raise DataError(f"{path}: '{name}' declares {dataset.shape[0]:,} rows, more than a shard holds "
+                        f"(NIH ChestX-ray14 has 112,120 images in all); is this an ELIXR shard?")
+    if dataset.is_virtual or dataset.external:
+        source = "a virtual dataset over other files" if dataset.is_virtual else "stored in external files"
+        raise DataError(f"{path}: '{name}' is {source}; a shard must hold its data itself (download it again)")
+    if dataset.size and (dataset.id.get_storage_size() == 0 or _unwritten_chunks(dataset)):
+        raise DataError(f"{path}: '{name}' was never written, in whole or in part (HDF5 would give its fill value "
+                        f"for those rows); the shard is incomplete: download it again")
+    if dataset.dtype.kind not in kinds or dataset.dtype.names is not None:
+        raise DataError(f"{path}: '{name}' holds {dataset.dtype}, expected {what}; is this an ELIXR shard?")
+    if dataset.dtype.kind in "SU" and dataset.dtype.itemsize > MAX_ID_BYTES:  # read whole at scan time
+        raise DataError(f"{path}: '{name}' holds ids {dataset.dtype.itemsize:,} bytes wide (an NIH id is 16); "
+                        f"is this an ELIXR shard?")
+    if dataset.dtype.kind in "SU" and dataset.shape[0] * dataset.dtype.itemsize > MAX_ID_COLUMN_BYTES:
+        raise DataError(f"{path}: '{name}' holds {dataset.shape[0] * dataset.dtype.itemsize:,} bytes of ids, more "
+                        f"than {MAX_ID_COLUMN_BYTES >> 20} MB (all 112,120 NIH ids take 1.8 MB); is this an ELIXR shard?")
+    chunk = math.prod(dataset.chunks) * dataset.dtype.itemsize if dataset.chunks else 0
+    if chunk > MAX_CHUNK_BYTES:
+        raise DataError(f"{path}: '{name}' is stored in chunks of {chunk:,} bytes (shape {dataset.chunks}), more "
+                        f"than {MAX_CHUNK_BYTES >> 20} MB, each decompressed whole on every read; is this an ELIXR "
+                        f"shard?")
+
+
+def _unwritten_chunks(dataset: h5py.Dataset) -> bool:
+    """True when a chunked dataset has chunks that were never written (only their fill value exists)."""
+    if dataset.chunks is None:
+        return False
+    expected = math.prod(math.ceil(size / chunk) for size, chunk in zip(dataset.shape, dataset.chunks))
+    return dataset.id.get_num_chunks() < expected
+
+
+def _declared_row(path: Path, column: str, row: tuple[int, ...], declared: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The row shape to use: the file's, checked against datasets.json's (which also unflattens a flat row)."""
+    if declared is None or row == declared:
+        return row
+    if _without_leading_ones(row) == _without_leading_ones(declared) or (len(row) == 1 and row[0] == math.prod(declared)):
+        return declared
+    raise DataError(f"{path}: '{column}' holds rows of shape {list(row)} but {SNAPSHOT_INDEX} declares "
+                    f"{list(declared)}; is this shard from the same snapshot?")
+
+
+def _without_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``(1, 8, 8, 1376)`` -> ``(8, 8, 1376)``: a leading batch-of-one axis is not part of the layout."""
+    first = next((i for i, size in enumerate(shape) if size != 1), len(shape))
+    return tuple(shape[first:])
+
+
+def hdf5_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
+                 chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    with _open_hdf5(file.path) as handle:
+        dataset = handle[file.column]
+        for first in np.unique(rows // chunk_rows) * chunk_rows:
+            block = dataset[int(first):int(first) + chunk_rows]
+            yield int(first), np.asarray(block, dtype=np.float32).reshape(len(block), *shape)
