@@ -1,8 +1,10 @@
-"""The DAG cannot go stale silently: every stage's deps are exactly the project modules it runs.
+"""The DAG cannot go stale silently: every stage depends on exactly the project modules it runs.
 
-A stage's import closure is read from the code with `ast` (no module is imported): start at the
-entry file its `cmd` runs, follow every `cxr_diffusion` import (also those inside functions, and the
-package `__init__.py` files an import executes), and compare with its `deps` in dvc.yaml.
+A stage's code is one dep, `code_deps/<entry>.json`, written by stage `code_deps` from the import closure of
+its entry file (read with `ast`, see `cxr_diffusion.code_closure`). These tests check that every stage
+depends on its entry's file and on no module directly, that the closure holds every module an entry point
+imports when it is run, and, in a locked copy of the pipeline, that editing a module makes exactly the
+stages that import it stale.
 
 Every path a stage reads or writes is written once, on its `cmd`: the entry points' path options have no
 default but `--params` (DVC's params.yaml), and each cmd's paths are exactly the stage's data deps and
@@ -12,10 +14,13 @@ outs, bar a short table of exceptions, each with its reason.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -25,6 +30,7 @@ import yaml
 
 from conftest import REPO
 from test_pipeline import sh
+from cxr_diffusion import code_closure
 from cxr_diffusion.profiles import profile_data, profile_names
 
 PACKAGE = "cxr_diffusion"
@@ -34,68 +40,9 @@ PLACEHOLDER = "placeholder"
 
 # --- reading the code -------------------------------------------------------------------------
 
-def module_file(repo: Path, name: str) -> Path | None:
-    """`cxr_diffusion.a.b` -> src/cxr_diffusion/a/b.py or .../a/b/__init__.py (relative to repo), if it exists."""
-    base = SOURCE_ROOT.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if (repo / candidate).is_file():
-            return candidate
-    return None
-
-
-def _executed_modules(name: str) -> list[str]:
-    """Importing `a.b.c` executes `a`, `a.b` and `a.b.c`."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-
-
-def _package_of(path: Path) -> str:
-    return ".".join(path.relative_to(SOURCE_ROOT).parts[:-1])  # a/b.py and a/__init__.py: package a
-
-
-def imported_modules(repo: Path, path: Path) -> set[str]:
-    """Project modules one file imports: anywhere in it (lazy imports inside functions included)."""
-    tree = ast.parse((repo / path).read_text(), filename=str(path))
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against the file's own package
-                if not path.is_relative_to(SOURCE_ROOT):
-                    continue
-                package = _package_of(path).split(".")
-                module = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            # `from a.b import y`: y is an attribute of a.b or its submodule a.b.y
-            names = [module] + [f"{module}.{alias.name}" for alias in node.names if alias.name != "*"]
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            names = [node.args[0].value]  # importlib.import_module("cxr_diffusion.x")
-        else:
-            continue
-        for name in names:
-            if name == PACKAGE or name.startswith(PACKAGE + "."):
-                found.update(m for m in _executed_modules(name) if module_file(repo, m) is not None)
-    return found
-
-
 def import_closure(repo: Path, entry: Path) -> set[Path]:
-    """The entry file and every project module it imports, directly or not (paths relative to repo)."""
-    seen: set[Path] = set()
-    pending = [entry]
-    while pending:
-        path = pending.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        pending.extend(module_file(repo, name) for name in imported_modules(repo, path))
-    return seen
-
-
-def project_modules(repo: Path) -> set[Path]:
-    return {path.relative_to(repo) for path in (repo / SOURCE_ROOT / PACKAGE).rglob("*.py")}
+    """The library's closure of ``entry`` (relative to ``repo``), as paths relative to ``repo``."""
+    return {path.relative_to(repo) for path in code_closure.import_closure(repo / SOURCE_ROOT, repo / entry)}
 
 
 # --- reading dvc.yaml ---------------------------------------------------------------------------
@@ -148,16 +95,12 @@ def entry_file(stage: dict) -> Path:
     return scripts[0]
 
 
-def module_deps(repo: Path, stage: dict) -> set[Path]:
-    """The project modules a stage's deps cover (a directory dep covers every module under it)."""
-    covered = set()
-    for dep in _listed(stage.get("deps")):
-        path = Path(dep.rstrip("/"))
-        if (repo / path).is_dir():
-            covered |= {m.relative_to(repo) for m in (repo / path).rglob("*.py")}
-        elif path.suffix == ".py":
-            covered.add(path)
-    return covered
+CODE_STAGE, CODE_FOLDER = "code_deps", "code_deps"
+
+
+def code_dep(stage: dict) -> str:
+    """The file of a stage's code: ``code_deps/<entry stem>.json``."""
+    return f"{CODE_FOLDER}/{entry_file(stage).stem}.json"
 
 
 # --- reading a stage's command line -------------------------------------------------------------
@@ -225,10 +168,10 @@ def cmd_paths(repo: Path, stage: dict) -> set[str]:
 
 
 def data_paths(stage: dict) -> set[str]:
-    """A stage's deps and outs (metrics and plots files are outs too) less its code: entry point, modules and the
-    package's data files (the reader-study page)."""
+    """A stage's deps and outs (metrics and plots files are outs too) less its code: its code_deps file and the
+    package's data files it reads (the reader-study page)."""
     paths = {p.rstrip("/") for p in _listed(stage.get("deps")) + _listed(stage.get("outs"))}
-    return {p for p in paths if not (Path(p).parts[0] == str(SOURCE_ROOT) or p.startswith("stages/") and p.endswith(".py"))}
+    return {p for p in paths if not (p.startswith(f"{CODE_FOLDER}/") or p.startswith(f"{SOURCE_ROOT}/{PACKAGE}/"))}
 
 
 @cache
@@ -267,6 +210,26 @@ def test_closure_follows_lazy_imports_submodules_and_package_inits(tmp_path):
         "src/cxr_diffusion/c/f.py", "src/cxr_diffusion/g.py")}
 
 
+def test_code_files_list_each_entrys_modules_with_their_hashes_and_drop_removed_entries(tmp_path, monkeypatch):
+    repo = _write(tmp_path, {
+        "stages/s.py": "import cxr_diffusion.a\n", "stages/t.py": "print('no project import')\n",
+        "src/cxr_diffusion/__init__.py": "", "src/cxr_diffusion/a.py": "x = 1\n", "src/cxr_diffusion/b.py": "",
+        "code_deps/gone.json": "{}",
+    })
+    monkeypatch.chdir(repo)  # the stage runs from the repository root, with relative paths
+    written = code_closure.write_code_deps(Path("src"), Path("stages"), Path("code_deps"))
+    assert sorted(path.name for path in written) == ["s.json", "t.json"] == sorted(p.name for p in Path("code_deps").iterdir())
+    record = json.loads(Path("code_deps/s.json").read_text())
+    assert record["entry"] == "stages/s.py"
+    assert record["modules"] == {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in (
+        "src/cxr_diffusion/__init__.py", "src/cxr_diffusion/a.py", "stages/s.py")}
+    before = Path("code_deps/t.json").read_bytes()
+    Path("src/cxr_diffusion/a.py").write_text("x = 2\n")
+    code_closure.write_code_deps(Path("src"), Path("stages"), Path("code_deps"))
+    assert Path("code_deps/t.json").read_bytes() == before  # t does not run a.py: its file, so its stages, stay
+    assert json.loads(Path("code_deps/s.json").read_text())["modules"] != record["modules"]
+
+
 def test_foreach_stages_expand_per_branch_with_params_filled_in(tmp_path):
     repo = _write(tmp_path, {
         "params.yaml": "branches: [x, y]\ntrain:\n  launch_config: acc/one.yaml\n",
@@ -293,37 +256,64 @@ def test_cmd_paths_are_the_values_of_the_entry_points_path_options(tmp_path):
     stage = {"cmd": "accelerate launch --config_file acc/one.yaml stages/t.py --branch x --demo-clip models/clip --out o"}
     assert cmd_options(stage) == ({"--config_file": "acc/one.yaml"}, {"--branch": "x", "--demo-clip": "models/clip", "--out": "o"})
     assert cmd_paths(repo, stage) == {"acc/one.yaml", "models/clip", "o"}
-    assert data_paths({"deps": ["stages/t.py", "src/cxr_diffusion/a.py", "data/x/"], "outs": [{"m.json": {"cache": False}}]}) == {
-        "data/x", "m.json"}
+    assert data_paths({"deps": ["code_deps/t.json", "src/cxr_diffusion/page/a.js", "data/x/"],
+                       "outs": [{"m.json": {"cache": False}}]}) == {"data/x", "m.json"}
 
 
 # --- the real pipeline -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", STAGES)
-def test_stage_deps_cover_every_project_module_it_imports(name):
-    missing = _closure(name) - module_deps(REPO, _stages()[name])
-    assert not missing, f"stage {name}: dvc.yaml deps miss {', '.join(sorted(map(str, missing)))}"
+CODE_STAGES = [name for name in STAGES if name != CODE_STAGE]
 
 
-@pytest.mark.parametrize("name", STAGES)
-def test_stage_deps_name_no_project_module_it_does_not_import(name):
-    extra = module_deps(REPO, _stages()[name]) - _closure(name)
-    assert not extra, (f"stage {name}: dvc.yaml deps cover {', '.join(sorted(map(str, extra)))}, which it never "
-                       f"imports (list the modules it uses, not their folder)")
+@pytest.mark.parametrize("name", CODE_STAGES)
+def test_each_stage_depends_on_its_entry_points_code_file_and_on_no_module_directly(name):
+    deps = _listed(_stages()[name].get("deps"))
+    assert code_dep(_stages()[name]) in deps, f"stage {name}: add {code_dep(_stages()[name])} to its deps"
+    direct = [dep for dep in deps if dep.endswith(".py") or dep in (str(SOURCE_ROOT), "stages")
+              or dep.startswith(f"{SOURCE_ROOT}/") and (REPO / dep).is_dir()]
+    assert not direct, f"stage {name}: {direct} are code; {code_dep(_stages()[name])} already covers them"
 
 
-def test_module_deps_are_files_not_source_folders():
-    """A folder dep also hashes the `__pycache__` bytecode Python writes next to the modules, so the stage
-    would go stale after a fresh clone or a first import, with no code changed."""
-    for name, stage in _stages().items():
-        folders = [dep for dep in _listed(stage.get("deps")) if dep.startswith(f"{SOURCE_ROOT}/") and (REPO / dep).is_dir()]
-        assert not folders, f"stage {name}: list the modules of {', '.join(folders)} as files"
+def test_source_folders_are_deps_of_code_deps_alone_and_bytecode_is_not_hashed():
+    """The code_deps stage hashes the source folders; Python's __pycache__ bytecode must not count, or the
+    stage would rerun after a fresh clone's first import with no code changed."""
+    stage = _stages()[CODE_STAGE]
+    assert set(_listed(stage["deps"])) == {f"{SOURCE_ROOT}/{code_closure.PACKAGE}", "stages"}
+    assert _listed(stage["outs"]) == [CODE_FOLDER]
+    ignored = (REPO / ".dvcignore").read_text().split()
+    assert "__pycache__/" in ignored and "*.pyc" in ignored
+
+
+ENTRY_SCRIPTS = sorted({str(entry_file(stage)) for stage in _stages().values()})
+# Prints the project modules Python holds after executing an entry file as a module (its `main` is not run).
+_RUNTIME_IMPORTS = """
+import importlib.util, json, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("entry_point", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+repo = Path(sys.argv[2]).resolve()
+root = repo / "src" / "cxr_diffusion"
+print(json.dumps(sorted(str(Path(m.__file__).resolve().relative_to(repo)) for m in list(sys.modules.values())
+                        if getattr(m, "__file__", None) and Path(m.__file__).resolve().is_relative_to(root))))
+"""
+
+
+@pytest.mark.parametrize("entry", ENTRY_SCRIPTS)
+def test_the_closure_holds_every_module_an_entry_point_imports_when_run(entry):
+    """An oracle the closure does not share: Python's own imports. Executing the entry file imports its
+    eager imports (lazy ones inside functions are the closure's to find: see the test on made-up code)."""
+    result = subprocess.run([sys.executable, "-c", _RUNTIME_IMPORTS, str(REPO / entry), str(REPO)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, check=True)
+    imported = {Path(path) for path in json.loads(result.stdout.splitlines()[-1])}
+    assert imported, f"{entry}: imported no project module"
+    missing = imported - import_closure(REPO, Path(entry))
+    assert not missing, f"{entry}: imports {sorted(map(str, missing))} when run, but its closure misses them"
 
 
 PACKAGE_DATA = {"src/cxr_diffusion/reader_study/kit.py": "src/cxr_diffusion/reader_study/page"}  # module -> data it copies
 
 
-@pytest.mark.parametrize("name", STAGES)
+@pytest.mark.parametrize("name", CODE_STAGES)
 def test_stages_depend_on_the_package_data_their_modules_read(name):
     """The kit copies the page's HTML/JS/CSS: an edit to them must rebuild it (and only those files: no bytecode)."""
     deps = {Path(dep) for dep in _listed(_stages()[name].get("deps"))}
@@ -425,6 +415,8 @@ def locked_copy(tmp_path_factory) -> Path:
     for folder in ("stages", "src", "accelerate", "reference"):
         shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     sh("dvc", "init", "--no-scm", "-q", cwd=work)
+    shutil.copy2(REPO / ".dvcignore", work / ".dvcignore")
+    refresh_code(work)  # the one stage run for real: the others are locked on placeholders
     paths = {Path(p) for stage in _stages().values() for p in _listed(stage.get("deps")) + _listed(stage.get("outs"))}
     parents = {parent for path in paths for parent in path.parents}
     for path in sorted(paths - parents):  # leaves: files when they look like one, else a folder with one file
@@ -435,6 +427,11 @@ def locked_copy(tmp_path_factory) -> Path:
             target.write_text(f"{path}\n")
     sh("dvc", "commit", "-f", "-q", cwd=work)
     return work
+
+
+def refresh_code(repo: Path) -> None:
+    """Rerun stage code_deps, as `dvc repro` does first after an edit (`dvc status` shows only direct changes)."""
+    sh("dvc", "repro", "-q", CODE_STAGE, cwd=repo)
 
 
 def changed_deps(repo: Path) -> dict[str, set[str]]:
@@ -461,7 +458,8 @@ def restore(repo: Path, originals: dict[Path, str]) -> None:
 
 
 def importers(module: Path) -> set[str]:
-    return {name for name in STAGES if module in _closure(name)}
+    """The stages whose code file lists ``module`` (code_deps itself hashes every module, and reruns first)."""
+    return {name for name in CODE_STAGES if module in _closure(name)}
 
 
 def test_stages_expand_as_dvc_expands_them(locked_copy):
@@ -472,30 +470,40 @@ def test_locked_copy_starts_up_to_date(locked_copy):
     assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=locked_copy).stdout
 
 
+def stale_after_editing(repo: Path, paths) -> dict[str, set[str]]:
+    """The changed deps per stage once ``paths`` are edited and code_deps has rerun; the edit is then undone."""
+    originals = appended(repo, paths)
+    try:
+        refresh_code(repo)
+        return changed_deps(repo)
+    finally:
+        restore(repo, originals)
+        refresh_code(repo)
+
+
 def test_editing_the_prompt_tokenizer_makes_only_the_stages_that_import_it_stale(locked_copy):
     module = Path("src/cxr_diffusion/conditioning/prompt_tokenizer.py")
     assert importers(module), "no stage imports the prompt tokenizer: pick another module"
-    originals = appended(locked_copy, [module])
-    try:
-        assert set(changed_deps(locked_copy)) == importers(module)
-    finally:
-        restore(locked_copy, originals)
+    changed = stale_after_editing(locked_copy, [module])
+    assert set(changed) == importers(module)
+    assert all(deps == {code_dep(_stages()[name])} for name, deps in changed.items())
     assert changed_deps(locked_copy) == {}
 
 
-def test_editing_any_module_makes_exactly_the_stages_that_import_it_stale(locked_copy):
-    """Every module and entry point edited at once: DVC names each changed dep per stage."""
-    modules = sorted(project_modules(locked_copy) | {p.relative_to(locked_copy) for p in (locked_copy / "stages").glob("*.py")})
-    originals = appended(locked_copy, modules)
-    try:
-        changed = changed_deps(locked_copy)
-    finally:
-        restore(locked_copy, originals)
-    reported = {module: {stage for stage, deps in changed.items() if str(module) in deps} for module in modules}
-    expected = {module: importers(module) for module in modules}
-    wrong = {str(m): {"stale": sorted(reported[m]), "import it": sorted(expected[m])} for m in modules if reported[m] != expected[m]}
-    assert not wrong, f"dvc status disagrees with the import closures: {wrong}"
-    assert any(expected.values())
+def test_editing_an_entry_point_makes_only_its_stages_stale(locked_copy):
+    assert set(stale_after_editing(locked_copy, [Path("stages/train.py")])) == {
+        name for name in STAGES if name.startswith("train@")}
+
+
+def test_editing_a_module_no_stage_runs_makes_no_stage_stale(locked_copy):
+    module = Path("src/cxr_diffusion/cli.py")
+    assert not importers(module), "a stage imports the CLI: pick a module no stage runs"
+    assert stale_after_editing(locked_copy, [module]) == {}
+
+
+def test_editing_a_shared_module_makes_every_stage_that_runs_it_stale(locked_copy):
+    module = Path("src/cxr_diffusion/errors.py")
+    assert set(stale_after_editing(locked_copy, [module])) == importers(module) - {CODE_STAGE} == set(CODE_STAGES)
 
 
 def test_editing_an_include_list_under_reference_makes_only_the_filter_stale(locked_copy):

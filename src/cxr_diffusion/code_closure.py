@@ -1,0 +1,112 @@
+"""Which project modules each stage runs, so that editing a module makes exactly its stages stale.
+
+DVC knows a stage's code only through its deps. Listing every module each stage imports in dvc.yaml
+kept staleness exact, and made half of dvc.yaml module lists. Instead, stage ``code_deps`` reads the
+code (``import_closure``: an entry script and every project module it imports, directly or not, lazy
+imports inside functions and the ``__init__.py`` of every package on the way included) and writes one
+file per entry script, ``code_deps/<entry>.json``, listing those modules with the SHA-256 of each. A
+stage depends on its entry's file: an edit to a module changes the files of exactly the entries that
+run it, so exactly their stages rerun, and dvc.yaml names one dep for all of a stage's code.
+
+The reading is static (``ast``), so it never imports the code it reads. Python's bytecode caches are
+not code: `.dvcignore` keeps ``__pycache__`` out of the hash of the source folders.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from pathlib import Path
+
+from cxr_diffusion.io import atomic_path
+
+PACKAGE = "cxr_diffusion"
+
+
+def module_file(source_root: Path, name: str) -> Path | None:
+    """``cxr_diffusion.a.b`` -> ``<source_root>/cxr_diffusion/a/b.py`` or ``.../a/b/__init__.py``, if it exists."""
+    base = source_root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _executed_modules(name: str) -> list[str]:
+    """Importing ``a.b.c`` executes ``a``, ``a.b`` and ``a.b.c``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _absolute_module(source_root: Path, path: Path, node: ast.ImportFrom) -> str | None:
+    """The module a ``from ... import`` names; a relative one resolved against the file's own package
+    (None for a relative import in a file outside the package, which cannot reach it)."""
+    if not node.level:
+        return node.module or ""
+    if not path.is_relative_to(source_root):
+        return None
+    package = list(path.relative_to(source_root).parts[:-1])  # a/b.py and a/__init__.py: package a
+    return ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+
+
+def imported_modules(source_root: Path, path: Path) -> set[str]:
+    """The project modules one file imports, anywhere in it (lazy imports inside functions included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = _absolute_module(source_root, path, node)
+            if module is None:
+                continue
+            # `from a.b import y`: y is an attribute of a.b or its submodule a.b.y
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names if alias.name != "*"]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            names = [node.args[0].value]  # importlib.import_module("cxr_diffusion.x")
+        else:
+            continue
+        for name in names:
+            if name == PACKAGE or name.startswith(PACKAGE + "."):
+                found.update(m for m in _executed_modules(name) if module_file(source_root, m) is not None)
+    return found
+
+
+def import_closure(source_root: Path, entry: Path) -> set[Path]:
+    """``entry`` and every project module it imports, directly or not (paths as ``source_root`` and ``entry``
+    are given: both relative to the repository, or both absolute)."""
+    seen: set[Path] = set()
+    pending = [entry]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        pending.extend(module_file(source_root, name) for name in imported_modules(source_root, path))
+    return seen
+
+
+def code_record(source_root: Path, entry: Path) -> dict:
+    """What ``code_deps/<entry>.json`` holds: the entry and each module of its closure with its SHA-256."""
+    modules = sorted(import_closure(source_root, entry), key=lambda path: path.as_posix())
+    return {"entry": entry.as_posix(),
+            "modules": {path.as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in modules}}
+
+
+def write_code_deps(source_root: Path, entries: Path, out: Path) -> list[Path]:
+    """One ``<out>/<entry stem>.json`` per ``entries/*.py`` script, each written atomically; the paths written.
+
+    Paths are written as given, so run it from the repository root with relative paths (as dvc.yaml does):
+    the files then read the same on every machine."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in sorted(entries.glob("*.py")):
+        target = out / f"{entry.stem}.json"
+        with atomic_path(target) as tmp:
+            tmp.write_text(json.dumps(code_record(source_root, entry), indent=1) + "\n", encoding="utf-8")
+        written.append(target)
+    for stale in set(out.glob("*.json")) - set(written):  # an entry script removed since the last run
+        stale.unlink()
+    return written
