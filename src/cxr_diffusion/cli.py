@@ -31,7 +31,10 @@ def profile(
         text = validated_profile_text(name, check=lambda data: params_from_dict(_with_placeholder_nih_root(data)))
     except ParamsError as error:  # an unknown name or a missing file says so itself; a bad key names the file
         _fail(str(error) if str(error).startswith(("no profile", "profile ")) else f"{error} (in {source})")
-    with atomic_path(root / "params.yaml") as temporary:
+    target = root / "params.yaml"
+    if target.exists() and not target.is_file():
+        _fail(f"{target} is not a regular file (a folder, FIFO or device); move it away, then rerun")
+    with atomic_path(target) as temporary:
         temporary.write_text(text, encoding="utf-8")
     typer.echo(f"params.yaml is now profile '{name}'. Run `dvc repro` to rebuild what it changes.")
 

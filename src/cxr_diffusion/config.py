@@ -11,6 +11,7 @@ Reading a file (YAML 1.2 as DVC reads it, no aliases) is ``params_file``'s job.
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -121,7 +122,7 @@ class FilterConfig(Section):
             usable = _usable_class_name(target)
             _require(usable, f"merges.{target if usable else repr(target)}",
                      f"names a class {target!r}; a class becomes a column of the filtered table, the shards and the "
-                     f"scores, so use a visible name without control characters, $ or a newline, not one of "
+                     f"scores, so use Latin letters (accents allowed), digits, spaces and . , _ ( ) / + & ' -, not one of "
                      f"{', '.join(RESERVED_COLUMNS)} and not an NIH label (give it a new name)")
             for source in sources:
                 _require(source in NIH_LABELS, f"merges.{target}",
@@ -147,10 +148,21 @@ RESERVED_COLUMNS: tuple[str, ...] = (
 )
 
 
+# What a merged class's name may hold once its accents are dropped: a letter of another script that looks Latin
+# ("No Fіnding" with a Cyrillic і) would make a second column and report row that reads like the first.
+_CLASS_NAME_CHARS = re.compile(r"[A-Za-z0-9 .,_()/+&'-]+")
+
+
+def _without_accents(text: str) -> str:
+    return "".join(char for char in unicodedata.normalize("NFKD", text) if not unicodedata.combining(char))
+
+
 def _usable_class_name(name: str) -> bool:
-    """A merged class's name: visible text on one line, no $ (matplotlib reads $...$ as math), no column's name."""
-    return (bool(name.strip()) and name == name.strip() and name.isprintable() and "$" not in name
-            and name.casefold() not in {known.casefold() for known in (*RESERVED_COLUMNS, *NIH_LABELS)})
+    """A merged class's name: Latin letters (accents allowed), digits, spaces and a little punctuation on one line
+    (no $: matplotlib reads $...$ as math), and no column's name, even with other accents or case."""
+    plain = _without_accents(name)
+    return (bool(name.strip()) and name == name.strip() and _CLASS_NAME_CHARS.fullmatch(plain) is not None
+            and plain.casefold() not in {known.casefold() for known in (*RESERVED_COLUMNS, *NIH_LABELS)})
 
 
 class PrepareConfig(Section):
@@ -215,10 +227,14 @@ class ClipConfig(Section):
         return self
 
 
+# A file or folder a param names (or a hub id): "" would name the working directory itself, the repository.
+AssetPath = Annotated[str, Field(min_length=1)]
+
+
 class ElixrConfig(Section):
     # The published snapshot's root (Yasintuncer/nih-cxr14-elixr: datasets.json + HDF5 shards), or a folder
     # of older files (HDF5 `embeddings` + `image_ids`, Parquet `Image Index` + embedding). null: the stand-in.
-    path: str | None
+    path: AssetPath | None
     dataset: str  # snapshot dataset (datasets.json name = folder): elixrb/img_emb, elixrc, ...
     feature: str  # image feature of that dataset: img_emb (32 x 768), Embedding (elixrc: 64 x 1376), ...
     # Expected (tokens, dim), e.g. [32, 768] for ELIXR-B; null: from the files.
@@ -420,13 +436,13 @@ class EvaluateConfig(Section):
     # and of the untrained baseline, MS-SSIM pairs (two images each). The pretrained models use inception_batch_size.
     batch_size: BatchSize
     # Inception FID, only where weights are present (safetensors; see `cxr-diffusion convert-weights`):
-    inception_weights: str | None            # FID-Inception (pt_inception-2015-12-05) -> standard FID
-    reference_inception_weights: str | None  # torchvision inception_v3 ImageNet -> reference-compatible FID
+    inception_weights: AssetPath | None      # FID-Inception (pt_inception-2015-12-05) -> standard FID
+    reference_inception_weights: AssetPath | None  # torchvision inception_v3 ImageNet -> reference-compatible FID
     reference_transform_input: bool          # torchvision's default for its pretrained Inception
     reference_fid_train_images: Annotated[int, Field(ge=2, le=10_000_000)] | None  # training images it uses (null: all)
     inception_batch_size: BatchSize          # batch size of the pretrained evaluators (Inception, DenseNet)
-    xrv_weights: str | None                  # torchxrayvision DenseNet-121 state dict as safetensors
-    raddino: str | None                      # microsoft/rad-dino: a folder or the hub id -> CheXGenBench's distances
+    xrv_weights: AssetPath | None            # torchxrayvision DenseNet-121 state dict as safetensors
+    raddino: AssetPath | None                # microsoft/rad-dino: a folder or the hub id -> CheXGenBench's distances
 
     @model_validator(mode="after")
     def _baseline(self) -> EvaluateConfig:

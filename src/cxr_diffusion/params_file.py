@@ -8,6 +8,7 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
 
 from cxr_diffusion.config import Params, ParamsError, params_from_dict
+from cxr_diffusion.io import require_regular_file
 
 MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; far larger is not one
 # Sections, their subsections and a list of lists (filter.merges): params nest 4 deep. Brackets nested 10,000 deep
@@ -18,9 +19,9 @@ MAX_DEPTH = 16
 def read_params_file(path: str | Path) -> dict:
     """The mapping in a params file, read as YAML 1.2 like DVC; no aliases, no duplicate keys, a few KB at most."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ParamsError(f"params: {path} does not exist; run from the repository root or pass --params")
-    size = path.stat().st_size
+    size = require_regular_file(path, ParamsError, "a params file is a YAML file: pass one").st_size
     if size > MAX_PARAMS_BYTES:
         raise ParamsError(f"params: {path} is {size} bytes; a params file is a few KB (at most {MAX_PARAMS_BYTES})")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,25 @@ def test_standins_bounds_the_seed_as_the_params_do(tmp_path, seed):
     line = refusal(runner.invoke(cli.app, ["standins", "--root", str(tmp_path), "--seed", str(seed)]))
     assert line == f"error: --seed {seed}: must be at least 0 and below 2**32 (4294967296), as the params' seed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+# ----------------------------------------------------------------------------- pass 10: files that are not files
+
+def test_profile_over_a_params_yaml_that_is_a_folder_is_one_line(tmp_path):
+    """The atomic rename onto a folder ended in an IsADirectoryError traceback, after the profile was checked."""
+    (tmp_path / "params.yaml").mkdir()
+    result = runner.invoke(cli.app, ["profile", "tiny", "--root", str(tmp_path)])
+    assert result.exit_code == 2 and "params.yaml is not a regular file" in result.output, result.output
+    assert (tmp_path / "params.yaml").is_dir() and not list(tmp_path.glob(".params.yaml*"))
+
+
+@pytest.mark.parametrize("command", ["profile", "doctor"])
+def test_a_fifo_given_as_the_params_or_profile_file_is_named_as_such_without_blocking(tmp_path, command):
+    """A FIFO overlay or --params was reported as "does not exist" (it does); it must not be opened either."""
+    fifo = tmp_path / "overlay.yaml"
+    os.mkfifo(fifo)
+    args = [command, str(fifo), "--root", str(tmp_path)] if command == "profile" else \
+        [command, "--params", str(fifo), "--root", str(tmp_path)]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 2 and "not a regular file" in result.output, result.output
+    assert "does not exist" not in result.output

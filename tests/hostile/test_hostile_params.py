@@ -168,13 +168,23 @@ def test_a_merged_class_that_would_clash_with_a_column_or_break_a_figure_is_refu
     with pytest.raises(ParamsError) as raised:
         params_with({"filter": {"classes": ["Effusion", name], "merges": {name: ["Mass"]}}})
     message = str(raised.value)
-    assert "\n" not in message and "filter.merges." in message and "use a visible name" in message, message
+    assert "\n" not in message and "filter.merges." in message and "use Latin letters" in message, message
+
+
+@pytest.mark.parametrize("name", ["No F\u0456nding", "\u0415ffusion", "Effusi\u00f3n", "\u039dodule"])
+def test_a_merged_class_that_reads_like_an_nih_label_in_another_script_or_accent_is_refused(name):
+    """'No Fіnding' (a Cyrillic і) merging Effusion sat beside the real No Finding: two columns and two report
+    rows that read the same (pass 10). Reader ids refuse such look-alikes too."""
+    with pytest.raises(ParamsError, match="filter.merges.*use Latin letters"):
+        params_with({"filter": {"classes": [name, "Mass"], "merges": {name: ["Effusion", "Nodule"]}}})
 
 
 def test_a_merged_class_with_a_new_visible_name_is_accepted():
     params = params_with({"filter": {"classes": ["Effusion", "Fluid or mass (merged)"],
                                      "merges": {"Fluid or mass (merged)": ["Mass", "Nodule"]}}})
     assert params.filter.class_members()["Fluid or mass (merged)"] == ("Mass", "Nodule")
+    accented = params_with({"filter": {"classes": ["Effusion", "Flüssigkeit"], "merges": {"Flüssigkeit": ["Mass"]}}})
+    assert accented.filter.class_members()["Flüssigkeit"] == ("Mass",)
 
 
 # ----------------------------------------------------------------------------- pass 9: what the YAML parser raises
@@ -197,3 +207,12 @@ def test_what_python_cannot_hold_is_one_line_naming_the_file(tmp_path, text, exp
     assert "\n" not in str(refused.value) and str(path) in str(refused.value) and len(str(refused.value)) < 600
     result = CliRunner().invoke(app, ["profile", str(path), "--root", str(tmp_path)])
     assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("section", "key"), [("evaluate", "raddino"), ("elixr", "path"), ("evaluate", "inception_weights"),
+                                              ("evaluate", "reference_inception_weights"), ("evaluate", "xrv_weights")])
+def test_an_empty_asset_path_is_refused_like_an_empty_clip_model(section, key):
+    """'' names the working directory, the repository itself: doctor reported the whole checkout as the asset and
+    fetch would have downloaded into it (pass 10; clip.model '' and train.vae '' were already refused)."""
+    with pytest.raises(ParamsError, match=f"'{section}.{key}' is ''"):
+        params_with({section: {key: ""}})

@@ -905,3 +905,29 @@ def test_a_store_row_in_a_form_the_writer_never_writes_is_refused(tmp_path, bad)
     with pytest.raises(StoreError, match="is not a whole number") as refused_store:
         ConditionStore(store)
     assert "\n" not in str(refused_store.value)
+
+
+# ----------------------------------------------------------------------------- pass 10: what a store file is
+
+@pytest.mark.parametrize(("name", "kind"), [("index.csv", "fifo"), ("index.csv", "folder"),
+                                            ("embeddings.npy", "fifo"), ("store.json", "folder")])
+def test_a_store_file_that_is_a_fifo_or_folder_is_named_as_such_not_missing(tmp_path, name, kind):
+    """It said "index.csv missing" for a FIFO or folder that is there: the user looked for a file that exists."""
+    store = write_store(tmp_path / "s")
+    (store / name).unlink()
+    os.mkfifo(store / name) if kind == "fifo" else (store / name).mkdir()
+    with pytest.raises(StoreError) as caught:
+        ConditionStore(store)
+    message = str(caught.value)
+    assert "missing" not in message and name in message and "not a regular file" in message, message
+    assert "rerun its embed stage" in message
+
+
+def test_a_store_index_too_large_for_any_dataset_is_refused_unread(tmp_path, monkeypatch):
+    """1 GiB of NULs (a sparse file: no disk used) ended in a MemoryError traceback: it is refused from its size."""
+    store = write_store(tmp_path / "s")
+    with open(store / "index.csv", "r+b") as handle:
+        handle.truncate(1 << 30)
+    monkeypatch.setattr(pd, "read_csv", lambda *args, **kwargs: pytest.fail("read a 1 GiB index"))
+    with pytest.raises(StoreError, match=r"index.csv: 1,073,741,824 bytes, more than the 128,000,000"):
+        ConditionStore(store)

@@ -24,9 +24,15 @@ import pandas as pd
 import torch
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, write_csv, write_json
+from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, require_regular_file, write_csv, write_json
 
 EMBEDDINGS, MASK, INDEX, META = "embeddings.npy", "mask.npy", "index.csv", "store.json"
+
+
+# index.csv is read whole: bound it before reading. NIH ChestX-ray14 has 112,120 images (MIMIC-CXR 377,110), an
+# index line is an image id and a row number: 2.7 MB for all of NIH.
+MAX_INDEX_ROWS, MAX_INDEX_LINE_BYTES = 2_000_000, 64
+MAX_INDEX_BYTES = MAX_INDEX_ROWS * MAX_INDEX_LINE_BYTES
 
 
 class StoreError(UserError, ValueError):
@@ -125,8 +131,10 @@ class ConditionStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         for name in (EMBEDDINGS, MASK, INDEX, META):
-            if not (self.path / name).is_file():
+            if not (self.path / name).exists():
                 raise StoreError(f"{self.path}: not a condition store ({name} missing); rerun its embed stage")
+            require_regular_file(self.path / name, StoreError, "a condition store holds plain files; rerun its embed "
+                                                               "stage")
         self.shape, self.dtype, self._offset = self._read_embeddings_header()
         self._row_bytes = int(self.shape[1] * self.shape[2]) * self.dtype.itemsize
         expected_size = self._offset + self.shape[0] * self._row_bytes
@@ -192,6 +200,10 @@ class ConditionStore:
     def _read_index(self) -> dict[str, int]:
         """Image Index -> row, every row checked: a row outside the embeddings would read header bytes."""
         path = self.path / INDEX
+        size = path.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise StoreError(f"{path}: {size:,} bytes, more than the {MAX_INDEX_BYTES:,} an index of "
+                             f"{MAX_INDEX_ROWS:,} images can take; rerun its embed stage")
         try:
             index = pd.read_csv(path, dtype=str, keep_default_na=False)
         except (ValueError, pd.errors.ParserError) as error:  # EmptyDataError and UnicodeDecodeError are ValueErrors

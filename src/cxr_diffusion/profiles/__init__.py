@@ -46,8 +46,10 @@ def profile_source(source: str | Path) -> Path:
     """A shipped profile's name, or the path of a YAML file (it must end in .yaml or .yml)."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
+        if not path.exists():
             raise ParamsError(f"profile {path} does not exist")
+        if not path.is_file():  # a FIFO would make the read wait for a writer forever
+            raise ParamsError(f"profile {path} is not a regular file (a folder, FIFO or device); pass a YAML file")
         return path
     return profile_file(str(source))
 
