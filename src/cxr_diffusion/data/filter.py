@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 
 from cxr_diffusion.config import FilterConfig
-from cxr_diffusion.nih_labels import NO_FINDING
+from cxr_diffusion.data.image_paths import read_image_paths
 from cxr_diffusion.data.nih import (
-    OFFICIAL_SPLIT_FILES, DataError, canonical_patient_ids, is_safe_image_index, patient_id_problem, patient_sort_key, read_csv_text,
-    read_image_list, read_metadata_csv, split_labels, unknown_labels, whole_numbers,
+    OFFICIAL_SPLIT_FILES, DataError, FilmRules, canonical_patient_ids, is_safe_image_index, patient_id_problem,
+    patient_sort_key, puts_no_finding_beside_a_finding, read_csv_text, read_image_list, read_metadata_csv, split_labels,
+    unknown_labels, whole_numbers,
 )
 from cxr_diffusion.io import write_csv, write_json
 
@@ -92,6 +93,11 @@ def read_include_list(path: str | Path, classes: tuple[str, ...]) -> pd.DataFram
     return frame
 
 
+def film_rules(config: FilterConfig) -> FilmRules:
+    """The rules of ``config`` on a film's own labels and view: the filter's, and what its table is held to."""
+    return FilmRules(config.class_members(), tuple(config.views), config.allow_other_labels)
+
+
 def filter_metadata(
     metadata: pd.DataFrame,
     images_present: set[str],
@@ -103,22 +109,18 @@ def filter_metadata(
     """Apply the rules of ``config`` to NIH-format ``metadata``; return table, rejects and counts. Each row keeps
     the first reason it is rejected for, in the order the rules run here."""
     members = config.class_members()
-    label_to_classes: dict[str, list[str]] = {}
-    for name, labels in members.items():
-        for label in labels:
-            label_to_classes.setdefault(label, []).append(name)
-    rows = _annotated(metadata, label_to_classes)
+    rules = film_rules(config)
+    rows = _annotated(metadata, rules)
     reject = _Rejects(len(rows))
-    _reject_unusable_rows(rows, reject, images_present, config)
+    _reject_unusable_rows(rows, reject, images_present, config, rules)
 
     include_issues = pd.DataFrame(columns=["Image Index", "issue", "detail"])
     if include_list is not None:
         include_issues = _check_include_list(include_list, rows, members, images_present)
         reject(~rows["Image Index"].isin(set(include_list["Image Index"])), "not_in_include_list")
     reject(rows["_classes"].map(len) == 0, "no_class_of_interest", rows["Finding Labels"])
-    if not config.allow_other_labels:
-        outside = rows["_labels"].map(lambda labels: "|".join(label for label in labels if label not in label_to_classes))
-        reject(outside != "", "labels_outside_classes", outside)
+    outside = rows["_labels"].map(lambda labels: "|".join(rules.outside_classes(labels)))
+    reject(outside != "", "labels_outside_classes", outside)
     if config.follow_up != "all":
         alive = rows[reject.reason.isna()]
         pick = alive.groupby("Patient ID")["_follow_up"].transform("min" if config.follow_up == "first" else "max")
@@ -133,16 +135,14 @@ def filter_metadata(
                                                                  0 if include_list is None else len(include_list)))
 
 
-def _annotated(metadata: pd.DataFrame, label_to_classes: dict[str, list[str]]) -> pd.DataFrame:
+def _annotated(metadata: pd.DataFrame, rules: FilmRules) -> pd.DataFrame:
     """The rows with canonical patient ids and parsed follow-up, age, labels and classes of interest."""
     rows = metadata.reset_index(drop=True).copy()
     rows["Patient ID"] = canonical_patient_ids(rows["Patient ID"])
     rows["_follow_up"] = whole_numbers(rows["Follow-up #"])
     rows["_age"] = whole_numbers(rows["Patient Age"])
     rows["_labels"] = rows["Finding Labels"].map(split_labels)
-    rows["_classes"] = rows["_labels"].map(
-        lambda labels: tuple(sorted({c for label in labels for c in label_to_classes.get(label, ())}))
-    )
+    rows["_classes"] = rows["_labels"].map(rules.classes_of)
     return rows
 
 
@@ -159,7 +159,8 @@ class _Rejects:
         self.detail[mask] = why[mask] if isinstance(why, pd.Series) else why
 
 
-def _reject_unusable_rows(rows: pd.DataFrame, reject: _Rejects, images_present: set[str], config: FilterConfig) -> None:
+def _reject_unusable_rows(rows: pd.DataFrame, reject: _Rejects, images_present: set[str], config: FilterConfig,
+                          rules: FilmRules) -> None:
     """Rows that cannot be used whatever the study: bad ids, values or labels, no image, another view or age."""
     reject(rows["Image Index"].duplicated(keep="first"), "duplicate_image_index", "earlier row kept")
     reject(~rows["Image Index"].map(is_safe_image_index), "unsafe_image_index",
@@ -173,10 +174,10 @@ def _reject_unusable_rows(rows: pd.DataFrame, reject: _Rejects, images_present: 
            rows["Patient Age"].map(lambda value: f"Patient Age is {str(value)!r}, expected a whole number"))
     unknown = rows["_labels"].map(unknown_labels)
     reject(unknown.map(bool), "unknown_label", unknown.map(lambda names: "|".join(names)))
-    reject(rows["_labels"].map(lambda labels: NO_FINDING in labels and len(set(labels)) > 1),
-           "contradictory_labels", rows["Finding Labels"])
+    reject(rows["_labels"].map(puts_no_finding_beside_a_finding).astype(bool), "contradictory_labels",
+           rows["Finding Labels"])
     reject(~rows["Image Index"].isin(images_present), "image_missing")
-    reject(~rows["View Position"].isin(config.views), "view", rows["View Position"].astype(str))
+    reject(~rows["View Position"].map(rules.keeps_view).astype(bool), "view", rows["View Position"].astype(str))
     reject(((age < config.age_min) | (age > config.age_max)).fillna(False).astype(bool), "age_out_of_range",
            age.astype(str))
 
@@ -343,7 +344,7 @@ def run_filter(dataset_dir: str | Path, config: FilterConfig, seed: int, out_dir
     """Stage entry: read the `dataset` stage's output, filter, write table, rejects and metrics."""
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     metadata = read_metadata_csv(dataset_dir / "metadata.csv")
-    images_present = set(pd.read_csv(dataset_dir / "image_paths.csv", dtype=str, keep_default_na=False)["Image Index"])
+    images_present = set(read_image_paths(dataset_dir / "image_paths.csv")["Image Index"])
     include_list = read_include_list(config.include_list, config.classes) if config.include_list else None
     official = {key: read_image_list(dataset_dir / "official" / name)  # read only when used: 'random' ignores them
                 for key, name in OFFICIAL_SPLIT_FILES.items()

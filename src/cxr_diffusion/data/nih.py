@@ -8,6 +8,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +47,13 @@ def is_safe_image_index(name: object) -> bool:
     return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
 
 
-def read_csv_text(path: str | Path, expected: str) -> pd.DataFrame:
+def read_csv_text(path: str | Path, expected: str, *, rows_required: bool = True) -> pd.DataFrame:
     """Every cell of a CSV as the text written there (nothing becomes NaN or a number); the first line is the header.
 
     A file that is not a well-formed CSV is a one-line ``DataError`` naming it (and the line), where pandas
     would raise a multi-line traceback or quietly pad short rows: an empty or binary file, text that is
-    not UTF-8, a row whose field count differs from the header's, a repeated column, no data rows.
+    not UTF-8, a row whose field count differs from the header's, a repeated column, no data rows (unless
+    ``rows_required`` is false: a header alone is then an empty table).
     ``expected`` says what the file should be (``"... such as Data_Entry_2017_v2020.csv"``). A ``.gz``
     file is read through gzip (torchxrayvision ships the NIH metadata so).
     """
@@ -82,7 +84,7 @@ def read_csv_text(path: str | Path, expected: str) -> pd.DataFrame:
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise DataError(f"{path}: column(s) {repeated} appear more than once in the header; expected {expected}")
-    if len(rows) == 1:
+    if len(rows) == 1 and rows_required:
         raise DataError(f"{path}: a header but no rows; expected {expected}")
     ragged = next((i for i, record in enumerate(rows) if len(record) != len(header)), None)
     if ragged is not None:
@@ -215,6 +217,61 @@ def unknown_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
 
 def is_no_finding(labels: tuple[str, ...]) -> bool:
     return labels == (NO_FINDING,)
+
+
+def puts_no_finding_beside_a_finding(labels: tuple[str, ...]) -> bool:
+    return NO_FINDING in labels and len(set(labels)) > 1
+
+
+@dataclass(frozen=True)
+class FilmRules:
+    """The filter's rules on what one film's own row says: its Finding Labels and its View Position.
+
+    The filter rejects a metadata row that breaks one (each rule is a reason of ``filter.REJECT_REASONS``), and
+    ``filtered_table.check_split_table`` refuses a filtered table that holds such a row (an edited table): one
+    set of rules for both, so the two cannot drift apart. ``filter.film_rules`` makes it from ``FilterConfig``.
+    """
+
+    members: dict[str, tuple[str, ...]]  # class -> the NIH labels it stands for (FilterConfig.class_members())
+    views: tuple[str, ...]               # filter.views
+    allow_other_labels: bool             # filter.allow_other_labels
+
+    @cached_property
+    def classes_by_label(self) -> dict[str, tuple[str, ...]]:
+        """NIH label -> the classes it counts toward (merged classes may share a label)."""
+        by_label: dict[str, list[str]] = {}
+        for name, labels in self.members.items():
+            for label in labels:
+                by_label.setdefault(label, []).append(name)
+        return {label: tuple(names) for label, names in by_label.items()}
+
+    def classes_of(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        """The classes a film with these Finding Labels counts toward, sorted: its 1s in the class columns."""
+        return tuple(sorted({name for label in labels for name in self.classes_by_label.get(label, ())}))
+
+    def keeps_view(self, view: object) -> bool:
+        return view in self.views
+
+    def outside_classes(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        """The labels that count toward no class, when ``allow_other_labels`` is false (else none: they are kept)."""
+        if self.allow_other_labels:
+            return ()
+        return tuple(label for label in labels if label not in self.classes_by_label)
+
+    def first_broken(self, labels: tuple[str, ...], view: object) -> str | None:
+        """The reason the filter rejects a film with these Finding Labels and View Position for, of these rules: the
+        first broken in the order the filter applies them (other rules run between them there); else None."""
+        if unknown_labels(labels):
+            return "unknown_label"
+        if puts_no_finding_beside_a_finding(labels):
+            return "contradictory_labels"
+        if not self.keeps_view(view):
+            return "view"
+        if not self.classes_of(labels):
+            return "no_class_of_interest"
+        if self.outside_classes(labels):
+            return "labels_outside_classes"
+        return None
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from cxr_diffusion.config import Params, to_dict
 from cxr_diffusion.data.decode import DecodeBudget, DecodeError, encode_png, preprocess, read_image_file
-from cxr_diffusion.data.filter import SPLITS
+from cxr_diffusion.data.filter import SPLITS, film_rules
 from cxr_diffusion.data.filtered_table import check_split_table, read_filtered_csv
+from cxr_diffusion.data.image_paths import read_image_paths
 from cxr_diffusion.data.nih import DataError, is_safe_image_index
 from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, close_writers, shard_schema
 from cxr_diffusion.data.sources import default_workers
@@ -131,8 +132,8 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
         raise DataError(f"{filtered_csv}: missing column(s) {missing_columns}; rerun the filter stage "
                         f"(the filter params and this table disagree)")
     # Before a worker starts or a shard is made.
-    table = check_split_table(filtered_csv, table, params.filter.class_members(), SPLITS)
-    paths = pd.read_csv(dataset_dir / "image_paths.csv", dtype=str)
+    table = check_split_table(filtered_csv, table, film_rules(params.filter), SPLITS)
+    paths = read_image_paths(dataset_dir / "image_paths.csv")
     path_of = dict(zip(paths["Image Index"], paths["path"]))
     roots, budget = image_roots(params, dataset_dir), DecodeBudget.from_config(params.prepare)
     jobs = []
