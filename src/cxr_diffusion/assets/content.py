@@ -2,10 +2,11 @@
 
 `fetch --record-present` records what a person placed. A folder passes only if it is the asset: CLIP's
 ``config.json`` says ``"model_type": "clip"``, the VAE's says ``"_class_name": "AutoencoderKL"``, RadDINO's
-``"model_type": "dinov2"``, and each holds safetensors files that list tensors (a pickled ``.bin`` alone is refused: this project never
-unpickles); an ELIXR snapshot has a readable ``datasets.json`` offering the dataset ``elixr.dataset`` names,
-and HDF5 shards in its folder. Anything else, such as ``/etc``, is
-refused before a file in it is hashed.
+``"model_type": "dinov2"``, and each holds safetensors files that list tensors (a pickled ``.bin`` alone is refused:
+this project never unpickles); a RadDINO folder must also pass the evaluate stage's own check of its files
+(``evaluation.raddino_folder.check_raddino_folder``: settings in range, weights that fill the network); an ELIXR
+snapshot has a readable ``datasets.json`` offering the dataset ``elixr.dataset`` names, and HDF5 shards in its
+folder. Anything else, such as ``/etc``, is refused before a file in it is hashed.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         problem = header.problem(path.stat().st_size)
         if problem:
             raise AssetError(f"{path}: {problem}: truncated or damaged; download it again ({fix})")
+    if asset.name == "raddino":  # the evaluate stage's own check: a folder recorded here is one it can load
+        from cxr_diffusion.evaluation.raddino_folder import RadDinoFolderError, check_raddino_folder
+
+        try:
+            check_raddino_folder(folder)
+        except RadDinoFolderError as error:
+            raise AssetError(f"{asset.target} is not a RadDINO checkpoint the evaluate stage can load: {error}; "
+                             f"{fix}") from None
 
 
 def _check_shards(asset: Asset, folder: Path, dataset: str) -> None:

@@ -33,9 +33,11 @@ from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.evaluation.distances import frechet_distance, kernel_inception_distance
 from cxr_diffusion.evaluation.closeness import prdc_metrics
+from cxr_diffusion.evaluation.raddino_folder import (
+    CONFIG, PROCESSOR, RESIZE, WEIGHTS, RadDinoFolderError, check_raddino_folder,
+)
 from cxr_diffusion.evaluation.weights import full_fp32
 
-RESIZE = 299       # CheXGenBench's loader: transforms.Resize((299, 299)) before its extractors
 KID_SUBSETS = 100  # torchmetrics' KernelInceptionDistance default, which CheXGenBench keeps
 PRDC_K = 5         # CheXGenBench's nearest_k
 HOW_TO_ENABLE = ("fetch microsoft/rad-dino where there is internet (`cxr-diffusion fetch` with evaluate.raddino "
@@ -54,21 +56,54 @@ class RadDino:
 
 
 def load_raddino(source: str, device: torch.device) -> RadDino:
-    """The checkpoint at ``source`` (a folder, or a hub id in the Hugging Face cache) and its image processor,
-    from safetensors only, in fp32 on ``device``."""
+    """The checkpoint at ``source`` (a folder, or a hub id in the local Hugging Face cache: evaluate never downloads)
+    and its image processor, in fp32 on ``device``. Its files are checked first (``check_raddino_folder``: regular
+    files inside the folder, settings within bounds, weights that fill the network exactly), so a bad file is one
+    line naming it, before anything is built."""
     from safetensors import SafetensorError
-    from transformers import AutoImageProcessor, Dinov2Model
+    from transformers import BitImageProcessorPil, Dinov2Model
 
+    folder = raddino_folder(source)
+    where = source if Path(source) == folder else f"{source} (in the Hugging Face cache at {folder})"
+    fix = (f"point it at a folder holding microsoft/rad-dino's {CONFIG}, {PROCESSOR} and {WEIGHTS} (`cxr-diffusion "
+           f"fetch` places it), or set it to null")
     try:
-        # The PIL-based processor, which CheXGenBench's pinned transformers (4.50.3) gave by default; with
-        # torchvision installed, transformers 5 would otherwise pick its torch-based one, which resizes differently.
-        processor = AutoImageProcessor.from_pretrained(source, backend="pil")
-        model = Dinov2Model.from_pretrained(source, use_safetensors=True)
-    except (OSError, ValueError, SafetensorError) as error:
-        raise DataError(f"evaluate.raddino: {source} could not be loaded as microsoft/rad-dino "
-                        f"({' '.join(str(error).split())[:300]}); point it at a folder holding its config.json, "
-                        f"preprocessor_config.json and model.safetensors, or set it to null") from None
+        checked = check_raddino_folder(folder)
+    except RadDinoFolderError as error:
+        raise DataError(f"evaluate.raddino: {where} could not be loaded as microsoft/rad-dino: {error}; {fix}") from None
+    # The PIL-based processor, which CheXGenBench's pinned transformers (4.50.3) gave by default (transformers 5's
+    # torch-based one resizes differently), made from the checked settings alone.
+    processor = BitImageProcessorPil(**checked.processor)
+    try:
+        model, report = Dinov2Model.from_pretrained(str(folder), config=checked.config, use_safetensors=True,
+                                                    local_files_only=True, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, SafetensorError) as error:  # a file changed since the check, or unreadable bytes
+        raise DataError(f"evaluate.raddino: {where} could not be loaded as microsoft/rad-dino "
+                        f"({' '.join(str(error).split())[:300]}); {fix}") from None
+    left = [name for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for name in report.get(key) or ()]
+    if left:  # the header check should have refused these: never compute distances in a partly random network
+        raise DataError(f"evaluate.raddino: {where} could not be loaded as microsoft/rad-dino: {WEIGHTS} does not "
+                        f"fill the network (e.g. {', '.join(map(str, left[:3]))}); {fix}")
     return RadDino(processor, model.to(device=device, dtype=torch.float32).eval())
+
+
+def raddino_folder(source: str) -> Path:
+    """``source`` as a folder: itself, or for a hub id its snapshot in the local Hugging Face cache (never the network:
+    a missing checkpoint is said at once, not after minutes of retries)."""
+    from cxr_diffusion.assets.download import AssetError, hub_snapshot
+
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DataError(f"evaluate.raddino: {source} is a file, not a folder; point it at the folder holding "
+                        f"microsoft/rad-dino's {CONFIG}, {PROCESSOR} and {WEIGHTS}, or set it to null")
+    try:
+        return hub_snapshot(source, allow_patterns=(CONFIG, PROCESSOR, WEIGHTS), local_files_only=True)
+    except (OSError, ValueError, AssetError):  # not in the cache, or not even a valid hub id
+        raise DataError(f"evaluate.raddino: {source} is not a folder and not in the Hugging Face cache (evaluate "
+                        f"never downloads); run `cxr-diffusion fetch` where there is internet, or set "
+                        f"evaluate.raddino to null") from None
 
 
 def chexgenbench_bytes(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -123,6 +158,9 @@ def raddino_metrics(config: EvaluateConfig, generated: Dataset, real_test: Datas
     raddino = load_raddino(config.raddino, device)
     generated_features = raddino_features(raddino, generated, config.inception_batch_size, "RadDINO (generated)")
     real_features = raddino_features(raddino, real_test, config.inception_batch_size, "RadDINO (real test)")
+    if not (np.isfinite(generated_features).all() and np.isfinite(real_features).all()):
+        raise DataError(f"evaluate.raddino: {config.raddino} gives features that are not finite (NaN or inf), so its "
+                        f"{WEIGHTS} is damaged; download microsoft/rad-dino again (`cxr-diffusion fetch`)")
     distances = raddino_distances(generated_features, real_features, seed)
     details = {
         "features": f"RadDINO CLS token after the final layer norm (pooler_output), {raddino.width}-d",
