@@ -19,9 +19,16 @@ import hashlib
 import json
 from pathlib import Path
 
-from cxr_diffusion.io import atomic_path
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import atomic_path, lies_inside, require_regular_file
 
 PACKAGE = "cxr_diffusion"
+# A module is source text of a few hundred KB at most; a bound keeps a sparse or runaway file from being read.
+MAX_SOURCE_BYTES = 4 << 20
+
+
+class CodeError(UserError, ValueError):
+    """A file among the code the stages run is not readable Python source."""
 
 
 def module_file(source_root: Path, name: str) -> Path | None:
@@ -52,7 +59,7 @@ def _absolute_module(source_root: Path, path: Path, node: ast.ImportFrom) -> str
 
 def imported_modules(source_root: Path, path: Path) -> set[str]:
     """The project modules one file imports, anywhere in it (lazy imports inside functions included)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    tree = _parsed(path)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -74,6 +81,25 @@ def imported_modules(source_root: Path, path: Path) -> set[str]:
     return found
 
 
+def _source(path: Path) -> bytes:
+    """The bytes of one source file: a regular file (a FIFO would block the read forever), of source size."""
+    fix = "the stages run only Python source files: fix or remove it"
+    size = require_regular_file(path, CodeError, fix).st_size
+    if size > MAX_SOURCE_BYTES:
+        raise CodeError(f"{path}: {size:,} bytes, more than the {MAX_SOURCE_BYTES:,} of any module here; {fix}")
+    return path.read_bytes()
+
+
+def _parsed(path: Path) -> ast.Module:
+    """The syntax tree of one module; a file Python could not import either is one line naming it."""
+    try:
+        return ast.parse(_source(path).decode("utf-8"), filename=str(path))
+    except (SyntaxError, ValueError) as error:  # bad syntax, NUL bytes, bytes that are not UTF-8
+        where = f" line {error.lineno}" if isinstance(error, SyntaxError) and error.lineno else ""
+        raise CodeError(f"{path}{where}: not Python source Python can import ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())[:160]}); fix the file and rerun") from None
+
+
 def import_closure(source_root: Path, entry: Path) -> set[Path]:
     """``entry`` and every project module it imports, directly or not (paths as ``source_root`` and ``entry``
     are given: both relative to the repository, or both absolute)."""
@@ -84,6 +110,9 @@ def import_closure(source_root: Path, entry: Path) -> set[Path]:
         if path in seen:
             continue
         seen.add(path)
+        if path != entry and not lies_inside(path, source_root):  # a link out of the tree: anyone's file
+            raise CodeError(f"{path}: links outside {source_root} (to {path.resolve()}); copy the module itself "
+                            f"into the source tree")
         pending.extend(module_file(source_root, name) for name in imported_modules(source_root, path))
     return seen
 
@@ -92,7 +121,7 @@ def code_record(source_root: Path, entry: Path) -> dict:
     """What ``code_deps/<entry>.json`` holds: the entry and each module of its closure with its SHA-256."""
     modules = sorted(import_closure(source_root, entry), key=lambda path: path.as_posix())
     return {"entry": entry.as_posix(),
-            "modules": {path.as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in modules}}
+            "modules": {path.as_posix(): hashlib.sha256(_source(path)).hexdigest() for path in modules}}
 
 
 def write_code_deps(source_root: Path, entries: Path, out: Path) -> list[Path]:
@@ -100,12 +129,17 @@ def write_code_deps(source_root: Path, entries: Path, out: Path) -> list[Path]:
 
     Paths are written as given, so run it from the repository root with relative paths (as dvc.yaml does):
     the files then read the same on every machine."""
+    scripts = sorted(entries.glob("*.py")) if entries.is_dir() else []
+    if not scripts:  # an empty closure set would also delete every stage's code file as stale
+        raise CodeError(f"{entries}: no stage entry points (*.py) there; pass --entries stages, the folder of "
+                        f"the scripts dvc.yaml runs")
+    records = {entry: code_record(source_root, entry) for entry in scripts}  # all read before one is written
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for entry in sorted(entries.glob("*.py")):
+    for entry, record in records.items():
         target = out / f"{entry.stem}.json"
         with atomic_path(target) as tmp:
-            tmp.write_text(json.dumps(code_record(source_root, entry), indent=1) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         written.append(target)
     for stale in set(out.glob("*.json")) - set(written):  # an entry script removed since the last run
         stale.unlink()

@@ -188,6 +188,17 @@ class ConditionStore:
     def _read_mask(self) -> np.ndarray:
         path = self.path / MASK
         try:
+            with open(path, "rb") as handle:  # the header first: np.load allocates whatever shape it declares
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                declared = tuple(read_header(handle)[0])
+        except (ValueError, EOFError, SyntaxError, OSError) as error:
+            raise StoreError(f"{path}: not a readable .npy file ({_one_line(error)}); rerun its embed stage") from None
+        if declared != self.shape[:2]:
+            raise StoreError(f"{path}: a mask of shape {declared} for embeddings of shape {self.shape}; they disagree: "
+                             f"rerun its embed stage")
+        try:
             mask = np.load(path, allow_pickle=False)
         except (ValueError, EOFError, OSError) as error:  # truncated, not .npy, or an object array (pickle)
             raise StoreError(f"{path}: not a readable .npy file ({_one_line(error)}); rerun its embed stage") from None

@@ -16,6 +16,7 @@ import pandas as pd
 
 from cxr_diffusion.data.nih import DataError, read_csv_text
 from cxr_diffusion.io import require_regular_file
+from cxr_diffusion.safe_text import visible_text
 
 IMAGE_PATHS_COLUMNS: tuple[str, ...] = ("Image Index", "path")
 DATASET_FIX = "rerun the dataset stage (`dvc repro -f dataset`)"
@@ -39,4 +40,10 @@ def read_image_paths(path: str | os.PathLike) -> pd.DataFrame:
     missing = [name for name in IMAGE_PATHS_COLUMNS if name not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing} (found {list(table.columns)[:10]}); expected {_EXPECTED}")
+    twice = table["Image Index"].duplicated(keep=False)
+    if twice.any():  # two paths for one image: which one is the image?
+        image = table["Image Index"][twice].iloc[0]
+        rows = [int(row) + 1 for row in table.index[table["Image Index"] == image][:2]]
+        raise DataError(f"{path}: image {visible_text(image, 80)!r} is listed twice (data rows {rows[0]} and "
+                        f"{rows[1]}); {DATASET_FIX}")
     return table

@@ -80,6 +80,8 @@ def read_csv_text(path: str | Path, expected: str, *, rows_required: bool = True
         raise binary from error
     if not rows:
         raise DataError(f"{path}: no header line; expected {expected}")
+    if any("\x00" in cell for record in rows for cell in record):  # past the sniffed head, csv keeps NUL in a cell
+        raise binary
     header = [name.strip() for name in rows[0]]
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:

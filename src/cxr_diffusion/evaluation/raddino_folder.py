@@ -164,9 +164,12 @@ def _checked_config(raw: dict) -> Any:
         _number(settings, CONFIG, key, 0, 1)
     for key in ("qkv_bias", "use_swiglu_ffn", "use_mask_token"):
         _flag(settings, CONFIG, key)
-    try:  # the other keys (architectures, out_features, ...) as transformers reads them, but not those of RUNTIME
-        return Dinov2Config(**{key: value for key, value in raw.items() if key != "_attn_implementation"} | RUNTIME)
-    except (StrictDataclassError, ValueError, TypeError, KeyError) as error:
+    # The other keys (architectures, out_features, ...) as transformers reads them, but not those of RUNTIME nor
+    # a classifier head's labels: the backbone has no head, and `num_labels: 10**12` built a dict of that many.
+    ignored = {"_attn_implementation", "num_labels", "id2label", "label2id"}
+    try:
+        return Dinov2Config(**{key: value for key, value in raw.items() if key not in ignored} | RUNTIME)
+    except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise RadDinoFolderError(f"{CONFIG}: not a valid DINOv2 config ({' '.join(str(error).split())[:200]})") from None
 
 

@@ -27,6 +27,8 @@ PANELS = (
 # DVCLive writes one short line per logged step; a million steps stay far below this.
 MAX_SERIES_BYTES = 64 << 20
 SMOOTHING_STEPS = 20
+MAX_STEP_DIGITS = 12  # a trillion optimizer steps; the steps are held as int64
+NON_NEGATIVE = frozenset({"loss"})  # mean squared errors (the conditioning gap, a difference of two, may be negative)
 
 
 class TrainingLogError(UserError, ValueError):
@@ -51,7 +53,7 @@ def read_series(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
         try:
-            if len(fields) != 2 or not fields[0].isascii() or not fields[0].isdigit():
+            if len(fields) != 2 or not fields[0].isascii() or not fields[0].isdigit() or len(fields[0]) > MAX_STEP_DIGITS:
                 raise ValueError
             step, value = int(fields[0]), float(fields[1])
         except ValueError:
@@ -61,6 +63,8 @@ def read_series(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
             raise TrainingLogError(f"{path}: line {number}: step {step} does not follow step {steps[-1]}; {fix}")
         if math.isinf(value):
             raise TrainingLogError(f"{path}: line {number}: an infinite {metric}; {fix}")
+        if metric in NON_NEGATIVE and value < 0:  # the loss is a mean squared error: never below 0
+            raise TrainingLogError(f"{path}: line {number}: a negative {metric} ({value}); {fix}")
         steps.append(step)
         values.append(value)
     return np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
