@@ -130,6 +130,23 @@ def cli_refusal(result) -> str:
     return errors[0]
 
 
+def stage_line(call) -> str:
+    """What a stage prints for ``call()``'s error, as ``run_stage`` decides it: the user-error line; a bug
+    (anything else, or an OSError that ``user_error_line`` does not describe) or no error at all fails the test."""
+    from cxr_diffusion.errors import UserError, user_error_line
+
+    try:
+        call()
+    except (UserError, OSError) as error:
+        line = user_error_line(error)
+        if line is None:
+            pytest.fail(f"traceback: {type(error).__name__}: {error}")
+        return line
+    except Exception as error:  # a bug: the stage would print a traceback
+        pytest.fail(f"traceback: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
+    pytest.fail("accepted silently: no error at all")
+
+
 def one_line_message(call, kind: type[Exception]) -> str:
     """The message of the ``kind`` error that ``call()`` raises, which must be one line."""
     with pytest.raises(kind) as caught:

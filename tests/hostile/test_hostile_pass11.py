@@ -15,7 +15,8 @@ import pytest
 
 from cxr_diffusion.data.image_paths import read_image_paths
 from cxr_diffusion.evaluation.training_curves import read_series
-from test_hostile_raddino import one_error_line, raddino_copy, raddino_stage, stage_line
+from conftest import stage_line
+from test_hostile_raddino import one_error_line, raddino_copy, raddino_stage
 from test_hostile_raddino import raddino_folder as raddino_folder_fixture
 
 raddino_folder = raddino_folder_fixture  # the tiny RadDINO folder fixture, under the name the tests ask for

@@ -23,7 +23,6 @@ import yaml
 from typer.testing import CliRunner
 
 from cxr_diffusion.config import EvaluateConfig, changed
-from cxr_diffusion.errors import UserError, user_error_line
 from cxr_diffusion.evaluation.raddino import load_raddino, raddino_metrics
 from cxr_diffusion.evaluation.raddino_folder import (
     MAX_PATCHES, RadDinoFolderError, check_raddino_folder, checkpoint_tensors,
@@ -31,6 +30,7 @@ from cxr_diffusion.evaluation.raddino_folder import (
 from cxr_diffusion.profiles import profile_section
 from cxr_diffusion.rehearsal import standin_models
 from cxr_diffusion.safetensors_header import encode_header
+from conftest import stage_line
 from test_inception import _Images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,21 +64,6 @@ def one_error_line(result: subprocess.CompletedProcess, prefix: str) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1, tail
     return lines[0]
-
-
-def stage_line(call) -> str:
-    """What a stage prints for ``call()``'s error, as ``run_stage`` decides it: the user-error line; a bug (anything
-    else, or an OSError that ``user_error_line`` does not describe) or no error at all fails the test."""
-    try:
-        call()
-    except (UserError, OSError) as error:
-        line = user_error_line(error)
-        if line is None:
-            pytest.fail(f"traceback: {type(error).__name__}: {error}")
-        return line
-    except Exception as error:  # a bug: the stage would print a traceback
-        pytest.fail(f"traceback: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
-    pytest.fail("accepted silently: distances computed, no error at all")
 
 
 # The evaluate stage's RadDINO part through the stage boundary (run_stage), on two tiny image sets.

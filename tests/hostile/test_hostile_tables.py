@@ -20,27 +20,12 @@ import yaml
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.data.prepare import prepare_shards
 from cxr_diffusion.data.sources import build_dataset
-from cxr_diffusion.errors import UserError, user_error_line
+from cxr_diffusion.errors import UserError
 from cxr_diffusion.profiles import params_with
 
-from conftest import make_nih_download, nih_row
+from conftest import make_nih_download, nih_row, stage_line
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def stage_line(call) -> str:
-    """What a stage prints for ``call()``'s error, as ``run_stage`` decides it: the user-error line; a bug
-    (anything else, or an OSError that ``user_error_line`` does not describe) fails the test."""
-    try:
-        call()
-    except (UserError, OSError) as error:
-        line = user_error_line(error)
-        if line is None:
-            pytest.fail(f"traceback: {type(error).__name__}: {error}")
-        return line
-    except Exception as error:  # a bug: the stage would print a traceback
-        pytest.fail(f"traceback: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
-    pytest.fail("accepted silently: no error at all")
 
 
 # ----------------------------------------------------------------------------- filtered.csv under the filter's options
