@@ -132,7 +132,8 @@ def test_the_compare_stage_exits_2_with_one_line_on_a_damaged_utility_file(tmp_p
         stage.main(params=tiny_params_file, evaluations=folder.evaluations, evaluator=folder.evaluator,
                    sampling=folder.sampling, training=folder.training, utility=folder.utility,
                    reader_study=folder.reader_study, elixr_embedding=folder.elixr_embedding,
-                   summary=tmp_path / "summary.json", report=tmp_path / "report.md")
+                   summary=tmp_path / "summary.json", report=tmp_path / "report.md",
+                   training_curves=tmp_path / "training_curves.png")
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(error) == 1 and error[0].startswith("stage compare failed: ")
 

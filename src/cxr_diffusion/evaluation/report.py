@@ -313,9 +313,10 @@ def _write_text(out: Path, text: str) -> Path:
 
 def report_text(params: Params, summary: dict, evaluations: dict[str, dict], evaluator: dict, out: Path,
                 utilities: dict[str, dict] | None = None, readers: dict | None = None,
-                curves_link: str = TRAINING_CURVES) -> str:
+                curves_link: str | None = None) -> str:
     """The markdown report to be written at ``out``; its figures are linked relative to it (reports/samples,
-    reports/evaluate, the training curves at ``curves_link``), a sample figure only when it is already there."""
+    reports/evaluate, the training curves at ``curves_link`` when drawn), a sample figure only when it is
+    already there."""
     rows = [
         ("Domain FD (evaluator features) [95% CI]", lambda s: f"{number(s['domain_fd'], 2)} [{number(s['domain_fd_ci_low'], 2)}, {number(s['domain_fd_ci_high'], 2)}]"),
         ("FD / real-vs-real floor (same n)", lambda s: number(s["domain_fd_ratio_to_floor"], 2)),
@@ -354,7 +355,8 @@ def report_text(params: Params, summary: dict, evaluations: dict[str, dict], eva
               "Inception logits against its own training images: compare those with the reference-compatible FID "
               "row only; they are not comparable to the standard FID or the domain FD (different features, "
               "different reference set).", ""]
-    lines += [f"![training loss, validation loss and conditioning gap per branch](<{curves_link}>)", ""]
+    if curves_link is not None:
+        lines += [f"![training loss, validation loss and conditioning gap per branch](<{curves_link}>)", ""]
     lines += _pretrained_notes(evaluations)
     lines += utility_section(params, summary, utilities or {})
     lines += report_lines(readers) if readers else \
@@ -384,11 +386,12 @@ def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_pat
     evaluations = read_evaluations(params.branches, inputs.evaluations)
     summary = summarize(params, evaluations, inputs)
     utilities = {branch: _read(inputs.utility / f"{branch}.json") for branch in params.branches}
+    # Drawn before anything is written: a damaged DVCLive series stops the stage before the summary or the
+    # report is replaced.
+    training_curves(inputs.training, list(params.branches), curves_path)
     with _reading(inputs.evaluations, inputs.evaluator, inputs.utility, inputs.reader_study):
         report = report_text(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
                              _read(inputs.reader_study), _relative_link(curves_path, report_path.parent))
-    # Drawn first: a damaged DVCLive series stops the stage before the summary or the report is replaced.
-    training_curves(inputs.training, list(params.branches), curves_path)
     write_json(summary_path, summary)  # refuses a value JSON cannot hold before the report is replaced
     _write_text(report_path, report)
     return summary
