@@ -90,10 +90,10 @@ def raddino_stage(params_file: Path, folder: Path | str, timeout: int = 90, memo
     return run_python(RADDINO_STAGE, params_file, folder, timeout=timeout, memory_gib=memory_gib, env=env)
 
 
-def metrics_line(folder: Path | str) -> str:
+def metrics_line(folder: Path | str, revision: str | None = None) -> str:
     """The evaluate stage's line for RadDINO distances from ``folder`` (loading and features), computed here."""
     config = changed(profile_section(EvaluateConfig), raddino=str(folder), inception_batch_size=2)
-    return stage_line(lambda: raddino_metrics(config, _Images(2, 0), _Images(2, 1), 0, CPU))
+    return stage_line(lambda: raddino_metrics(config, _Images(2, 0), _Images(2, 1), 0, CPU, revision))
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +379,23 @@ def test_guard_raddino_as_the_hub_id_is_read_from_the_cache(raddino_folder, tmp_
     raddino = load_raddino("microsoft/rad-dino", CPU)
     assert raddino.width == 32
     assert check_raddino_folder(snapshot).folder == snapshot  # links into the repository's blobs/ are its own
+
+
+def test_raddino_as_the_hub_id_is_read_at_the_pinned_revision(raddino_folder, tmp_path, monkeypatch):
+    """fetch.raddino_revision pins what `fetch` downloads and `doctor` checks; evaluate read the cache's refs/main
+    whatever the pin. Here main is another checkpoint, with 16 hidden units where the pinned one has 32."""
+    from huggingface_hub import constants
+
+    snapshot = hub_cache(raddino_folder, tmp_path / "hub")  # refs/main -> 000...0
+    pinned = snapshot.parent / ("1" * 40)
+    shutil.copytree(snapshot, pinned, symlinks=True)
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").write_text(json.dumps({**config, "hidden_size": 16}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert load_raddino("microsoft/rad-dino", CPU, revision="1" * 40).width == 32
+    line = metrics_line("microsoft/rad-dino", revision="2" * 40)
+    assert "not in the Hugging Face cache at revision 2222" in line, line
 
 
 def test_a_missing_relative_folder_is_not_looked_for_on_the_network(tmp_path, monkeypatch):

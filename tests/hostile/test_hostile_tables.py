@@ -222,3 +222,20 @@ def test_a_fifo_named_image_paths_csv_is_refused_without_blocking(tmp_path, smal
     lines = [line for line in result.stderr.splitlines() if line.startswith(f"stage {stage} failed:")]
     assert lines == [f"stage {stage} failed: {copy / 'image_paths.csv'}: not a regular file (a folder, FIFO or "
                      f"device); rerun the dataset stage (`dvc repro -f dataset`)"], result.stderr[-1500:]
+
+
+def test_guard_prepare_takes_the_filter_table_whose_cells_write_csv_marked_as_text(tmp_path):
+    """Cells a spreadsheet would run (a leading tab, ``=``, ``-``) get write_csv's ``'`` in every CSV between the
+    stages; the filter and prepare read the same marked text, so the film the filter kept is prepared, and a
+    marked label is one listed reject, not a table prepare refuses."""
+    rows = [nih_row(f"{p:08d}_000.png", "Effusion" if p % 2 else "No Finding", patient=p) for p in range(1, 21)]
+    rows[4]["Patient Gender"], rows[6]["Patient Gender"] = "\tM", "=F"
+    rows[8]["Finding Labels"], rows[2]["Finding Labels"] = "Effusion\t", "\tEffusion"
+    params, dataset, table = filtered_run(tmp_path / "run", {
+        "classes": ["Effusion", "No Finding"], "merges": {}, "allow_other_labels": False, "views": ["PA"]}, rows)
+    rejects = pd.read_csv(tmp_path / "run" / "filtered" / "rejects.csv", dtype=str, keep_default_na=False)
+    assert rejects[["Image Index", "reason"]].values.tolist() == [["00000003_000.png", "unknown_label"]]
+    assert {"'\tM", "'=F"} <= set(table["Patient Gender"])
+    manifest = prepare_shards(params, dataset, tmp_path / "run" / "filtered" / "filtered.csv", tmp_path / "prepared",
+                              workers=1)
+    assert manifest["written"] == len(table) == 19

@@ -237,7 +237,8 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
         baseline = untrained_features(params, paths, classifier, names, device)
         closeness.update(untrained_closeness(baseline, generated_features, floor))
     prdc = prdc_metrics(test_features, generated_features, config.prdc_k)
-    raddino = raddino_metrics(config, images.generated, images.test, seed, device)
+    raddino_pin = params.fetch.raddino_revision if config.raddino == params.fetch.raddino_repo else None
+    raddino = raddino_metrics(config, images.generated, images.test, seed, device, raddino_pin)
     pretrained_judge = xrv_metrics(config, params.filter.class_members(), images.generated, splits.generated.labels,
                                    images.test, splits.test.labels, images.val, seed, device)
     faithfulness = faithfulness_metrics(splits.generated, splits.test, list(classifier.spec.classes), config.bootstrap,

@@ -55,15 +55,15 @@ class RadDino:
         return int(self.model.config.hidden_size)
 
 
-def load_raddino(source: str, device: torch.device) -> RadDino:
-    """The checkpoint at ``source`` (a folder, or a hub id in the local Hugging Face cache: evaluate never downloads)
-    and its image processor, in fp32 on ``device``. Its files are checked first (``check_raddino_folder``: regular
+def load_raddino(source: str, device: torch.device, revision: str | None = None) -> RadDino:
+    """The checkpoint at ``source`` (a folder, or a hub id in the local Hugging Face cache at ``revision``, the pin
+    `cxr-diffusion fetch` downloaded: evaluate never downloads) and its image processor, in fp32 on ``device``. Its files are checked first (``check_raddino_folder``: regular
     files inside the folder, settings within bounds, weights that fill the network exactly), so a bad file is one
     line naming it, before anything is built."""
     from safetensors import SafetensorError
     from transformers import BitImageProcessorPil, Dinov2Model
 
-    folder = raddino_folder(source)
+    folder = raddino_folder(source, revision)
     where = source if Path(source) == folder else f"{source} (in the Hugging Face cache at {folder})"
     fix = (f"point it at a folder holding microsoft/rad-dino's {CONFIG}, {PROCESSOR} and {WEIGHTS} (`cxr-diffusion "
            f"fetch` places it), or set it to null")
@@ -87,9 +87,10 @@ def load_raddino(source: str, device: torch.device) -> RadDino:
     return RadDino(processor, model.to(device=device, dtype=torch.float32).eval())
 
 
-def raddino_folder(source: str) -> Path:
-    """``source`` as a folder: itself, or for a hub id its snapshot in the local Hugging Face cache (never the network:
-    a missing checkpoint is said at once, not after minutes of retries)."""
+def raddino_folder(source: str, revision: str | None = None) -> Path:
+    """``source`` as a folder: itself, or for a hub id its snapshot at ``revision`` (None: the cache's ``main``) in the
+    local Hugging Face cache (never the network: a missing checkpoint is said at once, not after minutes of
+    retries)."""
     from cxr_diffusion.assets.download import AssetError, hub_snapshot
 
     path = Path(source)
@@ -99,9 +100,11 @@ def raddino_folder(source: str) -> Path:
         raise DataError(f"evaluate.raddino: {source} is a file, not a folder; point it at the folder holding "
                         f"microsoft/rad-dino's {CONFIG}, {PROCESSOR} and {WEIGHTS}, or set it to null")
     try:
-        return hub_snapshot(source, allow_patterns=(CONFIG, PROCESSOR, WEIGHTS), local_files_only=True)
+        return hub_snapshot(source, allow_patterns=(CONFIG, PROCESSOR, WEIGHTS), revision=revision,
+                            local_files_only=True)
     except (OSError, ValueError, AssetError):  # not in the cache, or not even a valid hub id
-        raise DataError(f"evaluate.raddino: {source} is not a folder and not in the Hugging Face cache (evaluate "
+        pinned = f" at revision {revision}" if revision else ""
+        raise DataError(f"evaluate.raddino: {source} is not a folder and not in the Hugging Face cache{pinned} (evaluate "
                         f"never downloads); run `cxr-diffusion fetch` where there is internet, or set "
                         f"evaluate.raddino to null") from None
 
@@ -148,14 +151,15 @@ def raddino_distances(generated: np.ndarray, real: np.ndarray, seed: int) -> dic
 
 
 def raddino_metrics(config: EvaluateConfig, generated: Dataset, real_test: Dataset, seed: int,
-                    device: torch.device) -> dict:
+                    device: torch.device, revision: str | None = None) -> dict:
     """RadDINO FD, KID and PRDC of the generations against the real test split, with their settings; every
-    value null with the reason when ``evaluate.raddino`` is not set."""
+    value null with the reason when ``evaluate.raddino`` is not set. ``revision``: the hub pin of a hub-id
+    ``evaluate.raddino`` (``fetch.raddino_revision``)."""
     if config.raddino is None:
         reason = f"no RadDINO configured (offline default); to enable it, {HOW_TO_ENABLE}"
         return {key: None for key in ("fd", "kid", "precision", "recall", "density", "coverage")} | {
             "details": {"reason": reason}}
-    raddino = load_raddino(config.raddino, device)
+    raddino = load_raddino(config.raddino, device, revision)
     generated_features = raddino_features(raddino, generated, config.inception_batch_size, "RadDINO (generated)")
     real_features = raddino_features(raddino, real_test, config.inception_batch_size, "RadDINO (real test)")
     if not (np.isfinite(generated_features).all() and np.isfinite(real_features).all()):
