@@ -57,9 +57,10 @@ def _absolute_module(source_root: Path, path: Path, node: ast.ImportFrom) -> str
     return ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
 
 
-def imported_modules(source_root: Path, path: Path) -> set[str]:
-    """The project modules one file imports, anywhere in it (lazy imports inside functions included)."""
-    tree = _parsed(path)
+def imported_modules(source_root: Path, path: Path, source: bytes | None = None) -> set[str]:
+    """The project modules one file (of bytes ``source``, else read) imports, anywhere in it (lazy imports
+    inside functions included)."""
+    tree = _parsed(path, _source(path) if source is None else source)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -90,19 +91,40 @@ def _source(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _parsed(path: Path) -> ast.Module:
-    """The syntax tree of one module; a file Python could not import either is one line naming it."""
+def _parsed(path: Path, source: bytes) -> ast.Module:
+    """The syntax tree of one module's bytes; a file Python could not import either is one line naming it."""
     try:
-        return ast.parse(_source(path).decode("utf-8"), filename=str(path))
+        return ast.parse(source.decode("utf-8"), filename=str(path))
     except (SyntaxError, ValueError) as error:  # bad syntax, NUL bytes, bytes that are not UTF-8
         where = f" line {error.lineno}" if isinstance(error, SyntaxError) and error.lineno else ""
         raise CodeError(f"{path}{where}: not Python source Python can import ({type(error).__name__}: "
                         f"{' '.join(str(error).split())[:160]}); fix the file and rerun") from None
 
 
-def import_closure(source_root: Path, entry: Path) -> set[Path]:
+class SourceReader:
+    """Each file read, hashed and parsed at most once, however many entry points import it (19 entries share
+    most of the package)."""
+
+    def __init__(self, source_root: Path):
+        self.source_root = source_root
+        self._sources: dict[Path, bytes] = {}
+        self._imports: dict[Path, set[str]] = {}
+
+    def source(self, path: Path) -> bytes:
+        if path not in self._sources:
+            self._sources[path] = _source(path)
+        return self._sources[path]
+
+    def imports(self, path: Path) -> set[str]:
+        if path not in self._imports:
+            self._imports[path] = imported_modules(self.source_root, path, self.source(path))
+        return self._imports[path]
+
+
+def import_closure(source_root: Path, entry: Path, reader: SourceReader | None = None) -> set[Path]:
     """``entry`` and every project module it imports, directly or not (paths as ``source_root`` and ``entry``
     are given: both relative to the repository, or both absolute)."""
+    reader = reader or SourceReader(source_root)
     seen: set[Path] = set()
     pending = [entry]
     while pending:
@@ -113,15 +135,16 @@ def import_closure(source_root: Path, entry: Path) -> set[Path]:
         if path != entry and not lies_inside(path, source_root):  # a link out of the tree: anyone's file
             raise CodeError(f"{path}: links outside {source_root} (to {path.resolve()}); copy the module itself "
                             f"into the source tree")
-        pending.extend(module_file(source_root, name) for name in imported_modules(source_root, path))
+        pending.extend(module_file(source_root, name) for name in reader.imports(path))
     return seen
 
 
-def code_record(source_root: Path, entry: Path) -> dict:
+def code_record(source_root: Path, entry: Path, reader: SourceReader | None = None) -> dict:
     """What ``code_deps/<entry>.json`` holds: the entry and each module of its closure with its SHA-256."""
-    modules = sorted(import_closure(source_root, entry), key=lambda path: path.as_posix())
+    reader = reader or SourceReader(source_root)
+    modules = sorted(import_closure(source_root, entry, reader), key=lambda path: path.as_posix())
     return {"entry": entry.as_posix(),
-            "modules": {path.as_posix(): hashlib.sha256(_source(path)).hexdigest() for path in modules}}
+            "modules": {path.as_posix(): hashlib.sha256(reader.source(path)).hexdigest() for path in modules}}
 
 
 def write_code_deps(source_root: Path, entries: Path, out: Path) -> list[Path]:
@@ -133,7 +156,8 @@ def write_code_deps(source_root: Path, entries: Path, out: Path) -> list[Path]:
     if not scripts:  # an empty closure set would also delete every stage's code file as stale
         raise CodeError(f"{entries}: no stage entry points (*.py) there; pass --entries stages, the folder of "
                         f"the scripts dvc.yaml runs")
-    records = {entry: code_record(source_root, entry) for entry in scripts}  # all read before one is written
+    reader = SourceReader(source_root)
+    records = {entry: code_record(source_root, entry, reader) for entry in scripts}  # all read before one is written
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for entry, record in records.items():
