@@ -36,7 +36,7 @@ def profile(
         _fail(f"{target} is not a regular file (a folder, FIFO or device); move it away, then rerun")
     with atomic_path(target) as temporary:
         temporary.write_text(text, encoding="utf-8")
-    typer.echo(f"params.yaml is now profile '{name}'. Run `dvc repro` to rebuild what it changes.")
+    typer.echo(f"params.yaml is now profile '{visible_text(name)}'. Run `dvc repro` to rebuild what it changes.")
 
 
 # A profile for the NIH download leaves dataset.nih_root for the user to fill in after installing it; it is

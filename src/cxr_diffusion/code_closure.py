@@ -59,7 +59,9 @@ def _absolute_module(source_root: Path, path: Path, node: ast.ImportFrom) -> str
 
 def imported_modules(source_root: Path, path: Path, source: bytes | None = None) -> set[str]:
     """The project modules one file (of bytes ``source``, else read) imports, anywhere in it (lazy imports
-    inside functions included)."""
+    inside functions included): ``import``, ``from ... import`` (relative too), ``importlib.import_module`` and
+    ``__import__`` of a literal name. A star import of a package counts all its submodules (``__all__`` may
+    name any of them); a module imported by a computed name is refused, since no reading can tell which."""
     tree = _parsed(path, _source(path) if source is None else source)
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -71,15 +73,53 @@ def imported_modules(source_root: Path, path: Path, source: bytes | None = None)
                 continue
             # `from a.b import y`: y is an attribute of a.b or its submodule a.b.y
             names = [module] + [f"{module}.{alias.name}" for alias in node.names if alias.name != "*"]
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            names = [node.args[0].value]  # importlib.import_module("cxr_diffusion.x")
+            if any(alias.name == "*" for alias in node.names):
+                names += _submodules(source_root, module)
+        elif isinstance(node, ast.Call) and _called(node) in ("import_module", "__import__"):
+            names = [_module_called_for(path, node)]
         else:
             continue
         for name in names:
             if name == PACKAGE or name.startswith(PACKAGE + "."):
                 found.update(m for m in _executed_modules(name) if module_file(source_root, m) is not None)
     return found
+
+
+def _called(node: ast.Call) -> str | None:
+    """The name a call calls: ``f`` of ``f(...)`` and of ``a.b.f(...)``."""
+    return getattr(node.func, "attr", getattr(node.func, "id", None))
+
+
+def _submodules(source_root: Path, module: str) -> list[str]:
+    """The direct submodules of package ``module`` (none for a plain module)."""
+    init = module_file(source_root, module)
+    if init is None or init.name != "__init__.py":
+        return []
+    return sorted(f"{module}.{child.stem}" for child in init.parent.iterdir()
+                  if (child.suffix == ".py" and child.name != "__init__.py") or (child / "__init__.py").is_file())
+
+
+def _module_called_for(path: Path, node: ast.Call) -> str:
+    """The absolute module ``import_module(name, package)`` or ``__import__(name)`` imports, from literal text."""
+    def argument(position: int, keyword: str) -> ast.expr | None:
+        if len(node.args) > position:
+            return node.args[position]
+        return next((given.value for given in node.keywords if given.arg == keyword), None)
+
+    def literal(value: ast.expr | None) -> bool:
+        return isinstance(value, ast.Constant) and isinstance(value.value, str)
+
+    name = argument(0, "name")
+    package = argument(1, "package") if _called(node) == "import_module" else None
+    if not literal(name) or (package is not None and not literal(package)):
+        raise CodeError(f"{path} line {node.lineno}: imports a module by a computed name, so code_deps cannot tell "
+                        f"which, and an edit to it would not rerun the stages that run it; import it by its name")
+    relative = name.value[: len(name.value) - len(name.value.lstrip("."))]
+    if not relative or package is None:
+        return name.value
+    base = package.value.split(".")  # import_module('.inner', 'a.sub') -> a.sub.inner; '..x' -> a.x
+    return ".".join(base[: len(base) - len(relative) + 1] + ([name.value[len(relative):]] if name.value != relative
+                                                             else []))
 
 
 def _source(path: Path) -> bytes:
@@ -93,12 +133,15 @@ def _source(path: Path) -> bytes:
 
 def _parsed(path: Path, source: bytes) -> ast.Module:
     """The syntax tree of one module's bytes; a file Python could not import either is one line naming it."""
-    try:
-        return ast.parse(source.decode("utf-8"), filename=str(path))
-    except (SyntaxError, ValueError) as error:  # bad syntax, NUL bytes, bytes that are not UTF-8
+    try:  # bytes, not text: Python's own reading of a byte-order mark and a PEP 263 coding line
+        return ast.parse(source, filename=str(path))
+    except (SyntaxError, ValueError) as error:  # bad syntax, NUL bytes, bytes not in the file's encoding
         where = f" line {error.lineno}" if isinstance(error, SyntaxError) and error.lineno else ""
         raise CodeError(f"{path}{where}: not Python source Python can import ({type(error).__name__}: "
                         f"{' '.join(str(error).split())[:160]}); fix the file and rerun") from None
+    except (MemoryError, RecursionError):  # the parser's limits: an expression nested thousands deep
+        raise CodeError(f"{path}: nested too deeply for Python's parser (Python could not import it either); fix "
+                        f"the file and rerun") from None
 
 
 class SourceReader:

@@ -11,6 +11,7 @@ Reading a file (YAML 1.2 as DVC reads it, no aliases) is ``params_file``'s job.
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -23,7 +24,7 @@ from cxr_diffusion.nih_labels import NIH_LABELS
 from cxr_diffusion.params_errors import KeyProblem, describe
 
 _LAUNCH_CONFIG = re.compile(r"accelerate/[A-Za-z0-9][A-Za-z0-9_.-]*\.(yaml|yml|json)")
-_DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]{1,4}", re.ASCII)  # a machine has tens of GPUs, not 10**20
 MAX_ARM_BYTES = 32 * 2**30  # a utility arm's images, held in memory as uint8 at the classifier's side
 STUDY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a reader study's id: it names files and storage keys
 
@@ -221,10 +222,22 @@ class ClipConfig(Section):
 
     @model_validator(mode="after")
     def _prompts(self) -> ClipConfig:
-        _require("{findings}" in self.prompt_template, "prompt_template", "must contain {findings}")
+        fields = _template_fields(self.prompt_template)
+        _require(bool(fields) and all(field == "findings" for field in fields), "prompt_template",
+                 "must name the field {findings} and no other (write a literal brace as {{ or }})")
         _require(self.normal_prompt.strip() != "", "normal_prompt", "must not be empty")
         _require(self.model.strip() != "", "model", "must be 'demo', a hub id or a local directory")
         return self
+
+
+def _template_fields(template: str) -> list[str] | None:
+    """The fields ``template.format`` fills, in order, each with its conversion and spec kept (``{findings!r}``
+    is not ``findings``); None when str.format could not parse it (a lone brace)."""
+    try:
+        return [name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+                for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        return None
 
 
 # A file or folder a param names (or a hub id): "" would name the working directory itself, the repository.
@@ -502,7 +515,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
         _require(len(set(self.branches)) == len(self.branches), "branches", "has duplicates")
-        _require(bool(_DEVICE.fullmatch(self.device)), "device", f"is {self.device!r}; expected auto, cpu, cuda or cuda:N")
+        _require(bool(_DEVICE.fullmatch(self.device)), "device", f"is {self.device!r}; expected auto, cpu, cuda or cuda:N (N the GPU's index)")
         _require(self.sample.steps <= self.train.num_train_timesteps, "sample.steps",
                  f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps}): the sampler "
                  "cannot take more steps than the model was trained with")

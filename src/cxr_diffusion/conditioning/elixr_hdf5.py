@@ -56,12 +56,11 @@ def scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None,
                             f"is this an ELIXR embedding shard?")
         _check_stored_in_file(path, handle, id_column, kinds="SOU", what="image ids (text)")
         _check_stored_in_file(path, handle, column, kinds="f", what="floating-point embeddings")
-        values, raw_ids = handle[column], handle[id_column][()]
-        if raw_ids.ndim == 2 and raw_ids.shape[1] == 1:
-            raw_ids = raw_ids[:, 0]
-        if raw_ids.ndim != 1 or not values.shape or len(raw_ids) != values.shape[0]:
-            raise DataError(f"{path}: '{id_column}' has shape {raw_ids.shape} but '{column}' has shape "
+        values, ids = handle[column], handle[id_column]
+        if ids.shape not in ((values.shape[0],), (values.shape[0], 1)):  # checked before the ids are read
+            raise DataError(f"{path}: '{id_column}' has shape {ids.shape} but '{column}' has shape "
                             f"{values.shape}; each embedding row needs one id")
+        raw_ids = ids[()].reshape(-1)
         row = _declared_row(path, column, tuple(values.shape[1:]), declared)
         shape = checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
         image_ids = tuple(normalized_id(path, number, value) for number, value in enumerate(raw_ids))
@@ -100,8 +99,8 @@ def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, 
     if dataset.dtype.kind in "SU" and dataset.dtype.itemsize > MAX_ID_BYTES:  # read whole at scan time
         raise DataError(f"{path}: '{name}' holds ids {dataset.dtype.itemsize:,} bytes wide (an NIH id is 16); "
                         f"is this an ELIXR shard?")
-    if dataset.dtype.kind in "SU" and dataset.shape[0] * dataset.dtype.itemsize > MAX_ID_COLUMN_BYTES:
-        raise DataError(f"{path}: '{name}' holds {dataset.shape[0] * dataset.dtype.itemsize:,} bytes of ids, more "
+    if dataset.dtype.kind in "SU" and math.prod(dataset.shape) * dataset.dtype.itemsize > MAX_ID_COLUMN_BYTES:
+        raise DataError(f"{path}: '{name}' holds {math.prod(dataset.shape) * dataset.dtype.itemsize:,} bytes of ids, more "
                         f"than {MAX_ID_COLUMN_BYTES >> 20} MB (all 112,120 NIH ids take 1.8 MB); is this an ELIXR shard?")
     chunk = math.prod(dataset.chunks) * dataset.dtype.itemsize if dataset.chunks else 0
     if chunk > MAX_CHUNK_BYTES:

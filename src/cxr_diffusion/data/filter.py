@@ -95,7 +95,8 @@ def read_include_list(path: str | Path, classes: tuple[str, ...]) -> pd.DataFram
 
 def film_rules(config: FilterConfig) -> FilmRules:
     """The rules of ``config`` on a film's own labels and view: the filter's, and what its table is held to."""
-    return FilmRules(config.class_members(), tuple(config.views), config.allow_other_labels)
+    return FilmRules(config.class_members(), tuple(config.views), config.allow_other_labels,
+                     (config.age_min, config.age_max))
 
 
 def filter_metadata(
@@ -178,8 +179,7 @@ def _reject_unusable_rows(rows: pd.DataFrame, reject: _Rejects, images_present: 
            rows["Finding Labels"])
     reject(~rows["Image Index"].isin(images_present), "image_missing")
     reject(~rows["View Position"].map(rules.keeps_view).astype(bool), "view", rows["View Position"].astype(str))
-    reject(((age < config.age_min) | (age > config.age_max)).fillna(False).astype(bool), "age_out_of_range",
-           age.astype(str))
+    reject(rules.ages_out_of_range(age), "age_out_of_range", age.astype(str))
 
 
 def _split(rows: pd.DataFrame, reject: _Rejects, config: FilterConfig, seed: int,

@@ -143,6 +143,7 @@ def check_split_table(path: str | os.PathLike, table: pd.DataFrame, rules: FilmR
         labels[name] = values.astype("int64")
     findings = table["Finding Labels"].map(split_labels)
     _check_films_keep_the_filter_rules(path, table, findings, rules, lines)
+    _check_ages_in_range(path, table, rules, lines)
     _check_classes_follow_the_findings(path, labels, findings, rules, lines)
     _check_each_image_once(path, table, lines)
     labels["Patient ID"] = _usable_patient_ids(path, table["Patient ID"], lines)
@@ -173,6 +174,19 @@ def _check_films_keep_the_filter_rules(path: str | os.PathLike, table: pd.DataFr
         }[reason]
     raise DataError(f"{path}: {lines.at(row)}, image {shown_value(table.at[row, 'Image Index'])}, column {column!r}: "
                     f"{what}; the filter rejects such a film (its rule {reason}): {FILTER_FIX}")
+
+
+def _check_ages_in_range(path: str | os.PathLike, table: pd.DataFrame, rules: FilmRules, lines: _RowLines) -> None:
+    """Each Patient Age is a whole number in the filter's range (its rules invalid_age and age_out_of_range): the
+    subgroup results band the films by it."""
+    ages = whole_numbers(table["Patient Age"])
+    broken = (ages.isna() | rules.ages_out_of_range(ages)).to_numpy().nonzero()[0]
+    if len(broken):
+        row = int(broken[0])
+        raise DataError(f"{path}: {lines.at(row)}, image {shown_value(table.at[row, 'Image Index'])}, column "
+                        f"'Patient Age': {shown_value(table.at[row, 'Patient Age'])} is not a whole number in "
+                        f"filter.age_min..age_max ({rules.ages[0]}..{rules.ages[1]}); the filter rejects such a film: "
+                        f"{FILTER_FIX}")
 
 
 def _check_classes_follow_the_findings(path: str | os.PathLike, table: pd.DataFrame, findings: pd.Series,

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import require_regular_file
 from cxr_diffusion.nih_labels import NIH_LABELS, NO_FINDING
 
 # Columns the pipeline needs, as spelled in Data_Entry_2017.csv and Data_Entry_2017_v2020.csv.
@@ -227,7 +228,7 @@ def puts_no_finding_beside_a_finding(labels: tuple[str, ...]) -> bool:
 
 @dataclass(frozen=True)
 class FilmRules:
-    """The filter's rules on what one film's own row says: its Finding Labels and its View Position.
+    """The filter's rules on what one film's own row says: its Finding Labels, View Position and Patient Age.
 
     The filter rejects a metadata row that breaks one (each rule is a reason of ``filter.REJECT_REASONS``), and
     ``filtered_table.check_split_table`` refuses a filtered table that holds such a row (an edited table): one
@@ -237,6 +238,7 @@ class FilmRules:
     members: dict[str, tuple[str, ...]]  # class -> the NIH labels it stands for (FilterConfig.class_members())
     views: tuple[str, ...]               # filter.views
     allow_other_labels: bool             # filter.allow_other_labels
+    ages: tuple[int, int]                # (filter.age_min, filter.age_max), both kept
 
     @cached_property
     def classes_by_label(self) -> dict[str, tuple[str, ...]]:
@@ -253,6 +255,10 @@ class FilmRules:
 
     def keeps_view(self, view: object) -> bool:
         return view in self.views
+
+    def ages_out_of_range(self, ages: pd.Series) -> pd.Series:
+        """True where a (parsed, nullable) age lies outside ``ages``; False where it is missing."""
+        return ((ages < self.ages[0]) | (ages > self.ages[1])).fillna(False).astype(bool)
 
     def outside_classes(self, labels: tuple[str, ...]) -> tuple[str, ...]:
         """The labels that count toward no class, when ``allow_other_labels`` is false (else none: they are kept)."""
@@ -325,8 +331,17 @@ def index_nih_root(root: str | Path) -> NihIndex:
     )
 
 
+MAX_IMAGE_LIST_BYTES = 64 << 20
+
+
 def read_image_list(path: Path) -> set[str]:
-    """One Image Index per line (NIH's train_val_list.txt / test_list.txt), read as UTF-8 text."""
+    """One Image Index per line (NIH's train_val_list.txt / test_list.txt), read as UTF-8 text: a regular file of
+    at most ``MAX_IMAGE_LIST_BYTES`` (NIH's lists are 1.1 and 0.4 MB), refused unread otherwise."""
+    fix = f"restore NIH's {path.name} in dataset.nih_root and rerun `dvc repro -f dataset`"
+    size = require_regular_file(path, DataError, fix).st_size
+    if size > MAX_IMAGE_LIST_BYTES:
+        raise DataError(f"{path}: {size:,} bytes, more than the {MAX_IMAGE_LIST_BYTES >> 20} MB an image list of "
+                        f"NIH's 112,120 images can take; {fix}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")

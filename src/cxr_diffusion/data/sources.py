@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cxr_diffusion.config import Params
-from cxr_diffusion.data.nih import index_nih_root, read_metadata_csv, split_labels
+from cxr_diffusion.data.nih import index_nih_root, read_image_list, read_metadata_csv, split_labels
 from cxr_diffusion.io import atomic_directory, write_csv, write_json
 
 IMAGES_PER_FOLDER = 10_000  # NIH ships images_001 ... images_012, about 10k images each
@@ -67,6 +67,7 @@ def _index_nih(root: Path, out: Path) -> DatasetSummary:
     if index.official_lists:
         (out / "official").mkdir()
         for path in index.official_lists.values():
+            read_image_list(path)  # a regular UTF-8 list of bounded size, checked before it is copied
             shutil.copyfile(path, out / "official" / path.name)
     return DatasetSummary("nih", len(metadata), len(index.image_paths), len(index.missing), len(index.unexpected))
 

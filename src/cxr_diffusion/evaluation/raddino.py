@@ -77,7 +77,8 @@ def load_raddino(source: str, device: torch.device, revision: str | None = None)
     try:
         model, report = Dinov2Model.from_pretrained(str(folder), config=checked.config, use_safetensors=True,
                                                     local_files_only=True, dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError, SafetensorError) as error:  # a file changed since the check, or unreadable bytes
+    except (OSError, ValueError, ImportError, SafetensorError) as error:  # a file changed since the check, unreadable
+        # bytes, or a config key asking for a package this environment lacks
         raise DataError(f"evaluate.raddino: {where} could not be loaded as microsoft/rad-dino "
                         f"({' '.join(str(error).split())[:300]}); {fix}") from None
     left = [name for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for name in report.get(key) or ()]

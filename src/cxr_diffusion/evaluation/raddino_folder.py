@@ -164,6 +164,10 @@ def _checked_config(raw: dict) -> Any:
         _number(settings, CONFIG, key, 0, 1)
     for key in ("qkv_bias", "use_swiglu_ffn", "use_mask_token"):
         _flag(settings, CONFIG, key)
+    if raw.get("quantization_config") is not None:  # CheXGenBench's features come from the fp32 network
+        raise RadDinoFolderError(f"{CONFIG}: quantization_config asks for a quantized network, which would change "
+                                 f"the features CheXGenBench's distances compare; use microsoft/rad-dino's own "
+                                 f"config.json (it has none)")
     # The other keys (architectures, out_features, ...) as transformers reads them, but not those of RUNTIME nor
     # a classifier head's labels: the backbone has no head, and `num_labels: 10**12` built a dict of that many.
     ignored = {"_attn_implementation", "num_labels", "id2label", "label2id"}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr_diffusion.config import Params
-from cxr_diffusion.evaluation.training_curves import training_curves
+from cxr_diffusion.evaluation.training_curves import draw_training_curves, save_figure
 from cxr_diffusion.evaluation.report_numbers import number, signed_with_interval, with_interval, without_negative_zero
 from cxr_diffusion.io import atomic_path, read_json, write_json
 from cxr_diffusion.reader_study.labels import REAL
@@ -386,12 +386,13 @@ def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_pat
     evaluations = read_evaluations(params.branches, inputs.evaluations)
     summary = summarize(params, evaluations, inputs)
     utilities = {branch: _read(inputs.utility / f"{branch}.json") for branch in params.branches}
-    # Drawn before anything is written: a damaged DVCLive series stops the stage before the summary or the
-    # report is replaced.
-    training_curves(inputs.training, list(params.branches), curves_path)
+    # Built in memory first: a damaged DVCLive series or metrics file stops the stage before any of the
+    # three is replaced.
+    curves = draw_training_curves(inputs.training, list(params.branches))
     with _reading(inputs.evaluations, inputs.evaluator, inputs.utility, inputs.reader_study):
         report = report_text(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
                              _read(inputs.reader_study), _relative_link(curves_path, report_path.parent))
-    write_json(summary_path, summary)  # refuses a value JSON cannot hold before the report is replaced
+    write_json(summary_path, summary)  # refuses a value JSON cannot hold before the others are replaced
+    save_figure(curves, curves_path)
     _write_text(report_path, report)
     return summary

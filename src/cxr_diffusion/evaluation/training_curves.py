@@ -8,6 +8,7 @@ running DVC whether a branch converged, overfitted, or learned to ignore its con
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ PANELS = (
 MAX_SERIES_BYTES = 64 << 20
 SMOOTHING_STEPS = 20
 MAX_STEP_DIGITS = 12  # a trillion optimizer steps; the steps are held as int64
+# A float as Python writes it (repr), or nan: float() alone also takes 1_0, full-width and Arabic-Indic digits.
+_DECIMAL = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf)", re.ASCII | re.IGNORECASE)
 NON_NEGATIVE = frozenset({"loss"})  # mean squared errors (the conditioning gap, a difference of two, may be negative)
 
 
@@ -38,10 +41,13 @@ class TrainingLogError(UserError, ValueError):
 def read_series(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """The (steps, values) of one DVCLive TSV; empty arrays when the file is absent (a branch not trained yet).
 
-    Steps must be whole numbers that increase; values are floats, NaN allowed (a skipped step logs NaN)."""
+    Steps must be whole numbers that increase; values are decimal numbers as Python writes floats (ASCII: no
+    digit separator or other script's digits), NaN allowed (a skipped step logs NaN)."""
+    fix = "rerun its train stage (`dvc repro -f train@<branch>`)"
+    if path.is_symlink() and not path.exists():  # a DVC checkout whose cache lost the file: not "not trained"
+        raise TrainingLogError(f"{path}: a link to a missing file; {fix}")
     if not path.exists():
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    fix = "rerun its train stage (`dvc repro -f train@<branch>`)"
     if not path.is_file():
         raise TrainingLogError(f"{path}: not a regular file; {fix}")
     if path.stat().st_size > MAX_SERIES_BYTES:
@@ -53,7 +59,8 @@ def read_series(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
         try:
-            if len(fields) != 2 or not fields[0].isascii() or not fields[0].isdigit() or len(fields[0]) > MAX_STEP_DIGITS:
+            if (len(fields) != 2 or not fields[0].isascii() or not fields[0].isdigit() or len(fields[0]) > MAX_STEP_DIGITS
+                    or not _DECIMAL.fullmatch(fields[1])):
                 raise ValueError
             step, value = int(fields[0]), float(fields[1])
         except ValueError:
@@ -85,6 +92,20 @@ def running_mean(values: np.ndarray, window: int) -> np.ndarray:
 def training_curves(live: Path, branches: list[str], path: Path) -> Path:
     """Draw the three panels for ``branches`` from the DVCLive folder ``live``; save a PNG at ``path``
     atomically and return it. A branch with no series yet is named in the legend as "not trained"."""
+    return save_figure(draw_training_curves(live, branches), path)
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """``figure`` as a PNG at ``path``, written atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
+
+
+def draw_training_curves(live: Path, branches: list[str]) -> Figure:
+    """The three panels for ``branches`` from the DVCLive folder ``live``, drawn in memory (every series read
+    and checked), so that a caller can write it together with what it goes with."""
     figure = Figure(figsize=(15, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     for index, (folder, metric, title) in enumerate(PANELS):
@@ -106,7 +127,4 @@ def training_curves(live: Path, branches: list[str], path: Path) -> Path:
             axes.axhline(0.0, color="grey", linewidth=0.8)
         axes.legend(loc="best", fontsize=9)
     figure.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return path
+    return figure

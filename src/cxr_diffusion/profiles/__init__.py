@@ -188,8 +188,10 @@ def _retitle(document, chain: list[Path]) -> None:
         if not line.startswith("#"):
             break
         header.append(line.removeprefix("#").removeprefix(" "))
-    layers = " laid over ".join(path.name for path in reversed(chain))
-    header.append(f"params.yaml written by `cxr-diffusion profile {chain[-1].stem}`: {layers}")
+    # File names on one line of printable text: a line break or control character in a name would end the
+    # comment and write YAML (a second key), or bytes YAML refuses.
+    layers = " laid over ".join(visible_text(path.name, 1000) for path in reversed(chain))
+    header.append(f"params.yaml written by `cxr-diffusion profile {visible_text(chain[-1].stem, 1000)}`: {layers}")
     header.append("(edit it freely; the command starts over from the profile).")
     document.ca.comment = None  # the base file's own header describes the base, not this profile
     document.yaml_set_start_comment("\n".join(header))
