@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
+import tokenize
 from pathlib import Path
 
 from cxr_diffusion.errors import UserError
@@ -133,9 +135,10 @@ def _source(path: Path) -> bytes:
 
 def _parsed(path: Path, source: bytes) -> ast.Module:
     """The syntax tree of one module's bytes; a file Python could not import either is one line naming it."""
-    try:  # bytes, not text: Python's own reading of a byte-order mark and a PEP 263 coding line
-        return ast.parse(source, filename=str(path))
-    except (SyntaxError, ValueError) as error:  # bad syntax, NUL bytes, bytes not in the file's encoding
+    try:  # decoded as an import decodes it: a byte-order mark or PEP 263 coding line, else strict UTF-8
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(source).readline)
+        return ast.parse(source.decode(encoding), filename=str(path))
+    except (SyntaxError, ValueError, LookupError) as error:  # bad syntax, NUL, bytes not in the file's (known) encoding
         where = f" line {error.lineno}" if isinstance(error, SyntaxError) and error.lineno else ""
         raise CodeError(f"{path}{where}: not Python source Python can import ({type(error).__name__}: "
                         f"{' '.join(str(error).split())[:160]}); fix the file and rerun") from None
