@@ -34,9 +34,10 @@ class CodeError(UserError, ValueError):
 
 
 def module_file(source_root: Path, name: str) -> Path | None:
-    """``cxr_diffusion.a.b`` -> ``<source_root>/cxr_diffusion/a/b.py`` or ``.../a/b/__init__.py``, if it exists."""
+    """``cxr_diffusion.a.b`` -> ``<source_root>/cxr_diffusion/a/b/__init__.py`` or ``.../a/b.py``, if it exists
+    (the package first, as Python's import finds it when both exist)."""
     base = source_root.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
         if candidate.is_file():
             return candidate
     return None
@@ -59,14 +60,20 @@ def _absolute_module(source_root: Path, path: Path, node: ast.ImportFrom) -> str
     return ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
 
 
+# Ways to load a module other than an import statement. No reading can always tell what they load (an alias, a
+# computed name, a fromlist or level), so the code the stages run does not use them: code_deps refuses each.
+DYNAMIC_IMPORTS = frozenset({"import_module", "__import__", "exec_module", "load_module", "run_module", "run_path"})
+
+
 def imported_modules(source_root: Path, path: Path, source: bytes | None = None) -> set[str]:
     """The project modules one file (of bytes ``source``, else read) imports, anywhere in it (lazy imports
-    inside functions included): ``import``, ``from ... import`` (relative too), ``importlib.import_module`` and
-    ``__import__`` of a literal name. A star import of a package counts all its submodules (``__all__`` may
-    name any of them); a module imported by a computed name is refused, since no reading can tell which."""
+    inside functions included): ``import`` and ``from ... import`` statements, relative ones too. A star import
+    of a package counts all its submodules (``__all__`` may name any of them). A dynamic import
+    (``DYNAMIC_IMPORTS``, named, called or imported under any alias) is refused with its line."""
     tree = _parsed(path, _source(path) if source is None else source)
     found: set[str] = set()
     for node in ast.walk(tree):
+        _refuse_dynamic_import(path, node)
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -77,8 +84,6 @@ def imported_modules(source_root: Path, path: Path, source: bytes | None = None)
             names = [module] + [f"{module}.{alias.name}" for alias in node.names if alias.name != "*"]
             if any(alias.name == "*" for alias in node.names):
                 names += _submodules(source_root, module)
-        elif isinstance(node, ast.Call) and _called(node) in ("import_module", "__import__"):
-            names = [_module_called_for(path, node)]
         else:
             continue
         for name in names:
@@ -87,9 +92,20 @@ def imported_modules(source_root: Path, path: Path, source: bytes | None = None)
     return found
 
 
-def _called(node: ast.Call) -> str | None:
-    """The name a call calls: ``f`` of ``f(...)`` and of ``a.b.f(...)``."""
-    return getattr(node.func, "attr", getattr(node.func, "id", None))
+def _refuse_dynamic_import(path: Path, node: ast.AST) -> None:
+    """One line naming the file and line of a use of a dynamic import: ``import_module(...)``,
+    ``importlib.import_module``, ``from importlib import import_module as load``, ``__import__`` and kin."""
+    if isinstance(node, ast.Name):
+        used = node.id
+    elif isinstance(node, ast.Attribute):
+        used = node.attr
+    elif isinstance(node, ast.ImportFrom):
+        used = next((alias.name for alias in node.names if alias.name in DYNAMIC_IMPORTS), None)
+    else:
+        return
+    if used in DYNAMIC_IMPORTS:
+        raise CodeError(f"{path} line {node.lineno}: loads a module with {used}, so code_deps cannot tell which, and "
+                        f"an edit to it would not rerun the stages that run it; use an import statement")
 
 
 def _submodules(source_root: Path, module: str) -> list[str]:
@@ -99,29 +115,6 @@ def _submodules(source_root: Path, module: str) -> list[str]:
         return []
     return sorted(f"{module}.{child.stem}" for child in init.parent.iterdir()
                   if (child.suffix == ".py" and child.name != "__init__.py") or (child / "__init__.py").is_file())
-
-
-def _module_called_for(path: Path, node: ast.Call) -> str:
-    """The absolute module ``import_module(name, package)`` or ``__import__(name)`` imports, from literal text."""
-    def argument(position: int, keyword: str) -> ast.expr | None:
-        if len(node.args) > position:
-            return node.args[position]
-        return next((given.value for given in node.keywords if given.arg == keyword), None)
-
-    def literal(value: ast.expr | None) -> bool:
-        return isinstance(value, ast.Constant) and isinstance(value.value, str)
-
-    name = argument(0, "name")
-    package = argument(1, "package") if _called(node) == "import_module" else None
-    if not literal(name) or (package is not None and not literal(package)):
-        raise CodeError(f"{path} line {node.lineno}: imports a module by a computed name, so code_deps cannot tell "
-                        f"which, and an edit to it would not rerun the stages that run it; import it by its name")
-    relative = name.value[: len(name.value) - len(name.value.lstrip("."))]
-    if not relative or package is None:
-        return name.value
-    base = package.value.split(".")  # import_module('.inner', 'a.sub') -> a.sub.inner; '..x' -> a.x
-    return ".".join(base[: len(base) - len(relative) + 1] + ([name.value[len(relative):]] if name.value != relative
-                                                             else []))
 
 
 def _source(path: Path) -> bytes:
@@ -204,6 +197,11 @@ def write_code_deps(source_root: Path, entries: Path, out: Path) -> list[Path]:
                         f"the scripts dvc.yaml runs")
     reader = SourceReader(source_root)
     records = {entry: code_record(source_root, entry, reader) for entry in scripts}  # all read before one is written
+    if out.exists() and not out.is_dir():
+        raise CodeError(f"{out}: a file, not the folder of code files; move it away, then rerun")
+    in_the_way = [out / f"{entry.stem}.json" for entry in records if (out / f"{entry.stem}.json").is_dir()]
+    if in_the_way:
+        raise CodeError(f"{in_the_way[0]}: a folder where the code file goes; move it away, then rerun")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for entry, record in records.items():

@@ -288,6 +288,11 @@ class UNetConfig(Section):
                  "needs one entry per block_out_channels level")
         _require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
                  "must divide every entry of block_out_channels")
+        attending = [c for c, attend in zip(self.block_out_channels, self.cross_attention) if attend]
+        attending.append(self.block_out_channels[-1])  # the mid block always attends
+        _require(self.attention_head_dim <= min(attending), "attention_head_dim",
+                 f"(heads per attention layer) must be at most the channels of every level that attends "
+                 f"({min(attending)}), or each head would have no dimensions")
         _require(any(self.cross_attention) or self.timestep_condition, "cross_attention",
                  "must enable cross-attention on at least one level, or set timestep_condition: true "
                  "(the condition enters there)")

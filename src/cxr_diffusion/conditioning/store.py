@@ -25,6 +25,7 @@ import torch
 
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, require_regular_file, write_csv, write_json
+from cxr_diffusion.npy_header import read_npy_header
 
 EMBEDDINGS, MASK, INDEX, META = "embeddings.npy", "mask.npy", "index.csv", "store.json"
 
@@ -33,6 +34,8 @@ EMBEDDINGS, MASK, INDEX, META = "embeddings.npy", "mask.npy", "index.csv", "stor
 # index line is an image id and a row number: 2.7 MB for all of NIH.
 MAX_INDEX_ROWS, MAX_INDEX_LINE_BYTES = 2_000_000, 64
 MAX_INDEX_BYTES = MAX_INDEX_ROWS * MAX_INDEX_LINE_BYTES
+# A condition row: CLIP-L's text gives 77 x 768, ELIXR 32 x 768; the ELIXR reader takes at most 1024 x 8192.
+MAX_STORE_TOKENS, MAX_STORE_DIM = 1024, 8192
 
 
 class StoreError(UserError, ValueError):
@@ -154,17 +157,16 @@ class ConditionStore:
     def _read_embeddings_header(self) -> tuple[tuple[int, int, int], np.dtype, int]:
         path = self.path / EMBEDDINGS
         try:
-            with open(path, "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                    else np.lib.format.read_array_header_2_0
-                shape, fortran_order, dtype = read_header(handle)
-                offset = handle.tell()
-        except (ValueError, EOFError, SyntaxError) as error:  # numpy's messages for a bad magic or header
+            header = read_npy_header(path)
+        except (ValueError, EOFError) as error:  # numpy's messages for a bad magic or header
             raise StoreError(f"{path}: not a readable .npy file ({_one_line(error)}); rerun its embed stage") from None
-        if fortran_order or len(shape) != 3 or dtype not in (np.float16, np.float32):
+        shape, dtype = header.shape, header.dtype
+        if header.fortran_order or len(shape) != 3 or dtype not in (np.float16, np.float32):
             raise StoreError(f"{path}: expected a C-order (rows, tokens, dim) float16/float32 array")
-        return tuple(int(s) for s in shape), np.dtype(dtype), offset
+        if shape[1] > MAX_STORE_TOKENS or shape[2] > MAX_STORE_DIM:  # a row is read whole, for every image
+            raise StoreError(f"{path}: rows of {shape[1]:,} tokens of {shape[2]:,} values, more than any encoder gives "
+                             f"(at most {MAX_STORE_TOKENS} x {MAX_STORE_DIM}); rerun its embed stage")
+        return shape, dtype, header.offset
 
     def _read_meta(self) -> dict:
         path = self.path / META
@@ -187,13 +189,9 @@ class ConditionStore:
 
     def _read_mask(self) -> np.ndarray:
         path = self.path / MASK
-        try:
-            with open(path, "rb") as handle:  # the header first: np.load allocates whatever shape it declares
-                version = np.lib.format.read_magic(handle)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                    else np.lib.format.read_array_header_2_0
-                declared = tuple(read_header(handle)[0])
-        except (ValueError, EOFError, SyntaxError, OSError) as error:
+        try:  # the header first: np.load allocates whatever shape it declares
+            declared = read_npy_header(path).shape
+        except (ValueError, EOFError, OSError) as error:
             raise StoreError(f"{path}: not a readable .npy file ({_one_line(error)}); rerun its embed stage") from None
         if declared != self.shape[:2]:
             raise StoreError(f"{path}: a mask of shape {declared} for embeddings of shape {self.shape}; they disagree: "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable, Mapping
@@ -38,10 +39,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.io import atomic_directory, give_plain_modes, sha256_file
+from cxr_diffusion.io import atomic_directory, give_plain_modes, read_json, sha256_file
 
 FORMAT_VERSION = 2
 STATE_FILE = "state.json"
+_FIXED_FILES = ("optimizer.safetensors", "optimizer.json", "rng.safetensors")  # besides one per module and tensors
+_MAX_STATE_BYTES = 1 << 20  # a few hundred bytes as written
+_COUNTERS = ("step", "images_seen", "epoch", "batch_in_epoch", "bad_validations", "nonfinite_in_a_row")
+_MAX_COUNTER = 2**62  # int64 with room: the data order seeds torch with the epoch
 _CHECKPOINT_DIR = re.compile(r"step-(\d{8,})")
 _LEFTOVERS = (".step-*.tmp", ".step-*.old")  # of a save that was killed: atomic_directory's temp dirs
 
@@ -199,8 +204,10 @@ def list_checkpoints(directory: Path) -> list[Path]:
 def _checkpoint_dirs(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted((path for path in directory.iterdir() if path.is_dir() and _CHECKPOINT_DIR.fullmatch(path.name)),
-                  key=_step_of)
+    # A link named like a checkpoint is not one this run wrote: never resumed, and never pruned (deleting through
+    # it would delete files outside the checkpoints folder).
+    return sorted((path for path in directory.iterdir()
+                   if _CHECKPOINT_DIR.fullmatch(path.name) and path.is_dir() and not path.is_symlink()), key=_step_of)
 
 
 def _step_of(path: Path) -> int:
@@ -224,12 +231,13 @@ def load_latest_checkpoint(directory: Path, expected_config_hash: str, modules: 
                 log(f"checkpoint: not resuming {path}: it was written under config hash {state.config_hash}, "
                     f"this run's config hash is {expected_config_hash}; starting from scratch")
                 return None
-            _verify_hashes(path, hashes, [f"{name}.safetensors" for name in [*modules, *tensors]])
+            _verify_hashes(path, hashes, [f"{name}.safetensors" for name in [*modules, *tensors]] + list(_FIXED_FILES))
             loaded = {name: _load_tensors(path / f"{name}.safetensors") for name in [*modules, *tensors]}
             for name, module in modules.items():
                 _check_layout(loaded[name], module.state_dict(), f"{name}.safetensors vs module {name!r}")
             for name, entries in tensors.items():
                 _check_layout(loaded[name], entries, f"{name}.safetensors vs tensors[{name!r}]")
+            rng = _load_tensors(path / "rng.safetensors")
             optimizer.load_state_dict(_optimizer_state(path, optimizer))
         except _Unusable as why:
             log(f"checkpoint: skipping {path}: {why}")
@@ -241,7 +249,7 @@ def load_latest_checkpoint(directory: Path, expected_config_hash: str, modules: 
                 for key, target in entries.items():
                     target.copy_(loaded[name][key])
         log(f"checkpoint: resumed from {path} (step {state.step}, {state.images_seen} images seen)")
-        return LoadedCheckpoint(path=path, state=state, rng=_load_tensors(path / "rng.safetensors"))
+        return LoadedCheckpoint(path=path, state=state, rng=rng)
     log(f"checkpoint: no usable checkpoint in {directory}; starting from scratch")
     return None
 
@@ -250,12 +258,37 @@ def _read_state(path: Path) -> tuple[TrainingState, dict[str, str]]:
     if not (path / STATE_FILE).is_file():
         raise _Unusable(f"incomplete: no {STATE_FILE} (the save was interrupted)")
     try:
-        payload = json.loads((path / STATE_FILE).read_text())
-        if payload["format_version"] != FORMAT_VERSION:
-            raise _Unusable(f"{STATE_FILE} is format {payload['format_version']!r}; this code reads {FORMAT_VERSION}")
-        return TrainingState(**payload["state"]), dict(payload["sha256"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        payload = read_json(path / STATE_FILE, "the checkpoint is damaged", max_bytes=_MAX_STATE_BYTES)
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise _Unusable(f"{STATE_FILE} is format {payload.get('format_version')!r}; this code reads "
+                            f"{FORMAT_VERSION}")
+        hashes = payload["sha256"]
+        if not (isinstance(hashes, dict) and all(isinstance(value, str) for value in hashes.values())):
+            raise TypeError("sha256 is not a mapping of file names to hex digests")
+        return _checked_state(payload["state"]), dict(hashes)
+    except (UserError, OSError, KeyError, TypeError, ValueError) as error:
         raise _Unusable(f"{STATE_FILE} cannot be read ({type(error).__name__}: {error}): truncated or damaged") from error
+
+
+def _checked_state(fields: object) -> TrainingState:
+    """The ``TrainingState`` a state.json holds, each value of its field's type and range (a hand-edited or
+    damaged value would otherwise be resumed into a traceback, or a silently wrong data position)."""
+    if not isinstance(fields, dict):
+        raise TypeError("state is not a mapping")
+    state = TrainingState(**fields)
+    for name in _COUNTERS:
+        value = getattr(state, name)
+        if type(value) is not int or not 0 <= value <= _MAX_COUNTER:
+            raise ValueError(f"{name} is {value!r}, expected a whole number in 0..{_MAX_COUNTER}")
+    for name, low_open in (("best_val_loss", False), ("plateau_scale", True)):
+        value = getattr(state, name)
+        if value is None and name == "best_val_loss":
+            continue
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0 or (low_open and value == 0):
+            raise ValueError(f"{name} is {value!r}, expected a finite number {'> 0' if low_open else '>= 0'}")
+    if not isinstance(state.config_hash, str) or not isinstance(state.extra, dict):
+        raise TypeError("config_hash must be text and extra a mapping")
+    return state
 
 
 def _verify_hashes(path: Path, hashes: dict[str, str], wanted: list[str]) -> None:
@@ -291,7 +324,7 @@ def _check_layout(loaded: Mapping[str, torch.Tensor], live: Mapping[str, torch.T
 def _optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` as it was saved: the JSON part with the tensors put back."""
     try:
-        rest = json.loads((path / "optimizer.json").read_text())
+        rest = read_json(path / "optimizer.json", "the checkpoint is damaged")
         state = {int(index): entries for index, entries in rest["state"].items()}
         for key, value in _load_tensors(path / "optimizer.safetensors").items():
             _, index, name = key.split(".", 2)
@@ -300,9 +333,22 @@ def _optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
         for saved, live in zip(groups, optimizer.param_groups):  # JSON has no tuples (AdamW's betas)
             saved.update({key: tuple(value) for key, value in saved.items() if isinstance(live.get(key), tuple)})
         sizes = [len(group["params"]) for group in groups]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+    except (UserError, KeyError, TypeError, ValueError, AttributeError) as error:
         raise _Unusable(f"optimizer.json/optimizer.safetensors are malformed ({error!r})") from error
     if sizes != [len(group["params"]) for group in optimizer.param_groups]:
         raise _Unusable(f"its optimizer's parameter groups hold {sizes} parameters, this run's "
                         f"{[len(group['params']) for group in optimizer.param_groups]}")
+    _check_moments(state, [parameter for group in optimizer.param_groups for parameter in group["params"]])
     return {"state": state, "param_groups": groups}
+
+
+def _check_moments(state: dict[int, dict[str, Any]], parameters: list[torch.Tensor]) -> None:
+    """Each saved per-parameter tensor (AdamW's moments) has its parameter's shape, or is a scalar (its step):
+    ``load_state_dict`` does not check, and a fused step through a smaller buffer corrupts memory."""
+    for index, entries in state.items():
+        if not 0 <= index < len(parameters):
+            raise _Unusable(f"optimizer state for parameter {index}, and this run has {len(parameters)}")
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameters[index].shape:
+                raise _Unusable(f"optimizer.safetensors: state.{index}.{key} {tuple(value.shape)} != its parameter's "
+                                f"{tuple(parameters[index].shape)}")

@@ -25,8 +25,13 @@ from cxr_diffusion.io import atomic_directory, write_json
 
 
 def load_vae(source: str):
+    """The AutoencoderKL ``train.vae`` names (a folder, checked before it is built, or a hub id in the cache)."""
     from diffusers import AutoencoderKL
 
+    from cxr_diffusion.diffusion.model_limits import check_vae_folder
+
+    if Path(source).is_dir():
+        check_vae_folder(Path(source))
     try:
         return AutoencoderKL.from_pretrained(source, use_safetensors=True).eval()  # never a pickled .bin
     except (OSError, ValueError) as error:

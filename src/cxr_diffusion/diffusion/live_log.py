@@ -43,10 +43,23 @@ def _drop_unreadable_live_summaries(live_dir: Path) -> None:
 def _log_truncated_live(live_dir: Path, keep_until_step: int) -> None:
     """Drop DVCLive rows logged after the checkpoint we resume from (they will be logged again)."""
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text().splitlines()
-        step_column = lines[0].split("\t").index("step")
-        kept = lines[:1] + [line for line in lines[1:] if int(line.split("\t")[step_column]) <= keep_until_step]
+        lines = tsv.read_text(encoding="utf-8", errors="replace").splitlines()
+        header = lines[0].split("\t") if lines else []
+        if "step" not in header:  # emptied by a kill right after DVCLive created it: DVCLive starts it again
+            print(f"{tsv}: no header (cut short by an interrupted run); dropped (DVCLive writes it again)")
+            tsv.unlink()
+            continue
+        step_column = header.index("step")
+        steps = [_logged_step(line, step_column, len(header)) for line in lines[1:]]
+        kept = lines[:1] + [line for line, step in zip(lines[1:], steps) if step is not None and step <= keep_until_step]
         tsv.write_text("\n".join(kept) + "\n")
+
+
+def _logged_step(line: str, step_column: int, columns: int) -> int | None:
+    """The step of one DVCLive row; None for a row a kill cut short (dropped: it is logged again)."""
+    fields = line.split("\t")
+    step = fields[step_column] if len(fields) == columns else ""
+    return int(step) if step.isascii() and step.isdigit() else None
 
 
 def log_metrics(live, metrics: dict[str, float]) -> None:

@@ -9,7 +9,6 @@ there, else the SD VAE's. Both are said in the output.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +51,11 @@ def vae_parameters(params: Params, root: Path) -> tuple[int, str]:
     if config.is_file():
         from diffusers import AutoencoderKL
 
+        from cxr_diffusion.diffusion.model_limits import check_vae_folder
+
+        checked = check_vae_folder(config.parent)
         with torch.device("meta"):
-            vae = AutoencoderKL.from_config(json.loads(config.read_text()))
+            vae = AutoencoderKL.from_config(checked)
         return sum(parameter.numel() for parameter in vae.parameters()), f"{config.parent}"
     return SD_VAE_PARAMETERS, "the SD VAE's size (train.vae not fetched yet)"
 

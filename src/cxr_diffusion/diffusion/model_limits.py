@@ -103,6 +103,15 @@ VAE_SET_KEYS = frozenset(VAE_RANGES) | {"block_out_channels", "down_block_types"
                                         "force_upcast"}
 
 
+def check_vae_folder(folder: Path) -> dict:
+    """The config of the AutoencoderKL in ``folder`` (``train.vae``), checked as a saved model's ``vae/`` is, before
+    diffusers builds anything from it (a 0 norm groups divides by zero there, a string of channels is a traceback)."""
+    path = Path(folder) / "config.json"
+    vae = _config(path)
+    _check_vae(path, vae)
+    return vae
+
+
 def _check_vae(path: Path, vae: dict) -> None:
     """An SD-style AutoencoderKL: channels, levels, layers and groups in range, encoder and decoder blocks of
     its own kind, a finite positive scaling factor, every other key at diffusers' default."""

@@ -55,6 +55,9 @@ class TrainPaths:
 
 def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     """Train ``branch``'s model, resuming from the newest usable checkpoint of the same run; save the EMA pipeline."""
+    for option, folder in (("--checkpoints", paths.checkpoints), ("--live", paths.live), ("--out", paths.model_out)):
+        if folder.exists() and not folder.is_dir():  # found before training, not at the first save minutes later
+            raise TrainingError(f"{option} {folder}: a file, not a folder; move it away, then rerun")
     machine = set_up_machine(params, paths.store, paths.latents)
     params, train, accelerator = machine.params, machine.params.train, machine.accelerator
     world = accelerator.num_processes

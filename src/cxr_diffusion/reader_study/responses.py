@@ -97,7 +97,7 @@ def read_key(key_path: Path) -> StudyKey:
     payload = read_json(key_path, _KEY_FIX)
     try:
         items = {str(item_id): _truth(value) for item_id, value in payload["items"].items()}
-        key = StudyKey(study_id=payload["study_id"], kit_id=payload["kit_id"], findings=tuple(payload["findings"]),
+        key = StudyKey(study_id=payload["study_id"], kit_id=payload["kit_id"], findings=_names(payload["findings"]),
                        items=items, calibration=frozenset(payload.get("calibration", {})))
         if not isinstance(key.study_id, str) or not isinstance(key.kit_id, str) or \
                 not all(isinstance(name, str) for name in key.findings) or not items:
@@ -109,8 +109,15 @@ def read_key(key_path: Path) -> StudyKey:
     return key
 
 
+def _names(value: object) -> tuple:
+    """A JSON list as a tuple; any other value (a string would become its characters) is not a key's."""
+    if not isinstance(value, list):
+        raise TypeError
+    return tuple(value)
+
+
 def _truth(value: dict) -> ItemTruth:
-    labels = tuple(value["labels"])
+    labels = _names(value["labels"])
     if not isinstance(value["source"], str) or not all(isinstance(label, str) for label in labels):
         raise TypeError
     return ItemTruth(source=value["source"], origin_id=str(value["origin_id"]), labels=labels)

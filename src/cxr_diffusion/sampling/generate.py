@@ -9,6 +9,8 @@ empty, writable). The images and a settings.json are swapped into the folder who
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 from cxr_diffusion.errors import UserError
@@ -50,6 +52,23 @@ def generate_images(model: Path, inputs: dict[str, object], num_images: int, gui
     return _write_outputs(out, images, settings)
 
 
+MAX_EMBEDDING_VALUES = 64 * 1024 * 8192  # 64 images of the largest condition row a store holds
+
+
+def _check_npy_embedding_header(path: Path) -> None:
+    """The declared array, from the header alone, before np.load allocates it: a float array of at most
+    ``MAX_EMBEDDING_VALUES`` whose bytes the file holds."""
+    from cxr_diffusion.npy_header import read_npy_header
+
+    header = read_npy_header(path)
+    if header.dtype.kind == "f" and not header.dtype.hasobject and math.prod(header.shape) > MAX_EMBEDDING_VALUES:
+        raise GenerateError(f"--embedding {path}: declares shape {header.shape}, more than {MAX_EMBEDDING_VALUES:,} "
+                            f"values; an embedding is (tokens, dim) or (n, tokens, dim)")
+    if header.dtype.kind == "f" and path.stat().st_size < header.offset + header.data_bytes:
+        raise GenerateError(f"--embedding {path}: declares shape {header.shape} but holds fewer bytes; it is "
+                            f"truncated: save it again with numpy.save")
+
+
 def _read_embedding(path: Path):
     """A (tokens, dim) or (n, tokens, dim) float array from .npy (no pickles) or .safetensors (one tensor)."""
     import numpy as np
@@ -59,6 +78,7 @@ def _read_embedding(path: Path):
         raise GenerateError(f"--embedding {path} does not exist")
     if path.suffix == ".npy":
         try:  # a truncated or foreign file raises ValueError, EOFError (empty) or OSError, by where it breaks
+            _check_npy_embedding_header(path)
             array = np.load(path, allow_pickle=False)
         except (ValueError, EOFError, OSError) as error:
             raise GenerateError(f"--embedding {path}: not a plain numeric .npy array ({error or type(error).__name__}); "
