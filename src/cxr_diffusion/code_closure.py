@@ -62,7 +62,10 @@ def _absolute_module(source_root: Path, path: Path, node: ast.ImportFrom) -> str
 
 # Ways to load a module other than an import statement. No reading can always tell what they load (an alias, a
 # computed name, a fromlist or level), so the code the stages run does not use them: code_deps refuses each.
-DYNAMIC_IMPORTS = frozenset({"import_module", "__import__", "exec_module", "load_module", "run_module", "run_path"})
+DYNAMIC_IMPORTS = frozenset({"import_module", "__import__", "exec_module", "load_module", "run_module", "run_path",
+                             "resolve_name", "module_from_spec", "spec_from_file_location"})
+# importlib.util.find_spec("a.b.c") imports a.b (not a.b.c): read when its name is literal text, else refused.
+FIND_SPEC = "find_spec"
 
 
 def imported_modules(source_root: Path, path: Path, source: bytes | None = None) -> set[str]:
@@ -84,12 +87,24 @@ def imported_modules(source_root: Path, path: Path, source: bytes | None = None)
             names = [module] + [f"{module}.{alias.name}" for alias in node.names if alias.name != "*"]
             if any(alias.name == "*" for alias in node.names):
                 names += _submodules(source_root, module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == FIND_SPEC:
+            names = _find_spec_parents(path, node)
         else:
             continue
         for name in names:
             if name == PACKAGE or name.startswith(PACKAGE + "."):
                 found.update(m for m in _executed_modules(name) if module_file(source_root, m) is not None)
     return found
+
+
+def _find_spec_parents(path: Path, node: ast.Call) -> list[str]:
+    """The packages ``find_spec("a.b.c")`` imports to look for ``c`` (``a.b``); a computed name is refused."""
+    name = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "name"), None)
+    if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+        raise CodeError(f"{path} line {node.lineno}: find_spec of a computed name, so code_deps cannot tell which "
+                        f"packages it imports; name the module in literal text")
+    parent = name.value.rpartition(".")[0]
+    return [parent] if parent else []
 
 
 def _refuse_dynamic_import(path: Path, node: ast.AST) -> None:
@@ -101,6 +116,8 @@ def _refuse_dynamic_import(path: Path, node: ast.AST) -> None:
         used = node.attr
     elif isinstance(node, ast.ImportFrom):
         used = next((alias.name for alias in node.names if alias.name in DYNAMIC_IMPORTS), None)
+    elif isinstance(node, ast.Constant) and isinstance(node.value, str):  # getattr(importlib, "import_module")
+        used = node.value
     else:
         return
     if used in DYNAMIC_IMPORTS:
@@ -199,9 +216,9 @@ def write_code_deps(source_root: Path, entries: Path, out: Path) -> list[Path]:
     records = {entry: code_record(source_root, entry, reader) for entry in scripts}  # all read before one is written
     if out.exists() and not out.is_dir():
         raise CodeError(f"{out}: a file, not the folder of code files; move it away, then rerun")
-    in_the_way = [out / f"{entry.stem}.json" for entry in records if (out / f"{entry.stem}.json").is_dir()]
-    if in_the_way:
-        raise CodeError(f"{in_the_way[0]}: a folder where the code file goes; move it away, then rerun")
+    in_the_way = sorted(path for path in out.glob("*.json") if path.is_dir()) if out.is_dir() else []
+    if in_the_way:  # checked before anything is written
+        raise CodeError(f"{in_the_way[0]}: a folder named like a code file; move it away, then rerun")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for entry, record in records.items():

@@ -276,9 +276,11 @@ class UNetConfig(Section):
     # Per resolution level (down blocks, mirrored on the way up): true = self- and cross-attention blocks.
     # Keep it off large feature maps on CPU: full attention at 64x64 costs 10x that at 16x16.
     cross_attention: Annotated[tuple[bool, ...], Listed, Field(min_length=1, max_length=8)]
-    attention_head_dim: Annotated[int, Field(ge=1, le=1024)]  # diffusers' (legacy) name: heads per attention layer
-    norm_num_groups: Annotated[int, Field(ge=1, le=1024)]  # GroupNorm groups; must divide every block's channels
-    cross_attention_dim: Annotated[int, Field(ge=1, le=16384)] | None  # null: the branch's condition dim
+    # The bounds are those a saved model is held to when it is loaded (diffusion/model_limits.py), so every model
+    # these params train loads again.
+    attention_head_dim: Annotated[int, Field(ge=1, le=512)]  # diffusers' (legacy) name: heads per attention layer
+    norm_num_groups: Annotated[int, Field(ge=1, le=128)]  # GroupNorm groups; must divide every block's channels
+    cross_attention_dim: Annotated[int, Field(ge=1, le=8192)] | None  # null: the branch's condition dim
     # true: the pooled condition is also added to the timestep embedding, so every ResNet block sees it
     timestep_condition: bool
 
@@ -520,6 +522,9 @@ class Params(Section):
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
         _require(len(set(self.branches)) == len(self.branches), "branches", "has duplicates")
+        _require(self.train.space == "latent" or self.image_size <= 1024, "image_size",
+                 "must be at most 1024 in pixel space (train.space: pixel), the largest sample_size a saved model "
+                 "loads with; use train.space: latent for larger images")
         _require(bool(_DEVICE.fullmatch(self.device)), "device", f"is {self.device!r}; expected auto, cpu, cuda or cuda:N (N the GPU's index)")
         _require(self.sample.steps <= self.train.num_train_timesteps, "sample.steps",
                  f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps}): the sampler "

@@ -144,7 +144,6 @@ class ConditionStore:
         if (self.path / EMBEDDINGS).stat().st_size != expected_size:
             raise StoreError(f"{self.path / EMBEDDINGS}: truncated or padded; rerun its embed stage")
         self.meta = self._read_meta()
-        self.mask = self._read_mask()
         self.row_of: dict[str, int] = self._read_index()
         if self.meta["images"] != len(self.row_of):
             raise StoreError(f"{self.path / INDEX} lists {len(self.row_of)} images but {META} records "
@@ -152,6 +151,10 @@ class ConditionStore:
         if not self.row_of:
             raise StoreError(f"{self.path}: the condition store holds no images; check that the filter and prepare "
                              f"stages kept some, then rerun its embed stage")
+        if self.shape[0] > len(self.row_of):  # every row is some image's (shared prompts share one): read_all reads all
+            raise StoreError(f"{self.path / EMBEDDINGS}: {self.shape[0]:,} rows for the {len(self.row_of):,} images "
+                             f"{INDEX} lists; rerun its embed stage")
+        self.mask = self._read_mask()  # after the row bound: np.load allocates the (rows, tokens) it declares
         self._fd: int | None = None
 
     def _read_embeddings_header(self) -> tuple[tuple[int, int, int], np.dtype, int]:

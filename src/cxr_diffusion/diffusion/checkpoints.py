@@ -216,7 +216,8 @@ def _step_of(path: Path) -> int:
 
 def load_latest_checkpoint(directory: Path, expected_config_hash: str, modules: dict[str, torch.nn.Module],
                            optimizer: torch.optim.Optimizer, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-                           log: Callable[[str], None] = print) -> LoadedCheckpoint | None:
+                           log: Callable[[str], None] = print,
+                           rng_like: Mapping[str, torch.Tensor] | None = None) -> LoadedCheckpoint | None:
     """Restore the newest usable checkpoint into ``modules``, ``optimizer`` and ``tensors`` (in place).
 
     Incomplete or damaged checkpoints are logged and skipped for the previous one. The newest readable
@@ -238,6 +239,11 @@ def load_latest_checkpoint(directory: Path, expected_config_hash: str, modules: 
             for name, entries in tensors.items():
                 _check_layout(loaded[name], entries, f"{name}.safetensors vs tensors[{name!r}]")
             rng = _load_tensors(path / "rng.safetensors")
+            if rng_like is not None:  # the RNG states the caller will restore: their keys, shapes and dtypes
+                _check_layout(rng, rng_like, "rng.safetensors vs this run's RNG states")
+                wrong = [key for key, value in rng_like.items() if rng[key].dtype != value.dtype]
+                if wrong:
+                    raise _Unusable(f"rng.safetensors: {wrong[0]} is {rng[wrong[0]].dtype}, expected {rng_like[wrong[0]].dtype}")
             optimizer.load_state_dict(_optimizer_state(path, optimizer))
         except _Unusable as why:
             log(f"checkpoint: skipping {path}: {why}")
@@ -338,17 +344,37 @@ def _optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
     if sizes != [len(group["params"]) for group in optimizer.param_groups]:
         raise _Unusable(f"its optimizer's parameter groups hold {sizes} parameters, this run's "
                         f"{[len(group['params']) for group in optimizer.param_groups]}")
-    _check_moments(state, [parameter for group in optimizer.param_groups for parameter in group["params"]])
+    saved_ids = [index for group in groups for index in group["params"]]
+    live = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    if len(set(saved_ids)) != len(saved_ids) or not all(type(index) is int for index in saved_ids):
+        raise _Unusable("optimizer.json: its parameter groups do not list each parameter once")
+    # load_state_dict gives saved parameter id k's state to the live parameter at k's place in the saved groups
+    _check_moments(state, dict(zip(saved_ids, live)), _state_keys(optimizer))
     return {"state": state, "param_groups": groups}
 
 
-def _check_moments(state: dict[int, dict[str, Any]], parameters: list[torch.Tensor]) -> None:
-    """Each saved per-parameter tensor (AdamW's moments) has its parameter's shape, or is a scalar (its step):
-    ``load_state_dict`` does not check, and a fused step through a smaller buffer corrupts memory."""
+def _state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str] | None:
+    """The per-parameter state keys the optimizer keeps once it has stepped (Adam and AdamW); None: unknown."""
+    base = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
+        return None
+    amsgrad = any(group.get("amsgrad") for group in base.param_groups)
+    return frozenset({"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set()))
+
+
+def _check_moments(state: dict[int, dict[str, Any]], parameters: dict[int, torch.Tensor],
+                   keys: frozenset[str] | None) -> None:
+    """Each parameter's saved state has the optimizer's keys, its step a scalar and every other tensor (AdamW's
+    moments) its parameter's shape: ``load_state_dict`` checks none of it, and a fused step through a smaller
+    buffer corrupts memory."""
     for index, entries in state.items():
-        if not 0 <= index < len(parameters):
-            raise _Unusable(f"optimizer state for parameter {index}, and this run has {len(parameters)}")
+        if index not in parameters:
+            raise _Unusable(f"optimizer state for parameter {index}, which its parameter groups do not list")
+        if keys is not None and set(entries) != keys:
+            raise _Unusable(f"optimizer state of parameter {index} holds {sorted(entries)}, expected {sorted(keys)}")
         for key, value in entries.items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameters[index].shape:
-                raise _Unusable(f"optimizer.safetensors: state.{index}.{key} {tuple(value.shape)} != its parameter's "
-                                f"{tuple(parameters[index].shape)}")
+            if not isinstance(value, torch.Tensor):
+                continue
+            wanted = () if key == "step" else tuple(parameters[index].shape)
+            if tuple(value.shape) != wanted and not (key == "step" and value.numel() == 1):
+                raise _Unusable(f"optimizer.safetensors: state.{index}.{key} {tuple(value.shape)} != {wanted}")

@@ -9,6 +9,15 @@ from pathlib import Path
 import yaml
 
 from cxr_diffusion.diffusion.checkpoints import TrainingState
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.io import atomic_path, require_regular_file
+
+
+MAX_SERIES_BYTES = 64 << 20  # as evaluation.training_curves reads a series (a million steps stay far below)
+
+
+class LiveLogError(UserError, ValueError):
+    """A file in the DVCLive folder is not what DVCLive writes there."""
 
 
 def open_live(directory: Path, resumed: TrainingState | None, logged_params: dict):
@@ -43,6 +52,10 @@ def _drop_unreadable_live_summaries(live_dir: Path) -> None:
 def _log_truncated_live(live_dir: Path, keep_until_step: int) -> None:
     """Drop DVCLive rows logged after the checkpoint we resume from (they will be logged again)."""
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        require_regular_file(tsv, LiveLogError, "remove it (DVCLive writes its series as files), then rerun")
+        if tsv.stat().st_size > MAX_SERIES_BYTES:
+            raise LiveLogError(f"{tsv}: larger than {MAX_SERIES_BYTES >> 20} MB, not a DVCLive series; remove it, "
+                               f"then rerun")
         lines = tsv.read_text(encoding="utf-8", errors="replace").splitlines()
         header = lines[0].split("\t") if lines else []
         if "step" not in header:  # emptied by a kill right after DVCLive created it: DVCLive starts it again
@@ -52,7 +65,8 @@ def _log_truncated_live(live_dir: Path, keep_until_step: int) -> None:
         step_column = header.index("step")
         steps = [_logged_step(line, step_column, len(header)) for line in lines[1:]]
         kept = lines[:1] + [line for line, step in zip(lines[1:], steps) if step is not None and step <= keep_until_step]
-        tsv.write_text("\n".join(kept) + "\n")
+        with atomic_path(tsv) as tmp:  # a kill mid-write leaves the old series, not half of it
+            tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
 
 
 def _logged_step(line: str, step_column: int, columns: int) -> int | None:

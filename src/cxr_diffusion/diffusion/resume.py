@@ -53,8 +53,11 @@ def save_training_state(accelerator: Accelerator, directory: Path, state: Traini
 def resume(accelerator: Accelerator, directory: Path, run_hash: str, model: nn.Module, optimizer, ema: EMA,
            generator: torch.Generator) -> TrainingState | None:
     """Restore the newest usable checkpoint of this run in place (None: start from scratch)."""
+    world = accelerator.num_processes
+    rng_like = {"noise": torch.empty((world, generator.get_state().numel()), dtype=torch.uint8),
+                "torch": torch.empty((world, torch.get_rng_state().numel()), dtype=torch.uint8)}
     loaded = load_latest_checkpoint(directory, run_hash, {"denoiser": model}, optimizer, {"ema": ema.tensors()},
-                                    log=accelerator.print)
+                                    log=accelerator.print, rng_like=rng_like)
     if loaded is None:
         return None
     generator.set_state(loaded.rng["noise"][accelerator.process_index].clone())

@@ -60,13 +60,20 @@ def _check_npy_embedding_header(path: Path) -> None:
     ``MAX_EMBEDDING_VALUES`` whose bytes the file holds."""
     from cxr_diffusion.npy_header import read_npy_header
 
-    header = read_npy_header(path)
-    if header.dtype.kind == "f" and not header.dtype.hasobject and math.prod(header.shape) > MAX_EMBEDDING_VALUES:
+    try:
+        header = read_npy_header(path)
+    except (ValueError, EOFError, OSError) as error:
+        raise GenerateError(f"--embedding {path}: not a plain numeric .npy array ({error or type(error).__name__}); "
+                            f"save it with numpy.save") from None
+    if header.dtype.kind != "f":  # bool, integers, complex, strings and objects are no embedding
+        raise GenerateError(f"--embedding {path}: not a plain numeric .npy array of floats (dtype {header.dtype}); "
+                            f"save a float array with numpy.save")
+    if math.prod(header.shape) > MAX_EMBEDDING_VALUES:
         raise GenerateError(f"--embedding {path}: declares shape {header.shape}, more than {MAX_EMBEDDING_VALUES:,} "
                             f"values; an embedding is (tokens, dim) or (n, tokens, dim)")
-    if header.dtype.kind == "f" and path.stat().st_size < header.offset + header.data_bytes:
-        raise GenerateError(f"--embedding {path}: declares shape {header.shape} but holds fewer bytes; it is "
-                            f"truncated: save it again with numpy.save")
+    if path.stat().st_size < header.offset + header.data_bytes:
+        raise GenerateError(f"--embedding {path}: not a plain numeric .npy array (it declares shape {header.shape} "
+                            f"but holds fewer bytes: truncated); save it with numpy.save")
 
 
 def _read_embedding(path: Path):
@@ -77,8 +84,8 @@ def _read_embedding(path: Path):
     if not path.is_file():
         raise GenerateError(f"--embedding {path} does not exist")
     if path.suffix == ".npy":
+        _check_npy_embedding_header(path)
         try:  # a truncated or foreign file raises ValueError, EOFError (empty) or OSError, by where it breaks
-            _check_npy_embedding_header(path)
             array = np.load(path, allow_pickle=False)
         except (ValueError, EOFError, OSError) as error:
             raise GenerateError(f"--embedding {path}: not a plain numeric .npy array ({error or type(error).__name__}); "
