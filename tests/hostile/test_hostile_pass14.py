@@ -138,7 +138,7 @@ def test_optimizer_state_missing_a_moment_is_resumed_into_a_keyerror(tmp_path):
     (model.big.sum() + model.small.sum()).backward()
     try:
         optimizer.step()
-    except Exception as error:  # noqa: BLE001 - what the trainer would end in
+    except Exception as error:
         pytest.fail(f"resumed, then the first step is a traceback: {type(error).__name__}: {error}")
 
 
@@ -177,7 +177,7 @@ def test_an_rng_file_of_the_wrong_contents_is_not_resumed_into_a_traceback(tmp_p
     try:
         assert resume(_Accelerator(), tmp_path, run_hash, model, optimizer, ema, generator) is None, \
             "resumed from a checkpoint whose RNG states this run cannot restore"
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         from cxr_diffusion.errors import user_error_line
         assert user_error_line(error) is not None, f"traceback: {type(error).__name__}: {str(error)[:200]}"
 
