@@ -116,8 +116,9 @@ def _refuse_dynamic_import(path: Path, node: ast.AST) -> None:
         used = node.attr
     elif isinstance(node, ast.ImportFrom):
         used = next((alias.name for alias in node.names if alias.name in DYNAMIC_IMPORTS), None)
-    elif isinstance(node, ast.Constant) and isinstance(node.value, str):  # getattr(importlib, "import_module")
-        used = node.value
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+          and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):  # getattr(importlib, "import_module")
+        used = node.args[1].value
     else:
         return
     if used in DYNAMIC_IMPORTS:
