@@ -19,7 +19,7 @@ import pytest
 from conftest import stage_line
 from cxr_diffusion.evaluation.training_curves import read_series
 from test_hostile_pass11 import code_deps, run_script, small_repo
-from test_hostile_raddino import metrics_line, raddino_copy
+from test_hostile_raddino import metrics_line, one_error_line as one_line, raddino_copy
 from test_hostile_raddino import raddino_folder as raddino_folder_fixture
 from test_hostile_tables import prepare_on, strict_run as strict_run_fixture
 
@@ -27,15 +27,6 @@ raddino_folder = raddino_folder_fixture
 strict_run = strict_run_fixture
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def one_line(result, prefix: str) -> str:
-    tail = result.stdout[-600:] + "\n---\n" + result.stderr[-1500:]
-    assert "Traceback" not in result.stderr, f"traceback instead of one line:\n{tail}"
-    assert result.returncode == 2, f"exit {result.returncode}, expected 2:\n{tail}"
-    lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
-    assert len(lines) == 1, tail
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------- code_deps (code_closure.py)
