@@ -160,6 +160,7 @@ def test_an_rng_file_of_the_wrong_contents_is_not_resumed_into_a_traceback(tmp_p
     from cxr_diffusion.diffusion.checkpoints import config_hash
     from cxr_diffusion.diffusion.ema import EMA
     from cxr_diffusion.diffusion.resume import resume
+    from cxr_diffusion.diffusion.run_plan import Plan
     from cxr_diffusion.diffusion.checkpoints import save_checkpoint, TrainingState
 
     good_noise, good_torch = torch.Generator().get_state()[None], torch.get_rng_state()[None]
@@ -171,11 +172,12 @@ def test_an_rng_file_of_the_wrong_contents_is_not_resumed_into_a_traceback(tmp_p
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ema = EMA(list(model.parameters()), on_host=True)
     run_hash = config_hash({"x": 1})
-    save_checkpoint(tmp_path, TrainingState(step=1, config_hash=run_hash), {"denoiser": model}, optimizer, rng, 2,
+    save_checkpoint(tmp_path, TrainingState(step=1, images_seen=4, config_hash=run_hash), {"denoiser": model},
+                    optimizer, rng, 2,
                     {"ema": ema.tensors()}, log=lambda line: None)
     generator = torch.Generator()
     try:
-        assert resume(_Accelerator(), tmp_path, run_hash, model, optimizer, ema, generator) is None, \
+        assert resume(_Accelerator(), tmp_path, run_hash, model, optimizer, ema, generator, Plan(4, 10, 100)) is None, \
             "resumed from a checkpoint whose RNG states this run cannot restore"
     except Exception as error:
         from cxr_diffusion.errors import user_error_line

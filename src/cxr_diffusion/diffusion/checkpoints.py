@@ -217,10 +217,12 @@ def _step_of(path: Path) -> int:
 def load_latest_checkpoint(directory: Path, expected_config_hash: str, modules: dict[str, torch.nn.Module],
                            optimizer: torch.optim.Optimizer, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
                            log: Callable[[str], None] = print,
-                           rng_like: Mapping[str, torch.Tensor] | None = None) -> LoadedCheckpoint | None:
+                           rng_like: Mapping[str, torch.Tensor] | None = None,
+                           state_misfit: Callable[[TrainingState], str | None] | None = None) -> LoadedCheckpoint | None:
     """Restore the newest usable checkpoint into ``modules``, ``optimizer`` and ``tensors`` (in place).
 
-    Incomplete or damaged checkpoints are logged and skipped for the previous one. The newest readable
+    Incomplete or damaged checkpoints, and those whose state ``state_misfit`` names a reason against (a
+    data position past this run's epoch, say), are logged and skipped for the previous one. The newest readable
     checkpoint written under another config stops the search: None, start from scratch. Nothing is
     modified unless a checkpoint passed every check.
     """
@@ -232,6 +234,9 @@ def load_latest_checkpoint(directory: Path, expected_config_hash: str, modules: 
                 log(f"checkpoint: not resuming {path}: it was written under config hash {state.config_hash}, "
                     f"this run's config hash is {expected_config_hash}; starting from scratch")
                 return None
+            misfit = state_misfit(state) if state_misfit is not None else None
+            if misfit:
+                raise _Unusable(f"{STATE_FILE}: {misfit}")
             _verify_hashes(path, hashes, [f"{name}.safetensors" for name in [*modules, *tensors]] + list(_FIXED_FILES))
             loaded = {name: _load_tensors(path / f"{name}.safetensors") for name in [*modules, *tensors]}
             for name, module in modules.items():
@@ -286,12 +291,12 @@ def _checked_state(fields: object) -> TrainingState:
         value = getattr(state, name)
         if type(value) is not int or not 0 <= value <= _MAX_COUNTER:
             raise ValueError(f"{name} is {value!r}, expected a whole number in 0..{_MAX_COUNTER}")
-    for name, low_open in (("best_val_loss", False), ("plateau_scale", True)):
-        value = getattr(state, name)
-        if value is None and name == "best_val_loss":
-            continue
-        if type(value) not in (int, float) or not math.isfinite(value) or value < 0 or (low_open and value == 0):
-            raise ValueError(f"{name} is {value!r}, expected a finite number {'> 0' if low_open else '>= 0'}")
+    loss, scale = state.best_val_loss, state.plateau_scale
+    if loss is not None and (type(loss) not in (int, float) or not math.isfinite(loss) or loss < 0):
+        raise ValueError(f"best_val_loss is {loss!r}, expected null or a finite number >= 0")
+    # the plateau schedule only ever cuts the rate (train.plateau_factor < 1): a scale above 1 was not saved by it
+    if type(scale) not in (int, float) or not 0 < scale <= 1:
+        raise ValueError(f"plateau_scale is {scale!r}, expected a number in (0, 1]")
     if not isinstance(state.config_hash, str) or not isinstance(state.extra, dict):
         raise TypeError("config_hash must be text and extra a mapping")
     return state

@@ -12,6 +12,7 @@ from torch import nn
 from cxr_diffusion.config import Params, to_dict
 from cxr_diffusion.diffusion.checkpoints import TrainingState, load_latest_checkpoint, save_checkpoint
 from cxr_diffusion.diffusion.ema import EMA
+from cxr_diffusion.diffusion.run_plan import Plan
 
 
 # Train settings that change how fast a run goes, what it logs or how often it saves, never the weights
@@ -50,14 +51,28 @@ def save_training_state(accelerator: Accelerator, directory: Path, state: Traini
     accelerator.wait_for_everyone()
 
 
+def state_misfit(state: TrainingState, plan: Plan) -> str | None:
+    """Why a checkpoint's counters cannot come from this run's plan (None: they can). The run hash pins the
+    batch, the accumulation and the processes, so every step saw ``plan.images_per_step`` images; the data
+    position is a micro-batch of the epoch, at most its end (a save at the last step of an epoch)."""
+    if state.batch_in_epoch > plan.micro_per_epoch:
+        return (f"batch_in_epoch {state.batch_in_epoch} is past the end of an epoch of this run "
+                f"({plan.micro_per_epoch} micro-batches)")
+    if state.images_seen != state.step * plan.images_per_step:
+        return (f"images_seen {state.images_seen} is not step {state.step} x {plan.images_per_step} images per "
+                "step of this run")
+    return None
+
+
 def resume(accelerator: Accelerator, directory: Path, run_hash: str, model: nn.Module, optimizer, ema: EMA,
-           generator: torch.Generator) -> TrainingState | None:
+           generator: torch.Generator, plan: Plan) -> TrainingState | None:
     """Restore the newest usable checkpoint of this run in place (None: start from scratch)."""
     world = accelerator.num_processes
     rng_like = {"noise": torch.empty((world, generator.get_state().numel()), dtype=torch.uint8),
                 "torch": torch.empty((world, torch.get_rng_state().numel()), dtype=torch.uint8)}
     loaded = load_latest_checkpoint(directory, run_hash, {"denoiser": model}, optimizer, {"ema": ema.tensors()},
-                                    log=accelerator.print, rng_like=rng_like)
+                                    log=accelerator.print, rng_like=rng_like,
+                                    state_misfit=lambda state: state_misfit(state, plan))
     if loaded is None:
         return None
     generator.set_state(loaded.rng["noise"][accelerator.process_index].clone())

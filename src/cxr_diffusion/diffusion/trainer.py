@@ -92,7 +92,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
                             "store": store.meta.get("encoder"), "condition_shape": [store.tokens, store.dim],
                             "latents": latents.meta if latents is not None else None})
     generator = torch.Generator().manual_seed(params.seed * 7 + accelerator.process_index)  # noise, t, dropout
-    resumed = resume(accelerator, paths.checkpoints, run_hash, unwrapped, optimizer, ema, generator)
+    resumed = resume(accelerator, paths.checkpoints, run_hash, unwrapped, optimizer, ema, generator, plan)
 
     run = TrainingRun(params, branch, paths, machine, model, unwrapped, weights, optimizer, ema, scheduler, validator,
                       generator, train_set, val_set, plan, base_lr, resumed,

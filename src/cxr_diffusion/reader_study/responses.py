@@ -98,7 +98,7 @@ def read_key(key_path: Path) -> StudyKey:
     try:
         items = {str(item_id): _truth(value) for item_id, value in payload["items"].items()}
         key = StudyKey(study_id=payload["study_id"], kit_id=payload["kit_id"], findings=_names(payload["findings"]),
-                       items=items, calibration=frozenset(payload.get("calibration", {})))
+                       items=items, calibration=_calibration_ids(payload.get("calibration", {})))
         if not isinstance(key.study_id, str) or not isinstance(key.kit_id, str) or \
                 not all(isinstance(name, str) for name in key.findings) or not items:
             raise TypeError
@@ -114,6 +114,14 @@ def _names(value: object) -> tuple:
     if not isinstance(value, list):
         raise TypeError
     return tuple(value)
+
+
+def _calibration_ids(value: object) -> frozenset[str]:
+    """The calibration items' ids: the kit writes them as a mapping of id to truth (a string would otherwise
+    become its letters, a list of numbers ids no export can name)."""
+    if not isinstance(value, dict) or not all(isinstance(item_id, str) for item_id in value):
+        raise TypeError
+    return frozenset(value)
 
 
 def _truth(value: dict) -> ItemTruth:
