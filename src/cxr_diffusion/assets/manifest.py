@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr_diffusion.assets.download import AssetError
-from cxr_diffusion.io import JsonFileError, read_json, sha256_file, write_json
+from cxr_diffusion.io import JsonFileError, lies_inside, read_json, sha256_file, write_json
 from cxr_diffusion.safe_text import visible_text
 
 VERSION = 1
@@ -48,7 +48,11 @@ def differences(recorded: dict, path: Path, limit: int = 5) -> list[str]:
     for name in sorted(now.keys() & before.keys()):
         if len(found) >= limit:
             break
-        file = now[name]  # the size first: most edits change it, and it costs no hashing
+        file = now[name]
+        if path.is_dir() and not lies_inside(file, path):  # never hashed: a link out is not the fetched file
+            found.append(f"{_shown(name)} links outside the folder (copy the file itself in)")
+            continue
+        # the size first: most edits change it, and it costs no hashing
         if file.stat().st_size != before[name]["size"] or sha256_file(file) != before[name]["sha256"]:
             found.append(f"changed {_shown(path.name if name == '.' else name)}")
     return found[:limit]

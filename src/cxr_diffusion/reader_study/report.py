@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxr_diffusion.evaluation.report_numbers import number
+from cxr_diffusion.evaluation.report_numbers import as_float, fixed, is_number, number
 from cxr_diffusion.reader_study.labels import REAL
 from cxr_diffusion.safe_text import markdown_text, visible_text
 
@@ -48,7 +48,7 @@ def report_lines(metrics: dict, level: int = 2) -> list[str]:
         f"generated images from real ones. Pooled figures count every answer as independent.",
         "",
     ]
-    if pooled["real_share"] is not None and abs(pooled["real_share"] - 0.5) > 0.05:
+    if is_number(pooled["real_share"]) and abs(pooled["real_share"] - 0.5) > 0.05:
         lines += [f"**{pooled['real_share']:.0%} of the answered items are real, not half**: a reader who cannot tell "
                   f"them apart scores that share (or its complement) by always giving the commoner answer, so the "
                   f"test against 50% does not measure realism here. Read the balanced accuracy and the AUC (0.5 "
@@ -99,18 +99,24 @@ def _reject_line(file: str, reason: str) -> str:
     return f"- {_cell(file)}: {code}: {_cell(detail, 300)}"
 
 
-def _interval(value: float | None, interval: list | None) -> str:
+def _interval(value, interval) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else f"{value:.2f}"
+    if interval is None:
+        return _number(value)
+    if isinstance(interval, list) and len(interval) == 2:
+        return f"{_number(value)} [{_number(interval[0])}, {_number(interval[1])}]"
+    return f"{_number(value)} [{markdown_text(interval, 60)}]"
 
 
-def _p(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
+def _p(value) -> str:
+    shown = as_float(value)
+    return f"{shown:.3g}" if shown is not None else number(value)
 
 
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _number(value) -> str:
+    """Two decimals for a number; JSON's true is not 1.00 (``report_numbers.number`` writes it as text)."""
+    return fixed(value, 2)
 
 
 def _cell(text: object, limit: int = 120) -> str:

@@ -131,10 +131,22 @@ def _truth(value: dict) -> ItemTruth:
     return ItemTruth(source=value["source"], origin_id=str(value["origin_id"]), labels=labels)
 
 
+def _responses_folder(path: Path) -> Path:
+    """``path`` if it is a folder or nothing yet; a file there is not read as "no responses", and a link is
+    refused as a linked export is (it may point outside the project)."""
+    if path.is_symlink():
+        raise ReaderStudyError(f"{visible_text(str(path), 300)}: a symbolic link (it may point outside the project); "
+                               "make it a folder and copy the exported files in")
+    if path.exists() and not path.is_dir():
+        raise ReaderStudyError(f"{visible_text(str(path), 300)}: not a folder; make it a folder and put the readers' "
+                               "exported <study_id>__<reader>.json files in it")
+    return path
+
+
 def load_responses(responses_dir: Path, key: StudyKey) -> tuple[list[ReaderResponse], list[dict]]:
     """Every file in ``responses_dir`` but hidden ones and READMEs (sorted by name; a missing folder holds
     none): the accepted responses, and the rejected files as ``{"file": name, "reason": "<code>: <detail>"}``."""
-    responses_dir = Path(responses_dir)
+    responses_dir = _responses_folder(Path(responses_dir))
     paths = sorted(path for path in responses_dir.iterdir()
                    if not (path.name.lower() in FOLDER_FILES and path.is_file())) if responses_dir.is_dir() else []
     accepted: list[ReaderResponse] = []
