@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import stage_line
+from conftest import make_training_data, stage_line
 from cxr_diffusion.cli import app
 from cxr_diffusion.evaluation.report import MetricsFileError
 from cxr_diffusion.reader_study.items import StudyItem
@@ -100,6 +104,7 @@ def test_an_answer_key_whose_calibration_is_not_a_mapping_of_ids_is_refused(tmp_
 
 # ============================================================================ pass 15a: reader study, reports, assets
 
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 FINDINGS = ["Effusion"]
 
@@ -228,3 +233,192 @@ def test_doctor_does_not_pass_a_recorded_file_replaced_by_a_link_out_of_the_asse
     result = runner.invoke(app, ["doctor", "--root", str(root)])
     assert not any(path.resolve() == outside for path in hashed), "doctor read a file outside the asset folder"
     assert result.exit_code == 2 and ("lies outside" in result.output or "link" in result.output), result.output
+
+
+# ============================================================================ pass 15b: latents, generate, evaluate
+
+
+def tiny_vae(folder: Path) -> Path:
+    """A two-level AutoencoderKL (downsampling factor 2, 4 latent channels), saved as train.vae names one."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    """Prepared 16x16 images (16 of them), their condition store, a tiny VAE and its latent store (encode_latents)."""
+    from test_trainer import tiny_params
+
+    from cxr_diffusion.diffusion.latents import encode_latents
+
+    root = tmp_path_factory.mktemp("p15b-latent")
+    data = make_training_data(root / "data", n_images=16)
+    vae = tiny_vae(root / "vae")
+    params = tiny_params(train={"space": "latent", "vae": str(vae), "max_steps": 1})
+    encode_latents(params, data["prepared"], root / "latents")
+    return root, data, vae, params
+
+
+# ---------------------------------------------------------------------------- latent stores: latent_shape
+
+
+LATENT_SHAPES = {
+    "missing": None,                   # KeyError 'latent_shape' (latent_data.LatentImages)
+    "not_numbers": ["4", "x", "8"],    # ValueError: invalid literal for int()
+    "two_sizes": [4, 64],              # ValueError: not enough values to unpack (denoiser.build_denoiser)
+    "negative": [-4, -8, 8],           # RuntimeError: invalid shape dimension -4
+    "not_square": [4, 2, 32],          # same 256 values a row: trained silently on 2x32 "latents"
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATENT_SHAPES))
+def test_a_latent_store_whose_latent_shape_is_damaged_is_one_line(latent_run, tmp_path, case):
+    """train reads the latent store's store.json `latent_shape` unchecked (ConditionStore._read_meta checks only
+    shape, dtype and images): machine.set_up_machine indexes it, LatentImages does int() on each entry and
+    .view(-1, *latent_shape), denoiser unpacks three values. A missing, non-numeric, two-entry or negative
+    latent_shape ends train in KeyError/ValueError/RuntimeError tracebacks; a non-square one of the row's size
+    ([4, 2, 32] for 4 x 64 values) is trained on silently and saved as a sample_size-2 model. It should be refused
+    on open: three whole numbers, channels x side x side equal to the store's row, naming store.json and the
+    encode_latents stage."""
+    from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
+
+    root, data, _, params = latent_run
+    latents = Path(shutil.copytree(root / "latents", tmp_path / "latents"))
+    meta = json.loads((latents / "store.json").read_text())
+    if LATENT_SHAPES[case] is None:
+        del meta["latent_shape"]
+    else:
+        meta["latent_shape"] = LATENT_SHAPES[case]
+    (latents / "store.json").write_text(json.dumps(meta))
+    paths = TrainPaths(data["prepared"], data["store"], None, tmp_path / "model", tmp_path / "checkpoints",
+                       tmp_path / "live", latents=latents)
+    line = stage_line(lambda: train_branch(params, "elixr", paths))
+    assert "store.json" in line or "latent" in line, line
+
+
+# ---------------------------------------------------------------------------- encode_latents: image_size
+
+
+def test_encode_latents_on_images_of_another_size_than_the_params_is_one_line(latent_run, tmp_path):
+    """encode_latents sizes its store from params.image_size // the VAE's factor but encodes the prepared images at
+    the size their manifest records: params image_size 32 over images prepared at 16 ends in torch's 'shape
+    [n, 4, 256] is invalid for input of size ...' RuntimeError traceback. The prepared manifest's image_size should
+    be checked against the params (naming image_size and the prepare stage) or used."""
+    from test_trainer import tiny_params
+
+    from cxr_diffusion.diffusion.latents import encode_latents
+
+    _, data, vae, _ = latent_run
+    params = tiny_params(image_size=32, train={"space": "latent", "vae": str(vae)})
+    line = stage_line(lambda: encode_latents(params, data["prepared"], tmp_path / "latents"))
+    assert "image_size" in line, line
+
+
+def test_encode_latents_refuses_an_image_size_the_vae_does_not_divide(tmp_path):
+    """A VAE halves the side per level with floor rounding, so image_size 17 under a factor-2 VAE gives 8x8 latents
+    that decode to 16x16: the last row and column of every training image are dropped without a word, the model
+    generates 16x16 images, and sample writes them into shards whose manifest says image_size 17. The params (or
+    encode_latents, which knows the VAE's factor) should refuse an image_size that is not a multiple of it."""
+    from test_trainer import tiny_params
+
+    from cxr_diffusion.diffusion.latents import encode_latents
+
+    data = make_training_data(tmp_path / "data", n_images=8, image_size=17)
+    vae = tiny_vae(tmp_path / "vae")
+    params = tiny_params(image_size=17, train={"space": "latent", "vae": str(vae)})
+    line = stage_line(lambda: encode_latents(params, data["prepared"], tmp_path / "latents"))
+    assert "image_size" in line, line
+
+
+# ---------------------------------------------------------------------------- generate: a .safetensors embedding
+
+
+def sparse_safetensors(path: Path, shape: list[int], dtype: str = "F32", itemsize: int = 4) -> Path:
+    """A one-tensor safetensors file whose header declares ``shape``; its data is a hole (a few KB on disk)."""
+    size = itemsize
+    for n in shape:
+        size *= n
+    header = json.dumps({"embedding": {"dtype": dtype, "shape": shape, "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        handle.truncate(8 + len(header) + size)
+    return path
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("F32", 4), ("I64", 8)])
+def test_generate_bounds_a_safetensors_embedding_by_its_header_before_loading_it(tmp_path, dtype, itemsize):
+    """The .npy sibling of passes 13/14: _read_embedding bounds an .npy by its header (MAX_EMBEDDING_VALUES, float
+    dtype, bytes on disk) but hands a .safetensors straight to safetensors' load_file, which allocates what the
+    header declares. A sparse file (a few KB on disk) declaring (1, 2**20, 8192) float32 (32 GiB) or int64 (64
+    GiB, refused anyway once loaded) is, under a 4 GiB address-space cap, a MemoryError ('Cannot allocate memory
+    (os error 12)') traceback; without the cap, tens of GiB read. It should be refused from its header
+    (safetensors_header.read_safetensors_header), naming --embedding and the file."""
+    path = sparse_safetensors(tmp_path / "huge.safetensors", [1, 2**20, 8192], dtype, itemsize)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+            "from pathlib import Path\nfrom cxr_diffusion.sampling.generate import _read_embedding\n"
+            "from cxr_diffusion.errors import user_error_line\ntry:\n    _read_embedding(Path(sys.argv[1]))\n"
+            "except Exception as error:\n    line = user_error_line(error)\n    if line is None: raise\n"
+            "    print('LINE', line); sys.exit(2)\nprint('LOADED')")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 2 and "LINE" in result.stdout and "huge.safetensors" in result.stdout, (
+        f"exit {result.returncode}: {result.stdout[-300:]} {result.stderr.strip().splitlines()[-1:]}")
+
+
+# ---------------------------------------------------------------------------- evaluate: the generated set
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Prepared data (48 images), a one-epoch evaluator on it, and a second prepared set of 70 images whose test
+    split holds images the first one's does not."""
+    from cxr_diffusion.config import EvaluatorConfig
+    from cxr_diffusion.evaluation.evaluator import train_evaluator
+    from cxr_diffusion.profiles import profile_section
+
+    root = tmp_path_factory.mktemp("p15b-evaluate")
+    data = make_training_data(root / "data")
+    other = make_training_data(root / "other", n_images=70)
+    train_evaluator(data["prepared"], profile_section(EvaluatorConfig, width=4, feature_dim=8, epochs=1, batch_size=8),
+                    0, root / "evaluator")
+    return root, data, other
+
+
+def _evaluate(root: Path, prepared: Path, samples: Path, tmp_path: Path):
+    from test_inference_memory import evaluate_params
+
+    from cxr_diffusion.evaluation.evaluate import EvaluatePaths, evaluate_branch
+
+    paths = EvaluatePaths(evaluator=root / "evaluator", prepared=prepared, samples=samples, model=tmp_path / "unused",
+                          store=tmp_path / "unused", figures=tmp_path / "figures", metrics=tmp_path / "metrics.json")
+    return lambda: evaluate_branch(evaluate_params(8), "elixr", paths)
+
+
+def test_evaluate_on_generations_of_images_outside_the_test_split_is_one_line(evaluated, tmp_path):
+    """faithfulness_metrics maps each generation to its source by `test_row[name] for name in
+    generated.image_index`: a generated folder sampled from another prepared set (70 images, so another test
+    split) ends evaluate in KeyError: np.str_('00000001_000.png'), a traceback. The generated set's image_index
+    should be checked against the test split first (naming the samples folder and `dvc repro -f sample@<branch>`)."""
+    root, data, other = evaluated
+    line = stage_line(_evaluate(root, data["prepared"], other["prepared"], tmp_path))
+    assert "manifest.json" in line or "sample" in line, line
+
+
+@pytest.mark.parametrize("classes", [["Effusion", "Mass"], ["No Finding", "Effusion"]], ids=["renamed", "swapped"])
+def test_evaluate_refuses_generations_labelled_under_other_classes(evaluated, tmp_path, classes):
+    """Nothing compares the generated set's manifest classes with the prepared splits' or the evaluator's: a
+    generated folder whose labels are columns of other classes (a class renamed, or the two in the other order)
+    is evaluated silently, its requested labels read against the evaluator's classes column by column, so the
+    faithfulness AUROCs of 'Effusion' are computed against another class's labels. It should be refused naming
+    the classes of both."""
+    root, data, _ = evaluated
+    samples = Path(shutil.copytree(data["prepared"], tmp_path / "samples"))
+    manifest = json.loads((samples / "manifest.json").read_text())
+    (samples / "manifest.json").write_text(json.dumps({**manifest, "classes": classes}))
+    line = stage_line(_evaluate(root, data["prepared"], samples, tmp_path))
+    assert "classes" in line, line

@@ -8,6 +8,7 @@ from torch import nn
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.config import Params
 from cxr_diffusion.diffusion.condition import ConditionAdapter, condition_inputs
+from cxr_diffusion.diffusion.latents import latent_shape
 from cxr_diffusion.diffusion.unet import build_unet
 
 
@@ -38,7 +39,7 @@ def build_denoiser(params: Params, store: ConditionStore, latents: ConditionStor
     out_tokens = train.condition_tokens if store.tokens == 1 else store.tokens
     adapter = ConditionAdapter(tokens=store.tokens, dim=store.dim, out_tokens=out_tokens, out_dim=dim)
     if latents is not None:
-        channels, size, _ = latents.meta["latent_shape"]
+        channels, size, _ = latent_shape(latents)
         unet = build_unet(train.unet, size, channels, dim)
     else:
         unet = build_unet(train.unet, params.image_size, params.channels, dim)

@@ -17,6 +17,7 @@ import torch
 
 from cxr_diffusion.conditioning.store import ConditionStore
 from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.diffusion.latents import latent_shape
 
 
 class LatentImages:
@@ -32,7 +33,7 @@ class LatentImages:
             kept = kept[:limit]
         self.image_indices = [prepared.image_indices[i] for i in kept]
         self.labels = torch.from_numpy(prepared.labels[kept]) if kept else torch.zeros(0, len(prepared.classes))
-        self.latent_shape = tuple(int(size) for size in latents.meta["latent_shape"])
+        self.latent_shape = latent_shape(latents)
         every_latent = latents.read_all()
         self.latents = every_latent[[latents.row_of[name] for name in self.image_indices]].view(-1, *self.latent_shape)
         del every_latent

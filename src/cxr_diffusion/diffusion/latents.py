@@ -16,12 +16,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxr_diffusion.config import Params
-from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter
+from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError
 from cxr_diffusion.data.filter import SPLITS
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import PreparedImages, read_manifest
 from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.safe_text import visible_text
+from cxr_diffusion.whole_number import is_whole_number
 
 
 def load_vae(source: str):
@@ -41,9 +43,50 @@ def load_vae(source: str):
         ) from error
 
 
+_REENCODE = "rerun the encode_latents stage (dvc repro -f encode_latents)"
+
+
 def latent_shape(store: ConditionStore) -> tuple[int, int, int]:
-    channels, height, width = store.meta["latent_shape"]
-    return int(channels), int(height), int(width)
+    """The (channels, side, side) that ``encode_latents`` recorded in the store's store.json, checked against the
+    rows it holds (channels x side*side values each): the trainer builds its UNet and views its data by it."""
+    shape = store.meta.get("latent_shape")
+    where = f"{store.path / 'store.json'}: latent_shape is {visible_text(repr(shape), 80)}"
+    if not (isinstance(shape, list) and len(shape) == 3 and all(is_whole_number(size, 1, 1 << 16) for size in shape)):
+        raise StoreError(f"{where}, expected [channels, side, side] as whole numbers; {_REENCODE}")
+    channels, height, width = shape
+    if height != width or (channels, height * width) != (store.tokens, store.dim):
+        raise StoreError(f"{where}, but its rows hold {store.tokens} x {store.dim} values (latents are square: "
+                         f"channels x side x side); {_REENCODE}")
+    return channels, height, width
+
+
+def vae_factor(vae) -> int:
+    """How many pixels a latent's side spans: each level of the VAE's encoder but the last halves the side."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_latents_fit(store: ConditionStore, vae, image_size: int) -> None:
+    """The latent store was encoded by this VAE at this image size (else the UNet trains on other latents, or
+    its samples decode to the wrong size)."""
+    channels, side, _ = latent_shape(store)
+    wanted = (vae.config.latent_channels, image_size // vae_factor(vae))
+    if (channels, side) != wanted:
+        raise StoreError(f"{store.path / 'store.json'}: latents of {channels} channels at {side}x{side}, but train.vae "
+                         f"gives {wanted[0]} channels at {wanted[1]}x{wanted[1]} for image_size {image_size}; "
+                         f"{_REENCODE}")
+
+
+def check_image_size(image_size: int, vae, prepared_size: int | None = None) -> None:
+    """``image_size`` is what the images were prepared at and a multiple of the VAE's factor: each encoder level
+    floors the side, so 17 px under a factor of 2 would silently train on 16 px and sample 16 px images."""
+    factor = vae_factor(vae)
+    if image_size % factor:
+        raise DataError(f"image_size {image_size} is not a multiple of {factor}, the downscale factor of train.vae "
+                        f"({len(vae.config.block_out_channels)} levels); choose a multiple of {factor}, or "
+                        "train.space: pixel")
+    if prepared_size is not None and prepared_size != image_size:
+        raise DataError(f"image_size is {image_size} but the prepared images are {prepared_size} px (their "
+                        "manifest.json); rerun the prepare stage (dvc repro) after changing image_size")
 
 
 @torch.no_grad()
@@ -67,9 +110,10 @@ def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_pa
             write_json(metrics_path, {"latents": False})
         return {"latents": False}
     vae = load_vae(params.train.vae).to(device)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    channels, side = vae.config.latent_channels, params.image_size // factor
-    total, batch_size = read_manifest(prepared_dir)["written"], params.encode_latents.batch_size
+    manifest = read_manifest(prepared_dir)
+    check_image_size(params.image_size, vae, manifest["image_size"])
+    channels, side = vae.config.latent_channels, params.image_size // vae_factor(vae)
+    total, batch_size = manifest["written"], params.encode_latents.batch_size
     names: list[str] = []
     started = time.perf_counter()
     with ConditionStoreWriter(out_dir, total, channels, side * side, dtype="float32") as store:

@@ -16,6 +16,7 @@ from cxr_diffusion.device import claim_device, resolve_device
 from cxr_diffusion.diffusion.cpu_threads import cpu_threads_per_process
 from cxr_diffusion.diffusion.data import ConditionedImages
 from cxr_diffusion.diffusion.latent_data import LatentImages
+from cxr_diffusion.diffusion.latents import check_image_size, check_latents_fit, latent_shape, load_vae
 from cxr_diffusion.diffusion.memory_plan import MemoryPlan, apply_memory_plan, device_memory_budget, plan_memory
 from cxr_diffusion.diffusion.precision import choose_mixed_precision, unet_block_speedup
 from cxr_diffusion.diffusion.run_plan import TrainingError
@@ -53,13 +54,13 @@ def set_up_machine(params: Params, store_dir: Path, latents_dir: Path | None) ->
         raise TrainingError("train.space is 'latent' but no latent store was given (stage encode_latents)")
     store = ConditionStore(store_dir)
     latents = ConditionStore(latents_dir) if train.space == "latent" else None
-    feature_size = latents.meta["latent_shape"][1] if latents is not None else params.image_size
+    feature_size = latent_shape(latents)[1] if latents is not None else params.image_size
     precision, probe = pick_precision(train, device, feature_size)
     vae = None
     if latents is not None:
-        from cxr_diffusion.diffusion.latents import load_vae
-
         vae = load_vae(train.vae)
+        check_image_size(params.image_size, vae)
+        check_latents_fit(latents, vae, params.image_size)
     # On a GPU the micro-batch, accumulation, checkpointing and where the EMA and VAE live follow the plan for
     # the card (same images per optimizer step); elsewhere the params as they are.
     memory = plan_device_memory(params, device, precision, store, latents, vae)
@@ -97,8 +98,7 @@ def plan_device_memory(params: Params, device: torch.device, precision: str, sto
     train = params.train
     dim = train.unet.cross_attention_dim or store.dim
     tokens = train.condition_tokens if store.tokens == 1 else store.tokens
-    channels, size = (latents.meta["latent_shape"][0], latents.meta["latent_shape"][1]) if latents is not None else (
-        params.channels, params.image_size)
+    channels, size = latent_shape(latents)[:2] if latents is not None else (params.channels, params.image_size)
     vae_parameters = sum(parameter.numel() for parameter in vae.parameters()) if vae is not None else 0
     return plan_memory(train, size, channels, dim, tokens, precision, budget, vae_parameters, device.type)
 

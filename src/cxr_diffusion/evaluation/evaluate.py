@@ -23,7 +23,7 @@ from torch.utils.data import Subset
 
 from cxr_diffusion.config import EvaluateConfig, Params
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.data.shards import PreparedDataError, PreparedImages
 from cxr_diffusion.evaluation.closeness import (
     closeness_metrics, inception_fid_metrics, prdc_metrics, real_floor, untrained_closeness,
 )
@@ -38,6 +38,7 @@ from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
 from cxr_diffusion.device import describe_device, module_device, resolve_device
 from cxr_diffusion.diffusion.grid import image_grid
 from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.safe_text import visible_text
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,23 @@ class BranchImages:
 
     @classmethod
     def open(cls, prepared: Path, samples: Path) -> BranchImages:
-        return cls(test=PreparedImages(prepared, "test"), val=PreparedImages(prepared, "val"),
-                   train=PreparedImages(prepared, "train"), generated=PreparedImages(samples, "test"))
+        images = cls(test=PreparedImages(prepared, "test"), val=PreparedImages(prepared, "val"),
+                     train=PreparedImages(prepared, "train"), generated=PreparedImages(samples, "test"))
+        images.check_generated_from_test(samples)
+        return images
+
+    def check_generated_from_test(self, samples: Path) -> None:
+        """Each generation is named after the test image whose condition it used and labelled under the same
+        classes: faithfulness reads its requested labels column by column and pairs it with that image."""
+        fix = "rerun its sample stage (dvc repro -f sample@<branch>) on these prepared data"
+        if self.generated.classes != self.test.classes:
+            raise PreparedDataError(f"{samples / 'manifest.json'}: generations labelled under the classes "
+                                    f"{visible_text(list(self.generated.classes), 200)}, the prepared data under "
+                                    f"{visible_text(list(self.test.classes), 200)}; {fix}")
+        unknown = sorted(set(self.generated.image_indices) - set(self.test.image_indices))
+        if unknown:
+            raise PreparedDataError(f"{samples}: {len(unknown)} generation(s) named after no image of the test split "
+                                    f"(first: {visible_text(unknown[0], 80)}); {fix}")
 
 
 @dataclass(frozen=True)
@@ -225,6 +241,10 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     device = resolve_device(params.device)
     classifier = load_classifier(paths.evaluator).to(device)
     images = BranchImages.open(paths.prepared, paths.samples)
+    if tuple(classifier.spec.classes) != images.test.classes:
+        raise PreparedDataError(f"{paths.evaluator}: an evaluator of the classes {visible_text(list(classifier.spec.classes), 200)}, "
+                                f"the prepared data have {visible_text(list(images.test.classes), 200)}; rerun the "
+                                "evaluator stage (dvc repro evaluator)")
     splits = embed_splits(classifier, images, config)
     generated_features, test_features = splits.generated.features, splits.test.features
 

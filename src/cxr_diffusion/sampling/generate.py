@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from cxr_diffusion.errors import UserError
+from cxr_diffusion.safe_text import visible_text
 
 # Classifier-free guidance is used at 1-10 (3-7 usually); far beyond, it extrapolates past anything the
 # model learned and samples wash out to black and white (a scale of 1e30 gives NaN).
@@ -76,6 +77,31 @@ def _check_npy_embedding_header(path: Path) -> None:
                             f"but holds fewer bytes: truncated); save it with numpy.save")
 
 
+def _check_safetensors_embedding_header(path: Path) -> None:
+    """As for .npy: one floating-point tensor of at most ``MAX_EMBEDDING_VALUES`` whose bytes the file holds,
+    from the header alone, before ``load_file`` allocates what it declares."""
+    from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+
+    try:
+        header = read_safetensors_header(path)
+        problem = header.problem(path.stat().st_size)
+    except (SafetensorsHeaderError, OSError) as error:
+        problem = str(error) or type(error).__name__
+    if problem:
+        raise GenerateError(f"--embedding {path}: not a readable safetensors file ({problem}); is it truncated?")
+    tensors = header.tensors
+    if len(tensors) != 1:
+        raise GenerateError(f"--embedding {path}: holds {len(tensors)} tensors ({visible_text(', '.join(tensors), 200)}); "
+                            "expected exactly one")
+    (name, entry), = tensors.items()
+    if entry["dtype"] not in ("F16", "BF16", "F32", "F64"):
+        raise GenerateError(f"--embedding {path}: tensor '{visible_text(name, 80)}' is {entry['dtype']}; an embedding "
+                            "is floating point (save it as float32)")
+    if math.prod(entry["shape"]) > MAX_EMBEDDING_VALUES:
+        raise GenerateError(f"--embedding {path}: declares shape {tuple(entry['shape'])}, more than "
+                            f"{MAX_EMBEDDING_VALUES:,} values; an embedding is (tokens, dim) or (n, tokens, dim)")
+
+
 def _read_embedding(path: Path):
     """A (tokens, dim) or (n, tokens, dim) float array from .npy (no pickles) or .safetensors (one tensor)."""
     import numpy as np
@@ -99,6 +125,7 @@ def _read_embedding(path: Path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        _check_safetensors_embedding_header(path)
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as error:
