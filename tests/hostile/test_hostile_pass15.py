@@ -422,3 +422,19 @@ def test_evaluate_refuses_generations_labelled_under_other_classes(evaluated, tm
     (samples / "manifest.json").write_text(json.dumps({**manifest, "classes": classes}))
     line = stage_line(_evaluate(root, data["prepared"], samples, tmp_path))
     assert "classes" in line, line
+
+
+# ---------------------------------------------------------------------------- reader ids: the page and scoring agree
+
+
+@pytest.mark.parametrize("mark", ["\u034f", "\u0903", "\u20dd"], ids=["grapheme_joiner", "spacing_mark", "enclosing"])
+def test_a_reader_id_the_study_page_accepts_is_not_refused_by_scoring(mark):
+    """The page checks an id after dropping every mark (`\\p{M}`); scoring dropped only marks with a combining
+    class, so `Jo<U+034F>se` (a combining grapheme joiner, class 0) passed the page and was refused as
+    `bad_reader_id` once the reader had answered every item. Both now drop the same marks, and the id is the
+    same reader as `Jose`."""
+    from cxr_diffusion.reader_study.responses import reader_id_problem, same_reader
+
+    reader = f"Jo{mark}se"
+    assert reader_id_problem(reader) is None, reader_id_problem(reader)
+    assert same_reader(reader) == same_reader("Jose")

@@ -200,8 +200,10 @@ def same_reader(reader_id: str) -> str:
 
 
 def _plain(text: str) -> str:
-    """``text`` in compatibility form with its accents (combining marks) dropped: "Ｊosé" -> "Jose"."""
-    return "".join(char for char in unicodedata.normalize("NFKD", text) if not unicodedata.combining(char))
+    """``text`` in compatibility form with its marks dropped: "Ｊosé" -> "Jose". Every mark (category M), as the
+    study page's ``\\p{M}`` drops them, not only those with a combining class: an id the page accepted (with a
+    combining grapheme joiner, say) would otherwise be refused after the reader finished."""
+    return "".join(char for char in unicodedata.normalize("NFKD", text) if not unicodedata.category(char).startswith("M"))
 
 
 def reader_id_problem(reader_id: object) -> str | None:
