@@ -3,6 +3,10 @@ batch size changes nothing but the memory (results equal up to float rounding)."
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -178,9 +182,12 @@ def test_evaluate_gives_the_same_metrics_with_any_batch_size(tmp_path, data, eva
 
     monkeypatch.setattr(evaluate_module, "embed_and_predict", spied)
     runs = {}
+    # the generated set is the real test split itself: the metrics are then known to be well defined
+    samples = Path(shutil.copytree(data["prepared"], tmp_path / "samples"))
+    manifest = json.loads((samples / "manifest.json").read_text())
+    (samples / "manifest.json").write_text(json.dumps({**manifest, "generated": {"branch": "elixr"}}))
     for batch_size in (2, 128):
-        # the generated set is the real test split itself: the metrics are then known to be well defined
-        paths = EvaluatePaths(evaluator=evaluator_dir, prepared=data["prepared"], samples=data["prepared"],
+        paths = EvaluatePaths(evaluator=evaluator_dir, prepared=data["prepared"], samples=samples,
                               model=tmp_path / "unused", store=tmp_path / "unused",
                               figures=tmp_path / f"figures{batch_size}", metrics=tmp_path / f"metrics{batch_size}.json")
         runs[batch_size] = evaluate_branch(evaluate_params(batch_size), "elixr", paths)

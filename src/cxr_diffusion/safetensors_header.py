@@ -23,7 +23,7 @@ from cxr_diffusion.whole_number import is_whole_number
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 METADATA = "__metadata__"
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 
 
 class SafetensorsHeaderError(ValueError):

@@ -48,7 +48,7 @@ def test_probabilities_outside_0_1_are_refused_naming_the_image_and_class(tmp_pa
 
 def test_a_store_of_another_branch_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     """utility@elixr given the clip_vision store once generated from it and called the result elixr."""
-    from cxr_diffusion.conditioning.store import ConditionStoreWriter
+    from cxr_diffusion.conditioning.store import ConditionStoreWriter, StoreError
     from cxr_diffusion.profiles import params_with
     from cxr_diffusion.utility import study
 
@@ -66,7 +66,7 @@ def test_a_store_of_another_branch_is_refused_before_the_model_loads(tmp_path, m
     real = real_arm(tmp_path / "real", np.full((3, 2), 0.25))
     message = one_line_message(lambda: study.branch_utility(
         params_with({}), "elixr", tmp_path / "no-model", tmp_path / "prepared", tmp_path / "filtered.csv", store, real, tmp_path / "out",
-        tmp_path / "figures", tmp_path / "m.json"), UtilityError)
+        tmp_path / "figures", tmp_path / "m.json"), StoreError)
     assert "holds 'clip_vision' conditions, not elixr's" in message
     assert not (tmp_path / "out").exists()
 

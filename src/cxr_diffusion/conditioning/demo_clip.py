@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cxr_diffusion.config import ClipConfig, DemoClipConfig, ParamsError
 from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
-from cxr_diffusion.conditioning.prompts import prompt_for
+from cxr_diffusion.conditioning.prompts import prompts_cut_alike, prompt_for
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import MANIFEST, iter_row_groups
 from cxr_diffusion.device import describe_device
@@ -137,15 +137,11 @@ def demo_clip_loss(model, pixels: torch.Tensor, tokens, batch_prompts: torch.Ten
 def check_prompts_stay_distinct(tokenizer, prompts: list[str], max_length: int) -> None:
     """Refuse a ``clip.demo.max_length`` that cuts two different prompts to the same tokens: the CLIP
     (and the clip_text model after it) could not tell their findings apart."""
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
-    if max(lengths, default=0) <= max_length:
-        return
-    seen: dict[tuple[int, ...], str] = {}
-    for prompt, ids in zip(prompts, tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]):
-        other = seen.setdefault(tuple(ids), prompt)
-        if other != prompt:
-            raise ParamsError(f"params: 'clip.demo.max_length' is {max_length}; the prompts {other!r} and {prompt!r} "
-                              f"are cut to the same tokens; set it to at least {max(lengths)} (the longest prompt)")
+    alike = prompts_cut_alike(tokenizer, prompts, max_length)
+    if alike is not None:
+        (other, prompt), longest = alike
+        raise ParamsError(f"params: 'clip.demo.max_length' is {max_length}; the prompts {other!r} and {prompt!r} "
+                          f"are cut to the same tokens; set it to at least {longest} (the longest prompt)")
 
 
 def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[str], members: dict[str, tuple[str, ...]],

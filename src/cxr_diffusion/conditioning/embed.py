@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.config import ClipConfig, ParamsError
 from cxr_diffusion.conditioning.clip import clip_source, encode_images, encode_prompts, load_text_encoder, load_vision_encoder
-from cxr_diffusion.conditioning.prompts import prompt_for
+from cxr_diffusion.conditioning.prompts import prompt_for, prompts_cut_alike
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
 from cxr_diffusion.data.filtered_table import read_filtered_csv
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import MANIFEST, iter_row_groups, read_manifest
 from cxr_diffusion.device import describe_device, half_dtype
 from cxr_diffusion.io import write_csv, write_json
+from cxr_diffusion.safe_text import visible_text
 
 CPU = torch.device("cpu")
 
@@ -44,6 +45,13 @@ def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str 
     source = clip_source(config, demo_dir)
     encoder = load_text_encoder(source, config.revision).to(device, half_dtype(device))
     tokens, dim = encoder.shape
+    alike = prompts_cut_alike(encoder.tokenizer, unique, tokens)
+    if alike is not None:  # one condition for two findings: the branch could not learn them apart
+        (other, prompt), longest = alike
+        raise ParamsError(f"params: the prompts {visible_text(repr(other), 160)} and {visible_text(repr(prompt), 160)} "
+                          f"are cut to the same {tokens} tokens by {visible_text(source, 120)} (the longest prompt "
+                          f"has {longest}); shorten clip.prompt_template / clip.normal_prompt so that the findings "
+                          "come within the first tokens")
     started = time.perf_counter()
     hidden, mask, truncated = encode_prompts(encoder, unique, config.batch_size)
     with ConditionStoreWriter(out_dir, len(unique), tokens, dim, config.dtype) as store:

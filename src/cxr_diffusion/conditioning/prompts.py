@@ -25,3 +25,18 @@ def prompt_for(finding_labels: str, config: ClipConfig) -> str:
     if not prompt:
         raise DataError(f"clip.prompt_template gives an empty prompt for {finding_labels!r}")
     return prompt
+
+
+def prompts_cut_alike(tokenizer, prompts: list[str], max_length: int) -> tuple[tuple[str, str], int] | None:
+    """The first two different prompts that ``tokenizer`` cuts to the same ``max_length`` tokens, and the longest
+    prompt's length in tokens; None when every prompt keeps tokens of its own (a text encoder would otherwise
+    give two findings one condition)."""
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
+    if max(lengths, default=0) <= max_length:
+        return None
+    seen: dict[tuple[int, ...], str] = {}
+    for prompt, ids in zip(prompts, tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]):
+        other = seen.setdefault(tuple(ids), prompt)
+        if other != prompt:
+            return (other, prompt), max(lengths)
+    return None

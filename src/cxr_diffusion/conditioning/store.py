@@ -26,6 +26,7 @@ import torch
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, require_regular_file, write_csv, write_json
 from cxr_diffusion.npy_header import read_npy_header
+from cxr_diffusion.safe_text import visible_text
 
 EMBEDDINGS, MASK, INDEX, META = "embeddings.npy", "mask.npy", "index.csv", "store.json"
 
@@ -290,3 +291,11 @@ class ConditionStore:
         except KeyError:
             raise KeyError(f"{self.path}: no condition for {image_index!r}") from None
         return Condition(torch.from_numpy(self.row(row)), torch.from_numpy(self.mask[row].copy()))
+
+
+def check_store_branch(store: ConditionStore, store_dir: Path, branch: str) -> None:
+    """The store holds ``branch``'s conditions (its embed stage records the branch): another branch's store of
+    the same shape would train or sample a model on the wrong conditions without an error."""
+    if store.meta.get("branch") != branch:
+        raise StoreError(f"{store_dir} holds {visible_text(repr(store.meta.get('branch')), 60)} conditions, not "
+                         f"{branch}'s; pass data/embeddings/{branch} (the output of embed_{branch})")

@@ -201,6 +201,21 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         raise PreparedDataError(f"{path}: 'written' is {manifest['written']} but its shards hold {listed} rows; {fix}")
 
 
+def check_prepared_for(prepared_dir: str | Path, image_size: int, classes: tuple[str, ...] | list[str]) -> dict:
+    """The prepared folder's manifest, after checking it was prepared at ``image_size`` under ``classes``
+    (the params a stage runs with): a model trained or sampled at another size, or labels published under
+    other class names, would be wrong without an error."""
+    manifest, path = read_manifest(prepared_dir), Path(prepared_dir) / MANIFEST
+    if manifest["image_size"] != image_size:
+        raise PreparedDataError(f"{path}: the images were prepared at {manifest['image_size']} px but image_size is "
+                                f"{image_size}; rerun the prepare stage (dvc repro) after changing image_size")
+    if tuple(manifest["classes"]) != tuple(classes):
+        raise PreparedDataError(f"{path}: labelled under the classes {shown_value(manifest['classes'], 200)} but "
+                                f"filter.classes is {shown_value(list(classes), 200)}; rerun the filter and prepare stages "
+                                "(dvc repro) after changing filter.classes")
+    return manifest
+
+
 def read_manifest(prepared_dir: str | Path) -> dict:
     """The manifest of a prepared (or generated) folder, checked: see the module docstring."""
     path = Path(prepared_dir) / MANIFEST

@@ -19,7 +19,7 @@ from cxr_diffusion.config import Params
 from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError
 from cxr_diffusion.data.filter import SPLITS
 from cxr_diffusion.data.nih import DataError
-from cxr_diffusion.data.shards import PreparedImages, read_manifest
+from cxr_diffusion.data.shards import PreparedImages, check_prepared_for
 from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
 from cxr_diffusion.safe_text import visible_text
@@ -76,17 +76,14 @@ def check_latents_fit(store: ConditionStore, vae, image_size: int) -> None:
                          f"{_REENCODE}")
 
 
-def check_image_size(image_size: int, vae, prepared_size: int | None = None) -> None:
-    """``image_size`` is what the images were prepared at and a multiple of the VAE's factor: each encoder level
-    floors the side, so 17 px under a factor of 2 would silently train on 16 px and sample 16 px images."""
+def check_image_size(image_size: int, vae) -> None:
+    """``image_size`` is a multiple of the VAE's factor: each encoder level floors the side, so 17 px under a
+    factor of 2 would silently train on 16 px and sample 16 px images."""
     factor = vae_factor(vae)
     if image_size % factor:
         raise DataError(f"image_size {image_size} is not a multiple of {factor}, the downscale factor of train.vae "
                         f"({len(vae.config.block_out_channels)} levels); choose a multiple of {factor}, or "
                         "train.space: pixel")
-    if prepared_size is not None and prepared_size != image_size:
-        raise DataError(f"image_size is {image_size} but the prepared images are {prepared_size} px (their "
-                        "manifest.json); rerun the prepare stage (dvc repro) after changing image_size")
 
 
 @torch.no_grad()
@@ -110,8 +107,8 @@ def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_pa
             write_json(metrics_path, {"latents": False})
         return {"latents": False}
     vae = load_vae(params.train.vae).to(device)
-    manifest = read_manifest(prepared_dir)
-    check_image_size(params.image_size, vae, manifest["image_size"])
+    manifest = check_prepared_for(prepared_dir, params.image_size, params.filter.classes)
+    check_image_size(params.image_size, vae)
     channels, side = vae.config.latent_channels, params.image_size // vae_factor(vae)
     total, batch_size = manifest["written"], params.encode_latents.batch_size
     names: list[str] = []

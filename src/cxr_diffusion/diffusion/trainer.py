@@ -38,6 +38,8 @@ from cxr_diffusion.diffusion.resume import maths_settings, resume, save_training
 from cxr_diffusion.diffusion.run_plan import (
     TrainingError, count_nonfinite, epoch_batches, lr_factor, plan_run, record_validation,
 )
+from cxr_diffusion.conditioning.store import check_store_branch
+from cxr_diffusion.data.shards import check_prepared_for
 from cxr_diffusion.diffusion.step import LaggedReadings, StepReading, backward, optimizer_step
 from cxr_diffusion.diffusion.throughput import Throughput, dynamo_frames_compiled, peak_device_memory
 
@@ -58,7 +60,9 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     for option, folder in (("--checkpoints", paths.checkpoints), ("--live", paths.live), ("--out", paths.model_out)):
         if folder.exists() and not folder.is_dir():  # found before training, not at the first save minutes later
             raise TrainingError(f"{option} {folder}: a file, not a folder; move it away, then rerun")
+    check_prepared_for(paths.prepared, params.image_size, params.filter.classes)
     machine = set_up_machine(params, paths.store, paths.latents)
+    check_store_branch(machine.store, paths.store, branch)
     params, train, accelerator = machine.params, machine.params.train, machine.accelerator
     world = accelerator.num_processes
 

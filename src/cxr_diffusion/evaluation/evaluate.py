@@ -23,7 +23,7 @@ from torch.utils.data import Subset
 
 from cxr_diffusion.config import EvaluateConfig, Params
 from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.data.shards import PreparedDataError, PreparedImages
+from cxr_diffusion.data.shards import PreparedDataError, PreparedImages, read_manifest
 from cxr_diffusion.evaluation.closeness import (
     closeness_metrics, inception_fid_metrics, prdc_metrics, real_floor, untrained_closeness,
 )
@@ -78,6 +78,12 @@ class BranchImages:
             raise PreparedDataError(f"{samples / 'manifest.json'}: generations labelled under the classes "
                                     f"{visible_text(list(self.generated.classes), 200)}, the prepared data under "
                                     f"{visible_text(list(self.test.classes), 200)}; {fix}")
+        for name, images, what in (("generations", self.generated, "raise sample.count"),
+                                   ("test images", self.test, "the filter leaves too few: widen it"),
+                                   ("val images", self.val, "the filter leaves too few: widen it")):
+            if len(images) < 2:  # a Frechet distance, PRDC and the real floor need two of each
+                raise PreparedDataError(f"{len(images)} {name} to evaluate, fewer than 2 (distances between sets "
+                                        f"need two images of each); {what}, then rerun (dvc repro)")
         unknown = sorted(set(self.generated.image_indices) - set(self.test.image_indices))
         if unknown:
             raise PreparedDataError(f"{samples}: {len(unknown)} generation(s) named after no image of the test split "
@@ -234,6 +240,17 @@ def write_figures(directory: Path, branch: str, splits: EmbeddedSplits, closest_
         image_grid(tiles, rows=2).save(tmp / "closest_to_train.png")
 
 
+def check_generated_by(samples: Path, branch: str) -> None:
+    """The samples' manifest says they are ``branch``'s generations (``sample@<branch>`` records it): another
+    branch's, or a folder of real images, would be evaluated and written as this branch's metrics."""
+    generated = read_manifest(samples).get("generated")
+    made_by = generated.get("branch") if isinstance(generated, dict) else None
+    if made_by != branch:
+        what = f"{visible_text(repr(made_by), 60)}'s generations" if made_by is not None else "no generations"
+        raise PreparedDataError(f"{samples / 'manifest.json'}: holds {what}, not {branch}'s; pass data/samples/{branch} "
+                                f"(the output of sample@{branch})")
+
+
 def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     """All metrics of a branch, written to ``paths.metrics`` and returned; figures in ``paths.figures``."""
     started = time.perf_counter()
@@ -241,6 +258,7 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     device = resolve_device(params.device)
     classifier = load_classifier(paths.evaluator).to(device)
     images = BranchImages.open(paths.prepared, paths.samples)
+    check_generated_by(paths.samples, branch)
     if tuple(classifier.spec.classes) != images.test.classes:
         raise PreparedDataError(f"{paths.evaluator}: an evaluator of the classes {visible_text(list(classifier.spec.classes), 200)}, "
                                 f"the prepared data have {visible_text(list(images.test.classes), 200)}; rerun the "

@@ -25,6 +25,8 @@ from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
 from cxr_diffusion.device import decode_workers, describe_device, module_device
 from cxr_diffusion.io import atomic_directory, give_plain_modes, read_json, write_json
+from cxr_diffusion.safe_text import visible_text
+from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 from cxr_diffusion.whole_number import is_whole_number
 
 
@@ -93,21 +95,52 @@ def read_classifier_spec(path: Path) -> ClassifierSpec:
     classes = config.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{path}: 'classes' is {classes!r:.60}, expected a list of class names; {fix}")
-    for key in ("width", "feature_dim", "image_size"):
-        if not is_whole_number(config.get(key), 1):
-            raise DataError(f"{path}: '{key}' is {config.get(key)!r:.60}, expected a whole number above 0; {fix}")
+    if len(classes) > _MAX_CLASSES:
+        raise DataError(f"{path}: {len(classes)} classes, more than {_MAX_CLASSES}; {fix}")
+    for key, most in _SIZE_LIMITS.items():  # the params' own ranges (evaluator.width, ...): a network we can train
+        if not is_whole_number(config.get(key), 1, most):
+            raise DataError(f"{path}: '{key}' is {config.get(key)!r:.60}, expected a whole number from 1 to {most}; "
+                            f"{fix}")
     input_size = config.get("input_size")  # saved before input_size existed: the network saw image_size
-    if input_size is not None and not is_whole_number(input_size, 1):
-        raise DataError(f"{path}: 'input_size' is {input_size!r:.60}, expected a whole number above 0 or null; {fix}")
+    if input_size is not None and not is_whole_number(input_size, 1, _SIZE_LIMITS["image_size"]):
+        raise DataError(f"{path}: 'input_size' is {input_size!r:.60}, expected a whole number from 1 to "
+                        f"{_SIZE_LIMITS['image_size']} or null; {fix}")
     return ClassifierSpec(tuple(classes), config["width"], config["feature_dim"], config["image_size"], input_size)
 
 
 def load_classifier(directory: str | Path) -> CXRClassifier:
+    """The evaluator saved in ``directory``: its config checked, then its weights' header against that config,
+    before the network is built or a tensor read."""
     directory = Path(directory)
     spec = read_classifier_spec(directory / "config.json")
+    _check_weights(directory / "model.safetensors", spec)
     model = CXRClassifier(spec)
     model.load_state_dict(load_file(directory / "model.safetensors"))
     return model.eval()
+
+
+_MAX_CLASSES = 1024
+_SIZE_LIMITS = {"width": 1024, "feature_dim": 16384, "image_size": 4096}
+
+
+def _check_weights(path: Path, spec: ClassifierSpec) -> None:
+    """``model.safetensors`` holds exactly the float tensors of the network ``spec`` describes, whole."""
+    fix = "retrain it with `dvc repro -f evaluator`"
+    try:
+        header = read_safetensors_header(path)
+        problem = header.problem(path.stat().st_size)
+    except (SafetensorsHeaderError, OSError) as error:
+        problem = str(error) or type(error).__name__
+    if problem:
+        raise DataError(f"{path}: not the evaluator's weights ({problem}); {fix}")
+    with torch.device("meta"):
+        expected = {name: list(tensor.shape) for name, tensor in CXRClassifier(spec).state_dict().items()}
+    saved = {name: entry["shape"] for name, entry in header.tensors.items()}
+    if saved != expected:
+        wrong = sorted(name for name in expected.keys() | saved.keys() if saved.get(name) != expected.get(name))
+        raise DataError(f"{path}: its tensors do not fit the network of config.json (first: "
+                        f"{visible_text(wrong[0], 80)}: {saved.get(wrong[0])} saved, {expected.get(wrong[0])} "
+                        f"expected); {fix}")
 
 
 PIXELS_KEPT = 64  # side of the grayscale copies kept for pixel-space memorization and MS-SSIM

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_diffusion.evaluation.weights import load_safetensors_into
+from cxr_diffusion.evaluation.weights import check_weights_header, load_safetensors_into
 
 Flavour = Literal["fid", "torchvision"]
 Output = Literal["pool", "logits"]
@@ -286,11 +286,13 @@ def load_inception(weights: str | Path, spec: InceptionSpec, device: torch.devic
     from safetensors import safe_open
 
     path = Path(weights)
+    what = f"Inception-v3 ({spec.flavour} flavour)"
     if path.is_file():
+        check_weights_header(path, what)  # safe_open maps what the header declares
         with safe_open(str(path), "pt") as handle:
             if "fc.weight" in handle.keys():
                 check_classes(handle.get_slice("fc.weight").get_shape()[0], spec, path)
-    model = load_safetensors_into(InceptionV3(spec), path, f"Inception-v3 ({spec.flavour} flavour)",
+    model = load_safetensors_into(InceptionV3(spec), path, what,
                                   "see docs/evaluation.md, 'Standard and reference-compatible FID' for how to get and convert them",
                                   ignored_prefixes=("AuxLogits.",))
     return model.to(device)  # type: ignore[return-value]

@@ -26,6 +26,9 @@ def _read_checkpoint(source: Path) -> dict[str, torch.Tensor]:
     if source.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from cxr_diffusion.evaluation.weights import check_weights_header
+
+        check_weights_header(source, "Inception-v3 weights")
         return load_file(str(source))
     try:
         loaded = torch.load(source, map_location="cpu", weights_only=True)

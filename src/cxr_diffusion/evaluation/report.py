@@ -59,8 +59,10 @@ def _read(path: Path, checked: tuple[str, ...] = ("",)) -> dict:
     "": the whole file) is NaN or Infinity. JSON parsers read those, but no stage writes them (``write_json``
     refuses them), so the summary could not hold them and the report would show "nan": one line naming the
     file and the key instead, before either output is touched."""
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return {}
+    if not path.is_file():  # a folder, FIFO or dangling link is not "not run yet"
+        raise MetricsFileError(f"{path}: not a regular file (a folder, FIFO or dangling link); {_RERUN}")
     metrics = read_json(path, _RERUN)
     for key in checked:
         _refuse_non_finite(path, _at(metrics, key), key)

@@ -9,6 +9,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cxr_diffusion.errors import UserError
+from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+
+# The largest third-party network read here: Inception-v3 is about 100 MB, DenseNet-121 about 30 MB.
+MAX_WEIGHTS_BYTES = 1 << 30
+
+
+class WeightsFileError(UserError, ValueError):
+    """Third-party weights that are not the network they are named for (the message names the file)."""
+
+
+def check_weights_header(path: Path, what: str) -> None:
+    """``path`` is a whole safetensors file of at most ``MAX_WEIGHTS_BYTES`` of tensors, from its header alone:
+    ``load_file`` allocates whatever a header declares (a sparse file of a few KB can declare 32 GiB)."""
+    try:
+        header = read_safetensors_header(path)
+        problem = header.problem(path.stat().st_size)
+    except (SafetensorsHeaderError, OSError) as error:
+        problem = str(error) or type(error).__name__
+    if problem:
+        raise WeightsFileError(f"{path}: not a readable safetensors file ({problem}); download it again (it should "
+                               f"hold {what})")
+    declared = path.stat().st_size - header.data_start
+    if declared > MAX_WEIGHTS_BYTES:
+        raise WeightsFileError(f"{path}: declares {declared / 2**30:,.1f} GiB of tensors, more than the "
+                               f"{MAX_WEIGHTS_BYTES >> 30} GiB of any network read here; is it {what}?")
+
 
 def checked_state(state: dict[str, torch.Tensor], model: nn.Module, source: Path, what: str,
                   ignored_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
@@ -22,19 +49,19 @@ def checked_state(state: dict[str, torch.Tensor], model: nn.Module, source: Path
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{source}: not a {what} state dict ({len(missing)} missing keys, e.g. {missing[:3]}; "
+        raise WeightsFileError(f"{source}: not a {what} state dict ({len(missing)} missing keys, e.g. {missing[:3]}; "
                          f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})")
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(shape)}" for k, shape in expected.items()
              if state[k].shape != shape]
     if wrong:
-        raise ValueError(f"{source}: {len(wrong)} tensors have the wrong shape for {what}, e.g. {wrong[:2]}")
+        raise WeightsFileError(f"{source}: {len(wrong)} tensors have the wrong shape for {what}, e.g. {wrong[:2]}")
     not_float = [f"{k} ({state[k].dtype})" for k in expected if not state[k].is_floating_point()]
     if not_float:  # int8, bool or complex values would be cast into the network silently
-        raise ValueError(f"{source}: {len(not_float)} tensors are not floating point for {what}, e.g. {not_float[:2]}")
+        raise WeightsFileError(f"{source}: {len(not_float)} tensors are not floating point for {what}, e.g. {not_float[:2]}")
     # A pretrained network has no all-zero convolution: such a file was emptied, not trained.
     zero = [k for k in expected if state[k].dim() == 4 and not state[k].any()]
     if zero:
-        raise ValueError(f"{source}: {len(zero)} convolution weights are all zeros for {what}, e.g. {zero[:2]}; "
+        raise WeightsFileError(f"{source}: {len(zero)} convolution weights are all zeros for {what}, e.g. {zero[:2]}; "
                          f"not a trained checkpoint")
     return state
 
@@ -48,6 +75,7 @@ def load_safetensors_into(model: nn.Module, path: str | Path, what: str, how_to_
     if not path.is_file():
         raise FileNotFoundError(f"{what} weights not found: {path}; {how_to_get}, or set the param to null to "
                                 "skip this metric")
+    check_weights_header(path, what)
     model.load_state_dict(checked_state(load_file(str(path)), model, path, what, ignored_prefixes), strict=False)
     return model.eval().requires_grad_(False)
 

@@ -16,6 +16,7 @@ from cxr_diffusion.data.shards import PreparedImages
 from cxr_diffusion.diffusion.grid import tensor_to_pil
 from cxr_diffusion.reader_study.errors import ReaderStudyError
 from cxr_diffusion.reader_study.labels import REAL
+from cxr_diffusion.safe_text import visible_text
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ def select_items(real: PreparedImages, generated: Mapping[str, PreparedImages], 
         if tuple(images.classes) != tuple(real.classes):
             raise ReaderStudyError(f"{branch} images have classes {list(images.classes)}, the real ones "
                                    f"{list(real.classes)}; sample them again from the same prepared data")
+        outside = sorted(set(images.image_indices) - set(real.image_indices))
+        if outside:  # each generation is named after the test image whose condition it used
+            raise ReaderStudyError(f"{branch}: {len(outside)} generation(s) named after no image of the real test "
+                                   f"split (first: {visible_text(outside[0], 80)}); sample them again from the same "
+                                   f"prepared data (dvc repro -f sample@{branch})")
     rng = np.random.default_rng(seed)
     used: set[str] = set()
     picked: dict[str, list[int]] = {}

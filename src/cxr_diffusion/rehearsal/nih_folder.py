@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from cxr_diffusion.data.filter import read_include_list
 from cxr_diffusion.data.nih import NIH_HEADER, read_metadata_csv, split_labels
 from cxr_diffusion.data.phantom import render as phantom_render
 from cxr_diffusion.data.phantom.assets import load_phantom_assets, nih_metadata_csv
@@ -97,8 +98,11 @@ def select_images(include_list: pd.DataFrame, metadata: pd.DataFrame, count: int
 
 
 def build_nih_folder(root: Path, include_list: Path, count: int = 32, seed: int = 0, image_size: int = 1024,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, classes: tuple[str, ...] | None = None) -> dict:
     """Write (or keep, when its manifest matches) a stand-in NIH ChestX-ray14 folder at ``root``.
+
+    The include list is read as the filter stage reads it (``read_include_list``), under ``classes`` (the
+    params' ``filter.classes``; by default, its own columns).
 
     A folder at ``root`` that this function did not make is never replaced: an error says so.
     Returns root, the ids written, per-archive counts, whether it was skipped, and the seconds taken.
@@ -121,7 +125,7 @@ def build_nih_folder(root: Path, include_list: Path, count: int = 32, seed: int 
         _copy_metadata(tmp / METADATA_NAME)
         metadata = read_metadata_csv(tmp / METADATA_NAME)
         folders = archive_folders(metadata["Image Index"].tolist())
-        chosen = select_images(pd.read_csv(include_list, dtype={"Image Index": str}), metadata, count, seed)
+        chosen = select_images(_read_include_list(include_list, classes), metadata, count, seed)
         assets = load_phantom_assets()
         for row in tqdm(chosen.to_dict("records"), desc="render NIH stand-in", unit="img", disable=not progress):
             path = tmp / folders[row["Image Index"]] / row["Image Index"]
@@ -185,6 +189,12 @@ def _files_match(root: Path, files: dict[str, str]) -> bool:
     """True when the folder holds exactly the recorded files (manifest aside), each with its recorded hash."""
     on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {MANIFEST_NAME}
     return on_disk == set(files) and all(sha256_file(root / name) == digest for name, digest in files.items())
+
+
+def _read_include_list(path: Path, classes: tuple[str, ...] | None) -> pd.DataFrame:
+    if classes is None:
+        classes = tuple(column for column in pd.read_csv(path, nrows=0).columns if column != "Image Index")
+    return read_include_list(path, tuple(classes))
 
 
 def _note(include_list: Path, count: int, seed: int, image_size: int, ids: list[str]) -> str:

@@ -179,7 +179,7 @@ def _nih_folder(params: Params, root: Path, images: int, seed: int, progress: bo
     start = time.perf_counter()
     try:
         summary = build_nih_folder(nih_root, root / params.filter.include_list, count=images, seed=seed,
-                                   progress=progress)
+                                   progress=progress, classes=tuple(params.filter.classes))
     except (OSError, ValueError) as error:
         raise StandinError(f"dataset.nih_root: {_one_line(error)}") from None
     made = Made("nih_folder", str(nih_root), "kept" if summary.get("skipped") else "made", _size(nih_root),

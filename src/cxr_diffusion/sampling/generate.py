@@ -77,6 +77,10 @@ def _check_npy_embedding_header(path: Path) -> None:
                             f"but holds fewer bytes: truncated); save it with numpy.save")
 
 
+_TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                "U32": "uint32", "I64": "int64", "U64": "uint64"}  # safetensors' dtype codes as torch names them
+
+
 def _check_safetensors_embedding_header(path: Path) -> None:
     """As for .npy: one floating-point tensor of at most ``MAX_EMBEDDING_VALUES`` whose bytes the file holds,
     from the header alone, before ``load_file`` allocates what it declares."""
@@ -95,7 +99,7 @@ def _check_safetensors_embedding_header(path: Path) -> None:
                             "expected exactly one")
     (name, entry), = tensors.items()
     if entry["dtype"] not in ("F16", "BF16", "F32", "F64"):
-        raise GenerateError(f"--embedding {path}: tensor '{visible_text(name, 80)}' is {entry['dtype']}; an embedding "
+        raise GenerateError(f"--embedding {path}: tensor '{visible_text(name, 80)}' is {_TORCH_NAMES.get(entry['dtype'], entry['dtype'].lower())}; an embedding "
                             "is floating point (save it as float32)")
     if math.prod(entry["shape"]) > MAX_EMBEDDING_VALUES:
         raise GenerateError(f"--embedding {path}: declares shape {tuple(entry['shape'])}, more than "

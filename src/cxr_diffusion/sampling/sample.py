@@ -24,9 +24,9 @@ from cxr_diffusion.config import Params
 from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.safe_text import shown_value
 from cxr_diffusion.conditioning.prompts import prompt_for
-from cxr_diffusion.conditioning.store import ConditionStore
+from cxr_diffusion.conditioning.store import ConditionStore, check_store_branch
 from cxr_diffusion.data.decode import encode_png
-from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, close_writers, shard_schema
+from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, check_prepared_for, close_writers, shard_schema
 from cxr_diffusion.diffusion.data import ConditionedImages
 from cxr_diffusion.diffusion.grid import tensor_to_pil
 from cxr_diffusion.diffusion.noise import sampling_scheduler
@@ -240,6 +240,14 @@ def findings_grid(pipeline: CXRDiffusionPipeline, params: Params, seed: int) -> 
     return one_row_per_finding(images, names), prompts
 
 
+def output_side(pipeline: CXRDiffusionPipeline) -> int:
+    """The side of the images ``pipeline`` generates: its UNet's, times the VAE's factor in latent space."""
+    side = pipeline.unet.config.sample_size
+    if pipeline.vae is not None:
+        side *= 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    return side
+
+
 def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Path, store_dir: Path,
                   out_dir: Path, figures_dir: Path, metrics_path: Path | None = None) -> dict:
     torch.manual_seed(params.seed)
@@ -247,7 +255,14 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
     pipeline = load_pipeline(model_dir, params.sample.sampler, device)
     if pipeline.config.branch != branch:
         raise SamplingError(f"{model_dir} holds a {pipeline.config.branch} model, not {branch}")
-    test = ConditionedImages(prepared_dir, "test", ConditionStore(store_dir), params.channels, limit=params.sample.count)
+    # The manifest written below says these classes and this size: the labels and images must be them.
+    check_prepared_for(prepared_dir, params.image_size, params.filter.classes)
+    if output_side(pipeline) != params.image_size:
+        raise SamplingError(f"{model_dir} generates {output_side(pipeline)} px images but image_size is "
+                            f"{params.image_size}; retrain it (dvc repro) after changing image_size")
+    store = ConditionStore(store_dir)
+    check_store_branch(store, store_dir, branch)
+    test = ConditionedImages(prepared_dir, "test", store, params.channels, limit=params.sample.count)
     if len(test) == 0:
         raise SamplingError(f"no test images with a {branch} condition in {prepared_dir}; check the filter split")
     # Streamed batch by batch: each batch of generations is written as it comes, and only the first

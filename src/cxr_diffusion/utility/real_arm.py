@@ -93,6 +93,11 @@ def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str], 
         raise UtilityError(f"{real_dir / SCORES}: unreadable ({str(error).splitlines()[0]}); {fix}") from None
     if table.column_names[:2] != ["arm", "image_index"]:
         raise UtilityError(f"{real_dir / SCORES}: columns {table.column_names[:2]}, expected arm, image_index; {fix}")
+    not_text = [name for name in ("arm", "image_index") if not (pa.types.is_string(table.schema.field(name).type)
+                                                               or pa.types.is_large_string(table.schema.field(name).type))]
+    if not_text:  # lists or structs are unhashable below; numbers would never equal an image name
+        raise UtilityError(f"{real_dir / SCORES}: column {not_text[0]!r} holds {table.schema.field(not_text[0]).type}, "
+                           f"expected text; {fix}")
     if facts.get("classes") != classes:
         raise UtilityError(f"{real_dir / REAL_ARM}: scored classes {facts.get('classes')}, this run's are {classes}; "
                            f"{fix}")

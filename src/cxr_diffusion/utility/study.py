@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from cxr_diffusion.config import Params, UtilityClassifierConfig
-from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.conditioning.store import ConditionStore, check_store_branch
+from cxr_diffusion.data.shards import PreparedImages, check_prepared_for
 from cxr_diffusion.device import describe_device, resolve_device
 from cxr_diffusion.io import atomic_directory, write_json
-from cxr_diffusion.sampling.sample import load_pipeline
+from cxr_diffusion.sampling.sample import load_pipeline, output_side
 from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
 from cxr_diffusion.utility.chart import auroc_bars
 from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
@@ -80,13 +80,15 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
         raise UtilityError(f"{real_dir / REAL_ARM}: the real arm was trained on another subset of the train split "
                            "than this run draws; rerun it with `dvc repro utility_real`")
     store = ConditionStore(store_dir)
-    if store.meta.get("branch") != branch:
-        raise UtilityError(f"{store_dir} holds {store.meta.get('branch')!r} conditions, not {branch}'s; pass "
-                           f"data/embeddings/{branch} (the output of embed_{branch})")
+    check_store_branch(store, store_dir, branch)
+    check_prepared_for(prepared_dir, params.image_size, params.filter.classes)  # what the synthetic set's manifest says
     subgroups = subgroups_of_films(filtered_csv, test_names, utility.age_bands)  # read before hours of generation
     pipeline = load_pipeline(model_dir, params.sample.sampler, device)
     if pipeline.config.branch != branch:
         raise UtilityError(f"{model_dir} holds a {pipeline.config.branch} model, not {branch}")
+    if output_side(pipeline) != params.image_size:  # the synthetic set's manifest says image_size
+        raise UtilityError(f"{model_dir} generates {output_side(pipeline)} px images but image_size is "
+                           f"{params.image_size}; retrain it (dvc repro) after changing image_size")
 
     variations = max((1, *utility.scaling))
     with atomic_directory(out_dir) as tmp:

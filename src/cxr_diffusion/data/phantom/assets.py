@@ -88,8 +88,16 @@ class LungMaskLoad:
     skipped_degenerate: int
 
 
+# The set's largest entry is 38 KB and its largest mask 26.7 million pixels (about 5200 x 5200): an entry
+# beyond these bounds is counted unreadable before it is inflated or decoded.
+MAX_MASK_ENTRY_BYTES = 16 << 20
+MAX_MASK_PIXELS = 8192 * 8192
+
+
 def _decode_mask(data: bytes, size: int) -> np.ndarray:
     image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))  # what the set holds; no other PIL plugin runs
+    if image.width * image.height > MAX_MASK_PIXELS:
+        raise ValueError(f"{image.width}x{image.height} pixels, more than any lung mask of the set")
     # JPEG can decode straight at a reduced scale, which makes loading several times faster.
     image.draft("L", (2 * size, 2 * size))
     gray = image.convert("L")
@@ -139,9 +147,13 @@ def load_lung_mask_set(size: int) -> LungMaskLoad:
         for name in sorted(archive.namelist()):
             if name.endswith("/"):
                 continue
+            if archive.getinfo(name).file_size > MAX_MASK_ENTRY_BYTES:  # read whole below: bounded first
+                unreadable += 1
+                continue
             try:
                 mask = _decode_mask(archive.read(name), size)
-            except (UnidentifiedImageError, OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, EOFError,
+                    zipfile.BadZipFile, zlib.error):
                 unreadable += 1
                 continue
             if not _is_two_lungs(mask):
