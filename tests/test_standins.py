@@ -55,7 +55,7 @@ ONLY_XRV = {"clip.model": "demo", "train.space": "pixel", "elixr.path": None, "e
             "evaluate.reference_inception_weights": None, "evaluate.raddino": None, "dataset.source": "phantom"}
 
 
-def fake_nih_folder(root, include_list, count=32, seed=0, image_size=1024, progress=True) -> dict:
+def fake_nih_folder(root, include_list, count=32, seed=0, image_size=1024, progress=True, classes=None) -> dict:
     """build_nih_folder's contract, small: an NIH layout whose first ``count`` metadata ids have images."""
     root = Path(root)
     if (root / "STANDIN.json").is_file():

@@ -98,11 +98,11 @@ def test_a_hostile_evaluator_config_json_is_one_line(tmp_path, content):
 
 
 @pytest.mark.parametrize(("change", "expected"), [
-    (lambda c: c.pop("width"), "'width' is None, expected a whole number above 0"),
+    (lambda c: c.pop("width"), "'width' is None, expected a whole number from 1 to 1024"),
     (lambda c: c.update(classes="Effusion"), "'classes' is 'Effusion', expected a list of class names"),
-    (lambda c: c.update(feature_dim="8"), "'feature_dim' is '8', expected a whole number above 0"),
-    (lambda c: c.update(image_size=True), "'image_size' is True, expected a whole number above 0"),
-    (lambda c: c.update(input_size=-4), "'input_size' is -4, expected a whole number above 0 or null"),
+    (lambda c: c.update(feature_dim="8"), "'feature_dim' is '8', expected a whole number from 1 to 16384"),
+    (lambda c: c.update(image_size=True), "'image_size' is True, expected a whole number from 1 to 4096"),
+    (lambda c: c.update(input_size=-4), "'input_size' is -4, expected a whole number from 1 to 4096 or null"),
 ], ids=["no_width", "classes_text", "feature_dim_text", "image_size_bool", "input_size_negative"])
 def test_an_evaluator_config_with_a_missing_or_mistyped_key_is_one_line_naming_it(tmp_path, change, expected):
     from cxr_diffusion.evaluation.evaluator import load_classifier
