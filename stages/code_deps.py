@@ -22,7 +22,7 @@ def main(
         written = write_code_deps(package.parent, entries, out)
         print(f"code_deps: the module closures of {len(written)} entry points in {out}")
 
-    run_stage("code_deps", params, body)
+    run_stage("code_deps", params, body, reads={"--package": package, "--entries": entries}, folders={"--out": out})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,11 @@ def main(
     training_curves: Path = typer.Option(..., help="The figure of every branch's losses and conditioning gap."),
 ) -> None:
     inputs = ReportInputs(evaluations, evaluator, sampling, training, utility, reader_study, elixr_embedding)
-    run_stage("compare", params, lambda p: print(compare(p, inputs, summary, report, training_curves)))
+    run_stage("compare", params, lambda p: print(compare(p, inputs, summary, report, training_curves)),
+              reads={"--evaluations": evaluations, "--evaluator": evaluator, "--sampling": sampling,
+                     "--training": training, "--utility": utility, "--reader-study": reader_study,
+                     "--elixr-embedding": elixr_embedding},
+              files={"--summary": summary, "--report": report, "--training-curves": training_curves})
 
 
 if __name__ == "__main__":

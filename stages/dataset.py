@@ -13,7 +13,10 @@ def main(
     out: Path = typer.Option(..., help="Output directory."),
     metrics: Path = typer.Option(..., help="Counts (DVC metrics)."),
 ) -> None:
-    run_stage("dataset", params, lambda p: print(build_dataset(p, out, metrics)))
+    run_stage("dataset", params, lambda p: print(build_dataset(p, out, metrics)), folders={"--out": out},
+              files={"--metrics": metrics}, param_reads=lambda p: {
+                  "dataset.nih_root": Path(p.dataset.nih_root) if p.dataset.source == "nih" and p.dataset.nih_root
+                  else None})
 
 
 if __name__ == "__main__":

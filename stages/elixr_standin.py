@@ -19,7 +19,8 @@ def main(
 ) -> None:
     run_stage("elixr_standin", params,
               lambda p: print(write_elixr_standin(prepared, p.elixr, p.clip, demo_clip, out,
-                                                   device=resolve_device(p.device))))
+                                                   device=resolve_device(p.device))),
+              reads={"--prepared": prepared, "--demo-clip": demo_clip}, folders={"--out": out})
 
 
 if __name__ == "__main__":

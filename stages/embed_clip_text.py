@@ -17,7 +17,9 @@ def main(
     metrics: Path = typer.Option(..., help="Counts."),
 ) -> None:
     run_stage("embed_clip_text", params, lambda p: print(embed_clip_text(filtered, p.clip, demo_clip, out, metrics,
-                                                                        device=resolve_device(p.device))))
+                                                                        device=resolve_device(p.device))),
+              reads={"--filtered": filtered, "--demo-clip": demo_clip}, folders={"--out": out},
+              files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ def main(
     metrics: Path = typer.Option(..., help="Counts and speed."),
 ) -> None:
     run_stage("embed_clip_vision", params, lambda p: print(embed_clip_vision(prepared, p.clip, demo_clip, out, metrics,
-                                                                            device=resolve_device(p.device))))
+                                                                            device=resolve_device(p.device))),
+              reads={"--prepared": prepared, "--demo-clip": demo_clip}, folders={"--out": out},
+              files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def main(
         config, label = (p.elixr, "elixr") if p.elixr.path else (changed(p.elixr, path=str(standin)), "elixr_standin")
         print(build_elixr_store(filtered, config, out, rejects, metrics, label))
 
-    run_stage("embed_elixr", params, body)
+    run_stage("embed_elixr", params, body, reads={"--filtered": filtered, "--standin": standin},
+              folders={"--out": out}, files={"--rejects": rejects, "--metrics": metrics},
+              param_reads=lambda p: {"elixr.path": Path(p.elixr.path) if p.elixr.path else None})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ def main(
     metrics: Path = typer.Option(..., help="Count, shape, device and time."),
 ) -> None:
     run_stage("encode_latents", params,
-              lambda p: print(encode_latents(p, prepared, out, metrics, device=resolve_device(p.device))))
+              lambda p: print(encode_latents(p, prepared, out, metrics, device=resolve_device(p.device))),
+              reads={"--prepared": prepared}, folders={"--out": out}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

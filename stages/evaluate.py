@@ -27,7 +27,9 @@ def main(
         result = evaluate_branch(p, branch, paths)
         print({k: result[k] for k in ("branch", "generated", "seconds")})
 
-    run_stage("evaluate", params, body)
+    run_stage("evaluate", params, body, reads={"--evaluator": evaluator, "--prepared": prepared, "--samples": samples,
+                                               "--model": model, "--store": store},
+              folders={"--figures": figures}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

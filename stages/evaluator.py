@@ -16,7 +16,8 @@ def main(
     metrics: Path = typer.Option(..., help="Its own test AUROC per class."),
 ) -> None:
     run_stage("evaluator", params, lambda p: print(train_evaluator(prepared, p.evaluator, p.seed, out, metrics,
-                                                                         device=resolve_device(p.device))))
+                                                                         device=resolve_device(p.device))),
+              reads={"--prepared": prepared}, folders={"--out": out}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

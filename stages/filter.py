@@ -19,7 +19,7 @@ def main(
         print(f"filter: {result.metrics['rows_in']} rows in, {result.metrics['kept']} kept, "
               f"{len(result.rejects)} rejected (see {out / 'rejects.csv'})")
 
-    run_stage("filter", params, body)
+    run_stage("filter", params, body, reads={"--dataset": dataset}, folders={"--out": out}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

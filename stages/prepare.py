@@ -15,7 +15,8 @@ def main(
     out: Path = typer.Option(..., help="Output directory."),
     metrics: Path = typer.Option(..., help="Counts (DVC metrics)."),
 ) -> None:
-    run_stage("prepare", params, lambda p: prepare_shards(p, dataset, filtered, out, metrics))
+    run_stage("prepare", params, lambda p: prepare_shards(p, dataset, filtered, out, metrics),
+              reads={"--dataset": dataset, "--filtered": filtered}, folders={"--out": out}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

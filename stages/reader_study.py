@@ -16,7 +16,9 @@ def main(
     key: Path = typer.Option(..., help="The answer key (JSON), outside the kit."),
     archive: Path = typer.Option(..., help="The kit as a zip to hand out (images stored uncompressed)."),
 ) -> None:
-    run_stage("reader_study", params, lambda p: print(build_study_kit(p, prepared, samples, kit, key, archive)))
+    run_stage("reader_study", params, lambda p: print(build_study_kit(p, prepared, samples, kit, key, archive)),
+              reads={"--prepared": prepared, "--samples": samples}, folders={"--kit": kit},
+              files={"--key": key, "--archive": archive})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ def main(
     metrics: Path = typer.Option(..., help="Images, sampler settings and speed."),
 ) -> None:
     run_stage("sample", params,
-              lambda p: print(sample_branch(p, branch, model, prepared, store, out, figures, metrics)))
+              lambda p: print(sample_branch(p, branch, model, prepared, store, out, figures, metrics)),
+              reads={"--model": model, "--prepared": prepared, "--store": store},
+              folders={"--out": out, "--figures": figures}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def main(
     kit: Path = typer.Option(..., help="The reader_study stage's kit (named in the how-to when no answers are in)."),
     metrics: Path = typer.Option(..., help="Per reader and pooled metrics (JSON)."),
 ) -> None:
-    run_stage("score_reader_study", params, lambda _: print(score(responses, key, kit, metrics)))
+    run_stage("score_reader_study", params, lambda _: print(score(responses, key, kit, metrics)),
+              reads={"--responses": responses, "--key": key, "--kit": kit}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

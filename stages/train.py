@@ -29,7 +29,9 @@ def main(
                            checkpoints=checkpoints, live=live, latents=latents if p.train.space == "latent" else None)
         print(train_branch(p, branch, paths))
 
-    run_stage("train", params, body)
+    run_stage("train", params, body, reads={"--prepared": prepared, "--store": store, "--demo-clip": demo_clip,
+                                             "--latents": latents},
+              folders={"--out": out, "--checkpoints": checkpoints, "--live": live})
 
 
 if __name__ == "__main__":

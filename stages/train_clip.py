@@ -20,7 +20,7 @@ def main(
                                  device=resolve_device(p.device))
         print({k: v for k, v in result.items() if k != "zero_shot_auroc"})
 
-    run_stage("train_clip", params, body)
+    run_stage("train_clip", params, body, reads={"--prepared": prepared}, folders={"--out": out}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

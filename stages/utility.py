@@ -22,7 +22,9 @@ def main(
     metrics: Path = typer.Option(..., help="Every arm's AUROC with intervals and its difference to the real arm."),
 ) -> None:
     run_stage("utility", params,
-              lambda p: print(branch_utility(p, branch, model, prepared, filtered, store, real, out, figures, metrics)))
+              lambda p: print(branch_utility(p, branch, model, prepared, filtered, store, real, out, figures, metrics)),
+              reads={"--model": model, "--prepared": prepared, "--filtered": filtered, "--store": store, "--real": real},
+              folders={"--out": out, "--figures": figures}, files={"--metrics": metrics})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ def main(
     prepared: Path = typer.Option(..., help="Output of the prepare stage."),
     out: Path = typer.Option(..., help="The real-only arm: its train subset and its real test probabilities."),
 ) -> None:
-    run_stage("utility_real", params, lambda p: print(train_real_arm(p, prepared, out)))
+    run_stage("utility_real", params, lambda p: print(train_real_arm(p, prepared, out)), reads={"--prepared": prepared},
+              folders={"--out": out})
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ def describe_os_error(error: OSError) -> str | None:
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # raised by reads too: say "on", not "writing"
         on = f" on {error.filename}" if error.filename else ""
         return f"permission denied{on}: {error.strerror}; check the permissions of that file or folder and rerun"
+    if error.errno == errno.ENOTDIR:
+        return (f"{error.filename}: a part of this path is a file where a folder belongs; move it away or choose "
+                "another path")
+    if error.errno == errno.EISDIR:
+        return f"{error.filename}: a folder where a file belongs; move it away or choose another path"
     return None
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from cxr_diffusion.config import ClipConfig
+from cxr_diffusion.conditioning.clip_folder import ClipFolderError, check_clip_tower
 from cxr_diffusion.data.nih import DataError
 
 DEMO = "demo"
@@ -80,11 +81,32 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def _local_folder(source: str, revision: str | None) -> Path | None:
+    """``source`` as a folder on this machine: itself, or a hub id's snapshot in the local cache (None: neither;
+    the loader then says it is not available)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from cxr_diffusion.assets.download import AssetError, hub_snapshot
+
+    try:
+        return hub_snapshot(source, revision=revision, local_files_only=True,
+                            allow_patterns=("config.json", "model.safetensors", "model.safetensors.index.json",
+                                            "model-*.safetensors"))
+    except (OSError, ValueError, AssetError):
+        return None
+
+
 def _load_tower(source: str, revision: str | None, preprocessor_class, model_class):
     """A preprocessor (tokenizer or image processor) and a CLIP tower, through the hub's own calls."""
     from safetensors import SafetensorError  # a truncated or damaged model.safetensors
 
     _quiet_transformers()
+    folder = _local_folder(source, revision)
+    if folder is not None:
+        try:
+            check_clip_tower(folder, model_class)
+        except ClipFolderError as error:
+            raise _not_available(source, error) from None
     try:
         preprocessor = preprocessor_class.from_pretrained(source, revision=revision)
         model = model_class.from_pretrained(source, revision=revision, use_safetensors=True)

@@ -19,7 +19,7 @@ from cxr_diffusion.data.nih import (
     patient_sort_key, puts_no_finding_beside_a_finding, read_csv_text, read_image_list, read_metadata_csv, split_labels,
     unknown_labels, whole_numbers,
 )
-from cxr_diffusion.io import write_csv, write_json
+from cxr_diffusion.io import atomic_directory, write_csv, write_json
 
 REJECT_REASONS: tuple[str, ...] = (
     "duplicate_image_index",   # a second row for the same image; the first is kept
@@ -350,12 +350,14 @@ def run_filter(dataset_dir: str | Path, config: FilterConfig, seed: int, out_dir
                 for key, name in OFFICIAL_SPLIT_FILES.items()
                 if config.split.method == "official" and (dataset_dir / "official" / name).is_file()}
     result = filter_metadata(metadata, images_present, config, seed, include_list, official or None)
-    write_csv(out_dir / "rejects.csv", result.rejects)
-    write_csv(out_dir / "include_list_issues.csv", result.include_list_issues)
-    if result.table.empty:  # every later stage needs images; say which rules took them all, here
-        (out_dir / "filtered.csv").unlink(missing_ok=True)  # no stale table beside these rejects
+    # The folder is swapped in whole: a write that fails leaves the previous run's files, never a mix of two.
+    with atomic_directory(out_dir) as tmp:
+        write_csv(tmp / "rejects.csv", result.rejects)
+        write_csv(tmp / "include_list_issues.csv", result.include_list_issues)
+        if not result.table.empty:
+            write_csv(tmp / "filtered.csv", result.table)
+    if result.table.empty:  # every later stage needs images; say which rules took them all (the rejects stay)
         raise DataError(_nothing_kept(dataset_dir / "metadata.csv", out_dir / "rejects.csv", result.metrics))
-    write_csv(out_dir / "filtered.csv", result.table)
     write_json(metrics_path, result.metrics)
     return result
 

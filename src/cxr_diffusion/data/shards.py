@@ -216,6 +216,18 @@ def check_prepared_for(prepared_dir: str | Path, image_size: int, classes: tuple
     return manifest
 
 
+def check_generated_by(samples: Path, branch: str) -> None:
+    """The samples' manifest says they are ``branch``'s generations (``sample@<branch>`` records it): another
+    branch's, or a folder of real images, would be evaluated and written as this branch's metrics."""
+    samples = Path(samples)
+    generated = read_manifest(samples).get("generated")
+    made_by = generated.get("branch") if isinstance(generated, dict) else None
+    if made_by != branch:
+        what = f"{shown_value(made_by, 60)}'s generations" if made_by is not None else "no generations"
+        raise PreparedDataError(f"{samples / 'manifest.json'}: holds {what}, not {branch}'s; pass data/samples/{branch} "
+                                f"(the output of sample@{branch})")
+
+
 def read_manifest(prepared_dir: str | Path) -> dict:
     """The manifest of a prepared (or generated) folder, checked: see the module docstring."""
     path = Path(prepared_dir) / MANIFEST

@@ -26,20 +26,28 @@ from cxr_diffusion.safe_text import visible_text
 from cxr_diffusion.whole_number import is_whole_number
 
 
-def load_vae(source: str):
-    """The AutoencoderKL ``train.vae`` names (a folder, checked before it is built, or a hub id in the cache)."""
+def vae_revision(params: Params) -> str | None:
+    """The revision ``fetch`` downloaded (and ``doctor`` checks) when ``train.vae`` is the fetched hub id."""
+    return params.fetch.vae_revision if params.train.vae == params.fetch.vae_repo else None
+
+
+def load_vae(source: str, revision: str | None = None):
+    """The AutoencoderKL ``train.vae`` names: a folder, checked before it is built, or a hub id read from the local
+    cache at ``revision`` (``vae_revision``), never downloaded at run time."""
     from diffusers import AutoencoderKL
 
     from cxr_diffusion.diffusion.model_limits import check_vae_folder
 
     if Path(source).is_dir():
         check_vae_folder(Path(source))
-    try:
-        return AutoencoderKL.from_pretrained(source, use_safetensors=True).eval()  # never a pickled .bin
+    try:  # never a pickled .bin
+        return AutoencoderKL.from_pretrained(source, use_safetensors=True, revision=revision,
+                                             local_files_only=True).eval()
     except (OSError, ValueError) as error:
         raise DataError(
-            f"train.vae: '{source}' could not be loaded ({type(error).__name__}). Point train.vae at a local "
-            f"AutoencoderKL directory (e.g. a download of stabilityai/sd-vae-ft-mse) or use train.space: pixel."
+            f"train.vae: '{source}' could not be loaded{f' at revision {revision}' if revision else ''} "
+            f"({type(error).__name__}). Point train.vae at a local AutoencoderKL directory, place the hub id in the "
+            f"cache with `cxr-diffusion fetch`, or use train.space: pixel."
         ) from error
 
 
@@ -65,9 +73,15 @@ def vae_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def check_latents_fit(store: ConditionStore, vae, image_size: int) -> None:
-    """The latent store was encoded by this VAE at this image size (else the UNet trains on other latents, or
-    its samples decode to the wrong size)."""
+def check_latents_fit(store: ConditionStore, vae, vae_source: str, image_size: int) -> None:
+    """The latent store was encoded by this VAE (``train.vae``, at its scaling factor) at this image size: else
+    the UNet trains on latents its VAE cannot decode, or its samples decode to the wrong size."""
+    recorded = (store.meta.get("vae"), store.meta.get("scaling_factor"))
+    if recorded != (vae_source, vae.config.scaling_factor):
+        raise StoreError(f"{store.path / 'store.json'}: latents encoded by {visible_text(repr(recorded[0]), 120)} "
+                         f"(scaling factor {visible_text(repr(recorded[1]), 30)}), but train.vae is "
+                         f"{visible_text(repr(vae_source), 120)} (scaling factor {vae.config.scaling_factor}); "
+                         f"{_REENCODE}")
     channels, side, _ = latent_shape(store)
     wanted = (vae.config.latent_channels, image_size // vae_factor(vae))
     if (channels, side) != wanted:
@@ -106,7 +120,7 @@ def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_pa
         if metrics_path is not None:
             write_json(metrics_path, {"latents": False})
         return {"latents": False}
-    vae = load_vae(params.train.vae).to(device)
+    vae = load_vae(params.train.vae, vae_revision(params)).to(device)
     manifest = check_prepared_for(prepared_dir, params.image_size, params.filter.classes)
     check_image_size(params.image_size, vae)
     channels, side = vae.config.latent_channels, params.image_size // vae_factor(vae)

@@ -16,10 +16,11 @@ from cxr_diffusion.device import claim_device, resolve_device
 from cxr_diffusion.diffusion.cpu_threads import cpu_threads_per_process
 from cxr_diffusion.diffusion.data import ConditionedImages
 from cxr_diffusion.diffusion.latent_data import LatentImages
-from cxr_diffusion.diffusion.latents import check_image_size, check_latents_fit, latent_shape, load_vae
+from cxr_diffusion.diffusion.latents import check_image_size, check_latents_fit, latent_shape, load_vae, vae_revision
 from cxr_diffusion.diffusion.memory_plan import MemoryPlan, apply_memory_plan, device_memory_budget, plan_memory
 from cxr_diffusion.diffusion.precision import choose_mixed_precision, unet_block_speedup
 from cxr_diffusion.diffusion.run_plan import TrainingError
+from cxr_diffusion.safe_text import visible_text
 
 
 @dataclass
@@ -40,16 +41,27 @@ class Machine:
         return self.accelerator.device
 
 
+def processes_from_environment(variable: str, default: int) -> int:
+    """A process count that a launcher (accelerate, torchrun) sets in the environment, checked."""
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 1 << 16):
+        raise TrainingError(f"the environment variable {variable} is {visible_text(repr(value), 40)}, expected a whole "
+                            "number of processes from 1 (unset it, or launch through accelerate)")
+    return int(value)
+
+
 def set_up_machine(params: Params, store_dir: Path, latents_dir: Path | None) -> Machine:
     """Device, CPU threads, mixed precision, memory plan, accelerate and VAE, in the order the results depend on:
     the global seed first, then the precision probe, before any model weight is drawn."""
     train = params.train
     torch.manual_seed(params.seed)
     device = resolve_device(params.device)  # accelerate places each process on its GPU; `cpu` forces the CPU
-    processes = int(os.environ.get("WORLD_SIZE", 1))
+    processes = processes_from_environment("WORLD_SIZE", 1)
     claim_device(device, processes)
     if device.type == "cpu":  # undo accelerate's OMP_NUM_THREADS=1 for the processes it launches
-        torch.set_num_threads(cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", processes))))
+        torch.set_num_threads(cpu_threads_per_process(processes_from_environment("LOCAL_WORLD_SIZE", processes)))
     if train.space == "latent" and latents_dir is None:
         raise TrainingError("train.space is 'latent' but no latent store was given (stage encode_latents)")
     store = ConditionStore(store_dir)
@@ -58,9 +70,9 @@ def set_up_machine(params: Params, store_dir: Path, latents_dir: Path | None) ->
     precision, probe = pick_precision(train, device, feature_size)
     vae = None
     if latents is not None:
-        vae = load_vae(train.vae)
+        vae = load_vae(train.vae, vae_revision(params))
         check_image_size(params.image_size, vae)
-        check_latents_fit(latents, vae, params.image_size)
+        check_latents_fit(latents, vae, train.vae, params.image_size)
     # On a GPU the micro-batch, accumulation, checkpointing and where the EMA and VAE live follow the plan for
     # the card (same images per optimizer step); elsewhere the params as they are.
     memory = plan_device_memory(params, device, precision, store, latents, vae)

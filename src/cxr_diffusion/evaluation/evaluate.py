@@ -22,8 +22,8 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from cxr_diffusion.config import EvaluateConfig, Params
-from cxr_diffusion.conditioning.store import ConditionStore
-from cxr_diffusion.data.shards import PreparedDataError, PreparedImages, read_manifest
+from cxr_diffusion.conditioning.store import ConditionStore, check_store_branch
+from cxr_diffusion.data.shards import PreparedDataError, PreparedImages, check_generated_by, check_prepared_for
 from cxr_diffusion.evaluation.closeness import (
     closeness_metrics, inception_fid_metrics, prdc_metrics, real_floor, untrained_closeness,
 )
@@ -150,9 +150,10 @@ def _features_of_images(classifier: CXRClassifier, images: list[Image.Image], ba
 
 
 def untrained_features(params: Params, paths: EvaluatePaths, classifier: CXRClassifier,
-                       condition_names: np.ndarray, device: torch.device) -> np.ndarray:
+                       condition_names: np.ndarray, device: torch.device, branch: str) -> np.ndarray:
     """Evaluator features of the untrained baseline, one generation per named condition of the branch's store."""
     store = ConditionStore(paths.store)
+    check_store_branch(store, paths.store, branch)
     conditions = torch.stack([store[name].embeddings for name in condition_names])
     images = untrained_samples(params, paths.model, conditions, device)
     return _features_of_images(classifier, images, params.evaluate.batch_size)
@@ -240,23 +241,13 @@ def write_figures(directory: Path, branch: str, splits: EmbeddedSplits, closest_
         image_grid(tiles, rows=2).save(tmp / "closest_to_train.png")
 
 
-def check_generated_by(samples: Path, branch: str) -> None:
-    """The samples' manifest says they are ``branch``'s generations (``sample@<branch>`` records it): another
-    branch's, or a folder of real images, would be evaluated and written as this branch's metrics."""
-    generated = read_manifest(samples).get("generated")
-    made_by = generated.get("branch") if isinstance(generated, dict) else None
-    if made_by != branch:
-        what = f"{visible_text(repr(made_by), 60)}'s generations" if made_by is not None else "no generations"
-        raise PreparedDataError(f"{samples / 'manifest.json'}: holds {what}, not {branch}'s; pass data/samples/{branch} "
-                                f"(the output of sample@{branch})")
-
-
 def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     """All metrics of a branch, written to ``paths.metrics`` and returned; figures in ``paths.figures``."""
     started = time.perf_counter()
     config, seed = params.evaluate, params.seed
     device = resolve_device(params.device)
     classifier = load_classifier(paths.evaluator).to(device)
+    check_prepared_for(paths.prepared, params.image_size, params.filter.classes)  # xrv matches classes by position
     images = BranchImages.open(paths.prepared, paths.samples)
     check_generated_by(paths.samples, branch)
     if tuple(classifier.spec.classes) != images.test.classes:
@@ -272,7 +263,7 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
                                         images.train.image_size, device)}
     if config.untrained_images > 0:
         names = splits.generated.image_index[:min(floor.size, config.untrained_images)]
-        baseline = untrained_features(params, paths, classifier, names, device)
+        baseline = untrained_features(params, paths, classifier, names, device, branch)
         closeness.update(untrained_closeness(baseline, generated_features, floor))
     prdc = prdc_metrics(test_features, generated_features, config.prdc_k)
     raddino_pin = params.fetch.raddino_revision if config.raddino == params.fetch.raddino_repo else None

@@ -54,6 +54,15 @@ def _reading(*paths: Path):
                                f"{visible_text(error, 120)}); rerun that stage (`dvc repro -f <stage>`)") from None
 
 
+def _read_branch(path: Path, branch: str) -> dict:
+    """A branch's metrics file; one that says it is another branch's (its ``branch`` key) is refused."""
+    metrics = _read(path)
+    if isinstance(metrics, dict) and "branch" in metrics and metrics["branch"] != branch:
+        raise MetricsFileError(f"{path}: the metrics of branch {visible_text(repr(metrics['branch']), 60)}, not "
+                               f"{branch}'s; {_RERUN}")
+    return metrics
+
+
 def _read(path: Path, checked: tuple[str, ...] = ("",)) -> dict:
     """A metrics file ({} before its stage ran), refused when a number at one of the ``checked`` keys (dotted;
     "": the whole file) is NaN or Infinity. JSON parsers read those, but no stage writes them (``write_json``
@@ -95,7 +104,7 @@ def _refuse_non_finite(path: Path, value: object, key: str) -> None:
 
 def read_evaluations(branches: list[str], folder: Path) -> dict[str, dict]:
     """Each branch's evaluate-stage metrics from ``folder`` ({} for a branch not evaluated yet)."""
-    return {branch: _read(folder / f"{branch}.json") for branch in branches}
+    return {branch: _read_branch(folder / f"{branch}.json", branch) for branch in branches}
 
 
 def _arm_order(arm: str) -> tuple[int, int]:
@@ -151,7 +160,7 @@ def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: Repor
     # DVCLive logs training as it goes (a skipped step's loss may be NaN): only the numbers used here are checked.
     training = _read(inputs.training / branch / "metrics.json", checked=("val.loss", "val.conditioning_gap",
                                                                         "final.steps"))
-    sampling = _read(inputs.sampling / f"{branch}.json")
+    sampling = _read_branch(inputs.sampling / f"{branch}.json", branch)
     closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
     return {
         # From what embed_elixr read (a stand-in snapshot says so in its files), not from which param named it.
@@ -183,7 +192,7 @@ def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: Repor
         "conditioning_gap": (training.get("val") or {}).get("conditioning_gap"),
         "train_steps": (training.get("final") or {}).get("steps"),
         "sampling_img_per_s": sampling.get("images_per_second"),
-        "utility": utility_summary(_read(inputs.utility / f"{branch}.json")),
+        "utility": utility_summary(_read_branch(inputs.utility / f"{branch}.json", branch)),
         "reader_study": reader_study_summary(readers, branch),
     }
 
@@ -387,7 +396,7 @@ def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_pat
     curves_path = report_path.parent / TRAINING_CURVES if curves_path is None else Path(curves_path)
     evaluations = read_evaluations(params.branches, inputs.evaluations)
     summary = summarize(params, evaluations, inputs)
-    utilities = {branch: _read(inputs.utility / f"{branch}.json") for branch in params.branches}
+    utilities = {branch: _read_branch(inputs.utility / f"{branch}.json", branch) for branch in params.branches}
     # Built in memory first: a damaged DVCLive series or metrics file stops the stage before any of the
     # three is replaced.
     curves = draw_training_curves(inputs.training, list(params.branches))

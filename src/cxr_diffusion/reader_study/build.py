@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxr_diffusion.config import Params
-from cxr_diffusion.data.shards import PreparedImages
+from cxr_diffusion.data.shards import PreparedImages, check_generated_by
 from cxr_diffusion.reader_study.items import select_items, source_counts
 from cxr_diffusion.reader_study.kit import build_kit
 from cxr_diffusion.reader_study.labels import study_findings
@@ -18,6 +18,8 @@ def build_study_kit(params: Params, prepared_dir: Path, samples_dir: Path, kit_d
     the kit's summary. The pipeline's seed picks the images; their order and ids come from a secret study key."""
     config = params.reader_study
     real = PreparedImages(prepared_dir, "test", channels=1)
+    for branch in params.branches:  # generations, each of its branch: never real images shown as generated
+        check_generated_by(Path(samples_dir) / branch, branch)
     generated = {branch: PreparedImages(Path(samples_dir) / branch, "test", channels=1) for branch in params.branches}
     counts = source_counts(list(generated), config.count, config.real_fraction)
     print(f"reader_study: {config.count} items ({', '.join(f'{n} {source}' for source, n in counts.items())}), "

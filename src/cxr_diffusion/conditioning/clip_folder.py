@@ -1,0 +1,102 @@
+"""Whether a CLIP folder's config and weights agree, checked before a tower is built.
+
+transformers builds whatever sizes ``config.json`` declares (an ``intermediate_size`` of 10**9 asks for 64 GB),
+fills every tensor the weights lack at random (a config saying two layers over weights of one gives a half-random
+encoder, silently) and casts integer tensors to float. So the sizes the tower reads are bounded well above
+CLIP ViT-L/14's (in the comments), the tower is built on the meta device to list its tensors, and the header of
+``model.safetensors`` (or of each shard its index names) must hold each of them, with its shape, in a float dtype.
+A full CLIPModel checkpoint holds both towers: the other tower's tensors are allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cxr_diffusion.io import JsonFileError, lies_inside, read_json
+from cxr_diffusion.safe_text import shown_value
+from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+from cxr_diffusion.whole_number import is_whole_number
+
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# key: (lowest, highest); CLIP ViT-L/14's values in the comments
+SIZE_LIMITS = {
+    "hidden_size": (1, 8192),                # 768 (text), 1024 (vision)
+    "intermediate_size": (1, 32768),         # 3072, 4096
+    "num_hidden_layers": (1, 96),            # 12, 24
+    "num_attention_heads": (1, 128),         # 12, 16
+    "projection_dim": (1, 8192),             # 768
+    "max_position_embeddings": (1, 4096),    # 77 (text)
+    "vocab_size": (1, 1_000_000),            # 49408 (text)
+    "image_size": (1, 4096),                 # 224 (vision)
+    "patch_size": (1, 1024),                 # 14 (vision)
+    "num_channels": (1, 16),                 # 3 (vision)
+}
+MAX_PARAMETERS = 4 * 10 ** 9  # CLIP ViT-L/14 has 428 M; the largest open CLIPs about 2.5 G
+
+
+class ClipFolderError(ValueError):
+    """Why a folder's CLIP tower cannot be loaded as it says, naming the file and the key or tensor."""
+
+
+def check_clip_tower(folder: Path, model_class) -> None:
+    """Raise ``ClipFolderError`` unless ``folder``'s config describes a tower of bounded size whose every tensor
+    its weights hold, with its shape, in a float dtype."""
+    import torch
+
+    try:
+        config = model_class.config_class.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as error:
+        raise ClipFolderError(f"config.json: not a CLIP config ({type(error).__name__})") from None
+    for key, (low, high) in SIZE_LIMITS.items():
+        value = getattr(config, key, None)
+        if value is not None and not is_whole_number(value, low, high):
+            raise ClipFolderError(f"config.json: {key} is {shown_value(value)}, expected a whole number from {low} "
+                                  f"to {high}")
+    with torch.device("meta"):
+        tower = model_class(config)
+    expected = {name: list(tensor.shape) for name, tensor in tower.state_dict().items()}
+    parameters = sum(tensor.numel() for tensor in tower.state_dict().values())
+    if parameters > MAX_PARAMETERS:
+        raise ClipFolderError(f"config.json: describes a tower of {parameters:,} values, more than "
+                              f"{MAX_PARAMETERS:,}")
+    stored = _stored_tensors(folder)
+    missing = [name for name in expected if name not in stored]
+    if missing:  # transformers would fill them at random
+        raise ClipFolderError(f"the weights lack {len(missing)} of the {len(expected)} tensors the config describes, "
+                              f"e.g. {', '.join(missing[:3])}")
+    for name, shape in expected.items():
+        if stored[name]["shape"] != shape:
+            raise ClipFolderError(f"tensor {name} has shape {stored[name]['shape']}, the config's tower has {shape}")
+        if stored[name]["dtype"] not in FLOAT_DTYPES:
+            raise ClipFolderError(f"tensor {name} is {stored[name]['dtype']}, not a float dtype")
+
+
+def _stored_tensors(folder: Path) -> dict:
+    """Tensor name -> header entry, from model.safetensors or from the shards its index names."""
+    if (folder / WEIGHTS).is_file():
+        shards = [folder / WEIGHTS]
+    elif (folder / INDEX).is_file():
+        try:
+            index = read_json(folder / INDEX, "download the model again")
+        except JsonFileError as error:
+            raise ClipFolderError(f"{INDEX}: {error}") from None
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ClipFolderError(f"{INDEX}: no weight_map of tensor names to shard files")
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise ClipFolderError(f"no {WEIGHTS} (nor {INDEX}): this project reads safetensors weights only")
+    stored: dict = {}
+    for shard in shards:
+        if not lies_inside(shard, folder) or not shard.is_file():
+            raise ClipFolderError(f"{shown_value(shard.name)}: not a file inside the folder")
+        try:
+            header = read_safetensors_header(shard)
+            problem = header.problem(shard.stat().st_size)
+        except (SafetensorsHeaderError, OSError) as error:
+            problem = str(error) or type(error).__name__
+        if problem:
+            raise ClipFolderError(f"{shown_value(shard.name)}: not a readable safetensors file ({problem})")
+        stored.update(header.tensors)
+    return stored
