@@ -9,6 +9,7 @@ import typer
 from cxr_diffusion.conditioning.elixr_standin import write_elixr_standin
 from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
+from cxr_diffusion.stage_paths import existing_paths
 
 
 def main(
@@ -20,7 +21,8 @@ def main(
     run_stage("elixr_standin", params,
               lambda p: print(write_elixr_standin(prepared, p.elixr, p.clip, demo_clip, out,
                                                    device=resolve_device(p.device))),
-              reads={"--prepared": prepared, "--demo-clip": demo_clip}, folders={"--out": out})
+              reads={"--prepared": prepared, "--demo-clip": demo_clip}, folders={"--out": out},
+              param_reads=lambda p: existing_paths({"clip.model": p.clip.model}))
 
 
 if __name__ == "__main__":

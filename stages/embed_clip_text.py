@@ -7,6 +7,7 @@ import typer
 from cxr_diffusion.conditioning.embed import embed_clip_text
 from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
+from cxr_diffusion.stage_paths import existing_paths
 
 
 def main(
@@ -19,7 +20,7 @@ def main(
     run_stage("embed_clip_text", params, lambda p: print(embed_clip_text(filtered, p.clip, demo_clip, out, metrics,
                                                                         device=resolve_device(p.device))),
               reads={"--filtered": filtered, "--demo-clip": demo_clip}, folders={"--out": out},
-              files={"--metrics": metrics})
+              files={"--metrics": metrics}, param_reads=lambda p: existing_paths({"clip.model": p.clip.model}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import typer
 from cxr_diffusion.diffusion.latents import encode_latents
 from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
+from cxr_diffusion.stage_paths import existing_paths
 
 
 def main(
@@ -17,7 +18,8 @@ def main(
 ) -> None:
     run_stage("encode_latents", params,
               lambda p: print(encode_latents(p, prepared, out, metrics, device=resolve_device(p.device))),
-              reads={"--prepared": prepared}, folders={"--out": out}, files={"--metrics": metrics})
+              reads={"--prepared": prepared}, folders={"--out": out}, files={"--metrics": metrics},
+              param_reads=lambda p: existing_paths({"train.vae": p.train.vae}))
 
 
 if __name__ == "__main__":

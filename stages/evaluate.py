@@ -7,6 +7,7 @@ import typer
 from cxr_diffusion.branches import BRANCH_HELP
 from cxr_diffusion.evaluation.evaluate import EvaluatePaths, evaluate_branch
 from cxr_diffusion.stage import run_stage
+from cxr_diffusion.stage_paths import existing_paths
 
 
 def main(
@@ -29,7 +30,9 @@ def main(
 
     run_stage("evaluate", params, body, reads={"--evaluator": evaluator, "--prepared": prepared, "--samples": samples,
                                                "--model": model, "--store": store},
-              folders={"--figures": figures}, files={"--metrics": metrics})
+              folders={"--figures": figures}, files={"--metrics": metrics},
+              param_reads=lambda p: existing_paths({f"evaluate.{key}": getattr(p.evaluate, key) for key in (
+                  "inception_weights", "reference_inception_weights", "xrv_weights", "raddino")}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import typer
 
 from cxr_diffusion.data.filter import run_filter
 from cxr_diffusion.stage import run_stage
+from cxr_diffusion.stage_paths import existing_paths
 
 
 def main(
@@ -19,7 +20,8 @@ def main(
         print(f"filter: {result.metrics['rows_in']} rows in, {result.metrics['kept']} kept, "
               f"{len(result.rejects)} rejected (see {out / 'rejects.csv'})")
 
-    run_stage("filter", params, body, reads={"--dataset": dataset}, folders={"--out": out}, files={"--metrics": metrics})
+    run_stage("filter", params, body, reads={"--dataset": dataset}, folders={"--out": out}, files={"--metrics": metrics},
+              param_reads=lambda p: existing_paths({"filter.include_list": p.filter.include_list}))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from cxr_diffusion.conditioning.clip import clip_source
 from cxr_diffusion.diffusion.run_plan import TrainingError
 from cxr_diffusion.diffusion.trainer import TrainPaths, train_branch
 from cxr_diffusion.stage import run_stage
+from cxr_diffusion.stage_paths import existing_paths
 
 
 def main(
@@ -31,7 +32,8 @@ def main(
 
     run_stage("train", params, body, reads={"--prepared": prepared, "--store": store, "--demo-clip": demo_clip,
                                              "--latents": latents},
-              folders={"--out": out, "--checkpoints": checkpoints, "--live": live})
+              folders={"--out": out, "--checkpoints": checkpoints, "--live": live},
+              param_reads=lambda p: existing_paths({"clip.model": p.clip.model, "train.vae": p.train.vae}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import typer
 from cxr_diffusion.conditioning.demo_clip import train_demo_clip
 from cxr_diffusion.device import resolve_device
 from cxr_diffusion.stage import run_stage
+from cxr_diffusion.stage_paths import existing_paths
 
 
 def main(
@@ -20,7 +21,8 @@ def main(
                                  device=resolve_device(p.device))
         print({k: v for k, v in result.items() if k != "zero_shot_auroc"})
 
-    run_stage("train_clip", params, body, reads={"--prepared": prepared}, folders={"--out": out}, files={"--metrics": metrics})
+    run_stage("train_clip", params, body, reads={"--prepared": prepared}, folders={"--out": out}, files={"--metrics": metrics},
+              param_reads=lambda p: existing_paths({"clip.model": p.clip.model}))
 
 
 if __name__ == "__main__":

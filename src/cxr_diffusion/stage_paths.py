@@ -29,17 +29,32 @@ def check_stage_paths(reads: Mapping[str, Path | None], folders: Mapping[str, Pa
     for name, (path, is_folder) in outputs.items():
         _check_writable(name, path, is_folder)
     inputs = {name: Path(path) for name, path in reads.items() if path is not None}
+    resolved_inputs = {other: _resolved(other, source) for other, source in inputs.items()}
     for name, (path, _) in outputs.items():
-        out = path.resolve()
+        out = _resolved(name, path)
         for other, source in inputs.items():
-            _refuse_overlap(name, out, other, source.resolve(), source.is_dir())
+            _refuse_overlap(name, out, other, resolved_inputs[other], source.is_dir())
     names = list(outputs)
     for i, name in enumerate(names):
         for other in names[i + 1:]:
-            first, second = outputs[name][0].resolve(), outputs[other][0].resolve()
+            first, second = _resolved(name, outputs[name][0]), _resolved(other, outputs[other][0])
             if first == second or first in second.parents or second in first.parents:
                 raise StagePathError(f"{name} {_shown(outputs[name][0])} and {other} {_shown(outputs[other][0])} "
                                      "overlap; give each output a path of its own")
+
+
+def existing_paths(named: Mapping[str, str | None]) -> dict[str, Path]:
+    """The params that name a file or folder on this machine (a hub id, "demo" or null names none), as the
+    ``param_reads`` of ``run_stage``."""
+    return {name: Path(value) for name, value in named.items() if value and Path(value).exists()}
+
+
+def _resolved(name: str, path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:  # a symbolic link loop (a RuntimeError before Python 3.13)
+        raise StagePathError(f"{name} {_shown(path)} cannot be resolved ({_shown(error)}); a symbolic link loop? "
+                             "Give a plain path") from None
 
 
 def _refuse_overlap(name: str, out: Path, other: str, source: Path, source_is_folder: bool) -> None:

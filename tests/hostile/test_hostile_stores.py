@@ -649,7 +649,7 @@ def test_truncated_clip_weights_say_how_to_rebuild_them(tmp_path, tiny_clip_dir)
     clip = shutil.copytree(tiny_clip_dir, tmp_path / "clip")
     weights = clip / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(DataError, match=r"could not be loaded as a saved CLIP \(Error while deserializing header.*"
+    with pytest.raises(DataError, match=r"could not be loaded as a saved CLIP \(.*not a readable safetensors file.*"
                                         r"rebuilt by `dvc repro -f train_clip`"):
         load_vision_encoder(str(clip))
 

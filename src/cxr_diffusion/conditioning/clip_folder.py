@@ -19,6 +19,7 @@ from cxr_diffusion.whole_number import is_whole_number
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+TOWER_PREFIXES = ("", "text_model.", "vision_model.")
 # key: (lowest, highest); CLIP ViT-L/14's values in the comments
 SIZE_LIMITS = {
     "hidden_size": (1, 8192),                # 768 (text), 1024 (vision)
@@ -61,6 +62,11 @@ def check_clip_tower(folder: Path, model_class) -> None:
         raise ClipFolderError(f"config.json: describes a tower of {parameters:,} values, more than "
                               f"{MAX_PARAMETERS:,}")
     stored = _stored_tensors(folder)
+    # A full CLIPModel checkpoint names a tower's tensors under its place in CLIPModel ("text_model.embeddings...");
+    # transformers maps a tower that names them bare ("embeddings...") onto them as it loads: the prefix that
+    # names most of them is the one it uses.
+    prefix = max(TOWER_PREFIXES, key=lambda candidate: sum(candidate + name in stored for name in expected))
+    stored = {name[len(prefix):]: entry for name, entry in stored.items() if name.startswith(prefix)}
     missing = [name for name in expected if name not in stored]
     if missing:  # transformers would fill them at random
         raise ClipFolderError(f"the weights lack {len(missing)} of the {len(expected)} tensors the config describes, "

@@ -31,6 +31,16 @@ def vae_revision(params: Params) -> str | None:
     return params.fetch.vae_revision if params.train.vae == params.fetch.vae_repo else None
 
 
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The hub id's config in the local Hugging Face cache at ``revision``, as a folder; None when not cached."""
+    from cxr_diffusion.assets.download import AssetError, hub_snapshot
+
+    try:
+        return hub_snapshot(repo_id, revision=revision, local_files_only=True, allow_patterns=("config.json",))
+    except (OSError, ValueError, AssetError):
+        return None
+
+
 def load_vae(source: str, revision: str | None = None):
     """The AutoencoderKL ``train.vae`` names: a folder, checked before it is built, or a hub id read from the local
     cache at ``revision`` (``vae_revision``), never downloaded at run time."""
@@ -38,8 +48,9 @@ def load_vae(source: str, revision: str | None = None):
 
     from cxr_diffusion.diffusion.model_limits import check_vae_folder
 
-    if Path(source).is_dir():
-        check_vae_folder(Path(source))
+    folder = Path(source) if Path(source).is_dir() else _cached_snapshot(source, revision)
+    if folder is not None:  # a hub id not in the cache is said by from_pretrained below
+        check_vae_folder(folder)
     try:  # never a pickled .bin
         return AutoencoderKL.from_pretrained(source, use_safetensors=True, revision=revision,
                                              local_files_only=True).eval()
