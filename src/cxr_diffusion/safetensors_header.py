@@ -93,6 +93,17 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(entries, 8 + length)
 
 
+def checked_header(path: Path) -> tuple[SafetensorsHeader | None, str | None]:
+    """``path``'s header, and why it does not describe the file as safetensors writes one (None: it does; the
+    header is None when it cannot be read at all). For a reader to refuse a file before ``load_file`` allocates
+    what its header declares."""
+    try:
+        header = read_safetensors_header(path)
+        return header, header.problem(os.stat(path).st_size)
+    except (SafetensorsHeaderError, OSError) as error:
+        return None, str(error) or type(error).__name__
+
+
 def encode_header(entries: dict) -> bytes:
     """The 8-byte length and JSON of a header, padded with spaces to a multiple of 8 as safetensors writes it."""
     text = json.dumps(entries, separators=(",", ":")).encode()

@@ -12,11 +12,8 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -24,12 +21,11 @@ from typer.testing import CliRunner
 from conftest import make_training_data, stage_line
 from cxr_diffusion.cli import app
 from cxr_diffusion.evaluation.report import MetricsFileError
-from cxr_diffusion.reader_study.items import StudyItem
-from cxr_diffusion.reader_study.kit import build_kit
 from cxr_diffusion.reader_study.scoring import score_responses
 from scripted_readers import guesser, response_file, truthful
 from test_hostile_assets import recorded_root
 from test_hostile_pass14 import TwoShapes, _Accelerator
+from test_hostile_reader_text import built_key
 from test_hostile_reports import inputs, report_of, write
 
 
@@ -111,11 +107,7 @@ FINDINGS = ["Effusion"]
 
 def study_key(folder: Path) -> Path:
     """A 12-item kit (6 real, 6 clip_text) and its answer key, built with a fixed study key."""
-    items = [StudyItem(np.full((8, 8), index * 10, np.uint8), "real" if index % 2 else "clip_text", ("Effusion",),
-                       f"{index:08d}_000.png") for index in range(12)]
-    key = folder / "key.json"
-    build_kit(items, folder / "kit", key, "pilot-1", FINDINGS, 0, 32, study_key=b"k")
-    return key
+    return built_key(folder)
 
 
 # ---------------------------------------------------------------------------- the report's reader-study section
@@ -359,13 +351,10 @@ def test_generate_bounds_a_safetensors_embedding_by_its_header_before_loading_it
     (os error 12)') traceback; without the cap, tens of GiB read. It should be refused from its header
     (safetensors_header.read_safetensors_header), naming --embedding and the file."""
     path = sparse_safetensors(tmp_path / "huge.safetensors", [1, 2**20, 8192], dtype, itemsize)
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
-            "from pathlib import Path\nfrom cxr_diffusion.sampling.generate import _read_embedding\n"
-            "from cxr_diffusion.errors import user_error_line\ntry:\n    _read_embedding(Path(sys.argv[1]))\n"
-            "except Exception as error:\n    line = user_error_line(error)\n    if line is None: raise\n"
-            "    print('LINE', line); sys.exit(2)\nprint('LOADED')")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    from test_hostile_pass16 import _in_capped_process
+
+    result = _in_capped_process("from cxr_diffusion.sampling.generate import _read_embedding\n"
+                                "refused(lambda: _read_embedding(Path(sys.argv[1])))", str(path))
     assert result.returncode == 2 and "LINE" in result.stdout and "huge.safetensors" in result.stdout, (
         f"exit {result.returncode}: {result.stdout[-300:]} {result.stderr.strip().splitlines()[-1:]}")
 

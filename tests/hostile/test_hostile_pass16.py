@@ -120,10 +120,9 @@ def test_inception_weights_are_bounded_by_their_header_before_they_are_loaded(tm
 # ---------------------------------------------------------------------------- train and sample: data of another run
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    """16 prepared 16x16 images and their (elixr) condition store, and a two-level elixr model saved as train
-    saves one (built, not trained: sampling it is what is tested)."""
+def saved_untrained_model(store: Path, folder: Path) -> Path:
+    """A two-level elixr model built on ``store`` and saved as train saves one (untrained: what is tested reads its
+    architecture or samples it)."""
     from test_inference_memory import sample_params
 
     from cxr_diffusion.conditioning.store import ConditionStore
@@ -131,14 +130,21 @@ def small_run(tmp_path_factory):
     from cxr_diffusion.diffusion.noise import sampling_scheduler, training_scheduler
     from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
 
-    root = tmp_path_factory.mktemp("p16a-run")
-    data = make_training_data(root / "data", n_images=16)
     params = sample_params(2)
     torch.manual_seed(0)
-    model = build_denoiser(params, ConditionStore(data["store"]))
+    model = build_denoiser(params, ConditionStore(store))
     pipeline = CXRDiffusionPipeline(unet=model.unet, scheduler=sampling_scheduler(training_scheduler(params.train)),
                                     condition_adapter=model.adapter, branch="elixr", channels=params.channels)
-    pipeline.save_pretrained(root / "model", safe_serialization=True)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """16 prepared 16x16 images and their (elixr) condition store, and an untrained elixr model saved on them."""
+    root = tmp_path_factory.mktemp("p16a-run")
+    data = make_training_data(root / "data", n_images=16)
+    saved_untrained_model(data["store"], root / "model")
     return root, data
 
 

@@ -101,13 +101,9 @@ def test_the_reader_study_refuses_samples_that_are_not_the_branchs_generations(t
 def evaluate_run(tmp_path_factory):
     """48 prepared 16x16 images, their elixr store, a one-epoch evaluator, an elixr model built on them (not
     trained: the untrained baseline only reads its architecture) and a samples folder that says it is elixr's."""
-    from test_inference_memory import sample_params
+    from test_hostile_pass16 import saved_untrained_model
 
-    from cxr_diffusion.conditioning.store import ConditionStore
     from cxr_diffusion.config import EvaluatorConfig
-    from cxr_diffusion.diffusion.denoiser import build_denoiser
-    from cxr_diffusion.diffusion.noise import sampling_scheduler, training_scheduler
-    from cxr_diffusion.diffusion.pipeline import CXRDiffusionPipeline
     from cxr_diffusion.evaluation.evaluator import train_evaluator
     from cxr_diffusion.profiles import profile_section
 
@@ -115,12 +111,7 @@ def evaluate_run(tmp_path_factory):
     data = make_training_data(root / "data")
     train_evaluator(data["prepared"], profile_section(EvaluatorConfig, width=4, feature_dim=8, epochs=1, batch_size=8),
                     0, root / "evaluator")
-    params = sample_params(2)
-    torch.manual_seed(0)
-    model = build_denoiser(params, ConditionStore(data["store"]))
-    pipeline = CXRDiffusionPipeline(unet=model.unet, scheduler=sampling_scheduler(training_scheduler(params.train)),
-                                    condition_adapter=model.adapter, branch="elixr", channels=params.channels)
-    pipeline.save_pretrained(root / "model", safe_serialization=True)
+    saved_untrained_model(data["store"], root / "model")
     samples = Path(shutil.copytree(data["prepared"], root / "samples"))
     manifest = json.loads((samples / "manifest.json").read_text())
     manifest["generated"] = {"branch": "elixr", "model": "models/elixr", "sampler": "dpmpp_2m", "steps": 2,

@@ -74,13 +74,18 @@ def test_hidden_characters_stay_readable_as_escapes():
 
 
 # ---- through the pipeline: reader files -> scoring -> report.md ------------------------------------
-@pytest.fixture
-def key_path(tmp_path) -> Path:
+def built_key(folder: Path) -> Path:
+    """A 12-item kit (6 real, 6 clip_text) in ``folder`` and its answer key, built with a fixed study key."""
     items = [StudyItem(np.full((8, 8), index * 10, np.uint8), "real" if index % 2 else "clip_text", ("Effusion",),
                        f"{index:08d}_000.png") for index in range(12)]
-    key = tmp_path / "key.json"
-    build_kit(items, tmp_path / "kit", key, "pilot-1", FINDINGS, 0, 32, study_key=b"k")
+    key = folder / "key.json"
+    build_kit(items, folder / "kit", key, "pilot-1", FINDINGS, 0, 32, study_key=b"k")
     return key
+
+
+@pytest.fixture
+def key_path(tmp_path) -> Path:
+    return built_key(tmp_path)
 
 
 def report_of(metrics: dict) -> str:

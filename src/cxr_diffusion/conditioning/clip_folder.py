@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cxr_diffusion.io import JsonFileError, lies_inside, read_json
 from cxr_diffusion.safe_text import shown_value
-from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+from cxr_diffusion.safetensors_header import checked_header
 from cxr_diffusion.whole_number import is_whole_number
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -97,11 +97,7 @@ def _stored_tensors(folder: Path) -> dict:
     for shard in shards:
         if not lies_inside(shard, folder) or not shard.is_file():
             raise ClipFolderError(f"{shown_value(shard.name)}: not a file inside the folder")
-        try:
-            header = read_safetensors_header(shard)
-            problem = header.problem(shard.stat().st_size)
-        except (SafetensorsHeaderError, OSError) as error:
-            problem = str(error) or type(error).__name__
+        header, problem = checked_header(shard)
         if problem:
             raise ClipFolderError(f"{shown_value(shard.name)}: not a readable safetensors file ({problem})")
         stored.update(header.tensors)

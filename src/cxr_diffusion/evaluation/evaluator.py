@@ -26,7 +26,7 @@ from cxr_diffusion.evaluation.faithfulness import macro_auroc, per_label_auroc
 from cxr_diffusion.device import decode_workers, describe_device, module_device
 from cxr_diffusion.io import atomic_directory, give_plain_modes, read_json, write_json
 from cxr_diffusion.safe_text import visible_text
-from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+from cxr_diffusion.safetensors_header import checked_header
 from cxr_diffusion.whole_number import is_whole_number
 
 
@@ -126,11 +126,7 @@ _SIZE_LIMITS = {"width": 1024, "feature_dim": 16384, "image_size": 4096}
 def _check_weights(path: Path, spec: ClassifierSpec) -> None:
     """``model.safetensors`` holds exactly the float tensors of the network ``spec`` describes, whole."""
     fix = "retrain it with `dvc repro -f evaluator`"
-    try:
-        header = read_safetensors_header(path)
-        problem = header.problem(path.stat().st_size)
-    except (SafetensorsHeaderError, OSError) as error:
-        problem = str(error) or type(error).__name__
+    header, problem = checked_header(path)
     if problem:
         raise DataError(f"{path}: not the evaluator's weights ({problem}); {fix}")
     with torch.device("meta"):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+from cxr_diffusion.safetensors_header import checked_header
 
 # The largest third-party network read here: Inception-v3 is about 100 MB, DenseNet-121 about 30 MB.
 MAX_WEIGHTS_BYTES = 1 << 30
@@ -23,11 +23,7 @@ class WeightsFileError(UserError, ValueError):
 def check_weights_header(path: Path, what: str) -> None:
     """``path`` is a whole safetensors file of at most ``MAX_WEIGHTS_BYTES`` of tensors, from its header alone:
     ``load_file`` allocates whatever a header declares (a sparse file of a few KB can declare 32 GiB)."""
-    try:
-        header = read_safetensors_header(path)
-        problem = header.problem(path.stat().st_size)
-    except (SafetensorsHeaderError, OSError) as error:
-        problem = str(error) or type(error).__name__
+    header, problem = checked_header(path)
     if problem:
         raise WeightsFileError(f"{path}: not a readable safetensors file ({problem}); download it again (it should "
                                f"hold {what})")

@@ -84,13 +84,9 @@ _TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U1
 def _check_safetensors_embedding_header(path: Path) -> None:
     """As for .npy: one floating-point tensor of at most ``MAX_EMBEDDING_VALUES`` whose bytes the file holds,
     from the header alone, before ``load_file`` allocates what it declares."""
-    from cxr_diffusion.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+    from cxr_diffusion.safetensors_header import checked_header
 
-    try:
-        header = read_safetensors_header(path)
-        problem = header.problem(path.stat().st_size)
-    except (SafetensorsHeaderError, OSError) as error:
-        problem = str(error) or type(error).__name__
+    header, problem = checked_header(path)
     if problem:
         raise GenerateError(f"--embedding {path}: not a readable safetensors file ({problem}); is it truncated?")
     tensors = header.tensors
