@@ -190,8 +190,9 @@ def _reference_image(pipeline, reference: Path):
 
     prepare = profile_section(PrepareConfig)  # the default profile's prepare section
     budget = DecodeBudget.from_config(prepare)
-    vae = getattr(pipeline, "vae", None)
-    size = pipeline.unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae else 1)
+    from cxr_diffusion.sampling.sample import output_side
+
+    size = output_side(pipeline)
     try:
         pixels = preprocess(read_image_file(reference, budget), size, prepare.square, budget)
     except DecodeError as error:

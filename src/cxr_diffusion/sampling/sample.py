@@ -29,6 +29,7 @@ from cxr_diffusion.data.decode import encode_png
 from cxr_diffusion.data.shards import MANIFEST, ShardRecord, SplitShardWriter, check_prepared_for, close_writers, shard_schema
 from cxr_diffusion.diffusion.data import ConditionedImages
 from cxr_diffusion.diffusion.grid import tensor_to_pil
+from cxr_diffusion.diffusion.latents import vae_factor
 from cxr_diffusion.diffusion.noise import sampling_scheduler
 from cxr_diffusion.diffusion.model_files import verify_model_files
 from cxr_diffusion.diffusion.model_limits import check_model_limits
@@ -242,10 +243,8 @@ def findings_grid(pipeline: CXRDiffusionPipeline, params: Params, seed: int) -> 
 
 def output_side(pipeline: CXRDiffusionPipeline) -> int:
     """The side of the images ``pipeline`` generates: its UNet's, times the VAE's factor in latent space."""
-    side = pipeline.unet.config.sample_size
-    if pipeline.vae is not None:
-        side *= 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    return side
+    vae = getattr(pipeline, "vae", None)
+    return pipeline.unet.config.sample_size * (vae_factor(vae) if vae is not None else 1)
 
 
 def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Path, store_dir: Path,
