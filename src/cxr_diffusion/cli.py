@@ -168,6 +168,9 @@ def convert_weights(
         _fail(f"--flavour {flavour!r}: use 'fid' or 'torchvision'")
     if target.is_dir():
         _fail(f"{target} is a folder; give the path of the .safetensors file to write")
+    if target.resolve() == source.resolve():
+        _fail(f"{target} is the source itself: converting in place would replace the published weights; "
+              f"give another path for the converted file")
     with atomic_path(target) as staged:  # checked before it replaces anything at target
         try:
             result = convert_inception_weights(source, staged, flavour)  # type: ignore[arg-type]

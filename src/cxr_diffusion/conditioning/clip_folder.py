@@ -79,9 +79,13 @@ def check_clip_tower(folder: Path, model_class) -> None:
 
 
 def _stored_tensors(folder: Path) -> dict:
-    """Tensor name -> header entry, from model.safetensors or from the shards its index names."""
+    """Tensor name -> header entry, from model.safetensors or from the shards its index names. A sharded folder's
+    index must say where each tensor is: every tensor of a shard is mapped to that shard, and every mapped tensor
+    is in the shard it is mapped to (a tensor in two shards, or mapped to one that lacks it, leaves which values
+    load to the loader's order)."""
+    weight_map = None
     if (folder / WEIGHTS).is_file():
-        shards = [folder / WEIGHTS]
+        shards = [WEIGHTS]
     elif (folder / INDEX).is_file():
         try:
             index = read_json(folder / INDEX, "download the model again")
@@ -90,15 +94,31 @@ def _stored_tensors(folder: Path) -> dict:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
             raise ClipFolderError(f"{INDEX}: no weight_map of tensor names to shard files")
-        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        shards = sorted(set(weight_map.values()))
     else:
         raise ClipFolderError(f"no {WEIGHTS} (nor {INDEX}): this project reads safetensors weights only")
     stored: dict = {}
     for shard in shards:
-        if not lies_inside(shard, folder) or not shard.is_file():
-            raise ClipFolderError(f"{shown_value(shard.name)}: not a file inside the folder")
-        header, problem = checked_header(shard)
+        path = folder / shard
+        if not lies_inside(path, folder) or not path.is_file():
+            raise ClipFolderError(f"{shown_value(shard)}: not a file inside the folder")
+        header, problem = checked_header(path)
         if problem:
-            raise ClipFolderError(f"{shown_value(shard.name)}: not a readable safetensors file ({problem})")
+            raise ClipFolderError(f"{shown_value(shard)}: not a readable safetensors file ({problem})")
+        if weight_map is not None:
+            _check_shard_mapped(shard, header.tensors, weight_map)
         stored.update(header.tensors)
+    if weight_map is not None:
+        unstored = [name for name in weight_map if name not in stored]
+        if unstored:
+            raise ClipFolderError(f"{INDEX}: maps {len(unstored)} tensors to shards that lack them, e.g. "
+                                  f"{shown_value(unstored[0])} in {shown_value(weight_map[unstored[0]])}")
     return stored
+
+
+def _check_shard_mapped(shard: str, tensors: dict, weight_map: dict) -> None:
+    for name in tensors:
+        mapped = weight_map.get(name)
+        if mapped != shard:
+            where = f"maps it to {shown_value(mapped)}" if mapped is not None else "does not list it"
+            raise ClipFolderError(f"{shown_value(shard)}: holds tensor {shown_value(name)} but {INDEX} {where}")

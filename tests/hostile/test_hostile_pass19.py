@@ -1,0 +1,100 @@
+"""Hostile inputs, pass 19: the cases stop 38 left unfiled (the same path as source and target, a sharded CLIP
+whose index disagrees with its shards, a real arm of another classifier, an evaluator of another image size, an
+untrained baseline of another branch) and what the nineteenth pass's helpers found. Each case builds its input
+and runs the real entry point or the library function a stage calls, asserting the project's rule: one line
+naming the file or key and what to do, exit 2, no traceback; nothing of the user's lost; a valid input accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cxr_diffusion.cli import app
+from cxr_diffusion.errors import UserError
+
+from conftest import cli_refusal
+
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------------------- convert-weights: source is target
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "link"])
+def test_convert_weights_refuses_a_target_that_is_its_source(tmp_path, spelling):
+    """`convert-weights W W` wrote the converted file over the published weights (atomic_path replaced the
+    source with the converted copy, exit 0): the download was gone. The same file under another spelling too."""
+    source = tmp_path / "inception.safetensors"
+    source.write_bytes(b"the published weights")
+    target = {"same": source, "dotted": tmp_path / "." / "inception.safetensors",
+              "link": tmp_path / "link.safetensors"}[spelling]
+    if spelling == "link":
+        target.symlink_to(source)
+    line = cli_refusal(runner.invoke(app, ["convert-weights", str(source), str(target), "--flavour", "fid"]))
+    assert line.startswith(f"error: {target} is the source itself") and "another path" in line
+    assert source.read_bytes() == b"the published weights"
+
+
+# ---------------------------------------------------------------------------- a sharded CLIP: index vs shards
+
+
+def _sharded_clip(tiny_clip_dir: Path, folder: Path, edit=None) -> Path:
+    """``tiny_clip_dir`` with its weights split into two shards and an index, as save_pretrained shards a large
+    model; ``edit(first, second, weight_map)`` damages them before they are written."""
+    clip = Path(shutil.copytree(tiny_clip_dir, folder))
+    tensors = load_file(clip / "model.safetensors")
+    (clip / "model.safetensors").unlink()
+    names = sorted(tensors)
+    first = {name: tensors[name] for name in names[: len(names) // 2]}
+    second = {name: tensors[name] for name in names[len(names) // 2:]}
+    weight_map = {**{name: "model-00001-of-00002.safetensors" for name in first},
+                  **{name: "model-00002-of-00002.safetensors" for name in second}}
+    if edit is not None:
+        edit(first, second, weight_map)
+    save_file(first, str(clip / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(second, str(clip / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    (clip / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return clip
+
+
+def test_a_sharded_clip_whose_index_matches_its_shards_loads(tmp_path, tiny_clip_dir):
+    from cxr_diffusion.conditioning.clip import load_text_encoder, load_vision_encoder
+
+    clip = _sharded_clip(tiny_clip_dir, tmp_path / "clip")
+    assert load_text_encoder(str(clip)).model is not None
+    assert load_vision_encoder(str(clip)).model is not None
+
+
+def _in_both_shards(first, second, weight_map):
+    name = next(n for n in sorted(first) if n.startswith("text_model.encoder"))
+    second[name] = first[name] * 0  # a second copy of one text tensor, other values
+
+
+def _mapped_to_the_other_shard(first, second, weight_map):
+    name = next(n for n in sorted(first) if n.startswith("text_model.encoder"))
+    weight_map[name] = "model-00002-of-00002.safetensors"
+
+
+def _mapped_but_stored_nowhere(first, second, weight_map):
+    weight_map["text_model.encoder.layers.9.mlp.fc1.weight"] = "model-00001-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("edit", [_in_both_shards, _mapped_to_the_other_shard, _mapped_but_stored_nowhere])
+def test_a_sharded_clip_whose_index_disagrees_with_its_shards_is_refused(tmp_path, tiny_clip_dir, edit):
+    """The tower check merged the shards' headers without reading the index's weight_map: a tensor stored in both
+    shards (with other values), or mapped to a shard that does not hold it, passed, and which values transformers
+    loads then depends on its reading order. The index and the shards must agree, naming the shard or index."""
+    from cxr_diffusion.conditioning.clip import load_text_encoder
+
+    clip = _sharded_clip(tiny_clip_dir, tmp_path / "clip", edit)
+    with pytest.raises(UserError) as refused:
+        load_text_encoder(str(clip))
+    message = str(refused.value)
+    assert message.startswith(f"clip.model: {clip} could not be loaded as a saved CLIP")
+    assert "model.safetensors.index.json" in message and "\n" not in message
