@@ -98,3 +98,49 @@ def test_a_sharded_clip_whose_index_disagrees_with_its_shards_is_refused(tmp_pat
     message = str(refused.value)
     assert message.startswith(f"clip.model: {clip} could not be loaded as a saved CLIP")
     assert "model.safetensors.index.json" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------- utility: the real arm's classifier
+
+
+def _branch_utility_line(tmp_path, monkeypatch, classifier) -> str:
+    """What utility@elixr says with a real arm trained with ``classifier`` (None: as old real arms recorded it,
+    the architecture only), stopped before anything but the real arm is read."""
+    import numpy as np
+
+    from conftest import one_line_message
+    from cxr_diffusion.profiles import params_with
+    from cxr_diffusion.utility import study
+    from cxr_diffusion.utility.real_arm import REAL_ARM, UtilityError
+    from test_hostile_utility import CLASSES, TEST, real_arm
+
+    class Prepared:  # only what branch_utility reads before it checks the real arm
+        def __init__(self, _folder, split, channels):
+            self.classes, self.image_indices = CLASSES, TEST if split == "test" else ["a.png", "b.png"]
+
+    monkeypatch.setattr(study, "PreparedImages", Prepared)
+    real = real_arm(tmp_path / "real", np.full((3, 2), 0.25))
+    if classifier is not None:
+        facts = json.loads((real / REAL_ARM).read_text())
+        facts["classifier"] = {**facts["classifier"], **classifier}
+    else:
+        facts = {**json.loads((real / REAL_ARM).read_text()), "architecture": "cnn"}
+        del facts["classifier"]
+    (real / REAL_ARM).write_text(json.dumps(facts))
+    return one_line_message(lambda: study.branch_utility(
+        params_with({}), "elixr", tmp_path / "no-model", tmp_path / "prepared", tmp_path / "filtered.csv",
+        tmp_path / "no-store", real, tmp_path / "out", tmp_path / "figures", tmp_path / "m.json"), UtilityError)
+
+
+@pytest.mark.parametrize("classifier, shown", [
+    ({"architecture": "resnet50", "feature_dim": 512}, "architecture 'resnet50', utility.classifier.architecture is 'cnn'"),
+    ({"epochs": 99}, "epochs 99, utility.classifier.epochs is"),
+    (None, "it records no 'classifier' settings"),
+], ids=["architecture", "epochs", "unrecorded"])
+def test_utility_refuses_a_real_arm_trained_with_another_classifier(tmp_path, monkeypatch, classifier, shown):
+    """`utility@<branch>` compared the real arm's classes, seeds and subset with this run's, but not how it was
+    trained: a real arm of `resnet50` (or of other epochs) beside synthetic arms of the evaluator's `cnn` was
+    compared as if trained alike, and the chart called the gap the synthetic data's."""
+    line = _branch_utility_line(tmp_path, monkeypatch, classifier)
+    assert "real_arm.json: the real arm was trained with another classifier" in line and shown in line, line
+    assert "dvc repro utility_real" in line and not (tmp_path / "out").exists()

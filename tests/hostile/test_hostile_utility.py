@@ -19,10 +19,15 @@ CLASSES = ["Effusion", "No Finding"]
 TEST = ["00000001_000.png", "00000002_000.png", "00000003_000.png"]
 
 
-def real_arm(folder: Path, scores: np.ndarray, train_images: int = 2) -> Path:
+def real_arm(folder: Path, scores: np.ndarray, train_images: int = 2, classifier: dict | None = None) -> Path:
+    """A real arm as `utility_real` writes it, trained with the default params' classifier unless told."""
+    from cxr_diffusion.profiles import params_with
+
     folder.mkdir(parents=True, exist_ok=True)
+    classifier = classifier or params_with({}).utility.classifier.model_dump(mode="json")
     (folder / REAL_ARM).write_text(json.dumps({"classes": CLASSES, "train_images": train_images,
-                                               "train_image_indices": ["a.png", "b.png"], "seed_macro_auroc": [0.5]}))
+                                               "train_image_indices": ["a.png", "b.png"], "seed_macro_auroc": [0.5],
+                                               "classifier": classifier}))
     write_scores(folder / SCORES, {REAL: scores}, TEST, CLASSES)
     return folder
 

@@ -158,7 +158,8 @@ def train_real_arm(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
     per_seed = [predict(train_arm(real, train.classes, config, params.seed + extra, device, name=f"{REAL} seed {extra}"),
                         test.images, config.batch_size, REAL) for extra in range(params.utility.seeds)]
     facts = {"classes": list(train.classes), "train_images": len(positions), "train_split_images": len(train),
-             "test_images": len(test.image_indices), "architecture": config.architecture, "device": describe_device(device),
+             "test_images": len(test.image_indices), "architecture": config.architecture,
+             "classifier": config.model_dump(mode="json"), "device": describe_device(device),
              "train_image_indices": [train.image_indices[p] for p in positions],
              "seed_macro_auroc": [macro_auroc_on_test(test, scores) for scores in per_seed]}
     with atomic_directory(out_dir) as tmp:

@@ -23,6 +23,7 @@ from cxr_diffusion.conditioning.store import ConditionStore, check_store_branch
 from cxr_diffusion.data.shards import PreparedImages, check_prepared_for
 from cxr_diffusion.device import describe_device, resolve_device
 from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.safe_text import shown_value
 from cxr_diffusion.sampling.sample import load_pipeline, output_side
 from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
 from cxr_diffusion.utility.chart import auroc_bars
@@ -64,6 +65,19 @@ def _score_arms(training_sets: dict[str, ArmImages], real: ArmImages, test: ArmI
     return scores
 
 
+def _check_same_classifier(recorded, wanted: dict, facts_path: Path) -> None:
+    """Every arm is trained the same way: the real arm's classifier settings must be this run's."""
+    if recorded == wanted:
+        return
+    if not isinstance(recorded, dict):
+        difference = "it records no 'classifier' settings"
+    else:
+        key = next(k for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k))
+        difference = f"{key} {shown_value(recorded.get(key))}, utility.classifier.{key} is {shown_value(wanted.get(key))}"
+    raise UtilityError(f"{facts_path}: the real arm was trained with another classifier ({difference}); rerun it "
+                       f"with `dvc repro utility_real`")
+
+
 def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: Path, filtered_csv: Path,
                    store_dir: Path, real_dir: Path, out_dir: Path, figures_dir: Path, metrics_path: Path) -> dict:
     """Stage `utility@<branch>`: the synthetic set, the arms that use it, and every arm's AUROC on real test images."""
@@ -75,6 +89,7 @@ def branch_utility(params: Params, branch: str, model_dir: Path, prepared_dir: P
     test_names = PreparedImages(prepared_dir, "test", channels=1).image_indices
     classes = list(train.classes)
     real_facts, real_scores = read_real_arm(real_dir, classes, test_names, utility.seeds)
+    _check_same_classifier(real_facts.get("classifier"), config.model_dump(mode="json"), real_dir / REAL_ARM)
     positions = train_subset(train, utility.train_images, params.seed)
     if [train.image_indices[p] for p in positions] != real_facts.get("train_image_indices"):
         raise UtilityError(f"{real_dir / REAL_ARM}: the real arm was trained on another subset of the train split "
