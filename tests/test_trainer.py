@@ -363,7 +363,7 @@ def test_the_precision_probe_leaves_the_models_initial_weights_alone(tmp_path, d
     drawn = {}
     for setting in ("auto", "no"):
         params = tiny_params(train={"mixed_precision": setting})
-        machine.set_up_machine(params, data["store"], None)
+        machine.set_up_machine(params, data["prepared"], data["store"], None)
         drawn[setting] = torch.rand(4)
     torch.testing.assert_close(drawn["auto"], drawn["no"], rtol=0, atol=0)
 

@@ -92,14 +92,22 @@ def generate(
                                 num_images, guidance_scale, steps, sampler, seed, out, device)
     except UserError as error:
         _fail(str(error))
-    typer.echo(f"wrote {len(files)} images and settings.json to {out}")
+    _echo_visible(f"wrote {len(files)} images and settings.json to {out}")
 
 
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="A prepared-data or samples directory, or a saved model.")) -> None:
     """Summarise a prepared dataset (counts per split, rejects, shards) or a saved model."""
+    from cxr_diffusion.data.shards import read_manifest
+    from cxr_diffusion.errors import UserError
+    from cxr_diffusion.sampling.sample import check_saved_model
+
     if (path / "model_index.json").is_file():
         fix = "retrain it (`dvc repro`, stage train@<branch>) or re-fetch the folder"
+        try:  # as generate and sample check it: what inspect shows is what they would load
+            check_saved_model(path)
+        except UserError as error:
+            _fail(str(error))
         index = _json_fields(path / "model_index.json", {}, fix)
         unet = _json_fields(path / "unet" / "config.json",
                             {"sample_size": int, "in_channels": int, "block_out_channels": list}, fix)
@@ -112,6 +120,10 @@ def inspect(path: Path = typer.Argument(..., help="A prepared-data or samples di
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         _fail(f"{path} has no manifest.json or model_index.json; give data/prepared, data/samples/<branch> or models/<branch>")
+    try:  # as every stage checks it
+        read_manifest(path)
+    except UserError as error:
+        _fail(str(error))
     manifest = _json_fields(manifest_path, {"written": int, "image_size": int, "classes": list, "per_split": dict,
                                             "rejected": int, "rejected_by_reason": dict, "shards": list},
                             "rerun the stage that wrote it (`dvc repro`)")
@@ -179,8 +191,8 @@ def convert_weights(
         _check_finite_weights(staged, source)
         give_plain_modes([staged])
     param = "inception_weights" if flavour == "fid" else "reference_inception_weights"
-    typer.echo(f"wrote {target} ({result['tensors']} tensors, sha256 {result['target_sha256'][:12]}; "
-               f"source sha256 {result['source_sha256'][:12]}). Set evaluate.{param}: {target}")
+    _echo_visible(f"wrote {target} ({result['tensors']} tensors, sha256 {result['target_sha256'][:12]}; "
+                  f"source sha256 {result['source_sha256'][:12]}). Set evaluate.{param}: {target}")
 
 
 def _check_finite_weights(converted: Path, source: Path) -> None:

@@ -16,11 +16,12 @@ import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cxr_diffusion.branches import Branch
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.nih_labels import NIH_LABELS
+from cxr_diffusion.safe_text import is_hidden
 from cxr_diffusion.params_errors import KeyProblem, describe
 
 _LAUNCH_CONFIG = re.compile(r"accelerate/[A-Za-z0-9][A-Za-z0-9_.-]*\.(yaml|yml|json)")
@@ -66,6 +67,17 @@ class Section(BaseModel):
     """A block of ``params.yaml``: strict types, no unknown keys, no defaults, immutable once read."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _one_visible_line(cls, value: Any) -> Any:
+        """Every string is visible text on one line: paths, ids and names are shown in messages, reports and
+        commands to copy, where an escape sequence or a line break would forge what follows."""
+        for text in value if isinstance(value, tuple) else (value,):
+            if isinstance(text, str) and any(is_hidden(char) or (char.isspace() and char != " ") for char in text):
+                raise ValueError("holds a control, invisible or line-break character; write it as visible text on "
+                                 "one line")
+        return value
 
 
 class PhantomConfig(Section):

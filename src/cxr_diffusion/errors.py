@@ -12,6 +12,7 @@ recolour the terminal when a stage fails.
 from __future__ import annotations
 
 import errno
+import os
 
 from cxr_diffusion.safe_text import visible_text
 
@@ -35,7 +36,8 @@ def describe_os_error(error: OSError) -> str | None:
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # raised by reads too: say "on", not "writing"
         on = f" on {error.filename}" if error.filename else ""
         return f"permission denied{on}: {error.strerror}; check the permissions of that file or folder and rerun"
-    if error.errno == errno.ENOTDIR:
+    if error.errno == errno.ENOTDIR or (error.errno == errno.EEXIST and error.filename is not None
+                                        and os.path.isfile(error.filename)):  # mkdir where a file is
         return (f"{error.filename}: a part of this path is a file where a folder belongs; move it away or choose "
                 "another path")
     if error.errno == errno.EISDIR:

@@ -58,7 +58,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     The file gets the mode of a plain ``open(target, "w")`` (0o666 less the umask), not tempfile's 0600.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." and ".." have no name to put a temporary beside
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_beside(target, _create_file)
     try:
@@ -75,7 +75,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     A previous ``target`` is replaced whole, so readers never see a mix of old and new files. The
     directory gets the mode of a plain ``mkdir`` (0o777 less the umask), not tempfile's 0700.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." and ".." have no name to put a temporary beside
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in _ours_beside(target, ".tmp"):  # from a killed run: never trusted
         _remove(leftover)

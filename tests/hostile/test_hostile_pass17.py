@@ -86,7 +86,7 @@ def test_the_reader_study_refuses_samples_that_are_not_the_branchs_generations(t
         manifest["generated"] = {"branch": "clip_text", "model": "models/clip_text", "sampler": "dpmpp_2m",
                                  "steps": 2, "guidance_scale": 3.0, "seed": 0}
         (samples / "elixr" / "manifest.json").write_text(json.dumps(manifest))
-    params = params_with({"branches": ["elixr"], "filter": {"classes": CLASSES, "merges": {}},
+    params = params_with({"branches": ["elixr"], "image_size": 16, "filter": {"classes": CLASSES, "merges": {}},
                           "reader_study": {"count": 4, "real_fraction": 0.5, "calibration": 0, "display_size": 16}})
     line = stage_line(lambda: build_study_kit(params, data["prepared"], samples, tmp_path / "kit",
                                               tmp_path / "key.json"))
@@ -114,7 +114,7 @@ def evaluate_run(tmp_path_factory):
     saved_untrained_model(data["store"], root / "model")
     samples = Path(shutil.copytree(data["prepared"], root / "samples"))
     manifest = json.loads((samples / "manifest.json").read_text())
-    manifest["generated"] = {"branch": "elixr", "model": "models/elixr", "sampler": "dpmpp_2m", "steps": 2,
+    manifest["generated"] = {"branch": "elixr", "model": "models/elixr", "sampler": "dpm++", "steps": 2,
                              "guidance_scale": 3.0, "seed": 0}
     (samples / "manifest.json").write_text(json.dumps(manifest))
     other_store = Path(shutil.copytree(data["store"], root / "clip_vision_store"))
@@ -238,7 +238,7 @@ def test_compare_refuses_a_metrics_file_that_says_it_is_another_branchs(tmp_path
 
     path = getattr(inputs(tmp_path), folder) / "elixr.json"
     write(path, {"branch": "elixr", "closeness": {"kid": 0.5}} if folder == "evaluations" else
-          {"branch": "elixr", "images": 2, "sampler": "dpmpp_2m", "steps": 2, "guidance_scale": 3.0})
+          {"branch": "elixr", "images": 2, "sampler": "dpm++", "steps": 20, "guidance_scale": 3.0})
     report_of(tmp_path)  # guard: the file itself is read and reported
     write(path, {**json.loads(path.read_text()), "branch": "clip_text"})
     line = stage_line(lambda: report_of(tmp_path))
@@ -414,7 +414,7 @@ def test_train_with_a_malformed_world_size_in_the_environment_is_one_line(tmp_pa
     monkeypatch.setenv(variable, value)
     params = load_params(tiny_params_file)
     params = params.model_copy(update={"device": "cpu"})
-    line = stage_line(lambda: set_up_machine(params, tmp_path / "store", None))
+    line = stage_line(lambda: set_up_machine(params, tmp_path / "prepared", tmp_path / "store", None))
     assert variable in line, line
 
 

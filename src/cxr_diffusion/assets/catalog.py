@@ -9,12 +9,14 @@ once to safetensors; the torchxrayvision DenseNet can only be read by unpickling
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from cxr_diffusion.config import Params
+from cxr_diffusion.safe_text import shown_value
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,30 @@ def needed_assets(params: Params, root: str | Path = ".") -> list[Asset]:
         if value is not None:
             assets.append(Asset(name, param, value, source, evaluate))
     return assets
+
+
+def overlapping_paths(params: Params, assets: list[Asset], root: str | Path = ".") -> str | None:
+    """Why the paths the params give the assets, the fetch record and the NIH download cannot all be used, or
+    None: two that are the same path (links followed), or one inside the other. Placing or making an asset
+    replaces its whole folder (with whatever else lies in it), and a record inside an asset's folder changes the
+    asset it records."""
+    named = [(asset.param, asset.target) for asset in assets if asset.target is not None]
+    named.append(("fetch.manifest", params.fetch.manifest))
+    if params.dataset.source == "nih" and params.dataset.nih_root:
+        named.append(("dataset.nih_root", params.dataset.nih_root))
+    places = [(param, value, Path(os.path.realpath(Path(root) / value))) for param, value in named]
+    for number, (first, first_value, first_place) in enumerate(places):
+        for second, second_value, second_place in places[number + 1:]:
+            if first_place == second_place:
+                how = "name the same path"
+            elif first_place in second_place.parents or second_place in first_place.parents:
+                how = "nest (one lies inside the other)"
+            else:
+                continue
+            return (f"{first} ({shown_value(first_value)}) and {second} ({shown_value(second_value)}) {how}: "
+                    f"placing one would replace or change the other; give each a path of its own, outside the "
+                    f"others' folders")
+    return None
 
 
 def rerun_command(asset: Asset) -> str:

@@ -6,8 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cxr_diffusion.assets.catalog import (
-    NOTHING_NEEDED, Asset, HandSource, HubSource, how_to_place, needed_assets, rerun_command,
+    NOTHING_NEEDED, Asset, HandSource, HubSource, how_to_place, needed_assets, overlapping_paths, rerun_command,
 )
+from cxr_diffusion.assets.download import AssetError
 from cxr_diffusion.assets.manifest import read_manifest
 from cxr_diffusion.assets.status import Check, check_asset
 from cxr_diffusion.config import Params
@@ -20,8 +21,12 @@ LABELS = {"stand-in": "stand-in (random weights)"}  # how a state is printed, wh
 def diagnose(params: Params, root: str | Path = ".") -> list[tuple[Asset, Check]]:
     """Each needed asset with its state (reads files and the fetch record; downloads nothing)."""
     root = Path(root)
+    assets = needed_assets(params, root)
+    overlap = overlapping_paths(params, assets, root)
+    if overlap is not None:
+        raise AssetError(overlap)
     manifest = read_manifest(root / params.fetch.manifest)
-    return [(asset, check_asset(asset, manifest, root)) for asset in needed_assets(params, root)]
+    return [(asset, check_asset(asset, manifest, root)) for asset in assets]
 
 
 def fix(asset: Asset, check: Check) -> str:

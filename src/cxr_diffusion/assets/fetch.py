@@ -17,7 +17,8 @@ from pathlib import Path
 from cxr_diffusion.assets import download
 from cxr_diffusion.assets.content import check_hub_folder
 from cxr_diffusion.assets.catalog import (
-    NOTHING_NEEDED, Asset, HandSource, HubSource, UrlSource, how_to_place, needed_assets, rerun_command,
+    NOTHING_NEEDED, Asset, HandSource, HubSource, UrlSource, how_to_place, needed_assets, overlapping_paths,
+    rerun_command,
 )
 from cxr_diffusion.assets.download import AssetError
 from cxr_diffusion.assets.manifest import read_manifest, record, snapshot
@@ -157,6 +158,9 @@ def fetch_assets(params: Params, root: str | Path = ".", *, record_present: bool
     if not assets:
         echo(NOTHING_NEEDED)
         return report
+    overlap = overlapping_paths(params, assets, root)
+    if overlap is not None:  # before anything is downloaded or replaced
+        raise AssetError(overlap)
     manifest = read_manifest(manifest_path)
     for asset in assets:
         check = check_asset(asset, manifest, root)

@@ -20,7 +20,7 @@ from cxr_diffusion.config import ClipConfig, ParamsError
 from cxr_diffusion.conditioning.clip import clip_source, encode_images, encode_prompts, load_text_encoder, load_vision_encoder
 from cxr_diffusion.conditioning.prompts import prompt_for, prompts_cut_alike
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
-from cxr_diffusion.data.filtered_table import read_filtered_csv
+from cxr_diffusion.data.filtered_table import check_each_image_once, read_filtered_csv
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import MANIFEST, iter_row_groups, read_manifest
 from cxr_diffusion.device import describe_device, half_dtype
@@ -79,6 +79,7 @@ def read_filtered_table(path: Path) -> pd.DataFrame:
     if table.empty:
         raise DataError(f"{path}: no images (0 rows); nothing to embed. Check that the filter stage keeps images "
                         f"(filter.* params) and rerun it")
+    check_each_image_once(path, table)  # the store holds one condition per image
     return table
 
 

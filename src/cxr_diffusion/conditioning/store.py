@@ -15,6 +15,7 @@ count toward the process's resident memory, so one pass over a 48k x 32 x 768 st
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ import pandas as pd
 import torch
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, require_regular_file, write_csv, write_json
+from cxr_diffusion.io import (JsonFileError, atomic_directory, read_json, require_regular_file, sha256_file, write_csv,
+                              write_json)
 from cxr_diffusion.npy_header import read_npy_header
 from cxr_diffusion.safe_text import visible_text
 
@@ -299,3 +301,11 @@ def check_store_branch(store: ConditionStore, store_dir: Path, branch: str) -> N
     if store.meta.get("branch") != branch:
         raise StoreError(f"{store_dir} holds {visible_text(repr(store.meta.get('branch')), 60)} conditions, not "
                          f"{branch}'s; pass data/embeddings/{branch} (the output of embed_{branch})")
+
+
+def store_digest(store: ConditionStore) -> str:
+    """One sha256 of a store's files: what its conditions are, not where they came from (a store rebuilt by a
+    retrained CLIP keeps its ``encoder`` path). A training checkpoint records it, so it resumes only on the
+    conditions it was trained on."""
+    files = [name for name in (META, INDEX, EMBEDDINGS, MASK) if (store.path / name).is_file()]
+    return hashlib.sha256(" ".join(f"{name}:{sha256_file(store.path / name)}" for name in files).encode()).hexdigest()

@@ -214,6 +214,13 @@ def _usable_patient_ids(path: str | os.PathLike, patient_ids: pd.Series, lines: 
     return canonical
 
 
+def check_each_image_once(path: str | os.PathLike, table: pd.DataFrame) -> None:
+    """A ``DataError`` naming the image and the lines it is on when ``table`` (read from ``path``, with its
+    ``Image Index`` column) lists an image twice: for the stages that read the table without ``check_split_table``."""
+    table = table.reset_index(drop=True)
+    _check_each_image_once(path, table, _RowLines(path, table))
+
+
 def _check_each_image_once(path: str | os.PathLike, table: pd.DataFrame, lines: _RowLines) -> None:
     repeated = table["Image Index"].duplicated(keep=False).to_numpy().nonzero()[0]
     if len(repeated):

@@ -13,6 +13,7 @@ folder is a ``PreparedDataError`` naming the file and the rebuild, never a pyarr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import stat
@@ -216,16 +217,32 @@ def check_prepared_for(prepared_dir: str | Path, image_size: int, classes: tuple
     return manifest
 
 
-def check_generated_by(samples: Path, branch: str) -> None:
-    """The samples' manifest says they are ``branch``'s generations (``sample@<branch>`` records it): another
-    branch's, or a folder of real images, would be evaluated and written as this branch's metrics."""
+def check_generated_by(samples: Path, branch: str, image_size: int) -> None:
+    """The samples' manifest says they are ``branch``'s generations (``sample@<branch>`` records it) at
+    ``image_size``, the real images' side: another branch's, or a folder of real images, would be evaluated and
+    written as this branch's metrics; generations of another size would be told from real films by their size
+    alone (in the reader kit, by the block size of the enlargement)."""
     samples = Path(samples)
-    generated = read_manifest(samples).get("generated")
+    manifest = read_manifest(samples)
+    generated = manifest.get("generated")
     made_by = generated.get("branch") if isinstance(generated, dict) else None
     if made_by != branch:
         what = f"{shown_value(made_by, 60)}'s generations" if made_by is not None else "no generations"
         raise PreparedDataError(f"{samples / 'manifest.json'}: holds {what}, not {branch}'s; pass data/samples/{branch} "
                                 f"(the output of sample@{branch})")
+    if manifest["image_size"] != image_size:
+        raise PreparedDataError(f"{samples / 'manifest.json'}: generations of {manifest['image_size']} px, the real "
+                                f"images are {image_size} px (image_size); rerun sample@{branch} (dvc repro)")
+
+
+def prepared_digest(prepared_dir: str | Path) -> str:
+    """One sha256 of the prepared images: their size, classes and shards (names, splits and sha256 digests, as
+    the manifest records them; each shard is checked against its digest before it is read). Outputs computed
+    from the images (latents, training checkpoints) record it, so they are not taken for other images'."""
+    manifest = read_manifest(prepared_dir)
+    shards = [[shard["file"], shard["split"], shard["sha256"]] for shard in manifest["shards"]]
+    listing = json.dumps([manifest["image_size"], manifest["classes"], shards])
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def read_manifest(prepared_dir: str | Path) -> dict:

@@ -19,7 +19,7 @@ from cxr_diffusion.config import Params
 from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter, StoreError
 from cxr_diffusion.data.filter import SPLITS
 from cxr_diffusion.data.nih import DataError
-from cxr_diffusion.data.shards import PreparedImages, check_prepared_for
+from cxr_diffusion.data.shards import PreparedImages, check_prepared_for, prepared_digest
 from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
 from cxr_diffusion.safe_text import visible_text
@@ -84,9 +84,13 @@ def vae_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def check_latents_fit(store: ConditionStore, vae, vae_source: str, image_size: int) -> None:
-    """The latent store was encoded by this VAE (``train.vae``, at its scaling factor) at this image size: else
-    the UNet trains on latents its VAE cannot decode, or its samples decode to the wrong size."""
+def check_latents_fit(store: ConditionStore, vae, vae_source: str, image_size: int, prepared_dir: Path) -> None:
+    """The latent store was encoded by this VAE (``train.vae``, at its scaling factor) at this image size from
+    these prepared images: else the UNet trains on latents its VAE cannot decode, its samples decode to the wrong
+    size, or it trains on other images than the prepared ones (those without a latent left out silently)."""
+    if store.meta.get("prepared") != prepared_digest(prepared_dir):
+        raise StoreError(f"{store.path / 'store.json'}: latents encoded from other prepared images than "
+                         f"{prepared_dir} (the dataset or the prepare stage changed since); {_REENCODE}")
     recorded = (store.meta.get("vae"), store.meta.get("scaling_factor"))
     if recorded != (vae_source, vae.config.scaling_factor):
         raise StoreError(f"{store.path / 'store.json'}: latents encoded by {visible_text(repr(recorded[0]), 120)} "
@@ -148,6 +152,7 @@ def encode_latents(params: Params, prepared_dir: Path, out_dir: Path, metrics_pa
                     names += list(batch["image_index"])
                     progress.update(len(latents))
         store.finish(names, np.arange(len(names)), {"what": "vae latents", "vae": params.train.vae,
+                                                    "prepared": prepared_digest(prepared_dir),
                                                     "latent_shape": [channels, side, side],
                                                     "scaling_factor": vae.config.scaling_factor})
     metrics = {"latents": True, "images": len(names), "latent_shape": [channels, side, side],

@@ -52,7 +52,7 @@ def processes_from_environment(variable: str, default: int) -> int:
     return int(value)
 
 
-def set_up_machine(params: Params, store_dir: Path, latents_dir: Path | None) -> Machine:
+def set_up_machine(params: Params, prepared_dir: Path, store_dir: Path, latents_dir: Path | None) -> Machine:
     """Device, CPU threads, mixed precision, memory plan, accelerate and VAE, in the order the results depend on:
     the global seed first, then the precision probe, before any model weight is drawn."""
     train = params.train
@@ -72,7 +72,7 @@ def set_up_machine(params: Params, store_dir: Path, latents_dir: Path | None) ->
     if latents is not None:
         vae = load_vae(train.vae, vae_revision(params))
         check_image_size(params.image_size, vae)
-        check_latents_fit(latents, vae, train.vae, params.image_size)
+        check_latents_fit(latents, vae, train.vae, params.image_size, prepared_dir)
     # On a GPU the micro-batch, accumulation, checkpointing and where the EMA and VAE live follow the plan for
     # the card (same images per optimizer step); elsewhere the params as they are.
     memory = plan_device_memory(params, device, precision, store, latents, vae)

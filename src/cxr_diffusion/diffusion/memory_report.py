@@ -33,11 +33,12 @@ class BranchPlan:
 
 def condition_shape(params: Params, root: Path, branch: str) -> tuple[tuple[int, int], str]:
     """The (tokens, dim) that branch's UNet attends to, and where it was read."""
-    from cxr_diffusion.conditioning.store import META, ConditionStore
+    from cxr_diffusion.conditioning.store import META, ConditionStore, check_store_branch
 
     store_path = root / "data" / "embeddings" / branch
     if (store_path / META).is_file():
         store = ConditionStore(store_path)
+        check_store_branch(store, store_path, branch)  # as train does: another branch's shape plans wrong
         tokens, dim, source = store.tokens, store.dim, f"its store {store_path}"
     else:
         (tokens, dim), source = PUBLISHED_CONDITIONS[branch], "its published encoder (no store yet)"

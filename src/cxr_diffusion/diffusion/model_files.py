@@ -52,7 +52,9 @@ def verify_model_files(folder: str | Path) -> None:
     for name, record in files.items():
         path = folder / name
         if not path.is_file():
-            raise ModelFilesError(f"{path}: missing from the saved model ({MODEL_FILES} lists it): {_FIX}")
+            what = "not a regular file (a folder, FIFO or dangling link)" if path.exists() or path.is_symlink() \
+                else "missing from the saved model"
+            raise ModelFilesError(f"{path}: {what} ({MODEL_FILES} lists it): {_FIX}")
         size = path.stat().st_size
         if size != record["bytes"]:
             raise ModelFilesError(f"{path}: {size} bytes, but {record['bytes']} were saved (truncated or "

@@ -38,8 +38,8 @@ from cxr_diffusion.diffusion.resume import maths_settings, resume, save_training
 from cxr_diffusion.diffusion.run_plan import (
     TrainingError, count_nonfinite, epoch_batches, lr_factor, plan_run, record_validation,
 )
-from cxr_diffusion.conditioning.store import check_store_branch
-from cxr_diffusion.data.shards import check_prepared_for
+from cxr_diffusion.conditioning.store import check_store_branch, store_digest
+from cxr_diffusion.data.shards import check_prepared_for, prepared_digest
 from cxr_diffusion.diffusion.step import LaggedReadings, StepReading, backward, optimizer_step
 from cxr_diffusion.diffusion.throughput import Throughput, dynamo_frames_compiled, peak_device_memory
 
@@ -61,7 +61,7 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
         if folder.exists() and not folder.is_dir():  # found before training, not at the first save minutes later
             raise TrainingError(f"{option} {folder}: a file, not a folder; move it away, then rerun")
     check_prepared_for(paths.prepared, params.image_size, params.filter.classes)
-    machine = set_up_machine(params, paths.store, paths.latents)
+    machine = set_up_machine(params, paths.prepared, paths.store, paths.latents)
     check_store_branch(machine.store, paths.store, branch)
     params, train, accelerator = machine.params, machine.params.train, machine.accelerator
     world = accelerator.num_processes
@@ -90,11 +90,14 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     scheduler = training_scheduler(train)
     validator = Validator(val_set, scheduler, train.min_snr_gamma, params.seed, max(train.batch_size, 32))
 
-    # Resume from the newest usable checkpoint written under the same maths, else start from scratch.
+    # Resume from the newest usable checkpoint written under the same maths on the same data, else start from
+    # scratch: a finished run's checkpoint resumed on new data would hand back the old model.
     store, latents = machine.store, machine.latents
     run_hash = config_hash({**maths_settings(params, branch), "precision": machine.precision, "world": world,
                             "store": store.meta.get("encoder"), "condition_shape": [store.tokens, store.dim],
-                            "latents": latents.meta if latents is not None else None})
+                            "latents": latents.meta if latents is not None else None,
+                            "data": {"prepared": prepared_digest(paths.prepared), "store": store_digest(store),
+                                     "latents": store_digest(latents) if latents is not None else None}})
     generator = torch.Generator().manual_seed(params.seed * 7 + accelerator.process_index)  # noise, t, dropout
     resumed = resume(accelerator, paths.checkpoints, run_hash, unwrapped, optimizer, ema, generator, plan)
 

@@ -23,7 +23,9 @@ from torch.utils.data import Subset
 
 from cxr_diffusion.config import EvaluateConfig, Params
 from cxr_diffusion.conditioning.store import ConditionStore, check_store_branch
-from cxr_diffusion.data.shards import PreparedDataError, PreparedImages, check_generated_by, check_prepared_for
+from cxr_diffusion.data.shards import (
+    PreparedDataError, PreparedImages, check_generated_by, check_prepared_for, read_manifest,
+)
 from cxr_diffusion.evaluation.closeness import (
     closeness_metrics, inception_fid_metrics, prdc_metrics, real_floor, untrained_closeness,
 )
@@ -38,7 +40,7 @@ from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
 from cxr_diffusion.device import describe_device, module_device, resolve_device
 from cxr_diffusion.diffusion.grid import image_grid
 from cxr_diffusion.io import atomic_directory, write_json
-from cxr_diffusion.safe_text import visible_text
+from cxr_diffusion.safe_text import shown_value, visible_text
 
 
 @dataclass(frozen=True)
@@ -122,15 +124,22 @@ def embed_splits(classifier: CXRClassifier, images: BranchImages, config: Evalua
 
 
 @torch.no_grad()
-def untrained_samples(params: Params, model_dir: Path, conditions: torch.Tensor,
+def untrained_samples(params: Params, model_dir: Path, conditions: torch.Tensor, branch: str,
                       device: torch.device = torch.device("cpu")) -> list[Image.Image]:
-    """Generations of the same architecture with freshly initialised weights: the 'no training' baseline."""
+    """Generations of the same architecture as ``branch``'s model with freshly initialised weights: the 'no
+    training' baseline."""
     from diffusers import UNet2DConditionModel
 
     from cxr_diffusion.diffusion.condition import ConditionAdapter
-    from cxr_diffusion.sampling.sample import generate, load_pipeline
+    from cxr_diffusion.sampling.sample import generate, load_pipeline, output_side
 
     pipeline = load_pipeline(model_dir, params.sample.sampler, device)
+    if pipeline.config.branch != branch:  # another architecture's baseline: a gap the model did not make
+        raise PreparedDataError(f"{model_dir} holds a {visible_text(pipeline.config.branch, 60)} model, not "
+                                f"{branch}'s; pass models/{branch}")
+    if output_side(pipeline) != params.image_size:
+        raise PreparedDataError(f"{model_dir} generates {output_side(pipeline)} px images but image_size is "
+                                f"{params.image_size}; retrain it (dvc repro) after changing image_size")
     torch.manual_seed(params.seed)
     dtype = pipeline.unet.dtype  # fresh weights are initialised on the CPU (same draws everywhere), then moved
     pipeline.unet = UNet2DConditionModel.from_config(pipeline.unet.config).to(device, dtype)
@@ -155,7 +164,7 @@ def untrained_features(params: Params, paths: EvaluatePaths, classifier: CXRClas
     store = ConditionStore(paths.store)
     check_store_branch(store, paths.store, branch)
     conditions = torch.stack([store[name].embeddings for name in condition_names])
-    images = untrained_samples(params, paths.model, conditions, device)
+    images = untrained_samples(params, paths.model, conditions, branch, device)
     return _features_of_images(classifier, images, params.evaluate.batch_size)
 
 
@@ -241,6 +250,20 @@ def write_figures(directory: Path, branch: str, splits: EmbeddedSplits, closest_
         image_grid(tiles, rows=2).save(tmp / "closest_to_train.png")
 
 
+def _check_sampled_as_the_params_say(samples: Path, params: Params) -> None:
+    """The generations were made with params.sample's sampler, steps and guidance and the params' seed: the
+    untrained baseline is sampled with those, and the metrics are reported under them."""
+    generated = read_manifest(samples)["generated"]
+    wanted = {"sampler": params.sample.sampler, "steps": params.sample.steps,
+              "guidance_scale": params.sample.guidance_scale, "seed": params.seed}
+    for key, value in wanted.items():
+        if generated.get(key) != value:
+            where = "seed" if key == "seed" else f"sample.{key}"
+            raise PreparedDataError(f"{Path(samples) / 'manifest.json'}: generated with {key} "
+                                    f"{shown_value(generated.get(key))}, but {where} is {value!r}; rerun the sample "
+                                    f"stage (dvc repro)")
+
+
 def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     """All metrics of a branch, written to ``paths.metrics`` and returned; figures in ``paths.figures``."""
     started = time.perf_counter()
@@ -249,7 +272,11 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     classifier = load_classifier(paths.evaluator).to(device)
     check_prepared_for(paths.prepared, params.image_size, params.filter.classes)  # xrv matches classes by position
     images = BranchImages.open(paths.prepared, paths.samples)
-    check_generated_by(paths.samples, branch)
+    check_generated_by(paths.samples, branch, params.image_size)
+    _check_sampled_as_the_params_say(paths.samples, params)
+    if classifier.spec.image_size != params.image_size:  # it would see every image resized, unlike its training
+        raise PreparedDataError(f"{paths.evaluator}: an evaluator trained on {classifier.spec.image_size} px images, "
+                                f"image_size is {params.image_size}; rerun the evaluator stage (dvc repro evaluator)")
     if tuple(classifier.spec.classes) != images.test.classes:
         raise PreparedDataError(f"{paths.evaluator}: an evaluator of the classes {visible_text(list(classifier.spec.classes), 200)}, "
                                 f"the prepared data have {visible_text(list(images.test.classes), 200)}; rerun the "

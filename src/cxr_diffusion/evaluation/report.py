@@ -63,6 +63,15 @@ def _read_branch(path: Path, branch: str) -> dict:
     return metrics
 
 
+def _check_sampled_as_the_params_say(path: Path, sampling: dict, params: Params) -> None:
+    """The report's header names the sampler of params.sample: a sample metrics file that records another
+    (samples made before the params changed) would put its numbers under settings they were not made with."""
+    for key in ("sampler", "steps", "guidance_scale"):
+        if key in sampling and sampling[key] != getattr(params.sample, key):
+            raise MetricsFileError(f"{path}: sampled with {key} {visible_text(repr(sampling[key]), 60)}, but "
+                                   f"sample.{key} is {getattr(params.sample, key)!r}; {_RERUN}")
+
+
 def _read(path: Path, checked: tuple[str, ...] = ("",)) -> dict:
     """A metrics file ({} before its stage ran), refused when a number at one of the ``checked`` keys (dotted;
     "": the whole file) is NaN or Infinity. JSON parsers read those, but no stage writes them (``write_json``
@@ -161,6 +170,7 @@ def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: Repor
     training = _read(inputs.training / branch / "metrics.json", checked=("val.loss", "val.conditioning_gap",
                                                                         "final.steps"))
     sampling = _read_branch(inputs.sampling / f"{branch}.json", branch)
+    _check_sampled_as_the_params_say(inputs.sampling / f"{branch}.json", sampling, params)
     closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
     return {
         # From what embed_elixr read (a stand-in snapshot says so in its files), not from which param named it.

@@ -33,7 +33,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.assets.catalog import Asset, HandSource, HubSource, UrlSource, how_to_place, needed_assets
+from cxr_diffusion.assets.catalog import (
+    Asset, HandSource, HubSource, UrlSource, how_to_place, needed_assets, overlapping_paths,
+)
 from cxr_diffusion.config import Params, changed
 from cxr_diffusion.io import sha256_file, write_json
 from cxr_diffusion.assets.standin_marker import (
@@ -105,6 +107,9 @@ def _refuse_real(path: Path, what: str, marker: str) -> None:
 
 def _targets(params: Params, root: Path) -> list[Asset]:
     assets = needed_assets(params, root)
+    overlap = overlapping_paths(params, assets, root)
+    if overlap is not None:  # a stand-in replaces its whole folder
+        raise StandinError(overlap)
     for asset in assets:
         if asset.target is None:
             folder = "external/" + asset.source.repo_id.split("/")[-1]

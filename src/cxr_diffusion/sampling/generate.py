@@ -43,7 +43,7 @@ def generate_images(model: Path, inputs: dict[str, object], num_images: int, gui
     pipeline = _load_model(model, sampler, target)
     condition = _build_condition(pipeline, model, inputs)
     _check_image_count(len(condition), num_images, inputs.get("--embedding"))
-    _check_out(out)
+    _check_out(out, model)
     images = _sample(pipeline, condition, model, num_images, guidance_scale, steps, seed)
     reference, embedding = inputs.get("--reference"), inputs.get("--embedding")
     settings = {"model": str(model), "branch": pipeline.config.branch, "prompt": inputs.get("--prompt"),
@@ -226,12 +226,19 @@ def _check_image_count(conditions: int, num_images: int, embedding: Path | None)
               f"lower --num-images")
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, model: Path) -> None:
     """Refuse, before any sampling, an --out that cannot take the images: a file, a folder that already
-    holds files (never overwritten), a path through a file, or a place we cannot write."""
+    holds files (never overwritten), a path through a file, the current folder or one holding it (it would be
+    swapped away under the shell), a folder in or around the model (a DVC output: its next `dvc repro` deletes
+    them, or the model), or a place we cannot write."""
     import os
     import secrets
 
+    where, model_at = Path(os.path.realpath(out)), Path(os.path.realpath(model))
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise GenerateError(f"--out {out} is the current folder or holds it; give a new folder for the images")
+    if where == model_at or model_at in where.parents or where in model_at.parents:
+        raise GenerateError(f"--out {out} is in or around the model folder {model}; give a folder outside it")
     try:
         if out.is_symlink() and not out.exists():
             raise GenerateError(f"--out {out} is a broken link; give a new folder for the images")

@@ -58,8 +58,7 @@ def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device) -> 
     safetensors weights are read, and only files whose size and sha256 match the folder's record (a file may be a
     link, as DVC's symlink cache makes them; its content is what is checked)."""
     model_dir = Path(model_dir)
-    verify_model_files(model_dir)
-    check_model_limits(model_dir, _check_model_index(model_dir))
+    check_saved_model(model_dir)
     try:
         pipeline = CXRDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as error:  # diffusers' errors for unreadable configs, weights and components
@@ -70,6 +69,15 @@ def load_pipeline(model_dir: str | Path, sampler: str, device: torch.device) -> 
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = sampling_scheduler(pipeline.scheduler, sampler)
     return place_pipeline(pipeline, device)
+
+
+def check_saved_model(model_dir: Path) -> dict:
+    """A saved model's ``model_index.json``, once its files match the hashes written when it was saved, the index
+    names what our pipeline is made of and its configs and weight headers are in range: nothing is built."""
+    verify_model_files(model_dir)
+    index = _check_model_index(model_dir)
+    check_model_limits(model_dir, index)
+    return index
 
 
 _DIFFUSERS_PARTS = ("unet", "condition_adapter", "vae")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxr_diffusion.config import Params
-from cxr_diffusion.data.shards import PreparedImages, iter_row_groups
+from cxr_diffusion.data.shards import PreparedImages, check_prepared_for, iter_row_groups
 from cxr_diffusion.device import describe_device, resolve_device
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.utility.statistics import macro_auroc_of
@@ -22,6 +22,7 @@ from cxr_diffusion.io import atomic_directory, atomic_path, read_json, require_r
 from cxr_diffusion.utility.arms import ArmImages, predict, train_arm
 from cxr_diffusion.utility.images import classifier_side, read_arm_images, train_subset
 from cxr_diffusion.whole_number import is_whole_number
+from cxr_diffusion.safe_text import shown_value
 
 SCORES = "test_scores.parquet"
 REAL_ARM = "real_arm.json"
@@ -99,11 +100,11 @@ def read_real_arm(real_dir: Path, classes: list[str], image_indices: list[str], 
         raise UtilityError(f"{real_dir / SCORES}: column {not_text[0]!r} holds {table.schema.field(not_text[0]).type}, "
                            f"expected text; {fix}")
     if facts.get("classes") != classes:
-        raise UtilityError(f"{real_dir / REAL_ARM}: scored classes {facts.get('classes')}, this run's are {classes}; "
-                           f"{fix}")
+        raise UtilityError(f"{real_dir / REAL_ARM}: scored classes {shown_value(facts.get('classes'), 200)}, this "
+                           f"run's are {classes}; {fix}")
     if table.column_names[2:] != classes:
-        raise UtilityError(f"{real_dir / SCORES}: class columns {table.column_names[2:]}, this run's classes are "
-                           f"{classes}; {fix}")
+        raise UtilityError(f"{real_dir / SCORES}: class columns {shown_value(table.column_names[2:], 200)}, this "
+                           f"run's classes are {classes}; {fix}")
     if table.column("image_index").to_pylist() != image_indices:
         raise UtilityError(f"{real_dir / SCORES}: scored other test images than this run's real test split; {fix}")
     if set(table.column("arm").to_pylist()) != {REAL}:
@@ -149,6 +150,7 @@ def train_real_arm(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
     started = time.perf_counter()
     device = resolve_device(params.device)
     config = params.utility.classifier
+    check_prepared_for(prepared_dir, params.image_size, params.filter.classes)  # as utility@<branch> checks it
     train = PreparedImages(prepared_dir, "train", channels=1)
     if len(train) < 2:
         raise UtilityError(f"{prepared_dir}: {len(train)} train images; the utility arms need at least 2")
