@@ -144,3 +144,27 @@ def test_utility_refuses_a_real_arm_trained_with_another_classifier(tmp_path, mo
     line = _branch_utility_line(tmp_path, monkeypatch, classifier)
     assert "real_arm.json: the real arm was trained with another classifier" in line and shown in line, line
     assert "dvc repro utility_real" in line and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- memory-plan: a UNet no card holds
+
+
+def test_a_unet_whose_state_alone_exceeds_the_card_is_refused_before_activations_are_measured(monkeypatch):
+    """`memory-plan` with the largest UNet the params allow (8 levels of 4096 channels, 16 layers per block)
+    measured fake-tensor training steps for every relaxation it tried, 9 minutes on 2 cores, before saying that
+    no plan fits: the weights, gradients and AdamW state alone were 6115 GiB. Those are known from the parameter
+    count: the refusal comes first, and no activation is measured."""
+    from cxr_diffusion.diffusion import memory_plan
+    from cxr_diffusion.diffusion.memory_plan import GIB, MemoryPlanError, plan_memory
+    from cxr_diffusion.profiles import params_with
+
+    def measured(*_args, **_kwargs):
+        raise AssertionError("activations were measured for a UNet whose state alone exceeds the card")
+
+    monkeypatch.setattr(memory_plan, "measure_activations", measured)
+    train = params_with(profile="nih-512").train
+    with pytest.raises(MemoryPlanError) as refused:
+        plan_memory(train, 64, 4, 768, 77, "bf16", 8 * GIB)
+    message = str(refused.value)
+    assert message.startswith("train.batch_size: no training plan fits the device's 8.0 GiB budget: the UNet's "
+                              "weights, gradients and optimizer state alone take") and "block_out_channels" in message

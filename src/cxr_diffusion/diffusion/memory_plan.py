@@ -240,6 +240,12 @@ def plan_memory(train: TrainConfig, sample_size: int, channels: int, cross_atten
     ``train.batch_size * train.gradient_accumulation``; the micro-batch always divides them."""
     parameters = unet_parameters(train.unet, sample_size, channels, cross_attention_dim)
     images_per_step = train.batch_size * train.gradient_accumulation
+    state = sum(predict_parts(parameters, Activations(0, 0), 1, False).values())  # what no plan can shed
+    if budget_bytes is not None and state > budget_bytes:  # refused before minutes of measuring activations
+        raise MemoryPlanError(
+            f"train.batch_size: no training plan fits the device's {budget_bytes / GIB:.1f} GiB budget: the UNet's "
+            f"weights, gradients and optimizer state alone take {state / GIB:.1f} GiB; train on a card with more "
+            f"memory or shrink the UNet (train.unet.block_out_channels)")
 
     def plan(micro_batch: int, checkpointing: bool, ema_on_device: bool, vae_on_device: bool) -> MemoryPlan:
         activations = measure_activations(train.unet, sample_size, channels, cross_attention_dim, condition_tokens,
