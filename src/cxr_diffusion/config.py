@@ -74,10 +74,22 @@ class Section(BaseModel):
         """Every string is visible text on one line: paths, ids and names are shown in messages, reports and
         commands to copy, where an escape sequence or a line break would forge what follows."""
         for text in value if isinstance(value, tuple) else (value,):
-            if isinstance(text, str) and any(is_hidden(char) or (char.isspace() and char != " ") for char in text):
+            if isinstance(text, str) and any(_unseen(text, at) for at in range(len(text))):
                 raise ValueError("holds a control, invisible or line-break character; write it as visible text on "
                                  "one line")
         return value
+
+
+JOINERS = "\u200c\u200d"  # zero-width (non-)joiners: part of the spelling of Persian, Indic and other scripts
+
+
+def _unseen(text: str, at: int) -> bool:
+    """Whether ``text[at]`` shows nothing where it stands: a control, format or line-break character, or a
+    space other than the plain one; a joiner between two letters is part of the word."""
+    char = text[at]
+    if char in JOINERS and 0 < at < len(text) - 1 and text[at - 1].isalpha() and text[at + 1].isalpha():
+        return False
+    return is_hidden(char) or (char.isspace() and char != " ")
 
 
 class PhantomConfig(Section):

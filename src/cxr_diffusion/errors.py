@@ -37,7 +37,8 @@ def describe_os_error(error: OSError) -> str | None:
         on = f" on {error.filename}" if error.filename else ""
         return f"permission denied{on}: {error.strerror}; check the permissions of that file or folder and rerun"
     if error.errno == errno.ENOTDIR or (error.errno == errno.EEXIST and error.filename is not None
-                                        and os.path.isfile(error.filename)):  # mkdir where a file is
+                                        and os.path.lexists(error.filename)
+                                        and not os.path.isdir(error.filename)):  # mkdir where a file or link is
         return (f"{error.filename}: a part of this path is a file where a folder belongs; move it away or choose "
                 "another path")
     if error.errno == errno.EISDIR:

@@ -60,7 +60,7 @@ class Asset:
 
     def path(self, root: Path) -> Path:
         assert self.target is not None, f"{self.name} lives in the Hugging Face cache, not at a path"
-        return Path(root) / self.target
+        return Path(root) / Path(self.target).expanduser()  # as the loaders read it
 
 
 # Full sha256 digests of the two published Inception checkpoints. torch.hub's check_hash only verifies the
@@ -135,21 +135,26 @@ def needed_assets(params: Params, root: str | Path = ".") -> list[Asset]:
     return assets
 
 
-def overlapping_paths(params: Params, assets: list[Asset], root: str | Path = ".") -> str | None:
+def overlapping_paths(params: Params, assets: list[Asset], root: str | Path = ".", *,
+                      writes_nih_root: bool = False) -> str | None:
     """Why the paths the params give the assets, the fetch record and the NIH download cannot all be used, or
-    None: two that are the same path (links followed), or one inside the other. Placing or making an asset
-    replaces its whole folder (with whatever else lies in it), and a record inside an asset's folder changes the
-    asset it records."""
+    None: two that are the same path (``~`` expanded and links followed, as the readers do), or one inside the
+    other. Placing or making an asset replaces its whole folder (with whatever else lies in it), and a record
+    inside an asset's folder changes the asset it records. The NIH download is only read, but for the stand-in
+    NIH folder (``writes_nih_root``): assets and the record may lie inside it, not it inside them."""
     named = [(asset.param, asset.target) for asset in assets if asset.target is not None]
     named.append(("fetch.manifest", params.fetch.manifest))
     if params.dataset.source == "nih" and params.dataset.nih_root:
         named.append(("dataset.nih_root", params.dataset.nih_root))
-    places = [(param, value, Path(os.path.realpath(Path(root) / value))) for param, value in named]
+    places = [(param, value, Path(os.path.realpath(Path(root) / Path(value).expanduser()))) for param, value in named]
     for number, (first, first_value, first_place) in enumerate(places):
         for second, second_value, second_place in places[number + 1:]:
             if first_place == second_place:
                 how = "name the same path"
             elif first_place in second_place.parents or second_place in first_place.parents:
+                inside_nih = (second == "dataset.nih_root" and second_place in first_place.parents)
+                if inside_nih and not writes_nih_root:
+                    continue
                 how = "nest (one lies inside the other)"
             else:
                 continue

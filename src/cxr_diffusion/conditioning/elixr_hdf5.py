@@ -60,12 +60,39 @@ def scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None,
         if ids.shape not in ((values.shape[0],), (values.shape[0], 1)):  # checked before the ids are read
             raise DataError(f"{path}: '{id_column}' has shape {ids.shape} but '{column}' has shape "
                             f"{values.shape}; each embedding row needs one id")
-        raw_ids = ids[()].reshape(-1)
+        raw_ids = _read_ids(path, ids, id_column)
         row = _declared_row(path, column, tuple(values.shape[1:]), declared)
         shape = checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
         image_ids = tuple(normalized_id(path, number, value) for number, value in enumerate(raw_ids))
         standin = standin_attribute(handle.attrs, path)
     return ElixrFile(path, image_ids, shape, column, standin)
+
+
+ID_READ_BYTES = 16 << 20  # ids held at once while variable-length ids are read
+
+
+def _read_ids(path: Path, ids: h5py.Dataset, name: str) -> list:
+    """Every id of the column, bounded as it is read. Fixed-width ids were bounded from the dtype. Each
+    variable-length id is a pointer to an object in the file, and any number of rows may point at one large
+    object (a file of under 1 MB can ask for terabytes), so they are read a block of rows at a time, so many
+    that even rows that all point at an object of the file's size fit ``ID_READ_BYTES``, each id checked."""
+    if ids.dtype.kind in "SU":
+        return list(ids[()].reshape(-1))
+    rows = ids.shape[0]
+    block = max(1, min(4096, ID_READ_BYTES // max(path.stat().st_size, 1)))
+    values, total = [], 0
+    for start in range(0, rows, block):
+        for offset, value in enumerate(ids[start:start + block].reshape(-1)):
+            size = len(value) if isinstance(value, (bytes, str)) else 0
+            if size > MAX_ID_BYTES:
+                raise DataError(f"{path}: '{name}' row {start + offset:,} is {size:,} bytes, more than "
+                                f"{MAX_ID_BYTES} (an NIH id is 16); is this an ELIXR shard?")
+            total += size
+            if total > MAX_ID_COLUMN_BYTES:
+                raise DataError(f"{path}: '{name}' takes more than {MAX_ID_COLUMN_BYTES >> 20} MB (all 112,120 "
+                                f"NIH ids take 1.8 MB); is this an ELIXR shard?")
+            values.append(value)
+    return values
 
 
 def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, what: str) -> None:

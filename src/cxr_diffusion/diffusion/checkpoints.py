@@ -309,6 +309,8 @@ def _verify_hashes(path: Path, hashes: dict[str, str], wanted: list[str]) -> Non
     for name, recorded in sorted(hashes.items()):
         if PurePath(name).name != name or not (path / name).is_file():
             raise _Unusable(f"{name} is missing")
+        if (path / name).is_symlink():  # a checkpoint is what was saved in its folder, not what a link reaches
+            raise _Unusable(f"{name} is a symbolic link; a checkpoint's files are its own")
         actual = sha256_file(path / name)
         if actual != recorded:
             raise _Unusable(f"{name} has sha256 {actual[:16]}..., {STATE_FILE} recorded {recorded[:16]}...: "
@@ -353,9 +355,30 @@ def _optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
     live = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     if len(set(saved_ids)) != len(saved_ids) or not all(type(index) is int for index in saved_ids):
         raise _Unusable("optimizer.json: its parameter groups do not list each parameter once")
+    _check_same_settings(groups, optimizer.param_groups)
     # load_state_dict gives saved parameter id k's state to the live parameter at k's place in the saved groups
     _check_moments(state, dict(zip(saved_ids, live)), _state_keys(optimizer))
     return {"state": state, "param_groups": groups}
+
+
+def _check_same_settings(saved: list[dict], live: list[dict]) -> None:
+    """``load_state_dict`` replaces each live group's settings with the saved ones: a checkpoint edited to
+    ``maximize`` (gradient ascent), another weight decay or ``amsgrad`` (a KeyError at the first step) would
+    override this run's. Only the learning rate moves during a run (the schedule sets it every step)."""
+    for number, (saved_group, live_group) in enumerate(zip(saved, live)):
+        for key, value in live_group.items():
+            if key in _MOVING_SETTINGS or key == "params":
+                continue
+            if key not in saved_group or type(saved_group[key]) is not type(value) or saved_group[key] != value:
+                shown = repr(saved_group.get(key, "nothing"))[:40]
+                raise _Unusable(f"optimizer.json: parameter group {number}'s {key} is {shown}, this run's is "
+                                f"{value!r}")
+        extra = sorted(set(saved_group) - set(live_group))
+        if extra:
+            raise _Unusable(f"optimizer.json: parameter group {number} has settings this optimizer lacks: {extra[:5]}")
+
+
+_MOVING_SETTINGS = frozenset({"lr", "initial_lr"})  # set by the schedule as the run goes
 
 
 def _state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str] | None:
@@ -377,9 +400,22 @@ def _check_moments(state: dict[int, dict[str, Any]], parameters: dict[int, torch
             raise _Unusable(f"optimizer state for parameter {index}, which its parameter groups do not list")
         if keys is not None and set(entries) != keys:
             raise _Unusable(f"optimizer state of parameter {index} holds {sorted(entries)}, expected {sorted(keys)}")
+        if "step" in entries:
+            _check_step(index, entries["step"])
         for key, value in entries.items():
             if not isinstance(value, torch.Tensor):
                 continue
             wanted = () if key == "step" else tuple(parameters[index].shape)
             if tuple(value.shape) != wanted and not (key == "step" and value.numel() == 1):
                 raise _Unusable(f"optimizer.safetensors: state.{index}.{key} {tuple(value.shape)} != {wanted}")
+
+
+def _check_step(index: int, step: Any) -> None:
+    """AdamW's step count: a whole number of steps taken, at least 0 (its bias correction divides by
+    ``1 - beta ** step``: a negative or NaN step scales every update wrongly, text fails inside torch)."""
+    if isinstance(step, torch.Tensor):
+        value = float(step.reshape(-1)[0]) if step.numel() == 1 and step.is_floating_point() else None
+    else:
+        value = float(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+    if value is None or not math.isfinite(value) or value < 0 or value != int(value):
+        raise _Unusable(f"optimizer state of parameter {index}: step {repr(step)[:40]} is not a count of steps taken")

@@ -107,7 +107,7 @@ def _refuse_real(path: Path, what: str, marker: str) -> None:
 
 def _targets(params: Params, root: Path) -> list[Asset]:
     assets = needed_assets(params, root)
-    overlap = overlapping_paths(params, assets, root)
+    overlap = overlapping_paths(params, assets, root, writes_nih_root=params.dataset.source == "nih")
     if overlap is not None:  # a stand-in replaces its whole folder
         raise StandinError(overlap)
     for asset in assets:

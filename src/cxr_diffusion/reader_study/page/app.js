@@ -357,6 +357,10 @@
         window.alert("Please use Latin letters, digits, spaces and . _ - ' @ ( ) / , + in your reader id.");
         return;
       }
+      if (reader && !/[A-Za-z0-9]/.test(plain)) {  // scoring needs a letter or digit to tell readers apart
+        window.alert("Please put at least one letter or digit in your reader id.");
+        return;
+      }
       if (reader) begin(reader);
     });
     $("switch-reader").addEventListener("click", function () {
