@@ -10,6 +10,7 @@ Reading a file (YAML 1.2 as DVC reads it, no aliases) is ``params_file``'s job.
 
 from __future__ import annotations
 
+import os
 import re
 import string
 import unicodedata
@@ -70,6 +71,14 @@ class Section(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
+    def _home_expanded(cls, value: Any) -> Any:
+        """A path written from the home folder (``~/data``) is that folder for every reader and check alike."""
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            return os.path.expanduser(value)
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
     def _one_visible_line(cls, value: Any) -> Any:
         """Every string is visible text on one line: paths, ids and names are shown in messages, reports and
         commands to copy, where an escape sequence or a line break would forge what follows."""
@@ -80,6 +89,10 @@ class Section(BaseModel):
         return value
 
 
+def _in_word(char: str) -> bool:
+    return char.isalpha() or unicodedata.category(char).startswith("M")
+
+
 JOINERS = "\u200c\u200d"  # zero-width (non-)joiners: part of the spelling of Persian, Indic and other scripts
 
 
@@ -87,8 +100,8 @@ def _unseen(text: str, at: int) -> bool:
     """Whether ``text[at]`` shows nothing where it stands: a control, format or line-break character, or a
     space other than the plain one; a joiner between two letters is part of the word."""
     char = text[at]
-    if char in JOINERS and 0 < at < len(text) - 1 and text[at - 1].isalpha() and text[at + 1].isalpha():
-        return False
+    if char in JOINERS and 0 < at < len(text) - 1 and _in_word(text[at - 1]) and _in_word(text[at + 1]):
+        return False  # a joiner after a virama (Indic half forms) follows a mark, not a letter
     return is_hidden(char) or (char.isspace() and char != " ")
 
 

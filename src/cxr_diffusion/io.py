@@ -22,6 +22,16 @@ import pandas as pd
 from cxr_diffusion.errors import UserError
 
 
+def placed_path(target: str | os.PathLike) -> Path:
+    """Where the system puts ``target``: its folder with links followed, then its own name (a link there is
+    replaced, not what it points to). ``link/../out`` is the folder beside the link's target, as the system
+    resolves it, never the folder beside ``link``; ``.`` and ``..`` are the folders they name."""
+    folder, name = os.path.split(os.fspath(target))
+    if name in ("", ".", ".."):
+        return Path(os.path.realpath(target))
+    return Path(os.path.realpath(folder or ".")) / name
+
+
 def _new_beside(target: Path, create: Callable[[Path], None], suffix: str = ".tmp") -> Path:
     """Make an unused ``.<name>.<8 hex digits><suffix>`` beside ``target`` with ``create`` and return it.
 
@@ -58,7 +68,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     The file gets the mode of a plain ``open(target, "w")`` (0o666 less the umask), not tempfile's 0600.
     """
-    target = Path(os.path.abspath(target))  # "." and ".." have no name to put a temporary beside
+    target = placed_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_beside(target, _create_file)
     try:
@@ -75,7 +85,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     A previous ``target`` is replaced whole, so readers never see a mix of old and new files. The
     directory gets the mode of a plain ``mkdir`` (0o777 less the umask), not tempfile's 0700.
     """
-    target = Path(os.path.abspath(target))  # "." and ".." have no name to put a temporary beside
+    target = placed_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in _ours_beside(target, ".tmp"):  # from a killed run: never trusted
         _remove(leftover)

@@ -78,6 +78,9 @@ def _read_ids(path: Path, ids: h5py.Dataset, name: str) -> list:
     that even rows that all point at an object of the file's size fit ``ID_READ_BYTES``, each id checked."""
     if ids.dtype.kind in "SU":
         return list(ids[()].reshape(-1))
+    if h5py.check_string_dtype(ids.dtype) is None:  # variable-length numbers or arrays: no ids, and unbounded
+        raise DataError(f"{path}: '{name}' holds variable-length {ids.dtype.metadata or 'objects'}, not text; "
+                        f"expected image ids such as 00000001_000 (download the snapshot again)")
     rows = ids.shape[0]
     block = max(1, min(4096, ID_READ_BYTES // max(path.stat().st_size, 1)))
     values, total = [], 0

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxr_diffusion.errors import UserError
 
@@ -165,6 +165,7 @@ def _open_within(data: bytes, budget: DecodeBudget, square: Literal["pad", "cent
             image = Image.open(io.BytesIO(data), formats=_FORMATS)
             budget.check(*image.size, square)  # from the header: nothing is decoded yet
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # a JPEG's EXIF Orientation: the film upright
             return image
     except DecodeError:
         raise
@@ -245,5 +246,9 @@ def encode_png(pixels_uint8: np.ndarray) -> bytes:
 
 
 def preprocess(data: bytes, size: int, square: Literal["pad", "center_crop"], budget: DecodeBudget) -> np.ndarray:
-    """Bytes -> uint8 (size, size) grayscale: decode, square, resize (the image and its square within ``budget``)."""
-    return to_uint8(resize_square(make_square(_decode(data, budget, square), square), size))
+    """Bytes -> uint8 (size, size) grayscale: decode, square, resize (the image and its square within ``budget``).
+    An image of one flat level (blank, or an RGBA film whose alpha hides it all) carries no film: a reject."""
+    pixels = _decode(data, budget, square)
+    if pixels.size and pixels.min() == pixels.max():
+        raise DecodeError("flat_image", f"every pixel is {float(pixels.flat[0]):.3f} of full scale")
+    return to_uint8(resize_square(make_square(pixels, square), size))

@@ -29,6 +29,7 @@ REJECT_REASONS: tuple[str, ...] = (
     # (414) are, rather than failing the stage for every other row.
     "invalid_follow_up",       # Follow-up # is not a whole number >= 0 ('-3', '7.9', '1e400', 'abc', '')
     "invalid_age",             # Patient Age is not a whole number ('7.9', '1e400', 'abc', '')
+    "invalid_sex",             # Patient Gender is not M or F ('Female', 'f', ''): the subgroups compare M and F
     "unknown_label",           # a Finding Label that is not one of NIH's 15
     "contradictory_labels",    # 'No Finding' together with a finding ('No Finding|Effusion')
     "image_missing",           # no image file for the row
@@ -160,6 +161,9 @@ class _Rejects:
         self.detail[mask] = why[mask] if isinstance(why, pd.Series) else why
 
 
+SEXES = ("M", "F")  # NIH's Patient Gender values
+
+
 def _reject_unusable_rows(rows: pd.DataFrame, reject: _Rejects, images_present: set[str], config: FilterConfig,
                           rules: FilmRules) -> None:
     """Rows that cannot be used whatever the study: bad ids, values or labels, no image, another view or age."""
@@ -173,6 +177,8 @@ def _reject_unusable_rows(rows: pd.DataFrame, reject: _Rejects, images_present: 
            rows["Follow-up #"].map(lambda value: f"Follow-up # is {str(value)!r}, expected a whole number >= 0"))
     reject(age.isna(), "invalid_age",
            rows["Patient Age"].map(lambda value: f"Patient Age is {str(value)!r}, expected a whole number"))
+    reject(~rows["Patient Gender"].isin(SEXES), "invalid_sex",  # the subgroups compare M and F
+           rows["Patient Gender"].map(lambda value: f"Patient Gender is {str(value)!r}, expected M or F as NIH writes it"))
     unknown = rows["_labels"].map(unknown_labels)
     reject(unknown.map(bool), "unknown_label", unknown.map(lambda names: "|".join(names)))
     reject(rows["_labels"].map(puts_no_finding_beside_a_finding).astype(bool), "contradictory_labels",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import math
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.io import require_regular_file
+from cxr_diffusion.io import lies_inside, require_regular_file
 from cxr_diffusion.nih_labels import NIH_LABELS, NO_FINDING
 
 # Columns the pipeline needs, as spelled in Data_Entry_2017.csv and Data_Entry_2017_v2020.csv.
@@ -293,9 +294,21 @@ class NihIndex:
     official_lists: dict[str, Path]
 
 
+def _own_file(root: Path, name: str) -> Path | None:
+    """``root / name`` when it is a file of the download: one linked from outside it is refused (its bytes
+    would be copied into data/dataset, the DVC cache and remote), as images linked outside are rejected."""
+    path = root / name
+    if not path.is_file():
+        return None
+    if not lies_inside(path, root):
+        raise DataError(f"{path}: links to {os.path.realpath(path)}, outside dataset.nih_root ({root}); copy the "
+                        f"file into the download instead of linking it")
+    return path
+
+
 def find_metadata_csv(root: Path) -> Path:
     for name in METADATA_FILENAMES:
-        if (root / name).is_file():
+        if _own_file(root, name) is not None:
             return root / name
     raise DataError(f"{root}: no NIH metadata CSV found; expected one of {list(METADATA_FILENAMES)} there "
                     f"(set dataset.nih_root to the folder of your NIH ChestX-ray14 download)")
@@ -321,7 +334,7 @@ def index_nih_root(root: str | Path) -> NihIndex:
     unexpected += [str(p.relative_to(root)) for name, p in on_disk.items() if name not in named]
     found = [(name, str(on_disk[name])) for name in metadata["Image Index"] if name in on_disk]
     missing = [name for name in metadata["Image Index"] if name not in on_disk]
-    lists = {key: root / name for key, name in OFFICIAL_SPLIT_FILES.items() if (root / name).is_file()}
+    lists = {key: root / name for key, name in OFFICIAL_SPLIT_FILES.items() if _own_file(root, name) is not None}
     return NihIndex(
         metadata_csv=metadata_csv,
         image_paths=pd.DataFrame(found, columns=["Image Index", "path"]).drop_duplicates("Image Index"),
@@ -344,7 +357,7 @@ def read_image_list(path: Path) -> set[str]:
                         f"NIH's 112,120 images can take; {fix}")
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Notepad, Excel) is no part of the first name
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise DataError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); it must list one "

@@ -144,7 +144,7 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
 
     workers = workers or params.prepare.workers or default_workers()
     schema = shard_schema(classes)
-    rejects: list[tuple[str, str]] = []
+    rejects: list[tuple[str, str, str]] = []
     started = time.perf_counter()
     with atomic_directory(out_dir) as tmp:
         writers = {split: SplitShardWriter(tmp, split, schema, params.prepare.shard_size,
@@ -153,7 +153,7 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
             for outcome in tqdm(outcomes, total=len(jobs), desc="prepare", unit="img"):
                 row = table.iloc[outcome.position]
                 if outcome.png is None:
-                    rejects.append((row["Image Index"], outcome.reject_reason))
+                    rejects.append((row["Image Index"], row["split"], outcome.reject_reason))
                     continue
                 writers[row["split"]].write(ShardRecord(
                     image_png=outcome.png, image_index=row["Image Index"], patient_id=row["Patient ID"],
@@ -161,15 +161,17 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
                     labels=tuple(int(row[c]) for c in classes),
                 ))
         shards = close_writers(tmp, writers)
-        rejects_frame = pd.DataFrame(rejects, columns=["Image Index", "reason"])
-        write_csv(tmp / "rejects.csv", rejects_frame)
+        rejects_frame = pd.DataFrame(rejects, columns=["Image Index", "split", "reason"])
         written = sum(s["rows"] for s in shards)
+        _refuse_an_emptied_split(table, shards, rejects_frame)  # before the last good output is replaced
+        write_csv(tmp / "rejects.csv", rejects_frame)
         manifest = {
             "images_in": len(table),
             "written": written,
             "rejected": len(rejects),
             "rejected_by_reason": rejects_frame["reason"].str.split(":").str[0].value_counts().sort_index().to_dict(),
             "per_split": {split: sum(s["rows"] for s in shards if s["split"] == split) for split in SPLITS},
+            "rejected_per_split": {split: int((rejects_frame["split"] == split).sum()) for split in SPLITS},
             "classes": list(classes),
             "image_size": params.image_size,
             "square": params.prepare.square,
@@ -180,8 +182,23 @@ def prepare_shards(params: Params, dataset_dir: str | Path, filtered_csv: str | 
         write_json(tmp / MANIFEST, manifest)
     elapsed = time.perf_counter() - started
     if metrics_path is not None:
-        summary = {k: manifest[k] for k in ("images_in", "written", "rejected", "rejected_by_reason", "per_split")}
+        summary = {k: manifest[k] for k in ("images_in", "written", "rejected", "rejected_by_reason", "per_split",
+                                            "rejected_per_split")}
         write_json(metrics_path, summary)
     tqdm.write(f"prepare: {written} written, {len(rejects)} rejected in {elapsed:.1f}s "
                f"({len(jobs) / max(elapsed, 1e-9):.1f} img/s, {workers} workers)")
     return manifest
+
+
+def _refuse_an_emptied_split(table: pd.DataFrame, shards: list[dict], rejects: pd.DataFrame) -> None:
+    """A split the filter filled whose every image was rejected (an unreadable copy, a failed mount) would
+    replace the last good prepared images with none, and score every later metric over nothing: one line
+    naming the split and the reasons instead, the last output kept."""
+    for split in SPLITS:
+        images_in = int((table["split"] == split).sum())
+        if images_in and not sum(shard["rows"] for shard in shards if shard["split"] == split):
+            reasons = rejects.loc[rejects["split"] == split, "reason"].str.split(":").str[0].value_counts()
+            listed = ", ".join(f"{reason} {count}" for reason, count in reasons.sort_index().items())
+            raise DataError(f"prepare: every one of the {images_in:,} images of the {split} split was rejected "
+                            f"(rejects: {listed}); the last prepared images are kept. Check the images under "
+                            f"dataset.nih_root (or the phantom's) and rerun `dvc repro prepare`")

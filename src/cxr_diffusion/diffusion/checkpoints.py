@@ -268,6 +268,8 @@ def load_latest_checkpoint(directory: Path, expected_config_hash: str, modules: 
 def _read_state(path: Path) -> tuple[TrainingState, dict[str, str]]:
     if not (path / STATE_FILE).is_file():
         raise _Unusable(f"incomplete: no {STATE_FILE} (the save was interrupted)")
+    if (path / STATE_FILE).is_symlink():  # it holds the counters and every other file's hash
+        raise _Unusable(f"{STATE_FILE} is a symbolic link; a checkpoint's files are its own")
     try:
         payload = read_json(path / STATE_FILE, "the checkpoint is damaged", max_bytes=_MAX_STATE_BYTES)
         if payload.get("format_version") != FORMAT_VERSION:
@@ -355,30 +357,41 @@ def _optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
     live = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     if len(set(saved_ids)) != len(saved_ids) or not all(type(index) is int for index in saved_ids):
         raise _Unusable("optimizer.json: its parameter groups do not list each parameter once")
-    _check_same_settings(groups, optimizer.param_groups)
+    _check_same_settings(groups, optimizer.param_groups, optimizer)
     # load_state_dict gives saved parameter id k's state to the live parameter at k's place in the saved groups
     _check_moments(state, dict(zip(saved_ids, live)), _state_keys(optimizer))
     return {"state": state, "param_groups": groups}
 
 
-def _check_same_settings(saved: list[dict], live: list[dict]) -> None:
+def _check_same_settings(saved: list[dict], live: list[dict], optimizer: torch.optim.Optimizer) -> None:
     """``load_state_dict`` replaces each live group's settings with the saved ones: a checkpoint edited to
     ``maximize`` (gradient ascent), another weight decay or ``amsgrad`` (a KeyError at the first step) would
-    override this run's. Only the learning rate moves during a run (the schedule sets it every step)."""
+    override this run's. The learning rate moves during a run (the schedule sets it every step), and how torch
+    computes a step (fused, foreach, ...) is not what it computes. A setting the saved group lacks (an older torch
+    did not write it) is one torch fills with its default as it loads: that default must be this run's. One only
+    the saved group has (a newer torch) is not read by this one."""
+    fills = _filled_by_torch(optimizer)
     for number, (saved_group, live_group) in enumerate(zip(saved, live)):
         for key, value in live_group.items():
-            if key in _MOVING_SETTINGS or key == "params":
+            if key in _NOT_COMPARED or key == "params":
                 continue
-            if key not in saved_group or type(saved_group[key]) is not type(value) or saved_group[key] != value:
-                shown = repr(saved_group.get(key, "nothing"))[:40]
-                raise _Unusable(f"optimizer.json: parameter group {number}'s {key} is {shown}, this run's is "
-                                f"{value!r}")
-        extra = sorted(set(saved_group) - set(live_group))
-        if extra:
-            raise _Unusable(f"optimizer.json: parameter group {number} has settings this optimizer lacks: {extra[:5]}")
+            if key not in saved_group:
+                if key in fills and fills[key] == value and type(fills[key]) is type(value):
+                    continue
+                raise _Unusable(f"optimizer.json: parameter group {number} has no {key}, this run's is {value!r}")
+            if type(saved_group[key]) is not type(value) or saved_group[key] != value:
+                raise _Unusable(f"optimizer.json: parameter group {number}'s {key} is {repr(saved_group[key])[:40]}, "
+                                f"this run's is {value!r}")
 
 
-_MOVING_SETTINGS = frozenset({"lr", "initial_lr"})  # set by the schedule as the run goes
+def _filled_by_torch(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The settings Adam's and AdamW's ``__setstate__`` give a loaded group that lacks them."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    return {"maximize": False, "amsgrad": False, "decoupled_weight_decay": isinstance(base, torch.optim.AdamW)}
+
+
+# set by the schedule as the run goes, or how (not what) a step computes
+_NOT_COMPARED = frozenset({"lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"})
 
 
 def _state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str] | None:
@@ -396,6 +409,8 @@ def _check_moments(state: dict[int, dict[str, Any]], parameters: dict[int, torch
     moments) its parameter's shape: ``load_state_dict`` checks none of it, and a fused step through a smaller
     buffer corrupts memory."""
     for index, entries in state.items():
+        if not isinstance(entries, dict):
+            raise _Unusable(f"optimizer state of parameter {index} is {type(entries).__name__}, not a mapping")
         if index not in parameters:
             raise _Unusable(f"optimizer state for parameter {index}, which its parameter groups do not list")
         if keys is not None and set(entries) != keys:
@@ -415,7 +430,9 @@ def _check_step(index: int, step: Any) -> None:
     ``1 - beta ** step``: a negative or NaN step scales every update wrongly, text fails inside torch)."""
     if isinstance(step, torch.Tensor):
         value = float(step.reshape(-1)[0]) if step.numel() == 1 and step.is_floating_point() else None
+    elif isinstance(step, (int, float)) and not isinstance(step, bool) and abs(step) < 2 ** 53:
+        value = float(step)  # a step count past 2**53 is no count this run can have reached (nor a float hold)
     else:
-        value = float(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+        value = None
     if value is None or not math.isfinite(value) or value < 0 or value != int(value):
         raise _Unusable(f"optimizer state of parameter {index}: step {repr(step)[:40]} is not a count of steps taken")

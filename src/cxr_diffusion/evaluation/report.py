@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cxr_diffusion.config import Params
 from cxr_diffusion.evaluation.training_curves import draw_training_curves, save_figure
+from cxr_diffusion.evaluation.metric_ranges import EVALUATE, TRAINING, UTILITY, out_of_range
 from cxr_diffusion.evaluation.report_numbers import number, signed_with_interval, with_interval, without_negative_zero
 from cxr_diffusion.io import atomic_path, read_json, write_json
 from cxr_diffusion.reader_study.labels import REAL
@@ -54,9 +55,9 @@ def _reading(*paths: Path):
                                f"{visible_text(error, 120)}); rerun that stage (`dvc repro -f <stage>`)") from None
 
 
-def _read_branch(path: Path, branch: str) -> dict:
+def _read_branch(path: Path, branch: str, ranges: list | None = None) -> dict:
     """A branch's metrics file; one that says it is another branch's (its ``branch`` key) is refused."""
-    metrics = _read(path)
+    metrics = _read(path, ranges=ranges)
     if isinstance(metrics, dict) and "branch" in metrics and metrics["branch"] != branch:
         raise MetricsFileError(f"{path}: the metrics of branch {visible_text(repr(metrics['branch']), 60)}, not "
                                f"{branch}'s; {_RERUN}")
@@ -72,7 +73,7 @@ def _check_sampled_as_the_params_say(path: Path, sampling: dict, params: Params)
                                    f"sample.{key} is {getattr(params.sample, key)!r}; {_RERUN}")
 
 
-def _read(path: Path, checked: tuple[str, ...] = ("",)) -> dict:
+def _read(path: Path, checked: tuple[str, ...] = ("",), ranges: list | None = None) -> dict:
     """A metrics file ({} before its stage ran), refused when a number at one of the ``checked`` keys (dotted;
     "": the whole file) is NaN or Infinity. JSON parsers read those, but no stage writes them (``write_json``
     refuses them), so the summary could not hold them and the report would show "nan": one line naming the
@@ -84,6 +85,9 @@ def _read(path: Path, checked: tuple[str, ...] = ("",)) -> dict:
     metrics = read_json(path, _RERUN)
     for key in checked:
         _refuse_non_finite(path, _at(metrics, key), key)
+    problem = out_of_range(metrics, ranges) if ranges else None
+    if problem:  # no stage writes it: reported, it would read as a result
+        raise MetricsFileError(f"{path}: {problem}; {_RERUN}")
     return metrics
 
 
@@ -113,7 +117,7 @@ def _refuse_non_finite(path: Path, value: object, key: str) -> None:
 
 def read_evaluations(branches: list[str], folder: Path) -> dict[str, dict]:
     """Each branch's evaluate-stage metrics from ``folder`` ({} for a branch not evaluated yet)."""
-    return {branch: _read_branch(folder / f"{branch}.json", branch) for branch in branches}
+    return {branch: _read_branch(folder / f"{branch}.json", branch, EVALUATE) for branch in branches}
 
 
 def _arm_order(arm: str) -> tuple[int, int]:
@@ -168,7 +172,7 @@ def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: Repor
     """One branch's row of the summary."""
     # DVCLive logs training as it goes (a skipped step's loss may be NaN): only the numbers used here are checked.
     training = _read(inputs.training / branch / "metrics.json", checked=("val.loss", "val.conditioning_gap",
-                                                                        "final.steps"))
+                                                                        "final.steps"), ranges=TRAINING)
     sampling = _read_branch(inputs.sampling / f"{branch}.json", branch)
     _check_sampled_as_the_params_say(inputs.sampling / f"{branch}.json", sampling, params)
     closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
@@ -190,7 +194,8 @@ def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: Repor
         "xrv_fd": evaluation.get("xrv_densenet", {}).get("fd"),
         "xrv_fd_ratio_to_floor": evaluation.get("xrv_densenet", {}).get("fd_ratio_to_floor"),
         "xrv_macro_auroc_vs_requested": evaluation.get("xrv_densenet", {}).get("macro_auroc_vs_requested_labels"),
-        **{k: v for k, v in evaluation.get("prdc", {}).items() if k != "k"},
+        # Only the four PRDC numbers: a key of this section cannot stand in for another metric of the summary.
+        **{key: evaluation.get("prdc", {}).get(key) for key in ("precision", "recall", "density", "coverage")},
         "macro_auroc_vs_requested": faith.get("macro_auroc_vs_requested_labels"),
         "label_exact_match": (faith.get("label_agreement") or {}).get("exact_match"),
         "feature_cosine_to_reference": faith.get("feature_cosine_to_reference"),
@@ -202,7 +207,7 @@ def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: Repor
         "conditioning_gap": (training.get("val") or {}).get("conditioning_gap"),
         "train_steps": (training.get("final") or {}).get("steps"),
         "sampling_img_per_s": sampling.get("images_per_second"),
-        "utility": utility_summary(_read_branch(inputs.utility / f"{branch}.json", branch)),
+        "utility": utility_summary(_read_branch(inputs.utility / f"{branch}.json", branch, UTILITY)),
         "reader_study": reader_study_summary(readers, branch),
     }
 
@@ -406,7 +411,7 @@ def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_pat
     curves_path = report_path.parent / TRAINING_CURVES if curves_path is None else Path(curves_path)
     evaluations = read_evaluations(params.branches, inputs.evaluations)
     summary = summarize(params, evaluations, inputs)
-    utilities = {branch: _read_branch(inputs.utility / f"{branch}.json", branch) for branch in params.branches}
+    utilities = {branch: _read_branch(inputs.utility / f"{branch}.json", branch, UTILITY) for branch in params.branches}
     # Built in memory first: a damaged DVCLive series or metrics file stops the stage before any of the
     # three is replaced.
     curves = draw_training_curves(inputs.training, list(params.branches))

@@ -234,7 +234,9 @@ def _check_out(out: Path, model: Path) -> None:
     import os
     import secrets
 
-    where, model_at = Path(os.path.realpath(out)), Path(os.path.realpath(model))
+    from cxr_diffusion.io import placed_path
+
+    where, model_at = placed_path(out), Path(os.path.realpath(model))  # where atomic_directory will put it
     if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
         raise GenerateError(f"--out {out} is the current folder or holds it; give a new folder for the images")
     if where == model_at or model_at in where.parents or where in model_at.parents:

@@ -53,8 +53,12 @@ def percentile_interval(values: np.ndarray) -> tuple[float | None, float | None]
 
 
 def patient_draws(groups: Sequence[str], resamples: int, seed: int) -> list[np.ndarray]:
-    """Row indices of each bootstrap draw: ``len(set(groups))`` groups drawn with replacement, all rows of each."""
+    """Row indices of each bootstrap draw: ``len(set(groups))`` groups drawn with replacement, all rows of each.
+    No draws with fewer than two groups: every draw would be the split itself, an interval of zero width that
+    reads as certainty (no interval is given instead)."""
     names, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    if len(names) < 2:
+        return []
     rows_of = [np.flatnonzero(inverse == g) for g in range(len(names))]
     picks = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
     return [np.concatenate([rows_of[g] for g in pick]) for pick in picks]
@@ -62,6 +66,7 @@ def patient_draws(groups: Sequence[str], resamples: int, seed: int) -> list[np.n
 
 def _complete(values: np.ndarray, defined: np.ndarray) -> np.ndarray:
     """The draws (rows of ``values``, draws x classes) in which every class defined on the full split is finite."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1, len(defined))  # no draws: 0 x classes
     return values[np.isfinite(values[:, defined]).all(axis=1)] if defined.any() else values[:0]
 
 

@@ -357,6 +357,12 @@
         window.alert("Please use Latin letters, digits, spaces and . _ - ' @ ( ) / , + in your reader id.");
         return;
       }
+      // Only Latin blocks (with their accents): a letter newer than the scoring side's Unicode tables would be
+      // unknown there, and the reader's whole export refused after the study.
+      if (reader && !/^[\u0020-\u007E\u00A0-\u024F\u0300-\u036F\u1E00-\u1EFF]+$/.test(reader)) {
+        window.alert("Please use Latin letters, digits, spaces and . _ - ' @ ( ) / , + in your reader id.");
+        return;
+      }
       if (reader && !/[A-Za-z0-9]/.test(plain)) {  // scoring needs a letter or digit to tell readers apart
         window.alert("Please put at least one letter or digit in your reader id.");
         return;
