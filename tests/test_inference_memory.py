@@ -185,7 +185,10 @@ def test_evaluate_gives_the_same_metrics_with_any_batch_size(tmp_path, data, eva
     # the generated set is the real test split itself: the metrics are then known to be well defined
     samples = Path(shutil.copytree(data["prepared"], tmp_path / "samples"))
     manifest = json.loads((samples / "manifest.json").read_text())
-    (samples / "manifest.json").write_text(json.dumps({**manifest, "generated": {"branch": "elixr"}}))
+    sampled = evaluate_params(2)  # generated as the params say: evaluate compares the settings
+    generated = {"branch": "elixr", "sampler": sampled.sample.sampler, "steps": sampled.sample.steps,
+                 "guidance_scale": sampled.sample.guidance_scale, "seed": sampled.seed}
+    (samples / "manifest.json").write_text(json.dumps({**manifest, "generated": generated}))
     for batch_size in (2, 128):
         paths = EvaluatePaths(evaluator=evaluator_dir, prepared=data["prepared"], samples=samples,
                               model=tmp_path / "unused", store=tmp_path / "unused",
