@@ -10,7 +10,6 @@ Reading a file (YAML 1.2 as DVC reads it, no aliases) is ``params_file``'s job.
 
 from __future__ import annotations
 
-import os
 import re
 import string
 import unicodedata
@@ -71,10 +70,13 @@ class Section(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _home_expanded(cls, value: Any) -> Any:
-        """A path written from the home folder (``~/data``) is that folder for every reader and check alike."""
-        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
-            return os.path.expanduser(value)
+    def _not_from_a_home_folder(cls, value: Any) -> Any:
+        """A path from a home folder (``~/data``) names another folder for each user and machine that runs the
+        same params (and expanded, it would put the user's home into a training run's hash): written in full,
+        it names one folder for every reader, check and user."""
+        if isinstance(value, str) and re.match(r"~[^/]*(/|$)", value):
+            raise ValueError("starts from a home folder (~), which differs for each user and machine; write the "
+                             "path in full, or relative to the repository")
         return value
 
     @field_validator("*", mode="after")

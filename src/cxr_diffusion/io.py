@@ -26,10 +26,23 @@ def placed_path(target: str | os.PathLike) -> Path:
     """Where the system puts ``target``: its folder with links followed, then its own name (a link there is
     replaced, not what it points to). ``link/../out`` is the folder beside the link's target, as the system
     resolves it, never the folder beside ``link``; ``.`` and ``..`` are the folders they name."""
-    folder, name = os.path.split(os.fspath(target))
+    text = os.fspath(target)
+    text = text.rstrip("/") or text  # "out/" is "out": a link there is replaced too, never what it points to
+    folder, name = os.path.split(text)
+    _refuse_a_dangling_link(folder)
     if name in ("", ".", ".."):
         return Path(os.path.realpath(target))
     return Path(os.path.realpath(folder or ".")) / name
+
+
+def _refuse_a_dangling_link(folder: str) -> None:
+    """A link on the way to nowhere: ``mkdir -p`` refuses it, and so do we (following it would make folders
+    wherever it once pointed)."""
+    parts = Path(folder).parts
+    for end in range(1, len(parts) + 1):
+        prefix = os.path.join(*parts[:end])
+        if os.path.islink(prefix) and not os.path.exists(prefix):
+            raise FileExistsError(errno.EEXIST, "a link to nothing where a folder belongs", prefix)
 
 
 def _new_beside(target: Path, create: Callable[[Path], None], suffix: str = ".tmp") -> Path:

@@ -49,6 +49,10 @@ def test_doctor_refuses_an_nih_root_that_names_an_asset_folder_through_the_home_
     monkeypatch.setenv("HOME", str(tmp_path))
     _params(tmp_path, {"dataset.nih_root": "~/external/clip-vit-large-patch14"}, profile="rehearsal")
     result = runner.invoke(app, ["doctor", "--root", str(tmp_path), "--params", str(tmp_path / "params.yaml")])
+    line = cli_refusal(result)  # pass 22: a path from a home folder is refused by the params themselves
+    assert "dataset.nih_root" in line and "home folder (~)" in line, line
+    _params(tmp_path, {"dataset.nih_root": "external/clip-vit-large-patch14"}, profile="rehearsal")
+    result = runner.invoke(app, ["doctor", "--root", str(tmp_path), "--params", str(tmp_path / "params.yaml")])
     line = cli_refusal(result)
     assert "clip.model" in line and "dataset.nih_root" in line and "same path" in line, line
 

@@ -19,9 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cxr_diffusion.cli import app
-from cxr_diffusion.data.nih import DataError
 
-from test_hostile_elixr import NAMES, ROW, snapshot
+from test_hostile_elixr import ROW, snapshot
 from test_hostile_models import embedding, generate_args, model, saved_model  # noqa: F401  (fixtures)
 from test_hostile_pass14 import _load_fresh, _trained_checkpoint
 from test_hostile_pass20_areas import _PAGE_HARNESS, APP_JS, _edited_checkpoint
@@ -196,30 +195,18 @@ def test_an_indic_word_with_its_joiner_after_a_virama_is_a_usable_folder_name(wo
 
 
 def test_embed_elixr_reads_the_elixr_path_where_fetch_and_doctor_put_it(tmp_path, monkeypatch):
-    """Asset.path now expands `~` ("as the loaders read it"): fetch places `elixr.path: ~/elixr` in $HOME/elixr and
-    doctor checks it there. But embed_elixr's scan_elixr_source reads Path(config.path) unexpanded, i.e.
-    ./~/elixr under the repository: the stage finds no shard (or a different snapshot in a folder named `~`). The
-    VAE (latents.load_vae), the Inception, xrv and RadDINO weights and fetch.manifest read theirs unexpanded too."""
-    from cxr_diffusion.assets.catalog import needed_assets
-    from cxr_diffusion.conditioning.elixr_files import scan_elixr_source
+    """Asset.path expanded `~` ("as the loaders read it"): fetch placed `elixr.path: ~/elixr` in $HOME/elixr and
+    doctor checked it there, but embed_elixr's scan_elixr_source read Path(config.path) unexpanded, i.e. ./~/elixr
+    under the repository (the VAE, Inception, xrv and RadDINO weights and fetch.manifest likewise). Pass 22: a
+    path from a home folder is refused by the params, naming the key, so every reader and check sees one path."""
+    from cxr_diffusion.config import ParamsError
     from cxr_diffusion.profiles import params_with
 
-    home, repo = tmp_path / "home", tmp_path / "repo"
-    home.mkdir()
-    repo.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(repo)
-    params = params_with({"elixr": {"path": "~/elixr"}})
-    asset = next(asset for asset in needed_assets(params, repo) if asset.name == "elixr")
-    shard = snapshot(asset.path(repo))  # where fetch places the snapshot and doctor checks it
-    with h5py.File(shard, "w") as handle:
-        handle["Image Index"] = np.array([name.encode() for name in NAMES])
-        handle["img_emb"] = np.ones((len(NAMES), *ROW), dtype=np.float32)
-    try:
-        source = scan_elixr_source(params.elixr)
-    except DataError as error:
-        pytest.fail(f"doctor/fetch use {asset.path(repo)}, embed_elixr does not find it there: {str(error)[:200]}")
-    assert [file.path.resolve() for file in source.files] == [shard.resolve()]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for key, section in (("path", "elixr"), ("manifest", "fetch"), ("inception_weights", "evaluate")):
+        with pytest.raises(ParamsError) as refused:
+            params_with({section: {key: "~/elixr"}})
+        assert f"{section}.{key}" in str(refused.value) and "home folder (~)" in str(refused.value)
 
 
 # ---------------------------------------------------------------------------- generate --out: checked vs written

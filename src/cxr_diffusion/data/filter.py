@@ -15,7 +15,7 @@ import pandas as pd
 from cxr_diffusion.config import FilterConfig
 from cxr_diffusion.data.image_paths import read_image_paths
 from cxr_diffusion.data.nih import (
-    OFFICIAL_SPLIT_FILES, DataError, FilmRules, canonical_patient_ids, is_safe_image_index, patient_id_problem,
+    OFFICIAL_SPLIT_FILES, SEXES, DataError, FilmRules, canonical_patient_ids, is_safe_image_index, patient_id_problem,
     patient_sort_key, puts_no_finding_beside_a_finding, read_csv_text, read_image_list, read_metadata_csv, split_labels,
     unknown_labels, whole_numbers,
 )
@@ -159,9 +159,6 @@ class _Rejects:
         mask = mask & self.reason.isna()
         self.reason[mask] = name
         self.detail[mask] = why[mask] if isinstance(why, pd.Series) else why
-
-
-SEXES = ("M", "F")  # NIH's Patient Gender values
 
 
 def _reject_unusable_rows(rows: pd.DataFrame, reject: _Rejects, images_present: set[str], config: FilterConfig,

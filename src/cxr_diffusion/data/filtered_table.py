@@ -21,7 +21,7 @@ from contextlib import closing
 import pandas as pd
 
 from cxr_diffusion.data.nih import (
-    DataError, FilmRules, canonical_patient_ids, patient_id_problem, split_labels, unknown_labels, whole_numbers,
+    SEXES, DataError, FilmRules, canonical_patient_ids, patient_id_problem, split_labels, unknown_labels, whole_numbers,
 )
 from cxr_diffusion.io import require_regular_file
 from cxr_diffusion.safe_text import shown_value
@@ -144,6 +144,7 @@ def check_split_table(path: str | os.PathLike, table: pd.DataFrame, rules: FilmR
     findings = table["Finding Labels"].map(split_labels)
     _check_films_keep_the_filter_rules(path, table, findings, rules, lines)
     _check_ages_in_range(path, table, rules, lines)
+    _check_sexes(path, table, lines)
     _check_classes_follow_the_findings(path, labels, findings, rules, lines)
     _check_each_image_once(path, table, lines)
     labels["Patient ID"] = _usable_patient_ids(path, table["Patient ID"], lines)
@@ -187,6 +188,18 @@ def _check_ages_in_range(path: str | os.PathLike, table: pd.DataFrame, rules: Fi
                         f"'Patient Age': {shown_value(table.at[row, 'Patient Age'])} is not a whole number in "
                         f"filter.age_min..age_max ({rules.ages[0]}..{rules.ages[1]}); the filter rejects such a film: "
                         f"{FILTER_FIX}")
+
+
+def _check_sexes(path: str | os.PathLike, table: pd.DataFrame, lines: _RowLines) -> None:
+    """Each Patient Gender is one NIH writes (the filter's rule invalid_sex): the subgroups compare M and F."""
+    if "Patient Gender" not in table.columns:
+        return
+    broken = (~table["Patient Gender"].isin(SEXES)).to_numpy().nonzero()[0]
+    if len(broken):
+        row = int(broken[0])
+        raise DataError(f"{path}: {lines.at(row)}, image {shown_value(table.at[row, 'Image Index'])}, column "
+                        f"'Patient Gender': {shown_value(table.at[row, 'Patient Gender'])} is not M or F; the filter "
+                        f"rejects such a film: {FILTER_FIX}")
 
 
 def _check_classes_follow_the_findings(path: str | os.PathLike, table: pd.DataFrame, findings: pd.Series,

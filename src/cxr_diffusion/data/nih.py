@@ -306,6 +306,9 @@ def _own_file(root: Path, name: str) -> Path | None:
     return path
 
 
+SEXES = ("M", "F")  # NIH's Patient Gender values
+
+
 def find_metadata_csv(root: Path) -> Path:
     for name in METADATA_FILENAMES:
         if _own_file(root, name) is not None:

@@ -373,6 +373,9 @@ def _check_same_settings(saved: list[dict], live: list[dict], optimizer: torch.o
     fills = _filled_by_torch(optimizer)
     for number, (saved_group, live_group) in enumerate(zip(saved, live)):
         for key, value in live_group.items():
+            if key in ("foreach", "fused") and saved_group.get(key) not in (None, True, False):
+                raise _Unusable(f"optimizer.json: parameter group {number}'s {key} is {repr(saved_group[key])[:40]}, "
+                                f"expected true, false or null")
             if key in _NOT_COMPARED or key == "params":
                 continue
             if key not in saved_group:
@@ -387,11 +390,12 @@ def _check_same_settings(saved: list[dict], live: list[dict], optimizer: torch.o
 def _filled_by_torch(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The settings Adam's and AdamW's ``__setstate__`` give a loaded group that lacks them."""
     base = getattr(optimizer, "optimizer", optimizer)
-    return {"maximize": False, "amsgrad": False, "decoupled_weight_decay": isinstance(base, torch.optim.AdamW)}
+    return {"maximize": False, "amsgrad": False, "capturable": False, "differentiable": False,
+            "decoupled_weight_decay": isinstance(base, torch.optim.AdamW)}
 
 
-# set by the schedule as the run goes, or how (not what) a step computes
-_NOT_COMPARED = frozenset({"lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"})
+# set by the schedule as the run goes, or which kernels compute the same step (a flag or None: auto)
+_NOT_COMPARED = frozenset({"lr", "initial_lr", "foreach", "fused"})
 
 
 def _state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str] | None:

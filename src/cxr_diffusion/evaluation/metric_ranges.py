@@ -44,8 +44,17 @@ UTILITY = [
     *[(f"arms.*.vs_real.macro.{key}", SIGNED_UNIT, False) for key in ("difference", "ci_low", "ci_high")],
     *[(f"arms.*.vs_real.per_class.*.{key}", SIGNED_UNIT, False) for key in ("difference", "ci_low", "ci_high")],
     *[(f"arms.*.seeds.{key}", UNIT, False) for key in ("mean", "min", "max")],
-    ("arms.*.seeds.sd", NON_NEGATIVE, False),
+    ("arms.*.seeds.sd", NON_NEGATIVE, False), ("arms.*.seeds.count", (1.0, None), True),
+    ("arms.*.bootstrap_draws", NON_NEGATIVE, True),
+    *[(f"arms.*.subgroups.*.groups.*.{key}", UNIT, False) for key in (
+        "macro_auroc", "ci_low", "ci_high", "underdiagnosis", "underdiagnosis_ci_low", "underdiagnosis_ci_high")],
+    *[(f"arms.*.subgroups.*.groups.*.{key}", NON_NEGATIVE, True) for key in ("images", "patients", "with_finding")],
+    *[(f"arms.*.subgroups.*.{gap}.{key}", SIGNED_UNIT, False)
+      for gap in ("auroc_gap", "underdiagnosis_gap") for key in ("gap", "ci_low", "ci_high")],
+    *[(f"arms.*.subgroups.*.{gap}.draws", NON_NEGATIVE, True) for gap in ("auroc_gap", "underdiagnosis_gap")],
 ]
+SAMPLING = [("images", NON_NEGATIVE, True), ("steps", (1.0, None), True), ("images_per_second", NON_NEGATIVE, False),
+            ("seconds", NON_NEGATIVE, False), ("guidance_scale", (1.0, None), False)]
 
 
 def out_of_range(metrics: object, rules: list[tuple[str, tuple[float, float | None], bool]]) -> str | None:

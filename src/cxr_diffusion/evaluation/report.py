@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cxr_diffusion.config import Params
 from cxr_diffusion.evaluation.training_curves import draw_training_curves, save_figure
-from cxr_diffusion.evaluation.metric_ranges import EVALUATE, TRAINING, UTILITY, out_of_range
+from cxr_diffusion.evaluation.metric_ranges import EVALUATE, SAMPLING, TRAINING, UTILITY, out_of_range
 from cxr_diffusion.evaluation.report_numbers import number, signed_with_interval, with_interval, without_negative_zero
 from cxr_diffusion.io import atomic_path, read_json, write_json
 from cxr_diffusion.reader_study.labels import REAL
@@ -173,7 +173,7 @@ def _branch_summary(params: Params, branch: str, evaluation: dict, inputs: Repor
     # DVCLive logs training as it goes (a skipped step's loss may be NaN): only the numbers used here are checked.
     training = _read(inputs.training / branch / "metrics.json", checked=("val.loss", "val.conditioning_gap",
                                                                         "final.steps"), ranges=TRAINING)
-    sampling = _read_branch(inputs.sampling / f"{branch}.json", branch)
+    sampling = _read_branch(inputs.sampling / f"{branch}.json", branch, SAMPLING)
     _check_sampled_as_the_params_say(inputs.sampling / f"{branch}.json", sampling, params)
     closeness, faith = evaluation.get("closeness", {}), evaluation.get("faithfulness", {})
     return {

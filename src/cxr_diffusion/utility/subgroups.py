@@ -163,9 +163,10 @@ def subgroup_results(labels: np.ndarray, scores: np.ndarray, classes: Sequence[s
 
         point = {g: measure(rows[g], g) for g in groups}
         boot = {g: np.full((len(draws), 2), np.nan) for g in groups}
+        single = {g for g in groups if len(set(patients[rows[g]])) < 2}  # every draw is that patient: no interval
         for d, draw in enumerate(draws):
             drawn = members[draw]
-            for g in set(ranked) | set(rated):
+            for g in (set(ranked) | set(rated)) - single:
                 boot[g][d] = measure(draw[drawn == g], g)
         entry = {"groups": {}, "classes": [classes[c] for c in shared]}
         for g in groups:
@@ -180,7 +181,8 @@ def subgroup_results(labels: np.ndarray, scores: np.ndarray, classes: Sequence[s
             notes = ([f"fewer than {MIN_GROUP_FILMS} test films: no AUROC"] if g not in ranked else []) + \
                 ([f"fewer than {MIN_GROUP_FILMS} films with a finding: no underdiagnosis rate"]
                  if underdiagnosis and g not in rated else []) + \
-                (["no No Finding film in the test split: no threshold, no underdiagnosis rate"] if no_normal_film else [])
+                (["no No Finding film in the test split: no threshold, no underdiagnosis rate"] if no_normal_film else []) + \
+                (["one patient: no bootstrap interval"] if g in single else [])
             if notes:
                 group["note"] = "; ".join(notes)
             entry["groups"][g] = group
