@@ -187,7 +187,8 @@ def test_evaluate_gives_the_same_metrics_with_any_batch_size(tmp_path, data, eva
     manifest = json.loads((samples / "manifest.json").read_text())
     sampled = evaluate_params(2)  # generated as the params say: evaluate compares the settings
     generated = {"branch": "elixr", "sampler": sampled.sample.sampler, "steps": sampled.sample.steps,
-                 "guidance_scale": sampled.sample.guidance_scale, "seed": sampled.seed}
+                 "guidance_scale": sampled.sample.guidance_scale, "seed": sampled.seed,
+                 "count": sampled.sample.count}
     (samples / "manifest.json").write_text(json.dumps({**manifest, "generated": generated}))
     for batch_size in (2, 128):
         paths = EvaluatePaths(evaluator=evaluator_dir, prepared=data["prepared"], samples=samples,

@@ -115,7 +115,7 @@ def evaluate_run(tmp_path_factory):
     samples = Path(shutil.copytree(data["prepared"], root / "samples"))
     manifest = json.loads((samples / "manifest.json").read_text())
     manifest["generated"] = {"branch": "elixr", "model": "models/elixr", "sampler": "dpm++", "steps": 2,
-                             "guidance_scale": 3.0, "seed": 0}
+                             "guidance_scale": 3.0, "seed": 0, "count": 200}
     (samples / "manifest.json").write_text(json.dumps(manifest))
     other_store = Path(shutil.copytree(data["store"], root / "clip_vision_store"))
     meta = json.loads((other_store / "store.json").read_text())

@@ -90,7 +90,7 @@ def samples_at_32(tmp_path_factory) -> Path:
     data = make_training_data(root / "data", image_size=32)
     manifest = json.loads((data["prepared"] / "manifest.json").read_text())
     manifest["generated"] = {"branch": "elixr", "model": "models/elixr", "sampler": "dpmpp_2m", "steps": 2,
-                             "guidance_scale": 3.0, "seed": 0}
+                             "guidance_scale": 3.0, "seed": 0, "count": 200}
     (data["prepared"] / "manifest.json").write_text(json.dumps(manifest))
     return data["prepared"]
 

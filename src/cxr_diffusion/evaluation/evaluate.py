@@ -39,7 +39,7 @@ from cxr_diffusion.evaluation.raddino import raddino_metrics
 from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
 from cxr_diffusion.device import describe_device, module_device, resolve_device
 from cxr_diffusion.diffusion.grid import image_grid
-from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.io import atomic_directory, atomic_path, write_json
 from cxr_diffusion.safe_text import shown_value, visible_text
 
 
@@ -90,6 +90,11 @@ class BranchImages:
         if unknown:
             raise PreparedDataError(f"{samples}: {len(unknown)} generation(s) named after no image of the test split "
                                     f"(first: {visible_text(unknown[0], 80)}); {fix}")
+        seen: set[str] = set()
+        twice = next((name for name in self.generated.image_indices if name in seen or seen.add(name)), None)
+        if twice is not None:  # sample writes one generation per condition: each would count twice
+            raise PreparedDataError(f"{samples}: the test image {visible_text(twice, 80)} names a generation twice "
+                                    f"(each would count twice); {fix}")
 
 
 @dataclass(frozen=True)
@@ -238,16 +243,15 @@ def _tile(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray((pixels * 255).round().astype(np.uint8))
 
 
-def write_figures(directory: Path, branch: str, splits: EmbeddedSplits, closest_pairs: list[dict]) -> None:
+def write_figures(tmp: Path, branch: str, splits: EmbeddedSplits, closest_pairs: list[dict]) -> None:
     """pca.png (real test vs generated features) and closest_to_train.png (top: the 8 generations closest to a
-    training image in pixels; bottom: those training images), swapped in as one directory."""
-    with atomic_directory(directory) as tmp:
-        pca_scatter(splits.test.features, splits.generated.features,
-                    f"{branch}: real test vs generated (evaluator features, PCA)", tmp / "pca.png")
-        shown = closest_pairs[:8]
-        tiles = ([_tile(splits.generated.pixels[pair["generated"]]) for pair in shown]
-                 + [_tile(splits.train.pixels[pair["train"]]) for pair in shown])
-        image_grid(tiles, rows=2).save(tmp / "closest_to_train.png")
+    training image in pixels; bottom: those training images), into the folder ``tmp``."""
+    pca_scatter(splits.test.features, splits.generated.features,
+                f"{branch}: real test vs generated (evaluator features, PCA)", tmp / "pca.png")
+    shown = closest_pairs[:8]
+    tiles = ([_tile(splits.generated.pixels[pair["generated"]]) for pair in shown]
+             + [_tile(splits.train.pixels[pair["train"]]) for pair in shown])
+    image_grid(tiles, rows=2).save(tmp / "closest_to_train.png")
 
 
 def _check_sampled_as_the_params_say(samples: Path, params: Params) -> None:
@@ -255,10 +259,10 @@ def _check_sampled_as_the_params_say(samples: Path, params: Params) -> None:
     untrained baseline is sampled with those, and the metrics are reported under them."""
     generated = read_manifest(samples)["generated"]
     wanted = {"sampler": params.sample.sampler, "steps": params.sample.steps,
-              "guidance_scale": params.sample.guidance_scale, "seed": params.seed}
+              "guidance_scale": params.sample.guidance_scale, "seed": params.seed, "count": params.sample.count}
     for key, value in wanted.items():
         if generated.get(key) != value:
-            where = "seed" if key == "seed" else f"sample.{key}"
+            where = "seed" if key == "seed" else f"sample.{key}"  # count: at most that many test conditions
             raise PreparedDataError(f"{Path(samples) / 'manifest.json'}: generated with {key} "
                                     f"{shown_value(generated.get(key))}, but {where} is {value!r}; rerun the sample "
                                     f"stage (dvc repro)")
@@ -274,6 +278,9 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     images = BranchImages.open(paths.prepared, paths.samples)
     check_generated_by(paths.samples, branch, params.image_size)
     _check_sampled_as_the_params_say(paths.samples, params)
+    if len(images.generated) > params.sample.count:  # sample makes one per test condition, at most sample.count
+        raise PreparedDataError(f"{paths.samples}: {len(images.generated)} generations, more than sample.count "
+                                f"({params.sample.count}); rerun the sample stage (dvc repro)")
     if classifier.spec.image_size != params.image_size:  # it would see every image resized, unlike its training
         raise PreparedDataError(f"{paths.evaluator}: an evaluator trained on {classifier.spec.image_size} px images, "
                                 f"image_size is {params.image_size}; rerun the evaluator stage (dvc repro evaluator)")
@@ -301,13 +308,14 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
                                         seed)
     diversity = diversity_metrics(splits.generated, splits.test, config.diversity_pairs, config.batch_size, seed)
     memorization, closest_pairs = memorization_metrics(splits, config.memorization_percentile)
-    write_figures(paths.figures, branch, splits, closest_pairs)
-
     metrics = {
         "branch": branch, "generated": len(generated_features), "real_test": len(test_features),
         "closeness": closeness, "prdc": prdc, "raddino": raddino, "faithfulness": faithfulness, "diversity": diversity,
         "xrv_densenet": pretrained_judge, "memorization": memorization,
         "seconds": round(time.perf_counter() - started, 1), "device": describe_device(device),
     }
-    write_json(paths.metrics, metrics)
+    # The figures and the metrics are replaced together, or neither (a full disk keeps the previous pair).
+    with atomic_directory(paths.figures) as figures, atomic_path(paths.metrics) as metrics_file:
+        write_figures(figures, branch, splits, closest_pairs)
+        write_json(metrics_file, metrics)
     return metrics

@@ -115,7 +115,12 @@ def load_classifier(directory: str | Path) -> CXRClassifier:
     spec = read_classifier_spec(directory / "config.json")
     _check_weights(directory / "model.safetensors", spec)
     model = CXRClassifier(spec)
-    model.load_state_dict(load_file(directory / "model.safetensors"))
+    weights = load_file(directory / "model.safetensors")
+    for name, tensor in weights.items():  # a NaN weight makes NaN features: every distance would fail on them
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DataError(f"{directory / 'model.safetensors'}: tensor {visible_text(name, 80)} holds NaN or "
+                            f"infinite values; retrain it with `dvc repro -f evaluator`")
+    model.load_state_dict(weights)
     return model.eval()
 
 

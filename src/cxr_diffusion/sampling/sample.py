@@ -8,6 +8,7 @@ so every reader of real images reads them too.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from cxr_diffusion.diffusion.model_files import verify_model_files
 from cxr_diffusion.diffusion.model_limits import check_model_limits
 from cxr_diffusion.diffusion.pipeline import SATURATED_FRACTION, CXRDiffusionPipeline, to_pil, unusable_images
 from cxr_diffusion.device import describe_device, half_dtype, resolve_device
-from cxr_diffusion.io import JsonFileError, atomic_directory, read_json, write_json
+from cxr_diffusion.io import JsonFileError, atomic_directory, atomic_path, read_json, write_json
 from cxr_diffusion.sampling.figures import one_row_per_finding, originals_vs_generated
 
 
@@ -279,7 +280,13 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
     generated: list[Image.Image] = []
     findings: list[str] = []
     seconds = 0.0
-    with atomic_directory(out_dir) as tmp:
+    missing = test.missing_condition  # test images without a condition (an ELIXR embedding left out): counted
+    # The samples, their figures and their metrics are replaced together, or none of them: a failure while the
+    # figures or the metrics are written keeps the previous samples beside their own figures and metrics.
+    with contextlib.ExitStack() as replaced:
+        tmp = replaced.enter_context(atomic_directory(out_dir))
+        figures = replaced.enter_context(atomic_directory(figures_dir))
+        metrics_file = replaced.enter_context(atomic_path(metrics_path)) if metrics_path is not None else None
         writer = SplitShardWriter(tmp, "test", shard_schema(classes), shard_size=10_000, row_group_size=64)
         with tqdm(total=len(test), desc=f"sample {branch}", unit="img") as progress:
             for i, start in enumerate(range(0, len(test), size)):
@@ -300,25 +307,25 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
                 progress.update(len(batch))
         shards = close_writers(tmp, {"test": writer})
         write_json(tmp / MANIFEST, {
-            "images_in": len(test), "written": len(test), "rejected": 0, "rejected_by_reason": {},
+            "images_in": len(test) + missing, "written": len(test), "rejected": missing,
+            "rejected_by_reason": {"missing_condition": missing} if missing else {},
             "per_split": {"train": 0, "val": 0, "test": len(test)}, "classes": list(classes),
             "image_size": params.image_size, "square": "generated", "shards": shards,
             "generated": {"branch": branch, "model": str(model_dir), "sampler": params.sample.sampler,
                           "steps": params.sample.steps, "guidance_scale": params.sample.guidance_scale,
-                          "seed": params.seed},
+                          "seed": params.seed, "count": params.sample.count},
         })
-
-    with atomic_directory(figures_dir) as tmp:
-        originals_vs_generated(originals[:6], generated[:6], findings[:6]).save(tmp / "original_vs_generated_6.png")
-        originals_vs_generated(originals[:24], generated[:24], findings[:24]).save(tmp / "original_vs_generated_24.png")
+        originals_vs_generated(originals[:6], generated[:6], findings[:6]).save(figures / "original_vs_generated_6.png")
+        originals_vs_generated(originals[:24], generated[:24], findings[:24]).save(figures / "original_vs_generated_24.png")
         if branch == "clip_text" and params.sample.per_finding > 0:
             grid, prompts = findings_grid(pipeline, params, params.seed)
-            grid.save(tmp / "one_row_per_finding.png")
-            (tmp / "one_row_per_finding.txt").write_text("\n".join(prompts) + "\n")
-    metrics = {"branch": branch, "images": len(test), "sampler": params.sample.sampler, "steps": params.sample.steps,
-               "guidance_scale": params.sample.guidance_scale, "device": describe_device(device),
-               "seconds": round(seconds, 1),
-               "images_per_second": round(len(test) / max(seconds, 1e-9), 2)}
-    if metrics_path is not None:
-        write_json(metrics_path, metrics)
+            grid.save(figures / "one_row_per_finding.png")
+            (figures / "one_row_per_finding.txt").write_text("\n".join(prompts) + "\n")
+        metrics = {"branch": branch, "images": len(test), "missing_condition": missing,
+                   "sampler": params.sample.sampler, "steps": params.sample.steps,
+                   "guidance_scale": params.sample.guidance_scale, "device": describe_device(device),
+                   "seconds": round(seconds, 1),
+                   "images_per_second": round(len(test) / max(seconds, 1e-9), 2)}
+        if metrics_file is not None:
+            write_json(metrics_file, metrics)
     return metrics
