@@ -25,6 +25,8 @@ def open_live(directory: Path, resumed: TrainingState | None, logged_params: dic
     from dvclive import Live
 
     if resumed is None:
+        if Path(directory).is_symlink():  # DVC's symlink cache: drop the link, never write through it
+            Path(directory).unlink()
         shutil.rmtree(directory, ignore_errors=True)
     else:
         _drop_unreadable_live_summaries(directory)
