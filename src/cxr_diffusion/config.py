@@ -63,12 +63,17 @@ LearningRate = Annotated[float, Field(gt=0, le=1)]
 S = TypeVar("S", bound="Section")
 
 
+# The params that name a file or folder (or a hub id), in whichever section holds them.
+PATH_FIELDS = ("nih_root", "include_list", "model", "vae", "path", "inception_weights", "reference_inception_weights",
+               "xrv_weights", "raddino", "manifest", "launch_config")
+
+
 class Section(BaseModel):
     """A block of ``params.yaml``: strict types, no unknown keys, no defaults, immutable once read."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    @field_validator("*", mode="after")
+    @field_validator(*PATH_FIELDS, mode="after", check_fields=False)
     @classmethod
     def _not_from_a_home_folder(cls, value: Any) -> Any:
         """A path from a home folder (``~/data``) names another folder for each user and machine that runs the

@@ -87,7 +87,10 @@ def _content_label(folder: Path) -> dict | None:
         if label is not None:
             return label
     if index.is_file():  # a published index over stand-in shards (e.g. a partial re-download): any shard says so
-        if any(_hdf5_label(shard) for shard in sorted(folder.rglob("*.h5")) if shard.is_file()):
+        from cxr_diffusion.conditioning.elixr_format import HDF5_SUFFIXES  # the reader's rule for a shard's name
+
+        shards = [path for path in sorted(folder.rglob("*")) if path.suffix.lower() in HDF5_SUFFIXES]
+        if any(_hdf5_label(shard) for shard in shards if shard.is_file()):
             return {"standin": True, "warning": WARNING}
     return None
 

@@ -373,7 +373,7 @@ def _check_same_settings(saved: list[dict], live: list[dict], optimizer: torch.o
     fills = _filled_by_torch(optimizer)
     for number, (saved_group, live_group) in enumerate(zip(saved, live)):
         for key, value in live_group.items():
-            if key in ("foreach", "fused") and saved_group.get(key) not in (None, True, False):
+            if key in ("foreach", "fused") and not (saved_group.get(key) is None or type(saved_group[key]) is bool):
                 raise _Unusable(f"optimizer.json: parameter group {number}'s {key} is {repr(saved_group[key])[:40]}, "
                                 f"expected true, false or null")
             if key in _NOT_COMPARED or key == "params":

@@ -22,6 +22,11 @@ class ConditionedImages(Dataset):
         self.store = store
         self.positions = [i for i, name in enumerate(self.images.image_indices) if name in store]
         self.missing_condition = len(self.images) - len(self.positions)
+        # Of those, the ones among the images a ``limit`` reaches (the first ``limit`` with a condition and the
+        # ones without before the last of them): what a sample of ``limit`` images left out.
+        self.missing_before_limit = self.missing_condition
+        if limit is not None and len(self.positions) >= limit:
+            self.missing_before_limit = self.positions[limit - 1] + 1 - limit
         if limit is not None:
             self.positions = self.positions[:limit]
 

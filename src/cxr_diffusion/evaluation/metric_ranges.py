@@ -37,7 +37,8 @@ EVALUATE = [
 ]
 TRAINING = [("val.loss", NON_NEGATIVE, False), ("final.steps", NON_NEGATIVE, True)]
 UTILITY = [
-    ("train_images", NON_NEGATIVE, True), ("test_images", NON_NEGATIVE, True),
+    ("train_images", NON_NEGATIVE, True), ("test_images", NON_NEGATIVE, True), ("test_patients", NON_NEGATIVE, True),
+    ("synthetic_set.steps", (1.0, None), True), ("synthetic_set.guidance_scale", (1.0, None), False),
     ("arms.*.train_images", NON_NEGATIVE, True),
     *[(f"arms.*.macro.{key}", UNIT, False) for key in ("auroc", "ci_low", "ci_high")],
     *[(f"arms.*.per_class.*.{key}", UNIT, False) for key in ("auroc", "ci_low", "ci_high")],

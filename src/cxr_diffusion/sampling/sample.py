@@ -280,7 +280,7 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
     generated: list[Image.Image] = []
     findings: list[str] = []
     seconds = 0.0
-    missing = test.missing_condition  # test images without a condition (an ELIXR embedding left out): counted
+    missing = test.missing_before_limit  # test images without a condition (an ELIXR embedding left out): counted
     # The samples, their figures and their metrics are replaced together, or none of them: a failure while the
     # figures or the metrics are written keeps the previous samples beside their own figures and metrics.
     with contextlib.ExitStack() as replaced:
