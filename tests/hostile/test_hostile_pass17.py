@@ -75,8 +75,6 @@ def test_the_reader_study_refuses_samples_that_are_not_the_branchs_generations(t
     and the answer key labels real radiographs as elixr's generations, so the readers' 'real' answers on them are
     scored as fooled; another branch's samples are likewise published as elixr's. It should be one line naming
     the samples' manifest.json and `dvc repro -f sample@elixr`."""
-    from cxr_diffusion.profiles import params_with
-    from cxr_diffusion.reader_study.build import build_study_kit
 
     data = make_training_data(tmp_path / "data", n_images=48)
     samples = tmp_path / "samples"
@@ -86,12 +84,20 @@ def test_the_reader_study_refuses_samples_that_are_not_the_branchs_generations(t
         manifest["generated"] = {"branch": "clip_text", "model": "models/clip_text", "sampler": "dpmpp_2m",
                                  "steps": 2, "guidance_scale": 3.0, "seed": 0}
         (samples / "elixr" / "manifest.json").write_text(json.dumps(manifest))
-    params = params_with({"branches": ["elixr"], "image_size": 16, "filter": {"classes": CLASSES, "merges": {}},
-                          "reader_study": {"count": 4, "real_fraction": 0.5, "calibration": 0, "display_size": 16}})
-    line = stage_line(lambda: build_study_kit(params, data["prepared"], samples, tmp_path / "kit",
-                                              tmp_path / "key.json"))
+    line = kit_refusal(data["prepared"], samples, tmp_path, display_size=16)
     assert "manifest.json" in line and "elixr" in line, line
     assert not (tmp_path / "key.json").exists()
+
+
+def kit_refusal(prepared: Path, samples: Path, tmp_path: Path, display_size: int) -> str:
+    """The one line build_study_kit stops with for elixr's samples in ``samples`` beside 16 px ``prepared``."""
+    from cxr_diffusion.profiles import params_with
+    from cxr_diffusion.reader_study.build import build_study_kit
+
+    params = params_with({"branches": ["elixr"], "image_size": 16, "filter": {"classes": CLASSES, "merges": {}},
+                          "reader_study": {"count": 4, "real_fraction": 0.5, "calibration": 0,
+                                           "display_size": display_size}})
+    return stage_line(lambda: build_study_kit(params, prepared, samples, tmp_path / "kit", tmp_path / "key.json"))
 
 
 # ---------------------------------------------------------------------------- evaluate: the untrained baseline's inputs

@@ -120,16 +120,22 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path, monkeypatch, capsys, 
     tracebacks (generate's --out names the same case in one line). It should be one line naming the path."""
     blocker = tmp_path / "notes.txt"
     blocker.write_text("the user's notes")
+    code, errors, err = writing_under(tmp_path, monkeypatch, capsys, command, blocker)
+    assert code == 2 and len(errors) == 1 and "notes.txt" in errors[0], err
+    assert blocker.read_text() == "the user's notes"
+
+
+def writing_under(tmp_path, monkeypatch, capsys, command: str, place):
+    """`profile tiny --root PLACE` or `convert-weights SRC PLACE/x.safetensors` through the console entry point:
+    exit code, its `error:` lines, and all of stderr."""
     if command == "profile":
-        args = ["profile", "tiny", "--root", blocker]
+        args = ["profile", "tiny", "--root", place]
     else:
         source = tmp_path / "source.pth"
         source.write_bytes(b"not read: the target is checked first")
-        args = ["convert-weights", source, blocker / "inception.safetensors", "--flavour", "fid"]
+        args = ["convert-weights", source, place / "inception.safetensors", "--flavour", "fid"]
     code, err = _main(monkeypatch, capsys, *args)
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and "notes.txt" in errors[0], err
-    assert blocker.read_text() == "the user's notes"
+    return code, [line for line in err.splitlines() if line.startswith("error: ")], err
 
 
 # ---------------------------------------------------------------------------- inspect

@@ -196,11 +196,16 @@ def test_a_checkpoint_file_linked_from_outside_the_checkpoints_folder_is_not_res
     the recorded sha256 still matches) is hashed and loaded into the model. A checkpoint must hold its files itself,
     as an ELIXR snapshot, a RadDINO folder or a reader's response must; the checkpoint should be skipped."""
     _trained_checkpoint(tmp_path / "checkpoints")
-    checkpoint = tmp_path / "checkpoints" / "step-00000001"
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    shutil.move(checkpoint / "model.safetensors", elsewhere / "model.safetensors")
-    os.symlink(elsewhere / "model.safetensors", checkpoint / "model.safetensors")
+    linked_out_of_checkpoint(tmp_path, "model.safetensors")
     loaded, _, _, lines = _load_fresh(tmp_path / "checkpoints")
     assert loaded is None, f"resumed through a link out of the checkpoints folder: {lines[-1]}"
     assert any("model.safetensors" in line for line in lines), lines
+
+
+def linked_out_of_checkpoint(tmp_path: Path, name: str) -> None:
+    """Move the first checkpoint's file ``name`` out of tmp_path/checkpoints and leave a link to it in its place."""
+    checkpoint = tmp_path / "checkpoints" / "step-00000001"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(checkpoint / name, elsewhere / name)
+    os.symlink(elsewhere / name, checkpoint / name)

@@ -6,31 +6,16 @@ on the code it was filed on.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
-import cxr_diffusion.cli as cli
 from cxr_diffusion.cli import app
 
 from conftest import cli_refusal
+from test_hostile_pass19_cli import writing_under
 
 runner = CliRunner()
-
-
-def _main(monkeypatch, capsys, *args: object) -> tuple[int, str]:
-    """`cxr-diffusion ARGS` through the console entry point: exit code and stderr; a traceback fails the test."""
-    monkeypatch.setattr(sys, "argv", ["cxr-diffusion", *map(str, args)])
-    try:
-        cli.main()
-    except SystemExit as stopped:
-        code = stopped.code if isinstance(stopped.code, int) else 1
-    except Exception as error:
-        pytest.fail(f"traceback: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
-    else:
-        code = 0
-    return code, capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- overlapping_paths and `~`
@@ -73,14 +58,7 @@ def test_an_output_path_under_a_link_or_fifo_is_one_line(tmp_path, monkeypatch, 
         os.mkfifo(place)
     else:
         place.symlink_to(tmp_path / "nowhere")
-    if command == "profile":
-        args = ["profile", "tiny", "--root", place]
-    else:
-        source = tmp_path / "source.pth"
-        source.write_bytes(b"not read: the target is checked first")
-        args = ["convert-weights", source, place / "inception.safetensors", "--flavour", "fid"]
-    code, err = _main(monkeypatch, capsys, *args)
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    code, errors, err = writing_under(tmp_path, monkeypatch, capsys, command, place)
     assert code == 2 and len(errors) == 1 and str(place) in errors[0], err
     assert place.is_symlink() or place.exists()
 

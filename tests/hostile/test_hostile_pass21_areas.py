@@ -23,7 +23,7 @@ from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.prepare import prepare_shards
 from cxr_diffusion.data.sources import build_dataset
 from cxr_diffusion.errors import UserError
-from cxr_diffusion.evaluation.report import MetricsFileError, ReportInputs, compare
+from cxr_diffusion.evaluation.report import MetricsFileError, compare
 from cxr_diffusion.profiles import params_with
 from cxr_diffusion.utility.statistics import auroc_with_intervals, paired_difference
 
@@ -227,14 +227,7 @@ def test_a_test_split_of_one_patient_gives_no_bootstrap_interval(which):
 
 # ----------------------------------------------------------------------------- compare
 
-def report_inputs(tmp_path: Path) -> ReportInputs:
-    return ReportInputs(*(tmp_path / "in" / name for name in ("evaluate", "evaluator.json", "sample", "live",
-                                                             "utility", "reader_study.json", "embed_elixr.json")))
-
-
-def write(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload))
+from test_hostile_reports import inputs as report_inputs, write  # noqa: E402  (the reports' own helpers)
 
 
 def run_compare(tmp_path: Path, params=None) -> dict:

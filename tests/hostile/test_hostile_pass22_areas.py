@@ -113,22 +113,14 @@ def test_sample_records_or_refuses_test_images_its_store_has_no_condition_for(sa
     `images: 1`: the test image left out is recorded nowhere, and evaluate then scores the remaining generations
     as the branch's test set. It should be refused in one line naming the image, or recorded (the manifest's
     `rejected` / `rejected_by_reason`, as prepare counts what it leaves out, so the counts reconcile)."""
-    import numpy as np
     from test_hostile_pass16 import _sample_params
 
-    from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter
     from cxr_diffusion.data.shards import PreparedImages
     from cxr_diffusion.sampling.sample import sample_branch
 
     root, data = sampled
-    full = ConditionStore(data["store"])
     left_out = PreparedImages(data["prepared"], "test").image_indices[0]
-    kept = [name for name in full.row_of if name != left_out]
-    first = full[kept[0]].embeddings
-    with ConditionStoreWriter(tmp_path / "store", len(kept), first.shape[0], first.shape[1]) as store:
-        for row, name in enumerate(kept):
-            store.write(row, full[name].embeddings.numpy()[None])
-        store.finish(kept, np.arange(len(kept)), {"branch": "elixr", "encoder": "test"})
+    store_without(data["store"], left_out, tmp_path / "store")
     samples = tmp_path / "samples"
     try:
         sample_branch(_sample_params(), "elixr", root / "model", data["prepared"], tmp_path / "store", samples,
@@ -237,3 +229,18 @@ def test_evaluate_refuses_more_generations_than_sample_count_allows(evaluate_run
     line = stage_line(lambda: evaluate_branch(params, "elixr", _paths(root, data, samples, tmp_path)))
     assert "sample.count" in line or "count" in line, line
     assert not (tmp_path / "metrics.json").exists()
+
+
+def store_without(store_dir: Path, left_out: str, out: Path) -> None:
+    """A copy of the elixr condition store at ``store_dir`` without the condition of the image ``left_out``."""
+    import numpy as np
+
+    from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter
+
+    full = ConditionStore(store_dir)
+    kept = [name for name in full.row_of if name != left_out]
+    first = full[kept[0]].embeddings
+    with ConditionStoreWriter(out, len(kept), first.shape[0], first.shape[1]) as store:
+        for row, name in enumerate(kept):
+            store.write(row, full[name].embeddings.numpy()[None])
+        store.finish(kept, np.arange(len(kept)), {"branch": "elixr", "encoder": "test"})

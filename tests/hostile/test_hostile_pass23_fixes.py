@@ -94,27 +94,21 @@ def test_sample_does_not_count_a_test_image_beyond_sample_count_as_rejected(tmp_
     says images_in 2, written 1, rejected 1 {missing_condition: 1} and the metrics missing_condition 1, while
     the same run with that image's condition present says images_in 1, rejected 0. Only an image skipped among
     those sampled (before the count was reached) was rejected."""
-    import numpy as np
     from conftest import make_training_data
     from test_hostile_pass16 import _sample_params, saved_untrained_model
 
-    from cxr_diffusion.conditioning.store import ConditionStore, ConditionStoreWriter
     from cxr_diffusion.data.shards import PreparedImages
     from cxr_diffusion.profiles import params_with
     from cxr_diffusion.sampling.sample import sample_branch
 
     data = make_training_data(tmp_path / "data", n_images=16)
     saved_untrained_model(data["store"], tmp_path / "model")
-    full = ConditionStore(data["store"])
+    from test_hostile_pass22_areas import store_without
+
     test_names = PreparedImages(data["prepared"], "test").image_indices
     assert len(test_names) >= 2
     left_out = test_names[-1]  # after the first: sample.count 1 never reaches it
-    kept = [name for name in full.row_of if name != left_out]
-    first = full[kept[0]].embeddings
-    with ConditionStoreWriter(tmp_path / "store", len(kept), first.shape[0], first.shape[1]) as store:
-        for row, name in enumerate(kept):
-            store.write(row, full[name].embeddings.numpy()[None])
-        store.finish(kept, np.arange(len(kept)), {"branch": "elixr", "encoder": "test"})
+    store_without(data["store"], left_out, tmp_path / "store")
     base = _sample_params().model_dump()
     params = params_with({**base, "sample": {**base["sample"], "count": 1, "batch_size": 1}})
     sample_branch(params, "elixr", tmp_path / "model", data["prepared"], tmp_path / "store", tmp_path / "samples",
