@@ -366,14 +366,14 @@ def _optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
 def _check_same_settings(saved: list[dict], live: list[dict], optimizer: torch.optim.Optimizer) -> None:
     """``load_state_dict`` replaces each live group's settings with the saved ones: a checkpoint edited to
     ``maximize`` (gradient ascent), another weight decay or ``amsgrad`` (a KeyError at the first step) would
-    override this run's. The learning rate moves during a run (the schedule sets it every step), and how torch
-    computes a step (fused, foreach, ...) is not what it computes. A setting the saved group lacks (an older torch
+    override this run's. The learning rate moves during a run (the schedule sets it every step), and ``foreach``
+    is a kernel choice the fused step ignores. A setting the saved group lacks (an older torch
     did not write it) is one torch fills with its default as it loads: that default must be this run's. One only
     the saved group has (a newer torch) is not read by this one."""
     fills = _filled_by_torch(optimizer)
     for number, (saved_group, live_group) in enumerate(zip(saved, live)):
         for key, value in live_group.items():
-            if key in ("foreach", "fused") and not (saved_group.get(key) is None or type(saved_group[key]) is bool):
+            if key == "foreach" and not (saved_group.get(key) is None or type(saved_group[key]) is bool):
                 raise _Unusable(f"optimizer.json: parameter group {number}'s {key} is {repr(saved_group[key])[:40]}, "
                                 f"expected true, false or null")
             if key in _NOT_COMPARED or key == "params":
@@ -394,8 +394,9 @@ def _filled_by_torch(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
             "decoupled_weight_decay": isinstance(base, torch.optim.AdamW)}
 
 
-# set by the schedule as the run goes, or which kernels compute the same step (a flag or None: auto)
-_NOT_COMPARED = frozenset({"lr", "initial_lr", "foreach", "fused"})
+# set by the schedule as the run goes, or (foreach) a kernel choice the fused step ignores. `fused` is compared:
+# the trainer's step hands the fused kernel `found_inf`, which the other AdamW kernels refuse.
+_NOT_COMPARED = frozenset({"lr", "initial_lr", "foreach"})
 
 
 def _state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str] | None:
