@@ -37,10 +37,10 @@ def write_model_files(folder: str | Path) -> Path:
 
 
 def verify_model_files(folder: str | Path) -> None:
-    """Raise ModelFilesError unless every file recorded in MODEL_FILES is present with its recorded hash.
-
-    Files added later are not checked; the loader reads only the files that ``model_index.json`` and
-    the component configs name, and those are all recorded.
+    """Raise ModelFilesError unless every file recorded in MODEL_FILES is present with its recorded hash, and
+    no component folder holds a file the record does not list: diffusers and transformers choose among the files
+    they find (a sharded index beside the recorded weights is read instead of them). Files beside the
+    components (a README) are not read by the loader and may be added.
     """
     folder = Path(folder)
     manifest = folder / MODEL_FILES
@@ -49,6 +49,12 @@ def verify_model_files(folder: str | Path) -> None:
             f"{folder}: no {MODEL_FILES} (the hashes of its files, written when a model is saved), so its "
             f"weights cannot be checked; it was saved by an older version or copied without it: {_FIX}")
     files = _recorded_files(manifest)
+    unrecorded = sorted(path.relative_to(folder).as_posix() for path in folder.glob("*/**/*")
+                        if not path.is_dir() and path.relative_to(folder).as_posix() not in files)
+    if unrecorded:
+        raise ModelFilesError(f"{folder / unrecorded[0]}: not a file of the saved model ({MODEL_FILES} does not "
+                              f"list it), and the loader could read it instead of the recorded ones; remove it: "
+                              f"{_FIX}")
     for name, record in files.items():
         path = folder / name
         if not path.is_file():

@@ -50,7 +50,8 @@ UNET_SET_KEYS = frozenset({"sample_size", "in_channels", "out_channels", "down_b
                            "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads",
                            "class_embed_type", "projection_class_embeddings_input_dim"})
 DOWN_BLOCKS, UP_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
-SCHEDULER_RANGES = {"solver_order": (1, 3), "steps_offset": (0, 1000)}
+SCHEDULER_RANGES = {"solver_order": (1, 3), "steps_offset": (0, 1)}  # 0 as saved here, 1 as SD saves it: larger
+# offsets push the last timesteps past the training schedule (an IndexError in DDIM and DDPM)
 # The scheduler keys the params set (noise.training_scheduler); the rest follow from them (sampling_scheduler).
 SCHEDULER_SET_KEYS = ("num_train_timesteps", "beta_schedule", "prediction_type", "rescale_betas_zero_snr",
                       "timestep_spacing", "beta_start", "beta_end", "trained_betas")
@@ -88,13 +89,34 @@ def check_model_limits(model_dir: Path, index: dict) -> None:
     for key, bounds in ADAPTER_RANGES.items():
         _in_range(adapter_path, key, adapter.get(key), bounds, optional=key.startswith("out_"))
     vae_path = model_dir / "vae" / "config.json"
-    vae = _config(vae_path) if vae_path.is_file() else None
+    vae = _config(vae_path) if _names_component(index, "vae") else None  # a stray vae/ folder is not loaded
     _check_parts_fit(model_dir, unet, adapter, vae, index.get("channels"))
     _check_scheduler(model_dir / "scheduler" / "scheduler_config.json")
     if vae is not None:
         _check_vae(vae_path, vae)
     for weights in sorted(model_dir.glob("*/*.safetensors")):
         _check_weights_header(weights)
+    _check_clip_towers(model_dir, index)
+
+
+def _names_component(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
+def _check_clip_towers(model_dir: Path, index: dict) -> None:
+    """A saved text or image encoder's config against its weights, as clip.model's folder is checked: transformers
+    would fill a layer the weights lack at random, or allocate what a few bytes of config ask for."""
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    from cxr_diffusion.conditioning.clip_folder import ClipFolderError, check_clip_tower
+
+    for component, model_class in (("text_encoder", CLIPTextModel), ("image_encoder", CLIPVisionModelWithProjection)):
+        if _names_component(index, component):
+            try:
+                check_clip_tower(model_dir / component, model_class)
+            except ClipFolderError as error:
+                raise ModelConfigError(f"{model_dir / component}: {error}; {_FIX}") from None
 
 
 VAE_RANGES = {"in_channels": (1, 64), "out_channels": (1, 64), "latent_channels": (1, 64), "layers_per_block": (1, 16),
@@ -241,6 +263,9 @@ def _check_scheduler(path: Path) -> None:
             raise ModelConfigError(f"{path}: {key} {shown_value(config[key])} is not one of {sorted(choices)}; {_FIX}")
     for key, bounds in SCHEDULER_RANGES.items():
         _in_range(path, key, config.get(key), bounds, optional=True)
+    if "rescale_betas_zero_snr" in config and type(config["rescale_betas_zero_snr"]) is not bool:
+        raise ModelConfigError(f"{path}: rescale_betas_zero_snr {shown_value(config['rescale_betas_zero_snr'])} is "
+                               f"not true or false (any other value counts as true); {_FIX}")
     betas = config.get("trained_betas")
     if betas is not None and not (isinstance(betas, list) and len(betas) == steps and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 < b < 1 for b in betas)):
