@@ -366,16 +366,18 @@ def test_formula_in_metadata_never_reaches_written_csvs_as_a_formula(tmp_path):
     build_dataset(params, tmp_path / "dataset")
     run_filter(tmp_path / "dataset", params.filter, params.seed, tmp_path / "filtered", tmp_path / "filter.json")
     filtered = pd.read_csv(tmp_path / "filtered" / "filtered.csv", dtype=str, keep_default_na=False)
-    assert dict(zip(filtered["Image Index"], filtered["Patient Gender"])) == {
-        "00000001_000.png": "'" + HYPERLINK, "00000002_000.png": "M"}
-    assert dict(zip(filtered["Image Index"], filtered["Patient ID"])) == {"00000001_000.png": "1",
-                                                                          "00000002_000.png": "2"}
+    assert dict(zip(filtered["Image Index"], filtered["Patient Gender"])) == {"00000002_000.png": "M"}
     rejects = pd.read_csv(tmp_path / "filtered" / "rejects.csv", dtype=str, keep_default_na=False)
-    assert rejects.values.tolist() == [["00000003_000.png", "view", "'@SUM(A1)"]]
+    assert rejects.values.tolist() == [  # a formula as Patient Gender is no sex NIH writes (pass 21): a reject
+        ["00000001_000.png", "invalid_sex", f"Patient Gender is {chr(39) + HYPERLINK!r}, expected M or F as NIH "
+                                            f"writes it"],  # as the dataset stage's table marks it
+        ["00000003_000.png", "view", "'@SUM(A1)"]]
+    metadata = pd.read_csv(tmp_path / "dataset" / "metadata.csv", dtype=str, keep_default_na=False)
+    assert dict(zip(metadata["Image Index"], metadata["Patient Gender"]))["00000001_000.png"] == "'" + HYPERLINK
     for name in ("filtered/filtered.csv", "filtered/rejects.csv", "dataset/metadata.csv"):
         cells = [cell for row in read_cells(tmp_path / name) for cell in row]
         assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in cells), name
-    assert json.loads((tmp_path / "filter.json").read_text())["kept"] == 2
+    assert json.loads((tmp_path / "filter.json").read_text())["kept"] == 1
 
 
 # ----------------------------------------------------------------------------- the filtered table after the filter

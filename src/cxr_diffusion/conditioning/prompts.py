@@ -28,12 +28,11 @@ def prompt_for(finding_labels: str, config: ClipConfig) -> str:
 
 
 def prompts_cut_alike(tokenizer, prompts: list[str], max_length: int) -> tuple[tuple[str, str], int] | None:
-    """The first two different prompts that ``tokenizer`` cuts to the same ``max_length`` tokens, and the longest
-    prompt's length in tokens; None when every prompt keeps tokens of its own (a text encoder would otherwise
-    give two findings one condition)."""
+    """The first two different prompts that ``tokenizer`` encodes as the same first ``max_length`` tokens (cut
+    there, or alike as a whole: CLIP's tokenizer lowercases and collapses spaces), and the longest prompt's length
+    in tokens; None when every prompt keeps tokens of its own (a text encoder would otherwise give two findings
+    one condition)."""
     lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
-    if max(lengths, default=0) <= max_length:
-        return None
     seen: dict[tuple[int, ...], str] = {}
     for prompt, ids in zip(prompts, tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]):
         other = seen.setdefault(tuple(ids), prompt)

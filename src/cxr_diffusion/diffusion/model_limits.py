@@ -50,8 +50,8 @@ UNET_SET_KEYS = frozenset({"sample_size", "in_channels", "out_channels", "down_b
                            "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads",
                            "class_embed_type", "projection_class_embeddings_input_dim"})
 DOWN_BLOCKS, UP_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
-SCHEDULER_RANGES = {"solver_order": (1, 3), "steps_offset": (0, 1)}  # 0 as saved here, 1 as SD saves it: larger
-# offsets push the last timesteps past the training schedule (an IndexError in DDIM and DDPM)
+SCHEDULER_RANGES = {"solver_order": (1, 3), "steps_offset": (0, 0)}  # 0 as saved here: any offset pushes the
+# first timestep of as many steps as training timesteps past the schedule (an IndexError in DDIM and DDPM)
 # The scheduler keys the params set (noise.training_scheduler); the rest follow from them (sampling_scheduler).
 SCHEDULER_SET_KEYS = ("num_train_timesteps", "beta_schedule", "prediction_type", "rescale_betas_zero_snr",
                       "timestep_spacing", "beta_start", "beta_end", "trained_betas")

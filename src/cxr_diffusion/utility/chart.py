@@ -10,7 +10,9 @@ from matplotlib.figure import Figure
 
 from cxr_diffusion.io import atomic_path
 
-_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+# One colour per arm: real, four synthetic arms and up to 8 scaled ones (utility.scaling holds at most 8).
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+            "tab:olive", "tab:cyan", "gold", "black", "lightcoral")
 
 
 def _plain(text: str) -> str:
