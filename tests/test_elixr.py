@@ -221,6 +221,16 @@ def test_id_in_two_files_is_an_error_naming_both_files(tmp_path, folder):
         build(tmp_path, ids(1))
 
 
+@pytest.mark.parametrize("second", ["00000002_000.png", "00000002_000", " 00000002_000.png "])
+def test_an_image_twice_in_the_filtered_table_is_an_error_naming_both_lines(tmp_path, folder, second):
+    """The snapshot's ids match with and without .png: two spellings of one image would take one embedding twice."""
+    write_elixr_hdf5_shard(folder / "a.h5", ids(1, 2), values(2))
+    with pytest.raises(DataError, match=r"filtered\.csv: image '00000002_000\.png'.* is on lines 3 and 4; the filter "
+                                        r"lists each image once"):
+        build(tmp_path, [*ids(1, 2), second])
+    assert not (tmp_path / "store").exists()
+
+
 def test_filtered_image_without_embedding_is_dropped_and_listed(tmp_path, folder):
     write_elixr_hdf5_shard(folder / "a.h5", ids(1, 2), values(2))
     metrics = build(tmp_path, ids(1, 9, 2))

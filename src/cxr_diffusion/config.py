@@ -139,6 +139,12 @@ class SplitConfig(Section):
     def _train_keeps_patients(self) -> SplitConfig:
         _require(self.val_fraction + self.test_fraction < 1.0, "test_fraction",
                  "val_fraction + test_fraction must be < 1 (train needs patients)")
+        _require(self.val_fraction > 0, "val_fraction",
+                 "must be above 0: evaluate measures the real images' own distance on val films, and "
+                 "train.lr_schedule plateau and early stopping steer by the val loss")
+        _require(self.method == "official" or self.test_fraction > 0, "test_fraction",
+                 "must be above 0 with method random: sample generates from the test films' conditions, and "
+                 "evaluate and utility score on them")
         return self
 
 
@@ -583,6 +589,11 @@ class Params(Section):
                  "utility.train_images or utility.classifier.max_image_size")
         _require(self.train.space == "pixel" or self.channels == 3, "channels",
                  "must be 3 in latent space (the VAE encodes RGB)")
+        ages = (self.filter.age_min, self.filter.age_max)
+        _require(all(ages[0] < start <= ages[1] for start in self.utility.age_bands), "utility.age_bands",
+                 f"is {list(self.utility.age_bands)}; each band must start above filter.age_min and at most at "
+                 f"filter.age_max ({ages[0]}..{ages[1]}), or a band holds no film and drops out of the subgroup "
+                 "results")
         return self
 
     def learning_rate(self, branch: str) -> float:

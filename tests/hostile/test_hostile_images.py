@@ -252,9 +252,13 @@ def _staged(tmp_path: Path, images: dict[str, bytes]):
     root = make_nih_download(tmp_path / "nih", rows, images)
     params = params_with({
         "image_size": 16, "dataset": {"source": "nih", "nih_root": str(root)},
-        "filter": {"classes": ["No Finding"], "merges": {}, "split": {"val_fraction": 0.0, "test_fraction": 0.0}},
+        "filter": {"classes": ["No Finding"], "merges": {}},
         "prepare": {"shard_size": 8, "row_group_size": 4},
     })
+    # Every film in train, which params refuse (evaluate needs val and test films): these tests are about how prepare
+    # reads hostile files, and a split the rejects empty would be refused before the rejects are written.
+    split = params.filter.split.model_copy(update={"val_fraction": 0.0, "test_fraction": 0.0})
+    params = params.model_copy(update={"filter": params.filter.model_copy(update={"split": split})})
     build_dataset(params, tmp_path / "dataset")
     run_filter(tmp_path / "dataset", params.filter, params.seed, tmp_path / "filtered", tmp_path / "filter.json")
     return root, params

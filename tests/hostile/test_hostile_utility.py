@@ -210,7 +210,7 @@ def test_an_image_listed_twice_in_the_filtered_table_is_refused_naming_both_rows
     path = tmp_path / "filtered.csv"
     pd.DataFrame({"Image Index": [SUBGROUP_NAMES[0], SUBGROUP_NAMES[0], SUBGROUP_NAMES[1]],
                   "Patient Age": ["30", "75", "50"], "Patient Gender": ["M", "F", "F"]}).to_csv(path, index=False)
-    assert f"'{SUBGROUP_NAMES[0]}' appears on rows 2 and 3" in subgroup_refusal(path)
+    assert f"image '{SUBGROUP_NAMES[0]}' is on lines 2 and 3" in subgroup_refusal(path)
 
 
 def test_a_fifo_named_as_the_filtered_table_is_refused_instead_of_blocking(tmp_path):

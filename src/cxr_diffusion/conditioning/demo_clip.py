@@ -24,11 +24,12 @@ from tqdm import tqdm
 from cxr_diffusion.config import ClipConfig, DemoClipConfig, ParamsError
 from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.conditioning.prompt_tokenizer import train_prompt_tokenizer
-from cxr_diffusion.conditioning.prompts import prompts_cut_alike, prompt_for
+from cxr_diffusion.conditioning.prompts import check_one_prompt_per_finding, prompts_cut_alike, prompt_for
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import MANIFEST, iter_row_groups
 from cxr_diffusion.device import describe_device
 from cxr_diffusion.io import atomic_directory, write_json
+from cxr_diffusion.safe_text import visible_text
 
 def build_demo_clip(config: DemoClipConfig, tokenizer):
     from transformers import CLIPConfig, CLIPModel
@@ -138,10 +139,17 @@ def check_prompts_stay_distinct(tokenizer, prompts: list[str], max_length: int) 
     """Refuse a ``clip.demo.max_length`` that cuts two different prompts to the same tokens: the CLIP
     (and the clip_text model after it) could not tell their findings apart."""
     alike = prompts_cut_alike(tokenizer, prompts, max_length)
-    if alike is not None:
-        (other, prompt), longest = alike
-        raise ParamsError(f"params: 'clip.demo.max_length' is {max_length}; the prompts {other!r} and {prompt!r} "
-                          f"are cut to the same tokens; set it to at least {longest} (the longest prompt)")
+    if alike is None:
+        return
+    (other, prompt), longest = alike
+    whole = tokenizer([other, prompt], truncation=False)["input_ids"]
+    if whole[0] == whole[1]:  # alike before any cut: no max_length tells them apart
+        raise ParamsError(f"params: the prompts {visible_text(repr(other), 160)} and {visible_text(repr(prompt), 160)} "
+                          "differ only in case or spaces, which the tokenizer drops; change clip.normal_prompt or "
+                          "clip.prompt_template so that each finding has a prompt of its own")
+    raise ParamsError(f"params: 'clip.demo.max_length' is {max_length}; the prompts {visible_text(repr(other), 160)} "
+                      f"and {visible_text(repr(prompt), 160)} are cut to the same tokens; set it to at least {longest} "
+                      "(the longest prompt)")
 
 
 def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[str], members: dict[str, tuple[str, ...]],
@@ -169,6 +177,8 @@ def train_demo_clip(prepared_dir: str | Path, config: ClipConfig, classes: list[
     val_images, val_rows = read_split(prepared_dir, "val")
     train_prompts = [prompt_for(labels, config) for labels in train_rows["Finding Labels"]]
     val_prompts = [prompt_for(labels, config) for labels in val_rows["Finding Labels"]]
+    check_one_prompt_per_finding([*train_rows["Finding Labels"], *val_rows["Finding Labels"]],
+                                 [*train_prompts, *val_prompts])
     class_prompts = [prompt_for(member, config) for name in classes for member in members[name] if member != NO_FINDING]
     corpus = sorted(set(train_prompts) | set(val_prompts))
     tokenizer = train_prompt_tokenizer(corpus + class_prompts + [config.normal_prompt], demo.vocab_size, demo.max_length)

@@ -20,7 +20,7 @@ from cxr_diffusion.config import ElixrConfig
 from cxr_diffusion.conditioning.elixr_files import iter_embedding_blocks, scan_elixr_source
 from cxr_diffusion.conditioning.elixr_format import ID_COLUMN, ElixrFile, normalize_image_id
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
-from cxr_diffusion.data.filtered_table import read_filtered_csv
+from cxr_diffusion.data.filtered_table import check_each_image_once, read_filtered_csv
 from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.io import write_csv, write_json
 
@@ -112,15 +112,10 @@ def _read_filtered_names(path: Path) -> list[str]:
     if names.empty:
         raise DataError(f"{path}: no images (0 rows); nothing to embed. Check that the filter stage keeps images "
                         f"(filter.* params) and rerun it")
-    seen: dict[str, int] = {}
     for row, name in enumerate(names):
         if not name.strip():
             raise DataError(f"{path}: row {row + 2} has an empty '{ID_COLUMN}'")
-        key = normalize_image_id(name)
-        if key in seen:
-            raise DataError(f"{path}: '{name}' appears on rows {seen[key] + 2} and {row + 2}; the filtered table "
-                            f"must list each image once")
-        seen[key] = row
+    check_each_image_once(path, names.to_frame(), key=normalize_image_id)  # as the snapshot's ids are matched
     return list(names)
 
 

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from cxr_diffusion.config import ClipConfig, ParamsError
 from cxr_diffusion.conditioning.clip import clip_source, encode_images, encode_prompts, load_text_encoder, load_vision_encoder
-from cxr_diffusion.conditioning.prompts import prompt_for, prompts_cut_alike
+from cxr_diffusion.conditioning.prompts import check_one_prompt_per_finding, prompt_for, prompts_cut_alike
 from cxr_diffusion.conditioning.store import ConditionStoreWriter
 from cxr_diffusion.data.filtered_table import check_each_image_once, read_filtered_csv
-from cxr_diffusion.data.nih import DataError, split_labels
+from cxr_diffusion.data.nih import DataError
 from cxr_diffusion.data.shards import MANIFEST, iter_row_groups, read_manifest
 from cxr_diffusion.device import describe_device, half_dtype
 from cxr_diffusion.io import write_csv, write_json
@@ -40,7 +40,7 @@ def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str 
             prompts.append(prompt_for(labels, config))
         except DataError as error:
             raise DataError(f"{filtered_csv}: line {line}: {error}; rerun the filter stage") from None
-    _check_one_prompt_per_finding(table["Finding Labels"], prompts)
+    check_one_prompt_per_finding(table["Finding Labels"], prompts)
     unique = sorted(set(prompts))
     row_of = {prompt: i for i, prompt in enumerate(unique)}
     source = clip_source(config, demo_dir)
@@ -69,19 +69,6 @@ def embed_clip_text(filtered_csv: str | Path, config: ClipConfig, demo_dir: str 
     if metrics_path:
         write_json(metrics_path, metrics)
     return metrics
-
-
-def _check_one_prompt_per_finding(finding_labels: pd.Series, prompts: list[str]) -> None:
-    """Films of different findings must get different prompts: clip.normal_prompt written as a finding's prompt
-    would give No Finding and that finding one condition."""
-    findings_of: dict[str, tuple[str, ...]] = {}
-    for labels, prompt in zip(finding_labels, prompts):
-        findings = tuple(sorted(split_labels(labels)))
-        other = findings_of.setdefault(prompt, findings)
-        if other != findings:
-            raise ParamsError(f"params: films of {'|'.join(other)} and of {'|'.join(findings)} get the same prompt "
-                              f"{visible_text(repr(prompt), 160)}; change clip.normal_prompt or clip.prompt_template "
-                              f"so that each finding has a prompt of its own")
 
 
 def read_filtered_table(path: Path) -> pd.DataFrame:

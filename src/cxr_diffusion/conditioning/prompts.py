@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from cxr_diffusion.config import ClipConfig
+from collections.abc import Iterable
+
+from cxr_diffusion.config import ClipConfig, ParamsError
 from cxr_diffusion.nih_labels import NO_FINDING
 from cxr_diffusion.data.nih import DataError, split_labels
+from cxr_diffusion.safe_text import visible_text
 
 
 def finding_phrase(labels: tuple[str, ...]) -> str:
@@ -39,3 +42,17 @@ def prompts_cut_alike(tokenizer, prompts: list[str], max_length: int) -> tuple[t
         if other != prompt:
             return (other, prompt), max(lengths)
     return None
+
+
+def check_one_prompt_per_finding(finding_labels: Iterable[str], prompts: Iterable[str]) -> None:
+    """Films of different findings (``Finding Labels`` as sets: order and repeats do not change a finding) must
+    get different prompts: clip.normal_prompt written as a finding's prompt would give No Finding and that finding
+    one condition."""
+    findings_of: dict[str, tuple[str, ...]] = {}
+    for labels, prompt in zip(finding_labels, prompts):
+        findings = tuple(sorted(set(split_labels(labels))))
+        other = findings_of.setdefault(prompt, findings)
+        if other != findings:
+            raise ParamsError(f"params: films of {'|'.join(other)} and of {'|'.join(findings)} get the same prompt "
+                              f"{visible_text(repr(prompt), 160)}; change clip.normal_prompt or clip.prompt_template "
+                              f"so that each finding has a prompt of its own")

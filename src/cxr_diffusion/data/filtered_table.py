@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 
 import pandas as pd
@@ -227,20 +227,27 @@ def _usable_patient_ids(path: str | os.PathLike, patient_ids: pd.Series, lines: 
     return canonical
 
 
-def check_each_image_once(path: str | os.PathLike, table: pd.DataFrame) -> None:
-    """A ``DataError`` naming the image and the lines it is on when ``table`` (read from ``path``, with its
-    ``Image Index`` column) lists an image twice: for the stages that read the table without ``check_split_table``."""
+def check_each_image_once(path: str | os.PathLike, table: pd.DataFrame, error: type[Exception] = DataError,
+                          key: Callable[[str], str] | None = None) -> None:
+    """An ``error`` naming the image and the lines it is on when ``table`` (read from ``path``, with its
+    ``Image Index`` column) lists an image twice: for the stages that read the table without ``check_split_table``.
+    ``key``: how the stage matches a name to its data (ELIXR's ids, for one, are matched with and without
+    ``.png``), so two names it would take for one image count as the same image."""
     table = table.reset_index(drop=True)
-    _check_each_image_once(path, table, _RowLines(path, table))
+    _check_each_image_once(path, table, _RowLines(path, table), error, key)
 
 
-def _check_each_image_once(path: str | os.PathLike, table: pd.DataFrame, lines: _RowLines) -> None:
-    repeated = table["Image Index"].duplicated(keep=False).to_numpy().nonzero()[0]
+def _check_each_image_once(path: str | os.PathLike, table: pd.DataFrame, lines: _RowLines,
+                           error: type[Exception] = DataError, key: Callable[[str], str] | None = None) -> None:
+    names = table["Image Index"] if key is None else table["Image Index"].map(key)
+    repeated = names.duplicated(keep=False).to_numpy().nonzero()[0]
     if len(repeated):
-        name = table.at[int(repeated[0]), "Image Index"]
-        first, second = (int(row) for row in repeated[table["Image Index"].to_numpy()[repeated] == name][:2])
-        raise DataError(f"{path}: image {shown_value(name)} is on {lines.pair(first, second)}; the "
-                        f"filter lists each image once: {FILTER_FIX}")
+        same = names.to_numpy()[repeated] == names.iat[int(repeated[0])]
+        first, second = (int(row) for row in repeated[same][:2])
+        spelled = [table.at[row, "Image Index"] for row in (first, second)]
+        shown = shown_value(spelled[0]) + ("" if spelled[0] == spelled[1] else f" (as {shown_value(spelled[1])})")
+        raise error(f"{path}: image {shown} is on {lines.pair(first, second)}; the "
+                    f"filter lists each image once: {FILTER_FIX}")
 
 
 def _check_each_patient_in_one_split(path: str | os.PathLike, table: pd.DataFrame, lines: _RowLines) -> None:

@@ -217,13 +217,18 @@ def check_prepared_for(prepared_dir: str | Path, image_size: int, classes: tuple
     return manifest
 
 
-def check_generated_by(samples: Path, branch: str, image_size: int) -> None:
-    """The samples' manifest says they are ``branch``'s generations (``sample@<branch>`` records it) at
-    ``image_size``, the real images' side: another branch's, or a folder of real images, would be evaluated and
-    written as this branch's metrics; generations of another size would be told from real films by their size
-    alone (in the reader kit, by the block size of the enlargement)."""
-    samples = Path(samples)
-    manifest = read_manifest(samples)
+def check_generated_by(samples: Path, branch: str, image_size: int) -> dict:
+    """The samples' manifest says they are ``branch``'s generations at ``image_size``: see
+    ``check_generated_manifest``. Returns what it records of their making (``generated``)."""
+    return check_generated_manifest(Path(samples), read_manifest(samples), branch, image_size)
+
+
+def check_generated_manifest(samples: Path, manifest: dict, branch: str, image_size: int) -> dict:
+    """The samples' ``manifest`` (as read from ``samples``) says they are ``branch``'s generations
+    (``sample@<branch>`` records it) at ``image_size``, the real images' side: another branch's, or a folder of
+    real images, would be evaluated and written as this branch's metrics; generations of another size would be
+    told from real films by their size alone (in the reader kit, by the block size of the enlargement). Returns
+    the manifest's ``generated`` record."""
     generated = manifest.get("generated")
     made_by = generated.get("branch") if isinstance(generated, dict) else None
     if made_by != branch:
@@ -233,6 +238,7 @@ def check_generated_by(samples: Path, branch: str, image_size: int) -> None:
     if manifest["image_size"] != image_size:
         raise PreparedDataError(f"{samples / 'manifest.json'}: generations of {manifest['image_size']} px, the real "
                                 f"images are {image_size} px (image_size); rerun sample@{branch} (dvc repro)")
+    return generated
 
 
 def prepared_digest(prepared_dir: str | Path) -> str:
@@ -342,7 +348,8 @@ class PreparedImages(Dataset):
         manifest = read_manifest(self.prepared_dir)
         self.classes: tuple[str, ...] = tuple(manifest["classes"])
         self.image_size: int = manifest["image_size"]
-        self._manifest, self._fix = manifest, rebuild_hint(manifest)
+        self.manifest: dict = manifest  # as read and checked when opened
+        self._fix = rebuild_hint(manifest)
         self._shards = {shard["file"]: shard for shard in manifest["shards"]}
         self._budget = DecodeBudget.for_prepared(self.image_size)  # our own PNGs: exactly image_size square
         self.channels = channels
@@ -394,7 +401,7 @@ class PreparedImages(Dataset):
             self._cache.move_to_end(key)
             return self._cache[key]
         if file not in self._files:
-            self._files[file] = open_shard(self.prepared_dir, self._shards[file], self._manifest)
+            self._files[file] = open_shard(self.prepared_dir, self._shards[file], self.manifest)
         with shard_errors(self.prepared_dir / file, self._fix):
             table = self._files[file].read_row_group(group)
         self._cache[key] = table

@@ -261,8 +261,9 @@ def _check_scheduler(path: Path) -> None:
     for key, choices in SCHEDULER_CHOICES.items():
         if key in config and config[key] not in choices:
             raise ModelConfigError(f"{path}: {key} {shown_value(config[key])} is not one of {sorted(choices)}; {_FIX}")
-    for key, bounds in SCHEDULER_RANGES.items():
-        _in_range(path, key, config.get(key), bounds, optional=True)
+    for key, bounds in SCHEDULER_RANGES.items():  # absent: the scheduler's default; null is no whole number
+        if key in config:
+            _in_range(path, key, config[key], bounds)
     if "rescale_betas_zero_snr" in config and type(config["rescale_betas_zero_snr"]) is not bool:
         raise ModelConfigError(f"{path}: rescale_betas_zero_snr {shown_value(config['rescale_betas_zero_snr'])} is "
                                f"not true or false (any other value counts as true); {_FIX}")

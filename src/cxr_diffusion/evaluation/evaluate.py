@@ -24,7 +24,7 @@ from torch.utils.data import Subset
 from cxr_diffusion.config import EvaluateConfig, Params
 from cxr_diffusion.conditioning.store import ConditionStore, check_store_branch
 from cxr_diffusion.data.shards import (
-    PreparedDataError, PreparedImages, check_generated_by, check_prepared_for, read_manifest,
+    PreparedDataError, PreparedImages, check_generated_manifest, check_prepared_for,
 )
 from cxr_diffusion.evaluation.closeness import (
     closeness_metrics, inception_fid_metrics, prdc_metrics, real_floor, untrained_closeness,
@@ -40,7 +40,8 @@ from cxr_diffusion.evaluation.xrv_metrics import xrv_metrics
 from cxr_diffusion.device import describe_device, module_device, resolve_device
 from cxr_diffusion.diffusion.grid import image_grid
 from cxr_diffusion.io import atomic_directory, atomic_path, write_json
-from cxr_diffusion.safe_text import shown_value, visible_text
+from cxr_diffusion.safe_text import visible_text
+from cxr_diffusion.sampling.settings import changed_setting
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ class BranchImages:
                                     f"{visible_text(list(self.generated.classes), 200)}, the prepared data under "
                                     f"{visible_text(list(self.test.classes), 200)}; {fix}")
         for name, images, what in (("generations", self.generated, "raise sample.count"),
-                                   ("test images", self.test, "the filter leaves too few: widen it"),
-                                   ("val images", self.val, "the filter leaves too few: widen it")):
+                                   ("test images", self.test, "raise filter.split.test_fraction (or widen the filter)"),
+                                   ("val images", self.val, "raise filter.split.val_fraction (or widen the filter)")):
             if len(images) < 2:  # a Frechet distance, PRDC and the real floor need two of each
                 raise PreparedDataError(f"{len(images)} {name} to evaluate, fewer than 2 (distances between sets "
                                         f"need two images of each); {what}, then rerun (dvc repro)")
@@ -254,18 +255,13 @@ def write_figures(tmp: Path, branch: str, splits: EmbeddedSplits, closest_pairs:
     image_grid(tiles, rows=2).save(tmp / "closest_to_train.png")
 
 
-def _check_sampled_as_the_params_say(samples: Path, params: Params) -> None:
+def _check_sampled_as_the_params_say(samples: Path, generated: dict, params: Params) -> None:
     """The generations were made with params.sample's sampler, steps and guidance and the params' seed: the
     untrained baseline is sampled with those, and the metrics are reported under them."""
-    generated = read_manifest(samples)["generated"]
-    wanted = {"sampler": params.sample.sampler, "steps": params.sample.steps,
-              "guidance_scale": params.sample.guidance_scale, "seed": params.seed, "count": params.sample.count}
-    for key, value in wanted.items():
-        if generated.get(key) != value:
-            where = "seed" if key == "seed" else f"sample.{key}"  # count: at most that many test conditions
-            raise PreparedDataError(f"{Path(samples) / 'manifest.json'}: generated with {key} "
-                                    f"{shown_value(generated.get(key))}, but {where} is {value!r}; rerun the sample "
-                                    f"stage (dvc repro)")
+    changed = changed_setting(generated, params)
+    if changed is not None:
+        raise PreparedDataError(f"{Path(samples) / 'manifest.json'}: {changed.describe()}; rerun the sample stage "
+                                "(dvc repro)")
 
 
 def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
@@ -276,8 +272,8 @@ def evaluate_branch(params: Params, branch: str, paths: EvaluatePaths) -> dict:
     classifier = load_classifier(paths.evaluator).to(device)
     check_prepared_for(paths.prepared, params.image_size, params.filter.classes)  # xrv matches classes by position
     images = BranchImages.open(paths.prepared, paths.samples)
-    check_generated_by(paths.samples, branch, params.image_size)
-    _check_sampled_as_the_params_say(paths.samples, params)
+    generated = check_generated_manifest(paths.samples, images.generated.manifest, branch, params.image_size)
+    _check_sampled_as_the_params_say(paths.samples, generated, params)
     if len(images.generated) > params.sample.count:  # sample makes one per test condition, at most sample.count
         raise PreparedDataError(f"{paths.samples}: {len(images.generated)} generations, more than sample.count "
                                 f"({params.sample.count}); rerun the sample stage (dvc repro)")

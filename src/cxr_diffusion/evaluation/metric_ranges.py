@@ -44,6 +44,7 @@ UTILITY = [
     *[(f"arms.*.per_class.*.{key}", UNIT, False) for key in ("auroc", "ci_low", "ci_high")],
     *[(f"arms.*.vs_real.macro.{key}", SIGNED_UNIT, False) for key in ("difference", "ci_low", "ci_high")],
     *[(f"arms.*.vs_real.per_class.*.{key}", SIGNED_UNIT, False) for key in ("difference", "ci_low", "ci_high")],
+    ("arms.*.vs_real.gap_fraction", (float("-inf"), 1.0), False),  # (real - arm) / real: the arm's AUROC is >= 0
     *[(f"arms.*.seeds.{key}", UNIT, False) for key in ("mean", "min", "max")],
     ("arms.*.seeds.sd", NON_NEGATIVE, False), ("arms.*.seeds.count", (1.0, None), True),
     ("arms.*.bootstrap_draws", NON_NEGATIVE, True),
@@ -54,8 +55,24 @@ UTILITY = [
       for gap in ("auroc_gap", "underdiagnosis_gap") for key in ("gap", "ci_low", "ci_high")],
     *[(f"arms.*.subgroups.*.{gap}.draws", NON_NEGATIVE, True) for gap in ("auroc_gap", "underdiagnosis_gap")],
 ]
+EVALUATOR = [("test_macro_auroc", UNIT, False), ("test_auroc.*", UNIT, False), ("test_images", NON_NEGATIVE, True),
+             ("train_images", NON_NEGATIVE, True), ("seconds", NON_NEGATIVE, False)]
+REALISM_SCALE = (1.0, 5.0)  # the reader kit's realism answers are whole numbers 1 to 5; a t-interval may pass them
+READER_STUDY = [
+    *[(key, NON_NEGATIVE, True) for key in ("items", "readers", "files", "agreement.readers", "agreement.items",
+                                            "per_reader.*.unanswered")],
+    ("agreement.kappa", SIGNED_UNIT, False),
+    *[(f"{scope}.{key}", rule, whole) for scope in ("pooled", "per_reader.*") for key, rule, whole in (
+        ("answered", NON_NEGATIVE, True), ("real_share", UNIT, False), ("call.correct", NON_NEGATIVE, True),
+        ("call.n", NON_NEGATIVE, True), ("call.accuracy", UNIT, False), ("call.ci95.*", UNIT, False),
+        ("call.p_value", UNIT, False), ("balanced_accuracy", UNIT, False), ("auc", UNIT, False),
+        ("called_real.*.n", NON_NEGATIVE, True), ("called_real.*.fraction", UNIT, False),
+        ("realism.*.n", NON_NEGATIVE, True), ("realism.*.mean", REALISM_SCALE, False),
+        ("findings.*.*.f1", UNIT, False), ("findings.*.*.positives", NON_NEGATIVE, True))],
+]
 SAMPLING = [("images", NON_NEGATIVE, True), ("steps", (1.0, None), True), ("images_per_second", NON_NEGATIVE, False),
-            ("seconds", NON_NEGATIVE, False), ("guidance_scale", (1.0, None), False)]
+            ("seconds", NON_NEGATIVE, False), ("guidance_scale", (1.0, None), False), ("count", (1.0, None), True),
+            ("seed", NON_NEGATIVE, True)]
 
 
 def out_of_range(metrics: object, rules: list[tuple[str, tuple[float, float | None], bool]]) -> str | None:

@@ -10,13 +10,16 @@ from pathlib import Path
 
 from cxr_diffusion.config import Params
 from cxr_diffusion.evaluation.training_curves import draw_training_curves, save_figure
-from cxr_diffusion.evaluation.metric_ranges import EVALUATE, SAMPLING, TRAINING, UTILITY, out_of_range
+from cxr_diffusion.evaluation.metric_ranges import (
+    EVALUATE, EVALUATOR, READER_STUDY, SAMPLING, TRAINING, UTILITY, out_of_range,
+)
 from cxr_diffusion.evaluation.report_numbers import number, signed_with_interval, with_interval, without_negative_zero
 from cxr_diffusion.io import atomic_path, read_json, write_json
 from cxr_diffusion.reader_study.labels import REAL
 from cxr_diffusion.reader_study.report import report_lines
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.safe_text import markdown_text, visible_text
+from cxr_diffusion.sampling.settings import PARAM_OF_SETTING, changed_setting
 from cxr_diffusion.utility.subgroup_report import subgroup_lines, subgroup_summary
 
 
@@ -67,10 +70,9 @@ def _read_branch(path: Path, branch: str, ranges: list | None = None) -> dict:
 def _check_sampled_as_the_params_say(path: Path, sampling: dict, params: Params) -> None:
     """The report's header names the sampler of params.sample: a sample metrics file that records another
     (samples made before the params changed) would put its numbers under settings they were not made with."""
-    for key in ("sampler", "steps", "guidance_scale"):
-        if key in sampling and sampling[key] != getattr(params.sample, key):
-            raise MetricsFileError(f"{path}: sampled with {key} {visible_text(repr(sampling[key]), 60)}, but "
-                                   f"sample.{key} is {getattr(params.sample, key)!r}; {_RERUN}")
+    changed = changed_setting(sampling, params, keys=[key for key in PARAM_OF_SETTING if key in sampling])
+    if changed is not None:
+        raise MetricsFileError(f"{path}: {changed.describe()}; {_RERUN}")
 
 
 def _read(path: Path, checked: tuple[str, ...] = ("",), ranges: list | None = None) -> dict:
@@ -158,7 +160,7 @@ def utility_summary(utility: dict) -> dict:
 def summarize(params: Params, evaluations: dict[str, dict], inputs: ReportInputs) -> dict:
     """Every branch's metrics, flattened to the numbers `dvc metrics diff` compares."""
     summary = {}
-    readers = _read(inputs.reader_study)
+    readers = _read(inputs.reader_study, ranges=READER_STUDY)
     elixr_source = _read(inputs.elixr_embedding).get("source") if inputs.elixr_embedding is not None else None
     for branch in params.branches:
         with _reading(inputs.evaluations / f"{branch}.json", inputs.training / branch / "metrics.json",
@@ -416,8 +418,8 @@ def compare(params: Params, inputs: ReportInputs, summary_path: Path, report_pat
     # three is replaced.
     curves = draw_training_curves(inputs.training, list(params.branches))
     with _reading(inputs.evaluations, inputs.evaluator, inputs.utility, inputs.reader_study):
-        report = report_text(params, summary, evaluations, _read(inputs.evaluator), report_path, utilities,
-                             _read(inputs.reader_study), _relative_link(curves_path, report_path.parent))
+        report = report_text(params, summary, evaluations, _read(inputs.evaluator, ranges=EVALUATOR), report_path, utilities,
+                             _read(inputs.reader_study, ranges=READER_STUDY), _relative_link(curves_path, report_path.parent))
     write_json(summary_path, summary)  # refuses a value JSON cannot hold before the others are replaced
     save_figure(curves, curves_path)
     _write_text(report_path, report)

@@ -38,6 +38,7 @@ from cxr_diffusion.diffusion.pipeline import SATURATED_FRACTION, CXRDiffusionPip
 from cxr_diffusion.device import describe_device, half_dtype, resolve_device
 from cxr_diffusion.io import JsonFileError, atomic_directory, atomic_path, read_json, write_json
 from cxr_diffusion.sampling.figures import one_row_per_finding, originals_vs_generated
+from cxr_diffusion.sampling.settings import sampling_settings
 
 
 # Originals and generations kept for the figures: original_vs_generated_24.png shows this many pairs.
@@ -154,11 +155,12 @@ def _check_model_index(model_dir: Path) -> dict:
         if name not in _COMPONENTS:
             raise SamplingError(f"{path}: names a component {name!r} that a {branch} model does not have; {fix}")
     for name, (library, pattern) in _COMPONENTS.items():
-        entry = index.get(name, [None, None])
-        if entry in ([None, None], None) and name not in needed:
+        entry = index.get(name, [None, None])  # save_pipeline writes [null, null] for a component a branch lacks
+        if entry == [None, None]:
+            if name in needed:
+                raise SamplingError(f"{path}: a {branch} model needs the component {name!r}, which it does not name; "
+                                    f"{fix}")
             continue
-        if entry in ([None, None], None):
-            raise SamplingError(f"{path}: a {branch} model needs the component {name!r}, which it does not name; {fix}")
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and isinstance(entry[1], str)
                 and re.fullmatch(pattern, entry[1])):
             raise SamplingError(f"{path}: component {name!r} is {entry!r}; expected [{library!r}, {pattern!r}]; {fix}")
@@ -312,9 +314,7 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
             "rejected_by_reason": {"missing_condition": missing} if missing else {},
             "per_split": {"train": 0, "val": 0, "test": len(test)}, "classes": list(classes),
             "image_size": params.image_size, "square": "generated", "shards": shards,
-            "generated": {"branch": branch, "model": str(model_dir), "sampler": params.sample.sampler,
-                          "steps": params.sample.steps, "guidance_scale": params.sample.guidance_scale,
-                          "seed": params.seed, "count": params.sample.count},
+            "generated": {"branch": branch, "model": str(model_dir), **sampling_settings(params)},
         })
         originals_vs_generated(originals[:6], generated[:6], findings[:6]).save(figures / "original_vs_generated_6.png")
         originals_vs_generated(originals[:24], generated[:24], findings[:24]).save(figures / "original_vs_generated_24.png")
@@ -323,8 +323,7 @@ def sample_branch(params: Params, branch: str, model_dir: Path, prepared_dir: Pa
             grid.save(figures / "one_row_per_finding.png")
             (figures / "one_row_per_finding.txt").write_text("\n".join(prompts) + "\n")
         metrics = {"branch": branch, "images": len(test), "missing_condition": missing,
-                   "sampler": params.sample.sampler, "steps": params.sample.steps,
-                   "guidance_scale": params.sample.guidance_scale, "device": describe_device(device),
+                   **sampling_settings(params), "device": describe_device(device),
                    "seconds": round(seconds, 1),
                    "images_per_second": round(len(test) / max(seconds, 1e-9), 2)}
         if metrics_file is not None:

@@ -12,7 +12,7 @@ from cxr_diffusion.io import atomic_path
 
 # One colour per arm: real, four synthetic arms and up to 8 scaled ones (utility.scaling holds at most 8).
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-            "tab:olive", "tab:cyan", "gold", "black", "lightcoral")
+            "tab:olive", "tab:cyan", "gold", "teal", "lightcoral")  # none black: the error bars are
 
 
 def _plain(text: str) -> str:

@@ -11,8 +11,9 @@ each group and arm:
 - **underdiagnosis rate**, when ``No Finding`` is a class: of the group's films that have a finding, the
   share the arm calls "No Finding" (Seyyed-Kalantari et al. 2021's definition); a group with fewer than
   ``MIN_GROUP_FILMS`` films with a finding gets none. The arm calls "No Finding" on the films it scores
-  highest for it, as many as the test split has (its prevalence), so every arm is read at one operating
-  point without a validation split. That is not the paper's threshold (the F1-maximising one on validation
+  highest for it, as many as the test split has (its prevalence; films tied at the threshold share the calls
+  left, each counting as that fraction of a call), so every arm is read at one operating point without a
+  validation split. That is not the paper's threshold (the F1-maximising one on validation
   data), the threshold is held fixed in every bootstrap draw (the intervals leave out its uncertainty), and
   the prevalence is that of the filtered split (``filter.max_per_class`` caps No Finding): compare rates
   between arms and groups of one run, not with published ones.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_diffusion.data.filtered_table import FILTER_FIX, read_filtered_csv
+from cxr_diffusion.data.filtered_table import FILTER_FIX, check_each_image_once, read_filtered_csv
 from cxr_diffusion.data.nih import whole_numbers
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.nih_labels import NO_FINDING
@@ -72,12 +73,7 @@ def subgroups_of_films(filtered_csv: Path, image_indices: Sequence[str], edges: 
                                   usecols=["Image Index", "Patient Age", "Patient Gender"])
     except OSError as error:  # missing or unreadable
         raise SubgroupError(f"{filtered_csv}: {str(error).splitlines()[0]}; {fix}") from None
-    repeated = table["Image Index"].duplicated(keep=False)
-    if repeated.any():
-        name = table["Image Index"][repeated].iloc[0]
-        rows = [int(row) + 2 for row in np.flatnonzero(table["Image Index"] == name)[:2]]  # 1-based, after the header
-        raise SubgroupError(f"{filtered_csv}: {visible_text(name)!r} appears on rows {rows[0]} and {rows[1]}; the "
-                            f"filtered table lists each image once; {fix}")
+    check_each_image_once(filtered_csv, table, SubgroupError)
     table = table.set_index("Image Index")
     missing = [name for name in image_indices if name not in table.index]
     if missing:
@@ -110,14 +106,23 @@ class _Underdiagnosis:
 
     def __init__(self, truth: np.ndarray, scores: np.ndarray, column: int):
         self.column = column
-        normal = truth[:, column]
-        # Call the top `prevalence` share of images "No Finding": as many as the test split has (at least one:
-        # without a No Finding film there is no threshold, and the caller reports no rate).
-        self.threshold = float(np.quantile(scores[:, column], 1 - normal.mean()))
+        # Call "No Finding" on as many films as the test split has (at least one: without a No Finding film there
+        # is no threshold, and the caller reports no rate), those the arm scores highest for it. Films tied at the
+        # threshold share the calls left, each counting as that fraction of a call: the calls then total the
+        # prevalence whatever the ties (probabilities saturate at 1.0), in any row order.
+        normal_scores = scores[:, column]
+        calls = int(truth[:, column].sum())
+        self.threshold = float(np.sort(normal_scores)[::-1][calls - 1])
+        above, tied = int((normal_scores > self.threshold).sum()), int((normal_scores == self.threshold).sum())
+        self.tied_share = (calls - above) / tied
 
     def rate(self, truth: np.ndarray, scores: np.ndarray) -> float:
         sick = ~truth[:, self.column]
-        return float(np.mean(scores[sick, self.column] >= self.threshold)) if sick.any() else np.nan
+        if not sick.any():
+            return np.nan
+        called = scores[sick, self.column]
+        return float(np.mean(np.where(called > self.threshold, 1.0,
+                                      np.where(called == self.threshold, self.tied_share, 0.0))))
 
 
 def _gap(point: dict[str, float], draws: dict[str, np.ndarray], higher_is_better: bool) -> dict:
