@@ -177,7 +177,7 @@ def test_pinned_sha256_are_full_digests_starting_with_the_prefix_in_the_file_nam
         assert source.sha256.startswith(prefix) and source.url.endswith("/" + source.filename)
 
 
-def test_a_param_that_is_the_hub_id_itself_means_the_hugging_face_cache(tmp_path, monkeypatch):
+def test_a_param_that_is_the_hub_id_itself_means_the_hugging_face_cache(tmp_path, monkeypatch, tiny_clip_dir):
     write_params(tmp_path, {"clip.model": "openai/clip-vit-large-patch14", **HUB_ONLY})
     hub = FakeHub(tmp_path / "hf-cache")
     monkeypatch.setattr(download, "hub_snapshot", hub)
@@ -188,6 +188,9 @@ def test_a_param_that_is_the_hub_id_itself_means_the_hugging_face_cache(tmp_path
     assert runner.invoke(app, ["fetch", "--root", str(tmp_path)]).exit_code == 0
     downloads = [c for c in hub.calls if c["repo_id"] == "openai/clip-vit-large-patch14" and not c["local_files_only"]]
     assert len(downloads) == 1 and downloads[0]["local_dir"] is None  # the cache, not a folder
+    result = runner.invoke(app, ["doctor", "--root", str(tmp_path)])  # the fake hub cached a config.json alone
+    assert result.exit_code == 2 and "clip (clip.model): partial: in the Hugging Face cache" in result.output
+    shutil.copytree(tiny_clip_dir, hub.cache / "openai--clip-vit-large-patch14", dirs_exist_ok=True)  # a whole CLIP
     result = runner.invoke(app, ["doctor", "--root", str(tmp_path)])
     assert result.exit_code == 0 and "in the Hugging Face cache" in result.output
 

@@ -249,7 +249,7 @@ def official_dataset(tmp_path, lists: dict[str, bytes]):
 
 def run_official_filter(tmp_path, dataset, method: str = "official"):
     config = profile_section(FilterConfig, classes=["No Finding"], merges={},
-                             split=profile_section(SplitConfig, method=method, val_fraction=0.0, test_fraction=0.25))
+                             split=profile_section(SplitConfig, method=method, val_fraction=0.25, test_fraction=0.25))
     return run_filter(dataset, config, 0, tmp_path / "out", tmp_path / "m.json")
 
 
@@ -298,9 +298,10 @@ def test_an_empty_official_list_is_an_error_not_an_empty_split(tmp_path, name, s
 def test_both_official_lists_split_the_dataset_by_them(tmp_path):
     dataset = official_dataset(tmp_path, {"test_list.txt": TEST_LIST, "train_val_list.txt": TRAIN_VAL_LIST})
     table = run_official_filter(tmp_path, dataset).table
-    assert dict(zip(table["Image Index"], table["split"])) == {
-        "00000001_000.png": "test", "00000002_000.png": "train", "00000003_000.png": "train",
-        "00000004_000.png": "train"}
+    splits = dict(zip(table["Image Index"], table["split"]))
+    assert splits.pop("00000001_000.png") == "test"
+    assert sorted(splits) == ["00000002_000.png", "00000003_000.png", "00000004_000.png"]
+    assert sorted(splits.values()) == ["train", "train", "val"]  # val_fraction 0.25 of train_val's 3 patients
 
 
 def test_counts_reconcile_with_every_new_reason(tmp_path):

@@ -3,8 +3,10 @@
 `fetch --record-present` records what a person placed. A folder passes only if it is the asset: CLIP's
 ``config.json`` says ``"model_type": "clip"``, the VAE's says ``"_class_name": "AutoencoderKL"``, RadDINO's
 ``"model_type": "dinov2"``, and each holds safetensors files that list tensors (a pickled ``.bin`` alone is refused:
-this project never unpickles); a RadDINO folder must also pass the evaluate stage's own check of its files
-(``evaluation.raddino_folder.check_raddino_folder``: settings in range, weights that fill the network); an ELIXR
+this project never unpickles); a CLIP folder must also pass the embed stages' own check of each tower
+(``conditioning.clip_folder.check_clip_tower``: a config its weights fill, every shard its index names), a RadDINO
+folder the evaluate stage's check of its files (``evaluation.raddino_folder.check_raddino_folder``: settings in
+range, weights that fill the network); an ELIXR
 snapshot has a readable ``datasets.json`` offering the dataset ``elixr.dataset`` names, and HDF5 shards in its
 folder. Anything else, such as ``/etc``, is refused before a file in it is hashed.
 """
@@ -80,6 +82,17 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         problem = header.problem(path.stat().st_size)
         if problem:
             raise AssetError(f"{path}: {problem}: truncated or damaged; download it again ({fix})")
+    if asset.name == "clip":  # the embed stages' own check of each tower: a folder recorded here is one they load
+        from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+        from cxr_diffusion.conditioning.clip_folder import ClipFolderError, check_clip_tower
+
+        for tower in (CLIPTextModel, CLIPVisionModelWithProjection):
+            try:
+                check_clip_tower(folder, tower)
+            except ClipFolderError as error:
+                raise AssetError(f"{asset.target} is not a CLIP the embed stages can load ({tower.__name__}): "
+                                 f"{error}; {fix}") from None
     if asset.name == "raddino":  # the evaluate stage's own check: a folder recorded here is one it can load
         from cxr_diffusion.evaluation.raddino_folder import RadDinoFolderError, check_raddino_folder
 

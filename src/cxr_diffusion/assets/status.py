@@ -8,6 +8,7 @@ from typing import Literal
 
 from cxr_diffusion.assets import download
 from cxr_diffusion.assets.catalog import Asset, HandSource, HubSource
+from cxr_diffusion.assets.content import check_hub_folder
 from cxr_diffusion.assets.manifest import differences
 from cxr_diffusion.assets.standin_marker import describe, read_standin
 
@@ -49,6 +50,10 @@ def check_asset(asset: Asset, manifest: dict[str, dict], root: Path) -> Check:
                                          allow_patterns=source.allow_patterns, local_files_only=True)
         except (OSError, ValueError, download.AssetError):
             return Check("missing", "not in the Hugging Face cache")
+        try:  # offline, the hub returns the snapshot folder without looking inside: an interrupted download too
+            check_hub_folder(asset, Path(path))
+        except download.AssetError as error:
+            return Check("partial", f"in the Hugging Face cache ({path}), but {error}")
         return Check("present", f"in the Hugging Face cache ({path})")
     path = asset.path(root)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):

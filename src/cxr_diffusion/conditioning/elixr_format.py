@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class ElixrFile:
     shape: tuple[int, int] | None  # (tokens, dim); None only for an empty Parquet file of nested lists
     column: str                    # the HDF5 dataset or Parquet column holding the embeddings
     standin: bool = False          # the file says it is a stand-in (an HDF5 ``standin`` attribute)
+    identity: tuple[int, ...] | None = None  # the file as scanned (``file_identity``); it is read only while the same
 
     @property
     def is_hdf5(self) -> bool:
@@ -129,6 +131,21 @@ def check_regular_file(path: Path, kind: str) -> None:
                                               f"downloaded files")
     except OSError as error:
         raise DataError(f"{path}: not a readable {kind} file ({error})") from error
+
+
+def file_identity(descriptor: int) -> tuple[int, ...]:
+    """The open file's device, inode, size and modification time: a shard replaced or written to after it was
+    scanned has another."""
+    status = os.fstat(descriptor)
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def check_unchanged(path: Path, scanned: tuple[int, ...] | None, descriptor: int) -> None:
+    """Refuse to read a shard that is no longer the file its scan checked (bounds, links, external storage): a
+    file swapped in between would be read with none of those checks."""
+    if scanned is not None and file_identity(descriptor) != scanned:
+        raise DataError(f"{path}: changed since it was scanned (replaced or written to while the stage ran); "
+                        "rerun `dvc repro embed_elixr` once the snapshot is complete")
 
 
 def checked_shape(path: Path, what: str, found: tuple[int, ...], expected: tuple[int, int] | None,

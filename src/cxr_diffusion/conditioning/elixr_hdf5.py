@@ -13,8 +13,8 @@ import numpy as np
 from cxr_diffusion.assets.standin_marker import standin_attribute
 from cxr_diffusion.conditioning.elixr_format import (HDF5_EMBEDDINGS, HDF5_IDS, ID_COLUMN, MAX_CHUNK_BYTES,
                                                      MAX_ID_BYTES, MAX_ID_COLUMN_BYTES, MAX_ROWS, SNAPSHOT_INDEX,
-                                                     ElixrFile, check_regular_file, checked_shape,
-                                                     damaged_file_errors, normalized_id)
+                                                     ElixrFile, check_regular_file, check_unchanged, checked_shape,
+                                                     damaged_file_errors, file_identity, normalized_id)
 from cxr_diffusion.conditioning.elixr_index import refuse_text
 from cxr_diffusion.data.nih import DataError
 
@@ -38,8 +38,8 @@ def scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None,
     """Ids and (tokens, dim) of one shard; a shard of snapshot ``dataset`` must hold ``Image Index`` + ``feature``."""
     snapshot = dataset is not None
     with damaged_file_errors(path, "HDF5"), _open_hdf5(path) as handle:
-        def has(name: str | None) -> bool:
-            return name is not None and isinstance(handle.get(name), h5py.Dataset)
+        def has(name: str | None) -> bool:  # links are looked at before a name is resolved (which opens them)
+            return name is not None and _stored_here(path, handle, name) and isinstance(handle.get(name), h5py.Dataset)
 
         if not snapshot and has(HDF5_EMBEDDINGS) and has(HDF5_IDS):
             column, id_column = HDF5_EMBEDDINGS, HDF5_IDS
@@ -65,7 +65,8 @@ def scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None,
         shape = checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
         image_ids = tuple(normalized_id(path, number, value) for number, value in enumerate(raw_ids))
         standin = standin_attribute(handle.attrs, path)
-    return ElixrFile(path, image_ids, shape, column, standin)
+        identity = file_identity(handle.id.get_vfd_handle())
+    return ElixrFile(path, image_ids, shape, column, standin, identity)
 
 
 ID_READ_BYTES = 16 << 20  # ids held at once while variable-length ids are read
@@ -106,12 +107,8 @@ def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, 
     shard holds its data itself, so each is refused; so is a dataset never written (HDF5 answers its fill
     value for every row) and one of another dtype (ints, bools, complex or strings would be cast silently).
     """
-    parts = name.strip("/").split("/")
-    for depth in range(1, len(parts) + 1):
-        link = handle.get("/".join(parts[:depth]), getlink=True)
-        if not isinstance(link, h5py.HardLink):
-            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
-            raise DataError(f"{path}: '{name}' is {kind}; a shard must hold its data itself (download it again)")
+    if not _stored_here(path, handle, name):
+        raise DataError(f"{path}: no dataset '{name}'; is this an ELIXR shard?")
     dataset = handle[name]
     if dataset.shape is None or not dataset.shape:  # a NULL dataspace (h5py.Empty) or a scalar holds no rows
         raise DataError(f"{path}: '{name}' holds no rows (shape {dataset.shape}); is this an ELIXR shard?")
@@ -137,6 +134,21 @@ def _check_stored_in_file(path: Path, handle: h5py.File, name: str, kinds: str, 
         raise DataError(f"{path}: '{name}' is stored in chunks of {chunk:,} bytes (shape {dataset.chunks}), more "
                         f"than {MAX_CHUNK_BYTES >> 20} MB, each decompressed whole on every read; is this an ELIXR "
                         f"shard?")
+
+
+def _stored_here(path: Path, handle: h5py.File, name: str) -> bool:
+    """Whether ``name`` exists, reached through hard links only; a soft or external link on the way is refused
+    without being followed (h5py follows an external link by opening its target: another file, or a FIFO that
+    would hang the stage)."""
+    parts = name.strip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        link = handle.get("/".join(parts[:depth]), getlink=True)
+        if link is None:
+            return False
+        if not isinstance(link, h5py.HardLink):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise DataError(f"{path}: '{name}' is {kind}; a shard must hold its data itself (download it again)")
+    return True
 
 
 def _unwritten_chunks(dataset: h5py.Dataset) -> bool:
@@ -166,6 +178,7 @@ def _without_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
 def hdf5_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
                  chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
     with _open_hdf5(file.path) as handle:
+        check_unchanged(file.path, file.identity, handle.id.get_vfd_handle())
         dataset = handle[file.column]
         for first in np.unique(rows // chunk_rows) * chunk_rows:
             block = dataset[int(first):int(first) + chunk_rows]

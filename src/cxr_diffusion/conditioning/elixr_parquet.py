@@ -4,6 +4,7 @@ is decoded, then their embeddings batch by batch, every row's length checked."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,20 +15,32 @@ import pyarrow.parquet as pq
 
 from cxr_diffusion.conditioning.elixr_format import (ID_COLUMN, MAX_DIM, MAX_ID_BYTES, MAX_ID_COLUMN_BYTES,
                                                      MAX_ROWS, MAX_SIZE, MAX_TOKENS, PARQUET_EMBEDDING_COLUMNS,
-                                                     ElixrFile, check_regular_file, checked_shape, normalized_id)
+                                                     ElixrFile, check_regular_file, check_unchanged, checked_shape,
+                                                     file_identity, normalized_id)
 from cxr_diffusion.data.nih import DataError
 
 
-def _open_parquet(path: Path, read_dictionary: list[str] | None = None) -> pq.ParquetFile:
+def _open_parquet(path: Path, scanned: tuple[int, ...] | None,
+                  read_dictionary: list[str] | None = None) -> tuple[pq.ParquetFile, tuple[int, ...]]:
+    """The file, read through the one descriptor whose identity is returned (``file_identity``); refused when
+    that is not ``scanned`` (the file as its scan checked it)."""
     check_regular_file(path, "Parquet")
+    # Non-blocking: a FIFO swapped in after the check reads as empty instead of waiting for a writer. pyarrow
+    # reads from the stream lazily and keeps it alive.
+    stream = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
     try:
-        return pq.ParquetFile(path, read_dictionary=read_dictionary)
+        check_unchanged(path, scanned, stream.fileno())
+        return pq.ParquetFile(stream, read_dictionary=read_dictionary), file_identity(stream.fileno())
     except (pa.ArrowException, OSError) as error:
+        stream.close()
         raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+    except DataError:
+        stream.close()
+        raise
 
 
 def scan_parquet(path: Path, expected: tuple[int, int] | None) -> ElixrFile:
-    parquet = _open_parquet(path)
+    parquet, identity = _open_parquet(path, None)
     columns = parquet.schema_arrow.names
     found = [c for c in columns if c in PARQUET_EMBEDDING_COLUMNS]  # a name twice is two columns: which is meant?
     if columns.count(ID_COLUMN) != 1 or len(found) != 1:
@@ -36,7 +49,7 @@ def scan_parquet(path: Path, expected: tuple[int, int] | None) -> ElixrFile:
     column = found[0]
     _check_parquet_footer(path, parquet)
     _check_declared_values(path, parquet.metadata, column, math.prod(expected) if expected else MAX_SIZE)
-    raw_ids = _read_parquet_ids(path)
+    raw_ids = _read_parquet_ids(path, identity)
     image_ids = tuple(normalized_id(path, row, value) for row, value in enumerate(raw_ids))
     shape = None
     if raw_ids:
@@ -46,7 +59,7 @@ def scan_parquet(path: Path, expected: tuple[int, int] | None) -> ElixrFile:
             _check_declared_values(path, parquet.metadata, column, math.prod(shape))
     elif expected is not None:
         shape = expected
-    return ElixrFile(path, image_ids, shape, column)
+    return ElixrFile(path, image_ids, shape, column, identity=identity)
 
 
 def _check_declared_values(path: Path, metadata: pq.FileMetaData, column: str, values_per_row: int) -> None:
@@ -88,13 +101,13 @@ def _check_parquet_footer(path: Path, parquet: pq.ParquetFile) -> None:
     _check_id_bytes(path, stored)
 
 
-def _read_parquet_ids(path: Path) -> list:
+def _read_parquet_ids(path: Path, scanned: tuple[int, ...]) -> list:
     """The id column as Python values, after checking each id's width and their total size as HDF5's are.
 
     The column is read dictionary-encoded, as it is stored: one wide id repeated over every row costs its
     width once, not once per row, until the checks have passed.
     """
-    ids = _open_parquet(path, read_dictionary=[ID_COLUMN]).read(columns=[ID_COLUMN]).column(0)
+    ids = _open_parquet(path, scanned, read_dictionary=[ID_COLUMN])[0].read(columns=[ID_COLUMN]).column(0)
     widest, total = 0, 0
     for chunk in ids.chunks:
         if pa.types.is_dictionary(chunk.type):
@@ -151,7 +164,7 @@ def _null_token(path: Path, column: str, row: int) -> DataError:
 
 def parquet_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
                     chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    parquet = _open_parquet(file.path)
+    parquet = _open_parquet(file.path, file.identity)[0]
     starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
     for group in range(parquet.num_row_groups):
         if not ((rows >= starts[group]) & (rows < starts[group + 1])).any():

@@ -303,7 +303,10 @@ def _official_split(rows: pd.DataFrame, lists: dict[str, set[str]], val_fraction
     train_patients = np.array(sorted(rows.loc[split == "train", "Patient ID"].unique(), key=patient_sort_key),
                               dtype=object)
     train_patients = train_patients[np.random.default_rng([seed, 3]).permutation(len(train_patients))]
-    val_patients = set(train_patients[: int(round(val_fraction * len(train_patients)))])
+    n_val = int(round(val_fraction * len(train_patients)))
+    if len(train_patients) >= 2:  # as in the random split: a non-zero fraction gets a patient, train keeps one
+        n_val = max(n_val, int(val_fraction > 0))
+    val_patients = set(train_patients[:n_val])
     return split.where(~((split == "train") & rows["Patient ID"].isin(val_patients)), "val"), in_both
 
 

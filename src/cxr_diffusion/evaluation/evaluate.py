@@ -81,8 +81,9 @@ class BranchImages:
             raise PreparedDataError(f"{samples / 'manifest.json'}: generations labelled under the classes "
                                     f"{visible_text(list(self.generated.classes), 200)}, the prepared data under "
                                     f"{visible_text(list(self.test.classes), 200)}; {fix}")
+        more_test = "raise filter.split.test_fraction (with method random; official uses NIH's test_list.txt) or widen the filter"
         for name, images, what in (("generations", self.generated, "raise sample.count"),
-                                   ("test images", self.test, "raise filter.split.test_fraction (or widen the filter)"),
+                                   ("test images", self.test, more_test),
                                    ("val images", self.val, "raise filter.split.val_fraction (or widen the filter)")):
             if len(images) < 2:  # a Frechet distance, PRDC and the real floor need two of each
                 raise PreparedDataError(f"{len(images)} {name} to evaluate, fewer than 2 (distances between sets "
