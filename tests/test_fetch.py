@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import json
+from collections.abc import Callable
 import shutil
 import urllib.error
 from pathlib import Path
@@ -56,8 +57,8 @@ def write_params(root: Path, overrides: dict | None = None) -> Path:
 class FakeHub:
     """snapshot_download's contract: fills local_dir (or a cache folder), with the hub's hidden bookkeeping."""
 
-    def __init__(self, cache: Path, fail: Exception | None = None):
-        self.cache, self.fail, self.calls = cache, fail, []
+    def __init__(self, cache: Path, fail: Exception | None = None, fill: Callable[[Path], None] | None = None):
+        self.cache, self.fail, self.fill, self.calls = cache, fail, fill, []
 
     def __call__(self, repo_id, *, repo_type="model", revision=None, local_dir=None, allow_patterns=None,
                  local_files_only=False):
@@ -80,6 +81,8 @@ class FakeHub:
             (folder / "datasets.json").write_text("{}")
             (folder / "elixrb" / "img_emb").mkdir(parents=True, exist_ok=True)
             (folder / "elixrb" / "img_emb" / "img_emb_0.h5").write_bytes(b"\x89HDF stand-in")
+        if self.fill is not None:  # the repository's real files, where a test needs them
+            self.fill(folder)
         return folder
 
 
@@ -179,7 +182,7 @@ def test_pinned_sha256_are_full_digests_starting_with_the_prefix_in_the_file_nam
 
 def test_a_param_that_is_the_hub_id_itself_means_the_hugging_face_cache(tmp_path, monkeypatch, tiny_clip_dir):
     write_params(tmp_path, {"clip.model": "openai/clip-vit-large-patch14", **HUB_ONLY})
-    hub = FakeHub(tmp_path / "hf-cache")
+    hub = FakeHub(tmp_path / "hf-cache", fill=lambda folder: shutil.copytree(tiny_clip_dir, folder, dirs_exist_ok=True))
     monkeypatch.setattr(download, "hub_snapshot", hub)
     clip = needed_assets(load_params(tmp_path / "params.yaml"), tmp_path)[0]
     assert clip.target is None and clip.source.in_cache
@@ -188,9 +191,10 @@ def test_a_param_that_is_the_hub_id_itself_means_the_hugging_face_cache(tmp_path
     assert runner.invoke(app, ["fetch", "--root", str(tmp_path)]).exit_code == 0
     downloads = [c for c in hub.calls if c["repo_id"] == "openai/clip-vit-large-patch14" and not c["local_files_only"]]
     assert len(downloads) == 1 and downloads[0]["local_dir"] is None  # the cache, not a folder
-    result = runner.invoke(app, ["doctor", "--root", str(tmp_path)])  # the fake hub cached a config.json alone
+    (hub.cache / "openai--clip-vit-large-patch14" / "model.safetensors").rename(tmp_path / "weights")
+    result = runner.invoke(app, ["doctor", "--root", str(tmp_path)])  # the cached snapshot lost its weights
     assert result.exit_code == 2 and "clip (clip.model): partial: in the Hugging Face cache" in result.output
-    shutil.copytree(tiny_clip_dir, hub.cache / "openai--clip-vit-large-patch14", dirs_exist_ok=True)  # a whole CLIP
+    (tmp_path / "weights").rename(hub.cache / "openai--clip-vit-large-patch14" / "model.safetensors")
     result = runner.invoke(app, ["doctor", "--root", str(tmp_path)])
     assert result.exit_code == 0 and "in the Hugging Face cache" in result.output
 

@@ -74,8 +74,8 @@ def markdown_text(text: object, limit: int = 200) -> str:
 
 def _starts_autolink(line: str, at: int) -> bool:
     """A character GFM's and linkify's autolinks need where it stands: ``@`` (e-mail), ``://`` (URL), the first
-    ``/`` of ``//`` (linkify's scheme-relative ``//localhost/x`` needs no dot), and a ``.`` between a name and a
-    letter or digit (``www.x``, ``evil.com``). As an entity it renders the same and no link starts."""
+    ``/`` of ``//`` (linkify's scheme-relative ``//localhost/x`` needs no dot), and a ``.`` after anything but a
+    space and before a letter or digit (``www.x``, ``evil.com``, ``x$.com``: a domain may hold symbols). As an entity it renders the same and no link starts."""
     char, after = line[at], line[at + 1:at + 3]
     return char == "@" or (char == ":" and after == "//") or (char == "/" and after[:1] == "/") or \
-        (char == "." and at > 0 and line[at - 1].isalnum() and after[:1].isalnum())
+        (char == "." and at > 0 and not line[at - 1].isspace() and after[:1].isalnum())

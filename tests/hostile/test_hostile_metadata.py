@@ -217,9 +217,10 @@ def test_no_finding_together_with_a_finding_is_a_listed_reject(tmp_path):
 
 
 def test_image_in_both_official_lists_is_a_listed_reject():
-    frame = pd.DataFrame([nih_row("a.png", patient=1), nih_row("b.png", patient=2), nih_row("c.png", patient=3)])
+    frame = pd.DataFrame([nih_row("a.png", patient=1), nih_row("b.png", patient=2), nih_row("c.png", patient=3),
+                          nih_row("d.png", patient=4)])  # train_val keeps two patients: one for val, one for train
     config = profile_section(FilterConfig, split=profile_section(SplitConfig, method="official"))
-    lists = {"test": {"a.png", "b.png"}, "train_val": {"a.png", "c.png"}}
+    lists = {"test": {"a.png", "b.png"}, "train_val": {"a.png", "c.png", "d.png"}}
     result = filter_metadata(frame, set(frame["Image Index"]), config, 0, None, lists)
     assert reject_of(result, "a.png") == ("in_both_official_splits", "named by test_list.txt and train_val_list.txt")
     assert dict(zip(result.table["Image Index"], result.table["split"]))["b.png"] == "test"

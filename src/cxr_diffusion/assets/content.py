@@ -32,16 +32,17 @@ MAX_ASSET_BYTES = 64 << 30
 
 def check_hub_folder(asset: Asset, folder: Path) -> None:
     """Raise ``AssetError`` unless ``folder`` holds ``asset`` (see the module docstring)."""
+    where = asset.target or str(folder)  # an asset kept in the Hugging Face cache has no target of its own
     if not folder.is_dir():
-        raise AssetError(f"{asset.target} is not a folder; {asset.param} must name the downloaded folder")
+        raise AssetError(f"{where} is not a folder; {asset.param} must name the downloaded folder")
     files = visible_files(folder)
     for path in files:  # everything recorded is hashed: nothing may be read from elsewhere
         if not lies_inside(path, folder):
-            raise AssetError(f"{path}: lies outside {asset.target} (it links to {path.resolve()}); copy the file itself "
+            raise AssetError(f"{path}: lies outside {where} (it links to {path.resolve()}); copy the file itself "
                              f"in")
     total = sum(path.stat().st_size for path in files)
     if total > MAX_ASSET_BYTES:  # checked before a byte is hashed: a sparse file of terabytes costs no disk
-        raise AssetError(f"{asset.target} holds {total / 2**30:,.1f} GiB, more than the {MAX_ASSET_BYTES >> 30} GiB of "
+        raise AssetError(f"{where} holds {total / 2**30:,.1f} GiB, more than the {MAX_ASSET_BYTES >> 30} GiB of "
                          f"any asset this project reads; is it the right folder?")
     if asset.name == "elixr":
         from cxr_diffusion.conditioning.elixr_index import read_snapshot_index
@@ -50,21 +51,22 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         try:
             offered, _ = read_snapshot_index(folder)
         except DataError as error:
-            raise AssetError(f"{asset.target} is not an ELIXR snapshot: {error}") from None
+            raise AssetError(f"{where} is not an ELIXR snapshot: {error}") from None
         dataset = _selected_dataset(asset)
         if dataset is not None and dataset not in offered:
-            raise AssetError(f"{asset.target}: its datasets.json offers {sorted(offered)}, not {dataset} "
+            raise AssetError(f"{where}: its datasets.json offers {sorted(offered)}, not {dataset} "
                              f"(elixr.dataset); download the snapshot again")
         if dataset is not None:
             _check_shards(asset, folder, dataset)
         return
     key, expected = CONFIG_CLASS[asset.name]
     config_path = folder / "config.json"
-    fix = f"{asset.param} must name a download of {asset.source.describe()}"
+    fix = (f"{asset.param} must name a download of {asset.source.describe()}" if asset.target else
+           f"download {asset.source.describe()} again (`cxr-diffusion fetch`)")
     try:
         config = read_json(config_path, fix)
     except FileNotFoundError:
-        raise AssetError(f"{asset.target} has no config.json, so it is not a {asset.name} folder; {fix}") from None
+        raise AssetError(f"{where} has no config.json, so it is not a {asset.name} folder; {fix}") from None
     except JsonFileError as error:
         raise AssetError(str(error)) from None
     if config.get(key) != expected:
@@ -74,7 +76,7 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         pickled = sorted(path.name for path in folder.iterdir() if path.suffix in PICKLE_SUFFIXES)
         why = f"only pickled weights ({', '.join(pickled[:3])}), which this project never loads" if pickled else \
             "no weights"
-        raise AssetError(f"{asset.target} holds {why}; download its .safetensors files ({fix})")
+        raise AssetError(f"{where} holds {why}; download its .safetensors files ({fix})")
     for path in weights:
         header = _header_or_none(path)
         if header is None or not header.tensors:
@@ -91,7 +93,7 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
             try:
                 check_clip_tower(folder, tower)
             except ClipFolderError as error:
-                raise AssetError(f"{asset.target} is not a CLIP the embed stages can load ({tower.__name__}): "
+                raise AssetError(f"{where} is not a CLIP the embed stages can load ({tower.__name__}): "
                                  f"{error}; {fix}") from None
     if asset.name == "raddino":  # the evaluate stage's own check: a folder recorded here is one it can load
         from cxr_diffusion.evaluation.raddino_folder import RadDinoFolderError, check_raddino_folder
@@ -99,7 +101,7 @@ def check_hub_folder(asset: Asset, folder: Path) -> None:
         try:
             check_raddino_folder(folder)
         except RadDinoFolderError as error:
-            raise AssetError(f"{asset.target} is not a RadDINO checkpoint the evaluate stage can load: {error}; "
+            raise AssetError(f"{where} is not a RadDINO checkpoint the evaluate stage can load: {error}; "
                              f"{fix}") from None
 
 

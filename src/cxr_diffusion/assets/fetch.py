@@ -109,7 +109,8 @@ def _place(asset: Asset, check: Check, manifest_path: Path, root: Path, echo: Ca
         local_dir = target.with_name(f".{target.name}.fetching") if check.state == "stand-in" else target
         path = download.hub_snapshot(source.repo_id, repo_type=source.repo_type, revision=source.revision,
                                      local_dir=local_dir, allow_patterns=source.allow_patterns)
-        if source.in_cache:
+        if source.in_cache:  # what doctor checks: a revision whose files the patterns miss is not the asset
+            check_hub_folder(asset, Path(path))
             return f"in the Hugging Face cache ({path})"
         if local_dir != target:
             _swap_in(local_dir, target)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxr_diffusion.io import JsonFileError, lies_inside, read_json
-from cxr_diffusion.safe_text import shown_value
+from cxr_diffusion.safe_text import shown_value, visible_text
 from cxr_diffusion.safetensors_header import checked_header
 from cxr_diffusion.whole_number import is_whole_number
 
@@ -44,18 +44,24 @@ def check_clip_tower(folder: Path, model_class) -> None:
     """Raise ``ClipFolderError`` unless ``folder``'s config describes a tower of bounded size whose every tensor
     its weights hold, with its shape, in a float dtype."""
     import torch
+    from huggingface_hub.errors import StrictDataclassError  # transformers' own config checks raise it
 
     try:
         config = model_class.config_class.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as error:
-        raise ClipFolderError(f"config.json: not a CLIP config ({type(error).__name__})") from None
+    except (OSError, ValueError, TypeError, StrictDataclassError) as error:
+        raise ClipFolderError(f"config.json: not a CLIP config ({type(error).__name__}: "
+                              f"{visible_text(' '.join(str(error).split()), 160)})") from None
     for key, (low, high) in SIZE_LIMITS.items():
         value = getattr(config, key, None)
         if value is not None and not is_whole_number(value, low, high):
             raise ClipFolderError(f"config.json: {key} is {shown_value(value)}, expected a whole number from {low} "
                                   f"to {high}")
-    with torch.device("meta"):
-        tower = model_class(config)
+    try:
+        with torch.device("meta"):
+            tower = model_class(config)
+    except (ValueError, TypeError, StrictDataclassError) as error:  # sizes the layers cannot be built with
+        raise ClipFolderError(f"config.json: not a CLIP tower transformers can build ({type(error).__name__}: "
+                              f"{visible_text(' '.join(str(error).split()), 160)})") from None
     expected = {name: list(tensor.shape) for name, tensor in tower.state_dict().items()}
     parameters = sum(tensor.numel() for tensor in tower.state_dict().values())
     if parameters > MAX_PARAMETERS:

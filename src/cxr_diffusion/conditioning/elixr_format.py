@@ -134,10 +134,11 @@ def check_regular_file(path: Path, kind: str) -> None:
 
 
 def file_identity(descriptor: int) -> tuple[int, ...]:
-    """The open file's device, inode, size and modification time: a shard replaced or written to after it was
-    scanned has another."""
+    """The open file's device, inode, size, modification time and status-change time: a shard replaced or
+    written to after it was scanned has another (a writer can set the modification time back, not the
+    status-change time)."""
     status = os.fstat(descriptor)
-    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
 def check_unchanged(path: Path, scanned: tuple[int, ...] | None, descriptor: int) -> None:

@@ -3,8 +3,12 @@ embeddings block by block, with nothing read from outside the file and nothing a
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -19,12 +23,23 @@ from cxr_diffusion.conditioning.elixr_index import refuse_text
 from cxr_diffusion.data.nih import DataError
 
 
-def _open_hdf5(path: Path) -> h5py.File:
+@contextmanager
+def _open_hdf5(path: Path, scanned: tuple[int, ...] | None = None) -> Iterator[tuple[h5py.File, tuple[int, ...]]]:
+    """The file, read through one descriptor opened without blocking (a FIFO swapped in after the check is
+    refused, not waited on), and that descriptor's identity (``file_identity``); refused when that is not
+    ``scanned``, the file as its scan checked it. Both are closed on leaving."""
     check_regular_file(path, "HDF5")
-    try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        raise DataError(f"{path}: not a readable HDF5 file ({error})") from error
+    with io.FileIO(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "r") as stream:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            raise DataError(f"{path}: not a plain file (it changed after it was checked); point elixr.path at the "
+                            "downloaded files")
+        check_unchanged(path, scanned, stream.fileno())
+        try:
+            handle = h5py.File(stream, "r")
+        except OSError as error:
+            raise DataError(f"{path}: not a readable HDF5 file ({error})") from error
+        with handle:
+            yield handle, file_identity(stream.fileno())
 
 
 def _hdf5_datasets(handle: h5py.File) -> list[str]:
@@ -37,7 +52,7 @@ def scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None,
                declared: tuple[int, ...] | None, dataset: str | None) -> ElixrFile:
     """Ids and (tokens, dim) of one shard; a shard of snapshot ``dataset`` must hold ``Image Index`` + ``feature``."""
     snapshot = dataset is not None
-    with damaged_file_errors(path, "HDF5"), _open_hdf5(path) as handle:
+    with damaged_file_errors(path, "HDF5"), _open_hdf5(path) as (handle, identity):
         def has(name: str | None) -> bool:  # links are looked at before a name is resolved (which opens them)
             return name is not None and _stored_here(path, handle, name) and isinstance(handle.get(name), h5py.Dataset)
 
@@ -65,7 +80,6 @@ def scan_hdf5(path: Path, expected: tuple[int, int] | None, feature: str | None,
         shape = checked_shape(path, f"dataset '{column}'", row, expected, flat_is_one_token=column != HDF5_EMBEDDINGS)
         image_ids = tuple(normalized_id(path, number, value) for number, value in enumerate(raw_ids))
         standin = standin_attribute(handle.attrs, path)
-        identity = file_identity(handle.id.get_vfd_handle())
     return ElixrFile(path, image_ids, shape, column, standin, identity)
 
 
@@ -177,8 +191,7 @@ def _without_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def hdf5_blocks(file: ElixrFile, shape: tuple[int, int], rows: np.ndarray,
                  chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    with _open_hdf5(file.path) as handle:
-        check_unchanged(file.path, file.identity, handle.id.get_vfd_handle())
+    with _open_hdf5(file.path, file.identity) as (handle, _):
         dataset = handle[file.column]
         for first in np.unique(rows // chunk_rows) * chunk_rows:
             block = dataset[int(first):int(first) + chunk_rows]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from cxr_diffusion.errors import UserError
 from cxr_diffusion.io import (JsonFileError, atomic_directory, read_json, require_regular_file, sha256_file, write_csv,
                               write_json)
 from cxr_diffusion.npy_header import read_npy_header
-from cxr_diffusion.safe_text import visible_text
+from cxr_diffusion.safe_text import shown_value, visible_text
 
 EMBEDDINGS, MASK, INDEX, META = "embeddings.npy", "mask.npy", "index.csv", "store.json"
 
@@ -74,12 +75,13 @@ class ConditionStoreWriter:
         values = embeddings.detach().float().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
         if values.shape[1:] != self.shape[1:]:
             raise StoreError(f"embedding block has shape {values.shape[1:]}, the store holds {self.shape[1:]}")
-        if not np.isfinite(values).all():
-            raise StoreError(f"non-finite values in rows {start}..{start + len(values) - 1}")
+        stored = np.ascontiguousarray(values, dtype=self.dtype)  # checked as stored: 1e5 is inf in float16
+        if not np.isfinite(stored).all():
+            raise StoreError(f"non-finite values in rows {start}..{start + len(values) - 1} as {stored.dtype.name} "
+                             f"(NaN, infinite, or beyond its range)")
         if start < 0 or start + len(values) > self.shape[0]:
             raise StoreError(f"rows {start}..{start + len(values) - 1} are outside the store's {self.shape[0]} rows")
-        os.pwrite(self._file.fileno(), np.ascontiguousarray(values, dtype=self.dtype).tobytes(),
-                  self._offset + start * self._row_bytes)
+        os.pwrite(self._file.fileno(), stored.tobytes(), self._offset + start * self._row_bytes)
         if mask is not None:
             self.mask[start:start + len(values)] = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=bool)
 
@@ -244,6 +246,26 @@ class ConditionStore:
                                  f"rerun its embed stage")
             row_of[name], line_of[name] = row, line
         return row_of
+
+    def check_finite(self, names: Sequence[str], what: str = "condition", fix: str = "rerun its embed stage") -> None:
+        """Refuse NaN or infinite values in the rows ``names`` use, naming the first such image, before a run
+        reads them: the stages write only finite values, so the store was damaged or edited (a NaN condition
+        skips every training step that holds it, or makes the validation loss NaN). Read a block of rows at a
+        time."""
+        rows = np.unique(np.fromiter((self.row_of[name] for name in names), dtype=np.int64, count=len(names)))
+        values = np.memmap(self.path / EMBEDDINGS, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape)
+        block = max(1, (64 << 20) // self._row_bytes)
+        try:
+            for start in range(0, len(rows), block):
+                chunk = rows[start:start + block]
+                finite = np.isfinite(values[chunk]).reshape(len(chunk), -1).all(axis=1)
+                if not finite.all():
+                    row = int(chunk[np.flatnonzero(~finite)[0]])
+                    name = next(name for name in names if self.row_of[name] == row)
+                    raise StoreError(f"{self.path / EMBEDDINGS}: the {what} of {shown_value(name)} (row {row}) holds NaN "
+                                     f"or infinite values; {fix}")
+        finally:
+            del values
 
     @property
     def tokens(self) -> int:

@@ -194,14 +194,14 @@ def _split(rows: pd.DataFrame, reject: _Rejects, config: FilterConfig, seed: int
             raise DataError("filter.split.method is 'official' but the dataset has no train_val_list.txt / "
                             "test_list.txt; use method 'random' or add the lists to dataset.nih_root")
         _check_both_official_lists(official_lists)
-        split, in_both = _official_split(rows, official_lists, config.split.val_fraction, seed)
+        split, in_both = _official_split(rows, official_lists)
         reject(in_both, "in_both_official_splits", "named by test_list.txt and train_val_list.txt")
         reject(split.isna(), "not_in_official_split")
     if config.max_per_class is not None:
         reject(_over_cap(rows, reject.reason, config.max_per_class, seed), "class_cap", f"cap {config.max_per_class}")
     if config.split.method == "random":
-        split = _random_split(rows, reject.reason.isna(), config.split.val_fraction, config.split.test_fraction, seed)
-    return split
+        return _random_split(rows, reject.reason.isna(), config.split.val_fraction, config.split.test_fraction, seed)
+    return _official_val(rows, split, reject.reason.isna(), config.split.val_fraction, seed)
 
 
 def _kept_table(rows: pd.DataFrame, kept_mask: pd.Series, split: pd.Series, config: FilterConfig) -> pd.DataFrame:
@@ -281,11 +281,10 @@ def _check_both_official_lists(lists: dict[str, set[str]]) -> None:
                             f"use filter.split.method 'random'")
 
 
-def _official_split(rows: pd.DataFrame, lists: dict[str, set[str]], val_fraction: float,
-                    seed: int) -> tuple[pd.Series, pd.Series]:
-    """(split per row, None off both lists or on both; rows on both lists). A few images on both lists are
-    listed rejects; a list that lies wholly inside the other is a corrupt download, since one split would
-    then be empty: an error."""
+def _official_split(rows: pd.DataFrame, lists: dict[str, set[str]]) -> tuple[pd.Series, pd.Series]:
+    """(split per row: test or train, None off both lists or on both; rows on both lists). A few images on both
+    lists are listed rejects; a list that lies wholly inside the other is a corrupt download, since one split
+    would then be empty: an error."""
     test, train_val = lists.get("test", set()), lists.get("train_val", set())
     for inner, outer, inner_name, outer_name in ((test, train_val, "test_list.txt", "train_val_list.txt"),
                                                  (train_val, test, "train_val_list.txt", "test_list.txt")):
@@ -300,14 +299,26 @@ def _official_split(rows: pd.DataFrame, lists: dict[str, set[str]], val_fraction
     if both:
         raise DataError(f"official split lists put patient(s) {sorted(both)[:5]} in both test_list.txt and "
                         f"train_val_list.txt; fix the lists or use filter.split.method 'random'")
-    train_patients = np.array(sorted(rows.loc[split == "train", "Patient ID"].unique(), key=patient_sort_key),
-                              dtype=object)
+    return split, in_both
+
+
+def _official_val(rows: pd.DataFrame, split: pd.Series, alive: pd.Series, val_fraction: float,
+                  seed: int) -> pd.Series:
+    """The official split with ``val_fraction`` of the train list's patients moved to val, drawn from those with a
+    film kept after every reject and the class cap (as the random split draws): a non-zero fraction gets at least
+    one patient, and train keeps one; a non-zero fraction that can give val no film is an error."""
+    train_patients = np.array(sorted(rows.loc[(split == "train") & alive, "Patient ID"].unique(),
+                                     key=patient_sort_key), dtype=object)
     train_patients = train_patients[np.random.default_rng([seed, 3]).permutation(len(train_patients))]
     n_val = int(round(val_fraction * len(train_patients)))
-    if len(train_patients) >= 2:  # as in the random split: a non-zero fraction gets a patient, train keeps one
+    if len(train_patients) >= 2:
         n_val = max(n_val, int(val_fraction > 0))
+    elif val_fraction > 0:
+        raise DataError(f"filter.split.val_fraction is {val_fraction}, but {len(train_patients)} patient(s) of "
+                        "train_val_list.txt keep a film: val and train cannot both have one; widen the filter or "
+                        "use filter.split.method 'random'")
     val_patients = set(train_patients[:n_val])
-    return split.where(~((split == "train") & rows["Patient ID"].isin(val_patients)), "val"), in_both
+    return split.where(~((split == "train") & rows["Patient ID"].isin(val_patients)), "val")
 
 
 def _assert_patient_disjoint(table: pd.DataFrame) -> None:

@@ -30,6 +30,11 @@ class ConditionedImages(Dataset):
         if limit is not None:
             self.positions = self.positions[:limit]
 
+    @property
+    def image_indices(self) -> list[str]:
+        """The names of the images it holds, in order."""
+        return [self.images.image_indices[position] for position in self.positions]
+
     def __len__(self) -> int:
         return len(self.positions)
 

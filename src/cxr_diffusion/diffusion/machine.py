@@ -121,7 +121,13 @@ def training_data(params: Params, prepared: Path, store: ConditionStore, latents
     latent space (no image decoded), prepared images otherwise."""
     limit = params.train.val_images
     if latents is not None:
-        return (LatentImages(prepared, "train", store, latents, pin_memory=pin_memory),
+        sets = (LatentImages(prepared, "train", store, latents, pin_memory=pin_memory),
                 LatentImages(prepared, "val", store, latents, limit=limit))
-    return (ConditionedImages(prepared, "train", store, params.channels),
-            ConditionedImages(prepared, "val", store, params.channels, limit=limit))
+    else:
+        sets = (ConditionedImages(prepared, "train", store, params.channels),
+                ConditionedImages(prepared, "val", store, params.channels, limit=limit))
+    used = [name for images in sets for name in images.image_indices]
+    store.check_finite(used)
+    if latents is not None:
+        latents.check_finite(used, "latent", "rerun the encode_latents stage (dvc repro encode_latents)")
+    return sets

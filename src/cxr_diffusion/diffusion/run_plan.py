@@ -75,6 +75,9 @@ def record_validation(state: TrainingState, val_loss: float | None, train) -> bo
     """Keep the best validation loss, cut the plateau schedule's rate; True when early stopping says stop."""
     if val_loss is None:
         return False
+    if not math.isfinite(val_loss):  # the conditions and latents were checked finite: the weights diverged
+        raise TrainingError(f"the validation loss at step {state.step} is {val_loss}: the EMA weights give non-finite "
+                            f"outputs; lower the learning rate (lr, or train.lr) or train.grad_clip and rerun")
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss, state.bad_validations = val_loss, 0
     else:

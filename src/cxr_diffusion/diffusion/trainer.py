@@ -72,6 +72,10 @@ def train_branch(params: Params, branch: str, paths: TrainPaths) -> dict:
     if len(train_set) < train.batch_size * world:
         raise TrainingError(f"{branch}: {len(train_set)} training images with a condition, fewer than one global batch "
                             f"({train.batch_size} x {world}); lower train.batch_size or add data")
+    if len(train_set) < train.batch_size * train.gradient_accumulation * world:  # a step would span two epochs
+        raise TrainingError(f"{branch}: {len(train_set)} training images with a condition, fewer than one optimizer "
+                            f"step takes ({train.batch_size} x {train.gradient_accumulation} accumulated x {world}); "
+                            "lower train.gradient_accumulation or train.batch_size, or add data")
     plan = plan_run(train, len(train_set), world)
 
     # Model, optimizer, EMA, validation.
@@ -134,6 +138,7 @@ class TrainingRun:
         #                   once (a damaged shard, out of memory) must leave the last run's logs as they were
         self.throughput, self.started, self.compiled_before = Throughput(), time.perf_counter(), dynamo_frames_compiled()
         self.first_step_seconds, self.compiled_in_first_step = None, 0
+        self.peak_lr = 0.0  # the highest rate a step of this run used: below lr while the warm-up lasts
         self.readings, self.logged_with = LaggedReadings(machine.device), {}  # step -> its host-side metrics
         self.progress = None
 
@@ -168,6 +173,7 @@ class TrainingRun:
                 lr = self.base_lr * lr_factor(state.step, self.plan.total_steps, train.lr_schedule,
                                               train.warmup_steps, state.plateau_scale)
                 step_tensors = optimizer_step(accelerator, self.model, self.optimizer, lr, train.grad_clip, loss)
+                self.peak_lr = max(self.peak_lr, lr)
         state.batch_in_epoch += 1
         if not accelerator.sync_gradients:
             return None
@@ -236,7 +242,7 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         compiled = dynamo_frames_compiled() - self.compiled_before
         result = {"branch": self.branch, "steps": state.step, "images_seen": state.images_seen, "lr": self.base_lr,
-                  "processes": world, "device": describe_device(accelerator.device),
+                  "peak_lr_this_run": self.peak_lr, "processes": world, "device": describe_device(accelerator.device),
                   "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
                   "precision": self.machine.precision, **self.machine.probe,
                   "seconds_this_run": round(time.perf_counter() - self.started, 1),
