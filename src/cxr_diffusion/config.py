@@ -34,6 +34,18 @@ class ParamsError(UserError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range (the message names it)."""
 
 
+def most_sampling_steps(timesteps: int, spacing: str, sampler: str) -> int:
+    """The most steps ``sampler`` can take over ``timesteps`` training timesteps spaced by ``spacing`` (the
+    training scheduler's ``timestep_spacing``): DPM-Solver++ with "leading" spacing steps by ``T // (steps + 1)``,
+    which is 0 (an IndexError in diffusers) at ``steps == T``; every other pairing takes up to ``T``."""
+    return timesteps - 1 if sampler == "dpm++" and spacing == "leading" else timesteps
+
+
+def training_spacing(zero_terminal_snr: bool) -> str:
+    """The training scheduler's timestep spacing, which its samplers inherit (``noise.training_scheduler``)."""
+    return "trailing" if zero_terminal_snr else "leading"
+
+
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise KeyProblem(key, message)
@@ -407,8 +419,11 @@ class TrainConfig(Section):
                  f"(letters, digits, '_', '-', '.'; .yaml/.yml/.json), e.g. accelerate/one-process.yaml")
         _require(not self.zero_terminal_snr or self.prediction_type == "v_prediction", "zero_terminal_snr",
                  "needs prediction_type v_prediction (epsilon is undefined at the last, pure-noise step)")
-        _require(self.sample_grid_steps <= self.num_train_timesteps, "sample_grid_steps",
-                 "must be in [1, train.num_train_timesteps]")
+        most = most_sampling_steps(self.num_train_timesteps, training_spacing(self.zero_terminal_snr), "dpm++")
+        _require(self.sample_grid_steps <= most, "sample_grid_steps",
+                 f"must be in [1, {most}]: DPM-Solver++ takes at most "
+                 + ("train.num_train_timesteps steps" if most == self.num_train_timesteps else
+                    "train.num_train_timesteps - 1 steps without zero_terminal_snr"))
         return self
 
 
@@ -576,11 +591,14 @@ class Params(Section):
                  "must be at most 1024 in pixel space (train.space: pixel), the largest sample_size a saved model "
                  "loads with; use train.space: latent for larger images")
         _require(bool(_DEVICE.fullmatch(self.device)), "device", f"is {self.device!r}; expected auto, cpu, cuda or cuda:N (N the GPU's index)")
-        _require(self.sample.steps <= self.train.num_train_timesteps, "sample.steps",
-                 f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps}): the sampler "
-                 "cannot take more steps than the model was trained with")
-        _require(self.utility.steps <= self.train.num_train_timesteps, "utility.steps",
-                 f"must be <= train.num_train_timesteps ({self.train.num_train_timesteps})")
+        timesteps = self.train.num_train_timesteps
+        most = most_sampling_steps(timesteps, training_spacing(self.train.zero_terminal_snr), self.sample.sampler)
+        why = (f"train.num_train_timesteps ({timesteps}): the sampler cannot take more steps than the model was "
+               "trained with" if most == timesteps else
+               f"train.num_train_timesteps - 1 ({most}): DPM-Solver++ over a schedule without zero_terminal_snr "
+               "cannot take one step per training timestep")
+        for key, steps in (("sample.steps", self.sample.steps), ("utility.steps", self.utility.steps)):
+            _require(steps <= most, key, f"must be <= {why}")
         side = min(self.image_size, self.utility.classifier.max_image_size)
         largest_arm = max(self.utility.scaling, default=2) * self.utility.train_images  # real_plus_synthetic: 2 x N
         _require(largest_arm * side**2 <= MAX_ARM_BYTES, "utility.scaling",

@@ -257,9 +257,9 @@ def _random_split(rows: pd.DataFrame, alive: pd.Series, val_fraction: float, tes
     patients = patients[np.random.default_rng([seed, 3]).permutation(len(patients))]
     n_test = int(round(test_fraction * len(patients)))
     n_val = int(round(val_fraction * len(patients)))
-    if len(patients) >= 3:  # a non-zero fraction always gets at least one patient
-        n_test = max(n_test, int(test_fraction > 0))
-        n_val = max(n_val, int(val_fraction > 0))
+    if len(patients) >= 3:  # a non-zero fraction always gets at least one patient, and train keeps one
+        n_test = min(max(n_test, int(test_fraction > 0)), len(patients) - 1)
+        n_val = max(0, min(max(n_val, int(val_fraction > 0)), len(patients) - 1 - n_test))
     assignment = {p: "test" for p in patients[:n_test]}
     assignment.update({p: "val" for p in patients[n_test:n_test + n_val]})
     assignment.update({p: "train" for p in patients[n_test + n_val:]})
@@ -312,7 +312,7 @@ def _official_val(rows: pd.DataFrame, split: pd.Series, alive: pd.Series, val_fr
     train_patients = train_patients[np.random.default_rng([seed, 3]).permutation(len(train_patients))]
     n_val = int(round(val_fraction * len(train_patients)))
     if len(train_patients) >= 2:
-        n_val = max(n_val, int(val_fraction > 0))
+        n_val = min(max(n_val, int(val_fraction > 0)), len(train_patients) - 1)
     elif val_fraction > 0:
         raise DataError(f"filter.split.val_fraction is {val_fraction}, but {len(train_patients)} patient(s) of "
                         "train_val_list.txt keep a film: val and train cannot both have one; widen the filter or "

@@ -44,9 +44,10 @@ def generate_images(model: Path, inputs: dict[str, object], num_images: int, gui
     condition = _build_condition(pipeline, model, inputs)
     _check_image_count(len(condition), num_images, inputs.get("--embedding"))
     _check_out(out, model)
-    images = _sample(pipeline, condition, model, num_images, guidance_scale, steps, seed)
+    images = _sample(pipeline, condition, model, num_images, guidance_scale, steps, sampler, seed)
     reference, embedding = inputs.get("--reference"), inputs.get("--embedding")
     settings = {"model": str(model), "branch": pipeline.config.branch, "prompt": inputs.get("--prompt"),
+                **_prompt_tokens(pipeline, inputs.get("--prompt")),
                 "reference": str(reference) if reference else None, "embedding": str(embedding) if embedding else None,
                 "num_images": num_images, "guidance_scale": guidance_scale, "steps": steps, "sampler": sampler,
                 "seed": seed, "device": describe_device(target)}
@@ -207,6 +208,11 @@ def _build_condition(pipeline, model: Path, inputs: dict[str, object]):
     if option == "--prompt":
         if not value.strip():
             raise GenerateError("--prompt is empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode (a Latin-1 terminal's é)
+            raise GenerateError("--prompt: not valid UTF-8 text (the terminal sent bytes of another encoding); "
+                                "type it in a UTF-8 terminal or pass the words in plain ASCII") from None
         kwargs = {"prompt": value}
     elif option == "--reference":
         kwargs = {"image": _reference_image(pipeline, value)}
@@ -216,6 +222,16 @@ def _build_condition(pipeline, model: Path, inputs: dict[str, object]):
         return pipeline.make_condition(**kwargs)
     except ValueError as error:
         raise GenerateError(f"{option} {value}: {error}")
+
+
+def _prompt_tokens(pipeline, prompt: str | None) -> dict:
+    """How many tokens the prompt has and how many the text encoder read (it cuts a longer prompt, as the
+    embed_clip_text stage does, which counts its truncated prompts): what conditioned the images."""
+    if prompt is None:
+        return {}
+    tokens = len(pipeline.tokenizer(prompt, truncation=False)["input_ids"])
+    read = min(tokens, int(pipeline.tokenizer.model_max_length))  # the length encode_prompts pads and cuts to
+    return {"prompt_tokens": tokens, "prompt_tokens_read": read}
 
 
 def _check_image_count(conditions: int, num_images: int, embedding: Path | None) -> None:
@@ -259,15 +275,20 @@ def _check_out(out: Path, model: Path) -> None:
         raise GenerateError(f"--out {out}: cannot write there ({error.strerror or error}); give a folder you can write to")
 
 
-def _sample(pipeline, condition, model: Path, num_images: int, guidance_scale: float, steps: int, seed: int):
+def _sample(pipeline, condition, model: Path, num_images: int, guidance_scale: float, steps: int, sampler: str,
+            seed: int):
     """The images (n, channels, H, W) in [0, 1], refused when any is non-finite or saturated."""
     import torch
 
+    from cxr_diffusion.config import most_sampling_steps
     from cxr_diffusion.sampling.sample import check_generated
 
     timesteps = pipeline.scheduler.config.num_train_timesteps
-    if steps > timesteps:
-        raise GenerateError(f"--steps {steps}: more than the {timesteps} timesteps {model} was trained with; give at most {timesteps}")
+    most = most_sampling_steps(timesteps, pipeline.scheduler.config.timestep_spacing, sampler)
+    if steps > most:
+        why = (f"more than the {timesteps} timesteps {model} was trained with" if most == timesteps else
+               f"{sampler} over the leading spacing of {model} ({timesteps} timesteps) takes at most {most}")
+        raise GenerateError(f"--steps {steps}: {why}; give at most {most}")
     result = pipeline(condition=condition, num_images_per_condition=num_images, guidance_scale=guidance_scale,
                       num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
     check_generated(result.images, str(model), f"--guidance-scale {guidance_scale:g}")
