@@ -36,9 +36,11 @@ class ParamsError(UserError, ValueError):
 
 def most_sampling_steps(timesteps: int, spacing: str, sampler: str) -> int:
     """The most steps ``sampler`` can take over ``timesteps`` training timesteps spaced by ``spacing`` (the
-    training scheduler's ``timestep_spacing``): DPM-Solver++ with "leading" spacing steps by ``T // (steps + 1)``,
-    which is 0 (an IndexError in diffusers) at ``steps == T``; every other pairing takes up to ``T``."""
-    return timesteps - 1 if sampler == "dpm++" and spacing == "leading" else timesteps
+    scheduler's ``timestep_spacing``). DPM-Solver++ lays out ``steps + 1`` points: with "leading" spacing it steps
+    by ``T // (steps + 1)``, which is 0 (an IndexError in diffusers) at ``steps == T``, and with "linspace" (its
+    default when a saved config names none) two of them round to one timestep (a zero step, NaN images); with
+    "trailing" spacing, and DDIM and DDPM with any, every sampler takes up to ``T``."""
+    return timesteps - 1 if sampler == "dpm++" and spacing != "trailing" else timesteps
 
 
 def training_spacing(zero_terminal_snr: bool) -> str:
@@ -447,7 +449,7 @@ class EvaluatorConfig(Section):
     the PCA space, its outputs measure conditioning faithfulness."""
 
     width: Annotated[int, Field(ge=1, le=1024)]  # channels of the first conv block (doubles per block)
-    feature_dim: Annotated[int, Field(ge=1, le=16384)]
+    feature_dim: Annotated[int, Field(ge=2, le=16384)]  # the PCA figure draws two components
     epochs: Annotated[int, Field(ge=1, le=10_000)]
     batch_size: BatchSize
     lr: LearningRate

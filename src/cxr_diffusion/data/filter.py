@@ -257,9 +257,11 @@ def _random_split(rows: pd.DataFrame, alive: pd.Series, val_fraction: float, tes
     patients = patients[np.random.default_rng([seed, 3]).permutation(len(patients))]
     n_test = int(round(test_fraction * len(patients)))
     n_val = int(round(val_fraction * len(patients)))
-    if len(patients) >= 3:  # a non-zero fraction always gets at least one patient, and train keeps one
-        n_test = min(max(n_test, int(test_fraction > 0)), len(patients) - 1)
-        n_val = max(0, min(max(n_val, int(val_fraction > 0)), len(patients) - 1 - n_test))
+    if len(patients) >= 3:  # a non-zero fraction always gets at least one patient
+        n_test = max(n_test, int(test_fraction > 0))
+        n_val = max(n_val, int(val_fraction > 0))
+    n_test = min(n_test, max(len(patients) - 1, 0))  # and train keeps one
+    n_val = max(0, min(n_val, len(patients) - 1 - n_test))
     assignment = {p: "test" for p in patients[:n_test]}
     assignment.update({p: "val" for p in patients[n_test:n_test + n_val]})
     assignment.update({p: "train" for p in patients[n_test + n_val:]})

@@ -287,7 +287,8 @@ def _sample(pipeline, condition, model: Path, num_images: int, guidance_scale: f
     most = most_sampling_steps(timesteps, pipeline.scheduler.config.timestep_spacing, sampler)
     if steps > most:
         why = (f"more than the {timesteps} timesteps {model} was trained with" if most == timesteps else
-               f"{sampler} over the leading spacing of {model} ({timesteps} timesteps) takes at most {most}")
+               f"{sampler} over the {pipeline.scheduler.config.timestep_spacing} spacing of {model} ({timesteps} "
+               f"timesteps) takes at most {most}")
         raise GenerateError(f"--steps {steps}: {why}; give at most {most}")
     result = pipeline(condition=condition, num_images_per_condition=num_images, guidance_scale=guidance_scale,
                       num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
