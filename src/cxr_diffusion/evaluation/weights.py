@@ -54,10 +54,11 @@ def checked_state(state: dict[str, torch.Tensor], model: nn.Module, source: Path
     not_float = [f"{k} ({state[k].dtype})" for k in expected if not state[k].is_floating_point()]
     if not_float:  # int8, bool or complex values would be cast into the network silently
         raise WeightsFileError(f"{source}: {len(not_float)} tensors are not floating point for {what}, e.g. {not_float[:2]}")
-    not_finite = [k for k in expected if not torch.isfinite(state[k]).all()]
-    if not_finite:  # NaN features crash the FID's eigenvalue routine (MKL) or read as a NaN distance
-        raise WeightsFileError(f"{source}: {len(not_finite)} tensors hold NaN or infinite values for {what}, e.g. "
-                               f"{not_finite[:2]}; download the weights again")
+    not_finite = next((k for k in expected if not torch.isfinite(state[k]).all()), None)
+    if not_finite is not None:  # NaN features crash the FID's eigenvalue routine (MKL) or read as a NaN distance
+        count = int((~torch.isfinite(state[not_finite])).sum())
+        raise WeightsFileError(f"{source}: tensor '{not_finite}' has {count} NaN or infinite values; a published "
+                               f"checkpoint has none: download it again")
     # A pretrained network has no all-zero convolution: such a file was emptied, not trained.
     zero = [k for k in expected if state[k].dim() == 4 and not state[k].any()]
     if zero:
