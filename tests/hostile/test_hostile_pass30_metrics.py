@@ -16,17 +16,7 @@ from cxr_diffusion.config import EvaluateConfig
 from cxr_diffusion.errors import UserError
 from cxr_diffusion.profiles import profile_section
 from oracle_weights import seeded_state
-
-
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, count: int, seed: int):
-        self.images = torch.rand(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.images[index]}
+from test_xrv_densenet import _Images
 
 
 def _null_or_user_error(call):
